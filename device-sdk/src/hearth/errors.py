@@ -1,0 +1,102 @@
+"""Exceptions raised by the Hearth device SDK, and the error codes of the wire protocol.
+
+The tree::
+
+    HearthError                     root: catch this to catch everything the SDK raises
+    ├── ProtocolError               a message could not be encoded or decoded
+    ├── JobError                    a job failed; ``code`` is the wire ErrorCode
+    ├── GatewayUnavailable          no gateway could be reached (or it went away mid-job)
+    └── LocalRuntimeUnavailable     local placement asked for, but wasmtime/onnxruntime missing
+
+``ErrorCode`` is the enum that travels in ``Error`` replies; docs/protocol.md lists the same
+values, and a test holds the two together.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "ErrorCode",
+    "GatewayUnavailable",
+    "HearthError",
+    "JobError",
+    "LocalRuntimeUnavailable",
+    "ProtocolError",
+]
+
+
+class ErrorCode(enum.StrEnum):
+    """Error codes sent by a gateway in an ``error`` reply (and raised locally with the same
+    meaning). Retryable codes are marked in docs/protocol.md."""
+
+    MALFORMED = "malformed"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED = "unsupported"
+    FORBIDDEN = "forbidden"
+    HASH_MISMATCH = "hash_mismatch"
+    BLOB_INCOMPLETE = "blob_incomplete"
+    INVALID_MODULE = "invalid_module"
+    INVALID_MODEL = "invalid_model"
+    BAD_TENSOR = "bad_tensor"
+    TRAP = "trap"
+    TIMEOUT = "timeout"
+    MEMORY_LIMIT = "memory_limit"
+    OUTPUT_LIMIT = "output_limit"
+    WORKER_CRASHED = "worker_crashed"
+    OVERLOADED = "overloaded"
+    QUOTA_EXCEEDED = "quota_exceeded"
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal"
+
+    @property
+    def retryable(self) -> bool:
+        """True when the same request may succeed later (on this or another placement)."""
+        return self in _RETRYABLE
+
+
+_RETRYABLE = frozenset(
+    {
+        ErrorCode.BLOB_INCOMPLETE,
+        ErrorCode.WORKER_CRASHED,
+        ErrorCode.OVERLOADED,
+        ErrorCode.QUOTA_EXCEEDED,
+        ErrorCode.SHUTTING_DOWN,
+        ErrorCode.INTERNAL,
+    }
+)
+
+
+class HearthError(Exception):
+    """Root of every exception the SDK raises."""
+
+
+class ProtocolError(HearthError):
+    """A message could not be encoded or decoded; ``code`` says how it was wrong."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class JobError(HearthError):
+    """A job failed, on the gateway or locally. ``where`` is "edge" or "local"."""
+
+    def __init__(
+        self, code: ErrorCode, message: str, *, job_id: str | None = None, where: str = "edge"
+    ) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.job_id = job_id
+        self.where = where
+
+
+class GatewayUnavailable(HearthError):
+    """No gateway answered, the connection broke, or the gateway's Last Will fired mid-job."""
+
+
+class LocalRuntimeUnavailable(HearthError):
+    """Local execution needs the ``local`` extra: ``pip install 'hearth-device-sdk[local]'``."""

@@ -1,0 +1,74 @@
+"""Encoding and boundary validation. Nothing past ``decode_request``/``decode_reply`` sees a raw
+dict from the network."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import msgspec
+
+from hearth.errors import ErrorCode, ProtocolError
+from hearth.protocol.messages import PROTOCOL_VERSION, GatewayStatus, Reply, Request
+
+__all__ = ["CONTENT_TYPE", "decode_reply", "decode_request", "decode_status", "encode"]
+
+CONTENT_TYPE = "application/vnd.hearth.v1+msgpack"
+
+T = TypeVar("T")
+
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+_status_decoder = msgspec.msgpack.Decoder(GatewayStatus)
+
+
+class _Head(msgspec.Struct):
+    """Just enough of any message to tell a newer schema from a broken one."""
+
+    v: int = PROTOCOL_VERSION
+
+
+_head_decoder = msgspec.msgpack.Decoder(_Head)
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder[T], payload: bytes) -> T:
+    try:
+        message = decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        _raise_if_other_version(payload)
+        raise ProtocolError(ErrorCode.MALFORMED, str(exc)) from None
+    version = getattr(message, "v", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"schema version {version} not supported (this side speaks {PROTOCOL_VERSION})",
+        )
+    return message
+
+
+def _raise_if_other_version(payload: bytes) -> None:
+    try:
+        head = _head_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return
+    if head.v != PROTOCOL_VERSION:
+        raise ProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"schema version {head.v} not supported (this side speaks {PROTOCOL_VERSION})",
+        )
+
+
+def decode_request(payload: bytes) -> Request:
+    return _decode(_request_decoder, payload)
+
+
+def decode_reply(payload: bytes) -> Reply:
+    return _decode(_reply_decoder, payload)
+
+
+def decode_status(payload: bytes) -> GatewayStatus:
+    return _decode(_status_decoder, payload)

@@ -1,0 +1,244 @@
+"""ONNX models under onnxruntime: named tensors in, named tensors out.
+
+Sessions are cached per model hash. The execution provider is the best one this machine has
+(``PROVIDER_PREFERENCE``); if it fails to load a model the next one is tried, down to the CPU,
+and the provider that actually runs is reported with every result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hearth.errors import ErrorCode, JobError, LocalRuntimeUnavailable
+from hearth.protocol.messages import Tensor
+
+try:
+    import numpy as np
+    import onnxruntime as ort
+except ImportError:  # pragma: no cover - exercised only without the `local` extra
+    np = None  # type: ignore[assignment]
+    ort = None
+
+__all__ = [
+    "PROVIDER_PREFERENCE",
+    "OnnxRuntime",
+    "array_to_tensor",
+    "select_providers",
+    "tensor_to_array",
+]
+
+log = logging.getLogger(__name__)
+
+# Best first. TensorRT and CUDA for NVIDIA boxes, OpenVINO for Intel iGPU/NPU, CoreML on a Mac,
+# DirectML on Windows, then the CPU, which is always there.
+PROVIDER_PREFERENCE: tuple[str, ...] = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "OpenVINOExecutionProvider",
+    "CoreMLExecutionProvider",
+    "DmlExecutionProvider",
+    "CPUExecutionProvider",
+)
+
+# ONNX tensor element types (as onnxruntime names them) to protocol dtypes.
+_ORT_TO_DTYPE = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(int8)": "int8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(uint8)": "uint8",
+    "tensor(uint16)": "uint16",
+    "tensor(uint32)": "uint32",
+    "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+}
+
+
+def select_providers(
+    available: Sequence[str], preference: Sequence[str] = PROVIDER_PREFERENCE
+) -> list[str]:
+    """The available providers in preference order, always ending with the CPU.
+
+    >>> select_providers(["CPUExecutionProvider", "CUDAExecutionProvider"])
+    ['CUDAExecutionProvider', 'CPUExecutionProvider']
+    """
+    chosen = [p for p in preference if p in available and p != "CPUExecutionProvider"]
+    chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def tensor_to_array(tensor: Tensor) -> Any:
+    """A read-only numpy view of a protocol Tensor, after checking its byte length."""
+    dtype = np.dtype(tensor.dtype).newbyteorder("<")
+    expected = math.prod(tensor.shape) * dtype.itemsize
+    if len(tensor.data) != expected:
+        raise JobError(
+            ErrorCode.BAD_TENSOR,
+            f"tensor {tensor.name!r}: {len(tensor.data)} bytes, shape {tensor.shape} "
+            f"of {tensor.dtype} needs {expected}",
+        )
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(tensor.shape)
+
+
+def array_to_tensor(name: str, array: Any) -> Tensor:
+    array = np.ascontiguousarray(array)
+    dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+    return Tensor(
+        name=name,
+        dtype=str(np.dtype(dtype.name)),
+        shape=list(array.shape),
+        data=array.astype(dtype, copy=False).tobytes(),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    session: Any  # ort.InferenceSession
+    provider: str
+    inputs: dict[str, tuple[str, list[int | str | None]]]  # name -> (dtype, shape)
+    outputs: tuple[str, ...]
+
+
+class OnnxRuntime:
+    """Cached onnxruntime sessions keyed by model sha256. Thread-safe; ``close()`` idempotent."""
+
+    def __init__(
+        self,
+        *,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int = 0,
+        max_cached: int = 16,
+    ) -> None:
+        if ort is None:
+            raise LocalRuntimeUnavailable(
+                "ONNX needs onnxruntime and numpy: pip install 'hearth-device-sdk[local]'"
+            )
+        self.providers = list(providers or select_providers(ort.get_available_providers()))
+        self._intra_op_threads = intra_op_threads
+        self._max_cached = max_cached
+        self._sessions: OrderedDict[str, _Loaded] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def has(self, sha256: str) -> bool:
+        with self._lock:
+            return sha256 in self._sessions
+
+    def load(self, sha256: str, model: bytes | None = None, path: Path | None = None) -> str:
+        """Make ``sha256`` runnable; returns the provider that will run it."""
+        return self._loaded(sha256, model, path).provider
+
+    def _loaded(self, sha256: str, model: bytes | None, path: Path | None) -> _Loaded:
+        with self._lock:
+            loaded = self._sessions.get(sha256)
+            if loaded is not None:
+                self._sessions.move_to_end(sha256)
+                return loaded
+        if model is None:
+            if path is None:
+                raise JobError(ErrorCode.INVALID_MODEL, f"model {sha256} not loaded")
+            model = path.read_bytes()
+        if hashlib.sha256(model).hexdigest() != sha256:
+            raise JobError(ErrorCode.HASH_MISMATCH, "model bytes do not match their sha256")
+        loaded = self._create_session(model)
+        with self._lock:
+            self._sessions[sha256] = loaded
+            while len(self._sessions) > self._max_cached:
+                self._sessions.popitem(last=False)
+        return loaded
+
+    def _create_session(self, model: bytes) -> _Loaded:
+        options = ort.SessionOptions()
+        if self._intra_op_threads:
+            options.intra_op_num_threads = self._intra_op_threads
+        options.inter_op_num_threads = 1
+        last_error = "no execution provider"
+        # Try providers best-first: a CUDA or TensorRT provider that cannot load (missing
+        # libraries, unsupported operator) must not take the model down with it.
+        for index, provider in enumerate(self.providers):
+            try:
+                session = ort.InferenceSession(
+                    model, sess_options=options, providers=self.providers[index:]
+                )
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises many unrelated types
+                last_error = str(exc).strip().splitlines()[0][:300] if str(exc) else repr(exc)
+                if "INVALID_PROTOBUF" in last_error or "INVALID_GRAPH" in last_error:
+                    break  # the model itself is bad: no provider will help
+                log.info("provider %s could not load model: %s", provider, last_error)
+                continue
+            actual = session.get_providers()[0]
+            inputs = {
+                i.name: (_ORT_TO_DTYPE.get(i.type, i.type), list(i.shape))
+                for i in session.get_inputs()
+            }
+            outputs = tuple(o.name for o in session.get_outputs())
+            return _Loaded(session, actual, inputs, outputs)
+        raise JobError(ErrorCode.INVALID_MODEL, last_error)
+
+    def run(
+        self,
+        sha256: str,
+        inputs: Sequence[Tensor],
+        outputs: Sequence[str] = (),
+        *,
+        model: bytes | None = None,
+        path: Path | None = None,
+    ) -> tuple[list[Tensor], str]:
+        """Run the model; returns (output tensors, provider). Raises JobError(BAD_TENSOR) for
+        inputs that do not match the model's names, dtypes or shapes."""
+        loaded = self._loaded(sha256, model, path)
+        feeds = self._feeds(loaded, inputs)
+        wanted = list(outputs) or list(loaded.outputs)
+        unknown = [name for name in wanted if name not in loaded.outputs]
+        if unknown:
+            raise JobError(ErrorCode.BAD_TENSOR, f"unknown outputs {unknown}")
+        try:
+            results = loaded.session.run(wanted, feeds)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
+            message = str(exc).strip().splitlines()[0][:300] if str(exc) else repr(exc)
+            raise JobError(ErrorCode.BAD_TENSOR, message) from None
+        tensors = [array_to_tensor(name, value) for name, value in zip(wanted, results, strict=True)]
+        return tensors, loaded.provider
+
+    @staticmethod
+    def _feeds(loaded: _Loaded, inputs: Sequence[Tensor]) -> dict[str, Any]:
+        feeds: dict[str, Any] = {}
+        for tensor in inputs:
+            spec = loaded.inputs.get(tensor.name)
+            if spec is None:
+                raise JobError(
+                    ErrorCode.BAD_TENSOR,
+                    f"model has no input {tensor.name!r} (inputs: {sorted(loaded.inputs)})",
+                )
+            dtype, shape = spec
+            if tensor.dtype != dtype:
+                raise JobError(
+                    ErrorCode.BAD_TENSOR, f"input {tensor.name!r} is {dtype}, got {tensor.dtype}"
+                )
+            if len(shape) != len(tensor.shape) or any(
+                isinstance(want, int) and want != got
+                for want, got in zip(shape, tensor.shape, strict=True)
+            ):
+                raise JobError(
+                    ErrorCode.BAD_TENSOR,
+                    f"input {tensor.name!r} has shape {shape}, got {tensor.shape}",
+                )
+            feeds[tensor.name] = tensor_to_array(tensor)
+        missing = set(loaded.inputs) - set(feeds)
+        if missing:
+            raise JobError(ErrorCode.BAD_TENSOR, f"missing inputs {sorted(missing)}")
+        return feeds
+
+    def close(self) -> None:
+        with self._lock:
+            self._sessions.clear()

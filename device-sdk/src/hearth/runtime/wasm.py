@@ -1,0 +1,276 @@
+"""WASI command modules under wasmtime: args and stdin in; stdout, stderr and exit code out.
+
+The sandbox is what WASI gives when nothing is granted: no preopened directories (no
+filesystem), no sockets, an empty environment. Limits are explicit (fuel, memory, output) and
+each failure maps to one ErrorCode.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from hearth.errors import ErrorCode, JobError, LocalRuntimeUnavailable
+from hearth.runtime.limits import WasmLimits
+
+try:
+    import wasmtime
+except ImportError:  # pragma: no cover - exercised only without the `local` extra
+    wasmtime = None
+
+__all__ = ["WasmOutcome", "WasmRuntime"]
+
+log = logging.getLogger(__name__)
+
+_WASM_PAGE = 64 * 1024  # bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WasmOutcome:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    fuel_used: int
+
+
+class _Output:
+    """Collects one stream while the shared budget lasts; past it, writes fail with EFBIG inside
+    the guest and the run is reported as output_limit whatever the module does next."""
+
+    def __init__(self, budget: list[int], store: wasmtime.Store) -> None:
+        self._chunks: list[bytes] = []
+        self._budget = budget
+        self._store = store
+        self.overflowed = False
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self._budget[0]:
+            self.overflowed = True
+            # Programs commonly ignore write errors and keep writing; taking the fuel away
+            # stops the guest at its next instruction instead of after its whole budget.
+            self._store.set_fuel(0)
+            return -errno.EFBIG
+        self._budget[0] -= len(data)
+        self._chunks.append(data)
+        return len(data)
+
+    def value(self) -> bytes:
+        return b"".join(self._chunks)
+
+
+class WasmRuntime:
+    """One wasmtime Engine plus a cache of compiled modules keyed by sha256.
+
+    With ``cache_dir`` set, compiled modules are also serialized to disk (keyed by hash and
+    wasmtime version), so a module known from an earlier run starts without recompiling.
+    Thread-safe; ``close()`` is idempotent.
+    """
+
+    def __init__(self, *, cache_dir: Path | None = None, max_cached: int = 64) -> None:
+        if wasmtime is None:
+            raise LocalRuntimeUnavailable(
+                "WebAssembly needs wasmtime: pip install 'hearth-device-sdk[local]'"
+            )
+        config = wasmtime.Config()
+        config.consume_fuel = True
+        # Cranelift with default opts; parallel compilation would fight jobs for the cores.
+        config.parallel_compilation = False
+        self._engine = wasmtime.Engine(config)
+        self._linker = wasmtime.Linker(self._engine)
+        self._linker.define_wasi()
+        self._cache_dir = cache_dir
+        self._max_cached = max_cached
+        self._modules: OrderedDict[str, wasmtime.Module] = OrderedDict()
+        self._lock = threading.Lock()
+        self._closed = False
+        version = getattr(wasmtime, "__version__", "unknown")
+        self._cache_tag = f"wasmtime-{version}"
+
+    # -- compilation -------------------------------------------------------------------------
+
+    def load(self, sha256: str, wasm: bytes | None = None, path: Path | None = None) -> None:
+        """Make ``sha256`` runnable. Bytes come from ``wasm`` or ``path`` and are checked
+        against the hash before compiling (a tampered blob is refused, not run)."""
+        self._module(sha256, wasm, path)
+
+    def has(self, sha256: str) -> bool:
+        with self._lock:
+            return sha256 in self._modules
+
+    def _module(self, sha256: str, wasm: bytes | None, path: Path | None) -> wasmtime.Module:
+        with self._lock:
+            module = self._modules.get(sha256)
+            if module is not None:
+                self._modules.move_to_end(sha256)
+                return module
+        module = self._from_disk_cache(sha256)
+        if module is None:
+            if wasm is None:
+                if path is None:
+                    raise JobError(ErrorCode.INVALID_MODULE, f"module {sha256} not loaded")
+                wasm = path.read_bytes()
+            if hashlib.sha256(wasm).hexdigest() != sha256:
+                raise JobError(ErrorCode.HASH_MISMATCH, "module bytes do not match their sha256")
+            try:
+                module = wasmtime.Module(self._engine, wasm)
+            except wasmtime.WasmtimeError as exc:
+                raise JobError(ErrorCode.INVALID_MODULE, _headline(exc)) from None
+            self._to_disk_cache(sha256, module)
+        with self._lock:
+            self._modules[sha256] = module
+            while len(self._modules) > self._max_cached:
+                self._modules.popitem(last=False)
+        return module
+
+    def _cache_path(self, sha256: str) -> Path | None:
+        if self._cache_dir is None:
+            return None
+        return self._cache_dir / f"{sha256}.{self._cache_tag}.cwasm"
+
+    def _from_disk_cache(self, sha256: str) -> wasmtime.Module | None:
+        path = self._cache_path(sha256)
+        if path is None or not path.exists():
+            return None
+        try:
+            # Only files this runtime wrote itself are deserialized: the cache directory is
+            # private to the gateway (0700) and entries are keyed by hash and engine version.
+            return wasmtime.Module.deserialize_file(self._engine, str(path))
+        except wasmtime.WasmtimeError:
+            log.warning("discarding unusable compiled-module cache entry %s", path.name)
+            path.unlink(missing_ok=True)
+            return None
+
+    def _to_disk_cache(self, sha256: str, module: wasmtime.Module) -> None:
+        path = self._cache_path(sha256)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(module.serialize())
+            os.replace(tmp, path)
+        except OSError:
+            log.warning("could not write compiled-module cache entry %s", path.name)
+            Path(tmp).unlink(missing_ok=True)
+
+    # -- execution ---------------------------------------------------------------------------
+
+    def run(
+        self,
+        sha256: str,
+        *,
+        args: list[str] | tuple[str, ...] = (),
+        stdin: bytes = b"",
+        limits: WasmLimits | None = None,
+        wasm: bytes | None = None,
+        path: Path | None = None,
+    ) -> WasmOutcome:
+        """Run a WASI command module to completion. Raises JobError with TRAP, TIMEOUT (fuel
+        exhausted), MEMORY_LIMIT, OUTPUT_LIMIT or INVALID_MODULE."""
+        if self._closed:
+            raise JobError(ErrorCode.SHUTTING_DOWN, "runtime closed")
+        limits = limits or WasmLimits()
+        module = self._module(sha256, wasm, path)
+        store = wasmtime.Store(self._engine)
+        store.set_fuel(limits.fuel)
+        store.set_limits(memory_size=limits.memory_bytes)
+        budget = [limits.output_bytes]
+        out, err = _Output(budget, store), _Output(budget, store)
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = ["module", *args]
+        wasi.stdout_custom = out.write
+        wasi.stderr_custom = err.write
+        if not stdin:
+            # Without a configured stdin, WASI reads see end-of-file: no temp file needed.
+            store.set_wasi(wasi)
+            exit_code = self._instantiate_and_start(store, module, limits, out, err)
+        else:
+            # WASI reads stdin from a file; a temp file unlinked on exit keeps it private.
+            with tempfile.NamedTemporaryFile(prefix="hearth-stdin-") as stdin_file:
+                stdin_file.write(stdin)
+                stdin_file.flush()
+                wasi.stdin_file = stdin_file.name
+                store.set_wasi(wasi)
+                exit_code = self._instantiate_and_start(store, module, limits, out, err)
+        fuel_used = limits.fuel - store.get_fuel()
+        return WasmOutcome(exit_code, out.value(), err.value(), fuel_used)
+
+    def _instantiate_and_start(
+        self,
+        store: wasmtime.Store,
+        module: wasmtime.Module,
+        limits: WasmLimits,
+        out: _Output,
+        err: _Output,
+    ) -> int:
+        instance = None
+        try:
+            instance = self._linker.instantiate(store, module)
+            start = instance.exports(store).get("_start")
+            if not isinstance(start, wasmtime.Func):
+                raise JobError(ErrorCode.INVALID_MODULE, "not a WASI command: no _start export")
+            start(store)
+            exit_code = 0
+        except wasmtime.ExitTrap as exc:
+            exit_code = exc.code
+        except wasmtime.Trap as exc:
+            raise self._classify_trap(exc, store, instance, limits, out, err) from None
+        except wasmtime.WasmtimeError as exc:
+            # Instantiation errors: unknown imports (asks for something we do not grant),
+            # memory minimum above the limit.
+            message = _headline(exc)
+            code = ErrorCode.MEMORY_LIMIT if "memory" in message else ErrorCode.INVALID_MODULE
+            raise JobError(code, message) from None
+        if out.overflowed or err.overflowed:
+            raise JobError(ErrorCode.OUTPUT_LIMIT, f"output over {limits.output_bytes} bytes")
+        return exit_code
+
+    @staticmethod
+    def _classify_trap(
+        exc: wasmtime.Trap,
+        store: wasmtime.Store,
+        instance: wasmtime.Instance | None,
+        limits: WasmLimits,
+        out: _Output,
+        err: _Output,
+    ) -> JobError:
+        message = _root_cause(exc)
+        if out.overflowed or err.overflowed:
+            return JobError(ErrorCode.OUTPUT_LIMIT, f"output over {limits.output_bytes} bytes")
+        if exc.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
+            return JobError(ErrorCode.TIMEOUT, f"fuel exhausted ({limits.fuel} units)")
+        # A failed memory.grow returns -1 to the guest; most programs then abort. Report that
+        # as the memory limit rather than as a generic trap when memory is at the ceiling.
+        if instance is not None:
+            memory = instance.exports(store).get("memory")
+            if isinstance(memory, wasmtime.Memory):
+                size = memory.data_len(store)
+                if size + max(2 * 1024 * 1024, limits.memory_bytes // 16) > limits.memory_bytes:
+                    return JobError(
+                        ErrorCode.MEMORY_LIMIT, f"memory limit {limits.memory_bytes} bytes reached"
+                    )
+        return JobError(ErrorCode.TRAP, message)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._modules.clear()
+
+
+def _headline(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _root_cause(exc: BaseException) -> str:
+    """A trap's informative line: the root cause, which wasmtime prints after the backtrace."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(exc).__name__

@@ -1,0 +1,131 @@
+"""Content-addressed blobs (WASM modules, ONNX models): files named by their sha256, plus the
+uploads in progress. A blob is only ever visible under its hash after its bytes were checked."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hearth.errors import ErrorCode
+from hearth.protocol import BlobChunk
+from hearth_gateway.policy import LimitsPolicy
+from hearth_gateway.store import Store
+
+__all__ = ["BlobStore", "UploadRefused"]
+
+log = logging.getLogger(__name__)
+
+
+class UploadRefused(Exception):
+    """A chunk was refused; ``code`` goes back to the sender."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class _Upload:
+    size: int
+    path: Path
+    received: int = 0
+    hasher: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    touched: float = field(default_factory=time.monotonic)
+
+
+class BlobStore:
+    def __init__(self, root: Path, store: Store, limits: LimitsPolicy) -> None:
+        self._root = root
+        self._incoming = root / ".incoming"
+        self._incoming.mkdir(parents=True, exist_ok=True)
+        self._store = store
+        self._limits = limits
+        self._uploads: dict[tuple[str, str], _Upload] = {}
+        self._lock = threading.Lock()
+        for stale in self._incoming.iterdir():  # half uploads from a previous run
+            stale.unlink(missing_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self._root / sha256[:2] / sha256
+
+    def has(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def receive(self, client_id: str, chunk: BlobChunk) -> bool:
+        """Take one chunk. True when the blob is now complete and stored. Raises UploadRefused
+        for a chunk that does not continue the upload, too large a blob, or a hash mismatch."""
+        if chunk.size > self._limits.max_blob_bytes:
+            raise UploadRefused(
+                ErrorCode.TOO_LARGE,
+                f"blob of {chunk.size} bytes over the limit of {self._limits.max_blob_bytes}",
+            )
+        if len(chunk.data) > self._limits.max_chunk_bytes:
+            raise UploadRefused(
+                ErrorCode.TOO_LARGE,
+                f"chunk of {len(chunk.data)} bytes over the limit of {self._limits.max_chunk_bytes}",
+            )
+        if chunk.offset + len(chunk.data) > chunk.size:
+            raise UploadRefused(ErrorCode.MALFORMED, "chunk runs past the declared size")
+        key = (client_id, chunk.sha256)
+        with self._lock:
+            if self.has(chunk.sha256):
+                self._drop(key)
+                return chunk.offset + len(chunk.data) == chunk.size
+            upload = self._uploads.get(key)
+            if chunk.offset == 0:
+                self._drop(key)  # a fresh start replaces any earlier attempt
+                upload = _Upload(chunk.size, self._incoming / f"{client_id}-{chunk.sha256}")
+                upload.path.write_bytes(b"")
+                self._uploads[key] = upload
+            elif upload is None or upload.received != chunk.offset or upload.size != chunk.size:
+                expected = 0 if upload is None else upload.received
+                self._drop(key)
+                raise UploadRefused(
+                    ErrorCode.BLOB_INCOMPLETE,
+                    f"chunk at offset {chunk.offset}, expected {expected}: upload again from 0",
+                )
+            assert upload is not None
+            with upload.path.open("ab") as f:
+                f.write(chunk.data)
+            upload.hasher.update(chunk.data)
+            upload.received += len(chunk.data)
+            upload.touched = time.monotonic()
+            if upload.received < upload.size:
+                return False
+            del self._uploads[key]
+            if upload.hasher.hexdigest() != chunk.sha256:
+                upload.path.unlink(missing_ok=True)
+                raise UploadRefused(
+                    ErrorCode.HASH_MISMATCH, "uploaded bytes do not match the named sha256"
+                )
+            final = self.path(chunk.sha256)
+            final.parent.mkdir(exist_ok=True)
+            os.replace(upload.path, final)
+        self._store.add_blob(chunk.sha256, chunk.size)
+        log.info("stored blob %s (%d bytes) from %s", chunk.sha256[:12], chunk.size, client_id)
+        return True
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        upload = self._uploads.pop(key, None)
+        if upload is not None:
+            upload.path.unlink(missing_ok=True)
+
+    def expire_uploads(self) -> int:
+        """Drop uploads idle for longer than the policy allows; returns how many."""
+        deadline = time.monotonic() - self._limits.upload_idle_timeout_s
+        with self._lock:
+            stale = [key for key, up in self._uploads.items() if up.touched < deadline]
+            for key in stale:
+                self._drop(key)
+        return len(stale)
+
+    def discard(self, sha256: str) -> None:
+        """Remove a blob whose bytes turned out not to match its hash on load."""
+        self.path(sha256).unlink(missing_ok=True)
+        self._store.remove_blob(sha256)

@@ -1,0 +1,277 @@
+"""Wires the gateway together and runs it until SIGTERM/SIGINT.
+
+Start order: state, broker, workers, MQTT link, journal resume, mDNS. Stop order is the reverse,
+with the retained status set to offline first so devices stop sending, then in-flight jobs
+drained (or answered with an error), then exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+
+from hearth.protocol import GatewayStatus, encode
+from hearth.transport import BrokerAddress
+from hearth_gateway import __version__, _systemd
+from hearth_gateway.accelerators import accelerator_names, available_providers
+from hearth_gateway.blobs import BlobStore
+from hearth_gateway.broker import ManagedBroker
+from hearth_gateway.config import Config, default_gateway_id, default_state_dir
+from hearth_gateway.discovery import Advertiser
+from hearth_gateway.dispatch import Dispatcher
+from hearth_gateway.errors import ConfigError
+from hearth_gateway.link import GatewayLink
+from hearth_gateway.policy import Admission, Policy, load_policy
+from hearth_gateway.runners import REGISTRY, WorkerSettings
+from hearth_gateway.status import StatusSnapshot, write_snapshot
+from hearth_gateway.store import Store
+from hearth_gateway.workers import WorkerPool
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger(__name__)
+
+_HOUSEKEEPING_S = 2.0
+
+
+class Gateway:
+    """The daemon. ``start()`` brings it up, ``close()`` (idempotent) takes it down."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.gateway_id = config.gateway_id or default_gateway_id()
+        self.state_dir = Path(config.state_dir) if config.state_dir else default_state_dir()
+        unknown = [r for r in config.runners if r not in REGISTRY]
+        if unknown:
+            raise ConfigError(f"unknown runners {unknown}; known: {sorted(REGISTRY)}")
+        self.policy: Policy = load_policy(Path(p) for p in config.policies)
+        try:
+            self.listen = BrokerAddress.parse(config.broker or config.listen)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.providers = available_providers() if "onnx" in config.runners else []
+        self.started_at = time.time()
+        self._stop = threading.Event()
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self.broker: ManagedBroker | None = None
+        self.advertiser: Advertiser | None = None
+        self._housekeeper: threading.Thread | None = None
+
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.store = Store(self.state_dir / "hearth.sqlite3")
+        self.blobs = BlobStore(self.state_dir / "blobs", self.store, self.policy.limits)
+        self.admission = Admission(self.policy.limits)
+        workers = config.workers or os.cpu_count() or 1
+        # onnxruntime threads: share the cores between the workers instead of each grabbing all.
+        onnx_threads = max(1, (os.cpu_count() or 1) // workers)
+        settings = WorkerSettings(
+            runners=list(config.runners),
+            cache_dir=str(self.state_dir / "cache"),
+            wasm_limits=self.policy.wasm.limits(),
+            onnx_threads=onnx_threads,
+            providers=self.providers,
+        )
+        self.pool = WorkerPool(
+            settings,
+            workers,
+            self._completed,
+            wasm_timeout_s=self.policy.wasm.wall_timeout_s,
+            onnx_timeout_s=self.policy.onnx.wall_timeout_s,
+        )
+        self.link = GatewayLink(
+            self.listen, self.gateway_id, self._handle, encode(self._status("offline"))
+        )
+        self.dispatcher = Dispatcher(
+            gateway_id=self.gateway_id,
+            policy=self.policy,
+            store=self.store,
+            blobs=self.blobs,
+            admission=self.admission,
+            pool=self.pool,
+            runners=list(config.runners),
+            publish=self.link.publish_reply,
+        )
+
+    # Bound late so the link and dispatcher can reference each other.
+    def _handle(
+        self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None
+    ) -> None:
+        self.dispatcher.handle(topic, payload, response_topic, correlation)
+
+    def _completed(self, item: object, reply: bytes) -> None:
+        from hearth_gateway.workers import QueuedJob
+
+        assert isinstance(item, QueuedJob)
+        self.dispatcher.completed(item, reply)
+
+    def _status(self, state: str) -> GatewayStatus:
+        in_flight = self.admission.in_flight if hasattr(self, "admission") else 0
+        size = self.pool.size if hasattr(self, "pool") else 0
+        return GatewayStatus(
+            gateway_id=self.gateway_id,
+            state="online" if state == "online" else "offline",
+            version=__version__,
+            runners=list(self.config.runners),
+            providers=self.providers,
+            workers=size,
+            queue_depth=in_flight,
+            load=round(in_flight / max(1, size), 2),
+            max_message_bytes=self.policy.limits.max_message_bytes,
+            started_at=self.started_at,
+        )
+
+    def _txt(self) -> dict[str, str]:
+        status = self._status("online")
+        return {
+            "txtvers": "1",
+            "pv": "1",
+            "id": self.gateway_id,
+            "ver": __version__,
+            "host": self.listen.host,
+            "port": str(self.listen.port),
+            "tls": "0",
+            "runners": ",".join(status.runners),
+            "acc": ",".join(accelerator_names(self.providers)),
+            "load": f"{status.load:.2f}",
+        }
+
+    def start(self) -> None:
+        if not self.config.broker:
+            self.broker = ManagedBroker(
+                self.state_dir, self.listen, self.policy.limits.max_message_bytes + 64 * 1024
+            )
+            self.broker.start()
+        info = self.pool.start()
+        if "providers" in info and isinstance(info["providers"], list):
+            self.providers = [str(p) for p in info["providers"]]
+        self.link.start(encode(self._status("online")))
+        resumed = self.dispatcher.resume()
+        if resumed:
+            log.info("resumed %d journaled jobs from the last run", resumed)
+        if self.config.mdns:
+            self.advertiser = Advertiser(
+                self.gateway_id, self.listen, self._txt(), self.config.mdns_interface or None
+            )
+            self.advertiser.start()
+        self._housekeeper = threading.Thread(
+            target=self._housekeeping, name="hearth-housekeeping", daemon=True
+        )
+        self._housekeeper.start()
+        self._write_snapshot("online")
+        _systemd.notify("READY=1", f"STATUS=serving as {self.gateway_id} on {self.listen}")
+        log.info(
+            "gateway %s ready: broker %s, %d workers, runners %s, providers %s",
+            self.gateway_id, self.listen, self.pool.size, ",".join(self.config.runners),
+            ",".join(self.providers) or "-",
+        )
+
+    def _housekeeping(self) -> None:
+        watchdog = _systemd.watchdog_interval_s()
+        last_status = b""
+        last_gc = 0.0
+        while not self._stop.wait(min(_HOUSEKEEPING_S, watchdog or _HOUSEKEEPING_S)):
+            try:
+                status = encode(self._status("online"))
+                if status != last_status and self.link.connected.is_set():
+                    self.link.publish_status(status)
+                    last_status = status
+                if self.advertiser is not None:
+                    self.advertiser.update(self._txt())
+                self.blobs.expire_uploads()
+                if time.monotonic() - last_gc > 600:
+                    self.store.expire_answers(self.policy.limits.answer_retention_s)
+                    last_gc = time.monotonic()
+                self._write_snapshot("online")
+                if self.broker is not None and self.broker.failed.is_set():
+                    log.error("the managed broker keeps dying; stopping")
+                    self._stop.set()
+                    break
+                # Only a healthy loop pets the watchdog: a wedged daemon gets restarted.
+                _systemd.notify("WATCHDOG=1")
+            except Exception:
+                log.exception("housekeeping failed")
+
+    def _write_snapshot(self, state: str) -> None:
+        count, size = self.store.blob_totals()
+        counters = self.dispatcher.counters
+        write_snapshot(
+            self.state_dir,
+            StatusSnapshot(
+                gateway_id=self.gateway_id,
+                state=state,
+                pid=os.getpid(),
+                version=__version__,
+                broker=str(self.listen),
+                managed_broker=self.broker is not None,
+                broker_pid=self.broker.pid if self.broker else None,
+                mdns=self.advertiser is not None,
+                runners=list(self.config.runners),
+                providers=self.providers,
+                workers=self.pool.size,
+                worker_pids=self.pool.pids(),
+                worker_restarts=self.pool.restarts,
+                busy_workers=self.pool.busy,
+                queue_depth=self.admission.in_flight,
+                jobs_accepted=counters.accepted,
+                jobs_completed=counters.completed,
+                jobs_refused=counters.refused,
+                jobs_duplicate=counters.duplicates,
+                blobs=count,
+                blob_bytes=size,
+                started_at=self.started_at,
+                updated_at=time.time(),
+            ),
+        )
+
+    def run_forever(self) -> int:
+        """Start, serve until SIGTERM/SIGINT, close. Returns the exit status."""
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s; shutting down", signal.Signals(signum).name)
+            self._stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        try:
+            self.start()
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.close()
+        failed = self.broker is not None and self.broker.failed.is_set()
+        return 1 if failed else 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        _systemd.notify("STOPPING=1")
+        if self.advertiser is not None:
+            self.advertiser.close()
+        # Drain: queued and running jobs finish and are answered while the link is still up.
+        self.pool.close(timeout_s=20.0)
+        self.link.close()  # retained status -> offline
+        if self._housekeeper is not None:
+            self._housekeeper.join(timeout=5)
+        if self.broker is not None:
+            self.broker.close()
+        try:
+            self._write_snapshot("stopped")
+        except Exception:
+            log.exception("could not write the final status snapshot")
+        self.store.close()
+        log.info("gateway %s stopped", self.gateway_id)
+
+

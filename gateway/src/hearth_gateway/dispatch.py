@@ -1,0 +1,245 @@
+"""The protocol boundary: every MQTT message from a device passes here first.
+
+Size check, decode and validation (hearth.protocol), then routing: pings answered at once, blob
+chunks to the blob store, jobs through admission into the journal and the worker queue. Every
+refusal goes back to the sender as an ``error`` reply with its ErrorCode and is logged once
+(rate-limited: a peer must not be able to flood the log).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hearth.errors import ErrorCode, ProtocolError
+from hearth.protocol import (
+    BlobChunk,
+    BlobStored,
+    Error,
+    NeedBlob,
+    OnnxJob,
+    Ping,
+    Pong,
+    WasmJob,
+    decode_request,
+    encode,
+    parse_request_topic,
+    reply_prefix,
+)
+from hearth_gateway.blobs import BlobStore, UploadRefused
+from hearth_gateway.policy import Admission, Policy
+from hearth_gateway.runners import Job, runner_for
+from hearth_gateway.store import JournalEntry, Store
+from hearth_gateway.workers import QueuedJob, WorkerPool
+
+__all__ = ["Dispatcher", "PeerLog"]
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, bytes, bytes | None], None]  # topic, payload, correlation
+
+
+class PeerLog:
+    """Logs a peer-triggered warning at most once per ``interval_s`` per kind, with a count of
+    what was suppressed in between."""
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        self._interval_s = interval_s
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def warning(self, kind: str, fmt: str, *args: object) -> None:
+        now = time.monotonic()
+        last, suppressed = self._last.get(kind, (-self._interval_s, 0))
+        if now - last < self._interval_s:
+            self._last[kind] = (last, suppressed + 1)
+            return
+        self._last[kind] = (now, 0)
+        if suppressed:
+            fmt += " (%d similar suppressed)"
+            args = (*args, suppressed)
+        log.warning(fmt, *args)
+
+
+@dataclass
+class Counters:
+    accepted: int = 0
+    refused: int = 0
+    duplicates: int = 0
+    completed: int = 0
+    blob_bytes_received: int = 0
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        gateway_id: str,
+        policy: Policy,
+        store: Store,
+        blobs: BlobStore,
+        admission: Admission,
+        pool: WorkerPool,
+        runners: list[str],
+        publish: Publish,
+    ) -> None:
+        self._gateway_id = gateway_id
+        self._limits = policy.limits
+        self._store = store
+        self._blobs = blobs
+        self._admission = admission
+        self._pool = pool
+        self._runners = set(runners)
+        self._publish = publish
+        self._peer_log = PeerLog()
+        self.counters = Counters()
+
+    # Called on paho's network thread: everything here is short; jobs run on worker lanes.
+    def handle(
+        self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None
+    ) -> None:
+        parsed = parse_request_topic(topic)
+        if parsed is None or parsed[0] != self._gateway_id:
+            self._peer_log.warning("topic", "ignoring message on unexpected topic %r", topic)
+            return
+        client_id = parsed[1]
+        if response_topic is None or not response_topic.startswith(reply_prefix(client_id)):
+            # Nowhere safe to answer: a device may only have replies sent into its own topics.
+            self._peer_log.warning(
+                "response-topic",
+                "dropping request from %s: Response Topic %r not under %r",
+                client_id, response_topic, reply_prefix(client_id),
+            )
+            self.counters.refused += 1
+            return
+        if len(payload) > self._limits.max_message_bytes:
+            self._refuse(client_id, response_topic, correlation, ErrorCode.TOO_LARGE,
+                         f"message of {len(payload)} bytes over the limit of "
+                         f"{self._limits.max_message_bytes}")
+            return
+        try:
+            request = decode_request(payload)
+        except ProtocolError as exc:
+            self._refuse(client_id, response_topic, correlation, exc.code, exc.message)
+            return
+        if isinstance(request, Ping):
+            in_flight = self._admission.in_flight
+            pong = Pong(
+                gateway_id=self._gateway_id,
+                queue_depth=in_flight,
+                workers=self._pool.size,
+                load=in_flight / max(1, self._pool.size),
+            )
+            self._publish(response_topic, encode(pong), correlation)
+        elif isinstance(request, BlobChunk):
+            self._blob(client_id, request, payload, response_topic, correlation)
+        else:
+            self._job(client_id, request, payload, response_topic, correlation)
+
+    def _blob(
+        self,
+        client_id: str,
+        chunk: BlobChunk,
+        payload: bytes,
+        response_topic: str,
+        correlation: bytes | None,
+    ) -> None:
+        self.counters.blob_bytes_received += len(chunk.data)
+        try:
+            complete = self._blobs.receive(client_id, chunk)
+        except UploadRefused as exc:
+            self._refuse(client_id, response_topic, correlation, exc.code, exc.message)
+            return
+        if complete:
+            reply = BlobStored(sha256=chunk.sha256, size=chunk.size)
+            self._publish(response_topic, encode(reply), correlation)
+
+    def _job(
+        self,
+        client_id: str,
+        job: Job,
+        payload: bytes,
+        response_topic: str,
+        correlation: bytes | None,
+    ) -> None:
+        runner = runner_for(job)
+        if runner not in self._runners:
+            self._refuse(client_id, response_topic, correlation, ErrorCode.UNSUPPORTED,
+                         f"runner {runner!r} is not enabled on this gateway", job.job_id)
+            return
+        sha = job.module if isinstance(job, WasmJob) else job.model
+        if not self._blobs.has(sha):
+            need = NeedBlob(job_id=job.job_id, sha256=sha, max_chunk=self._limits.max_chunk_bytes)
+            self._publish(response_topic, encode(need), correlation)
+            return
+        entry = JournalEntry(client_id, job.job_id, payload, response_topic, correlation or b"")
+        known = self._store.accept(entry)
+        if known is not None:
+            state, reply = known
+            self.counters.duplicates += 1
+            if state == "done" and reply is not None:
+                self._publish(response_topic, reply, correlation)
+            # else: still queued or running; its one answer is on its way.
+            return
+        self.enqueue(client_id, job, response_topic, correlation or b"", sha)
+
+    def enqueue(
+        self, client_id: str, job: Job, response_topic: str, correlation: bytes, sha: str
+    ) -> None:
+        """Admit a journaled job and queue it (also used to resume the journal on start)."""
+        refusal = self._admission.admit(client_id)
+        if refusal is not None:
+            self._store.forget(client_id, job.job_id)
+            reason = ("the gateway's queue is full" if refusal is ErrorCode.OVERLOADED
+                      else "too many jobs in flight for this device")
+            self._refuse(client_id, response_topic, correlation, refusal, reason, job.job_id)
+            return
+        self.counters.accepted += 1
+        self._pool.submit(
+            QueuedJob(
+                client_id=client_id,
+                job=job,
+                blob_path=str(self._blobs.path(sha)),
+                response_topic=response_topic,
+                correlation=correlation,
+            )
+        )
+
+    def resume(self) -> int:
+        """Queue the jobs a previous run accepted but never answered."""
+        entries = self._store.unfinished()
+        for entry in entries:
+            try:
+                job = decode_request(entry.request)
+            except ProtocolError:
+                self._store.finish(entry.client_id, entry.job_id, b"")
+                continue
+            assert isinstance(job, WasmJob | OnnxJob)
+            sha = job.module if isinstance(job, WasmJob) else job.model
+            self.enqueue(entry.client_id, job, entry.response_topic, entry.correlation, sha)
+        return len(entries)
+
+    def completed(self, item: QueuedJob, reply: bytes) -> None:
+        """Worker lane callback: store the answer, then publish it, then free the slot."""
+        try:
+            self._store.finish(item.client_id, item.job.job_id, reply)
+            self._publish(item.response_topic, reply, item.correlation or None)
+        finally:
+            self._admission.release(item.client_id)
+            self.counters.completed += 1
+
+    def _refuse(
+        self,
+        client_id: str,
+        response_topic: str,
+        correlation: bytes | None,
+        code: ErrorCode,
+        message: str,
+        job_id: str | None = None,
+    ) -> None:
+        self.counters.refused += 1
+        self._peer_log.warning(str(code), "refused request from %s: %s: %s", client_id, code,
+                               message)
+        error = Error(code=code, message=message, job_id=job_id)
+        self._publish(response_topic, encode(error), correlation)

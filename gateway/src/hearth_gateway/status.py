@@ -1,0 +1,92 @@
+"""What ``hearth-gateway status`` shows: a snapshot the daemon rewrites every few seconds in its
+state directory (atomically), so the command needs neither the broker nor the daemon's help."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import msgspec
+
+__all__ = ["StatusSnapshot", "format_status", "read_snapshot", "write_snapshot"]
+
+_FILE = "status.json"
+
+
+class StatusSnapshot(msgspec.Struct, kw_only=True):
+    gateway_id: str
+    state: str  # online | stopped (and, when read back, "dead" if the pid is gone)
+    pid: int
+    version: str
+    broker: str
+    managed_broker: bool
+    broker_pid: int | None
+    mdns: bool
+    runners: list[str]
+    providers: list[str]
+    workers: int
+    worker_pids: list[int]
+    worker_restarts: int
+    busy_workers: int
+    queue_depth: int
+    jobs_accepted: int
+    jobs_completed: int
+    jobs_refused: int
+    jobs_duplicate: int
+    blobs: int
+    blob_bytes: int
+    started_at: float
+    updated_at: float
+
+
+def write_snapshot(state_dir: Path, snapshot: StatusSnapshot) -> None:
+    tmp = state_dir / f".{_FILE}.tmp"
+    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(snapshot)))
+    os.replace(tmp, state_dir / _FILE)
+
+
+def read_snapshot(state_dir: Path) -> StatusSnapshot | None:
+    try:
+        snapshot = msgspec.json.decode((state_dir / _FILE).read_bytes(), type=StatusSnapshot)
+    except (OSError, msgspec.DecodeError):
+        return None
+    if snapshot.state == "online" and not _alive(snapshot.pid):
+        snapshot.state = "dead"  # killed without a chance to say so
+    return snapshot
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def format_status(s: StatusSnapshot) -> str:
+    uptime_s = (s.updated_at if s.state != "online" else time.time()) - s.started_at
+    lines = [
+        f"gateway     {s.gateway_id}  ({s.state}, pid {s.pid}, version {s.version})",
+        f"uptime      {_duration(uptime_s)}",
+        f"broker      {s.broker} ({'managed, pid ' + str(s.broker_pid) if s.managed_broker else 'external'})",
+        f"mDNS        {'advertising _hearth._tcp' if s.mdns else 'off'}",
+        f"runners     {', '.join(s.runners)}",
+        f"onnx on     {', '.join(s.providers) or '-'}",
+        f"workers     {s.workers} ({s.busy_workers} busy, {s.worker_restarts} restarted)",
+        f"queue       {s.queue_depth} jobs waiting or running",
+        f"jobs        {s.jobs_completed} completed, {s.jobs_refused} refused, "
+        f"{s.jobs_duplicate} duplicates answered from the journal (since start)",
+        f"blobs       {s.blobs} stored, {s.blob_bytes / 1e6:.1f} MB",
+    ]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"

@@ -1,0 +1,160 @@
+"""Gateway state in SQLite (WAL): the job journal with stored answers, and the blob index.
+
+Durability does not rest on the broker: a job is journaled when accepted, its answer is stored
+before it is published, and a job id seen again is answered from here instead of running twice.
+Accepted jobs that were never answered (the gateway died) are run again on start: jobs have no
+side effects outside their sandbox, so a re-run is safe, and the device gets its answer.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+
+__all__ = ["JournalEntry", "Store"]
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    client_id: str
+    job_id: str
+    request: bytes
+    response_topic: str
+    correlation: bytes
+
+
+class Store:
+    """One SQLite connection behind a lock: writes are short and few per job."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite_utils.Database(self._conn)
+        self._lock = threading.Lock()
+        self._closed = False
+        # WAL + synchronous=NORMAL: commits survive a process crash (SIGKILL), and a power loss
+        # can only drop the last transactions, never corrupt the file.
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        if "jobs" not in self._db.table_names():
+            self._db["jobs"].create(
+                {
+                    "client_id": str,
+                    "job_id": str,
+                    "state": str,  # accepted | done
+                    "request": bytes,  # kept until answered, for a re-run after a crash
+                    "response_topic": str,
+                    "correlation": bytes,
+                    "reply": bytes,
+                    "accepted_at": float,
+                    "finished_at": float,
+                },
+                pk=("client_id", "job_id"),
+            )
+            self._db["jobs"].create_index(["state"])
+        if "blobs" not in self._db.table_names():
+            self._db["blobs"].create(
+                {"sha256": str, "size": int, "stored_at": float, "last_used": float},
+                pk="sha256",
+            )
+
+    # -- journal ---------------------------------------------------------------------------
+
+    def accept(self, entry: JournalEntry) -> tuple[str, bytes | None] | None:
+        """Journal a new job. Returns None if it is new, else (state, stored reply or None)
+        of the job already known under that id."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT state, reply FROM jobs WHERE client_id=? AND job_id=?",
+                (entry.client_id, entry.job_id),
+            ).fetchone()
+            if row is not None:
+                return str(row[0]), row[1]
+            self._conn.execute(
+                "INSERT INTO jobs (client_id, job_id, state, request, response_topic,"
+                " correlation, accepted_at) VALUES (?, ?, 'accepted', ?, ?, ?, ?)",
+                (
+                    entry.client_id,
+                    entry.job_id,
+                    entry.request,
+                    entry.response_topic,
+                    entry.correlation,
+                    time.time(),
+                ),
+            )
+            return None
+
+    def finish(self, client_id: str, job_id: str, reply: bytes) -> None:
+        with self._lock:
+            self._conn.execute(
+                "UPDATE jobs SET state='done', reply=?, request=NULL, finished_at=?"
+                " WHERE client_id=? AND job_id=?",
+                (reply, time.time(), client_id, job_id),
+            )
+
+    def forget(self, client_id: str, job_id: str) -> None:
+        """Drop a journal entry that was never admitted (refused before it could run)."""
+        with self._lock:
+            self._conn.execute(
+                "DELETE FROM jobs WHERE client_id=? AND job_id=? AND state='accepted'",
+                (client_id, job_id),
+            )
+
+    def unfinished(self) -> list[JournalEntry]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT client_id, job_id, request, response_topic, correlation FROM jobs"
+                " WHERE state='accepted' ORDER BY accepted_at"
+            ).fetchall()
+        return [JournalEntry(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    def expire_answers(self, older_than_s: float) -> int:
+        with self._lock:
+            cursor = self._conn.execute(
+                "DELETE FROM jobs WHERE state='done' AND finished_at < ?",
+                (time.time() - older_than_s,),
+            )
+            return cursor.rowcount
+
+    def job_counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._conn.execute("SELECT state, count(*) FROM jobs GROUP BY state")
+            return {str(state): int(n) for state, n in rows}
+
+    # -- blob index ------------------------------------------------------------------------
+
+    def add_blob(self, sha256: str, size: int) -> None:
+        now = time.time()
+        with self._lock:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO blobs (sha256, size, stored_at, last_used)"
+                " VALUES (?, ?, ?, ?)",
+                (sha256, size, now, now),
+            )
+
+    def remove_blob(self, sha256: str) -> None:
+        with self._lock:
+            self._conn.execute("DELETE FROM blobs WHERE sha256=?", (sha256,))
+
+    def blob_totals(self) -> tuple[int, int]:
+        """(count, bytes) of stored blobs."""
+        with self._lock:
+            count, size = self._conn.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM blobs"
+            ).fetchone()
+        return int(count), int(size)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._conn.close()

@@ -1,0 +1,81 @@
+"""Worker process: ``python -m hearth_gateway.worker SETTINGS_JSON``.
+
+Reads WorkItems from stdin, writes encoded Replies to stdout, one frame each. A crash in here (a
+hostile model, a runtime bug) costs only the job in hand: the daemon sees the pipe close, answers
+that job with worker_crashed, and starts a new worker.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+
+import msgspec
+
+from hearth.protocol import Error, encode
+from hearth.errors import ErrorCode
+from hearth_gateway._frames import read_frame, write_frame
+from hearth_gateway.runners import REGISTRY, Runner, WorkerSettings, WorkItem, runner_for
+
+log = logging.getLogger("hearth_gateway.worker")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to kill us when the daemon dies, even by SIGKILL: no orphaned workers."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def main(argv: list[str]) -> int:
+    _die_with_parent()
+    # SIGTERM to the daemon's process group must not kill a job mid-flight: the daemon drains
+    # and then closes our stdin.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, format="worker %(process)d: %(message)s")
+    settings = msgspec.json.decode(argv[1], type=WorkerSettings)
+    # Frames go over a private copy of fd 1; anything a library prints goes to stderr instead
+    # of corrupting the frame stream.
+    out_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    runners: dict[str, Runner] = {name: REGISTRY[name](settings) for name in settings.runners}
+    described: dict[str, list[str]] = {}
+    for runner in runners.values():
+        described.update(runner.describe())
+    write_frame(out_fd, msgspec.msgpack.encode({"ready": True, **described}))
+    decoder = msgspec.msgpack.Decoder(WorkItem)
+    while True:
+        try:
+            frame = read_frame(0)
+        except EOFError:
+            break
+        item = decoder.decode(frame)
+        name = runner_for(item.job)
+        runner = runners.get(name)
+        if runner is None:
+            reply = Error(
+                code=ErrorCode.UNSUPPORTED,
+                message=f"runner {name!r} not enabled on this gateway",
+                job_id=item.job.job_id,
+            )
+            write_frame(out_fd, encode(reply))
+            continue
+        write_frame(out_fd, encode(runner.run(item)))
+    for runner in runners.values():
+        runner.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

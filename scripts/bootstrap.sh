@@ -1,0 +1,33 @@
+#!/bin/sh
+# Set up everything `make demo` and `make test` need on a Debian machine: system packages
+# (Mosquitto, python3-venv) when root, then a virtualenv with both packages in development mode.
+set -eu
+VENV=${VENV:-.venv}
+
+missing=""
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$missing mosquitto"
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$missing python3-venv"
+if [ -n "$missing" ]; then
+    if [ "$(id -u)" = 0 ]; then
+        echo "bootstrap: installing$missing"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        # shellcheck disable=SC2086
+        apt-get install -y -qq --no-install-recommends $missing >/dev/null
+        # Debian starts its own mosquitto on 127.0.0.1:1883; Hearth runs its own brokers.
+        if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+            systemctl disable --now mosquitto >/dev/null 2>&1 || true
+        fi
+    else
+        echo "bootstrap: missing system packages:$missing" >&2
+        echo "bootstrap: run: sudo apt-get install -y$missing" >&2
+        exit 1
+    fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -e ./device-sdk -e ./gateway -r requirements-dev.txt
+echo "bootstrap: ready ($VENV)"
