@@ -1,0 +1,39 @@
+"""Hearth device SDK: find a home-edge gateway, offload WebAssembly and ONNX jobs to it, and run
+the same jobs on the device when it is out of reach.
+
+>>> import hearth                                             # doctest: +SKIP
+>>> gateways = hearth.discover()
+>>> with hearth.Client(gateways[0]) as client:
+...     run = client.run_wasm("filter.wasm", stdin=frame, args=["edges"])
+...     print(run.where, run.reason, f"{run.latency_ms:.1f} ms")
+"""
+
+from hearth.client import Client, Inference, WasmRun
+from hearth.discovery import GatewayInfo, discover
+from hearth.errors import (
+    ErrorCode,
+    GatewayUnavailable,
+    HearthError,
+    JobError,
+    LocalRuntimeUnavailable,
+    ProtocolError,
+)
+from hearth.placement import Placement
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "ErrorCode",
+    "GatewayInfo",
+    "GatewayUnavailable",
+    "HearthError",
+    "Inference",
+    "JobError",
+    "LocalRuntimeUnavailable",
+    "Placement",
+    "ProtocolError",
+    "WasmRun",
+    "__version__",
+    "discover",
+]

@@ -1,0 +1,620 @@
+"""The device-side client: offload to a gateway, or run locally, per call.
+
+Concurrency: paho's network thread delivers replies and resolves one ``Future`` per pending
+request (keyed by Correlation Data); blocking calls wait on their future; the ``*_async`` forms
+run the same code on a small named thread pool. ``close()`` is idempotent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import paho.mqtt.client as mqtt
+
+from hearth.discovery import GatewayInfo, discover
+from hearth.errors import ErrorCode, GatewayUnavailable, HearthError, JobError
+from hearth.placement import Decision, Estimates, Placement, decide
+from hearth.protocol import (
+    BlobChunk,
+    BlobStored,
+    Error,
+    NeedBlob,
+    OnnxJob,
+    OnnxResult,
+    Ping,
+    Pong,
+    Reply,
+    Tensor,
+    Timing,
+    WasmJob,
+    WasmResult,
+    decode_reply,
+    decode_status,
+    encode,
+    reply_topic,
+    request_topic,
+    status_topic,
+)
+from hearth.transport import BrokerAddress, connect, make_client, publish_properties
+
+__all__ = ["Client", "Inference", "WasmRun"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+ENV_GATEWAY = "HEARTH_GATEWAY"  # HOST:PORT: skip discovery
+ENV_INTERFACE = "HEARTH_INTERFACE"  # IP: discover only on this interface
+
+_RECONNECT_BACKOFF_S = 2.0  # after a failed connect, run locally this long before retrying
+
+
+@dataclass(frozen=True)
+class WasmRun:
+    """The result of ``run_wasm``: what the module did, and where and why it ran there."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    where: str  # "edge" | "local"
+    reason: str
+    latency_ms: float
+    job_id: str
+    gateway_id: str | None = None
+    timing: Timing | None = None  # the gateway's queue and run time, when it ran there
+
+
+@dataclass(frozen=True)
+class Inference:
+    outputs: dict[str, Any]  # name -> numpy array
+    provider: str
+    where: str
+    reason: str
+    latency_ms: float
+    job_id: str
+    gateway_id: str | None = None
+    timing: Timing | None = None
+
+
+@dataclass
+class Stats:
+    edge_calls: int = 0
+    local_calls: int = 0
+    fallbacks: int = 0
+    blob_uploads: int = 0
+    blob_bytes_sent: int = 0
+    retries: int = 0
+
+
+@dataclass
+class _Blob:
+    data: bytes
+    sha256: str
+
+
+class _Connection:
+    """One MQTT connection to one gateway's broker."""
+
+    def __init__(
+        self, address: BrokerAddress, gateway_id: str | None, client_id: str, timeout_s: float
+    ) -> None:
+        self.address = address
+        self.client_id = client_id
+        self.gateway_id = gateway_id
+        self._reply_topic = reply_topic(client_id)
+        self._pending: dict[bytes, Future[Reply]] = {}
+        self._lock = threading.Lock()
+        self.online = threading.Event()  # the gateway's retained status says online
+        self.connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._closed = False
+        self._client = make_client(f"{client_id}-{uuid.uuid4().hex[:8]}")
+        self._client.on_message = self._message
+        self._client.on_disconnect = self._disconnected
+        self._client.on_subscribe = lambda *_: self._subscribed.set()
+        connect(self._client, address, timeout_s=timeout_s, on_connected=self._connected)
+        if not self._subscribed.wait(timeout_s):
+            self.close()
+            raise GatewayUnavailable(f"broker {address} did not confirm our subscriptions")
+        # The retained status tells us whether (and which) gateway serves this broker.
+        if not self.online.wait(timeout_s):
+            self.close()
+            raise GatewayUnavailable(f"no Hearth gateway online at {address}")
+
+    def _connected(self) -> None:
+        status = status_topic(self.gateway_id) if self.gateway_id else "hearth/v1/gw/+/status"
+        self._client.subscribe([(self._reply_topic, 1), (status, 1)])
+        self.connected.set()
+
+    def _disconnected(self, *_: Any) -> None:
+        self.connected.clear()
+        self._fail_all(GatewayUnavailable(f"lost the connection to {self.address}"))
+
+    def _message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self._reply_topic:
+            correlation = getattr(msg.properties, "CorrelationData", None)
+            with self._lock:
+                future = self._pending.pop(correlation, None) if correlation else None
+            if future is None:
+                return  # a late answer to a call that already fell back or timed out
+            try:
+                future.set_result(decode_reply(msg.payload))
+            except HearthError as exc:
+                future.set_exception(exc)
+            return
+        try:
+            status = decode_status(msg.payload)
+        except HearthError:
+            return
+        if self.gateway_id is None and status.state == "online":
+            self.gateway_id = status.gateway_id
+        if status.gateway_id != self.gateway_id:
+            return
+        if status.state == "online":
+            self.online.set()
+        else:
+            # The gateway's Last Will (or its orderly goodbye): nothing pending will be answered.
+            self.online.clear()
+            self._fail_all(GatewayUnavailable(f"gateway {status.gateway_id} went offline"))
+
+    def _fail_all(self, exc: Exception) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(exc)
+
+    @property
+    def usable(self) -> bool:
+        return self.connected.is_set() and self.online.is_set() and not self._closed
+
+    def expect(self, correlation: bytes) -> Future[Reply]:
+        future: Future[Reply] = Future()
+        with self._lock:
+            self._pending[correlation] = future
+        return future
+
+    def forget(self, correlation: bytes) -> None:
+        with self._lock:
+            self._pending.pop(correlation, None)
+
+    def publish(self, message: msgspec.Struct, correlation: bytes) -> int:
+        if not self.usable or self.gateway_id is None:
+            raise GatewayUnavailable(f"gateway at {self.address} is not online")
+        payload = encode(message)
+        self._client.publish(
+            request_topic(self.gateway_id, self.client_id),
+            payload,
+            qos=1,
+            properties=publish_properties(self._reply_topic, correlation),
+        )
+        return len(payload)
+
+    def request(self, message: msgspec.Struct, correlation: bytes, timeout_s: float) -> Reply:
+        future = self.expect(correlation)
+        try:
+            self.publish(message, correlation)
+            return future.result(timeout_s)
+        except FutureTimeout:
+            raise TimeoutError from None
+        finally:
+            self.forget(correlation)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._fail_all(GatewayUnavailable("client closed"))
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+class Client:
+    """Offload WebAssembly and ONNX jobs to a Hearth gateway, or run them here.
+
+    >>> with Client(placement="auto") as hearth:          # doctest: +SKIP
+    ...     run = hearth.run_wasm("filter.wasm", stdin=frame, args=["edges"])
+    ...     print(run.where, run.reason, run.latency_ms)
+
+    ``gateway``: a GatewayInfo from ``discover()``, "HOST:PORT", or None to use
+    $HEARTH_GATEWAY or else mDNS discovery (on $HEARTH_INTERFACE / ``interface`` if set).
+    """
+
+    def __init__(
+        self,
+        gateway: GatewayInfo | str | None = None,
+        *,
+        client_id: str | None = None,
+        placement: Placement | str = Placement.AUTO,
+        interface: str | None = None,
+        timeout_s: float = 10.0,
+        retries: int = 1,
+        discover_timeout_s: float = 1.5,
+        max_workers: int = 8,
+    ) -> None:
+        self._gateway_arg = gateway
+        self.client_id = client_id or f"dev-{uuid.uuid4().hex[:12]}"
+        self.placement = Placement(placement)
+        self._interface = interface or os.environ.get(ENV_INTERFACE) or None
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self._discover_timeout_s = discover_timeout_s
+        self._conn: _Connection | None = None
+        self._conn_lock = threading.Lock()
+        self._failed_at = -1e9
+        self._last_failure = ""
+        self._blobs: dict[str, _Blob] = {}
+        self._estimates: dict[str, Estimates] = {}
+        self._est_lock = threading.Lock()
+        self._wasm_rt: Any = None
+        self._onnx_rt: Any = None
+        self._rt_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="hearth-call")
+        self._closed = False
+        self.stats = Stats()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.shutdown(wait=True)
+        with self._conn_lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+        for rt in (self._wasm_rt, self._onnx_rt):
+            if rt is not None:
+                rt.close()
+
+    # -- gateway connection -------------------------------------------------------------------
+
+    def _resolve(self) -> tuple[BrokerAddress, str | None]:
+        gateway = self._gateway_arg or os.environ.get(ENV_GATEWAY) or None
+        if isinstance(gateway, GatewayInfo):
+            return gateway.broker, gateway.gateway_id
+        if isinstance(gateway, str):
+            return BrokerAddress.parse(gateway), None
+        found = discover(self._discover_timeout_s, interface=self._interface, measure=False)
+        if not found:
+            raise GatewayUnavailable("no gateway found over mDNS")
+        best = min(found, key=lambda g: g.load)
+        return best.broker, best.gateway_id
+
+    def connection(self) -> _Connection:
+        """The live connection, connecting (or reconnecting) if needed. Raises
+        GatewayUnavailable, quickly when a recent attempt failed."""
+        with self._conn_lock:
+            conn = self._conn
+            if conn is not None and conn.usable:
+                return conn
+            if conn is not None and conn.connected.is_set():
+                # Connected but the gateway is offline: wait for it to come back, not reconnect.
+                raise GatewayUnavailable(f"gateway {conn.gateway_id} is offline")
+            if time.monotonic() - self._failed_at < _RECONNECT_BACKOFF_S:
+                raise GatewayUnavailable(self._last_failure)
+            if conn is not None:
+                conn.close()
+                self._conn = None
+            try:
+                address, gateway_id = self._resolve()
+                self._conn = _Connection(address, gateway_id, self.client_id, self.timeout_s)
+            except (GatewayUnavailable, ValueError, OSError) as exc:
+                self._failed_at = time.monotonic()
+                self._last_failure = str(exc)
+                raise GatewayUnavailable(str(exc)) from None
+            return self._conn
+
+    def gateway_reachable(self) -> bool:
+        try:
+            self.connection()
+        except GatewayUnavailable:
+            return False
+        return True
+
+    def ping(self) -> float:
+        """One round trip to the gateway, in ms."""
+        conn = self.connection()
+        started = time.perf_counter()
+        reply = conn.request(Ping(), uuid.uuid4().bytes, self.timeout_s)
+        if not isinstance(reply, Pong):
+            raise GatewayUnavailable(f"unexpected answer to ping: {type(reply).__name__}")
+        return (time.perf_counter() - started) * 1e3
+
+    # -- public calls -------------------------------------------------------------------------
+
+    def run_wasm(
+        self,
+        module: bytes | str | Path,
+        stdin: bytes = b"",
+        args: Sequence[str] = (),
+        *,
+        where: Placement | str | None = None,
+        job_id: str | None = None,
+    ) -> WasmRun:
+        """Run a WASI command module: args and stdin in; stdout, stderr, exit code out.
+
+        Raises JobError when the module fails (trap, limits...), wherever it ran."""
+        blob = self._blob(module)
+        job = WasmJob(
+            job_id=job_id or uuid.uuid4().hex, module=blob.sha256, args=list(args), stdin=stdin
+        )
+        return self._call(
+            f"wasm:{blob.sha256}",
+            where,
+            lambda: self._edge_wasm(job, blob),
+            lambda reason: self._local_wasm(job, blob, reason),
+        )
+
+    def infer(
+        self,
+        model: bytes | str | Path,
+        inputs: Mapping[str, Any],
+        outputs: Sequence[str] = (),
+        *,
+        where: Placement | str | None = None,
+        job_id: str | None = None,
+    ) -> Inference:
+        """Run an ONNX model on named numpy arrays; returns named numpy arrays."""
+        from hearth.runtime.onnx import array_to_tensor
+
+        blob = self._blob(model)
+        tensors = [array_to_tensor(name, value) for name, value in inputs.items()]
+        job = OnnxJob(
+            job_id=job_id or uuid.uuid4().hex,
+            model=blob.sha256,
+            inputs=tensors,
+            outputs=list(outputs),
+        )
+        return self._call(
+            f"onnx:{blob.sha256}",
+            where,
+            lambda: self._edge_onnx(job, blob),
+            lambda reason: self._local_onnx(job, blob, reason),
+        )
+
+    def run_wasm_async(self, *args: Any, **kwargs: Any) -> Future[WasmRun]:
+        """Like run_wasm, without blocking: returns a concurrent.futures.Future."""
+        return self._pool.submit(self.run_wasm, *args, **kwargs)
+
+    def infer_async(self, *args: Any, **kwargs: Any) -> Future[Inference]:
+        return self._pool.submit(self.infer, *args, **kwargs)
+
+    # -- placement ----------------------------------------------------------------------------
+
+    def _call(
+        self,
+        key: str,
+        where: Placement | str | None,
+        edge: Callable[[], tuple[T, float]],
+        local: Callable[[str], T],
+    ) -> T:
+        mode = Placement(where) if where is not None else self.placement
+        with self._est_lock:
+            estimates = self._estimates.setdefault(key, Estimates())
+            estimates.calls += 1
+        gateway_ok = mode is Placement.EDGE or (
+            mode is Placement.AUTO and self.gateway_reachable()
+        )
+        decision: Decision = decide(
+            mode, gateway=gateway_ok, local=self._local_available(), estimates=estimates
+        )
+        if decision.where == "edge":
+            try:
+                result, ms = edge()
+            except (GatewayUnavailable, TimeoutError) as exc:
+                if not decision.fallback_ok:
+                    raise GatewayUnavailable(str(exc) or "gateway timed out") from None
+                self.stats.fallbacks += 1
+                return local(f"fallback: {exc or 'gateway timed out'}")
+            except JobError as exc:
+                if not (decision.fallback_ok and exc.code.retryable):
+                    raise
+                self.stats.fallbacks += 1
+                return local(f"fallback: gateway answered {exc.code}")
+            with self._est_lock:
+                estimates.record("edge", ms)
+            self.stats.edge_calls += 1
+            return result
+        started = time.perf_counter()
+        result = local(decision.reason)
+        with self._est_lock:
+            estimates.record("local", (time.perf_counter() - started) * 1e3)
+        return result
+
+    def _local_available(self) -> bool:
+        try:
+            import onnxruntime  # noqa: F401
+            import wasmtime  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    # -- edge ---------------------------------------------------------------------------------
+
+    def _submit(self, conn: _Connection, job: WasmJob | OnnxJob, blob: _Blob) -> Reply:
+        correlation = job.job_id.encode()
+        uploads = 0
+        attempt = 0
+        while True:
+            try:
+                reply = conn.request(job, correlation, self.timeout_s)
+            except TimeoutError:
+                if attempt >= self.retries:
+                    raise
+                attempt += 1
+                self.stats.retries += 1
+                continue  # same job id: the gateway runs it at most once
+            if isinstance(reply, NeedBlob) and uploads < 2:
+                uploads += 1
+                self._upload(conn, blob, reply.max_chunk)
+                continue
+            if isinstance(reply, Error):
+                raise JobError(reply.code, reply.message, job_id=job.job_id, where="edge")
+            return reply
+
+    def _upload(self, conn: _Connection, blob: _Blob, max_chunk: int) -> None:
+        correlation = f"blob-{blob.sha256}".encode()
+        future = conn.expect(correlation)
+        try:
+            size = len(blob.data)
+            chunk = max(1, min(max_chunk, 1 << 20))
+            offset = 0
+            while True:
+                data = blob.data[offset : offset + chunk]
+                conn.publish(
+                    BlobChunk(sha256=blob.sha256, size=size, offset=offset, data=data), correlation
+                )
+                self.stats.blob_bytes_sent += len(data)
+                offset += len(data)
+                if offset >= size:
+                    break
+            self.stats.blob_uploads += 1
+            try:
+                reply = future.result(self.timeout_s + size / 5e6)  # allow ~5 MB/s
+            except FutureTimeout:
+                raise TimeoutError("blob upload not acknowledged") from None
+        finally:
+            conn.forget(correlation)
+        if isinstance(reply, Error):
+            raise JobError(reply.code, reply.message, where="edge")
+        if not isinstance(reply, BlobStored):
+            raise JobError(ErrorCode.MALFORMED, f"unexpected reply {type(reply).__name__}")
+
+    def _edge_wasm(self, job: WasmJob, blob: _Blob) -> tuple[WasmRun, float]:
+        conn = self.connection()
+        started = time.perf_counter()
+        reply = self._submit(conn, job, blob)
+        ms = (time.perf_counter() - started) * 1e3
+        if not isinstance(reply, WasmResult):
+            raise JobError(ErrorCode.MALFORMED, f"unexpected reply {type(reply).__name__}")
+        run = WasmRun(
+            exit_code=reply.exit_code,
+            stdout=reply.stdout,
+            stderr=reply.stderr,
+            where="edge",
+            reason="",
+            latency_ms=ms,
+            job_id=job.job_id,
+            gateway_id=conn.gateway_id,
+            timing=reply.timing,
+        )
+        return run, ms
+
+    def _edge_onnx(self, job: OnnxJob, blob: _Blob) -> tuple[Inference, float]:
+        from hearth.runtime.onnx import tensor_to_array
+
+        conn = self.connection()
+        started = time.perf_counter()
+        reply = self._submit(conn, job, blob)
+        ms = (time.perf_counter() - started) * 1e3
+        if not isinstance(reply, OnnxResult):
+            raise JobError(ErrorCode.MALFORMED, f"unexpected reply {type(reply).__name__}")
+        outputs = {t.name: tensor_to_array(t) for t in reply.outputs}
+        result = Inference(
+            outputs=outputs,
+            provider=reply.provider,
+            where="edge",
+            reason="",
+            latency_ms=ms,
+            job_id=job.job_id,
+            gateway_id=conn.gateway_id,
+            timing=reply.timing,
+        )
+        return result, ms
+
+    # -- local --------------------------------------------------------------------------------
+
+    def _wasm_runtime(self) -> Any:
+        with self._rt_lock:
+            if self._wasm_rt is None:
+                from hearth.runtime.wasm import WasmRuntime
+
+                self._wasm_rt = WasmRuntime()
+            return self._wasm_rt
+
+    def _onnx_runtime(self) -> Any:
+        with self._rt_lock:
+            if self._onnx_rt is None:
+                from hearth.runtime.onnx import OnnxRuntime
+
+                self._onnx_rt = OnnxRuntime()
+            return self._onnx_rt
+
+    def _local_wasm(self, job: WasmJob, blob: _Blob, reason: str) -> WasmRun:
+        started = time.perf_counter()
+        try:
+            outcome = self._wasm_runtime().run(
+                blob.sha256, args=job.args, stdin=job.stdin, wasm=blob.data
+            )
+        except JobError as exc:
+            exc.where, exc.job_id = "local", job.job_id
+            raise
+        self.stats.local_calls += 1
+        return WasmRun(
+            exit_code=outcome.exit_code,
+            stdout=outcome.stdout,
+            stderr=outcome.stderr,
+            where="local",
+            reason=reason,
+            latency_ms=(time.perf_counter() - started) * 1e3,
+            job_id=job.job_id,
+        )
+
+    def _local_onnx(self, job: OnnxJob, blob: _Blob, reason: str) -> Inference:
+        from hearth.runtime.onnx import tensor_to_array
+
+        started = time.perf_counter()
+        try:
+            tensors, provider = self._onnx_runtime().run(
+                blob.sha256, job.inputs, job.outputs, model=blob.data
+            )
+        except JobError as exc:
+            exc.where, exc.job_id = "local", job.job_id
+            raise
+        self.stats.local_calls += 1
+        return Inference(
+            outputs={t.name: tensor_to_array(t) for t in tensors},
+            provider=provider,
+            where="local",
+            reason=reason,
+            latency_ms=(time.perf_counter() - started) * 1e3,
+            job_id=job.job_id,
+        )
+
+    # -- blobs --------------------------------------------------------------------------------
+
+    def _blob(self, source: bytes | str | Path) -> _Blob:
+        key = source if isinstance(source, str | Path) else None
+        if key is not None:
+            cached = self._blobs.get(str(key))
+            if cached is not None:
+                return cached
+            data = Path(source).read_bytes()  # type: ignore[arg-type]
+        else:
+            data = bytes(source)  # type: ignore[arg-type]
+        blob = _Blob(data, hashlib.sha256(data).hexdigest())
+        if key is not None:
+            self._blobs[str(key)] = blob
+        return blob
+
+

@@ -1,0 +1,150 @@
+"""Finding gateways: mDNS/DNS-SD browse for ``_hearth._tcp.local.``, then a round-trip probe
+of each one over MQTT so callers can pick by measured latency (R3, R4)."""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+
+from zeroconf import IPVersion, ServiceBrowser, ServiceListener, Zeroconf
+
+from hearth.protocol import SERVICE_TYPE
+from hearth.transport import BrokerAddress
+
+__all__ = ["GatewayInfo", "discover"]
+
+
+@dataclass
+class GatewayInfo:
+    gateway_id: str
+    broker: BrokerAddress
+    protocol: int = 1
+    version: str = ""
+    tls: bool = False
+    runners: list[str] = field(default_factory=list)
+    accelerators: list[str] = field(default_factory=list)
+    load: float = 0.0
+    rtt_ms: float | None = None  # median MQTT round trip, when measured
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "gateway_id": self.gateway_id,
+            "broker": str(self.broker),
+            "protocol": self.protocol,
+            "version": self.version,
+            "tls": self.tls,
+            "runners": self.runners,
+            "accelerators": self.accelerators,
+            "load": self.load,
+            "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
+        }
+
+
+class _Collector(ServiceListener):
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.lock = threading.Lock()
+
+    def add_service(self, zc: Zeroconf, type_: str, name: str) -> None:
+        with self.lock:
+            self.names.add(name)
+
+    def update_service(self, zc: Zeroconf, type_: str, name: str) -> None:
+        self.add_service(zc, type_, name)
+
+    def remove_service(self, zc: Zeroconf, type_: str, name: str) -> None:
+        with self.lock:
+            self.names.discard(name)
+
+
+def _parse(props: dict[bytes, bytes | None], addresses: list[str], port: int) -> GatewayInfo | None:
+    txt = {k.decode(errors="replace"): (v or b"").decode(errors="replace") for k, v in props.items()}
+    if txt.get("pv") != "1" or not txt.get("id"):
+        return None  # another protocol version: not ours to talk to
+    host = txt.get("host", "")
+    if not host or host in ("0.0.0.0", "::"):
+        if not addresses:
+            return None
+        host = addresses[0]
+    try:
+        broker_port = int(txt.get("port") or port)
+    except ValueError:
+        return None
+    try:
+        load = float(txt.get("load", "0") or 0)
+    except ValueError:
+        load = 0.0
+    return GatewayInfo(
+        gateway_id=txt["id"],
+        broker=BrokerAddress(host, broker_port),
+        protocol=1,
+        version=txt.get("ver", ""),
+        tls=txt.get("tls") == "1",
+        runners=[r for r in txt.get("runners", "").split(",") if r],
+        accelerators=[a for a in txt.get("acc", "").split(",") if a],
+        load=load,
+    )
+
+
+def discover(
+    timeout_s: float = 1.5,
+    *,
+    interface: str | None = None,
+    measure: bool = True,
+    probes: int = 3,
+) -> list[GatewayInfo]:
+    """Gateways on the LAN, fastest first when ``measure`` (unmeasured ones last).
+
+    ``interface`` (an IP) restricts mDNS to one interface, e.g. "127.0.0.1" in tests.
+    """
+    zc = (
+        Zeroconf(interfaces=[interface], ip_version=IPVersion.V4Only)
+        if interface
+        else Zeroconf(ip_version=IPVersion.V4Only)
+    )
+    collector = _Collector()
+    found: dict[str, GatewayInfo] = {}
+    try:
+        browser = ServiceBrowser(zc, SERVICE_TYPE, collector)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            with collector.lock:
+                names = list(collector.names)
+            if names and all(name in found for name in names):
+                # Give late responders a short grace period, not the whole timeout.
+                deadline = min(deadline, time.monotonic() + 0.2)
+            for name in names:
+                if name in found:
+                    continue
+                info = zc.get_service_info(SERVICE_TYPE, name, timeout=500)
+                if info is None:
+                    continue
+                gw = _parse(dict(info.properties), info.parsed_addresses(), info.port or 1883)
+                if gw is not None:
+                    found[name] = gw
+        browser.cancel()
+    finally:
+        zc.close()
+    gateways = list({g.gateway_id: g for g in found.values()}.values())
+    if measure:
+        for gw in gateways:
+            gw.rtt_ms = measure_rtt(gw, probes)
+        gateways.sort(key=lambda g: (g.rtt_ms is None, g.rtt_ms or 0.0))
+    return gateways
+
+
+def measure_rtt(gateway: GatewayInfo, probes: int = 3, timeout_s: float = 2.0) -> float | None:
+    """Median MQTT ping round trip to the gateway in ms, or None if it does not answer."""
+    from hearth.client import Client  # local import: Client imports this module
+    from hearth.errors import HearthError
+
+    try:
+        with Client(gateway=gateway, timeout_s=timeout_s, placement="edge") as client:
+            samples = [client.ping() for _ in range(probes)]
+    except (HearthError, OSError, socket.error):
+        return None
+    return statistics.median(samples)

@@ -1,0 +1,76 @@
+"""Where to run a call: pure decision logic, no I/O, so it is unit-tested on its own.
+
+``auto`` offloads when a gateway is reachable and its measured time for this job (transfer +
+queue + run, as seen from the device) beats the measured local time; until both are known it
+measures each side once. Every decision carries a human-readable reason.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+__all__ = ["Decision", "Estimates", "Placement", "decide"]
+
+
+class Placement(enum.StrEnum):
+    AUTO = "auto"
+    EDGE = "edge"
+    LOCAL = "local"
+
+
+# Re-measure the slower side every this many calls, so a gateway that got busy (or idle) or a
+# device that warmed up is noticed.
+REPROBE_EVERY = 25
+_ALPHA = 0.3  # weight of the newest sample in the moving average
+
+
+@dataclass
+class Estimates:
+    """Exponentially weighted latency estimates (ms) for one job key (kind + module hash)."""
+
+    local_ms: float | None = None
+    edge_ms: float | None = None
+    calls: int = 0
+
+    def record(self, where: str, ms: float) -> None:
+        old = self.local_ms if where == "local" else self.edge_ms
+        new = ms if old is None else (1 - _ALPHA) * old + _ALPHA * ms
+        if where == "local":
+            self.local_ms = new
+        else:
+            self.edge_ms = new
+
+
+@dataclass(frozen=True)
+class Decision:
+    where: str  # "edge" | "local"
+    reason: str
+    fallback_ok: bool = field(default=True)  # may an edge failure fall back to local?
+
+
+def decide(
+    mode: Placement,
+    *,
+    gateway: bool,
+    local: bool,
+    estimates: Estimates,
+) -> Decision:
+    if mode is Placement.LOCAL:
+        return Decision("local", "placement=local", fallback_ok=False)
+    if mode is Placement.EDGE:
+        return Decision("edge", "placement=edge", fallback_ok=False)
+    if not gateway:
+        return Decision("local", "no gateway reachable")
+    if not local:
+        return Decision("edge", "no local runtime on this device", fallback_ok=False)
+    edge, here = estimates.edge_ms, estimates.local_ms
+    if edge is None:
+        return Decision("edge", "measuring the gateway (first call)")
+    if here is None:
+        return Decision("local", "measuring this device (first local call)")
+    faster, slower = ("edge", "local") if edge <= here else ("local", "edge")
+    if estimates.calls and estimates.calls % REPROBE_EVERY == 0:
+        return Decision(slower, f"re-measuring {slower} (every {REPROBE_EVERY} calls)")
+    return Decision(faster, f"edge {edge:.1f} ms {'<=' if faster == 'edge' else '>'} "
+                            f"local {here:.1f} ms (measured)")
