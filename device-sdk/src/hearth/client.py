@@ -7,6 +7,7 @@ run the same code on a small named thread pool. ``close()`` is idempotent.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -108,9 +109,15 @@ class _Connection:
     """One MQTT connection to one gateway's broker."""
 
     def __init__(
-        self, address: BrokerAddress, gateway_id: str | None, client_id: str, timeout_s: float
+        self,
+        address: BrokerAddress,
+        gateway_id: str | None,
+        client_id: str,
+        timeout_s: float,
+        qos: int = 1,
     ) -> None:
         self.address = address
+        self.qos = qos
         self.client_id = client_id
         self.gateway_id = gateway_id
         self._reply_topic = reply_topic(client_id)
@@ -135,7 +142,7 @@ class _Connection:
 
     def _connected(self) -> None:
         status = status_topic(self.gateway_id) if self.gateway_id else "hearth/v1/gw/+/status"
-        self._client.subscribe([(self._reply_topic, 1), (status, 1)])
+        self._client.subscribe([(self._reply_topic, self.qos), (status, 1)])
         self.connected.set()
 
     def _disconnected(self, *_: Any) -> None:
@@ -197,7 +204,7 @@ class _Connection:
         self._client.publish(
             request_topic(self.gateway_id, self.client_id),
             payload,
-            qos=1,
+            qos=self.qos,
             properties=publish_properties(self._reply_topic, correlation),
         )
         return len(payload)
@@ -243,6 +250,7 @@ class Client:
         retries: int = 1,
         discover_timeout_s: float = 1.5,
         max_workers: int = 8,
+        qos: int = 1,
     ) -> None:
         self._gateway_arg = gateway
         self.client_id = client_id or f"dev-{uuid.uuid4().hex[:12]}"
@@ -250,6 +258,9 @@ class Client:
         self._interface = interface or os.environ.get(ENV_INTERFACE) or None
         self.timeout_s = timeout_s
         self.retries = retries
+        # QoS 1 (the default) lets the broker's acknowledgements cover each hop; QoS 0 trades
+        # that for latency on a LAN, and the journal and retries still make jobs run once.
+        self.qos = qos
         self._discover_timeout_s = discover_timeout_s
         self._conn: _Connection | None = None
         self._conn_lock = threading.Lock()
@@ -317,7 +328,9 @@ class Client:
                 self._conn = None
             try:
                 address, gateway_id = self._resolve()
-                self._conn = _Connection(address, gateway_id, self.client_id, self.timeout_s)
+                self._conn = _Connection(
+                    address, gateway_id, self.client_id, self.timeout_s, self.qos
+                )
             except (GatewayUnavailable, ValueError, OSError) as exc:
                 self._failed_at = time.monotonic()
                 self._last_failure = str(exc)
@@ -434,7 +447,7 @@ class Client:
             with self._est_lock:
                 estimates.record("edge", ms)
             self.stats.edge_calls += 1
-            return result
+            return dataclasses.replace(result, reason=decision.reason)  # type: ignore[type-var]
         started = time.perf_counter()
         result = local(decision.reason)
         with self._est_lock:

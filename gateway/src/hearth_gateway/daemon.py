@@ -101,9 +101,14 @@ class Gateway:
 
     # Bound late so the link and dispatcher can reference each other.
     def _handle(
-        self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None
+        self,
+        topic: str,
+        payload: bytes,
+        response_topic: str | None,
+        correlation: bytes | None,
+        qos: int,
     ) -> None:
-        self.dispatcher.handle(topic, payload, response_topic, correlation)
+        self.dispatcher.handle(topic, payload, response_topic, correlation, qos)
 
     def _completed(self, item: object, reply: bytes) -> None:
         from hearth_gateway.workers import QueuedJob

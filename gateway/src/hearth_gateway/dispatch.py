@@ -38,7 +38,7 @@ __all__ = ["Dispatcher", "PeerLog"]
 
 log = logging.getLogger(__name__)
 
-Publish = Callable[[str, bytes, bytes | None], None]  # topic, payload, correlation
+Publish = Callable[[str, bytes, bytes | None, int], None]  # topic, payload, correlation, QoS
 
 
 class PeerLog:
@@ -97,7 +97,12 @@ class Dispatcher:
 
     # Called on paho's network thread: everything here is short; jobs run on worker lanes.
     def handle(
-        self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None
+        self,
+        topic: str,
+        payload: bytes,
+        response_topic: str | None,
+        correlation: bytes | None,
+        qos: int = 1,
     ) -> None:
         parsed = parse_request_topic(topic)
         if parsed is None or parsed[0] != self._gateway_id:
@@ -114,14 +119,14 @@ class Dispatcher:
             self.counters.refused += 1
             return
         if len(payload) > self._limits.max_message_bytes:
-            self._refuse(client_id, response_topic, correlation, ErrorCode.TOO_LARGE,
+            self._refuse(client_id, response_topic, correlation, qos, ErrorCode.TOO_LARGE,
                          f"message of {len(payload)} bytes over the limit of "
                          f"{self._limits.max_message_bytes}")
             return
         try:
             request = decode_request(payload)
         except ProtocolError as exc:
-            self._refuse(client_id, response_topic, correlation, exc.code, exc.message)
+            self._refuse(client_id, response_topic, correlation, qos, exc.code, exc.message)
             return
         if isinstance(request, Ping):
             in_flight = self._admission.in_flight
@@ -131,29 +136,29 @@ class Dispatcher:
                 workers=self._pool.size,
                 load=in_flight / max(1, self._pool.size),
             )
-            self._publish(response_topic, encode(pong), correlation)
+            self._publish(response_topic, encode(pong), correlation, qos)
         elif isinstance(request, BlobChunk):
-            self._blob(client_id, request, payload, response_topic, correlation)
+            self._blob(client_id, request, response_topic, correlation, qos)
         else:
-            self._job(client_id, request, payload, response_topic, correlation)
+            self._job(client_id, request, payload, response_topic, correlation, qos)
 
     def _blob(
         self,
         client_id: str,
         chunk: BlobChunk,
-        payload: bytes,
         response_topic: str,
         correlation: bytes | None,
+        qos: int,
     ) -> None:
         self.counters.blob_bytes_received += len(chunk.data)
         try:
             complete = self._blobs.receive(client_id, chunk)
         except UploadRefused as exc:
-            self._refuse(client_id, response_topic, correlation, exc.code, exc.message)
+            self._refuse(client_id, response_topic, correlation, qos, exc.code, exc.message)
             return
         if complete:
             reply = BlobStored(sha256=chunk.sha256, size=chunk.size)
-            self._publish(response_topic, encode(reply), correlation)
+            self._publish(response_topic, encode(reply), correlation, qos)
 
     def _job(
         self,
@@ -162,16 +167,17 @@ class Dispatcher:
         payload: bytes,
         response_topic: str,
         correlation: bytes | None,
+        qos: int,
     ) -> None:
         runner = runner_for(job)
         if runner not in self._runners:
-            self._refuse(client_id, response_topic, correlation, ErrorCode.UNSUPPORTED,
+            self._refuse(client_id, response_topic, correlation, qos, ErrorCode.UNSUPPORTED,
                          f"runner {runner!r} is not enabled on this gateway", job.job_id)
             return
         sha = job.module if isinstance(job, WasmJob) else job.model
         if not self._blobs.has(sha):
             need = NeedBlob(job_id=job.job_id, sha256=sha, max_chunk=self._limits.max_chunk_bytes)
-            self._publish(response_topic, encode(need), correlation)
+            self._publish(response_topic, encode(need), correlation, qos)
             return
         entry = JournalEntry(client_id, job.job_id, payload, response_topic, correlation or b"")
         known = self._store.accept(entry)
@@ -179,13 +185,19 @@ class Dispatcher:
             state, reply = known
             self.counters.duplicates += 1
             if state == "done" and reply is not None:
-                self._publish(response_topic, reply, correlation)
+                self._publish(response_topic, reply, correlation, qos)
             # else: still queued or running; its one answer is on its way.
             return
-        self.enqueue(client_id, job, response_topic, correlation or b"", sha)
+        self.enqueue(client_id, job, response_topic, correlation or b"", sha, qos)
 
     def enqueue(
-        self, client_id: str, job: Job, response_topic: str, correlation: bytes, sha: str
+        self,
+        client_id: str,
+        job: Job,
+        response_topic: str,
+        correlation: bytes,
+        sha: str,
+        qos: int = 1,
     ) -> None:
         """Admit a journaled job and queue it (also used to resume the journal on start)."""
         refusal = self._admission.admit(client_id)
@@ -193,7 +205,7 @@ class Dispatcher:
             self._store.forget(client_id, job.job_id)
             reason = ("the gateway's queue is full" if refusal is ErrorCode.OVERLOADED
                       else "too many jobs in flight for this device")
-            self._refuse(client_id, response_topic, correlation, refusal, reason, job.job_id)
+            self._refuse(client_id, response_topic, correlation, qos, refusal, reason, job.job_id)
             return
         self.counters.accepted += 1
         self._pool.submit(
@@ -203,6 +215,7 @@ class Dispatcher:
                 blob_path=str(self._blobs.path(sha)),
                 response_topic=response_topic,
                 correlation=correlation,
+                qos=qos,
             )
         )
 
@@ -224,7 +237,7 @@ class Dispatcher:
         """Worker lane callback: store the answer, then publish it, then free the slot."""
         try:
             self._store.finish(item.client_id, item.job.job_id, reply)
-            self._publish(item.response_topic, reply, item.correlation or None)
+            self._publish(item.response_topic, reply, item.correlation or None, item.qos)
         finally:
             self._admission.release(item.client_id)
             self.counters.completed += 1
@@ -234,6 +247,7 @@ class Dispatcher:
         client_id: str,
         response_topic: str,
         correlation: bytes | None,
+        qos: int,
         code: ErrorCode,
         message: str,
         job_id: str | None = None,
@@ -242,4 +256,4 @@ class Dispatcher:
         self._peer_log.warning(str(code), "refused request from %s: %s: %s", client_id, code,
                                message)
         error = Error(code=code, message=message, job_id=job_id)
-        self._publish(response_topic, encode(error), correlation)
+        self._publish(response_topic, encode(error), correlation, qos)

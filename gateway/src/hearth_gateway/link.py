@@ -24,8 +24,8 @@ __all__ = ["GatewayLink", "RequestHandler"]
 
 log = logging.getLogger(__name__)
 
-# (topic, payload, response topic or None, correlation data or None)
-RequestHandler = Callable[[str, bytes, str | None, bytes | None], None]
+# (topic, payload, response topic or None, correlation data or None, QoS of the request)
+RequestHandler = Callable[[str, bytes, str | None, bytes | None, int], None]
 
 _SESSION_EXPIRY_S = 3600
 
@@ -82,16 +82,19 @@ class GatewayLink:
         response_topic = getattr(props, "ResponseTopic", None)
         correlation = getattr(props, "CorrelationData", None)
         try:
-            self._on_request(msg.topic, msg.payload, response_topic, correlation)
+            self._on_request(msg.topic, msg.payload, response_topic, correlation, msg.qos)
         except Exception:  # keep paho's network thread alive whatever a handler does
             log.exception("unexpected error handling a message on %s", msg.topic)
 
-    def publish_reply(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
+    def publish_reply(
+        self, topic: str, payload: bytes, correlation: bytes | None, qos: int = 1
+    ) -> None:
+        """Replies go out at the QoS the request came in with."""
         props = Properties(PacketTypes.PUBLISH)
         props.ContentType = CONTENT_TYPE
         if correlation is not None:
             props.CorrelationData = correlation
-        self._client.publish(topic, payload, qos=1, properties=props)
+        self._client.publish(topic, payload, qos=qos, properties=props)
 
     def publish_status(self, payload: bytes) -> None:
         props = Properties(PacketTypes.PUBLISH)

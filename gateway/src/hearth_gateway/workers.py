@@ -38,6 +38,7 @@ class QueuedJob:
     blob_path: str
     response_topic: str
     correlation: bytes
+    qos: int = 1
     enqueued: float = field(default_factory=time.monotonic)
 
 

@@ -1,0 +1,133 @@
+"""``hearth``: the device-side command line.
+
+    hearth discover [--json] [--interface IP] [--timeout S]
+    hearth run [--where auto|edge|local] [--explain] MODULE.wasm [ARGS...]   (stdin -> stdout)
+    hearth infer MODEL.onnx --input NAME=FILE.npy ... --out DIR
+
+Every command that looks for a gateway takes --gateway HOST:PORT (no discovery) and
+--interface IP (discover only there); $HEARTH_GATEWAY and $HEARTH_INTERFACE do the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from hearth.client import ENV_GATEWAY, ENV_INTERFACE, Client
+from hearth.discovery import discover
+from hearth.errors import HearthError, JobError
+
+__all__ = ["main"]
+
+
+def _gateway_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gateway", metavar="HOST:PORT", default=os.environ.get(ENV_GATEWAY),
+                        help=f"use this gateway's broker, no discovery (${ENV_GATEWAY})")
+    parser.add_argument("--interface", metavar="IP", default=os.environ.get(ENV_INTERFACE),
+                        help=f"discover on this interface only (${ENV_INTERFACE})")
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                        help="seconds to wait for the gateway per attempt (default 10)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hearth", description="Hearth device SDK")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("discover", help="list gateways on the LAN with measured round trips")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--interface", metavar="IP", default=os.environ.get(ENV_INTERFACE))
+    d.add_argument("--timeout", type=float, default=1.5, metavar="S",
+                   help="seconds to listen for answers (default 1.5)")
+
+    r = sub.add_parser("run", help="run a WASI module here or on a gateway, like `wasmtime run`")
+    _gateway_options(r)
+    r.add_argument("--where", choices=["auto", "edge", "local"], default="auto")
+    r.add_argument("--explain", action="store_true",
+                   help="print where it ran and why to stderr")
+    r.add_argument("module", type=Path)
+    r.add_argument("args", nargs=argparse.REMAINDER)
+
+    i = sub.add_parser("infer", help="run an ONNX model on .npy inputs")
+    _gateway_options(i)
+    i.add_argument("--where", choices=["auto", "edge", "local"], default="auto")
+    i.add_argument("--explain", action="store_true")
+    i.add_argument("model", type=Path)
+    i.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
+                   required=True)
+    i.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="writes NAME.npy per output")
+    return parser
+
+
+def _discover(args: argparse.Namespace) -> int:
+    gateways = discover(args.timeout, interface=args.interface)
+    if args.json:
+        print(json.dumps([g.to_dict() for g in gateways], indent=2))
+        return 0
+    if not gateways:
+        print("no gateways found", file=sys.stderr)
+        return 1
+    print(f"{'GATEWAY':<20} {'BROKER':<22} {'RTT':>8}  {'LOAD':>5}  RUNNERS / ACCELERATORS")
+    for g in gateways:
+        rtt = "-" if g.rtt_ms is None else f"{g.rtt_ms:.2f}ms"
+        print(f"{g.gateway_id:<20} {g.broker!s:<22} {rtt:>8}  {g.load:>5.2f}  "
+              f"{','.join(g.runners)} / {','.join(g.accelerators)}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+    with Client(args.gateway, interface=args.interface, timeout_s=args.timeout) as client:
+        run = client.run_wasm(args.module, stdin=stdin, args=args.args, where=args.where)
+    sys.stdout.buffer.write(run.stdout)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(run.stderr)
+    if args.explain:
+        where = f"{run.where} ({run.gateway_id})" if run.gateway_id else run.where
+        print(f"hearth: ran on {where} in {run.latency_ms:.1f} ms: {run.reason or 'as asked'}",
+              file=sys.stderr)
+    return run.exit_code
+
+
+def _infer(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    inputs = {}
+    for spec in args.input:
+        name, sep, file = spec.partition("=")
+        if not sep:
+            raise SystemExit(f"hearth infer: --input wants NAME=FILE.npy, got {spec!r}")
+        inputs[name] = np.load(file, allow_pickle=False)
+    with Client(args.gateway, interface=args.interface, timeout_s=args.timeout) as client:
+        result = client.infer(args.model, inputs, where=args.where)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, value in result.outputs.items():
+        np.save(args.out / f"{name}.npy", value, allow_pickle=False)
+        print(f"{name}: {value.dtype} {list(value.shape)} -> {args.out / (name + '.npy')}")
+    if args.explain:
+        print(f"hearth: ran on {result.where} ({result.provider}) in {result.latency_ms:.1f} ms: "
+              f"{result.reason or 'as asked'}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "discover":
+            return _discover(args)
+        if args.command == "run":
+            return _run(args)
+        return _infer(args)
+    except JobError as exc:
+        print(f"hearth: job failed ({exc.where}): {exc.code}: {exc.message}", file=sys.stderr)
+        return 125
+    except (HearthError, OSError) as exc:
+        print(f"hearth: {exc}", file=sys.stderr)
+        return 125
+
+
+if __name__ == "__main__":
+    sys.exit(main())
