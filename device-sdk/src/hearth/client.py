@@ -267,6 +267,10 @@ class Client:
         self._failed_at = -1e9
         self._last_failure = ""
         self._blobs: dict[str, _Blob] = {}
+        # Concurrent calls naming the same new blob upload it once: the others wait on the lock
+        # and find it uploaded (after their own request was sent) when they get it.
+        self._upload_locks: dict[str, threading.Lock] = {}
+        self._uploaded_at: dict[tuple[str | None, str], float] = {}
         self._estimates: dict[str, Estimates] = {}
         self._est_lock = threading.Lock()
         self._wasm_rt: Any = None
@@ -469,6 +473,7 @@ class Client:
         uploads = 0
         attempt = 0
         while True:
+            sent_at = time.monotonic()
             try:
                 reply = conn.request(job, correlation, self.timeout_s)
             except TimeoutError:
@@ -479,7 +484,13 @@ class Client:
                 continue  # same job id: the gateway runs it at most once
             if isinstance(reply, NeedBlob) and uploads < 2:
                 uploads += 1
-                self._upload(conn, blob, reply.max_chunk)
+                with self._est_lock:
+                    lock = self._upload_locks.setdefault(blob.sha256, threading.Lock())
+                with lock:
+                    key = (conn.gateway_id, blob.sha256)
+                    if self._uploaded_at.get(key, -1.0) < sent_at:
+                        self._upload(conn, blob, reply.max_chunk)
+                        self._uploaded_at[key] = time.monotonic()
                 continue
             if isinstance(reply, Error):
                 raise JobError(reply.code, reply.message, job_id=job.job_id, where="edge")

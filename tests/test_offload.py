@@ -1,0 +1,196 @@
+"""The offload path end to end: real Mosquitto, real gateway daemon, real wasmtime and
+onnxruntime."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import paho.mqtt.client as mqtt
+import pytest
+from conftest import GatewayProcess, wait_until
+from helpers import RawDevice
+
+import hearth
+from hearth.protocol import BlobChunk, WasmJob, WasmResult, decode_request, decode_status
+from hearth.runtime.wasm import WasmRuntime
+from hearth.transport import connect, make_client
+
+
+def test_discovery_finds_the_gateway_on_loopback(make_gateway) -> None:
+    gw = make_gateway("--mdns-interface", "127.0.0.1")
+    found = hearth.discover(3.0, interface="127.0.0.1")
+    mine = [g for g in found if g.gateway_id == gw.gateway_id]
+    assert mine, f"gateway {gw.gateway_id} not among {[g.gateway_id for g in found]}"
+    info = mine[0]
+    assert str(info.broker) == gw.address
+    assert info.runners == ["wasm", "onnx"]
+    assert "cpu" in info.accelerators
+    assert info.rtt_ms is not None and info.rtt_ms > 0
+
+
+def test_wasm_job_output_equals_running_the_module_locally(
+    gateway: GatewayProcess, wasm: dict[str, Path]
+) -> None:
+    frame = _pgm(64, 48)
+    runtime = WasmRuntime()
+    module = wasm["imgfilter"].read_bytes()
+    local = runtime.run(hashlib.sha256(module).hexdigest(), wasm=module, args=["edges"],
+                        stdin=frame)
+    runtime.close()
+    with gateway.client() as client:
+        run = client.run_wasm(wasm["imgfilter"], stdin=frame, args=["edges"])
+    assert run.where == "edge"
+    assert run.gateway_id == gateway.gateway_id
+    assert (run.exit_code, run.stdout, run.stderr) == (local.exit_code, local.stdout, local.stderr)
+    assert run.stdout.startswith(b"P5\n64 48\n255\n")
+
+
+def test_wasm_exit_code_and_args_cross_intact(gateway: GatewayProcess, wasm) -> None:
+    with gateway.client() as client:
+        run = client.run_wasm(wasm["echo"], stdin=b"\x00binary\xff", args=["--exit", "7", "a b"])
+    assert run.exit_code == 7
+    assert run.stdout == b"\x00binary\xffa b\n"
+    assert run.stderr == b"echo: done\n"
+
+
+def test_onnx_job_outputs_equal_direct_onnxruntime(gateway: GatewayProcess, examples) -> None:
+    model = examples / "models" / "digits.onnx"
+    x = np.load(examples / "models" / "digits_test_X.npy")[:50]
+    direct = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    label, probabilities = direct.run(["label", "probabilities"], {"input": x})
+    with gateway.client() as client:
+        result = client.infer(model, {"input": x})
+    assert result.where == "edge"
+    assert result.provider == "CPUExecutionProvider"
+    np.testing.assert_array_equal(result.outputs["label"], label)
+    np.testing.assert_allclose(result.outputs["probabilities"], probabilities, rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_module_bytes_cross_the_network_once(gateway: GatewayProcess, broker, wasm) -> None:
+    """Count blob chunks on the wire with an independent subscriber, not the SDK's own stats."""
+    chunks: list[BlobChunk] = []
+    jobs: list[WasmJob] = []
+    spy = make_client(f"spy-{uuid.uuid4().hex[:6]}")
+    subscribed = threading.Event()
+    spy.on_subscribe = lambda *_: subscribed.set()
+
+    def seen(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        message = decode_request(msg.payload)
+        if isinstance(message, BlobChunk):
+            chunks.append(message)
+        elif isinstance(message, WasmJob):
+            jobs.append(message)
+
+    spy.on_message = seen
+    connect(spy, broker.address,
+            on_connected=lambda: spy.subscribe(f"hearth/v1/gw/{gateway.gateway_id}/req/+", 1))
+    assert subscribed.wait(5)
+    try:
+        with gateway.client() as client:
+            for i in range(3):
+                run = client.run_wasm(wasm["echo"], stdin=f"frame {i}".encode())
+                assert run.stdout == f"frame {i}".encode()
+        size = wasm["echo"].stat().st_size
+        assert wait_until(lambda: len(jobs) >= 4)
+        assert sum(len(c.data) for c in chunks) == size  # the module, once
+        # first job, its retry after the upload, then two jobs carrying only the hash
+        assert len(jobs) == 4
+        assert all(len(j.module) == 64 for j in jobs)
+    finally:
+        spy.disconnect()
+        spy.loop_stop()
+
+
+def test_a_job_id_seen_twice_returns_the_stored_answer(gateway: GatewayProcess, wasm) -> None:
+    module = wasm["mandelbrot"].read_bytes()
+    sha = hashlib.sha256(module).hexdigest()
+    with RawDevice(gateway.listen, gateway.gateway_id) as dev:
+        assert dev.upload(module).sha256 == sha  # type: ignore[union-attr]
+        job = WasmJob(job_id="same-id", module=sha, args=["64", "48", "50"])
+        first = dev.request(job)
+        second = dev.request(job)
+    assert isinstance(first, WasmResult) and isinstance(second, WasmResult)
+    assert first == second  # byte-identical answer, including the original timing
+    assert wait_until(lambda: gateway.snapshot().jobs_duplicate >= 1, timeout_s=10)
+    assert gateway.snapshot().jobs_completed == 1  # it ran once
+
+
+def test_gateway_status_is_retained_with_a_last_will(gateway: GatewayProcess, broker) -> None:
+    states: list[str] = []
+    watcher = make_client(f"watch-{uuid.uuid4().hex[:6]}")
+    watcher.on_message = lambda _c, _u, m: states.append(decode_status(m.payload).state)
+    topic = f"hearth/v1/gw/{gateway.gateway_id}/status"
+    connect(watcher, broker.address, on_connected=lambda: watcher.subscribe(topic, 1))
+    try:
+        assert wait_until(lambda: states[-1:] == ["online"])  # retained: arrives on subscribe
+        gateway.kill()  # SIGKILL: no goodbye, only the Last Will
+        assert wait_until(lambda: states[-1:] == ["offline"], timeout_s=10)
+    finally:
+        watcher.disconnect()
+        watcher.loop_stop()
+
+
+@pytest.mark.slow
+def test_sigkill_mid_stream_every_job_still_completes_locally(gateway: GatewayProcess,
+                                                              wasm) -> None:
+    results: list[hearth.WasmRun] = []
+    with gateway.client(placement="auto", timeout_s=5.0) as client:
+        # Make sure the module is on the gateway and auto placement prefers it.
+        first = client.run_wasm(wasm["mandelbrot"], args=["160", "120", "200"])
+        assert first.where == "edge"
+        futures = []
+        for i in range(40):
+            futures.append(client.run_wasm_async(wasm["mandelbrot"], args=["160", "120", "200"],
+                                                 where="auto"))
+            if i == 10:
+                gateway.kill()
+        results = [f.result(timeout=60) for f in futures]
+    expected = first.stdout
+    assert all(r.stdout == expected and r.exit_code == 0 for r in results)
+    local = [r for r in results if r.where == "local"]
+    assert local, "after the SIGKILL some jobs must have run on the device"
+    assert all(r.reason for r in local)
+    assert any("fallback" in r.reason or "no gateway" in r.reason for r in local)
+
+
+def test_no_gateway_runs_locally_and_says_so(wasm) -> None:
+    with hearth.Client("127.0.0.1:1", placement="auto", timeout_s=1.0) as client:
+        run = client.run_wasm(wasm["echo"], stdin=b"x")
+    assert run.where == "local"
+    assert run.reason == "no gateway reachable"
+    assert run.stdout == b"x"
+
+
+def test_where_edge_without_gateway_raises(wasm) -> None:
+    with hearth.Client("127.0.0.1:1", timeout_s=1.0) as client, pytest.raises(
+        hearth.GatewayUnavailable
+    ):
+        client.run_wasm(wasm["echo"], where="edge")
+
+
+def test_auto_placement_measures_both_sides_then_decides(gateway: GatewayProcess, wasm) -> None:
+    with gateway.client(placement="auto") as client:
+        runs = [client.run_wasm(wasm["noop"]) for _ in range(5)]
+    assert runs[0].where == "edge" and "measuring the gateway" in runs[0].reason
+    assert runs[1].where == "local" and "measuring this device" in runs[1].reason
+    assert all("(measured)" in r.reason for r in runs[2:])
+
+
+def test_async_calls_run_concurrently(gateway: GatewayProcess, wasm) -> None:
+    with gateway.client(max_workers=8) as client:
+        futures = [client.run_wasm_async(wasm["echo"], stdin=str(i).encode()) for i in range(16)]
+        outputs = sorted(f.result(timeout=30).stdout for f in futures)
+    assert outputs == sorted(str(i).encode() for i in range(16))
+
+
+def _pgm(width: int, height: int) -> bytes:
+    yy, xx = np.mgrid[0:height, 0:width]
+    image = ((xx * 4 + yy * 2) % 256).astype(np.uint8)
+    image[height // 4 : height // 2, width // 4 : width // 2] = 255
+    return f"P5\n{width} {height}\n255\n".encode() + image.tobytes()
