@@ -83,6 +83,12 @@ class BlobStore:
                 upload = _Upload(chunk.size, self._incoming / f"{client_id}-{chunk.sha256}")
                 upload.path.write_bytes(b"")
                 self._uploads[key] = upload
+            elif (
+                upload is not None
+                and upload.size == chunk.size
+                and chunk.offset + len(chunk.data) <= upload.received
+            ):
+                return False  # a QoS 1 redelivery of a chunk we already have
             elif upload is None or upload.received != chunk.offset or upload.size != chunk.size:
                 expected = 0 if upload is None else upload.received
                 self._drop(key)

@@ -81,12 +81,26 @@ class ManagedBroker:
         conf.write_text(mosquitto_config(self.address, self._dir, self._max_packet_bytes))
         if os.geteuid() == 0:
             self._give_data_dir_to_mosquitto_user()
+        self._check_port_free()
         self._spawn(binary, conf)
         self._wait_listening(timeout_s)
         self._supervisor = threading.Thread(
             target=self._supervise, args=(binary, conf), name="hearth-broker", daemon=True
         )
         self._supervisor.start()
+
+    def _check_port_free(self) -> None:
+        # Otherwise the readiness probe below would happily talk to whoever holds the port.
+        family = socket.AF_INET6 if ":" in self.address.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((self.address.host, self.address.port))
+            except OSError as exc:
+                raise BrokerError(
+                    f"cannot listen on {self.address}: {exc.strerror}; is another broker "
+                    "(Debian's mosquitto service?) running there? Use --listen HOST:PORT"
+                ) from None
 
     def _give_data_dir_to_mosquitto_user(self) -> None:
         # Started as root, mosquitto drops to its own user and must still write persistence.

@@ -1,8 +1,8 @@
 """Wires the gateway together and runs it until SIGTERM/SIGINT.
 
-Start order: state, broker, workers, MQTT link, journal resume, mDNS. Stop order is the reverse,
-with the retained status set to offline first so devices stop sending, then in-flight jobs
-drained (or answered with an error), then exit 0.
+Start order: state, broker, workers, MQTT link, journal resume, mDNS. Stop order: mDNS goes,
+new jobs are refused with shutting_down (devices fall back to local), queued and running jobs
+finish and are answered, then the retained status goes offline, then exit 0.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from hearth_gateway.policy import Admission, Policy, load_policy
 from hearth_gateway.runners import REGISTRY, WorkerSettings
 from hearth_gateway.status import StatusSnapshot, write_snapshot
 from hearth_gateway.store import Store
-from hearth_gateway.workers import WorkerPool
+from hearth_gateway.workers import QueuedJob, WorkerPool
 
 __all__ = ["Gateway"]
 
@@ -110,15 +110,12 @@ class Gateway:
     ) -> None:
         self.dispatcher.handle(topic, payload, response_topic, correlation, qos)
 
-    def _completed(self, item: object, reply: bytes) -> None:
-        from hearth_gateway.workers import QueuedJob
-
-        assert isinstance(item, QueuedJob)
-        self.dispatcher.completed(item, reply)
+    def _completed(self, item: QueuedJob, reply: bytes, final: bool) -> None:
+        self.dispatcher.completed(item, reply, final)
 
     def _status(self, state: str) -> GatewayStatus:
-        in_flight = self.admission.in_flight if hasattr(self, "admission") else 0
-        size = self.pool.size if hasattr(self, "pool") else 0
+        in_flight = self.admission.in_flight
+        size = self.pool.size
         return GatewayStatus(
             gateway_id=self.gateway_id,
             state="online" if state == "online" else "offline",
@@ -265,6 +262,7 @@ class Gateway:
         _systemd.notify("STOPPING=1")
         if self.advertiser is not None:
             self.advertiser.close()
+        self.dispatcher.draining = True
         # Drain: queued and running jobs finish and are answered while the link is still up.
         self.pool.close(timeout_s=20.0)
         self.link.close()  # retained status -> offline

@@ -94,6 +94,7 @@ class Dispatcher:
         self._publish = publish
         self._peer_log = PeerLog()
         self.counters = Counters()
+        self.draining = False  # set on shutdown: new jobs are refused, queued ones finish
 
     # Called on paho's network thread: everything here is short; jobs run on worker lanes.
     def handle(
@@ -169,6 +170,10 @@ class Dispatcher:
         correlation: bytes | None,
         qos: int,
     ) -> None:
+        if self.draining:
+            self._refuse(client_id, response_topic, correlation, qos, ErrorCode.SHUTTING_DOWN,
+                         "the gateway is shutting down", job.job_id)
+            return
         runner = runner_for(job)
         if runner not in self._runners:
             self._refuse(client_id, response_topic, correlation, qos, ErrorCode.UNSUPPORTED,
@@ -225,18 +230,22 @@ class Dispatcher:
         for entry in entries:
             try:
                 job = decode_request(entry.request)
-            except ProtocolError:
-                self._store.finish(entry.client_id, entry.job_id, b"")
+            except ProtocolError:  # written by an older, incompatible version
+                self._store.forget(entry.client_id, entry.job_id)
                 continue
             assert isinstance(job, WasmJob | OnnxJob)
             sha = job.module if isinstance(job, WasmJob) else job.model
             self.enqueue(entry.client_id, job, entry.response_topic, entry.correlation, sha)
         return len(entries)
 
-    def completed(self, item: QueuedJob, reply: bytes) -> None:
-        """Worker lane callback: store the answer, then publish it, then free the slot."""
+    def completed(self, item: QueuedJob, reply: bytes, final: bool) -> None:
+        """Worker lane callback: store the answer (unless a retry should run the job again),
+        then publish it, then free the slot."""
         try:
-            self._store.finish(item.client_id, item.job.job_id, reply)
+            if final:
+                self._store.finish(item.client_id, item.job.job_id, reply)
+            else:
+                self._store.forget(item.client_id, item.job.job_id)
             self._publish(item.response_topic, reply, item.correlation or None, item.qos)
         finally:
             self._admission.release(item.client_id)

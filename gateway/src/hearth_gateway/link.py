@@ -107,7 +107,11 @@ class GatewayLink:
                 return
             self._closed = True
         if self.connected.is_set():
-            info = self._client.publish(self._status_topic, self._offline_status, qos=1, retain=True)
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = CONTENT_TYPE
+            info = self._client.publish(
+                self._status_topic, self._offline_status, qos=1, retain=True, properties=props
+            )
             try:
                 info.wait_for_publish(timeout=2)
             except (RuntimeError, ValueError):

@@ -101,7 +101,8 @@ class Store:
             )
 
     def forget(self, client_id: str, job_id: str) -> None:
-        """Drop a journal entry that was never admitted (refused before it could run)."""
+        """Drop a journal entry whose job was refused or failed through no fault of its own,
+        so that the same job id sent again runs."""
         with self._lock:
             self._conn.execute(
                 "DELETE FROM jobs WHERE client_id=? AND job_id=? AND state='accepted'",

@@ -42,7 +42,9 @@ class QueuedJob:
     enqueued: float = field(default_factory=time.monotonic)
 
 
-ReplySink = Callable[[QueuedJob, bytes], None]
+# (job, encoded reply, final): final is False for failures of the gateway's own making
+# (a crashed worker, an internal error) that a retry with the same job id should run again.
+ReplySink = Callable[[QueuedJob, bytes, bool], None]
 
 
 class _Worker:
@@ -113,8 +115,9 @@ class _Lane(threading.Thread):
             if item is None:
                 break
             self.busy = True
+            final = True
             try:
-                reply = self._execute(item)
+                reply, final = self._execute(item)
             except Exception:  # a bug in the daemon must not take the lane down with it
                 log.exception("%s: unexpected error running job %s", self.name, item.job.job_id)
                 reply = encode(
@@ -124,14 +127,15 @@ class _Lane(threading.Thread):
                         job_id=item.job.job_id,
                     )
                 )
+                final = False
             finally:
                 self.busy = False
-            pool.sink(item, reply)
+            pool.sink(item, reply, final)
         if self.worker is not None:
             self.worker.close()
             self.worker = None
 
-    def _execute(self, item: QueuedJob) -> bytes:
+    def _execute(self, item: QueuedJob) -> tuple[bytes, bool]:
         pool = self._pool
         queue_ms = (time.monotonic() - item.enqueued) * 1e3
         work = msgspec.msgpack.encode(
@@ -142,23 +146,25 @@ class _Lane(threading.Thread):
             self.start_worker()
         assert self.worker is not None
         try:
-            return self.worker.call(work, timeout_s)
+            return self.worker.call(work, timeout_s), True
         except FrameTimeout:
             log.warning("%s: job %s over %.0f s wall clock; killing its worker",
                         self.name, item.job.job_id, timeout_s)
             code, message = ErrorCode.TIMEOUT, f"over the wall-clock limit of {timeout_s} s"
+            final = True  # it would overrun again
             self.worker.close(kill=True)
         except (EOFError, BrokenPipeError):
             rc = self.worker.proc.poll()
             log.warning("%s: worker died (exit %s) running job %s; replacing it",
                         self.name, rc, item.job.job_id)
             code, message = ErrorCode.WORKER_CRASHED, f"worker process died (exit status {rc})"
+            final = False  # may be a bug or a kill from outside: let a retry run it again
             self.worker.close(kill=True)
         pool.restarts += 1
         self.worker = None
         if not pool.closing:
             self.start_worker()  # ready before the next job arrives
-        return encode(Error(code=code, message=message, job_id=item.job.job_id))
+        return encode(Error(code=code, message=message, job_id=item.job.job_id)), final
 
 
 class WorkerPool:

@@ -1,0 +1,270 @@
+"""``make demo``: a Hearth gateway on loopback, and an example device offloading real work to it.
+
+1. Starts ``hearth_gateway.cli run`` as a subprocess on a free loopback port, with a managed
+   Mosquitto, mDNS on 127.0.0.1 only, and a temporary state directory.
+2. Runs the camera device (examples/camera_device.py): it discovers the gateway over mDNS and
+   offloads an edge filter, a Mandelbrot render and a digits classifier with
+   ``placement="auto"``, calling each a few times so the placement measures, then decides.
+3. Stops the gateway (SIGTERM) and makes the same calls again: they run on the device.
+4. Prints what ran where and why; exits non-zero, with the gateway's log, if anything failed.
+
+Nothing leaves loopback, nothing outside a temporary directory is written, and that directory
+and the gateway go away however the demo ends (Ctrl-C included).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+from camera_device import (
+    CameraDevice,
+    Row,
+    describe_gateway,
+    format_row,
+    missing_examples,
+    table_header,
+)
+from hearth import Client, GatewayInfo, HearthError, JobError, discover
+
+INTERFACE = "127.0.0.1"
+GATEWAY_ID = "demo-gateway"
+READY_TIMEOUT_S = 45.0
+STOP_TIMEOUT_S = 30.0  # the gateway drains in-flight jobs for up to 20 s
+LOG_TAIL_LINES = 40
+
+
+class DemoFailed(Exception):
+    """Something the demo relies on did not happen; the message says what."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((INTERFACE, 0))
+        return int(sock.getsockname()[1])
+
+
+class GatewayProcess:
+    """The gateway daemon as a child process, in its own session so that a Ctrl-C meant for the
+    demo reaches the gateway only as the demo's orderly SIGTERM."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.address = f"{INTERFACE}:{self.port}"
+        self.log_path = workdir / "gateway.log"
+        self.state_dir = workdir / "state"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        argv = [
+            sys.executable, "-m", "hearth_gateway.cli", "run",
+            "--listen", self.address,
+            "--mdns-interface", INTERFACE,
+            "--state-dir", str(self.state_dir),
+            "--gateway-id", GATEWAY_ID,
+        ]  # fmt: skip
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> GatewayInfo:
+        """Until the gateway is advertised over mDNS, which it is once its broker, workers and
+        MQTT link are up; returns what discovery found."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise DemoFailed(f"the gateway exited with status {self.proc.returncode}")
+            for gateway in discover(1.0, interface=INTERFACE, measure=False):
+                if gateway.gateway_id == GATEWAY_ID and str(gateway.broker) == self.address:
+                    return gateway
+        raise DemoFailed(f"the gateway was not discoverable within {timeout_s:.0f} s")
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM, wait; SIGKILL past the timeout. Returns the exit status (None if it had to
+        be killed)."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return None if proc is None else proc.returncode
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return None
+        except KeyboardInterrupt:  # asked twice: do not wait for the orderly shutdown
+            proc.kill()
+            proc.wait()
+            raise
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no gateway log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(the gateway log is empty)"
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C, so that the cleanup runs when the demo is killed politely."""
+
+    def on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def show(row: Row) -> None:
+    print(format_row(row), flush=True)
+
+
+def check(phase1: list[Row], phase2: list[Row]) -> None:
+    """What the demo promises: work was offloaded while the gateway was up, nothing reached it
+    once it was stopped, and each job gave the same output wherever it ran."""
+    if not any(r.where == "edge" for r in phase1):
+        raise DemoFailed("no call was offloaded while the gateway was up")
+    late = [r.job for r in phase2 if r.where == "edge" and r.gateway_id == GATEWAY_ID]
+    if late:
+        raise DemoFailed(f"{late[0]} ran on {GATEWAY_ID} after it had stopped")
+    outputs: dict[str, set[str]] = {}
+    for row in phase1 + phase2:
+        outputs.setdefault(row.job, set()).add(row.digest)
+    differing = sorted(job for job, digests in outputs.items() if len(digests) > 1)
+    if differing:
+        raise DemoFailed(f"different outputs on the gateway and here for {', '.join(differing)}")
+
+
+def summary(phase1: list[Row], phase2: list[Row]) -> list[str]:
+    offloaded = [r for r in phase1 if r.where == "edge"]
+    local = sum(r.where == "local" for r in phase2)
+    target = GATEWAY_ID if all(r.gateway_id == GATEWAY_ID for r in offloaded) else "a gateway"
+    lines = [
+        f"  Gateway up:    {len(offloaded)} of {len(phase1)} calls ran on {target}; the others "
+        "measured the device or went",
+        "                 where it was faster (here both share this machine's CPU).",
+        f"  Gateway gone:  {local} of {len(phase2)} calls ran on the device instead.",
+        "  Each job gave the same output on the gateway and on the device.",
+    ]
+    others = sorted(
+        {str(r.gateway_id) for r in phase1 + phase2 if r.where == "edge"} - {GATEWAY_ID}
+    )
+    if others:
+        lines.append(
+            f"  Note: calls also went to {', '.join(others)}, another gateway on this machine; "
+            "the SDK offloads to\n        the least loaded gateway it discovers."
+        )
+    return lines
+
+
+def run_demo(gateway: GatewayProcess) -> None:
+    started = time.monotonic()
+    print("Hearth demo: a gateway on loopback, and a camera device that offloads work to it\n")
+    print(f"Starting gateway {GATEWAY_ID} (managed Mosquitto on {gateway.address}) ...", end="")
+    sys.stdout.flush()
+    gateway.start()
+    gateway.wait_ready()
+    print(f" ready in {time.monotonic() - started:.1f} s")
+
+    found = discover(interface=INTERFACE)
+    if not any(g.gateway_id == GATEWAY_ID for g in found):
+        raise DemoFailed(f"{GATEWAY_ID} vanished from mDNS")
+    print(f"The device looks for gateways over mDNS on {INTERFACE} and finds:")
+    for gw in found:
+        print(f"  {describe_gateway(gw)}")
+    others = sorted({g.gateway_id for g in found} - {GATEWAY_ID})
+    if others:
+        print(
+            f"  ({', '.join(others)} also answers: the SDK offloads to the least "
+            "loaded gateway, which may not be the demo's)"
+        )
+
+    with Client(None, interface=INTERFACE, placement="auto") as client:
+        device = CameraDevice(client)
+        print(
+            "\n1) Gateway up. Each job runs 3 times with placement=auto: the SDK measures the "
+            "gateway,\n   then this device, then sends each call where it measured faster.\n"
+        )
+        print(table_header())
+        phase1 = device.run(repeat=3, on_row=show)
+
+        print("\n2) Stopping the gateway (SIGTERM) ...", end="")
+        sys.stdout.flush()
+        stop_started = time.monotonic()
+        status = gateway.stop()
+        if status != 0:
+            raise DemoFailed(f"the gateway did not exit cleanly (status {status})")
+        print(f" exited 0 in {time.monotonic() - stop_started:.1f} s; the same calls again:\n")
+        print(table_header())
+        phase2 = device.run(repeat=1, on_row=show)
+
+    check(phase1, phase2)
+    print(f"\nDone in {time.monotonic() - started:.1f} s.")
+    print("\n".join(summary(phase1, phase2)))
+
+
+def main() -> int:
+    missing = missing_examples()
+    if missing:
+        print(
+            f"demo: {missing[0]} is missing; build the examples first: make examples",
+            file=sys.stderr,
+        )
+        return 2
+    with sigterm_as_interrupt():
+        return run_and_clean_up(Path(tempfile.mkdtemp(prefix="hearth-demo-")))
+
+
+def run_and_clean_up(workdir: Path) -> int:
+    gateway = GatewayProcess(workdir)
+    ok = interrupted = False
+    try:
+        run_demo(gateway)
+        ok = True
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ndemo: interrupted; stopping the gateway", file=sys.stderr)
+    except JobError as exc:
+        print(
+            f"\ndemo failed: a job failed ({exc.where}): {exc.code}: {exc.message}", file=sys.stderr
+        )
+    except (DemoFailed, HearthError, OSError, ValueError) as exc:
+        print(f"\ndemo failed: {exc}", file=sys.stderr)
+    finally:
+        try:
+            gateway.stop()
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            if not ok and not interrupted:
+                print(f"\nLast lines of the gateway log ({gateway.log_path}):", file=sys.stderr)
+                print(gateway.log_tail(), file=sys.stderr)
+            shutil.rmtree(workdir, ignore_errors=True)
+    if interrupted:
+        return 130
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    os.environ.pop("HEARTH_GATEWAY", None)  # the demo's device must find its gateway itself
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Bad input from the network: each case gets its error code back, the gateway stays up, and the
+next good job works."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+from conftest import GatewayProcess
+from helpers import RawDevice
+
+from hearth.errors import ErrorCode
+from hearth.protocol import (
+    BlobChunk,
+    BlobStored,
+    Error,
+    OnnxJob,
+    Tensor,
+    WasmJob,
+    WasmResult,
+    encode,
+)
+
+
+@pytest.fixture
+def device(gateway: GatewayProcess):
+    with RawDevice(gateway.listen, gateway.gateway_id) as dev:
+        yield dev
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _upload(dev: RawDevice, data: bytes) -> str:
+    reply = dev.upload(data)
+    assert isinstance(reply, BlobStored), reply
+    return reply.sha256
+
+
+def _good_job_still_works(dev: RawDevice, wasm: dict[str, Path], gateway: GatewayProcess) -> None:
+    sha = _upload(dev, wasm["echo"].read_bytes())
+    reply = dev.request(WasmJob(job_id=os.urandom(6).hex(), module=sha, stdin=b"still here"))
+    assert isinstance(reply, WasmResult), reply
+    assert reply.stdout == b"still here"
+    assert gateway.proc is not None and gateway.proc.poll() is None
+
+
+def _error(reply: object, code: ErrorCode) -> Error:
+    assert isinstance(reply, Error), reply
+    assert reply.code == code, reply
+    assert reply.message
+    return reply
+
+
+def test_malformed_envelope(device: RawDevice, gateway, wasm) -> None:
+    for payload in (b"", b"\xc1garbage", b"not msgpack at all", msgspec.msgpack.encode([1, 2]),
+                    msgspec.msgpack.encode({"type": "wasm", "v": 1, "job_id": "x"}),
+                    msgspec.msgpack.encode({"type": "nonsense", "v": 1}),
+                    msgspec.msgpack.encode({"type": "wasm", "v": 1, "job_id": "../../etc",
+                                            "module": "0" * 64})):
+        _error(device.request(payload), ErrorCode.MALFORMED)
+    _good_job_still_works(device, wasm, gateway)
+
+
+def test_unknown_schema_version(device: RawDevice, gateway, wasm) -> None:
+    payload = msgspec.msgpack.encode(
+        {"type": "wasm", "v": 2, "job_id": "a", "module": "0" * 64, "new_field": [1]}
+    )
+    _error(device.request(payload), ErrorCode.UNSUPPORTED_VERSION)
+    _good_job_still_works(device, wasm, gateway)
+
+
+def test_blob_whose_bytes_do_not_match_its_hash(device: RawDevice, gateway, wasm) -> None:
+    data = wasm["echo"].read_bytes()
+    _error(device.upload(data, sha256=_sha(b"something else")), ErrorCode.HASH_MISMATCH)
+    reply = device.request(WasmJob(job_id="j1", module=_sha(b"something else")))
+    assert type(reply).__name__ == "NeedBlob"  # nothing was stored under the wrong name
+    _good_job_still_works(device, wasm, gateway)
+
+
+def test_truncated_upload(device: RawDevice, gateway, wasm) -> None:
+    data = wasm["echo"].read_bytes()
+    sha = _sha(data)
+    device.send(BlobChunk(sha256=sha, size=len(data), offset=0, data=data[:1000]))
+    skipped = device.send(BlobChunk(sha256=sha, size=len(data), offset=2000, data=data[2000:]))
+    _error(device.reply(skipped), ErrorCode.BLOB_INCOMPLETE)
+    reply = device.request(WasmJob(job_id="j2", module=sha))
+    assert type(reply).__name__ == "NeedBlob"
+    _good_job_still_works(device, wasm, gateway)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"\x00asm\x01\x00\x00\x00\xff\xff", b"MZ not wasm", b"\x00asm"],
+    ids=["corrupt", "not-wasm", "header-only"],
+)
+def test_invalid_wasm(device: RawDevice, gateway, wasm, payload: bytes) -> None:
+    sha = _upload(device, payload)
+    _error(device.request(WasmJob(job_id="bad", module=sha)), ErrorCode.INVALID_MODULE)
+    _good_job_still_works(device, wasm, gateway)
+
+
+def test_invalid_onnx(device: RawDevice, gateway, wasm) -> None:
+    sha = _upload(device, b"\x08\x07this is not a protobuf model" * 10)
+    tensor = Tensor(name="input", dtype="float32", shape=[1, 64], data=bytes(256))
+    _error(device.request(OnnxJob(job_id="bad", model=sha, inputs=[tensor])),
+           ErrorCode.INVALID_MODEL)
+    _good_job_still_works(device, wasm, gateway)
+
+
+@pytest.mark.parametrize(
+    ("module", "code"),
+    [
+        ("trap", ErrorCode.TRAP),
+        ("spin", ErrorCode.TIMEOUT),
+        ("memhog", ErrorCode.MEMORY_LIMIT),
+        ("flood", ErrorCode.OUTPUT_LIMIT),
+    ],
+)
+def test_hostile_wasm(make_gateway: Callable[..., GatewayProcess], tmp_path: Path, wasm,
+                      module: str, code: ErrorCode) -> None:
+    # Tight limits keep the test quick; the mapping to codes is what is under test.
+    policy = tmp_path / "tight.toml"
+    policy.write_text(
+        "[wasm]\nfuel = 200_000_000\nmemory_bytes = 33_554_432\noutput_bytes = 65_536\n"
+    )
+    gw = make_gateway("--policy", str(policy))
+    with RawDevice(gw.listen, gw.gateway_id) as dev:
+        sha = _upload(dev, wasm[module].read_bytes())
+        _error(dev.request(WasmJob(job_id=module, module=sha)), code)
+        _good_job_still_works(dev, wasm, gw)
+
+
+def test_oversized_payload(make_gateway: Callable[..., GatewayProcess], tmp_path: Path,
+                           wasm) -> None:
+    policy = tmp_path / "small.toml"
+    policy.write_text("[limits]\nmax_message_bytes = 65_536\nmax_blob_bytes = 1_000_000\n")
+    gw = make_gateway("--policy", str(policy))
+    with RawDevice(gw.listen, gw.gateway_id) as dev:
+        sha = _upload(dev, wasm["echo"].read_bytes())
+        big = WasmJob(job_id="big", module=sha, stdin=os.urandom(100_000))
+        _error(dev.request(encode(big)), ErrorCode.TOO_LARGE)
+        huge_blob = BlobChunk(sha256="0" * 64, size=2_000_000, offset=0, data=b"x")
+        _error(dev.request(huge_blob), ErrorCode.TOO_LARGE)
+        _good_job_still_works(dev, wasm, gw)
+
+
+@pytest.mark.parametrize(
+    ("tensor", "why"),
+    [
+        (Tensor(name="input", dtype="float64", shape=[2, 64], data=bytes(2 * 64 * 8)), "float32"),
+        (Tensor(name="input", dtype="float32", shape=[2, 63], data=bytes(2 * 63 * 4)), "shape"),
+        (Tensor(name="input", dtype="float32", shape=[2, 64], data=bytes(10)), "bytes"),
+        (Tensor(name="nope", dtype="float32", shape=[2, 64], data=bytes(512)), "no input"),
+        (Tensor(name="input", dtype="float32", shape=[64], data=bytes(256)), "shape"),
+    ],
+    ids=["dtype", "shape", "short-data", "unknown-name", "rank"],
+)
+def test_tensor_with_wrong_dtype_or_shape(device: RawDevice, gateway, wasm, examples,
+                                          tensor: Tensor, why: str) -> None:
+    sha = _upload(device, (examples / "models" / "digits.onnx").read_bytes())
+    error = _error(device.request(OnnxJob(job_id="t", model=sha, inputs=[tensor])),
+                   ErrorCode.BAD_TENSOR)
+    assert why in error.message
+    x = np.load(examples / "models" / "digits_test_X.npy")[:2]
+    ok = device.request(OnnxJob(job_id="t-ok", model=sha, inputs=[
+        Tensor(name="input", dtype="float32", shape=[2, 64], data=x.tobytes())]))
+    assert type(ok).__name__ == "OnnxResult"
+    _good_job_still_works(device, wasm, gateway)
+
+
+def test_reply_topic_of_another_device_is_refused(device: RawDevice, gateway, wasm) -> None:
+    other = RawDevice(gateway.listen, gateway.gateway_id)
+    try:
+        device.send(b"\x80", response_topic=f"hearth/v1/dev/{other.client_id}/reply")
+        with pytest.raises(queue.Empty):
+            other.replies.get(timeout=1.0)
+    finally:
+        other.close()
+    _good_job_still_works(device, wasm, gateway)
