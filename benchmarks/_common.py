@@ -7,6 +7,8 @@
 - ``EchoResponderProcess`` and ``EchoRequester``: the raw MQTT 5 request/response baseline. The
   responder is a process of its own (``python benchmarks/_common.py echo-responder ...``), as
   the gateway is, so the baseline does not share an interpreter (and its GIL) with the caller.
+- ``tree_cpu_s``: CPU time used by a process tree (all of a benchmark's processes), for figures
+  that do not depend on how busy the machine is.
 - ``Summary``/``percentile``, ``print_table``, ``emit_json``, ``verdict``: the output.
 
 The process helpers are context managers with an idempotent ``close()``. Each child is started
@@ -66,6 +68,7 @@ __all__ = [
     "print_table",
     "setup_logging",
     "sigterm_as_interrupt",
+    "tree_cpu_s",
     "verdict",
 ]
 
@@ -527,6 +530,42 @@ class EchoResponderProcess:
         self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+# -- CPU accounting ---------------------------------------------------------------------------
+
+
+def _proc_stat(pid: str) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds used) of one process, from /proc; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    # After the command name: state, ppid, ..., utime and stime at 11 and 12 (in clock ticks).
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(root: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by ``root`` (default: this process) and every
+    live descendant. Linux only: NaN without /proc. Descendants that exited are not counted,
+    so take differences over spans where the set of processes stays the same."""
+    if not Path("/proc/self/stat").exists():
+        return math.nan
+    root = os.getpid() if root is None else root
+    stats = {
+        int(pid): st for pid in os.listdir("/proc") if pid.isdigit() and (st := _proc_stat(pid))
+    }
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _cpu) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            total += stats[pid][1]
+        todo.extend(children.get(pid, ()))
+    return total
 
 
 # -- figures ----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ class RawDevice:
         self.gateway_id = gateway_id
         self.client_id = client_id or f"raw-{uuid.uuid4().hex[:8]}"
         self.replies: queue.Queue[tuple[bytes | None, bytes]] = queue.Queue()
+        self._early: dict[bytes | None, list[bytes]] = {}
         self._client = make_client(f"{self.client_id}-conn")
         self._client.on_message = self._message
         subscribed = queue.Queue[bool]()
@@ -54,11 +55,15 @@ class RawDevice:
         return correlation
 
     def reply(self, correlation: bytes, timeout_s: float = 20.0) -> Reply:
-        """The next reply carrying ``correlation`` (others are dropped)."""
+        """The next reply carrying ``correlation`` (others are kept for their own turn)."""
+        early = self._early.get(correlation)
+        if early:
+            return decode_reply(early.pop(0))
         while True:
             corr, payload = self.replies.get(timeout=timeout_s)
             if corr == correlation:
                 return decode_reply(payload)
+            self._early.setdefault(corr, []).append(payload)
 
     def request(self, payload: bytes | msgspec.Struct, timeout_s: float = 20.0) -> Reply:
         return self.reply(self.send(payload), timeout_s)

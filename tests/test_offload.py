@@ -176,10 +176,12 @@ def test_where_edge_without_gateway_raises(wasm) -> None:
 
 def test_auto_placement_measures_both_sides_then_decides(gateway: GatewayProcess, wasm) -> None:
     with gateway.client(placement="auto") as client:
-        runs = [client.run_wasm(wasm["noop"]) for _ in range(5)]
-    assert runs[0].where == "edge" and "measuring the gateway" in runs[0].reason
-    assert runs[1].where == "local" and "measuring this device" in runs[1].reason
-    assert all("(measured)" in r.reason for r in runs[2:])
+        runs = [client.run_wasm(wasm["noop"]) for _ in range(7)]
+    assert [r.where for r in runs[:4]] == ["edge", "edge", "local", "local"]
+    assert [r.reason.split(":")[0] for r in runs[:4]] == [
+        "warm-up", "measuring", "warm-up", "measuring"
+    ]
+    assert all("(measured)" in r.reason for r in runs[4:])
 
 
 def test_async_calls_run_concurrently(gateway: GatewayProcess, wasm) -> None:

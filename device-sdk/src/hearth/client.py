@@ -309,10 +309,15 @@ class Client:
             return gateway.broker, gateway.gateway_id
         if isinstance(gateway, str):
             return BrokerAddress.parse(gateway), None
-        found = discover(self._discover_timeout_s, interface=self._interface, measure=False)
+        found = discover(self._discover_timeout_s, interface=self._interface, measure=True)
         if not found:
             raise GatewayUnavailable("no gateway found over mDNS")
-        best = min(found, key=lambda g: g.load)
+        # Measured round trip first, then load: discover() sorts by RTT; prefer an idle one
+        # among those within a millisecond of the fastest.
+        reachable = [g for g in found if g.rtt_ms is not None] or found
+        fastest = reachable[0].rtt_ms or 0.0
+        near = [g for g in reachable if (g.rtt_ms or 0.0) <= fastest + 1.0]
+        best = min(near, key=lambda g: g.load)
         return best.broker, best.gateway_id
 
     def connection(self) -> _Connection:
@@ -426,12 +431,15 @@ class Client:
         local: Callable[[str], T],
     ) -> T:
         mode = Placement(where) if where is not None else self.placement
-        with self._est_lock:
-            estimates = self._estimates.setdefault(key, Estimates())
-            estimates.calls += 1
         gateway_ok = mode is Placement.EDGE or (
             mode is Placement.AUTO and self.gateway_reachable()
         )
+        conn = self._conn
+        # Estimates are per gateway: a different box (after a failover) is measured afresh.
+        key = f"{conn.gateway_id if conn else '-'}:{key}"
+        with self._est_lock:
+            estimates = self._estimates.setdefault(key, Estimates())
+            estimates.calls += 1
         decision: Decision = decide(
             mode, gateway=gateway_ok, local=self._local_available(), estimates=estimates
         )

@@ -95,10 +95,13 @@ def discover(
     interface: str | None = None,
     measure: bool = True,
     probes: int = 3,
+    first: bool = False,
 ) -> list[GatewayInfo]:
     """Gateways on the LAN, fastest first when ``measure`` (unmeasured ones last).
 
-    ``interface`` (an IP) restricts mDNS to one interface, e.g. "127.0.0.1" in tests.
+    Listens for the whole ``timeout_s`` so slow responders are not missed, unless ``first``:
+    then it returns as soon as one gateway is resolved. ``interface`` (an IP) restricts mDNS
+    to one interface, e.g. "127.0.0.1" in tests.
     """
     zc = (
         Zeroconf(interfaces=[interface], ip_version=IPVersion.V4Only)
@@ -114,9 +117,8 @@ def discover(
             time.sleep(0.05)
             with collector.lock:
                 names = list(collector.names)
-            if names and all(name in found for name in names):
-                # Give late responders a short grace period, not the whole timeout.
-                deadline = min(deadline, time.monotonic() + 0.2)
+            if first and found:
+                break
             for name in names:
                 if name in found:
                     continue

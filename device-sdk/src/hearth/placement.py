@@ -1,8 +1,9 @@
 """Where to run a call: pure decision logic, no I/O, so it is unit-tested on its own.
 
 ``auto`` offloads when a gateway is reachable and its measured time for this job (transfer +
-queue + run, as seen from the device) beats the measured local time; until both are known it
-measures each side once. Every decision carries a human-readable reason.
+queue + run, as seen from the device) beats the measured local time. The first call on each side
+is a warm-up (it pays the upload and compilation once) and is not counted; until both sides have
+a measurement, calls go where one is missing. Every decision carries a human-readable reason.
 """
 
 from __future__ import annotations
@@ -32,8 +33,12 @@ class Estimates:
     local_ms: float | None = None
     edge_ms: float | None = None
     calls: int = 0
+    warmed: set[str] = field(default_factory=set)  # sides whose warm-up call is done
 
     def record(self, where: str, ms: float) -> None:
+        if where not in self.warmed:
+            self.warmed.add(where)  # one-off costs (upload, compile): not representative
+            return
         old = self.local_ms if where == "local" else self.edge_ms
         new = ms if old is None else (1 - _ALPHA) * old + _ALPHA * ms
         if where == "local":
@@ -66,9 +71,11 @@ def decide(
         return Decision("edge", "no local runtime on this device", fallback_ok=False)
     edge, here = estimates.edge_ms, estimates.local_ms
     if edge is None:
-        return Decision("edge", "measuring the gateway (first call)")
+        step = "warm-up" if "edge" not in estimates.warmed else "measuring"
+        return Decision("edge", f"{step}: timing the gateway")
     if here is None:
-        return Decision("local", "measuring this device (first local call)")
+        step = "warm-up" if "local" not in estimates.warmed else "measuring"
+        return Decision("local", f"{step}: timing this device")
     faster, slower = ("edge", "local") if edge <= here else ("local", "edge")
     if estimates.calls and estimates.calls % REPROBE_EVERY == 0:
         return Decision(slower, f"re-measuring {slower} (every {REPROBE_EVERY} calls)")

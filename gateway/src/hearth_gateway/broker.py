@@ -103,12 +103,15 @@ class ManagedBroker:
                 ) from None
 
     def _give_data_dir_to_mosquitto_user(self) -> None:
-        # Started as root, mosquitto drops to its own user and must still write persistence.
+        # Started as root, mosquitto drops to its own user and must still write persistence:
+        # its directory becomes its own, and the state dir traversable (0711: no listing; the
+        # daemon's umask keeps every file in it private).
         try:
             user = pwd.getpwnam("mosquitto")
         except KeyError:
             return
         os.chown(self._dir, user.pw_uid, user.pw_gid)
+        os.chmod(self._dir.parent, 0o711)
 
     def _spawn(self, binary: str, conf: Path) -> None:
         # The wrapper sets PR_SET_PDEATHSIG before exec: if the daemon is SIGKILLed, the broker
@@ -117,6 +120,9 @@ class ManagedBroker:
             [sys.executable, "-m", "hearth_gateway._pdeathsig", binary, "-c", str(conf)],
             stdin=subprocess.DEVNULL,
             close_fds=True,
+            # Its own session: a Ctrl-C or `timeout` aimed at the daemon's process group must
+            # not stop the broker while jobs are still draining; the daemon stops it last.
+            start_new_session=True,
         )
         log.info("managed mosquitto pid %d on %s", self._proc.pid, self.address)
 

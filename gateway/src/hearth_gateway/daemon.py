@@ -64,6 +64,8 @@ class Gateway:
         self.advertiser: Advertiser | None = None
         self._housekeeper: threading.Thread | None = None
 
+        # Everything the daemon writes (journal, blobs, keys later) is private to it.
+        os.umask(0o077)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = Store(self.state_dir / "hearth.sqlite3")
         self.blobs = BlobStore(self.state_dir / "blobs", self.store, self.policy.limits)

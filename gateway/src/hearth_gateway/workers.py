@@ -142,6 +142,13 @@ class _Lane(threading.Thread):
             WorkItem(job=item.job, blob_path=item.blob_path, queue_ms=queue_ms)
         )
         timeout_s = pool.onnx_timeout_s if isinstance(item.job, OnnxJob) else pool.wasm_timeout_s
+        if self.worker is not None and self.worker.proc.poll() is not None:
+            # Died while idle (the OOM killer, an operator's kill): replace it before use.
+            log.warning("%s: idle worker exited with %s; replacing it", self.name,
+                        self.worker.proc.returncode)
+            self.worker.close(kill=True)
+            self.worker = None
+            pool.restarts += 1
         if self.worker is None:
             self.start_worker()
         assert self.worker is not None
