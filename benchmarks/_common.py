@@ -272,10 +272,6 @@ class GatewayProcess:
         self._extra_args = list(extra_args)
         self._proc: subprocess.Popen[bytes] | None = None
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
     def start(self, timeout_s: float = 60.0) -> Self:
         argv = [
             sys.executable, "-m", "hearth_gateway.cli", "run",

@@ -164,9 +164,7 @@ class GatewayProcess:
 
 
 @pytest.fixture
-def make_gateway(
-    tmp_path: Path, broker: Broker
-) -> Iterator[callable]:  # type: ignore[valid-type]
+def make_gateway(tmp_path: Path, broker: Broker) -> Iterator[callable]:  # type: ignore[valid-type]
     started: list[GatewayProcess] = []
 
     def make(*extra: str, managed: bool = False, start: bool = True) -> GatewayProcess:

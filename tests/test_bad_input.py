@@ -12,9 +12,8 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
-from conftest import GatewayProcess
-from helpers import RawDevice
 
+from conftest import GatewayProcess
 from hearth.errors import ErrorCode
 from hearth.protocol import (
     BlobChunk,
@@ -26,6 +25,7 @@ from hearth.protocol import (
     WasmResult,
     encode,
 )
+from helpers import RawDevice
 
 
 @pytest.fixture
@@ -49,7 +49,8 @@ def _good_job_still_works(dev: RawDevice, wasm: dict[str, Path], gateway: Gatewa
     reply = dev.request(WasmJob(job_id=os.urandom(6).hex(), module=sha, stdin=b"still here"))
     assert isinstance(reply, WasmResult), reply
     assert reply.stdout == b"still here"
-    assert gateway.proc is not None and gateway.proc.poll() is None
+    assert gateway.proc is not None
+    assert gateway.proc.poll() is None
 
 
 def _error(reply: object, code: ErrorCode) -> Error:
@@ -60,11 +61,15 @@ def _error(reply: object, code: ErrorCode) -> Error:
 
 
 def test_malformed_envelope(device: RawDevice, gateway, wasm) -> None:
-    for payload in (b"", b"\xc1garbage", b"not msgpack at all", msgspec.msgpack.encode([1, 2]),
-                    msgspec.msgpack.encode({"type": "wasm", "v": 1, "job_id": "x"}),
-                    msgspec.msgpack.encode({"type": "nonsense", "v": 1}),
-                    msgspec.msgpack.encode({"type": "wasm", "v": 1, "job_id": "../../etc",
-                                            "module": "0" * 64})):
+    for payload in (
+        b"",
+        b"\xc1garbage",
+        b"not msgpack at all",
+        msgspec.msgpack.encode([1, 2]),
+        msgspec.msgpack.encode({"type": "wasm", "v": 1, "job_id": "x"}),
+        msgspec.msgpack.encode({"type": "nonsense", "v": 1}),
+        msgspec.msgpack.encode({"type": "wasm", "v": 1, "job_id": "../../etc", "module": "0" * 64}),
+    ):
         _error(device.request(payload), ErrorCode.MALFORMED)
     _good_job_still_works(device, wasm, gateway)
 
@@ -110,8 +115,9 @@ def test_invalid_wasm(device: RawDevice, gateway, wasm, payload: bytes) -> None:
 def test_invalid_onnx(device: RawDevice, gateway, wasm) -> None:
     sha = _upload(device, b"\x08\x07this is not a protobuf model" * 10)
     tensor = Tensor(name="input", dtype="float32", shape=[1, 64], data=bytes(256))
-    _error(device.request(OnnxJob(job_id="bad", model=sha, inputs=[tensor])),
-           ErrorCode.INVALID_MODEL)
+    _error(
+        device.request(OnnxJob(job_id="bad", model=sha, inputs=[tensor])), ErrorCode.INVALID_MODEL
+    )
     _good_job_still_works(device, wasm, gateway)
 
 
@@ -124,8 +130,9 @@ def test_invalid_onnx(device: RawDevice, gateway, wasm) -> None:
         ("flood", ErrorCode.OUTPUT_LIMIT),
     ],
 )
-def test_hostile_wasm(make_gateway: Callable[..., GatewayProcess], tmp_path: Path, wasm,
-                      module: str, code: ErrorCode) -> None:
+def test_hostile_wasm(
+    make_gateway: Callable[..., GatewayProcess], tmp_path: Path, wasm, module: str, code: ErrorCode
+) -> None:
     # Tight limits keep the test quick; the mapping to codes is what is under test.
     policy = tmp_path / "tight.toml"
     policy.write_text(
@@ -138,8 +145,9 @@ def test_hostile_wasm(make_gateway: Callable[..., GatewayProcess], tmp_path: Pat
         _good_job_still_works(dev, wasm, gw)
 
 
-def test_oversized_payload(make_gateway: Callable[..., GatewayProcess], tmp_path: Path,
-                           wasm) -> None:
+def test_oversized_payload(
+    make_gateway: Callable[..., GatewayProcess], tmp_path: Path, wasm
+) -> None:
     policy = tmp_path / "small.toml"
     policy.write_text("[limits]\nmax_message_bytes = 65_536\nmax_blob_bytes = 1_000_000\n")
     gw = make_gateway("--policy", str(policy))
@@ -163,15 +171,22 @@ def test_oversized_payload(make_gateway: Callable[..., GatewayProcess], tmp_path
     ],
     ids=["dtype", "shape", "short-data", "unknown-name", "rank"],
 )
-def test_tensor_with_wrong_dtype_or_shape(device: RawDevice, gateway, wasm, examples,
-                                          tensor: Tensor, why: str) -> None:
+def test_tensor_with_wrong_dtype_or_shape(
+    device: RawDevice, gateway, wasm, examples, tensor: Tensor, why: str
+) -> None:
     sha = _upload(device, (examples / "models" / "digits.onnx").read_bytes())
-    error = _error(device.request(OnnxJob(job_id="t", model=sha, inputs=[tensor])),
-                   ErrorCode.BAD_TENSOR)
+    error = _error(
+        device.request(OnnxJob(job_id="t", model=sha, inputs=[tensor])), ErrorCode.BAD_TENSOR
+    )
     assert why in error.message
     x = np.load(examples / "models" / "digits_test_X.npy")[:2]
-    ok = device.request(OnnxJob(job_id="t-ok", model=sha, inputs=[
-        Tensor(name="input", dtype="float32", shape=[2, 64], data=x.tobytes())]))
+    ok = device.request(
+        OnnxJob(
+            job_id="t-ok",
+            model=sha,
+            inputs=[Tensor(name="input", dtype="float32", shape=[2, 64], data=x.tobytes())],
+        )
+    )
     assert type(ok).__name__ == "OnnxResult"
     _good_job_still_works(device, wasm, gateway)
 

@@ -12,17 +12,18 @@ import sys
 import time
 
 import pytest
-from conftest import GatewayProcess, wait_until
-from helpers import RawDevice
 
+from conftest import GatewayProcess, wait_until
 from hearth.errors import ErrorCode
 from hearth.protocol import BlobStored, Error, WasmJob, WasmResult
+from helpers import RawDevice
 
 
 def test_managed_broker_runs_and_stops_with_the_gateway(make_gateway, wasm) -> None:
     gw = make_gateway(managed=True)
     snap = gw.snapshot()
-    assert snap.managed_broker and snap.broker_pid
+    assert snap.managed_broker
+    assert snap.broker_pid
     with gw.client() as client:
         assert client.run_wasm(wasm["echo"], stdin=b"hi").stdout == b"hi"
     assert gw.stop() == 0
@@ -37,8 +38,9 @@ def test_sigkill_takes_the_managed_broker_and_workers_down_too(make_gateway) -> 
     assert wait_until(lambda: not any(_alive(pid) for pid in children), timeout_s=10)
 
 
-def test_sigterm_finishes_in_flight_jobs_goes_offline_and_exits_0(gateway: GatewayProcess,
-                                                                   wasm) -> None:
+def test_sigterm_finishes_in_flight_jobs_goes_offline_and_exits_0(
+    gateway: GatewayProcess, wasm
+) -> None:
     module = wasm["mandelbrot"].read_bytes()
     with RawDevice(gateway.listen, gateway.gateway_id) as dev:
         assert isinstance(dev.upload(module), BlobStored)
@@ -48,7 +50,8 @@ def test_sigterm_finishes_in_flight_jobs_goes_offline_and_exits_0(gateway: Gatew
         assert gateway.proc is not None
         gateway.proc.send_signal(signal.SIGTERM)
         reply = dev.reply(correlation, timeout_s=30)
-        assert isinstance(reply, WasmResult) and reply.exit_code == 0
+        assert isinstance(reply, WasmResult)
+        assert reply.exit_code == 0
         assert gateway.proc.wait(timeout=30) == 0
     assert gateway.snapshot().state == "stopped"
 
@@ -87,9 +90,11 @@ def test_a_worker_that_dies_costs_only_its_job(make_gateway, tmp_path, wasm) -> 
         for pid in busy:  # simulate a native crash in whichever worker runs it
             os.kill(pid, signal.SIGKILL)
         reply = dev.reply(correlation, timeout_s=30)
-        assert isinstance(reply, Error) and reply.code == ErrorCode.WORKER_CRASHED
+        assert isinstance(reply, Error)
+        assert reply.code == ErrorCode.WORKER_CRASHED
         after = dev.request(WasmJob(job_id="next", module=sha, args=["32", "24", "10"]))
-        assert isinstance(after, WasmResult) and after.exit_code == 0
+        assert isinstance(after, WasmResult)
+        assert after.exit_code == 0
         # Not the job's fault: the same id sent again runs again instead of replaying the error.
         again = dev.send(WasmJob(job_id="victim", module=sha, args=["32", "24", "10"]))
         assert isinstance(dev.reply(again), WasmResult)
@@ -99,25 +104,52 @@ def test_a_worker_that_dies_costs_only_its_job(make_gateway, tmp_path, wasm) -> 
 
 def test_status_command_shows_the_running_gateway(gateway: GatewayProcess) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "hearth_gateway.cli", "status", "--state-dir",
-         str(gateway.state_dir), "--json"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "hearth_gateway.cli",
+            "status",
+            "--state-dir",
+            str(gateway.state_dir),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     status = json.loads(out.stdout)
     assert status["gateway_id"] == gateway.gateway_id
     assert status["state"] == "online"
     assert status["workers"] == 2
     text = subprocess.run(
-        [sys.executable, "-m", "hearth_gateway.cli", "status", "--state-dir",
-         str(gateway.state_dir)],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "hearth_gateway.cli",
+            "status",
+            "--state-dir",
+            str(gateway.state_dir),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
-    assert gateway.gateway_id in text and "workers" in text
+    assert gateway.gateway_id in text
+    assert "workers" in text
     gateway.kill()
     dead = subprocess.run(
-        [sys.executable, "-m", "hearth_gateway.cli", "status", "--state-dir",
-         str(gateway.state_dir), "--json"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "hearth_gateway.cli",
+            "status",
+            "--state-dir",
+            str(gateway.state_dir),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert dead.returncode == 3
     assert json.loads(dead.stdout)["state"] == "dead"
@@ -127,9 +159,21 @@ def test_bad_config_refuses_to_start(tmp_path) -> None:
     policy = tmp_path / "bad.toml"
     policy.write_text("[wasm]\nfuel = 'lots'\n")
     result = subprocess.run(
-        [sys.executable, "-m", "hearth_gateway.cli", "run", "--state-dir", str(tmp_path / "s"),
-         "--policy", str(policy), "--no-mdns"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "hearth_gateway.cli",
+            "run",
+            "--state-dir",
+            str(tmp_path / "s"),
+            "--policy",
+            str(policy),
+            "--no-mdns",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 2
     assert "fuel" in result.stderr

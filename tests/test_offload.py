@@ -12,13 +12,13 @@ import numpy as np
 import onnxruntime as ort
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import GatewayProcess, wait_until
-from helpers import RawDevice
 
 import hearth
+from conftest import GatewayProcess, wait_until
 from hearth.protocol import BlobChunk, WasmJob, WasmResult, decode_request, decode_status
 from hearth.runtime.wasm import WasmRuntime
 from hearth.transport import connect, make_client
+from helpers import RawDevice
 
 
 def test_discovery_finds_the_gateway_on_loopback(make_gateway) -> None:
@@ -30,7 +30,8 @@ def test_discovery_finds_the_gateway_on_loopback(make_gateway) -> None:
     assert str(info.broker) == gw.address
     assert info.runners == ["wasm", "onnx"]
     assert "cpu" in info.accelerators
-    assert info.rtt_ms is not None and info.rtt_ms > 0
+    assert info.rtt_ms is not None
+    assert info.rtt_ms > 0
 
 
 def test_wasm_job_output_equals_running_the_module_locally(
@@ -39,8 +40,9 @@ def test_wasm_job_output_equals_running_the_module_locally(
     frame = _pgm(64, 48)
     runtime = WasmRuntime()
     module = wasm["imgfilter"].read_bytes()
-    local = runtime.run(hashlib.sha256(module).hexdigest(), wasm=module, args=["edges"],
-                        stdin=frame)
+    local = runtime.run(
+        hashlib.sha256(module).hexdigest(), wasm=module, args=["edges"], stdin=frame
+    )
     runtime.close()
     with gateway.client() as client:
         run = client.run_wasm(wasm["imgfilter"], stdin=frame, args=["edges"])
@@ -68,8 +70,7 @@ def test_onnx_job_outputs_equal_direct_onnxruntime(gateway: GatewayProcess, exam
     assert result.where == "edge"
     assert result.provider == "CPUExecutionProvider"
     np.testing.assert_array_equal(result.outputs["label"], label)
-    np.testing.assert_allclose(result.outputs["probabilities"], probabilities, rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(result.outputs["probabilities"], probabilities, rtol=1e-5, atol=1e-6)
 
 
 def test_module_bytes_cross_the_network_once(gateway: GatewayProcess, broker, wasm) -> None:
@@ -88,8 +89,11 @@ def test_module_bytes_cross_the_network_once(gateway: GatewayProcess, broker, wa
             jobs.append(message)
 
     spy.on_message = seen
-    connect(spy, broker.address,
-            on_connected=lambda: spy.subscribe(f"hearth/v1/gw/{gateway.gateway_id}/req/+", 1))
+    connect(
+        spy,
+        broker.address,
+        on_connected=lambda: spy.subscribe(f"hearth/v1/gw/{gateway.gateway_id}/req/+", 1),
+    )
     assert subscribed.wait(5)
     try:
         with gateway.client() as client:
@@ -115,7 +119,8 @@ def test_a_job_id_seen_twice_returns_the_stored_answer(gateway: GatewayProcess, 
         job = WasmJob(job_id="same-id", module=sha, args=["64", "48", "50"])
         first = dev.request(job)
         second = dev.request(job)
-    assert isinstance(first, WasmResult) and isinstance(second, WasmResult)
+    assert isinstance(first, WasmResult)
+    assert isinstance(second, WasmResult)
     assert first == second  # byte-identical answer, including the original timing
     assert wait_until(lambda: gateway.snapshot().jobs_duplicate >= 1, timeout_s=10)
     assert gateway.snapshot().jobs_completed == 1  # it ran once
@@ -137,8 +142,9 @@ def test_gateway_status_is_retained_with_a_last_will(gateway: GatewayProcess, br
 
 
 @pytest.mark.slow
-def test_sigkill_mid_stream_every_job_still_completes_locally(gateway: GatewayProcess,
-                                                              wasm) -> None:
+def test_sigkill_mid_stream_every_job_still_completes_locally(
+    gateway: GatewayProcess, wasm
+) -> None:
     results: list[hearth.WasmRun] = []
     with gateway.client(placement="auto", timeout_s=5.0) as client:
         # Make sure the module is on the gateway and auto placement prefers it.
@@ -146,8 +152,9 @@ def test_sigkill_mid_stream_every_job_still_completes_locally(gateway: GatewayPr
         assert first.where == "edge"
         futures = []
         for i in range(40):
-            futures.append(client.run_wasm_async(wasm["mandelbrot"], args=["160", "120", "200"],
-                                                 where="auto"))
+            futures.append(
+                client.run_wasm_async(wasm["mandelbrot"], args=["160", "120", "200"], where="auto")
+            )
             if i == 10:
                 gateway.kill()
         results = [f.result(timeout=60) for f in futures]
@@ -168,8 +175,9 @@ def test_no_gateway_runs_locally_and_says_so(wasm) -> None:
 
 
 def test_where_edge_without_gateway_raises(wasm) -> None:
-    with hearth.Client("127.0.0.1:1", timeout_s=1.0) as client, pytest.raises(
-        hearth.GatewayUnavailable
+    with (
+        hearth.Client("127.0.0.1:1", timeout_s=1.0) as client,
+        pytest.raises(hearth.GatewayUnavailable),
     ):
         client.run_wasm(wasm["echo"], where="edge")
 
@@ -179,7 +187,10 @@ def test_auto_placement_measures_both_sides_then_decides(gateway: GatewayProcess
         runs = [client.run_wasm(wasm["noop"]) for _ in range(7)]
     assert [r.where for r in runs[:4]] == ["edge", "edge", "local", "local"]
     assert [r.reason.split(":")[0] for r in runs[:4]] == [
-        "warm-up", "measuring", "warm-up", "measuring"
+        "warm-up",
+        "measuring",
+        "warm-up",
+        "measuring",
     ]
     assert all("(measured)" in r.reason for r in runs[4:])
 

@@ -24,12 +24,25 @@ __all__ = ["main"]
 
 
 def _gateway_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gateway", metavar="HOST:PORT", default=os.environ.get(ENV_GATEWAY),
-                        help=f"use this gateway's broker, no discovery (${ENV_GATEWAY})")
-    parser.add_argument("--interface", metavar="IP", default=os.environ.get(ENV_INTERFACE),
-                        help=f"discover on this interface only (${ENV_INTERFACE})")
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="S",
-                        help="seconds to wait for the gateway per attempt (default 10)")
+    parser.add_argument(
+        "--gateway",
+        metavar="HOST:PORT",
+        default=os.environ.get(ENV_GATEWAY),
+        help=f"use this gateway's broker, no discovery (${ENV_GATEWAY})",
+    )
+    parser.add_argument(
+        "--interface",
+        metavar="IP",
+        default=os.environ.get(ENV_INTERFACE),
+        help=f"discover on this interface only (${ENV_INTERFACE})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for the gateway per attempt (default 10)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,14 +52,18 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("discover", help="list gateways on the LAN with measured round trips")
     d.add_argument("--json", action="store_true")
     d.add_argument("--interface", metavar="IP", default=os.environ.get(ENV_INTERFACE))
-    d.add_argument("--timeout", type=float, default=1.5, metavar="S",
-                   help="seconds to listen for answers (default 1.5)")
+    d.add_argument(
+        "--timeout",
+        type=float,
+        default=1.5,
+        metavar="S",
+        help="seconds to listen for answers (default 1.5)",
+    )
 
     r = sub.add_parser("run", help="run a WASI module here or on a gateway, like `wasmtime run`")
     _gateway_options(r)
     r.add_argument("--where", choices=["auto", "edge", "local"], default="auto")
-    r.add_argument("--explain", action="store_true",
-                   help="print where it ran and why to stderr")
+    r.add_argument("--explain", action="store_true", help="print where it ran and why to stderr")
     r.add_argument("module", type=Path)
     r.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -55,10 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--where", choices=["auto", "edge", "local"], default="auto")
     i.add_argument("--explain", action="store_true")
     i.add_argument("model", type=Path)
-    i.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
-                   required=True)
-    i.add_argument("--out", type=Path, required=True, metavar="DIR",
-                   help="writes NAME.npy per output")
+    i.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", required=True)
+    i.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="writes NAME.npy per output"
+    )
     return parser
 
 
@@ -73,8 +90,10 @@ def _discover(args: argparse.Namespace) -> int:
     print(f"{'GATEWAY':<20} {'BROKER':<22} {'RTT':>8}  {'LOAD':>5}  RUNNERS / ACCELERATORS")
     for g in gateways:
         rtt = "-" if g.rtt_ms is None else f"{g.rtt_ms:.2f}ms"
-        print(f"{g.gateway_id:<20} {g.broker!s:<22} {rtt:>8}  {g.load:>5.2f}  "
-              f"{','.join(g.runners)} / {','.join(g.accelerators)}")
+        print(
+            f"{g.gateway_id:<20} {g.broker!s:<22} {rtt:>8}  {g.load:>5.2f}  "
+            f"{','.join(g.runners)} / {','.join(g.accelerators)}"
+        )
     return 0
 
 
@@ -87,8 +106,10 @@ def _run(args: argparse.Namespace) -> int:
     sys.stderr.buffer.write(run.stderr)
     if args.explain:
         where = f"{run.where} ({run.gateway_id})" if run.gateway_id else run.where
-        print(f"hearth: ran on {where} in {run.latency_ms:.1f} ms: {run.reason or 'as asked'}",
-              file=sys.stderr)
+        print(
+            f"hearth: ran on {where} in {run.latency_ms:.1f} ms: {run.reason or 'as asked'}",
+            file=sys.stderr,
+        )
     return run.exit_code
 
 
@@ -108,8 +129,11 @@ def _infer(args: argparse.Namespace) -> int:
         np.save(args.out / f"{name}.npy", value, allow_pickle=False)
         print(f"{name}: {value.dtype} {list(value.shape)} -> {args.out / (name + '.npy')}")
     if args.explain:
-        print(f"hearth: ran on {result.where} ({result.provider}) in {result.latency_ms:.1f} ms: "
-              f"{result.reason or 'as asked'}", file=sys.stderr)
+        print(
+            f"hearth: ran on {result.where} ({result.provider}) in {result.latency_ms:.1f} ms: "
+            f"{result.reason or 'as asked'}",
+            file=sys.stderr,
+        )
     return 0
 
 

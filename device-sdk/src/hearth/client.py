@@ -37,7 +37,6 @@ from hearth.protocol import (
     Ping,
     Pong,
     Reply,
-    Tensor,
     Timing,
     WasmJob,
     WasmResult,
@@ -431,9 +430,7 @@ class Client:
         local: Callable[[str], T],
     ) -> T:
         mode = Placement(where) if where is not None else self.placement
-        gateway_ok = mode is Placement.EDGE or (
-            mode is Placement.AUTO and self.gateway_reachable()
-        )
+        gateway_ok = mode is Placement.EDGE or (mode is Placement.AUTO and self.gateway_reachable())
         conn = self._conn
         # Estimates are per gateway: a different box (after a failover) is measured afresh.
         key = f"{conn.gateway_id if conn else '-'}:{key}"
@@ -648,5 +645,3 @@ class Client:
         if key is not None:
             self._blobs[str(key)] = blob
         return blob
-
-

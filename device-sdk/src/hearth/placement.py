@@ -54,7 +54,7 @@ class Decision:
     fallback_ok: bool = field(default=True)  # may an edge failure fall back to local?
 
 
-def decide(
+def decide(  # noqa: PLR0911 - one return per rule reads best here
     mode: Placement,
     *,
     gateway: bool,
@@ -79,5 +79,7 @@ def decide(
     faster, slower = ("edge", "local") if edge <= here else ("local", "edge")
     if estimates.calls and estimates.calls % REPROBE_EVERY == 0:
         return Decision(slower, f"re-measuring {slower} (every {REPROBE_EVERY} calls)")
-    return Decision(faster, f"edge {edge:.1f} ms {'<=' if faster == 'edge' else '>'} "
-                            f"local {here:.1f} ms (measured)")
+    return Decision(
+        faster,
+        f"edge {edge:.1f} ms {'<=' if faster == 'edge' else '>'} local {here:.1f} ms (measured)",
+    )

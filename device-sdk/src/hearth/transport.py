@@ -14,13 +14,21 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from hearth.errors import GatewayUnavailable
 from hearth.protocol.codec import CONTENT_TYPE
 
-__all__ = ["BrokerAddress", "connect", "make_client", "publish_properties", "set_nodelay"]
+__all__ = [
+    "BrokerAddress",
+    "connect",
+    "make_client",
+    "properties",
+    "publish_properties",
+    "set_nodelay",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +81,14 @@ class BrokerAddress:
         return hash((self.host, self.port))
 
 
+def properties(packet_type: int, *, content_type: bool = False) -> Properties:
+    """MQTT 5 properties for one packet type (paho's constructor is untyped: wrapped once)."""
+    props = Properties(packet_type)  # type: ignore[no-untyped-call]
+    if content_type:
+        props.ContentType = CONTENT_TYPE
+    return props
+
+
 def set_nodelay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
     """paho ``on_socket_open`` hook: disable Nagle on the broker connection."""
     if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -85,16 +101,13 @@ def make_client(
     will: tuple[str, bytes] | None = None,
     max_inflight: int = 64,
 ) -> mqtt.Client:
-    client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
-    )
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     client.on_socket_open = set_nodelay
     client.max_inflight_messages_set(max_inflight)
     client.max_queued_messages_set(0)
     if will is not None:
         topic, payload = will
-        props = Properties(PacketTypes.WILLMESSAGE)
-        props.ContentType = CONTENT_TYPE
+        props = properties(PacketTypes.WILLMESSAGE, content_type=True)
         client.will_set(topic, payload, qos=1, retain=True, properties=props)
     return client
 
@@ -117,9 +130,7 @@ def connect(
     accepted = threading.Event()
     refused: list[str] = []
 
-    def on_connect(
-        _c: mqtt.Client, _u: Any, _flags: Any, reason: Any, _props: Any
-    ) -> None:
+    def on_connect(_c: mqtt.Client, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if reason.is_failure:
             refused.append(str(reason))
             accepted.set()
@@ -129,7 +140,7 @@ def connect(
         accepted.set()
 
     client.on_connect = on_connect
-    props = Properties(PacketTypes.CONNECT)
+    props = properties(PacketTypes.CONNECT)
     if session_expiry_s:
         props.SessionExpiryInterval = session_expiry_s
     try:
@@ -151,8 +162,7 @@ def connect(
 
 
 def publish_properties(response_topic: str, correlation: bytes) -> Properties:
-    props = Properties(PacketTypes.PUBLISH)
+    props = properties(PacketTypes.PUBLISH, content_type=True)
     props.ResponseTopic = response_topic
     props.CorrelationData = correlation
-    props.ContentType = CONTENT_TYPE
     return props

@@ -8,6 +8,7 @@ this small supervisor holds the parent-death signal itself and passes terminatio
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -20,10 +21,9 @@ _PR_SET_PDEATHSIG = 1
 
 def main() -> int:
     parent = os.getppid()
-    try:
+    # Not Linux: no parent-death signal, but the daemon's own close() still stops the child.
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
-    except (OSError, AttributeError):  # not Linux: the daemon's own close() still stops it
-        pass
     if os.getppid() != parent:  # the daemon died before prctl took effect
         return 1
     child = subprocess.Popen(sys.argv[1:])

@@ -35,7 +35,7 @@ class _Upload:
     size: int
     path: Path
     received: int = 0
-    hasher: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
     touched: float = field(default_factory=time.monotonic)
 
 
@@ -68,7 +68,8 @@ class BlobStore:
         if len(chunk.data) > self._limits.max_chunk_bytes:
             raise UploadRefused(
                 ErrorCode.TOO_LARGE,
-                f"chunk of {len(chunk.data)} bytes over the limit of {self._limits.max_chunk_bytes}",
+                f"chunk of {len(chunk.data)} bytes over the limit of "
+                f"{self._limits.max_chunk_bytes}",
             )
         if chunk.offset + len(chunk.data) > chunk.size:
             raise UploadRefused(ErrorCode.MALFORMED, "chunk runs past the declared size")

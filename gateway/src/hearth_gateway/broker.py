@@ -111,7 +111,7 @@ class ManagedBroker:
         except KeyError:
             return
         os.chown(self._dir, user.pw_uid, user.pw_gid)
-        os.chmod(self._dir.parent, 0o711)
+        os.chmod(self._dir.parent, 0o711)  # noqa: S103 - traverse only, see above
 
     def _spawn(self, binary: str, conf: Path) -> None:
         # The wrapper sets PR_SET_PDEATHSIG before exec: if the daemon is SIGKILLed, the broker
@@ -150,8 +150,9 @@ class ManagedBroker:
             now = time.monotonic()
             self._restarts = [t for t in self._restarts if now - t < _RESTART_WINDOW_S]
             if len(self._restarts) >= _MAX_RESTARTS:
-                log.error("mosquitto died %d times in %.0f s; giving up", _MAX_RESTARTS,
-                          _RESTART_WINDOW_S)
+                log.error(
+                    "mosquitto died %d times in %.0f s; giving up", _MAX_RESTARTS, _RESTART_WINDOW_S
+                )
                 self.failed.set()
                 return
             self._restarts.append(now)

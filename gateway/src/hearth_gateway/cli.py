@@ -21,17 +21,24 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the gateway daemon in the foreground")
     run.add_argument("--config", type=Path, help="TOML configuration file")
-    run.add_argument("--state-dir", help="where state lives (default: $STATE_DIRECTORY or "
-                     "~/.local/state/hearth)")
-    run.add_argument("--listen", metavar="HOST:PORT",
-                     help="managed broker listener (default 127.0.0.1:1883)")
+    run.add_argument(
+        "--state-dir", help="where state lives (default: $STATE_DIRECTORY or ~/.local/state/hearth)"
+    )
+    run.add_argument(
+        "--listen", metavar="HOST:PORT", help="managed broker listener (default 127.0.0.1:1883)"
+    )
     run.add_argument("--broker", metavar="URL", help="use an external MQTT 5 broker instead")
     run.add_argument("--mdns-interface", metavar="IP", help="advertise on this interface only")
     run.add_argument("--no-mdns", action="store_true", help="do not advertise over mDNS")
     run.add_argument("--gateway-id", help="gateway id (default: the host name)")
     run.add_argument("--workers", type=int, help="worker processes (default: one per core)")
-    run.add_argument("--policy", action="append", default=[], metavar="FILE",
-                     help="policy TOML merged over the defaults (repeatable)")
+    run.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="policy TOML merged over the defaults (repeatable)",
+    )
     run.add_argument("-v", "--verbose", action="store_true")
     status = sub.add_parser("status", help="show the gateway's state")
     status.add_argument("--state-dir", help="the daemon's state directory")

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from types import FrameType
 
-
 from hearth.protocol import GatewayStatus, encode
 from hearth.transport import BrokerAddress
 from hearth_gateway import __version__, _systemd
@@ -172,7 +171,10 @@ class Gateway:
         _systemd.notify("READY=1", f"STATUS=serving as {self.gateway_id} on {self.listen}")
         log.info(
             "gateway %s ready: broker %s, %d workers, runners %s, providers %s",
-            self.gateway_id, self.listen, self.pool.size, ",".join(self.config.runners),
+            self.gateway_id,
+            self.listen,
+            self.pool.size,
+            ",".join(self.config.runners),
             ",".join(self.providers) or "-",
         )
 
@@ -278,5 +280,3 @@ class Gateway:
             log.exception("could not write the final status snapshot")
         self.store.close()
         log.info("gateway %s stopped", self.gateway_id)
-
-

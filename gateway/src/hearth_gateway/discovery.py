@@ -9,7 +9,12 @@ import logging
 import socket
 import threading
 
-from zeroconf import IPVersion, ServiceInfo, Zeroconf, get_all_addresses
+import ifaddr
+from zeroconf import (
+    IPVersion,
+    ServiceInfo,
+    Zeroconf,  # type: ignore[attr-defined]  # public, not in __all__
+)
 
 from hearth.protocol import SERVICE_TYPE
 from hearth.transport import BrokerAddress
@@ -30,7 +35,12 @@ def advertised_addresses(broker: BrokerAddress, interface_ip: str | None) -> lis
             return [socket.gethostbyname(host)]
     if interface_ip:
         return [interface_ip]
-    addresses = [a for a in get_all_addresses() if not a.startswith("127.")]
+    addresses = [
+        str(ip.ip)
+        for adapter in ifaddr.get_adapters()
+        for ip in adapter.ips
+        if ip.is_IPv4 and not str(ip.ip).startswith("127.")
+    ]
     return addresses or ["127.0.0.1"]
 
 

@@ -115,14 +115,22 @@ class Dispatcher:
             self._peer_log.warning(
                 "response-topic",
                 "dropping request from %s: Response Topic %r not under %r",
-                client_id, response_topic, reply_prefix(client_id),
+                client_id,
+                response_topic,
+                reply_prefix(client_id),
             )
             self.counters.refused += 1
             return
         if len(payload) > self._limits.max_message_bytes:
-            self._refuse(client_id, response_topic, correlation, qos, ErrorCode.TOO_LARGE,
-                         f"message of {len(payload)} bytes over the limit of "
-                         f"{self._limits.max_message_bytes}")
+            self._refuse(
+                client_id,
+                response_topic,
+                correlation,
+                qos,
+                ErrorCode.TOO_LARGE,
+                f"message of {len(payload)} bytes over the limit of "
+                f"{self._limits.max_message_bytes}",
+            )
             return
         try:
             request = decode_request(payload)
@@ -171,13 +179,27 @@ class Dispatcher:
         qos: int,
     ) -> None:
         if self.draining:
-            self._refuse(client_id, response_topic, correlation, qos, ErrorCode.SHUTTING_DOWN,
-                         "the gateway is shutting down", job.job_id)
+            self._refuse(
+                client_id,
+                response_topic,
+                correlation,
+                qos,
+                ErrorCode.SHUTTING_DOWN,
+                "the gateway is shutting down",
+                job.job_id,
+            )
             return
         runner = runner_for(job)
         if runner not in self._runners:
-            self._refuse(client_id, response_topic, correlation, qos, ErrorCode.UNSUPPORTED,
-                         f"runner {runner!r} is not enabled on this gateway", job.job_id)
+            self._refuse(
+                client_id,
+                response_topic,
+                correlation,
+                qos,
+                ErrorCode.UNSUPPORTED,
+                f"runner {runner!r} is not enabled on this gateway",
+                job.job_id,
+            )
             return
         sha = job.module if isinstance(job, WasmJob) else job.model
         if not self._blobs.has(sha):
@@ -208,8 +230,11 @@ class Dispatcher:
         refusal = self._admission.admit(client_id)
         if refusal is not None:
             self._store.forget(client_id, job.job_id)
-            reason = ("the gateway's queue is full" if refusal is ErrorCode.OVERLOADED
-                      else "too many jobs in flight for this device")
+            reason = (
+                "the gateway's queue is full"
+                if refusal is ErrorCode.OVERLOADED
+                else "too many jobs in flight for this device"
+            )
             self._refuse(client_id, response_topic, correlation, qos, refusal, reason, job.job_id)
             return
         self.counters.accepted += 1
@@ -262,7 +287,8 @@ class Dispatcher:
         job_id: str | None = None,
     ) -> None:
         self.counters.refused += 1
-        self._peer_log.warning(str(code), "refused request from %s: %s: %s", client_id, code,
-                               message)
+        self._peer_log.warning(
+            str(code), "refused request from %s: %s: %s", client_id, code, message
+        )
         error = Error(code=code, message=message, job_id=job_id)
         self._publish(response_topic, encode(error), correlation, qos)

@@ -8,6 +8,7 @@ afterwards; durability itself rests on the journal, not on the broker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -15,10 +16,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from hearth.protocol import CONTENT_TYPE, request_filter, status_topic
-from hearth.transport import BrokerAddress, connect, make_client
+from hearth.protocol import request_filter, status_topic
+from hearth.transport import BrokerAddress, connect, make_client, properties
 
 __all__ = ["GatewayLink", "RequestHandler"]
 
@@ -82,7 +82,7 @@ class GatewayLink:
         response_topic = getattr(props, "ResponseTopic", None)
         correlation = getattr(props, "CorrelationData", None)
         try:
-            self._on_request(msg.topic, msg.payload, response_topic, correlation, msg.qos)
+            self._on_request(msg.topic, bytes(msg.payload), response_topic, correlation, msg.qos)
         except Exception:  # keep paho's network thread alive whatever a handler does
             log.exception("unexpected error handling a message on %s", msg.topic)
 
@@ -90,15 +90,13 @@ class GatewayLink:
         self, topic: str, payload: bytes, correlation: bytes | None, qos: int = 1
     ) -> None:
         """Replies go out at the QoS the request came in with."""
-        props = Properties(PacketTypes.PUBLISH)
-        props.ContentType = CONTENT_TYPE
+        props = properties(PacketTypes.PUBLISH, content_type=True)
         if correlation is not None:
             props.CorrelationData = correlation
         self._client.publish(topic, payload, qos=qos, properties=props)
 
     def publish_status(self, payload: bytes) -> None:
-        props = Properties(PacketTypes.PUBLISH)
-        props.ContentType = CONTENT_TYPE
+        props = properties(PacketTypes.PUBLISH, content_type=True)
         self._client.publish(self._status_topic, payload, qos=1, retain=True, properties=props)
 
     def close(self) -> None:
@@ -107,14 +105,11 @@ class GatewayLink:
                 return
             self._closed = True
         if self.connected.is_set():
-            props = Properties(PacketTypes.PUBLISH)
-            props.ContentType = CONTENT_TYPE
+            props = properties(PacketTypes.PUBLISH, content_type=True)
             info = self._client.publish(
                 self._status_topic, self._offline_status, qos=1, retain=True, properties=props
             )
-            try:
+            with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=2)
-            except (RuntimeError, ValueError):
-                pass
             self._client.disconnect()
         self._client.loop_stop()

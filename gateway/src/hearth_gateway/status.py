@@ -68,10 +68,11 @@ def _alive(pid: int) -> bool:
 
 def format_status(s: StatusSnapshot) -> str:
     uptime_s = (s.updated_at if s.state != "online" else time.time()) - s.started_at
+    broker_kind = f"managed, pid {s.broker_pid}" if s.managed_broker else "external"
     lines = [
         f"gateway     {s.gateway_id}  ({s.state}, pid {s.pid}, version {s.version})",
         f"uptime      {_duration(uptime_s)}",
-        f"broker      {s.broker} ({'managed, pid ' + str(s.broker_pid) if s.managed_broker else 'external'})",
+        f"broker      {s.broker} ({broker_kind})",
         f"mDNS        {'advertising _hearth._tcp' if s.mdns else 'off'}",
         f"runners     {', '.join(s.runners)}",
         f"onnx on     {', '.join(s.providers) or '-'}",

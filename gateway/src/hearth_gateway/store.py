@@ -45,7 +45,7 @@ class Store:
 
     def _migrate(self) -> None:
         if "jobs" not in self._db.table_names():
-            self._db["jobs"].create(
+            self._db.table("jobs").create(
                 {
                     "client_id": str,
                     "job_id": str,
@@ -59,9 +59,9 @@ class Store:
                 },
                 pk=("client_id", "job_id"),
             )
-            self._db["jobs"].create_index(["state"])
+            self._db.table("jobs").create_index(["state"])
         if "blobs" not in self._db.table_names():
-            self._db["blobs"].create(
+            self._db.table("blobs").create(
                 {"sha256": str, "size": int, "stored_at": float, "last_used": float},
                 pk="sha256",
             )

@@ -15,8 +15,8 @@ import sys
 
 import msgspec
 
-from hearth.protocol import Error, encode
 from hearth.errors import ErrorCode
+from hearth.protocol import Error, encode
 from hearth_gateway._frames import read_frame, write_frame
 from hearth_gateway.runners import REGISTRY, Runner, WorkerSettings, WorkItem, runner_for
 
@@ -62,8 +62,8 @@ def main(argv: list[str]) -> int:
             break
         item = decoder.decode(frame)
         name = runner_for(item.job)
-        runner = runners.get(name)
-        if runner is None:
+        chosen = runners.get(name)
+        if chosen is None:
             reply = Error(
                 code=ErrorCode.UNSUPPORTED,
                 message=f"runner {name!r} not enabled on this gateway",
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
             )
             write_frame(out_fd, encode(reply))
             continue
-        write_frame(out_fd, encode(runner.run(item)))
+        write_frame(out_fd, encode(chosen.run(item)))
     for runner in runners.values():
         runner.close()
     return 0

@@ -57,7 +57,8 @@ class _Worker:
             stdout=subprocess.PIPE,
             close_fds=True,
         )
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
         self._in = self.proc.stdin.fileno()
         self._out = self.proc.stdout.fileno()
         hello = msgspec.msgpack.decode(
@@ -104,7 +105,7 @@ class _Lane(threading.Thread):
         # kernel's parent-death signal fires when the *thread* that forked it exits.
         try:
             self.start_worker()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported to start(), which raises it
             self.start_error = exc
             return
         finally:
@@ -144,8 +145,11 @@ class _Lane(threading.Thread):
         timeout_s = pool.onnx_timeout_s if isinstance(item.job, OnnxJob) else pool.wasm_timeout_s
         if self.worker is not None and self.worker.proc.poll() is not None:
             # Died while idle (the OOM killer, an operator's kill): replace it before use.
-            log.warning("%s: idle worker exited with %s; replacing it", self.name,
-                        self.worker.proc.returncode)
+            log.warning(
+                "%s: idle worker exited with %s; replacing it",
+                self.name,
+                self.worker.proc.returncode,
+            )
             self.worker.close(kill=True)
             self.worker = None
             pool.restarts += 1
@@ -155,15 +159,23 @@ class _Lane(threading.Thread):
         try:
             return self.worker.call(work, timeout_s), True
         except FrameTimeout:
-            log.warning("%s: job %s over %.0f s wall clock; killing its worker",
-                        self.name, item.job.job_id, timeout_s)
+            log.warning(
+                "%s: job %s over %.0f s wall clock; killing its worker",
+                self.name,
+                item.job.job_id,
+                timeout_s,
+            )
             code, message = ErrorCode.TIMEOUT, f"over the wall-clock limit of {timeout_s} s"
             final = True  # it would overrun again
             self.worker.close(kill=True)
         except (EOFError, BrokenPipeError):
             rc = self.worker.proc.poll()
-            log.warning("%s: worker died (exit %s) running job %s; replacing it",
-                        self.name, rc, item.job.job_id)
+            log.warning(
+                "%s: worker died (exit %s) running job %s; replacing it",
+                self.name,
+                rc,
+                item.job.job_id,
+            )
             code, message = ErrorCode.WORKER_CRASHED, f"worker process died (exit status {rc})"
             final = False  # may be a bug or a kill from outside: let a retry run it again
             self.worker.close(kill=True)
@@ -241,6 +253,6 @@ class WorkerPool:
             if lane.worker is not None:
                 lane.worker.close(kill=True)
         if any(lane.is_alive() for lane in self._lanes):
-            log.warning("worker lanes still busy after %.0f s; their workers were killed", timeout_s)
-
-
+            log.warning(
+                "worker lanes still busy after %.0f s; their workers were killed", timeout_s
+            )

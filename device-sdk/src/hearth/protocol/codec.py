@@ -3,7 +3,7 @@ dict from the network."""
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import msgspec
 
@@ -35,7 +35,7 @@ def encode(message: msgspec.Struct) -> bytes:
     return _encoder.encode(message)
 
 
-def _decode(decoder: msgspec.msgpack.Decoder[T], payload: bytes) -> T:
+def _decode(decoder: msgspec.msgpack.Decoder[T], payload: bytes | bytearray) -> T:
     try:
         message = decoder.decode(payload)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -50,7 +50,7 @@ def _decode(decoder: msgspec.msgpack.Decoder[T], payload: bytes) -> T:
     return message
 
 
-def _raise_if_other_version(payload: bytes) -> None:
+def _raise_if_other_version(payload: bytes | bytearray) -> None:
     try:
         head = _head_decoder.decode(payload)
     except (msgspec.DecodeError, msgspec.ValidationError):
@@ -62,13 +62,13 @@ def _raise_if_other_version(payload: bytes) -> None:
         )
 
 
-def decode_request(payload: bytes) -> Request:
-    return _decode(_request_decoder, payload)
+def decode_request(payload: bytes | bytearray) -> Request:
+    return cast(Request, _decode(_request_decoder, payload))
 
 
-def decode_reply(payload: bytes) -> Reply:
-    return _decode(_reply_decoder, payload)
+def decode_reply(payload: bytes | bytearray) -> Reply:
+    return cast(Reply, _decode(_reply_decoder, payload))
 
 
-def decode_status(payload: bytes) -> GatewayStatus:
+def decode_status(payload: bytes | bytearray) -> GatewayStatus:
     return _decode(_status_decoder, payload)

@@ -21,6 +21,7 @@ __all__ = [
     "BlobChunk",
     "BlobStored",
     "DataClass",
+    "Dtype",
     "Error",
     "GatewayStatus",
     "NeedBlob",
@@ -76,11 +77,11 @@ class Timing(msgspec.Struct, frozen=True):
 # --- requests: device -> gateway, on hearth/v1/gw/{gateway}/req/{client} ---------------------
 
 
-class Ping(_Message, tag="ping"):
+class Ping(_Message, frozen=True, tag="ping"):
     """Round-trip probe; answered with Pong. Devices use it to measure latency and load."""
 
 
-class WasmJob(_Message, tag="wasm"):
+class WasmJob(_Message, frozen=True, tag="wasm"):
     """Run a WASI command module (named by hash) with args and stdin."""
 
     job_id: JobId
@@ -90,7 +91,7 @@ class WasmJob(_Message, tag="wasm"):
     data_class: DataClass = "private"
 
 
-class OnnxJob(_Message, tag="onnx"):
+class OnnxJob(_Message, frozen=True, tag="onnx"):
     """Run an ONNX model (named by hash) on named input tensors."""
 
     job_id: JobId
@@ -100,7 +101,7 @@ class OnnxJob(_Message, tag="onnx"):
     data_class: DataClass = "private"
 
 
-class BlobChunk(_Message, tag="blob"):
+class BlobChunk(_Message, frozen=True, tag="blob"):
     """One chunk of a content-addressed upload. Chunks are sent in order; the gateway answers
     the last one (``offset + len(data) == size``) with BlobStored, or any one with an Error."""
 
@@ -116,14 +117,14 @@ Request = Ping | WasmJob | OnnxJob | BlobChunk
 # --- replies: gateway -> device, on the request's Response Topic ------------------------------
 
 
-class Pong(_Message, tag="pong"):
+class Pong(_Message, frozen=True, tag="pong"):
     gateway_id: str
     queue_depth: int
     workers: int
     load: float  # jobs queued or running per worker
 
 
-class WasmResult(_Message, tag="wasm_result"):
+class WasmResult(_Message, frozen=True, tag="wasm_result"):
     job_id: str
     exit_code: int
     stdout: bytes
@@ -131,14 +132,14 @@ class WasmResult(_Message, tag="wasm_result"):
     timing: Timing = Timing()
 
 
-class OnnxResult(_Message, tag="onnx_result"):
+class OnnxResult(_Message, frozen=True, tag="onnx_result"):
     job_id: str
     outputs: list[Tensor]
     provider: str  # the onnxruntime execution provider that ran it
     timing: Timing = Timing()
 
 
-class NeedBlob(_Message, tag="need_blob"):
+class NeedBlob(_Message, frozen=True, tag="need_blob"):
     """The job names a blob the gateway does not hold: upload it, then send the job again."""
 
     job_id: str
@@ -146,12 +147,12 @@ class NeedBlob(_Message, tag="need_blob"):
     max_chunk: int  # bytes of ``data`` per BlobChunk the gateway accepts
 
 
-class BlobStored(_Message, tag="blob_stored"):
+class BlobStored(_Message, frozen=True, tag="blob_stored"):
     sha256: str
     size: int
 
 
-class Error(_Message, tag="error"):
+class Error(_Message, frozen=True, tag="error"):
     code: ErrorCode
     message: str
     job_id: str | None = None
@@ -163,7 +164,7 @@ Reply = Pong | WasmResult | OnnxResult | NeedBlob | BlobStored | Error
 # --- retained status: hearth/v1/gw/{gateway}/status -------------------------------------------
 
 
-class GatewayStatus(_Message, tag="status"):
+class GatewayStatus(_Message, frozen=True, tag="status"):
     """Retained on the status topic. The gateway's MQTT Last Will publishes the same message with
     ``state="offline"`` so devices learn at once that a gateway died."""
 

@@ -15,10 +15,10 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hearth.errors import ErrorCode, JobError, LocalRuntimeUnavailable
-from hearth.protocol.messages import Tensor
+from hearth.protocol.messages import Dtype, Tensor
 
 try:
     import numpy as np
@@ -96,7 +96,7 @@ def array_to_tensor(name: str, array: Any) -> Tensor:
     dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
     return Tensor(
         name=name,
-        dtype=str(np.dtype(dtype.name)),
+        dtype=cast(Dtype, str(np.dtype(dtype.name))),
         shape=list(array.shape),
         data=array.astype(dtype, copy=False).tobytes(),
     )
@@ -207,7 +207,9 @@ class OnnxRuntime:
         except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
             message = str(exc).strip().splitlines()[0][:300] if str(exc) else repr(exc)
             raise JobError(ErrorCode.BAD_TENSOR, message) from None
-        tensors = [array_to_tensor(name, value) for name, value in zip(wanted, results, strict=True)]
+        tensors = [
+            array_to_tensor(name, value) for name, value in zip(wanted, results, strict=True)
+        ]
         return tensors, loaded.provider
 
     @staticmethod

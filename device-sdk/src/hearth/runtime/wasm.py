@@ -23,7 +23,7 @@ from hearth.runtime.limits import WasmLimits
 try:
     import wasmtime
 except ImportError:  # pragma: no cover - exercised only without the `local` extra
-    wasmtime = None
+    wasmtime = None  # type: ignore[assignment]
 
 __all__ = ["WasmOutcome", "WasmRuntime"]
 
