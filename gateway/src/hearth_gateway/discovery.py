@@ -10,11 +10,7 @@ import socket
 import threading
 
 import ifaddr
-from zeroconf import (
-    IPVersion,
-    ServiceInfo,
-    Zeroconf,  # type: ignore[attr-defined]  # public, not in __all__
-)
+from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
 from hearth.protocol import SERVICE_TYPE
 from hearth.transport import BrokerAddress
