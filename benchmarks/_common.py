@@ -44,12 +44,10 @@ from typing import Any, Self
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from hearth import Client
 from hearth.errors import GatewayUnavailable
-from hearth.protocol import CONTENT_TYPE
-from hearth.transport import BrokerAddress, connect, make_client, publish_properties
+from hearth.transport import BrokerAddress, connect, make_client, properties, publish_properties
 from hearth_gateway.broker import find_mosquitto, mosquitto_config
 from hearth_gateway.policy import LimitsPolicy
 
@@ -382,8 +380,7 @@ class _EchoResponder:
         response_topic = getattr(msg.properties, "ResponseTopic", None)
         if response_topic is None:
             return
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.ContentType = CONTENT_TYPE
+        props = properties(PacketTypes.PUBLISH, content_type=True)  # as the gateway's link
         props.CorrelationData = getattr(msg.properties, "CorrelationData", b"")
         client.publish(response_topic, msg.payload, qos=msg.qos, properties=props)
 

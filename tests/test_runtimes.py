@@ -36,9 +36,9 @@ def test_wasm_sandbox_has_no_environment_and_no_filesystem(runtime: WasmRuntime,
 
 def test_tampered_module_bytes_are_refused(runtime: WasmRuntime, wasm):
     data = wasm["echo"].read_bytes()
+    tampered = bytearray(data)
+    tampered[len(data) // 2] ^= 0xFF
     with pytest.raises(JobError) as info:
-        tampered = bytearray(data)
-        tampered[len(data) // 2] ^= 0xFF
         runtime.run(_sha(data), wasm=bytes(tampered))
     assert info.value.code == ErrorCode.HASH_MISMATCH
 

@@ -1,0 +1,88 @@
+"""The `hearth` command line, as a person would use it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _hearth(*args: str, stdin: bytes = b"", env: dict[str, str] | None = None):
+    return subprocess.run(
+        [sys.executable, "-m", "hearth.cli", *args],
+        input=stdin,
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def test_run_offloads_like_wasmtime_run(gateway, wasm) -> None:
+    result = _hearth(
+        "run",
+        "--gateway",
+        gateway.address,
+        "--where",
+        "edge",
+        "--explain",
+        str(wasm["echo"]),
+        "--exit",
+        "4",
+        "hello",
+        stdin=b"frame bytes",
+    )
+    assert result.returncode == 4
+    assert result.stdout == b"frame byteshello\n"
+    assert f"ran on edge ({gateway.gateway_id})".encode() in result.stderr
+
+
+def test_run_falls_back_to_the_device_without_a_gateway(wasm) -> None:
+    result = _hearth(
+        "run", "--explain", str(wasm["echo"]), stdin=b"x", env={"HEARTH_GATEWAY": "127.0.0.1:1"}
+    )
+    assert result.returncode == 0
+    assert result.stdout == b"x"
+    assert b"ran on local" in result.stderr
+    assert b"no gateway reachable" in result.stderr
+
+
+def test_failed_job_exits_125_with_the_code(gateway, wasm) -> None:
+    result = _hearth("run", "--gateway", gateway.address, "--where", "edge", str(wasm["trap"]))
+    assert result.returncode == 125
+    assert b"trap" in result.stderr
+
+
+def test_infer_writes_npy_outputs(gateway, examples, tmp_path: Path) -> None:
+    x = np.load(examples / "models" / "digits_test_X.npy")[:20]
+    y = np.load(examples / "models" / "digits_test_y.npy")[:20]
+    np.save(tmp_path / "x.npy", x)
+    result = _hearth(
+        "infer",
+        "--gateway",
+        gateway.address,
+        "--where",
+        "edge",
+        str(examples / "models" / "digits.onnx"),
+        "--input",
+        f"input={tmp_path / 'x.npy'}",
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert result.returncode == 0, result.stderr
+    labels = np.load(tmp_path / "out" / "label.npy")
+    assert (labels == y).mean() >= 0.9
+
+
+def test_discover_json_on_loopback(make_gateway) -> None:
+    gw = make_gateway("--mdns-interface", "127.0.0.1")
+    result = _hearth("discover", "--json", "--interface", "127.0.0.1", "--timeout", "2")
+    assert result.returncode == 0, result.stderr
+    found = {g["gateway_id"]: g for g in json.loads(result.stdout)}
+    assert gw.gateway_id in found
+    assert found[gw.gateway_id]["broker"] == gw.address
+    assert found[gw.gateway_id]["rtt_ms"] > 0
