@@ -4,16 +4,11 @@ a 4-byte big-endian length, then that many bytes of MessagePack."""
 from __future__ import annotations
 
 import os
-import select
 import struct
 
-__all__ = ["FrameTimeout", "read_frame", "write_frame"]
+__all__ = ["FrameReader", "read_frame", "write_frame"]
 
 _HEADER = struct.Struct(">I")
-
-
-class FrameTimeout(Exception):
-    """No complete frame arrived in time."""
 
 
 def write_frame(fd: int, payload: bytes) -> None:
@@ -23,15 +18,15 @@ def write_frame(fd: int, payload: bytes) -> None:
         data = data[written:]
 
 
-def _read_exact(fd: int, n: int, deadline_s: float | None) -> bytes:
-    import time
+def read_frame(fd: int) -> bytes:
+    """Blocking read of one frame (the worker's side). Raises EOFError when the pipe closes."""
+    (length,) = _HEADER.unpack(_read_exact(fd, _HEADER.size))
+    return _read_exact(fd, length)
 
+
+def _read_exact(fd: int, n: int) -> bytes:
     chunks: list[bytes] = []
     while n:
-        if deadline_s is not None:
-            left = deadline_s - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise FrameTimeout
         chunk = os.read(fd, min(n, 1 << 20))
         if not chunk:
             raise EOFError("peer closed the pipe")
@@ -40,8 +35,20 @@ def _read_exact(fd: int, n: int, deadline_s: float | None) -> bytes:
     return b"".join(chunks)
 
 
-def read_frame(fd: int, deadline_s: float | None = None) -> bytes:
-    """Read one frame; ``deadline_s`` is a time.monotonic() value. Raises EOFError when the
-    other side is gone, FrameTimeout past the deadline."""
-    (length,) = _HEADER.unpack(_read_exact(fd, _HEADER.size, deadline_s))
-    return _read_exact(fd, length, deadline_s)
+class FrameReader:
+    """Non-blocking side (the daemon's): feed it whatever a read returned, take whole frames."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        frames: list[bytes] = []
+        while len(self._buffer) >= _HEADER.size:
+            (length,) = _HEADER.unpack_from(self._buffer)
+            end = _HEADER.size + length
+            if len(self._buffer) < end:
+                break
+            frames.append(bytes(self._buffer[_HEADER.size : end]))
+            del self._buffer[:end]
+        return frames

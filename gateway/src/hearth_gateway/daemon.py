@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -26,6 +25,7 @@ from hearth_gateway.discovery import Advertiser
 from hearth_gateway.dispatch import Dispatcher
 from hearth_gateway.errors import ConfigError
 from hearth_gateway.link import GatewayLink
+from hearth_gateway.loop import Loop
 from hearth_gateway.policy import Admission, Policy, load_policy
 from hearth_gateway.runners import REGISTRY, WorkerSettings
 from hearth_gateway.status import StatusSnapshot, write_snapshot
@@ -56,12 +56,14 @@ class Gateway:
             raise ConfigError(str(exc)) from None
         self.providers = available_providers() if "onnx" in config.runners else []
         self.started_at = time.time()
-        self._stop = threading.Event()
+        self._stopping = False
         self._closed = False
-        self._close_lock = threading.Lock()
         self.broker: ManagedBroker | None = None
         self.advertiser: Advertiser | None = None
-        self._housekeeper: threading.Thread | None = None
+        self.loop = Loop()
+        self._last_status = b""
+        self._last_gc = 0.0
+        self._watchdog_s = _systemd.watchdog_interval_s()
 
         # Everything the daemon writes (journal, blobs, keys later) is private to it.
         os.umask(0o077)
@@ -80,6 +82,7 @@ class Gateway:
             providers=self.providers,
         )
         self.pool = WorkerPool(
+            self.loop,
             settings,
             workers,
             self._completed,
@@ -87,7 +90,7 @@ class Gateway:
             onnx_timeout_s=self.policy.onnx.wall_timeout_s,
         )
         self.link = GatewayLink(
-            self.listen, self.gateway_id, self._handle, encode(self._status("offline"))
+            self.loop, self.listen, self.gateway_id, self._handle, encode(self._status("offline"))
         )
         self.dispatcher = Dispatcher(
             gateway_id=self.gateway_id,
@@ -163,10 +166,8 @@ class Gateway:
                 self.gateway_id, self.listen, self._txt(), self.config.mdns_interface or None
             )
             self.advertiser.start()
-        self._housekeeper = threading.Thread(
-            target=self._housekeeping, name="hearth-housekeeping", daemon=True
-        )
-        self._housekeeper.start()
+        self.loop.every(min(_HOUSEKEEPING_S, self._watchdog_s or _HOUSEKEEPING_S),
+                        self._housekeeping)  # fmt: skip
         self._write_snapshot("online")
         _systemd.notify("READY=1", f"STATUS=serving as {self.gateway_id} on {self.listen}")
         log.info(
@@ -179,30 +180,23 @@ class Gateway:
         )
 
     def _housekeeping(self) -> None:
-        watchdog = _systemd.watchdog_interval_s()
-        last_status = b""
-        last_gc = 0.0
-        while not self._stop.wait(min(_HOUSEKEEPING_S, watchdog or _HOUSEKEEPING_S)):
-            try:
-                status = encode(self._status("online"))
-                if status != last_status and self.link.connected.is_set():
-                    self.link.publish_status(status)
-                    last_status = status
-                if self.advertiser is not None:
-                    self.advertiser.update(self._txt())
-                self.blobs.expire_uploads()
-                if time.monotonic() - last_gc > 600:
-                    self.store.expire_answers(self.policy.limits.answer_retention_s)
-                    last_gc = time.monotonic()
-                self._write_snapshot("online")
-                if self.broker is not None and self.broker.failed.is_set():
-                    log.error("the managed broker keeps dying; stopping")
-                    self._stop.set()
-                    break
-                # Only a healthy loop pets the watchdog: a wedged daemon gets restarted.
-                _systemd.notify("WATCHDOG=1")
-            except Exception:
-                log.exception("housekeeping failed")
+        status = encode(self._status("online"))
+        if status != self._last_status and self.link.connected:
+            self.link.publish_status(status)
+            self._last_status = status
+        if self.advertiser is not None:
+            self.advertiser.update(self._txt())
+        self.blobs.expire_uploads()
+        if time.monotonic() - self._last_gc > 600:
+            self.store.expire_answers(self.policy.limits.answer_retention_s)
+            self._last_gc = time.monotonic()
+        self._write_snapshot("online")
+        if self.broker is not None and self.broker.failed.is_set():
+            log.error("the managed broker keeps dying; stopping")
+            self._stopping = True
+            return
+        # Only a loop that gets here pets the watchdog: a wedged daemon gets restarted.
+        _systemd.notify("WATCHDOG=1")
 
     def _write_snapshot(self, state: str) -> None:
         count, size = self.store.blob_totals()
@@ -241,37 +235,38 @@ class Gateway:
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
             log.info("received %s; shutting down", signal.Signals(signum).name)
-            self._stop.set()
+            self._stopping = True
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        self.loop.wake_on_signals()
         try:
             self.start()
-            while not self._stop.wait(1.0):
-                pass
+            self.loop.run_until(lambda: self._stopping)
         finally:
             self.close()
         failed = self.broker is not None and self.broker.failed.is_set()
         return 1 if failed else 0
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping = True
 
-    def close(self) -> None:
-        with self._close_lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._stop.set()
+    def close(self, drain_timeout_s: float = 20.0) -> None:
+        """Stop serving. Idempotent. Queued and running jobs get ``drain_timeout_s`` to finish
+        and be answered; what is still queued after that stays journaled for the next start."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping = True
         _systemd.notify("STOPPING=1")
         if self.advertiser is not None:
             self.advertiser.close()
         self.dispatcher.draining = True
-        # Drain: queued and running jobs finish and are answered while the link is still up.
-        self.pool.close(timeout_s=20.0)
+        if not self.loop.run_until(lambda: self.pool.idle, drain_timeout_s):
+            log.warning("jobs still running after %.0f s; they will be re-run on the next start",
+                        drain_timeout_s)  # fmt: skip
+        self.pool.close()
         self.link.close()  # retained status -> offline
-        if self._housekeeper is not None:
-            self._housekeeper.join(timeout=5)
         if self.broker is not None:
             self.broker.close()
         try:
@@ -279,4 +274,5 @@ class Gateway:
         except Exception:
             log.exception("could not write the final status snapshot")
         self.store.close()
+        self.loop.close()
         log.info("gateway %s stopped", self.gateway_id)

@@ -1,4 +1,9 @@
-"""The gateway's MQTT 5 connection: requests in, replies and retained status out.
+"""The gateway's MQTT 5 connection, driven by the daemon's loop: requests in, replies and
+retained status out.
+
+paho runs without its own thread: the loop calls ``loop_read`` when the socket is readable,
+``loop_write`` while paho has bytes queued, and ``loop_misc`` every second (keep-alive). A
+publish from the loop's thread goes straight to the socket.
 
 The Last Will is the retained ``offline`` status, so devices learn within one broker tick that a
 gateway died (SIGKILL included: the broker sees the socket close). The session is persistent
@@ -8,17 +13,19 @@ afterwards; durability itself rests on the journal, not on the broker.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
+import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 
+from hearth.errors import GatewayUnavailable
 from hearth.protocol import request_filter, status_topic
-from hearth.transport import BrokerAddress, connect, make_client, properties
+from hearth.transport import BrokerAddress, make_client, properties
+from hearth_gateway.loop import Loop
 
 __all__ = ["GatewayLink", "RequestHandler"]
 
@@ -28,16 +35,20 @@ log = logging.getLogger(__name__)
 RequestHandler = Callable[[str, bytes, str | None, bytes | None, int], None]
 
 _SESSION_EXPIRY_S = 3600
+_KEEPALIVE_S = 15
+_RECONNECT_MAX_S = 10.0
 
 
 class GatewayLink:
     def __init__(
         self,
+        loop: Loop,
         address: BrokerAddress,
         gateway_id: str,
         on_request: RequestHandler,
         offline_status: bytes,
     ) -> None:
+        self.loop = loop
         self.address = address
         self._gateway_id = gateway_id
         self._on_request = on_request
@@ -45,37 +56,123 @@ class GatewayLink:
         self._client = make_client(
             f"hearth-gw-{gateway_id}", will=(self._status_topic, offline_status), max_inflight=256
         )
+        self._client.on_connect = self._connected
         self._client.on_message = self._message
         self._client.on_disconnect = self._disconnected
         self._offline_status = offline_status
         self._online_status: bytes | None = None
-        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._fd = -1  # kept: paho may close the socket before we unregister it
         self._closed = False
-        self.connected = threading.Event()
+        self._backoff_s = 0.5
+        self.connected = False
+        self.refused: str | None = None
 
-    def start(self, online_status: bytes) -> None:
+    # -- connection ---------------------------------------------------------------------------
+
+    def start(self, online_status: bytes, timeout_s: float = 10.0) -> None:
+        """Connect, subscribe and announce; returns once the broker accepted us."""
         self._online_status = online_status
-        connect(
-            self._client,
-            self.address,
-            clean_start=False,
-            session_expiry_s=_SESSION_EXPIRY_S,
-            on_connected=self._connected,
-        )
+        self._open()
+        self.loop.every(1.0, self._misc)
+        if not self.loop.run_until(lambda: self.connected or self.refused is not None, timeout_s):
+            raise GatewayUnavailable(f"no CONNACK from {self.address} within {timeout_s} s")
+        if self.refused is not None:
+            raise GatewayUnavailable(f"broker {self.address} refused us: {self.refused}")
 
-    def _connected(self) -> None:
-        # Runs on every (re)connect: after a broker restart the subscription and the retained
+    def _open(self) -> None:
+        props = properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = _SESSION_EXPIRY_S
+        self._client.connect(
+            self.address.host,
+            self.address.port,
+            keepalive=_KEEPALIVE_S,
+            clean_start=False,
+            properties=props,
+        )
+        self._watch()
+
+    def _watch(self) -> None:
+        sock = self._client.socket()
+        if not isinstance(sock, socket.socket):
+            raise GatewayUnavailable("paho returned no socket")
+        self._sock = sock
+        self._fd = sock.fileno()
+        self.loop.add_reader(self._fd, self._readable)
+        self._flush()
+
+    def _unwatch(self) -> None:
+        if self._sock is not None:
+            self.loop.remove_reader(self._fd)
+            self.loop.remove_writer(self._fd)
+            self._sock = None
+            self._fd = -1
+
+    def _connected(self, _c: mqtt.Client, _u: Any, _flags: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            self.refused = str(reason)
+            return
+        # On every (re)connect: after a broker restart the subscription and the retained
         # online status must be put back.
         self._client.subscribe(request_filter(self._gateway_id), qos=1)
         if self._online_status is not None:
             self.publish_status(self._online_status)
-        self.connected.set()
+        self.connected = True
+        self._backoff_s = 0.5
         log.info("connected to broker %s", self.address)
 
     def _disconnected(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        self.connected.clear()
+        self.connected = False
         if not self._closed:
-            log.warning("lost the broker connection (%s); paho reconnects", reason)
+            log.warning("lost the broker connection (%s)", reason)
+
+    def _lost(self) -> None:
+        self._unwatch()
+        self.connected = False
+        if self._closed:
+            return
+        delay, self._backoff_s = self._backoff_s, min(self._backoff_s * 2, _RECONNECT_MAX_S)
+        self.loop.call_later(delay, self._reconnect)
+
+    def _reconnect(self) -> None:
+        if self._closed:
+            return
+        try:
+            self._client.reconnect()
+            self._watch()
+        except (OSError, GatewayUnavailable) as exc:
+            log.warning("reconnecting to %s failed: %s", self.address, exc)
+            self._lost()
+
+    # -- I/O ----------------------------------------------------------------------------------
+
+    def _readable(self) -> None:
+        rc = self._client.loop_read()
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            self._lost()
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._sock is None:
+            return
+        if self._client.want_write():
+            rc = self._client.loop_write()
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                self._lost()
+                return
+        if self._client.want_write():
+            self.loop.add_writer(self._fd, self._flush)
+        else:
+            self.loop.remove_writer(self._fd)
+
+    def _misc(self) -> None:
+        if self._sock is None:
+            return
+        if self._client.loop_misc() != mqtt.MQTT_ERR_SUCCESS:
+            self._lost()
+            return
+        self._flush()
 
     def _message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         props = msg.properties
@@ -83,7 +180,7 @@ class GatewayLink:
         correlation = getattr(props, "CorrelationData", None)
         try:
             self._on_request(msg.topic, bytes(msg.payload), response_topic, correlation, msg.qos)
-        except Exception:  # keep paho's network thread alive whatever a handler does
+        except Exception:  # a handler's bug must not take the connection down
             log.exception("unexpected error handling a message on %s", msg.topic)
 
     def publish_reply(
@@ -94,22 +191,30 @@ class GatewayLink:
         if correlation is not None:
             props.CorrelationData = correlation
         self._client.publish(topic, payload, qos=qos, properties=props)
+        self._flush()
 
     def publish_status(self, payload: bytes) -> None:
         props = properties(PacketTypes.PUBLISH, content_type=True)
         self._client.publish(self._status_topic, payload, qos=1, retain=True, properties=props)
+        self._flush()
 
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        if self.connected.is_set():
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Publish the offline status, disconnect. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.connected:
             props = properties(PacketTypes.PUBLISH, content_type=True)
             info = self._client.publish(
                 self._status_topic, self._offline_status, qos=1, retain=True, properties=props
             )
-            with contextlib.suppress(RuntimeError, ValueError):
-                info.wait_for_publish(timeout=2)
+            self._flush()
+            deadline = time.monotonic() + timeout_s
+            self.loop.run_until(lambda: info.is_published() or self._sock is None,
+                                max(0.0, deadline - time.monotonic()))  # fmt: skip
             self._client.disconnect()
-        self._client.loop_stop()
+            self._flush()
+        self._unwatch()
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):
+            sock.close()

@@ -1,19 +1,22 @@
-"""Supervised worker processes. Concurrency model of the daemon: threads, each named and owned.
+"""Supervised worker processes, driven by the daemon's loop (loop.py).
 
-Each ``_Lane`` thread owns one worker process and feeds it one job at a time from the shared
-queue, so a slow job holds one lane and never the MQTT loop. A worker that dies (crash) or
-overruns the wall-clock limit (killed) costs that job only: it is answered with an error and the
-lane starts a fresh worker before taking the next job.
+Each worker runs one job at a time; the pool hands queued jobs to idle workers as they free up.
+A worker that dies mid-job (a crash in a native runtime) or overruns the wall-clock limit (it is
+killed) costs that job only: the job is answered with an error and a fresh worker is started.
+Workers are started from the loop's thread, which lives as long as the daemon: the kernel's
+parent-death signal (set by each worker) fires when the thread that forked it exits.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import logging
-import queue
+import os
 import subprocess
 import sys
-import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,7 +24,8 @@ import msgspec
 
 from hearth.errors import ErrorCode
 from hearth.protocol import Error, OnnxJob, encode
-from hearth_gateway._frames import FrameTimeout, read_frame, write_frame
+from hearth_gateway._frames import FrameReader, write_frame
+from hearth_gateway.loop import Loop, Timer
 from hearth_gateway.runners import Job, WorkerSettings, WorkItem
 
 __all__ = ["QueuedJob", "WorkerPool"]
@@ -29,6 +33,7 @@ __all__ = ["QueuedJob", "WorkerPool"]
 log = logging.getLogger(__name__)
 
 _READY_TIMEOUT_S = 60.0  # importing onnxruntime on a small ARM box is slow
+_RESPAWN_BACKOFF_S = 1.0  # after a worker fails to start
 
 
 @dataclass(slots=True)
@@ -43,16 +48,33 @@ class QueuedJob:
 
 
 # (job, encoded reply, final): final is False for failures of the gateway's own making
-# (a crashed worker, an internal error) that a retry with the same job id should run again.
+# (a crashed worker) that a retry with the same job id should run again.
 ReplySink = Callable[[QueuedJob, bytes, bool], None]
 
 
-class _Worker:
-    """One worker process and its pipes."""
+class _State(enum.Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    DEAD = "dead"
 
-    def __init__(self, settings_json: str, name: str) -> None:
+
+class _Worker:
+    def __init__(self, pool: WorkerPool, index: int) -> None:
+        self.pool = pool
+        self.name = f"worker-{index}"
+        self.state = _State.DEAD
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.job: QueuedJob | None = None
+        self.deadline: Timer | None = None
+        self.info: dict[str, object] = {}
+        self._reader = FrameReader()
+        self._out = -1
+        self._in = -1
+
+    def spawn(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hearth_gateway.worker", settings_json],
+            [sys.executable, "-m", "hearth_gateway.worker", self.pool.settings_json],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,
@@ -61,137 +83,126 @@ class _Worker:
         assert self.proc.stdout is not None
         self._in = self.proc.stdin.fileno()
         self._out = self.proc.stdout.fileno()
-        hello = msgspec.msgpack.decode(
-            read_frame(self._out, time.monotonic() + _READY_TIMEOUT_S), type=dict[str, object]
+        os.set_blocking(self._out, False)
+        self._reader = FrameReader()
+        self.state = _State.STARTING
+        self.pool.loop.add_reader(self._out, self._readable)
+        self.deadline = self.pool.loop.call_later(_READY_TIMEOUT_S, self._start_timeout)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.state != _State.DEAD else None
+
+    def run(self, job: QueuedJob) -> None:
+        self.state = _State.BUSY
+        self.job = job
+        queue_ms = (time.monotonic() - job.enqueued) * 1e3
+        timeout_s = (
+            self.pool.onnx_timeout_s if isinstance(job.job, OnnxJob) else self.pool.wasm_timeout_s
         )
-        self.info = hello
-        log.debug("%s: worker pid %d ready", name, self.proc.pid)
-
-    def call(self, payload: bytes, timeout_s: float) -> bytes:
-        write_frame(self._in, payload)
-        return read_frame(self._out, time.monotonic() + timeout_s)
-
-    def close(self, *, kill: bool = False) -> None:
-        if self.proc.poll() is None:
-            if kill:
-                self.proc.kill()
-            else:
-                assert self.proc.stdin is not None
-                self.proc.stdin.close()  # EOF: the worker finishes and exits
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                stream.close()
-
-
-class _Lane(threading.Thread):
-    def __init__(self, pool: WorkerPool, index: int) -> None:
-        super().__init__(name=f"hearth-lane-{index}", daemon=True)
-        self._pool = pool
-        self.worker: _Worker | None = None
-        self.busy = False
-        self.ready = threading.Event()
-        self.start_error: BaseException | None = None
-
-    def start_worker(self) -> None:
-        self.worker = _Worker(self._pool.settings_json, self.name)
-
-    def run(self) -> None:
-        # The worker is started from this thread, which lives as long as the lane: the
-        # kernel's parent-death signal fires when the *thread* that forked it exits.
-        try:
-            self.start_worker()
-        except Exception as exc:  # noqa: BLE001 - reported to start(), which raises it
-            self.start_error = exc
-            return
-        finally:
-            self.ready.set()
-        pool = self._pool
-        while True:
-            item = pool.queue.get()
-            if item is None:
-                break
-            self.busy = True
-            final = True
-            try:
-                reply, final = self._execute(item)
-            except Exception:  # a bug in the daemon must not take the lane down with it
-                log.exception("%s: unexpected error running job %s", self.name, item.job.job_id)
-                reply = encode(
-                    Error(
-                        code=ErrorCode.INTERNAL,
-                        message="internal error",
-                        job_id=item.job.job_id,
-                    )
-                )
-                final = False
-            finally:
-                self.busy = False
-            pool.sink(item, reply, final)
-        if self.worker is not None:
-            self.worker.close()
-            self.worker = None
-
-    def _execute(self, item: QueuedJob) -> tuple[bytes, bool]:
-        pool = self._pool
-        queue_ms = (time.monotonic() - item.enqueued) * 1e3
+        self.deadline = self.pool.loop.call_later(timeout_s, lambda: self._overran(timeout_s))
         work = msgspec.msgpack.encode(
-            WorkItem(job=item.job, blob_path=item.blob_path, queue_ms=queue_ms)
+            WorkItem(job=job.job, blob_path=job.blob_path, queue_ms=queue_ms)
         )
-        timeout_s = pool.onnx_timeout_s if isinstance(item.job, OnnxJob) else pool.wasm_timeout_s
-        if self.worker is not None and self.worker.proc.poll() is not None:
-            # Died while idle (the OOM killer, an operator's kill): replace it before use.
-            log.warning(
-                "%s: idle worker exited with %s; replacing it",
-                self.name,
-                self.worker.proc.returncode,
-            )
-            self.worker.close(kill=True)
-            self.worker = None
-            pool.restarts += 1
-        if self.worker is None:
-            self.start_worker()
-        assert self.worker is not None
         try:
-            return self.worker.call(work, timeout_s), True
-        except FrameTimeout:
-            log.warning(
-                "%s: job %s over %.0f s wall clock; killing its worker",
-                self.name,
-                item.job.job_id,
-                timeout_s,
-            )
-            code, message = ErrorCode.TIMEOUT, f"over the wall-clock limit of {timeout_s} s"
-            final = True  # it would overrun again
-            self.worker.close(kill=True)
-        except (EOFError, BrokenPipeError):
-            rc = self.worker.proc.poll()
-            log.warning(
-                "%s: worker died (exit %s) running job %s; replacing it",
-                self.name,
-                rc,
-                item.job.job_id,
-            )
-            code, message = ErrorCode.WORKER_CRASHED, f"worker process died (exit status {rc})"
-            final = False  # may be a bug or a kill from outside: let a retry run it again
-            self.worker.close(kill=True)
-        pool.restarts += 1
-        self.worker = None
-        if not pool.closing:
-            self.start_worker()  # ready before the next job arrives
-        return encode(Error(code=code, message=message, job_id=item.job.job_id)), final
+            write_frame(self._in, work)  # the idle worker is blocked reading: this drains
+        except OSError:
+            self._died()
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self._out, 1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._died()
+            return
+        for frame in self._reader.feed(data):
+            self._frame(frame)
+
+    def _frame(self, frame: bytes) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+        if self.state is _State.STARTING:
+            self.info = msgspec.msgpack.decode(frame, type=dict[str, object])
+            self.state = _State.IDLE
+            self.pool.worker_ready(self)
+            return
+        job, self.job = self.job, None
+        self.state = _State.IDLE
+        if job is not None:
+            self.pool.finished(self, job, frame, final=True)
+
+    def _overran(self, timeout_s: float) -> None:
+        job = self.job
+        assert job is not None
+        log.warning(
+            "%s: job %s over its %.0f s wall-clock limit; killing the worker",
+            self.name, job.job.job_id, timeout_s,
+        )  # fmt: skip
+        self.stop(kill=True)
+        error = Error(code=ErrorCode.TIMEOUT, message=f"over the wall-clock limit of {timeout_s} s",
+                      job_id=job.job.job_id)  # fmt: skip
+        self.pool.finished(self, job, encode(error), final=True)  # it would overrun again
+        self.pool.replace(self)
+
+    def _start_timeout(self) -> None:
+        log.error("%s: no ready signal within %.0f s", self.name, _READY_TIMEOUT_S)
+        self.stop(kill=True)
+        self.pool.replace(self, delay_s=_RESPAWN_BACKOFF_S)
+
+    def _died(self) -> None:
+        job = self.job
+        rc = self.stop(kill=True)
+        if job is None:
+            log.warning("%s: exited with status %s while idle; replacing it", self.name, rc)
+        else:
+            log.warning("%s: died (exit status %s) running job %s; replacing it",
+                        self.name, rc, job.job.job_id)  # fmt: skip
+            error = Error(code=ErrorCode.WORKER_CRASHED,
+                          message=f"worker process died (exit status {rc})",
+                          job_id=job.job.job_id)  # fmt: skip
+            # Not necessarily the job's fault (a runtime bug, an operator's kill): a retry with
+            # the same job id runs it again rather than replaying this error.
+            self.pool.finished(self, job, encode(error), final=False)
+        self.pool.replace(self, delay_s=_RESPAWN_BACKOFF_S if job is None else 0.0)
+
+    def stop(self, *, kill: bool = False) -> int | None:
+        """Stop the process: EOF on its stdin lets it finish and exit; kill does not wait."""
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+        self.job = None
+        if self.state is _State.DEAD or self.proc is None:
+            return None
+        self.state = _State.DEAD
+        self.pool.loop.remove_reader(self._out)
+        proc = self.proc
+        if kill and proc.poll() is None:
+            proc.kill()
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+        try:
+            rc = proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        proc.stdout.close()
+        return rc
 
 
 class WorkerPool:
-    """``size`` lanes sharing one queue. ``submit`` never blocks: admission (policy.py) bounds
-    the queue before jobs get here."""
+    """``size`` worker processes sharing one FIFO queue. ``submit`` never blocks: admission
+    (policy.py) bounds the queue before jobs get here."""
 
     def __init__(
         self,
+        loop: Loop,
         settings: WorkerSettings,
         size: int,
         sink: ReplySink,
@@ -199,60 +210,90 @@ class WorkerPool:
         wasm_timeout_s: float,
         onnx_timeout_s: float,
     ) -> None:
+        self.loop = loop
         self.settings_json = msgspec.json.encode(settings).decode()
         self.sink = sink
         self.wasm_timeout_s = wasm_timeout_s
         self.onnx_timeout_s = onnx_timeout_s
-        self.queue: queue.SimpleQueue[QueuedJob | None] = queue.SimpleQueue()
+        self.queue: deque[QueuedJob] = deque()
         self.restarts = 0
-        self.closing = False
-        self._lanes = [_Lane(self, i) for i in range(size)]
+        self.info: dict[str, object] = {}
+        self._workers = [_Worker(self, i) for i in range(size)]
         self._closed = False
-        self._lock = threading.Lock()
 
-    def start(self) -> dict[str, object]:
-        """Start every worker (in parallel) and the lanes; returns what the workers reported
-        about themselves (e.g. the execution providers)."""
-        for lane in self._lanes:
-            lane.start()
-        for lane in self._lanes:
-            lane.ready.wait()
-            if lane.start_error is not None:
-                raise RuntimeError(f"worker process failed to start: {lane.start_error}")
-        worker = self._lanes[0].worker
-        return dict(worker.info) if worker is not None else {}
+    def start(self, timeout_s: float = _READY_TIMEOUT_S) -> dict[str, object]:
+        """Start every worker and wait (running the loop) until all are ready; returns what
+        they report about themselves (e.g. the execution providers)."""
+        for worker in self._workers:
+            worker.spawn()
+        ready = self.loop.run_until(
+            lambda: all(w.state is _State.IDLE for w in self._workers), timeout_s
+        )
+        if not ready:
+            raise RuntimeError("worker processes did not start; see the log above")
+        return self.info
 
     @property
     def size(self) -> int:
-        return len(self._lanes)
+        return len(self._workers)
 
     @property
     def busy(self) -> int:
-        return sum(1 for lane in self._lanes if lane.busy)
+        return sum(1 for w in self._workers if w.state is _State.BUSY)
+
+    @property
+    def idle(self) -> bool:
+        return not self.queue and self.busy == 0
 
     def pids(self) -> list[int]:
-        return [lane.worker.proc.pid for lane in self._lanes if lane.worker is not None]
+        return [pid for w in self._workers if (pid := w.pid) is not None]
 
     def submit(self, job: QueuedJob) -> None:
-        self.queue.put(job)
+        self.queue.append(job)
+        self._dispatch()
 
-    def close(self, timeout_s: float = 20.0) -> None:
-        """Let queued jobs finish (up to ``timeout_s``), then stop the workers. Idempotent."""
-        with self._lock:
+    def _dispatch(self) -> None:
+        for worker in self._workers:
+            if not self.queue:
+                return
+            if worker.state is _State.IDLE:
+                worker.run(self.queue.popleft())
+
+    # -- called by workers ---------------------------------------------------------------------
+
+    def worker_ready(self, worker: _Worker) -> None:
+        if not self.info:
+            self.info = dict(worker.info)
+        self._dispatch()
+
+    def finished(self, worker: _Worker, job: QueuedJob, reply: bytes, *, final: bool) -> None:
+        self.sink(job, reply, final)
+        self._dispatch()
+
+    def replace(self, worker: _Worker, delay_s: float = 0.0) -> None:
+        if self._closed:
+            return
+        self.restarts += 1
+
+        def respawn() -> None:
             if self._closed:
                 return
-            self._closed = True
-        self.closing = True
-        for _ in self._lanes:
-            self.queue.put(None)
-        deadline = time.monotonic() + timeout_s
-        for lane in self._lanes:
-            if lane.is_alive():
-                lane.join(max(0.0, deadline - time.monotonic()))
-        for lane in self._lanes:
-            if lane.worker is not None:
-                lane.worker.close(kill=True)
-        if any(lane.is_alive() for lane in self._lanes):
-            log.warning(
-                "worker lanes still busy after %.0f s; their workers were killed", timeout_s
-            )
+            try:
+                worker.spawn()
+            except OSError:
+                log.exception("%s: could not start a worker process", worker.name)
+                self.loop.call_later(_RESPAWN_BACKOFF_S, respawn)
+
+        if delay_s:
+            self.loop.call_later(delay_s, respawn)
+        else:
+            respawn()
+
+    def close(self) -> None:
+        """Stop every worker now (drain first with ``loop.run_until(lambda: pool.idle)``).
+        Jobs still queued stay in the journal and run on the next start. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for worker in self._workers:
+            worker.stop(kill=worker.state is _State.BUSY)

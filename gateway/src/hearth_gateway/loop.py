@@ -1,0 +1,166 @@
+"""The daemon's concurrency model: one thread, one selector.
+
+The MQTT socket, the worker processes' pipes, timers and a self-pipe for signals all feed one
+loop in the main thread. Decoding, admission, journaling and publishing happen there, in order,
+without locks or thread hand-offs; the heavy work runs in worker processes in parallel. (A
+design with a network thread plus one thread per worker paid two GIL hand-offs per job.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import logging
+import os
+import selectors
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+__all__ = ["Loop", "Timer"]
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[], None]
+
+
+@dataclass(order=True)
+class Timer:
+    when: float
+    seq: int
+    callback: Callback = field(compare=False)
+    cancelled: bool = field(default=False, compare=False)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Loop:
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._readers: dict[int, Callback] = {}
+        self._writers: dict[int, Callback] = {}
+        self._timers: list[Timer] = []
+        self._seq = itertools.count()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.add_reader(self._wake_r, self._drain_wakeups)
+        self._closed = False
+
+    # -- file descriptors --------------------------------------------------------------------
+
+    def _update(self, fd: int) -> None:
+        events = (selectors.EVENT_READ if fd in self._readers else 0) | (
+            selectors.EVENT_WRITE if fd in self._writers else 0
+        )
+        try:
+            key = self._selector.get_key(fd)
+        except KeyError:
+            key = None
+        if key is None and events:
+            self._selector.register(fd, events)
+        elif key is not None and not events:
+            self._selector.unregister(fd)
+        elif key is not None and key.events != events:
+            self._selector.modify(fd, events)
+
+    def add_reader(self, fd: int, callback: Callback) -> None:
+        self._readers[fd] = callback
+        self._update(fd)
+
+    def remove_reader(self, fd: int) -> None:
+        self._readers.pop(fd, None)
+        self._update(fd)
+
+    def add_writer(self, fd: int, callback: Callback) -> None:
+        self._writers[fd] = callback
+        self._update(fd)
+
+    def remove_writer(self, fd: int) -> None:
+        self._writers.pop(fd, None)
+        self._update(fd)
+
+    # -- time ---------------------------------------------------------------------------------
+
+    def call_later(self, delay_s: float, callback: Callback) -> Timer:
+        timer = Timer(time.monotonic() + delay_s, next(self._seq), callback)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def every(self, interval_s: float, callback: Callback) -> None:
+        """Run ``callback`` every ``interval_s`` for as long as the loop runs."""
+
+        def tick() -> None:
+            try:
+                callback()
+            finally:
+                self.call_later(interval_s, tick)
+
+        self.call_later(interval_s, tick)
+
+    # -- signals ------------------------------------------------------------------------------
+
+    def wake_on_signals(self) -> None:
+        """Make a signal interrupt select() at once (its handler runs before we look again)."""
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    # -- running ------------------------------------------------------------------------------
+
+    def run_once(self, max_wait_s: float = 1.0) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0].cancelled:
+            heapq.heappop(self._timers)
+        wait = max_wait_s
+        if self._timers:
+            wait = max(0.0, min(wait, self._timers[0].when - now))
+        for key, events in self._selector.select(wait):
+            fd = int(key.fd)
+            if events & selectors.EVENT_READ and fd in self._readers:
+                self._run(self._readers[fd])
+            if events & selectors.EVENT_WRITE and fd in self._writers:
+                self._run(self._writers[fd])
+        now = time.monotonic()
+        while self._timers and self._timers[0].when <= now:
+            timer = heapq.heappop(self._timers)
+            if not timer.cancelled:
+                self._run(timer.callback)
+
+    @staticmethod
+    def _run(callback: Callback) -> None:
+        try:
+            callback()
+        except Exception:  # one failing callback must not stop the daemon
+            log.exception("unexpected error in %r", callback)
+
+    def run_until(self, done: Callable[[], bool], timeout_s: float | None = None) -> bool:
+        """Run until ``done()`` is true (returns True) or ``timeout_s`` passes (False)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not done():
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.run_once(min(1.0, left))
+            else:
+                self.run_once()
+        return True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(ValueError):  # not the main thread: nothing was set
+            signal.set_wakeup_fd(-1)
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
