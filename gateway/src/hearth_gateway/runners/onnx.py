@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from hearth.errors import JobError
+from hearth.errors import ErrorCode, JobError
 from hearth.protocol import Error, OnnxJob, OnnxResult, Reply, Timing
 from hearth.runtime.onnx import OnnxRuntime
 from hearth_gateway.runners import WorkerSettings, WorkItem
@@ -30,6 +30,9 @@ class OnnxRunner:
             )
         except JobError as exc:
             return Error(code=exc.code, message=exc.message, job_id=job.job_id)
+        except OSError as exc:  # the blob vanished from the store under us
+            return Error(code=ErrorCode.INTERNAL, message=f"blob unreadable: {exc.strerror}",
+                         job_id=job.job_id)  # fmt: skip
         return OnnxResult(
             job_id=job.job_id,
             outputs=outputs,

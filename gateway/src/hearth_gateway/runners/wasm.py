@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from hearth.errors import JobError
+from hearth.errors import ErrorCode, JobError
 from hearth.protocol import Error, Reply, Timing, WasmJob, WasmResult
 from hearth.runtime.wasm import WasmRuntime
 from hearth_gateway.runners import WorkerSettings, WorkItem
@@ -33,6 +33,9 @@ class WasmRunner:
             )
         except JobError as exc:
             return Error(code=exc.code, message=exc.message, job_id=job.job_id)
+        except OSError as exc:  # the blob vanished from the store under us
+            return Error(code=ErrorCode.INTERNAL, message=f"blob unreadable: {exc.strerror}",
+                         job_id=job.job_id)  # fmt: skip
         return WasmResult(
             job_id=job.job_id,
             exit_code=outcome.exit_code,
