@@ -93,21 +93,31 @@ class _Worker:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None and self.state != _State.DEAD else None
 
-    def run(self, job: QueuedJob) -> None:
+    def run(self, job: QueuedJob) -> bool:
+        """Hand ``job`` to this idle worker. False if the worker turned out to be dead (it
+        died while idle and we had not read its EOF yet): the job never started."""
+        assert self.proc is not None
+        work = msgspec.msgpack.encode(
+            WorkItem(
+                job=job.job,
+                blob_path=job.blob_path,
+                queue_ms=(time.monotonic() - job.enqueued) * 1e3,
+            )
+        )
+        try:
+            if self.proc.poll() is not None:
+                raise BrokenPipeError
+            write_frame(self._in, work)  # the idle worker is blocked reading: this drains
+        except OSError:
+            self._died()
+            return False
         self.state = _State.BUSY
         self.job = job
-        queue_ms = (time.monotonic() - job.enqueued) * 1e3
         timeout_s = (
             self.pool.onnx_timeout_s if isinstance(job.job, OnnxJob) else self.pool.wasm_timeout_s
         )
         self.deadline = self.pool.loop.call_later(timeout_s, lambda: self._overran(timeout_s))
-        work = msgspec.msgpack.encode(
-            WorkItem(job=job.job, blob_path=job.blob_path, queue_ms=queue_ms)
-        )
-        try:
-            write_frame(self._in, work)  # the idle worker is blocked reading: this drains
-        except OSError:
-            self._died()
+        return True
 
     def _readable(self) -> None:
         try:
@@ -257,7 +267,9 @@ class WorkerPool:
             if not self.queue:
                 return
             if worker.state is _State.IDLE:
-                worker.run(self.queue.popleft())
+                job = self.queue.popleft()
+                if not worker.run(job):
+                    self.queue.appendleft(job)  # never started: first in line again
 
     # -- called by workers ---------------------------------------------------------------------
 
