@@ -202,11 +202,12 @@ def run_demo(gateway: GatewayProcess) -> None:
     with Client(None, interface=INTERFACE, placement="auto") as client:
         device = CameraDevice(client)
         print(
-            "\n1) Gateway up. Each job runs 3 times with placement=auto: the SDK measures the "
-            "gateway,\n   then this device, then sends each call where it measured faster.\n"
+            "\n1) Gateway up. Each job runs 6 times with placement=auto: the SDK times the\n"
+            "   gateway and this device (after one warm-up call each), then sends each call\n"
+            "   where it measured faster.\n"
         )
         print(table_header())
-        phase1 = device.run(repeat=3, on_row=show)
+        phase1 = device.run(repeat=6, on_row=show)
 
         print("\n2) Stopping the gateway (SIGTERM) ...", end="")
         sys.stdout.flush()
