@@ -200,3 +200,30 @@ def test_reply_topic_of_another_device_is_refused(device: RawDevice, gateway, wa
     finally:
         other.close()
     _good_job_still_works(device, wasm, gateway)
+
+
+def test_a_stored_blob_that_fails_its_hash_is_refused_and_asked_for_again(
+    device: RawDevice, gateway, wasm
+) -> None:
+    data = wasm["echo"].read_bytes()
+    sha = _upload(device, data)
+    stored = gateway.state_dir / "blobs" / sha[:2] / sha
+    stored.write_bytes(data[:-10] + b"tampered!!")  # changed on disk behind the gateway's back
+    _error(device.request(WasmJob(job_id="t1", module=sha)), ErrorCode.HASH_MISMATCH)
+    reply = device.request(WasmJob(job_id="t2", module=sha))
+    assert type(reply).__name__ == "NeedBlob"  # removed: the device re-uploads it
+    _good_job_still_works(device, wasm, gateway)
+
+
+def test_a_result_over_the_message_limit_is_answered_with_too_large(
+    make_gateway: Callable[..., GatewayProcess], tmp_path: Path, wasm
+) -> None:
+    policy = tmp_path / "small.toml"
+    policy.write_text("[limits]\nmax_message_bytes = 200_000\n")
+    gw = make_gateway("--policy", str(policy))
+    with RawDevice(gw.listen, gw.gateway_id) as dev:
+        sha = _upload(dev, wasm["mandelbrot"].read_bytes())
+        # A 640x480 picture is 307 kB of output: within the WASM output limit, over the message.
+        _error(dev.request(WasmJob(job_id="big-out", module=sha, args=["640", "480", "10"])),
+               ErrorCode.TOO_LARGE)  # fmt: skip
+        _good_job_still_works(dev, wasm, gw)

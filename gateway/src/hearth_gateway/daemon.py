@@ -21,7 +21,7 @@ from hearth_gateway.accelerators import accelerator_names, available_providers
 from hearth_gateway.blobs import BlobStore
 from hearth_gateway.broker import ManagedBroker
 from hearth_gateway.config import Config, default_gateway_id, default_state_dir
-from hearth_gateway.discovery import Advertiser
+from hearth_gateway.discovery import Advertiser, advertised_addresses
 from hearth_gateway.dispatch import Dispatcher
 from hearth_gateway.errors import ConfigError
 from hearth_gateway.link import GatewayLink
@@ -140,7 +140,7 @@ class Gateway:
             "pv": "1",
             "id": self.gateway_id,
             "ver": __version__,
-            "host": self.listen.host,
+            "host": advertised_addresses(self.listen, self.config.mdns_interface or None)[0],
             "port": str(self.listen.port),
             "tls": "0",
             "runners": ",".join(status.runners),

@@ -23,6 +23,7 @@ from hearth.protocol import (
     Ping,
     Pong,
     WasmJob,
+    decode_reply,
     decode_request,
     encode,
     parse_request_topic,
@@ -264,8 +265,15 @@ class Dispatcher:
         return len(entries)
 
     def completed(self, item: QueuedJob, reply: bytes, final: bool) -> None:
-        """Worker lane callback: store the answer (unless a retry should run the job again),
+        """Worker pool callback: store the answer (unless a retry should run the job again),
         then publish it, then free the slot."""
+        if len(reply) > self._limits.max_message_bytes:
+            # The broker would drop us for a packet over its limit: answer with the reason.
+            reply = encode(Error(code=ErrorCode.TOO_LARGE, job_id=item.job.job_id,
+                                 message=f"result of {len(reply)} bytes over the limit of "
+                                         f"{self._limits.max_message_bytes}"))  # fmt: skip
+        elif len(reply) < 1024:  # errors are small; results rarely are
+            self._check_blob(item, reply)
         try:
             if final:
                 self._store.finish(item.client_id, item.job.job_id, reply)
@@ -275,6 +283,19 @@ class Dispatcher:
         finally:
             self._admission.release(item.client_id)
             self.counters.completed += 1
+
+    def _check_blob(self, item: QueuedJob, reply: bytes) -> None:
+        """A stored blob that no longer matches its hash (disk corruption, tampering) is
+        removed, so the next job naming it asks the device to upload it again."""
+        try:
+            decoded = decode_reply(reply)
+        except ProtocolError:
+            return
+        if isinstance(decoded, Error) and decoded.code is ErrorCode.HASH_MISMATCH:
+            job = item.job
+            sha = job.module if isinstance(job, WasmJob) else job.model
+            log.warning("stored blob %s failed its hash check; removed", sha[:12])
+            self._blobs.discard(sha)
 
     def _refuse(
         self,

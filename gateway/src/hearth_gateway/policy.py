@@ -44,7 +44,7 @@ class LimitsPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_message_bytes: int = 16 * MiB  # one MQTT payload (a job with its inputs, or a chunk)
     max_blob_bytes: int = 512 * MiB  # one module or model
     max_chunk_bytes: int = 4 * MiB  # data bytes per BlobChunk
-    max_queue: int = 256  # jobs waiting for a worker, all clients together
+    max_queue: int = 256  # jobs waiting or running, all clients together
     max_inflight_per_client: int = 64  # queued or running jobs of one device
     upload_idle_timeout_s: float = 60.0  # a half-sent blob is dropped after this
     answer_retention_s: float = 24 * 3600.0  # stored answers for duplicate job ids

@@ -91,8 +91,16 @@ def tensor_to_array(tensor: Tensor) -> Any:
     return np.frombuffer(tensor.data, dtype=dtype).reshape(tensor.shape)
 
 
+_DTYPES = frozenset(_ORT_TO_DTYPE.values())
+
+
 def array_to_tensor(name: str, array: Any) -> Tensor:
     array = np.ascontiguousarray(array)
+    if array.dtype.name not in _DTYPES:
+        raise JobError(
+            ErrorCode.BAD_TENSOR,
+            f"tensor {name!r} has type {array.dtype}, not one of the protocol's numeric dtypes",
+        )
     dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
     return Tensor(
         name=name,
