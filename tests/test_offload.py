@@ -207,3 +207,50 @@ def _pgm(width: int, height: int) -> bytes:
     image = ((xx * 4 + yy * 2) % 256).astype(np.uint8)
     image[height // 4 : height // 2, width // 4 : width // 2] = 255
     return f"P5\n{width} {height}\n255\n".encode() + image.tobytes()
+
+
+def test_a_large_model_is_uploaded_in_chunks_and_runs(
+    gateway: GatewayProcess, broker, tmp_path: Path
+) -> None:
+    """A 4 MB model (over the SDK's 1 MiB chunk): several chunks, hash-checked on arrival."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    weights = rng.standard_normal((1024, 1024)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 1024])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1024])],
+        [numpy_helper.from_array(weights, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "big.onnx"
+    onnx.save(model, path)
+    assert path.stat().st_size > 4_000_000
+    chunks: list[BlobChunk] = []
+    spy = make_client(f"spy-{uuid.uuid4().hex[:6]}")
+    subscribed = threading.Event()
+    spy.on_subscribe = lambda *_: subscribed.set()
+    spy.on_message = lambda _c, _u, m: (
+        chunks.append(r) if isinstance(r := decode_request(m.payload), BlobChunk) else None
+    )
+    connect(
+        spy,
+        broker.address,
+        on_connected=lambda: spy.subscribe(f"hearth/v1/gw/{gateway.gateway_id}/req/+", 1),
+    )
+    assert subscribed.wait(5)
+    try:
+        x = rng.standard_normal((4, 1024)).astype(np.float32)
+        with gateway.client() as client:
+            result = client.infer(path, {"x": x})
+        np.testing.assert_allclose(result.outputs["y"], x @ weights, rtol=1e-4, atol=1e-3)
+        assert wait_until(lambda: sum(len(c.data) for c in chunks) == path.stat().st_size)
+        assert len(chunks) == -(-path.stat().st_size // (1 << 20))  # 1 MiB each, in order
+        assert [c.offset for c in chunks] == sorted(c.offset for c in chunks)
+    finally:
+        spy.disconnect()
+        spy.loop_stop()

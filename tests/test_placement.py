@@ -75,3 +75,9 @@ def test_estimates_move_towards_new_samples() -> None:
         est.record("edge", 100.0)
     assert est.edge_ms is not None
     assert 90.0 < est.edge_ms <= 100.0
+
+
+def test_without_gateway_and_without_local_runtime_the_gateway_error_surfaces() -> None:
+    d = decide(Placement.AUTO, gateway=False, local=False, estimates=Estimates())
+    assert d.where == "edge"
+    assert not d.fallback_ok

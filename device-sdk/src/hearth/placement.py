@@ -65,10 +65,11 @@ def decide(  # noqa: PLR0911 - one return per rule reads best here
         return Decision("local", "placement=local", fallback_ok=False)
     if mode is Placement.EDGE:
         return Decision("edge", "placement=edge", fallback_ok=False)
+    if not local:
+        # Nothing to fall back to: try the gateway, and let its absence be the error.
+        return Decision("edge", "no local runtime on this device", fallback_ok=False)
     if not gateway:
         return Decision("local", "no gateway reachable")
-    if not local:
-        return Decision("edge", "no local runtime on this device", fallback_ok=False)
     edge, here = estimates.edge_ms, estimates.local_ms
     if edge is None:
         step = "warm-up" if "edge" not in estimates.warmed else "measuring"
