@@ -1,8 +1,10 @@
 """Build the example workloads that tests, demos and benchmarks use.
 
 Compiles every ``examples/wasm/*.c`` to a stripped WASI command module in
-``build/examples/wasm/`` with the zig toolchain from the ``ziglang`` wheel, then
-trains and exports the digits model (``scripts/train_digits.py``) into
+``build/examples/wasm/`` and every ``examples/tasks/*.c`` to a stripped WASI
+reactor module (a persistent task, see docs/tasks.md) in
+``build/examples/tasks/``, with the zig toolchain from the ``ziglang`` wheel;
+then trains and exports the digits model (``scripts/train_digits.py``) into
 ``build/examples/models/`` when it is missing or older than that script.
 
 Up-to-date artifacts are skipped, so running it again is cheap. ``make`` runs it
@@ -27,6 +29,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 WASM_SRC_DIR = REPO_ROOT / "examples" / "wasm"
 BUILD_DIR = REPO_ROOT / "build" / "examples"
 WASM_OUT_DIR = BUILD_DIR / "wasm"
+TASKS_SRC_DIR = REPO_ROOT / "examples" / "tasks"
+TASKS_OUT_DIR = BUILD_DIR / "tasks"
 MODELS_OUT_DIR = BUILD_DIR / "models"
 ZIG_CACHE_DIR = REPO_ROOT / "build" / "zig-cache"
 TRAIN_SCRIPT = REPO_ROOT / "scripts" / "train_digits.py"
@@ -41,6 +45,23 @@ DIGITS_OUTPUTS = (
 MAX_PARALLEL_COMPILES = 2
 COMPILE_TIMEOUT_S = 600
 WASM_STACK_BYTES = 1024 * 1024
+# Persistent tasks stay instantiated (and checkpointed) between events, so their
+# idle footprint matters: with a 64 KiB stack the example tasks are 2 wasm pages
+# (128 KiB: stack, then data) and stay there.
+TASK_STACK_BYTES = 64 * 1024
+
+# zig's default wasm stack is 16 MiB, which every instance would take as initial
+# linear memory before doing anything; the examples need far less, and tests of
+# memory limits want a small baseline.
+COMMAND_FLAGS = (f"-Wl,-z,stack-size={WASM_STACK_BYTES}",)
+TASK_FLAGS = (
+    # A reactor: no main(); exports _initialize (runs constructors once) and
+    # leaves the exports that hearth_task.h marks with export_name callable.
+    "-mexec-model=reactor",
+    f"-Wl,-z,stack-size={TASK_STACK_BYTES}",
+    "-I",
+    str(TASKS_SRC_DIR),
+)
 TRAIN_TIMEOUT_S = 600
 
 
@@ -52,6 +73,9 @@ class BuildError(Exception):
 class WasmTarget:
     source: Path
     output: Path
+    flags: tuple[str, ...] = COMMAND_FLAGS
+    # Headers the source includes: editing one rebuilds the target.
+    headers: tuple[Path, ...] = ()
 
     @property
     def name(self) -> str:
@@ -61,7 +85,8 @@ class WasmTarget:
         if not self.output.exists():
             return False
         # This script holds the compiler flags, so editing it rebuilds everything.
-        newest_input = max(self.source.stat().st_mtime, Path(__file__).stat().st_mtime)
+        inputs = (self.source, Path(__file__), *self.headers)
+        newest_input = max(p.stat().st_mtime for p in inputs)
         return self.output.stat().st_mtime >= newest_input
 
 
@@ -88,6 +113,19 @@ def wasm_targets() -> list[WasmTarget]:
     ]
 
 
+def task_targets() -> list[WasmTarget]:
+    headers = tuple(sorted(TASKS_SRC_DIR.glob("*.h")))
+    return [
+        WasmTarget(
+            source=src,
+            output=TASKS_OUT_DIR / f"{src.stem}.wasm",
+            flags=TASK_FLAGS,
+            headers=headers,
+        )
+        for src in sorted(TASKS_SRC_DIR.glob("*.c"))
+    ]
+
+
 def compile_wasm(target: WasmTarget, env: dict[str, str]) -> None:
     # Write to a temporary name first so an interrupted build never leaves a
     # truncated module that looks up to date.
@@ -101,10 +139,7 @@ def compile_wasm(target: WasmTarget, env: dict[str, str]) -> None:
         "wasm32-wasi",
         "-O2",
         "-s",  # strip: without it a hello world is ~1 MB of debug info
-        # zig's default wasm stack is 16 MiB, which every instance would take
-        # as initial linear memory before doing anything; the examples need
-        # far less, and tests of memory limits want a small baseline.
-        f"-Wl,-z,stack-size={WASM_STACK_BYTES}",
+        *target.flags,
         "-o",
         str(partial),
         str(target.source),
@@ -137,7 +172,9 @@ def build_wasm() -> None:
     targets = wasm_targets()
     if not targets:
         raise BuildError(f"no C sources found in {rel(WASM_SRC_DIR)}")
-    WASM_OUT_DIR.mkdir(parents=True, exist_ok=True)
+    targets += task_targets()
+    for out_dir in {t.output.parent for t in targets}:
+        out_dir.mkdir(parents=True, exist_ok=True)
     ZIG_CACHE_DIR.mkdir(parents=True, exist_ok=True)
     stale = [t for t in targets if not t.is_up_to_date()]
     for target in targets:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import queue
+import time
 import uuid
 from typing import Any
 
@@ -85,6 +86,59 @@ class RawDevice:
         self._client.loop_stop()
 
     def __enter__(self) -> RawDevice:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class Bus:
+    """A plain MQTT client standing in for LAN devices: sensors that publish, lights that
+    listen."""
+
+    def __init__(self, address: BrokerAddress) -> None:
+        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._client = make_client(f"bus-{uuid.uuid4().hex[:8]}")
+        self._client.on_message = lambda _c, _u, m: self.messages.put((m.topic, bytes(m.payload)))
+        self._subscribed: queue.Queue[bool] = queue.Queue()
+        self._client.on_subscribe = lambda *_: self._subscribed.put(True)
+        connect(self._client, address)
+
+    def subscribe(self, topic_filter: str) -> None:
+        self._client.subscribe(topic_filter, qos=1)
+        self._subscribed.get(timeout=5)
+
+    def publish(self, topic: str, payload: bytes | str) -> None:
+        data = payload.encode() if isinstance(payload, str) else payload
+        self._client.publish(topic, data, qos=1).wait_for_publish(5)
+
+    def expect(self, topic: str, timeout_s: float = 10.0) -> bytes:
+        """The next message on ``topic`` (others are discarded)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"nothing on {topic} within {timeout_s} s")
+            try:
+                got, payload = self.messages.get(timeout=left)
+            except queue.Empty:
+                continue
+            if got == topic:
+                return payload
+
+    def drain(self, quiet_s: float = 0.5) -> list[tuple[str, bytes]]:
+        got: list[tuple[str, bytes]] = []
+        while True:
+            try:
+                got.append(self.messages.get(timeout=quiet_s))
+            except queue.Empty:
+                return got
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def __enter__(self) -> Bus:
         return self
 
     def __exit__(self, *_: object) -> None:

@@ -56,3 +56,56 @@ def test_admission_bounds_the_queue_and_each_device() -> None:
     admission.release("a")
     assert admission.in_flight == 2
     assert admission.admit("c") is None
+
+
+def test_topic_matching_follows_mqtt_rules() -> None:
+    from hearth_gateway.policy import topic_matches
+
+    assert topic_matches("home/+/temperature", "home/kitchen/temperature")
+    assert not topic_matches("home/+/temperature", "home/kitchen/x/temperature")
+    assert topic_matches("home/#", "home")
+    assert topic_matches("home/#", "home/a/b")
+    assert not topic_matches("home/lights/hall/set", "home/lights/bedroom/set")
+    assert not topic_matches("home/a", "home/a/b")
+
+
+def test_filter_cover() -> None:
+    from hearth_gateway.policy import filter_covers
+
+    assert filter_covers("home/#", "home/+/motion")
+    assert filter_covers("home/+/motion", "home/hall/motion")
+    assert not filter_covers("home/+/motion", "home/#")
+    assert not filter_covers("home/hall/motion", "home/+/motion")
+    assert not filter_covers("home/kitchen/#", "home/#")
+
+
+@pytest.mark.parametrize(
+    ("topic", "is_filter", "ok"),
+    [
+        ("home/lights/hall/set", False, True),
+        ("home/+/set", True, True),
+        ("home/+/set", False, False),
+        ("hearth/v1/gw/x/req/y", False, False),
+        ("$SYS/broker", True, False),
+        ("#", True, False),
+        ("+/x", True, False),
+        ("home/#/x", True, False),
+        ("home/a+b", True, False),
+        ("", True, False),
+    ],
+)
+def test_task_topics(topic: str, is_filter: bool, ok: bool) -> None:
+    from hearth_gateway.policy import task_topic_error
+
+    assert (task_topic_error(topic, is_filter=is_filter) is None) == ok
+
+
+def test_when_parsing() -> None:
+    from hearth._tasks_cli import parse_when
+
+    assert parse_when("90m", now=1000.0) == 1000.0 + 5400
+    assert parse_when("2d", now=0.0) == 172800
+    assert parse_when("1795000000") == 1795000000.0
+    assert parse_when("2026-12-01T08:00:00+00:00") == 1796112000.0
+    with pytest.raises(SystemExit):
+        parse_when("soon")

@@ -3,8 +3,10 @@
 Pure: reads the document and the code, no network. The document's layout these tests rely on:
 one heading per message containing its tag in backticks (e.g. ``#### `wasm` — WasmJob``), with a
 field table whose first cell is the field name in backticks and whose third cell says
-``required`` or gives the default; tables whose first cell is a backticked key for error codes,
-topics, TXT keys, dtypes and policy limits; ```` ```hex ```` blocks for the worked example.
+``required`` or gives the default (nested maps: a heading containing the struct's name in
+backticks, e.g. ``#### `Trigger` — nested map``); tables whose first cell is a backticked key for
+error codes, topics, TXT keys, dtypes, policy limits and task states; ```` ```hex ```` blocks for
+the worked example.
 """
 
 from __future__ import annotations
@@ -24,14 +26,18 @@ from hearth.protocol import (
     PROTOCOL_VERSION,
     SERVICE_TYPE,
     GatewayStatus,
+    Notification,
     Reply,
     Request,
+    TaskInfo,
     Tensor,
     Timing,
+    Trigger,
     decode_reply,
     decode_request,
     encode,
     messages,
+    notify_topic,
     reply_prefix,
     reply_topic,
     request_filter,
@@ -39,6 +45,7 @@ from hearth.protocol import (
     status_topic,
 )
 from hearth.runtime.onnx import _ORT_TO_DTYPE
+from hearth_gateway.config import Config
 from hearth_gateway.policy import Policy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,13 +56,15 @@ TAGGED: tuple[type[msgspec.Struct], ...] = (
     *typing.get_args(Request),
     *typing.get_args(Reply),
     GatewayStatus,
+    Notification,
 )
-NESTED: tuple[type[msgspec.Struct], ...] = (Tensor, Timing)
+NESTED: tuple[type[msgspec.Struct], ...] = (Tensor, Timing, Trigger, TaskInfo)
 # The tags the brief for this document names; a new message type must be added here and there.
 EXPECTED_TAGS = {
-    "ping", "wasm", "onnx", "blob",
+    "ping", "wasm", "onnx", "blob", "task_install", "task_control", "task_list",
     "pong", "wasm_result", "onnx_result", "need_blob", "blob_stored", "error",
-    "status",
+    "task", "task_list_result",
+    "status", "notify",
 }  # fmt: skip
 
 
@@ -154,6 +163,32 @@ def test_every_message_type_is_covered() -> None:
     assert tags == EXPECTED_TAGS
 
 
+def _walk(node: object, found: set[type]) -> None:
+    """Every Struct class reachable from a msgspec.inspect type description."""
+    if isinstance(node, msgspec.inspect.StructType):
+        if node.cls in found:
+            return
+        found.add(node.cls)
+    if isinstance(node, msgspec.inspect.Field):
+        _walk(node.type, found)
+        return
+    if isinstance(node, tuple | list):
+        for item in node:
+            _walk(item, found)
+        return
+    if isinstance(node, msgspec.inspect.Type):
+        for field in msgspec.structs.fields(node):
+            _walk(getattr(node, field.name), found)
+
+
+def test_every_nested_map_is_covered() -> None:
+    """A struct inside a message without a ``type`` key of its own is a nested map (§5.4)."""
+    found: set[type] = set()
+    for cls in TAGGED:
+        _walk(msgspec.inspect.type_info(cls), found)
+    assert found - set(TAGGED) == set(NESTED)
+
+
 @pytest.mark.parametrize("cls", TAGGED + NESTED, ids=lambda cls: cls.__name__)
 def test_message_section_lists_every_field(
     cls: type[msgspec.Struct], sections: list[Section]
@@ -179,6 +214,31 @@ def test_message_section_lists_every_field(
     if tag is not None:
         assert rows["type"][2].lower() == "required"
         assert f'`"{tag}"`' in rows["type"][3], f"{cls.__name__}: the type row names the tag"
+
+
+def _literal_fields() -> list[object]:
+    """(struct, field, values) of every documented field whose type is a Literal of str."""
+    params = []
+    for cls in TAGGED + NESTED:
+        for field in msgspec.inspect.type_info(cls).fields:
+            kind = field.type
+            if isinstance(kind, msgspec.inspect.LiteralType) and field.name != "dtype":
+                values = tuple(map(str, kind.values))
+                name = field.encode_name
+                params.append(pytest.param(cls, name, values, id=f"{cls.__name__}.{name}"))
+    return params
+
+
+@pytest.mark.parametrize(("cls", "name", "values"), _literal_fields())
+def test_enum_fields_list_every_value(
+    cls: type[msgspec.Struct], name: str, values: tuple[str, ...], sections: list[Section]
+) -> None:
+    """An enum field's row names each of its values, quoted (``dtype`` has its own table)."""
+    tag = cls.__struct_config__.tag
+    section = _section(sections, backticked=str(tag) if tag is not None else cls.__name__)
+    meaning = _keyed_rows(section.body)[name][3]
+    named = set(re.findall(r'`"([^"`]+)"`', meaning))
+    assert named == set(values), f"{cls.__name__}.{name}: the doc names {named}"
 
 
 def test_dtype_table_matches(sections: list[Section]) -> None:
@@ -249,8 +309,10 @@ def test_topic_templates_match_topic_functions(sections: list[Section]) -> None:
         request_filter(GATEWAY),
         reply_prefix(CLIENT),
         reply_topic(CLIENT),
+        notify_topic(CLIENT),
     }
     assert {_fill(t) for t in templates} == outputs
+    assert notify_topic(CLIENT).startswith(reply_prefix(CLIENT)), "§15.5: under the prefix"
 
 
 def test_topics_used_elsewhere_are_real(doc: str) -> None:
@@ -260,7 +322,7 @@ def test_topics_used_elsewhere_are_real(doc: str) -> None:
     gateway, client = f"(?:{ids}|{{gateway}}|\\+)", f"(?:{ids}|{{client}})"
     layout = (
         status_topic("GGG"), request_topic("GGG", "CCC"), request_filter("GGG"),
-        reply_prefix("CCC"), reply_topic("CCC"),
+        reply_prefix("CCC"), reply_topic("CCC"), notify_topic("CCC"),
     )  # fmt: skip
     patterns = [re.escape(t).replace("GGG", gateway).replace("CCC", client) for t in layout]
     for found in re.findall(r"hearth/v\d+/[^\s`)\"',]*", doc):
@@ -294,6 +356,40 @@ def test_mdns_service_type_and_txt_keys(sections: list[Section]) -> None:
     section = _section(sections, title="Discovery")
     assert f"`{SERVICE_TYPE}`" in section.body
     assert set(_keyed_rows(section.body)) == _txt_keys()
+
+
+def test_runners_are_the_default_ones(sections: list[Section]) -> None:
+    """The status field and the TXT key name every runner a gateway enables by default."""
+    runners = Config().runners
+    status = _keyed_rows(_section(sections, backticked="status").body)["runners"][3]
+    assert set(re.findall(r'`"([^"`]+)"`', status)) == set(runners)
+    txt = _keyed_rows(_section(sections, title="Discovery").body)["runners"][1]
+    assert f"`{','.join(runners)}`" in txt
+
+
+# --- persistent tasks -------------------------------------------------------------------------
+
+
+def test_task_states_table_matches(sections: list[Section]) -> None:
+    rows = _keyed_rows(_section(sections, title="Lifecycle").body)
+    [state] = [f for f in msgspec.structs.fields(TaskInfo) if f.name == "state"]
+    assert set(rows) == set(typing.get_args(state.type))
+
+
+# Exports and imports of the guest ABI (docs/tasks.md, another document's contract) that are no
+# field of a message here.
+ABI_NAMES = {"_initialize", "hearth_alloc", "hearth_on_event", "kv_get", "kv_set", "now_ms"}
+
+
+def test_task_abi_is_linked_not_duplicated(doc: str, sections: list[Section]) -> None:
+    """The guest ABI lives in docs/tasks.md: this document links to it and has no table of it."""
+    assert "](tasks.md)" in _section(sections, title="Persistent tasks").body
+    assert (DOC.parent / "tasks.md").exists()
+    rows = _rows(doc)
+    tabled = {cells[0].strip("`") for cells in rows} & ABI_NAMES
+    assert not tabled, f"ABI names with a table row of their own here: {tabled}"
+    signatures = [cells for cells in rows if re.search(r"\bi(32|64)\b", " ".join(cells))]
+    assert not signatures, f"wasm signatures belong in docs/tasks.md: {signatures}"
 
 
 # --- limits -----------------------------------------------------------------------------------

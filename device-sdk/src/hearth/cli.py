@@ -3,6 +3,7 @@
     hearth discover [--json] [--interface IP] [--timeout S]
     hearth run [--where auto|edge|local] [--explain] MODULE.wasm [ARGS...]   (stdin -> stdout)
     hearth infer MODEL.onnx --input NAME=FILE.npy ... --out DIR
+    hearth tasks install|list|show|pause|resume|cancel ...
 
 Every command that looks for a gateway takes --gateway HOST:PORT (no discovery) and
 --interface IP (discover only there); $HEARTH_GATEWAY and $HEARTH_INTERFACE do the same.
@@ -16,7 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-from hearth.client import ENV_GATEWAY, ENV_INTERFACE, Client
+from hearth._tasks_cli import add_task_commands, parse_settings, parse_when, print_result
+from hearth.client import ENV_CLIENT_ID, ENV_GATEWAY, ENV_INTERFACE, Client
 from hearth.discovery import discover
 from hearth.errors import HearthError, JobError
 
@@ -42,6 +44,11 @@ def _gateway_options(parser: argparse.ArgumentParser) -> None:
         default=10.0,
         metavar="S",
         help="seconds to wait for the gateway per attempt (default 10)",
+    )
+    parser.add_argument(
+        "--client-id",
+        default=os.environ.get(ENV_CLIENT_ID),
+        help=f"this device's id (${ENV_CLIENT_ID}; default dev-HOSTNAME)",
     )
 
 
@@ -76,7 +83,36 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="writes NAME.npy per output"
     )
+    t = sub.add_parser("tasks", help="persistent tasks on the gateway, owned by this device")
+    _gateway_options(t)
+    add_task_commands(t)
     return parser
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    with Client(args.gateway, interface=args.interface, timeout_s=args.timeout,
+                client_id=args.client_id, placement="edge") as client:  # fmt: skip
+        verb = args.task_command
+        if verb == "install":
+            task = client.install_task(
+                args.module,
+                args.name,
+                on=args.on,
+                every_s=args.every,
+                read=args.may_read,
+                may_publish=args.may_publish,
+                expires_at=parse_when(args.expires) if args.expires else None,
+                idle_timeout_s=args.idle_timeout,
+                config=parse_settings(args.set),
+                checkpoint_every=args.checkpoint_every,
+                checkpoint_every_s=args.checkpoint_every_s,
+            )
+            print_result(task, False)
+        elif verb == "list":
+            print_result(client.tasks(), args.json)
+        else:
+            print_result(client.task(args.task_id, verb), args.json)
+    return 0
 
 
 def _discover(args: argparse.Namespace) -> int:
@@ -99,7 +135,8 @@ def _discover(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
-    with Client(args.gateway, interface=args.interface, timeout_s=args.timeout) as client:
+    with Client(args.gateway, interface=args.interface, timeout_s=args.timeout,
+                client_id=args.client_id) as client:  # fmt: skip
         run = client.run_wasm(args.module, stdin=stdin, args=args.args, where=args.where)
     sys.stdout.buffer.write(run.stdout)
     sys.stdout.flush()
@@ -122,7 +159,8 @@ def _infer(args: argparse.Namespace) -> int:
         if not sep:
             raise SystemExit(f"hearth infer: --input wants NAME=FILE.npy, got {spec!r}")
         inputs[name] = np.load(file, allow_pickle=False)
-    with Client(args.gateway, interface=args.interface, timeout_s=args.timeout) as client:
+    with Client(args.gateway, interface=args.interface, timeout_s=args.timeout,
+                client_id=args.client_id) as client:  # fmt: skip
         result = client.infer(args.model, inputs, where=args.where)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, value in result.outputs.items():
@@ -144,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             return _discover(args)
         if args.command == "run":
             return _run(args)
+        if args.command == "tasks":
+            return _tasks(args)
         return _infer(args)
     except JobError as exc:
         print(f"hearth: job failed ({exc.where}): {exc.code}: {exc.message}", file=sys.stderr)

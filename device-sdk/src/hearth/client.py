@@ -32,17 +32,27 @@ from hearth.protocol import (
     BlobStored,
     Error,
     NeedBlob,
+    Notification,
     OnnxJob,
     OnnxResult,
     Ping,
     Pong,
     Reply,
+    Task,
+    TaskControl,
+    TaskInfo,
+    TaskInstall,
+    TaskList,
+    TaskListResult,
     Timing,
+    Trigger,
     WasmJob,
     WasmResult,
+    decode_notification,
     decode_reply,
     decode_status,
     encode,
+    notify_topic,
     reply_topic,
     request_topic,
     status_topic,
@@ -57,6 +67,7 @@ T = TypeVar("T")
 
 ENV_GATEWAY = "HEARTH_GATEWAY"  # HOST:PORT: skip discovery
 ENV_INTERFACE = "HEARTH_INTERFACE"  # IP: discover only on this interface
+ENV_CLIENT_ID = "HEARTH_CLIENT_ID"  # this device's id: owns its tasks, names its reply topics
 
 _RECONNECT_BACKOFF_S = 2.0  # after a failed connect, run locally this long before retrying
 
@@ -227,6 +238,15 @@ class _Connection:
         self._client.loop_stop()
 
 
+def default_client_id() -> str:
+    """A stable id for this device: it owns the device's tasks across restarts."""
+    import re
+    import socket
+
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname().split(".")[0]) or "device"
+    return f"dev-{host}"[:64]
+
+
 class Client:
     """Offload WebAssembly and ONNX jobs to a Hearth gateway, or run them here.
 
@@ -252,7 +272,7 @@ class Client:
         qos: int = 1,
     ) -> None:
         self._gateway_arg = gateway
-        self.client_id = client_id or f"dev-{uuid.uuid4().hex[:12]}"
+        self.client_id = client_id or os.environ.get(ENV_CLIENT_ID) or default_client_id()
         self.placement = Placement(placement)
         self._interface = interface or os.environ.get(ENV_INTERFACE) or None
         self.timeout_s = timeout_s
@@ -473,8 +493,14 @@ class Client:
 
     # -- edge ---------------------------------------------------------------------------------
 
-    def _submit(self, conn: _Connection, job: WasmJob | OnnxJob, blob: _Blob) -> Reply:
-        correlation = job.job_id.encode()
+    def _submit(
+        self,
+        conn: _Connection,
+        job: WasmJob | OnnxJob | TaskInstall,
+        blob: _Blob,
+        correlation: bytes | None = None,
+    ) -> Reply:
+        correlation = correlation or job.job_id.encode()  # type: ignore[union-attr]
         uploads = 0
         attempt = 0
         while True:
@@ -498,7 +524,8 @@ class Client:
                         self._uploaded_at[key] = time.monotonic()
                 continue
             if isinstance(reply, Error):
-                raise JobError(reply.code, reply.message, job_id=job.job_id, where="edge")
+                job_id = getattr(job, "job_id", None)
+                raise JobError(reply.code, reply.message, job_id=job_id, where="edge")
             return reply
 
     def _upload(self, conn: _Connection, blob: _Blob, max_chunk: int) -> None:
@@ -570,6 +597,105 @@ class Client:
             timing=reply.timing,
         )
         return result, ms
+
+    # -- persistent tasks ---------------------------------------------------------------------
+
+    def install_task(
+        self,
+        module: bytes | str | Path,
+        name: str,
+        *,
+        on: Sequence[str] = (),
+        every_s: float | None = None,
+        read: Sequence[str] = (),
+        may_publish: Sequence[str] = (),
+        expires_at: float | None = None,
+        idle_timeout_s: float | None = None,
+        config: Mapping[str, str] | None = None,
+        checkpoint_every: int = 1,
+        checkpoint_every_s: float | None = None,
+    ) -> TaskInfo:
+        """Install a persistent task (docs/tasks.md) on the gateway, owned by this device.
+
+        ``on``: MQTT topic filters that wake it; ``every_s``: a timer; ``read`` (default: the
+        ``on`` filters) and ``may_publish``: its grants; ``expires_at`` (unix seconds) and
+        ``idle_timeout_s`` (since this device was last seen): its lifetime."""
+        blob = self._blob(module)
+        triggers = [Trigger(topic=t) for t in on]
+        if every_s is not None:
+            triggers.append(Trigger(every_s=every_s))
+        request = TaskInstall(
+            name=name,
+            module=blob.sha256,
+            triggers=triggers,
+            read=list(read),
+            publish=list(may_publish),
+            expires_at=expires_at,
+            idle_timeout_s=idle_timeout_s,
+            config=dict(config or {}),
+            checkpoint_every=checkpoint_every,
+            checkpoint_every_s=checkpoint_every_s,
+        )
+        reply = self._submit(self.connection(), request, blob, uuid.uuid4().bytes)
+        return self._task_info(reply)
+
+    def tasks(self) -> list[TaskInfo]:
+        """This device's tasks on the gateway."""
+        reply = self.connection().request(TaskList(), uuid.uuid4().bytes, self.timeout_s)
+        if isinstance(reply, Error):
+            raise JobError(reply.code, reply.message)
+        if not isinstance(reply, TaskListResult):
+            raise JobError(ErrorCode.MALFORMED, f"unexpected reply {type(reply).__name__}")
+        return list(reply.tasks)
+
+    def task(self, task_id: str, action: str = "show") -> TaskInfo:
+        """Show, pause, resume or cancel one of this device's tasks."""
+        request = TaskControl(task_id=task_id, action=action)  # type: ignore[arg-type]
+        reply = self.connection().request(request, uuid.uuid4().bytes, self.timeout_s)
+        return self._task_info(reply)
+
+    @staticmethod
+    def _task_info(reply: Reply) -> TaskInfo:
+        if isinstance(reply, Error):
+            raise JobError(reply.code, reply.message)
+        if not isinstance(reply, Task):
+            raise JobError(ErrorCode.MALFORMED, f"unexpected reply {type(reply).__name__}")
+        return reply.task
+
+    def notifications(
+        self, callback: Callable[[Notification], None], *, session_expiry_s: int = 7 * 86400
+    ) -> Callable[[], None]:
+        """Deliver this device's task notifications to ``callback`` (on paho's thread).
+
+        Uses a persistent MQTT session: notifications sent while the device slept arrive when
+        it calls this again with the same client id. Returns a function that stops it."""
+        conn = self.connection()
+        client = make_client(f"{self.client_id}-notify")
+        topic = notify_topic(self.client_id)
+
+        def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+            try:
+                callback(decode_notification(msg.payload))
+            except HearthError:
+                log.warning("ignoring a malformed notification")
+
+        def subscribe() -> None:
+            client.subscribe(topic, qos=1)
+
+        client.on_message = on_message
+        connect(
+            client,
+            conn.address,
+            clean_start=False,
+            session_expiry_s=session_expiry_s,
+            on_connected=subscribe,
+        )
+
+        def stop() -> None:
+            client.disconnect()
+            client.loop_stop()
+
+        return stop
 
     # -- local --------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import msgspec
 
+from hearth._tasks_cli import add_task_commands, parse_settings, parse_when, print_result
 from hearth_gateway.config import default_state_dir, load_config
 from hearth_gateway.errors import GatewayError
 from hearth_gateway.status import format_status, read_snapshot
@@ -40,14 +41,83 @@ def _parser() -> argparse.ArgumentParser:
         help="policy TOML merged over the defaults (repeatable)",
     )
     run.add_argument("-v", "--verbose", action="store_true")
+    tasks = sub.add_parser("tasks", help="persistent tasks (all of them: for the box's owner)")
+    tasks.add_argument("--state-dir", help="the daemon's state directory")
+    add_task_commands(tasks)
     status = sub.add_parser("status", help="show the gateway's state")
     status.add_argument("--state-dir", help="the daemon's state directory")
     status.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
+def _tasks(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from hearth.protocol import (
+        BlobChunk,
+        Error,
+        Task,
+        TaskControl,
+        TaskInstall,
+        TaskList,
+        TaskListResult,
+        Trigger,
+        encode,
+    )
+    from hearth_gateway.control import call
+
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
+    sock = state_dir / "control.sock"
+    if not sock.exists():
+        print(f"no running gateway with state dir {state_dir}", file=sys.stderr)
+        return 1
+    verb = args.task_command
+    if verb == "install":
+        data = Path(args.module).read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        chunk = 1 << 20
+        for offset in range(0, max(len(data), 1), chunk):
+            part = BlobChunk(sha256=sha, size=len(data), offset=offset,
+                             data=data[offset : offset + chunk])  # fmt: skip
+            reply = call(sock, encode(part))
+            if isinstance(reply, Error):
+                print(f"hearth-gateway: upload refused: {reply.code}: {reply.message}",
+                      file=sys.stderr)  # fmt: skip
+                return 1
+        triggers = [Trigger(topic=t) for t in args.on]
+        if args.every is not None:
+            triggers.append(Trigger(every_s=args.every))
+        request: TaskInstall | TaskList | TaskControl = TaskInstall(
+            name=args.name,
+            module=sha,
+            triggers=triggers,
+            read=args.may_read,
+            publish=args.may_publish,
+            expires_at=parse_when(args.expires) if args.expires else None,
+            idle_timeout_s=args.idle_timeout,
+            config=parse_settings(args.set),
+            checkpoint_every=args.checkpoint_every,
+            checkpoint_every_s=args.checkpoint_every_s,
+        )
+    elif verb == "list":
+        request = TaskList()
+    else:
+        request = TaskControl(task_id=args.task_id, action=verb)
+    reply = call(sock, encode(request))
+    if isinstance(reply, Error):
+        print(f"hearth-gateway: {reply.code}: {reply.message}", file=sys.stderr)
+        return 1
+    if isinstance(reply, TaskListResult):
+        print_result(list(reply.tasks), getattr(args, "json", False))
+    elif isinstance(reply, Task):
+        print_result(reply.task, getattr(args, "json", False))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "tasks":
+        return _tasks(args)
     if args.command == "status":
         state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
         snapshot = read_snapshot(state_dir)

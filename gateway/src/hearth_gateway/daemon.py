@@ -15,21 +15,24 @@ from pathlib import Path
 from types import FrameType
 
 from hearth.protocol import GatewayStatus, encode
+from hearth.runtime.limits import WasmLimits
 from hearth.transport import BrokerAddress
 from hearth_gateway import __version__, _systemd
 from hearth_gateway.accelerators import accelerator_names, available_providers
 from hearth_gateway.blobs import BlobStore
 from hearth_gateway.broker import ManagedBroker
 from hearth_gateway.config import Config, default_gateway_id, default_state_dir
+from hearth_gateway.control import ControlServer
 from hearth_gateway.discovery import Advertiser, advertised_addresses
 from hearth_gateway.dispatch import Dispatcher
 from hearth_gateway.errors import ConfigError
 from hearth_gateway.link import GatewayLink
 from hearth_gateway.loop import Loop
 from hearth_gateway.policy import Admission, Policy, load_policy
-from hearth_gateway.runners import REGISTRY, WorkerSettings
+from hearth_gateway.runners import REGISTRY, TaskEvent, WorkerSettings
 from hearth_gateway.status import StatusSnapshot, write_snapshot
 from hearth_gateway.store import Store
+from hearth_gateway.tasks import TaskManager
 from hearth_gateway.workers import QueuedJob, WorkerPool
 
 __all__ = ["Gateway"]
@@ -78,6 +81,13 @@ class Gateway:
             runners=list(config.runners),
             cache_dir=str(self.state_dir / "cache"),
             wasm_limits=self.policy.wasm.limits(),
+            task_limits=WasmLimits(
+                fuel=self.policy.tasks.fuel_per_event,
+                memory_bytes=self.policy.tasks.memory_bytes,
+                output_bytes=0,
+            ),
+            task_max_actions=self.policy.tasks.max_actions_per_event,
+            task_max_payload=self.policy.tasks.max_payload_bytes,
             onnx_threads=onnx_threads,
             providers=self.providers,
         )
@@ -90,7 +100,12 @@ class Gateway:
             onnx_timeout_s=self.policy.onnx.wall_timeout_s,
         )
         self.link = GatewayLink(
-            self.loop, self.listen, self.gateway_id, self._handle, encode(self._status("offline"))
+            self.loop,
+            self.listen,
+            self.gateway_id,
+            self._handle,
+            encode(self._status("offline")),
+            on_other=self._other,
         )
         self.dispatcher = Dispatcher(
             gateway_id=self.gateway_id,
@@ -102,6 +117,20 @@ class Gateway:
             runners=list(config.runners),
             publish=self.link.publish_reply,
         )
+        self.tasks: TaskManager | None = None
+        if "task" in config.runners:
+            self.tasks = TaskManager(
+                loop=self.loop,
+                store=self.store,
+                blobs=self.blobs,
+                pool=self.pool,
+                policy=self.policy.tasks,
+                max_chunk=self.policy.limits.max_chunk_bytes,
+                publish=self.link.publish_plain,
+                subscribe=self.link.subscribe,
+            )
+            self.dispatcher.tasks = self.tasks
+        self.control: ControlServer | None = None
 
     # Bound late so the link and dispatcher can reference each other.
     def _handle(
@@ -115,7 +144,15 @@ class Gateway:
         self.dispatcher.handle(topic, payload, response_topic, correlation, qos)
 
     def _completed(self, item: QueuedJob, reply: bytes, final: bool) -> None:
+        if isinstance(item.job, TaskEvent):
+            if self.tasks is not None:
+                self.tasks.completed(item, reply, final)
+            return
         self.dispatcher.completed(item, reply, final)
+
+    def _other(self, topic: str, payload: bytes) -> None:
+        if self.tasks is not None:
+            self.tasks.on_message(topic, payload)
 
     def _status(self, state: str) -> GatewayStatus:
         in_flight = self.admission.in_flight
@@ -158,6 +195,13 @@ class Gateway:
         if "providers" in info and isinstance(info["providers"], list):
             self.providers = [str(p) for p in info["providers"]]
         self.link.start(encode(self._status("online")))
+        if self.tasks is not None:
+            restored = self.tasks.start()
+            if restored:
+                log.info("restored %d persistent tasks", restored)
+        self.control = ControlServer(
+            self.loop, self.state_dir / "control.sock", self.blobs, self.dispatcher.task_request
+        )
         resumed = self.dispatcher.resume()
         if resumed:
             log.info("resumed %d journaled jobs from the last run", resumed)
@@ -265,6 +309,10 @@ class Gateway:
         if not self.loop.run_until(lambda: self.pool.idle, drain_timeout_s):
             log.warning("jobs still running after %.0f s; they will be re-run on the next start",
                         drain_timeout_s)  # fmt: skip
+        if self.tasks is not None:
+            self.tasks.close()
+        if self.control is not None:
+            self.control.close()
         self.pool.close()
         self.link.close()  # retained status -> offline
         if self.broker is not None:

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from hearth.errors import ErrorCode, ProtocolError
 from hearth.protocol import (
@@ -22,6 +23,11 @@ from hearth.protocol import (
     OnnxJob,
     Ping,
     Pong,
+    Reply,
+    TaskControl,
+    TaskInstall,
+    TaskList,
+    TaskListResult,
     WasmJob,
     decode_reply,
     decode_request,
@@ -31,7 +37,7 @@ from hearth.protocol import (
 )
 from hearth_gateway.blobs import BlobStore, UploadRefused
 from hearth_gateway.policy import Admission, Policy
-from hearth_gateway.runners import Job, runner_for
+from hearth_gateway.runners import TaskEvent, runner_for
 from hearth_gateway.store import JournalEntry, Store
 from hearth_gateway.workers import QueuedJob, WorkerPool
 
@@ -40,6 +46,15 @@ __all__ = ["Dispatcher", "PeerLog"]
 log = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes, bytes | None, int], None]  # topic, payload, correlation, QoS
+
+
+class TaskRequests(Protocol):
+    """What the dispatcher needs of the task manager (tasks.py imports this module)."""
+
+    def owner_seen(self, client_id: str) -> None: ...
+    def install(self, owner: str, request: TaskInstall) -> Reply: ...
+    def control(self, client_id: str, request: TaskControl) -> Reply: ...
+    def list(self, client_id: str, request: TaskList | None = None) -> TaskListResult: ...
 
 
 class PeerLog:
@@ -84,6 +99,7 @@ class Dispatcher:
         pool: WorkerPool,
         runners: list[str],
         publish: Publish,
+        tasks: TaskRequests | None = None,
     ) -> None:
         self._gateway_id = gateway_id
         self._limits = policy.limits
@@ -93,6 +109,7 @@ class Dispatcher:
         self._pool = pool
         self._runners = set(runners)
         self._publish = publish
+        self.tasks = tasks
         self._peer_log = PeerLog()
         self.counters = Counters()
         self.draining = False  # set on shutdown: new jobs are refused, queued ones finish
@@ -111,6 +128,8 @@ class Dispatcher:
             self._peer_log.warning("topic", "ignoring message on unexpected topic %r", topic)
             return
         client_id = parsed[1]
+        if self.tasks is not None:
+            self.tasks.owner_seen(client_id)
         if response_topic is None or not response_topic.startswith(reply_prefix(client_id)):
             # Nowhere safe to answer: a device may only have replies sent into its own topics.
             self._peer_log.warning(
@@ -149,8 +168,20 @@ class Dispatcher:
             self._publish(response_topic, encode(pong), correlation, qos)
         elif isinstance(request, BlobChunk):
             self._blob(client_id, request, response_topic, correlation, qos)
+        elif isinstance(request, TaskInstall | TaskControl | TaskList):
+            self._publish(response_topic, encode(self.task_request(client_id, request)),
+                          correlation, qos)  # fmt: skip
         else:
             self._job(client_id, request, payload, response_topic, correlation, qos)
+
+    def task_request(self, client_id: str, request: TaskInstall | TaskControl | TaskList) -> Reply:
+        if self.tasks is None:
+            return Error(code=ErrorCode.UNSUPPORTED, message="tasks are not enabled here")
+        if isinstance(request, TaskInstall):
+            return self.tasks.install(client_id, request)
+        if isinstance(request, TaskControl):
+            return self.tasks.control(client_id, request)
+        return self.tasks.list(client_id, request)
 
     def _blob(
         self,
@@ -173,7 +204,7 @@ class Dispatcher:
     def _job(
         self,
         client_id: str,
-        job: Job,
+        job: WasmJob | OnnxJob,
         payload: bytes,
         response_topic: str,
         correlation: bytes | None,
@@ -221,7 +252,7 @@ class Dispatcher:
     def enqueue(
         self,
         client_id: str,
-        job: Job,
+        job: WasmJob | OnnxJob,
         response_topic: str,
         correlation: bytes,
         sha: str,
@@ -291,9 +322,9 @@ class Dispatcher:
             decoded = decode_reply(reply)
         except ProtocolError:
             return
+        job = item.job
         if isinstance(decoded, Error) and decoded.code is ErrorCode.HASH_MISMATCH:
-            job = item.job
-            sha = job.module if isinstance(job, WasmJob) else job.model
+            sha = job.module if isinstance(job, WasmJob | TaskEvent) else job.model
             log.warning("stored blob %s failed its hash check; removed", sha[:12])
             self._blobs.discard(sha)
 

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 RequestHandler = Callable[[str, bytes, str | None, bytes | None, int], None]
 
 _SESSION_EXPIRY_S = 3600
+_PROTOCOL_PREFIX = "hearth/"
 _KEEPALIVE_S = 15
 _RECONNECT_MAX_S = 10.0
 
@@ -47,11 +48,14 @@ class GatewayLink:
         gateway_id: str,
         on_request: RequestHandler,
         offline_status: bytes,
+        on_other: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self.loop = loop
         self.address = address
         self._gateway_id = gateway_id
         self._on_request = on_request
+        self._on_other = on_other  # messages outside the protocol's topics: task triggers
+        self._filters: set[str] = set()
         self._status_topic = status_topic(gateway_id)
         self._client = make_client(
             f"hearth-gw-{gateway_id}", will=(self._status_topic, offline_status), max_inflight=256
@@ -115,6 +119,8 @@ class GatewayLink:
         # On every (re)connect: after a broker restart the subscription and the retained
         # online status must be put back.
         self._client.subscribe(request_filter(self._gateway_id), qos=1)
+        for topic_filter in self._filters:
+            self._client.subscribe(topic_filter, qos=1)
         if self._online_status is not None:
             self.publish_status(self._online_status)
         self.connected = True
@@ -174,7 +180,27 @@ class GatewayLink:
             return
         self._flush()
 
+    def subscribe(self, topic_filter: str, on: bool) -> None:
+        """Add (or drop) a subscription that survives reconnects (QoS 1, persistent session:
+        messages published while the gateway is down are delivered when it is back)."""
+        if on:
+            self._filters.add(topic_filter)
+            if self.connected:
+                self._client.subscribe(topic_filter, qos=1)
+        else:
+            self._filters.discard(topic_filter)
+            if self.connected:
+                self._client.unsubscribe(topic_filter)
+        self._flush()
+
     def _message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if not msg.topic.startswith(_PROTOCOL_PREFIX):
+            if self._on_other is not None:
+                try:
+                    self._on_other(msg.topic, bytes(msg.payload))
+                except Exception:
+                    log.exception("unexpected error handling a message on %s", msg.topic)
+            return
         props = msg.properties
         response_topic = getattr(props, "ResponseTopic", None)
         correlation = getattr(props, "CorrelationData", None)
@@ -191,6 +217,11 @@ class GatewayLink:
         if correlation is not None:
             props.CorrelationData = correlation
         self._client.publish(topic, payload, qos=qos, properties=props)
+        self._flush()
+
+    def publish_plain(self, topic: str, payload: bytes) -> None:
+        """A task's publish or notification: QoS 1, not retained."""
+        self._client.publish(topic, payload, qos=1)
         self._flush()
 
     def publish_status(self, payload: bytes) -> None:

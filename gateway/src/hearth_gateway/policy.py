@@ -19,7 +19,18 @@ from hearth.errors import ErrorCode
 from hearth.runtime.limits import WasmLimits
 from hearth_gateway.errors import ConfigError
 
-__all__ = ["Admission", "LimitsPolicy", "OnnxPolicy", "Policy", "WasmPolicy", "load_policy"]
+__all__ = [
+    "Admission",
+    "LimitsPolicy",
+    "OnnxPolicy",
+    "Policy",
+    "TasksPolicy",
+    "WasmPolicy",
+    "filter_covers",
+    "load_policy",
+    "task_topic_error",
+    "topic_matches",
+]
 
 MiB = 1024 * 1024
 
@@ -50,10 +61,24 @@ class LimitsPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     answer_retention_s: float = 24 * 3600.0  # stored answers for duplicate job ids
 
 
+class TasksPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    fuel_per_event: int = 200_000_000
+    memory_bytes: int = 16 * MiB  # linear memory of one task
+    max_tasks: int = 2000  # on this gateway
+    max_tasks_per_client: int = 100
+    max_failures: int = 5  # consecutive failed events before a task is suspended
+    backoff_s: float = 1.0  # after a failed event, doubled per consecutive failure
+    max_backlog: int = 1000  # queued events per task; more are dropped and counted
+    max_actions_per_event: int = 64  # publish + notify + log calls
+    max_payload_bytes: int = 65_536  # event payload, published payload
+    wall_timeout_s: float = 10.0  # per event
+
+
 class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     wasm: WasmPolicy = WasmPolicy()
     onnx: OnnxPolicy = OnnxPolicy()
     limits: LimitsPolicy = LimitsPolicy()
+    tasks: TasksPolicy = TasksPolicy()
 
 
 def load_policy(paths: Iterable[Path]) -> Policy:
@@ -109,3 +134,58 @@ class Admission:
     def in_flight(self) -> int:
         with self._lock:
             return self._total
+
+
+# --- topic grants for persistent tasks ---------------------------------------------------------
+
+_RESERVED_PREFIX = "hearth/"  # the protocol's own topics: never readable or writable by a task
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT filter matching: ``+`` one level, ``#`` the rest (including none)."""
+    f_parts = topic_filter.split("/")
+    t_parts = topic.split("/")
+    for i, part in enumerate(f_parts):
+        if part == "#":
+            return True
+        if i >= len(t_parts):
+            return False
+        if part != "+" and part != t_parts[i]:
+            return False
+    return len(f_parts) == len(t_parts)
+
+
+def filter_covers(grant: str, topic_filter: str) -> bool:
+    """True when every topic ``topic_filter`` can match is matched by ``grant``."""
+    g_parts = grant.split("/")
+    f_parts = topic_filter.split("/")
+    for i, part in enumerate(g_parts):
+        if part == "#":
+            return True
+        if i >= len(f_parts):
+            return False
+        if f_parts[i] == "#":
+            return False
+        if part != "+" and (f_parts[i] == "+" or part != f_parts[i]):
+            return False
+    return len(g_parts) == len(f_parts)
+
+
+def task_topic_error(topic: str, *, is_filter: bool) -> str | None:  # noqa: PLR0911
+    """Why a task may not use this topic (or filter), or None if it may."""
+    if not topic or len(topic) > 256 or "\0" in topic:
+        return "empty or too long"
+    if topic.startswith(_RESERVED_PREFIX) or topic.startswith("$"):
+        return f"{_RESERVED_PREFIX}... and $... are reserved"
+    parts = topic.split("/")
+    if parts[0] in ("+", "#"):
+        return "the first level must be named (a wildcard there reaches hearth/... too)"
+    for i, part in enumerate(parts):
+        if part in ("+", "#"):
+            if not is_filter:
+                return "wildcards are not allowed in a topic to publish to"
+            if part == "#" and i != len(parts) - 1:
+                return "'#' must be the last level"
+        elif "+" in part or "#" in part:
+            return "a wildcard must be a whole level"
+    return None

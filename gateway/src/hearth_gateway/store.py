@@ -60,6 +60,42 @@ class Store:
                 pk=("client_id", "job_id"),
             )
             self._db.table("jobs").create_index(["state"])
+        if "tasks" not in self._db.table_names():
+            self._db.table("tasks").create(
+                {
+                    "task_id": str,
+                    "owner": str,
+                    "spec": bytes,  # the TaskInstall request, msgpack
+                    "info": bytes,  # TaskInfo (state, counters), msgpack
+                    "checkpoint": bytes,  # compressed memory + globals; empty until the first event
+                    "kv": bytes,  # msgpack map
+                },
+                pk="task_id",
+            )
+        if "task_inbox" not in self._db.table_names():
+            # Events received for a task and not yet covered by a checkpoint. Written before
+            # the broker gets its PUBACK, deleted in the transaction that stores the checkpoint.
+            self._db.table("task_inbox").create(
+                {"id": int, "task_id": str, "topic": str, "payload": bytes, "received_at": float},
+                pk="id",
+            )
+            self._db.table("task_inbox").create_index(["task_id", "id"])
+        if "owners" not in self._db.table_names():
+            self._db.table("owners").create({"client_id": str, "last_seen": float},
+                                            pk="client_id")  # fmt: skip
+        if "audit" not in self._db.table_names():
+            self._db.table("audit").create(
+                {
+                    "id": int,
+                    "at": float,
+                    "actor": str,  # device or task that asked
+                    "action": str,
+                    "target": str,
+                    "decision": str,  # allowed | refused
+                    "reason": str,
+                },
+                pk="id",
+            )
         if "blobs" not in self._db.table_names():
             self._db.table("blobs").create(
                 {"sha256": str, "size": int, "stored_at": float, "last_used": float},
@@ -152,6 +188,99 @@ class Store:
                 "SELECT count(*), coalesce(sum(size), 0) FROM blobs"
             ).fetchone()
         return int(count), int(size)
+
+    # -- persistent tasks ------------------------------------------------------------------
+
+    def tasks(self) -> list[tuple[str, str, bytes, bytes, bytes, bytes]]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT task_id, owner, spec, info, checkpoint, kv FROM tasks"
+            ).fetchall()
+        return [(r[0], r[1], r[2], r[3], r[4] or b"", r[5] or b"") for r in rows]
+
+    def put_task(
+        self, task_id: str, owner: str, spec: bytes, info: bytes, checkpoint: bytes, kv: bytes,
+        done_inbox: list[int] | tuple[int, ...] = (),
+    ) -> None:  # fmt: skip
+        """Store a task's state and drop the inbox events it covers, in one transaction."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO tasks (task_id, owner, spec, info, checkpoint, kv)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (task_id, owner, spec, info, checkpoint, kv),
+                )
+                if done_inbox:
+                    self._conn.executemany(
+                        "DELETE FROM task_inbox WHERE id=?", [(i,) for i in done_inbox]
+                    )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def delete_task(self, task_id: str) -> None:
+        with self._lock:
+            self._conn.execute("BEGIN")
+            self._conn.execute("DELETE FROM tasks WHERE task_id=?", (task_id,))
+            self._conn.execute("DELETE FROM task_inbox WHERE task_id=?", (task_id,))
+            self._conn.execute("COMMIT")
+
+    def add_inbox(self, task_id: str, topic: str, payload: bytes) -> int:
+        with self._lock:
+            cursor = self._conn.execute(
+                "INSERT INTO task_inbox (task_id, topic, payload, received_at) VALUES (?, ?, ?, ?)",
+                (task_id, topic, payload, time.time()),
+            )
+            return int(cursor.lastrowid or 0)
+
+    def add_inbox_many(self, rows: list[tuple[str, str, bytes]]) -> list[int]:
+        """Several tasks' copies of one message, in one transaction (one commit)."""
+        ids: list[int] = []
+        now = time.time()
+        with self._lock:
+            self._conn.execute("BEGIN")
+            for task_id, topic, payload in rows:
+                cursor = self._conn.execute(
+                    "INSERT INTO task_inbox (task_id, topic, payload, received_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (task_id, topic, payload, now),
+                )
+                ids.append(int(cursor.lastrowid or 0))
+            self._conn.execute("COMMIT")
+        return ids
+
+    def drop_inbox(self, ids: list[int]) -> None:
+        with self._lock:
+            self._conn.executemany("DELETE FROM task_inbox WHERE id=?", [(i,) for i in ids])
+
+    def inbox(self) -> list[tuple[int, str, str, bytes]]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT id, task_id, topic, payload FROM task_inbox ORDER BY id"
+            ).fetchall()
+        return [(int(r[0]), r[1], r[2], r[3]) for r in rows]
+
+    def owners(self) -> dict[str, float]:
+        with self._lock:
+            rows = self._conn.execute("SELECT client_id, last_seen FROM owners").fetchall()
+        return {str(r[0]): float(r[1]) for r in rows}
+
+    def put_owners(self, seen: dict[str, float]) -> None:
+        with self._lock:
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO owners (client_id, last_seen) VALUES (?, ?)",
+                list(seen.items()),
+            )
+
+    def audit(self, actor: str, action: str, target: str, decision: str, reason: str) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO audit (at, actor, action, target, decision, reason)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (time.time(), actor, action, target, decision, reason),
+            )
 
     def close(self) -> None:
         with self._lock:

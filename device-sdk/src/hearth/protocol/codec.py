@@ -8,9 +8,22 @@ from typing import TypeVar, cast
 import msgspec
 
 from hearth.errors import ErrorCode, ProtocolError
-from hearth.protocol.messages import PROTOCOL_VERSION, GatewayStatus, Reply, Request
+from hearth.protocol.messages import (
+    PROTOCOL_VERSION,
+    GatewayStatus,
+    Notification,
+    Reply,
+    Request,
+)
 
-__all__ = ["CONTENT_TYPE", "decode_reply", "decode_request", "decode_status", "encode"]
+__all__ = [
+    "CONTENT_TYPE",
+    "decode_notification",
+    "decode_reply",
+    "decode_request",
+    "decode_status",
+    "encode",
+]
 
 CONTENT_TYPE = "application/vnd.hearth.v1+msgpack"
 
@@ -20,6 +33,7 @@ _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
 _status_decoder = msgspec.msgpack.Decoder(GatewayStatus)
+_notification_decoder = msgspec.msgpack.Decoder(Notification)
 
 
 class _Head(msgspec.Struct):
@@ -68,6 +82,10 @@ def decode_request(payload: bytes | bytearray) -> Request:
 
 def decode_reply(payload: bytes | bytearray) -> Reply:
     return cast(Reply, _decode(_reply_decoder, payload))
+
+
+def decode_notification(payload: bytes | bytearray) -> Notification:
+    return _decode(_notification_decoder, payload)
 
 
 def decode_status(payload: bytes | bytearray) -> GatewayStatus:

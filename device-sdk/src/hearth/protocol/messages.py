@@ -25,14 +25,22 @@ __all__ = [
     "Error",
     "GatewayStatus",
     "NeedBlob",
+    "Notification",
     "OnnxJob",
     "OnnxResult",
     "Ping",
     "Pong",
     "Reply",
     "Request",
+    "Task",
+    "TaskControl",
+    "TaskInfo",
+    "TaskInstall",
+    "TaskList",
+    "TaskListResult",
     "Tensor",
     "Timing",
+    "Trigger",
     "WasmJob",
     "WasmResult",
 ]
@@ -111,7 +119,47 @@ class BlobChunk(_Message, frozen=True, tag="blob"):
     data: bytes
 
 
-Request = Ping | WasmJob | OnnxJob | BlobChunk
+# --- persistent tasks (docs/tasks.md) ------------------------------------------------------
+
+TaskId = Annotated[str, msgspec.Meta(pattern="^t-[0-9a-f]{12}$")]
+TaskName = Annotated[str, msgspec.Meta(pattern="^[A-Za-z0-9_.-]{1,64}$")]
+TopicFilter = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class Trigger(msgspec.Struct, frozen=True, kw_only=True):
+    """What wakes a task: messages on an MQTT topic filter, or a timer."""
+
+    topic: TopicFilter | None = None
+    every_s: Annotated[float, msgspec.Meta(ge=0.05)] | None = None
+
+
+class TaskInstall(_Message, frozen=True, tag="task_install"):
+    """Install a persistent task: a WASM reactor module (docs/tasks.md) kept alive by the
+    gateway. ``read`` defaults to the trigger topics; every trigger topic must be covered by
+    it. Answered with ``task`` (or need_blob / error)."""
+
+    name: TaskName
+    module: Sha256
+    triggers: list[Trigger]
+    read: list[TopicFilter] = []
+    publish: list[TopicFilter] = []
+    expires_at: float | None = None  # unix seconds
+    idle_timeout_s: Annotated[float, msgspec.Meta(gt=0)] | None = None  # since owner last seen
+    config: dict[str, str] = {}  # initial key-value state
+    checkpoint_every: Annotated[int, msgspec.Meta(ge=1)] = 1  # events between checkpoints
+    checkpoint_every_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+
+
+class TaskControl(_Message, frozen=True, tag="task_control"):
+    task_id: TaskId
+    action: Literal["show", "pause", "resume", "cancel"]
+
+
+class TaskList(_Message, frozen=True, tag="task_list"):
+    pass
+
+
+Request = Ping | WasmJob | OnnxJob | BlobChunk | TaskInstall | TaskControl | TaskList
 
 
 # --- replies: gateway -> device, on the request's Response Topic ------------------------------
@@ -158,7 +206,51 @@ class Error(_Message, frozen=True, tag="error"):
     job_id: str | None = None
 
 
-Reply = Pong | WasmResult | OnnxResult | NeedBlob | BlobStored | Error
+class TaskInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A task as ``show`` and ``list`` report it."""
+
+    task_id: str
+    name: str
+    owner: str
+    state: Literal["running", "paused", "suspended", "cancelled", "expired"]
+    reason: str = ""  # why it is suspended, cancelled or expired
+    created_at: float = 0.0
+    expires_at: float | None = None
+    idle_timeout_s: float | None = None
+    triggers: list[Trigger] = []
+    read: list[str] = []
+    publish: list[str] = []
+    events: int = 0  # handled
+    failures: int = 0
+    publishes: int = 0
+    refused: int = 0  # publishes refused by the grants
+    dropped: int = 0  # events not delivered (paused, suspended, backlog full)
+    last_event_at: float | None = None
+    last_error: str = ""
+    fuel_used: int = 0
+    memory_bytes: int = 0
+    checkpoint_bytes: int = 0
+
+
+class Task(_Message, frozen=True, tag="task"):
+    task: TaskInfo
+
+
+class TaskListResult(_Message, frozen=True, tag="task_list_result"):
+    tasks: list[TaskInfo]
+
+
+Reply = Pong | WasmResult | OnnxResult | NeedBlob | BlobStored | Error | Task | TaskListResult
+
+
+class Notification(_Message, frozen=True, tag="notify"):
+    """From a task to its owner, on hearth/v1/dev/{owner}/notify (QoS 1: a device with a
+    persistent session gets the ones sent while it slept)."""
+
+    task_id: str
+    name: str
+    message: str
+    at: float  # unix seconds
 
 
 # --- retained status: hearth/v1/gw/{gateway}/status -------------------------------------------

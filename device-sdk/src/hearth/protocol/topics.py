@@ -8,6 +8,7 @@ import re
 __all__ = [
     "PREFIX",
     "SERVICE_TYPE",
+    "notify_topic",
     "parse_request_topic",
     "reply_prefix",
     "reply_topic",
@@ -49,6 +50,11 @@ def reply_prefix(client_id: str) -> str:
 
 def reply_topic(client_id: str) -> str:
     return reply_prefix(client_id) + "reply"
+
+
+def notify_topic(client_id: str) -> str:
+    """Where a task's notifications to its owner go."""
+    return reply_prefix(client_id) + "notify"
 
 
 def parse_request_topic(topic: str) -> tuple[str, str] | None:

@@ -104,6 +104,21 @@ class WasmRuntime:
         with self._lock:
             return sha256 in self._modules
 
+    @property
+    def engine(self) -> wasmtime.Engine:
+        return self._engine
+
+    @property
+    def linker(self) -> wasmtime.Linker:
+        """The linker (WASI defined): hosts add their own imports here."""
+        return self._linker
+
+    def module(
+        self, sha256: str, wasm: bytes | None = None, path: Path | None = None
+    ) -> wasmtime.Module:
+        """The compiled module for ``sha256`` (cached; bytes checked against the hash)."""
+        return self._module(sha256, wasm, path)
+
     def _module(self, sha256: str, wasm: bytes | None, path: Path | None) -> wasmtime.Module:
         with self._lock:
             module = self._modules.get(sha256)

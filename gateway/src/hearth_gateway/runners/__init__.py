@@ -14,9 +14,52 @@ import msgspec
 from hearth.protocol import OnnxJob, Reply, WasmJob
 from hearth.runtime.limits import WasmLimits
 
-__all__ = ["REGISTRY", "Job", "Runner", "WorkItem", "WorkerSettings", "runner_for"]
+__all__ = [
+    "REGISTRY",
+    "Job",
+    "Runner",
+    "TaskAction",
+    "TaskEvent",
+    "TaskOutcome",
+    "WorkItem",
+    "WorkerSettings",
+    "runner_for",
+]
 
-Job = WasmJob | OnnxJob
+
+class TaskEvent(msgspec.Struct, frozen=True, kw_only=True, tag="task_event"):
+    """One event for a persistent task, with everything the worker needs: the worker keeps
+    nothing between events, so any worker can take any task's next event."""
+
+    job_id: str  # task id and sequence number, for logs
+    task_id: str
+    module: str  # sha256
+    kind: int  # 1 message, 2 timer
+    topic: str
+    payload: bytes
+    state: bytes  # compressed checkpoint; empty: a fresh instance (call _initialize)
+    kv: dict[str, bytes]
+    publish: list[str]  # grants, so the guest's publish() can answer -1 at once
+
+
+class TaskAction(msgspec.Struct, frozen=True):
+    kind: str  # publish | notify | log
+    topic: str
+    payload: bytes
+
+
+class TaskOutcome(msgspec.Struct, frozen=True, kw_only=True, tag="task_outcome"):
+    ok: bool
+    error: str = ""
+    code: str = ""  # an ErrorCode value when not ok
+    state: bytes = b""
+    kv: dict[str, bytes] = {}
+    actions: list[TaskAction] = []
+    fuel_used: int = 0
+    memory_bytes: int = 0
+
+
+Job = WasmJob | OnnxJob | TaskEvent
 
 
 class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -25,6 +68,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     runners: list[str]
     cache_dir: str
     wasm_limits: WasmLimits
+    task_limits: WasmLimits = WasmLimits()
+    task_max_actions: int = 64
+    task_max_payload: int = 65_536
     onnx_threads: int = 0
     providers: list[str] = []  # empty: best available
 
@@ -38,7 +84,7 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Runner(Protocol):
-    def run(self, item: WorkItem) -> Reply:
+    def run(self, item: WorkItem) -> Reply | TaskOutcome:
         """Run the job and return its reply (a result or an Error); never raise for a job's
         own failure."""
         ...
@@ -56,6 +102,12 @@ def _wasm(settings: WorkerSettings) -> Runner:
     return WasmRunner(settings)
 
 
+def _task(settings: WorkerSettings) -> Runner:
+    from hearth_gateway.runners.task import TaskRunner
+
+    return TaskRunner(settings)
+
+
 def _onnx(settings: WorkerSettings) -> Runner:
     from hearth_gateway.runners.onnx import OnnxRunner
 
@@ -63,9 +115,13 @@ def _onnx(settings: WorkerSettings) -> Runner:
 
 
 # Imported lazily, so a box without onnxruntime can still run WebAssembly.
-REGISTRY: dict[str, Callable[[WorkerSettings], Runner]] = {"wasm": _wasm, "onnx": _onnx}
+REGISTRY: dict[str, Callable[[WorkerSettings], Runner]] = {
+    "wasm": _wasm,
+    "onnx": _onnx,
+    "task": _task,
+}
 
-_JOB_RUNNER = {WasmJob: "wasm", OnnxJob: "onnx"}
+_JOB_RUNNER: dict[type, str] = {WasmJob: "wasm", OnnxJob: "onnx", TaskEvent: "task"}
 
 
 def runner_for(job: Job) -> str:

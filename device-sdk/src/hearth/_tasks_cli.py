@@ -1,0 +1,160 @@
+"""``hearth tasks ...`` and ``hearth-gateway tasks ...``: the same verbs, two transports (the
+device's MQTT connection, or the gateway's local control socket for the box's owner)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import re
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from hearth.protocol import TaskInfo
+
+__all__ = ["add_task_commands", "format_task", "format_tasks", "parse_when"]
+
+
+def add_task_commands(parser: argparse.ArgumentParser) -> None:
+    """Add the task verbs as sub-commands of ``parser`` (dest ``task_command``)."""
+    sub = parser.add_subparsers(dest="task_command", required=True)
+    install = sub.add_parser("install", help="install a persistent task (a WASM reactor)")
+    install.add_argument("module", help="the task's .wasm file")
+    install.add_argument("--name", required=True)
+    install.add_argument(
+        "--on",
+        action="append",
+        default=[],
+        metavar="FILTER",
+        help="MQTT topic filter that wakes the task (repeatable)",
+    )
+    install.add_argument("--every", type=float, metavar="SECONDS", help="a timer trigger")
+    install.add_argument(
+        "--may-read",
+        action="append",
+        default=[],
+        metavar="FILTER",
+        help="read grant (default: the --on filters)",
+    )
+    install.add_argument(
+        "--may-publish",
+        action="append",
+        default=[],
+        metavar="TOPIC",
+        help="topic (or filter) the task may publish to (repeatable)",
+    )
+    install.add_argument(
+        "--expires", metavar="WHEN", help="ISO time, unix seconds, or a duration like 2h / 30m / 7d"
+    )
+    install.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="S",
+        help="remove the task when its owner has not been seen for S seconds",
+    )
+    install.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="initial key-value state (the task's configuration)",
+    )
+    install.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="store the task's state every N events (default 1)",
+    )
+    install.add_argument("--checkpoint-every-s", type=float, metavar="S")
+    listing = sub.add_parser("list", help="list tasks")
+    listing.add_argument("--json", action="store_true")
+    for verb in ("show", "pause", "resume", "cancel"):
+        one = sub.add_parser(verb, help=f"{verb} a task")
+        one.add_argument("task_id")
+        one.add_argument("--json", action="store_true")
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+
+
+def parse_when(text: str, now: float | None = None) -> float:
+    """Unix seconds from ``2026-12-01T08:00``, ``1795000000`` or a duration ``90m``."""
+    now = time.time() if now is None else now
+    match = _DURATION.match(text.strip())
+    if match:
+        scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        return now + float(match.group(1)) * scale
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise SystemExit(f"--expires: cannot read {text!r} as a time or duration") from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # local time, as a person means it
+    return when.timestamp()
+
+
+def parse_settings(pairs: list[str]) -> dict[str, str]:
+    config: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set wants KEY=VALUE, got {pair!r}")
+        config[key] = value
+    return config
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_task(task: TaskInfo) -> str:
+    triggers = ", ".join(t.topic or f"every {t.every_s:g} s" for t in task.triggers)
+    lifetime = []
+    if task.expires_at is not None:
+        lifetime.append(f"expires {_when(task.expires_at)}")
+    if task.idle_timeout_s is not None:
+        lifetime.append(f"removed after {task.idle_timeout_s:g} s without its owner")
+    lines = [
+        f"task        {task.task_id}  {task.name}  (owner {task.owner})",
+        f"state       {task.state}" + (f": {task.reason}" if task.reason else ""),
+        f"triggers    {triggers}",
+        f"may read    {', '.join(task.read) or '-'}",
+        f"may publish {', '.join(task.publish) or '-'}",
+        f"lifetime    {'; '.join(lifetime) or 'until cancelled'}",
+        f"events      {task.events} handled, {task.failures} failed, {task.dropped} dropped; "
+        f"last {_when(task.last_event_at)}",
+        f"publishes   {task.publishes} sent, {task.refused} refused by the grants",
+        f"resources   {task.fuel_used} fuel, {task.memory_bytes // 1024} KiB memory, "
+        f"{task.checkpoint_bytes} B checkpoint",
+    ]
+    if task.last_error:
+        lines.append(f"last error  {task.last_error}")
+    return "\n".join(lines)
+
+
+def format_tasks(tasks: list[TaskInfo]) -> str:
+    if not tasks:
+        return "no tasks"
+    rows = [f"{'ID':<16} {'NAME':<18} {'STATE':<10} {'EVENTS':>7} {'FAILED':>6}  OWNER"]
+    for t in tasks:
+        rows.append(f"{t.task_id:<16} {t.name:<18} {t.state:<10} {t.events:>7} "
+                    f"{t.failures:>6}  {t.owner}")  # fmt: skip
+    return "\n".join(rows)
+
+
+def print_result(result: TaskInfo | list[TaskInfo], as_json: bool,
+                 out: Callable[[str], None] = print) -> None:  # fmt: skip
+    if as_json:
+        out(msgspec.json.encode(result).decode())
+    elif isinstance(result, list):
+        out(format_tasks(result))
+    else:
+        out(format_task(result))

@@ -1,0 +1,281 @@
+"""Persistent tasks: install, events, grants, lifetime, crash loops, and state that survives
+a SIGKILL of the gateway. Real Mosquitto, real gateway daemons, real wasmtime."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import hearth
+from conftest import GatewayProcess, wait_until
+from hearth.errors import ErrorCode
+from helpers import Bus
+
+FAST_FAILURES = "[tasks]\nbackoff_s = 0.05\nmax_failures = 3\n"
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(examples: Path) -> Path:
+    path = examples / "tasks"
+    if not (path / "counter.wasm").exists():
+        subprocess.run([sys.executable, str(Path(__file__).parent.parent / "scripts" /
+                                           "build_examples.py")], check=True)  # fmt: skip
+    return path
+
+
+def _unique() -> str:
+    return f"test/{uuid.uuid4().hex[:8]}"
+
+
+def _db_rows(gateway: GatewayProcess, sql: str, *args: object) -> list[tuple[object, ...]]:
+    with sqlite3.connect(gateway.state_dir / "hearth.sqlite3") as db:
+        return db.execute(sql, args).fetchall()
+
+
+def _wait_subscribed(bus: Bus, topic: str, out: str, timeout_s: float = 10.0) -> None:
+    """The gateway subscribes when the task is installed; wait until an event gets through."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        bus.publish(topic, b"probe")
+        try:
+            bus.expect(out, timeout_s=0.5)
+            return
+        except TimeoutError:
+            continue
+    raise TimeoutError("the task never answered")
+
+
+def test_a_task_handles_events_and_keeps_its_state(
+    gateway: GatewayProcess, broker, tasks_dir: Path
+) -> None:
+    base = _unique()
+    with Bus(broker.address) as bus, gateway.client() as client:
+        bus.subscribe(f"{base}/out")
+        info = client.install_task(tasks_dir / "counter.wasm", "counter", on=[f"{base}/in"],
+                                   may_publish=[f"{base}/out"],
+                                   config={"out_topic": f"{base}/out"})  # fmt: skip
+        assert info.state == "running"
+        assert info.owner == client.client_id
+        _wait_subscribed(bus, f"{base}/in", f"{base}/out")
+        for _ in range(3):
+            bus.publish(f"{base}/in", b"x")
+        counts = [int(bus.expect(f"{base}/out")) for _ in range(3)]
+        shown = client.task(info.task_id)
+    first = counts[0]
+    assert counts == [first, first + 1, first + 2]  # one in-order count per event
+    assert shown.events == first + 2
+    assert shown.publishes == shown.events
+    assert shown.memory_bytes > 0
+    assert shown.checkpoint_bytes > 0
+
+
+@pytest.mark.slow
+def test_sigkill_mid_stream_resumes_with_the_right_state(
+    gateway: GatewayProcess, broker, tasks_dir: Path
+) -> None:
+    """Events at QoS 1; the gateway SIGKILLed and restarted in the middle. Every event is
+    counted exactly once in the task's state; report lost and twice-processed events."""
+    base = _unique()
+    total = 150
+    with Bus(broker.address) as bus, gateway.client() as client:
+        bus.subscribe(f"{base}/out")
+        client.install_task(tasks_dir / "counter.wasm", "counter", on=[f"{base}/in"],
+                            may_publish=[f"{base}/out"],
+                            config={"out_topic": f"{base}/out"})  # fmt: skip
+        _wait_subscribed(bus, f"{base}/in", f"{base}/out")
+        bus.drain(0.3)
+        sensor = Bus(broker.address)
+        try:
+            for i in range(total):
+                sensor.publish(f"{base}/in", str(i))
+                if i == total // 2:
+                    gateway.kill()
+                    restart = threading.Thread(target=gateway.start)
+                    restart.start()
+                time.sleep(0.01)
+            restart.join(timeout=60)
+        finally:
+            sensor.close()
+        seen: list[int] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not seen or max(seen) < total + 1):
+            try:
+                seen.append(int(bus.expect(f"{base}/out", timeout_s=2)))
+            except TimeoutError:
+                break
+    # The probe event counted 1; the stream adds `total`.
+    final = max(seen)
+    lost = total + 1 - final
+    twice = len(seen) - len(set(seen))
+    print(f"\nSIGKILL mid-stream: {total} events, lost {lost}, published twice {twice}")
+    assert lost == 0
+    assert sorted(set(seen)) == list(range(min(seen), final + 1))  # no gap in the count
+
+
+def test_a_publish_outside_the_grants_is_refused_and_audited(
+    gateway: GatewayProcess, broker, tasks_dir: Path
+) -> None:
+    base = _unique()
+    with Bus(broker.address) as bus, gateway.client() as client:
+        bus.subscribe("home/lights/#")
+        bus.subscribe("test/greedy/result")
+        info = client.install_task(
+            tasks_dir / "greedy.wasm",
+            "greedy",
+            on=[f"{base}/go"],
+            may_publish=["home/lights/hall/set", "test/greedy/result"],
+        )
+        deadline = time.monotonic() + 10
+        result = b""
+        while not result and time.monotonic() < deadline:
+            bus.publish(f"{base}/go", b"1")
+            try:
+                result = bus.expect("test/greedy/result", timeout_s=0.5)
+            except TimeoutError:
+                continue
+        lights = [t for t, _ in bus.drain(0.5) if t.startswith("home/lights/")]
+        shown = client.task(info.task_id)
+    assert result == b"-1 0"  # bedroom denied, hall allowed
+    assert "home/lights/bedroom/set" not in lights
+    assert shown.refused >= 1
+    audited = _db_rows(gateway, "SELECT actor, target, decision FROM audit WHERE action='publish'")
+    assert (info.task_id, "home/lights/bedroom/set", "refused") in audited
+
+
+def test_a_task_never_receives_topics_outside_its_read_grants(
+    gateway: GatewayProcess, broker, tasks_dir: Path
+) -> None:
+    base = _unique()
+    with Bus(broker.address) as bus, gateway.client() as client:
+        with pytest.raises(hearth.JobError) as refused:
+            client.install_task(tasks_dir / "counter.wasm", "wide", on=[f"{base}/#"],
+                                read=[f"{base}/allowed/#"])  # fmt: skip
+        assert refused.value.code == ErrorCode.FORBIDDEN
+        for bad in ("hearth/v1/#", "#", "$SYS/#"):
+            with pytest.raises(hearth.JobError):
+                client.install_task(tasks_dir / "counter.wasm", "sneaky", on=[bad])
+        bus.subscribe(f"{base}/out")
+        client.install_task(tasks_dir / "counter.wasm", "narrow", on=[f"{base}/allowed/+"],
+                            may_publish=[f"{base}/out"],
+                            config={"out_topic": f"{base}/out"})  # fmt: skip
+        _wait_subscribed(bus, f"{base}/allowed/a", f"{base}/out")
+        bus.publish(f"{base}/other/a", b"x")
+        bus.publish(f"{base}/allowed/b/c", b"x")  # deeper than the filter
+        assert bus.drain(0.8) == []
+    audited = _db_rows(gateway, "SELECT decision FROM audit WHERE action='task_install'")
+    assert ("refused",) in audited
+
+
+def test_expiry_idle_timeout_and_cancel_remove_the_task_and_its_state(
+    gateway: GatewayProcess, tasks_dir: Path
+) -> None:
+    base = _unique()
+    with gateway.client() as client:
+        expiring = client.install_task(
+            tasks_dir / "counter.wasm", "expiring", on=[f"{base}/a"], expires_at=time.time() + 1.0
+        )
+        idle = client.install_task(tasks_dir / "counter.wasm", "idle", on=[f"{base}/b"],
+                                   idle_timeout_s=1.0)  # fmt: skip
+        cancelled = client.install_task(tasks_dir / "counter.wasm", "cancelled",
+                                        on=[f"{base}/c"])  # fmt: skip
+        assert client.task(cancelled.task_id, "cancel").state == "cancelled"
+        ids = {expiring.task_id, idle.task_id, cancelled.task_id}
+        # The owner stays quiet now: no request until both lifetimes are over.
+        time.sleep(4.5)
+        remaining = {t.task_id for t in client.tasks()}
+    assert remaining.isdisjoint(ids)
+    stored = {row[0] for row in _db_rows(gateway, "SELECT task_id FROM tasks")}
+    assert stored.isdisjoint(ids)
+    assert _db_rows(gateway, "SELECT count(*) FROM task_inbox")[0][0] == 0
+    reasons = {row[0]: row[1] for row in _db_rows(
+        gateway, "SELECT target, action FROM audit WHERE action IN "
+                 "('task_expired', 'task_cancelled')")}  # fmt: skip
+    assert reasons == {expiring.task_id: "task_expired", idle.task_id: "task_expired",
+                       cancelled.task_id: "task_cancelled"}  # fmt: skip
+
+
+def test_a_crash_looping_task_is_suspended_with_its_reason(
+    make_gateway, tmp_path: Path, broker, tasks_dir: Path
+) -> None:
+    policy = tmp_path / "fast.toml"
+    policy.write_text(FAST_FAILURES)
+    gw = make_gateway("--policy", str(policy))
+    base = _unique()
+    notes: list[hearth.protocol.Notification] = []
+    with Bus(broker.address) as bus, gw.client() as client:
+        stop = client.notifications(notes.append)
+        try:
+            info = client.install_task(tasks_dir / "crasher.wasm", "crasher", on=[f"{base}/in"])
+            assert wait_until(lambda: _publish_and_check(bus, f"{base}/in", client,
+                                                         info.task_id), timeout_s=15)  # fmt: skip
+            shown = client.task(info.task_id)
+            assert wait_until(lambda: any("suspended" in n.message for n in notes), 5)
+        finally:
+            stop()
+    assert shown.state == "suspended"
+    assert "3 failed events in a row" in shown.reason
+    assert "unreachable" in shown.last_error
+    assert shown.failures == 3
+    with gw.client() as client:  # resume resets the count
+        assert client.task(info.task_id, "resume").state == "running"
+
+
+def _publish_and_check(bus: Bus, topic: str, client: hearth.Client, task_id: str) -> bool:
+    bus.publish(topic, b"x")
+    time.sleep(0.1)
+    return client.task(task_id).state == "suspended"
+
+
+def test_timer_task_runs_a_long_job_in_slices_and_notifies_its_owner(
+    gateway: GatewayProcess, tasks_dir: Path
+) -> None:
+    notes: list[hearth.protocol.Notification] = []
+    with gateway.client() as client:
+        stop = client.notifications(notes.append)
+        try:
+            info = client.install_task(tasks_dir / "indexer.wasm", "indexer", every_s=0.05,
+                                       config={"limit": "200000"},
+                                       may_publish=["home/tasks/indexer/progress"])  # fmt: skip
+            assert wait_until(lambda: any("done" in n.message for n in notes), timeout_s=30)
+        finally:
+            stop()
+        shown = client.task(info.task_id)
+    done = next(n for n in notes if "done" in n.message)
+    assert done.task_id == info.task_id
+    assert "17984 primes below 200000" in done.message
+    assert shown.events >= 4
+
+
+def test_the_box_owner_sees_and_controls_every_task(
+    gateway: GatewayProcess, tasks_dir: Path
+) -> None:
+    with gateway.client() as client:
+        info = client.install_task(tasks_dir / "counter.wasm", "mine", on=[f"{_unique()}/in"])
+
+    def admin(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "hearth_gateway.cli", "tasks", "--state-dir",
+             str(gateway.state_dir), *args],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+
+    listing = admin("list")
+    assert listing.returncode == 0, listing.stderr
+    assert info.task_id in listing.stdout
+    paused = admin("pause", info.task_id)
+    assert "state       paused" in paused.stdout
+    installed = admin("install", str(tasks_dir / "motion_light.wasm"), "--name", "hall-light",
+                      "--on", "home/motion/hall", "--every", "30",
+                      "--may-publish", "home/lights/hall/set")  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    assert "owner admin" in installed.stdout
+    with gateway.client() as client:  # a device does not see the admin's task
+        assert {t.name for t in client.tasks()} >= {"mine"}
+        assert "hall-light" not in {t.name for t in client.tasks()}
