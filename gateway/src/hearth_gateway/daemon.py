@@ -196,9 +196,10 @@ class Gateway:
             self.providers = [str(p) for p in info["providers"]]
         self.link.start(encode(self._status("online")))
         if self.tasks is not None:
+            began = time.perf_counter()
             restored = self.tasks.start()
-            if restored:
-                log.info("restored %d persistent tasks", restored)
+            log.info("restored %d persistent tasks in %.3f s", restored,
+                     time.perf_counter() - began)  # fmt: skip
         self.control = ControlServer(
             self.loop, self.state_dir / "control.sock", self.blobs, self.dispatcher.task_request
         )
