@@ -78,4 +78,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    status = main(sys.argv)
+    sys.stderr.flush()
+    # Skip interpreter finalization: wasmtime's runtime threads panic ("panic_cannot_unwind")
+    # when Python tears down under them, which only adds noise to the gateway's log.
+    os._exit(status)
