@@ -261,13 +261,16 @@ class TaskManager:
 
     def on_message(self, topic: str, payload: bytes) -> None:
         """A message on a non-protocol topic: queue it for every task that reads it."""
-        targets = [
-            task
-            for task in self._tasks.values()
-            if task.info.state == "running"
-            and any(t.topic and topic_matches(t.topic, topic) for t in task.spec.triggers)
-            and any(topic_matches(g, topic) for g in task.read)
-        ]
+        targets = []
+        for task in self._tasks.values():
+            if not any(t.topic and topic_matches(t.topic, topic) for t in task.spec.triggers):
+                continue
+            if not any(topic_matches(g, topic) for g in task.read):
+                continue  # unreachable while installs are checked; kept as the last word
+            if task.info.state == "running":
+                targets.append(task)
+            else:
+                self._count(task, dropped=1)  # paused or suspended: not delivered
         if not targets:
             return
         if len(payload) > self._policy.max_payload_bytes:
