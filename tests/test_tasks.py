@@ -279,3 +279,22 @@ def test_the_box_owner_sees_and_controls_every_task(
     with gateway.client() as client:  # a device does not see the admin's task
         assert {t.name for t in client.tasks()} >= {"mine"}
         assert "hall-light" not in {t.name for t in client.tasks()}
+
+
+def test_notifications_wait_for_the_owner_to_reconnect(
+    gateway: GatewayProcess, tasks_dir: Path
+) -> None:
+    owner = f"phone-{uuid.uuid4().hex[:6]}"
+    notes: list[hearth.protocol.Notification] = []
+    with gateway.client(client_id=owner) as client:
+        client.notifications(notes.append)()  # opens the persistent session, then sleeps
+        info = client.install_task(tasks_dir / "indexer.wasm", "indexer", every_s=0.05,
+                                   config={"limit": "100000"})  # fmt: skip
+        time.sleep(3.0)  # the job finishes while the phone is away
+        assert notes == []
+        stop = client.notifications(notes.append)  # the phone wakes up
+        try:
+            assert wait_until(lambda: any("done" in n.message for n in notes), timeout_s=10)
+        finally:
+            stop()
+    assert next(n for n in notes if "done" in n.message).task_id == info.task_id
