@@ -59,13 +59,17 @@ __all__ = [
     "GatewayProcess",
     "Mosquitto",
     "Summary",
+    "child_pids",
     "emit_json",
     "ensure_examples",
     "free_port",
     "percentile",
     "print_table",
+    "proc_cmdline",
+    "proc_memory_bytes",
     "setup_logging",
     "sigterm_as_interrupt",
+    "subscribe_and_wait",
     "tree_cpu_s",
     "verdict",
 ]
@@ -319,6 +323,12 @@ class GatewayProcess:
             f"gateway not online within {timeout_s} s ({last}); its log:\n{_tail(self.log_path)}"
         )
 
+    @property
+    def pid(self) -> int | None:
+        """The pid of the process we started (the ``_pdeathsig`` wrapper; the daemon is its
+        child, see ``child_pids``), or None when not running."""
+        return self._proc.pid if self._proc is not None else None
+
     def close(self, grace_s: float = 30.0) -> None:
         """SIGTERM (the gateway drains its jobs and publishes offline), wait, reap."""
         proc, self._proc = self._proc, None
@@ -363,6 +373,9 @@ def _subscribe_and_wait(
         client.disconnect()
         client.loop_stop()
         raise TimeoutError(f"broker {address} did not acknowledge our subscription")
+
+
+subscribe_and_wait = _subscribe_and_wait
 
 
 class _EchoResponder:
@@ -559,6 +572,40 @@ def tree_cpu_s(root: int | None = None) -> float:
             total += stats[pid][1]
         todo.extend(children.get(pid, ()))
     return total
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live direct children of ``pid``, from /proc (empty without it)."""
+    if not Path("/proc/self/stat").exists():
+        return []
+    return sorted(
+        int(p)
+        for p in os.listdir("/proc")
+        if p.isdigit() and (st := _proc_stat(p)) and st[0] == pid
+    )
+
+
+def proc_cmdline(pid: int) -> list[str]:
+    """A process's argv, from /proc; empty if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [arg.decode(errors="replace") for arg in raw.split(b"\0") if arg]
+
+
+def proc_memory_bytes(pid: int, field: str = "VmRSS") -> int | None:
+    """A memory figure of one process from /proc/PID/status (``VmRSS``, ``RssAnon``, ...), in
+    bytes; None if the process is gone or the field is missing."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name == field:
+            return int(value.split()[0]) * 1024  # always reported in kB
+    return None
 
 
 # -- figures ----------------------------------------------------------------------------------

@@ -3,17 +3,19 @@ reads the answer.
 
 Everything on the wire here is built by hand as the document describes it: topics (§4), the
 Response Topic, Correlation Data and Content Type (§2), message maps (§5, MessagePack through
-msgspec used as a plain codec on dicts), the chunked blob upload and the need_blob dance (§6).
-Nothing from ``hearth`` or ``hearth_gateway`` is imported here; the fixtures come from
-conftest.py.
+msgspec used as a plain codec on dicts), the chunked blob upload and the need_blob dance (§6),
+and a persistent task's install, events and cancel (§15). Nothing from ``hearth`` or
+``hearth_gateway`` is imported here; the fixtures come from conftest.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import queue
+import re
 import socket
 import threading
+import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -58,6 +60,8 @@ class PlainClient:
         self._replies: defaultdict[bytes, queue.Queue[dict[str, Any]]] = defaultdict(queue.Queue)
         self._lock = threading.Lock()
         self.status: queue.Queue[tuple[dict[str, Any], bool, str | None]] = queue.Queue()
+        # Application topics (not Hearth's): raw payloads, by topic.
+        self._plain: dict[str, queue.Queue[bytes]] = {}
         self.strays: list[str] = []
         self._connected: queue.Queue[bool] = queue.Queue()
         self._subacks: queue.Queue[int] = queue.Queue()
@@ -99,6 +103,11 @@ class PlainClient:
             self._subacks.put(int(reason.value))
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            plain = self._plain.get(msg.topic)
+        if plain is not None:
+            plain.put(bytes(msg.payload))
+            return
         props = msg.properties
         content_type = getattr(props, "ContentType", None)
         try:
@@ -198,6 +207,26 @@ class PlainClient:
         stored = self.upload(blob, answer["max_chunk"], chunk_size)
         assert stored["type"] == "blob_stored", stored
         return self.call(job)
+
+    # -- application topics (what persistent tasks read and publish, §15) -----------------------
+
+    def subscribe_plain(self, topic: str) -> None:
+        with self._lock:
+            self._plain[topic] = queue.Queue()
+        self.mqtt.subscribe(topic, qos=1)
+        assert self._subacks.get(timeout=10) < 128, "subscription refused"
+
+    def publish_plain(self, topic: str, payload: bytes) -> None:
+        info = self.mqtt.publish(topic, payload, qos=1)
+        assert info.rc == mqtt.MQTT_ERR_SUCCESS, f"publish failed: {info.rc}"
+
+    def plain_message(self, topic: str, timeout_s: float = WAIT_S) -> bytes:
+        with self._lock:
+            q = self._plain[topic]
+        try:
+            return q.get(timeout=timeout_s)
+        except queue.Empty:
+            pytest.fail(f"nothing on {topic} within {timeout_s} s")
 
     def close(self) -> None:
         self.mqtt.disconnect()
@@ -332,6 +361,81 @@ def test_retained_status_is_online(plain: PlainClient) -> None:
     assert status["state"] == "online"
     assert status["gateway_id"] == plain.gateway
     assert status.get("v", V) == V
-    assert set(status.get("runners", [])) <= {"wasm", "onnx"}
+    # §5.3: the runners a gateway may enable; all three by default.
+    assert set(status.get("runners", [])) <= {"wasm", "onnx", "task"}
     assert "wasm" in status["runners"]
     assert status["max_message_bytes"] > 0
+
+
+def test_persistent_task_install_events_cancel(plain: PlainClient, examples: Path) -> None:
+    """§15: install the counter task, feed it two messages, read its two publishes, cancel it.
+    (counter.wasm publishes 1, 2, ... as ASCII to its kv key ``out_topic``.)"""
+    path = examples / "tasks" / "counter.wasm"
+    if not path.exists():
+        pytest.skip(f"{path} not built (scripts/build_examples.py builds it)")
+    module = path.read_bytes()
+    status, _, _ = plain.status.get(timeout=10)
+    if "task" not in status.get("runners", []):
+        pytest.fail(f"§13: send task requests only where runners include task: {status}")
+    base = f"test/{uuid.uuid4().hex[:12]}"
+    topic_in, topic_out = f"{base}/in", f"{base}/out"
+    plain.subscribe_plain(topic_out)
+
+    install = {
+        "type": "task_install",
+        "name": "counter-1",
+        "module": sha256_hex(module),
+        "triggers": [{"topic": topic_in, "every_s": None}],
+        "read": [],  # §5.1: empty means the trigger topics
+        "publish": [topic_out],
+        "expires_at": None,
+        "idle_timeout_s": None,
+        "config": {"out_topic": topic_out},
+        "checkpoint_every": 1,
+        "checkpoint_every_s": None,
+        "v": V,
+    }
+    answer = plain.call(install)
+    if answer["type"] == "need_blob":  # §15.2: job_id is the task's name; upload, send again
+        assert answer["job_id"] == "counter-1", answer
+        assert answer["sha256"] == install["module"], answer
+        stored = plain.upload(module, answer["max_chunk"], chunk_size=answer["max_chunk"])
+        assert stored["type"] == "blob_stored", stored
+        answer = plain.call(install)
+    assert answer["type"] == "task", answer
+    task = answer["task"]
+    task_id = task["task_id"]
+    assert re.fullmatch(r"t-[0-9a-f]{12}", task_id), task_id
+    assert task["state"] == "running"
+    assert task["name"] == "counter-1"
+    assert task["owner"] == plain.client_id
+    assert task["read"] == [topic_in], "the read grants default to the trigger topics"
+    assert task["publish"] == [topic_out]
+    assert [trigger["topic"] for trigger in task["triggers"]] == [topic_in]
+
+    # The gateway subscribed to the trigger filter at install; give that a moment.
+    time.sleep(0.3)
+    plain.publish_plain(topic_in, b"first")
+    assert plain.plain_message(topic_out) == b"1"
+    plain.publish_plain(topic_in, b"second")
+    assert plain.plain_message(topic_out) == b"2"
+
+    shown = plain.call({"type": "task_control", "task_id": task_id, "action": "show", "v": V})
+    assert shown["type"] == "task", shown
+    assert shown["task"]["events"] == 2
+    assert shown["task"]["publishes"] == 2
+
+    cancelled = plain.call({"type": "task_control", "task_id": task_id, "action": "cancel", "v": V})
+    assert cancelled["type"] == "task", cancelled
+    assert cancelled["task"]["task_id"] == task_id
+    assert cancelled["task"]["state"] == "cancelled"
+
+    listed = plain.call({"type": "task_list", "v": V})
+    assert listed["type"] == "task_list_result", listed
+    assert task_id not in [t["task_id"] for t in listed["tasks"]]
+
+    # §15.3: a removed task is gone for task_control too.
+    gone = plain.call({"type": "task_control", "task_id": task_id, "action": "show", "v": V})
+    assert gone["type"] == "error", gone
+    assert gone["code"] == "forbidden"
+    assert gone.get("job_id") is None

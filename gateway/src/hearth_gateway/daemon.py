@@ -98,6 +98,7 @@ class Gateway:
             self._completed,
             wasm_timeout_s=self.policy.wasm.wall_timeout_s,
             onnx_timeout_s=self.policy.onnx.wall_timeout_s,
+            task_timeout_s=self.policy.tasks.wall_timeout_s,
         )
         self.link = GatewayLink(
             self.loop,

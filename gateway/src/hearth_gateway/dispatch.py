@@ -45,6 +45,8 @@ __all__ = ["Dispatcher", "PeerLog"]
 
 log = logging.getLogger(__name__)
 
+RESERVED_CLIENT_ID = "admin"  # the owner of tasks installed through the control socket
+
 Publish = Callable[[str, bytes, bytes | None, int], None]  # topic, payload, correlation, QoS
 
 
@@ -128,6 +130,12 @@ class Dispatcher:
             self._peer_log.warning("topic", "ignoring message on unexpected topic %r", topic)
             return
         client_id = parsed[1]
+        if client_id == RESERVED_CLIENT_ID:
+            # The box owner's identity on the control socket; never a device's.
+            self._peer_log.warning("reserved-id", "dropping request from reserved client id %r",
+                                   client_id)  # fmt: skip
+            self.counters.refused += 1
+            return
         if self.tasks is not None:
             self.tasks.owner_seen(client_id)
         if response_topic is None or not response_topic.startswith(reply_prefix(client_id)):

@@ -21,6 +21,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from hearth.errors import GatewayUnavailable
 from hearth.protocol import request_filter, status_topic
@@ -38,6 +39,12 @@ _SESSION_EXPIRY_S = 3600
 _PROTOCOL_PREFIX = "hearth/"
 _KEEPALIVE_S = 15
 _RECONNECT_MAX_S = 10.0
+
+
+def _trigger_options() -> SubscribeOptions:
+    # QoS 1 for durability; retained messages only on a new subscription, so a reconnect or a
+    # restart does not replay a sensor's retained value as a fresh event.
+    return SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
 
 
 class GatewayLink:
@@ -120,7 +127,7 @@ class GatewayLink:
         # online status must be put back.
         self._client.subscribe(request_filter(self._gateway_id), qos=1)
         for topic_filter in self._filters:
-            self._client.subscribe(topic_filter, qos=1)
+            self._client.subscribe(topic_filter, options=_trigger_options())
         if self._online_status is not None:
             self.publish_status(self._online_status)
         self.connected = True
@@ -186,7 +193,7 @@ class GatewayLink:
         if on:
             self._filters.add(topic_filter)
             if self.connected:
-                self._client.subscribe(topic_filter, qos=1)
+                self._client.subscribe(topic_filter, options=_trigger_options())
         else:
             self._filters.discard(topic_filter)
             if self.connected:
@@ -220,8 +227,12 @@ class GatewayLink:
         self._flush()
 
     def publish_plain(self, topic: str, payload: bytes) -> None:
-        """A task's publish or notification: QoS 1, not retained."""
-        self._client.publish(topic, payload, qos=1)
+        """A task's publish (raw bytes: it speaks to ordinary LAN devices) or a notification
+        (a protocol message, under hearth/: with the Content Type). QoS 1, not retained."""
+        props = None
+        if topic.startswith(_PROTOCOL_PREFIX):
+            props = properties(PacketTypes.PUBLISH, content_type=True)
+        self._client.publish(topic, payload, qos=1, properties=props)
         self._flush()
 
     def publish_status(self, payload: bytes) -> None:

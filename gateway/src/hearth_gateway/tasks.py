@@ -39,7 +39,7 @@ from hearth.protocol import (
     notify_topic,
 )
 from hearth_gateway.blobs import BlobStore
-from hearth_gateway.dispatch import PeerLog
+from hearth_gateway.dispatch import RESERVED_CLIENT_ID, PeerLog
 from hearth_gateway.loop import Loop, Timer
 from hearth_gateway.policy import TasksPolicy, filter_covers, task_topic_error, topic_matches
 from hearth_gateway.runners import TaskEvent, TaskOutcome
@@ -50,7 +50,9 @@ __all__ = ["ADMIN", "TaskManager"]
 
 log = logging.getLogger(__name__)
 
-ADMIN = "admin"  # the box's owner, through the local control socket: sees every task
+# The box's owner, through the local control socket: sees every task. Reserved: the dispatcher
+# drops MQTT requests that claim it.
+ADMIN = RESERVED_CLIENT_ID
 
 _MESSAGE, _TIMER = 1, 2
 _OWNER_FLUSH_S = 10.0  # how often "owner last seen" times are written down
@@ -210,12 +212,15 @@ class TaskManager:
         log.info("task %s (%s) installed by %s", task_id, request.name, owner)
         return Task(task=task.info)
 
-    def _check_install(self, owner: str, request: TaskInstall) -> str | None:  # noqa: PLR0911
+    def _check_install(self, owner: str, request: TaskInstall) -> str | None:  # noqa: PLR0911, PLR0912
         if not request.triggers:
             return "a task needs at least one trigger"
         for trigger in request.triggers:
             if (trigger.topic is None) == (trigger.every_s is None):
                 return "each trigger has either a topic or every_s"
+        for trigger in request.triggers:
+            if trigger.topic and (why := task_topic_error(trigger.topic, is_filter=True)):
+                return f"trigger {trigger.topic!r}: {why}"
         read = request.read or [t.topic for t in request.triggers if t.topic]
         for topic_filter in read:
             if why := task_topic_error(topic_filter, is_filter=True):
@@ -435,7 +440,7 @@ class TaskManager:
                         "expired",
                         f"owner {task.owner} not seen for {task.spec.idle_timeout_s:.0f} s",
                     )
-            elif (
+            if not task.removed and (
                 task.since_checkpoint
                 and task.spec.checkpoint_every_s is not None
                 and time.monotonic() - task.checkpointed_at >= task.spec.checkpoint_every_s

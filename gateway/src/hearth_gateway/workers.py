@@ -26,7 +26,7 @@ from hearth.errors import ErrorCode
 from hearth.protocol import Error, OnnxJob, encode
 from hearth_gateway._frames import FrameReader, write_frame
 from hearth_gateway.loop import Loop, Timer
-from hearth_gateway.runners import Job, WorkerSettings, WorkItem
+from hearth_gateway.runners import Job, TaskEvent, WorkerSettings, WorkItem
 
 __all__ = ["QueuedJob", "WorkerPool"]
 
@@ -113,9 +113,7 @@ class _Worker:
             return False
         self.state = _State.BUSY
         self.job = job
-        timeout_s = (
-            self.pool.onnx_timeout_s if isinstance(job.job, OnnxJob) else self.pool.wasm_timeout_s
-        )
+        timeout_s = self.pool.timeout_for(job.job)
         self.deadline = self.pool.loop.call_later(timeout_s, lambda: self._overran(timeout_s))
         return True
 
@@ -219,12 +217,14 @@ class WorkerPool:
         *,
         wasm_timeout_s: float,
         onnx_timeout_s: float,
+        task_timeout_s: float = 10.0,
     ) -> None:
         self.loop = loop
         self.settings_json = msgspec.json.encode(settings).decode()
         self.sink = sink
         self.wasm_timeout_s = wasm_timeout_s
         self.onnx_timeout_s = onnx_timeout_s
+        self.task_timeout_s = task_timeout_s
         self.queue: deque[QueuedJob] = deque()
         self.restarts = 0
         self.info: dict[str, object] = {}
@@ -242,6 +242,14 @@ class WorkerPool:
         if not ready:
             raise RuntimeError("worker processes did not start; see the log above")
         return self.info
+
+    def timeout_for(self, job: Job) -> float:
+        """The wall-clock limit (s) for one job of this kind, from the policy."""
+        if isinstance(job, OnnxJob):
+            return self.onnx_timeout_s
+        if isinstance(job, TaskEvent):
+            return self.task_timeout_s
+        return self.wasm_timeout_s
 
     @property
     def size(self) -> int:
