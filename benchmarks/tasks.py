@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -165,7 +166,10 @@ def memory(gateway: GatewayProcess) -> Memory:
     anon = proc_memory_bytes(pid, "RssAnon")
     if rss is None or anon is None:
         raise RuntimeError(f"gateway daemon pid {pid} is gone")
-    return Memory(rss, anon, tuple(proc_memory_bytes(w, "VmRSS") or 0 for w in workers))
+    result = Memory(rss, anon, tuple(proc_memory_bytes(w, "VmRSS") or 0 for w in workers))
+    log.debug("daemon pid %d: VmRSS %d, RssAnon %d; workers %s: VmRSS %s",
+              pid, rss, anon, workers, result.workers_rss)  # fmt: skip
+    return result
 
 
 class OnlineWatcher:
@@ -372,25 +376,22 @@ def log_time(stamp: str) -> float:
 
 
 @dataclass(frozen=True)
-class Restart:
-    stop_s: float  # SIGTERM to exit
+class Startup:
     restored: int
     restore_s: float  # as the gateway logs it
     status_online_s: float  # process start to its retained status saying online
     pong_s: float  # process start to the first answered ping
     ready_log_s: float  # process start to its "ready" log line
-    start_returned_s: float  # GatewayProcess.start(): polls, so coarser
+    stop_s: float = 0.0  # of the gateway before it (a restart): SIGTERM to exit
 
 
-def restart(gateway: GatewayProcess, watcher: OnlineWatcher) -> Restart:
-    began = time.perf_counter()
-    gateway.close()
-    stop_s = time.perf_counter() - began
-    offset = gateway.log_path.stat().st_size
+def timed_start(gateway: GatewayProcess, watcher: OnlineWatcher) -> Startup:
+    """Start the gateway (stopped, or never started) and time it: the watcher's view of its
+    status and first ping, and the restore and ready lines of this start's log."""
+    offset = gateway.log_path.stat().st_size if gateway.log_path.exists() else 0
     watcher.arm()
     spawned_wall, spawned = time.time(), time.perf_counter()
     gateway.start(timeout_s=ONLINE_TIMEOUT_S)
-    returned_s = time.perf_counter() - spawned
     watcher.wait(ONLINE_TIMEOUT_S)
     assert watcher.status_at is not None
     assert watcher.pong_at is not None
@@ -400,16 +401,21 @@ def restart(gateway: GatewayProcess, watcher: OnlineWatcher) -> Restart:
     restored = _RESTORED_RE.search(text)
     ready = _READY_RE.search(text)
     if restored is None or ready is None:
-        raise RuntimeError("the restarted gateway did not log its restore and ready lines")
-    return Restart(
-        stop_s=stop_s,
+        raise RuntimeError("the gateway did not log its restore and ready lines")
+    return Startup(
         restored=int(restored.group(1)),
         restore_s=float(restored.group(2)),
         status_online_s=watcher.status_at - spawned,
         pong_s=watcher.pong_at - spawned,
         ready_log_s=log_time(ready.group(1)) - spawned_wall,
-        start_returned_s=returned_s,
     )
+
+
+def restart(gateway: GatewayProcess, watcher: OnlineWatcher) -> Startup:
+    began = time.perf_counter()
+    gateway.close()
+    stop_s = time.perf_counter() - began
+    return dataclasses.replace(timed_start(gateway, watcher), stop_s=stop_s)
 
 
 def run(opts: Options, work_dir: Path) -> Outcome:
@@ -422,15 +428,17 @@ def run(opts: Options, work_dir: Path) -> Outcome:
     lat: dict[str, dict[str, Summary | float]] = {}
     with contextlib.ExitStack() as stack:
         broker = stack.enter_context(Mosquitto(work_dir))
-        gateway = stack.enter_context(
-            GatewayProcess(
-                broker.address,
-                work_dir,
-                gateway_id=GATEWAY_ID,
-                workers=opts.workers,
-                extra_args=["--policy", str(policy)],
-            )
+        watcher = OnlineWatcher(broker.address, GATEWAY_ID)
+        stack.callback(watcher.close)
+        gateway = GatewayProcess(
+            broker.address,
+            work_dir,
+            gateway_id=GATEWAY_ID,
+            workers=opts.workers,
+            extra_args=["--policy", str(policy)],
         )
+        stack.callback(gateway.close)  # idempotent: also stops the restarted one
+        fresh = timed_start(gateway, watcher)
         mem["start"] = memory(gateway)
         stack.enter_context(EchoResponderProcess(broker.address, work_dir, [(ECHO_TOPIC, 1)]))
         echo = stack.enter_context(
@@ -438,8 +446,6 @@ def run(opts: Options, work_dir: Path) -> Outcome:
         )
         probe = AutomationProbe(broker.address)
         stack.callback(probe.close)
-        watcher = OnlineWatcher(broker.address, GATEWAY_ID)
-        stack.callback(watcher.close)
         gateway_arg = f"{LOOPBACK}:{broker.address.port}"
         owner = stack.enter_context(
             Client(gateway=gateway_arg, client_id=OWNER_ID, placement="edge", timeout_s=TIMEOUT_S)
@@ -519,7 +525,9 @@ def run(opts: Options, work_dir: Path) -> Outcome:
         restart_status_online_s=rs.status_online_s,
         restart_online_s=rs.pong_s,
         restart_ready_log_s=rs.ready_log_s,
-        restart_start_returned_s=rs.start_returned_s,
+        fresh_status_online_s=fresh.status_online_s,
+        fresh_online_s=fresh.pong_s,
+        restart_extra_s=rs.pong_s - fresh.pong_s,
     )
     for phase, prefix in (("empty", ""), ("loaded", "loaded_")):
         figures.update(latency_figures(lat[phase], prefix))
@@ -605,6 +613,8 @@ def print_report(outcome: Outcome) -> None:
             ["start to retained status online", f["restart_status_online_s"]],
             ["start to first ping answered", f["restart_online_s"]],
             ["start to 'ready' log line", f["restart_ready_log_s"]],
+            ["(first start, 0 tasks) start to status online", f["fresh_status_online_s"]],
+            ["(first start, 0 tasks) start to first ping answered", f["fresh_online_s"]],
         ],
         title="Restart on the same state dir",
     )

@@ -298,3 +298,31 @@ def test_notifications_wait_for_the_owner_to_reconnect(
         finally:
             stop()
     assert next(n for n in notes if "done" in n.message).task_id == info.task_id
+
+
+def test_stored_payloads_answers_and_task_state_are_encrypted_at_rest(
+    gateway: GatewayProcess, broker, wasm, tasks_dir: Path
+) -> None:
+    marker = b"MARKER-" + uuid.uuid4().hex.encode()
+    base = _unique()
+    with Bus(broker.address) as bus, gateway.client() as client:
+        run = client.run_wasm(wasm["echo"], stdin=marker, args=[marker.decode()])
+        assert marker in run.stdout  # the answer holds it too
+        bus.subscribe(f"{base}/out")
+        client.install_task(
+            tasks_dir / "counter.wasm",
+            "counter",
+            on=[f"{base}/in"],
+            may_publish=[f"{base}/out"],
+            config={"out_topic": f"{base}/out", "secret": marker.decode()},
+        )
+        _wait_subscribed(bus, f"{base}/in", f"{base}/out")
+        bus.publish(f"{base}/in", marker)
+        bus.expect(f"{base}/out")
+    assert gateway.stop() == 0
+    files = [p for p in gateway.state_dir.iterdir() if p.name.startswith("hearth.sqlite3")]
+    assert files
+    for path in files:
+        assert marker not in path.read_bytes(), f"plaintext payload in {path.name}"
+    key = gateway.state_dir / "keys" / "at-rest.key"
+    assert key.stat().st_mode & 0o777 == 0o600

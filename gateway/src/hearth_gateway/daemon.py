@@ -23,6 +23,7 @@ from hearth_gateway.blobs import BlobStore
 from hearth_gateway.broker import ManagedBroker
 from hearth_gateway.config import Config, default_gateway_id, default_state_dir
 from hearth_gateway.control import ControlServer
+from hearth_gateway.crypto import Sealer
 from hearth_gateway.discovery import Advertiser, advertised_addresses
 from hearth_gateway.dispatch import Dispatcher
 from hearth_gateway.errors import ConfigError
@@ -71,7 +72,7 @@ class Gateway:
         # Everything the daemon writes (journal, blobs, keys later) is private to it.
         os.umask(0o077)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.store = Store(self.state_dir / "hearth.sqlite3")
+        self.store = Store(self.state_dir / "hearth.sqlite3", Sealer.for_state_dir(self.state_dir))
         self.blobs = BlobStore(self.state_dir / "blobs", self.store, self.policy.limits)
         self.admission = Admission(self.policy.limits)
         workers = config.workers or os.cpu_count() or 1

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import sqlite_utils
 
+from hearth_gateway.crypto import Sealer
+
 __all__ = ["JournalEntry", "Store"]
 
 
@@ -31,8 +33,11 @@ class JournalEntry:
 class Store:
     """One SQLite connection behind a lock: writes are short and few per job."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, sealer: Sealer) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Payloads, answers and task state are sealed before they reach SQLite; ids, states,
+        # counters and times stay in the clear so the gateway can query them.
+        self._sealer = sealer
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db = sqlite_utils.Database(self._conn)
         self._lock = threading.Lock()
@@ -113,14 +118,17 @@ class Store:
                 (entry.client_id, entry.job_id),
             ).fetchone()
             if row is not None:
-                return str(row[0]), row[1]
+                where = _where("jobs.reply", entry.client_id, entry.job_id)
+                return str(row[0]), self._sealer.open(row[1], where) or None
             self._conn.execute(
                 "INSERT INTO jobs (client_id, job_id, state, request, response_topic,"
                 " correlation, accepted_at) VALUES (?, ?, 'accepted', ?, ?, ?, ?)",
                 (
                     entry.client_id,
                     entry.job_id,
-                    entry.request,
+                    self._sealer.seal(
+                        entry.request, _where("jobs.request", entry.client_id, entry.job_id)
+                    ),
                     entry.response_topic,
                     entry.correlation,
                     time.time(),
@@ -133,7 +141,12 @@ class Store:
             self._conn.execute(
                 "UPDATE jobs SET state='done', reply=?, request=NULL, finished_at=?"
                 " WHERE client_id=? AND job_id=?",
-                (reply, time.time(), client_id, job_id),
+                (
+                    self._sealer.seal(reply, _where("jobs.reply", client_id, job_id)),
+                    time.time(),
+                    client_id,
+                    job_id,
+                ),
             )
 
     def forget(self, client_id: str, job_id: str) -> None:
@@ -151,7 +164,12 @@ class Store:
                 "SELECT client_id, job_id, request, response_topic, correlation FROM jobs"
                 " WHERE state='accepted' ORDER BY accepted_at"
             ).fetchall()
-        return [JournalEntry(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+        return [
+            JournalEntry(
+                r[0], r[1], self._sealer.open(r[2], _where("jobs.request", r[0], r[1])), r[3], r[4]
+            )
+            for r in rows
+        ]
 
     def expire_answers(self, older_than_s: float) -> int:
         with self._lock:
@@ -196,7 +214,18 @@ class Store:
             rows = self._conn.execute(
                 "SELECT task_id, owner, spec, info, checkpoint, kv FROM tasks"
             ).fetchall()
-        return [(r[0], r[1], r[2], r[3], r[4] or b"", r[5] or b"") for r in rows]
+        seal = self._sealer
+        return [
+            (
+                r[0],
+                r[1],
+                seal.open(r[2], _where("tasks.spec", r[0])),
+                r[3],
+                seal.open(r[4], _where("tasks.checkpoint", r[0])),
+                seal.open(r[5], _where("tasks.kv", r[0])),
+            )
+            for r in rows
+        ]
 
     def put_task(
         self, task_id: str, owner: str, spec: bytes, info: bytes, checkpoint: bytes, kv: bytes,
@@ -209,7 +238,14 @@ class Store:
                 self._conn.execute(
                     "INSERT OR REPLACE INTO tasks (task_id, owner, spec, info, checkpoint, kv)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
-                    (task_id, owner, spec, info, checkpoint, kv),
+                    (
+                        task_id,
+                        owner,
+                        self._sealer.seal(spec, _where("tasks.spec", task_id)),
+                        info,
+                        self._sealer.seal(checkpoint, _where("tasks.checkpoint", task_id)),
+                        self._sealer.seal(kv, _where("tasks.kv", task_id)),
+                    ),
                 )
                 if done_inbox:
                     self._conn.executemany(
@@ -231,7 +267,12 @@ class Store:
         with self._lock:
             cursor = self._conn.execute(
                 "INSERT INTO task_inbox (task_id, topic, payload, received_at) VALUES (?, ?, ?, ?)",
-                (task_id, topic, payload, time.time()),
+                (
+                    task_id,
+                    topic,
+                    self._sealer.seal(payload, _where("task_inbox", task_id)),
+                    time.time(),
+                ),
             )
             return int(cursor.lastrowid or 0)
 
@@ -245,7 +286,12 @@ class Store:
                 cursor = self._conn.execute(
                     "INSERT INTO task_inbox (task_id, topic, payload, received_at)"
                     " VALUES (?, ?, ?, ?)",
-                    (task_id, topic, payload, now),
+                    (
+                        task_id,
+                        topic,
+                        self._sealer.seal(payload, _where("task_inbox", task_id)),
+                        now,
+                    ),
                 )
                 ids.append(int(cursor.lastrowid or 0))
             self._conn.execute("COMMIT")
@@ -260,7 +306,10 @@ class Store:
             rows = self._conn.execute(
                 "SELECT id, task_id, topic, payload FROM task_inbox ORDER BY id"
             ).fetchall()
-        return [(int(r[0]), r[1], r[2], r[3]) for r in rows]
+        return [
+            (int(r[0]), r[1], r[2], self._sealer.open(r[3], _where("task_inbox", r[1])))
+            for r in rows
+        ]
 
     def owners(self) -> dict[str, float]:
         with self._lock:
@@ -288,3 +337,8 @@ class Store:
                 return
             self._closed = True
             self._conn.close()
+
+
+def _where(column: str, *key: str) -> bytes:
+    """Associated data for a sealed value: which column of which row it belongs to."""
+    return "/".join((column, *key)).encode()
