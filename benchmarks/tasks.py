@@ -90,6 +90,7 @@ WARMUP = 50  # discarded round trips per series before measuring
 ROUNDS = 4  # each series is measured in this many interleaved blocks
 TIMEOUT_S = 10.0  # one round trip or request; a stuck run fails instead of hanging
 SETTLE_S = 1.0  # before reading memory figures
+WORKER_SETTLE_AGE_S = 20.0  # see wait_workers_settled
 ONLINE_TIMEOUT_S = 120.0  # for the restarted gateway
 POLICY_MAX_TASKS = 5000
 
@@ -157,11 +158,36 @@ def daemon_pid(gateway: GatewayProcess) -> int:
     raise RuntimeError(f"no hearth_gateway.cli process under pid {root}")
 
 
+def process_age_s(pid: int) -> float:
+    """Seconds since ``pid`` started (0.0 if it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except OSError:
+        return 0.0
+    return uptime - int(stat[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime, in ticks
+
+
+def worker_pids(gateway: GatewayProcess) -> list[int]:
+    return [p for p in child_pids(daemon_pid(gateway)) if runs_module(p, "hearth_gateway.worker")]
+
+
+def wait_workers_settled(gateway: GatewayProcess) -> None:
+    """An idle worker's RSS grows by about 0.4 MiB on its own, at about 9 and 15 s after it
+    started, with no job sent to it (seen with the worker's own threads, not with tasks); so the
+    workers' figures before and after the installs are taken when they are older than that."""
+    ages = [process_age_s(p) for p in worker_pids(gateway)]
+    wait = max(0.0, WORKER_SETTLE_AGE_S - min(ages, default=WORKER_SETTLE_AGE_S))
+    if wait:
+        log.info("waiting %.0f s for the workers' own start-up growth to pass", wait)
+        time.sleep(wait)
+
+
 def memory(gateway: GatewayProcess) -> Memory:
     """After SETTLE_S, so that the housekeeping tick and any replies in flight are done."""
     time.sleep(SETTLE_S)
     pid = daemon_pid(gateway)
-    workers = [p for p in child_pids(pid) if runs_module(p, "hearth_gateway.worker")]
+    workers = worker_pids(gateway)
     rss = proc_memory_bytes(pid, "VmRSS")
     anon = proc_memory_bytes(pid, "RssAnon")
     if rss is None or anon is None:
@@ -465,6 +491,7 @@ def run(opts: Options, work_dir: Path) -> Outcome:
             raise RuntimeError("the automation is still there after its cancel")
 
         # 2. Memory per idle task.
+        wait_workers_settled(gateway)
         mem["before"] = memory(gateway)
         log.info("installing %d idle tasks", opts.tasks)
         began = time.perf_counter()

@@ -195,27 +195,33 @@ class WasmRuntime:
         limits = limits or WasmLimits()
         module = self._module(sha256, wasm, path)
         store = wasmtime.Store(self._engine)
-        store.set_fuel(limits.fuel)
-        store.set_limits(memory_size=limits.memory_bytes)
-        budget = [limits.output_bytes]
-        out, err = _Output(budget, store), _Output(budget, store)
-        wasi = wasmtime.WasiConfig()
-        wasi.argv = ["module", *args]
-        wasi.stdout_custom = out.write
-        wasi.stderr_custom = err.write
-        if not stdin:
-            # Without a configured stdin, WASI reads see end-of-file: no temp file needed.
-            store.set_wasi(wasi)
-            exit_code = self._instantiate_and_start(store, module, limits, out, err)
-        else:
-            # WASI reads stdin from a file; a temp file unlinked on exit keeps it private.
-            with tempfile.NamedTemporaryFile(prefix="hearth-stdin-") as stdin_file:
-                stdin_file.write(stdin)
-                stdin_file.flush()
-                wasi.stdin_file = stdin_file.name
+        try:
+            store.set_fuel(limits.fuel)
+            store.set_limits(memory_size=limits.memory_bytes)
+            budget = [limits.output_bytes]
+            out, err = _Output(budget, store), _Output(budget, store)
+            wasi = wasmtime.WasiConfig()
+            wasi.argv = ["module", *args]
+            wasi.stdout_custom = out.write
+            wasi.stderr_custom = err.write
+            if not stdin:
+                # Without a configured stdin, WASI reads see end-of-file: no temp file needed.
                 store.set_wasi(wasi)
                 exit_code = self._instantiate_and_start(store, module, limits, out, err)
-        fuel_used = limits.fuel - store.get_fuel()
+            else:
+                # WASI reads stdin from a file; a temp file unlinked on exit keeps it private.
+                with tempfile.NamedTemporaryFile(prefix="hearth-stdin-") as stdin_file:
+                    stdin_file.write(stdin)
+                    stdin_file.flush()
+                    wasi.stdin_file = stdin_file.name
+                    store.set_wasi(wasi)
+                    exit_code = self._instantiate_and_start(store, module, limits, out, err)
+            fuel_used = limits.fuel - store.get_fuel()
+        finally:
+            # Dropped now, on this thread, while Python is alive: a store left to the garbage
+            # collector can be torn down by wasmtime's runtime threads at interpreter exit,
+            # calling back into a finalizing Python and aborting the process.
+            store.close()
         return WasmOutcome(exit_code, out.value(), err.value(), fuel_used)
 
     def _instantiate_and_start(

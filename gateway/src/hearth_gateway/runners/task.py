@@ -221,6 +221,7 @@ class TaskRunner:
             raise JobError(ErrorCode.INVALID_MODULE, text[0][:300] if text else "error") from None
         finally:
             self._event = None
+            store.close()  # now, on this thread (see hearth.runtime.wasm)
 
     @staticmethod
     def _place(store: wasmtime.Store, alloc: wasmtime.Func, memory: wasmtime.Memory,
