@@ -622,6 +622,8 @@ def print_report(outcome: Outcome) -> None:
         [
             ["daemon VmRSS per idle task (bytes)", f["rss_per_idle_task_bytes"]],
             ["daemon RssAnon per idle task (bytes)", f["anon_per_idle_task_bytes"]],
+            ["daemon VmRSS per task, fresh start with them vs with none (bytes)",
+             f["rss_restored_per_task_bytes"]],
             ["workers' VmRSS growth (bytes)", f["rss_workers_growth_bytes"]],
             ["installs per second (sequential)", f["install_rate_per_s"]],
             ["install p50 / p99 (ms)", f"{f['install_p50_ms']:.3f} / {f['install_p99_ms']:.3f}"],

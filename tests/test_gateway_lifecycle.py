@@ -195,3 +195,20 @@ def _alive(pid: int | None) -> bool:
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+
+def test_workers_have_no_network(gateway: GatewayProcess, wasm) -> None:
+    """Kernel-enforced: each worker sits in a network namespace of its own."""
+    snap = gateway.snapshot()
+    if snap.worker_network != "isolated":
+        pytest.skip(f"this kernel gave workers no namespace: {snap.worker_network}")
+    assert gateway.proc is not None
+    daemon_ns = os.readlink(f"/proc/{gateway.proc.pid}/ns/net")
+    for pid in snap.worker_pids:
+        assert os.readlink(f"/proc/{pid}/ns/net") != daemon_ns
+        # Nothing but a loopback interface, and it is down.
+        with open(f"/proc/{pid}/net/dev") as f:
+            interfaces = [line.split(":")[0].strip() for line in f.readlines()[2:]]
+        assert interfaces == ["lo"]
+    with gateway.client() as client:  # and jobs still run
+        assert client.run_wasm(wasm["echo"], stdin=b"ok").stdout == b"ok"

@@ -63,6 +63,7 @@ class Gateway:
         self._stopping = False
         self._closed = False
         self.broker: ManagedBroker | None = None
+        self.worker_network = "unknown"
         self.advertiser: Advertiser | None = None
         self.loop = Loop()
         self._last_status = b""
@@ -196,6 +197,9 @@ class Gateway:
         info = self.pool.start()
         if "providers" in info and isinstance(info["providers"], list):
             self.providers = [str(p) for p in info["providers"]]
+        self.worker_network = str(info.get("network", "shared"))
+        if self.worker_network != "isolated":
+            log.warning("workers share the host's network: %s", self.worker_network)
         self.link.start(encode(self._status("online")))
         if self.tasks is not None:
             began = time.perf_counter()
@@ -264,6 +268,7 @@ class Gateway:
                 workers=self.pool.size,
                 worker_pids=self.pool.pids(),
                 worker_restarts=self.pool.restarts,
+                worker_network=self.worker_network,
                 busy_workers=self.pool.busy,
                 queue_depth=self.admission.in_flight,
                 jobs_accepted=counters.accepted,

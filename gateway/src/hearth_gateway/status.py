@@ -28,6 +28,7 @@ class StatusSnapshot(msgspec.Struct, kw_only=True):
     workers: int
     worker_pids: list[int]
     worker_restarts: int
+    worker_network: str  # "isolated": a network namespace of their own; else why not
     busy_workers: int
     queue_depth: int
     jobs_accepted: int
@@ -68,6 +69,7 @@ def _alive(pid: int) -> bool:
 
 def format_status(s: StatusSnapshot) -> str:
     uptime_s = (s.updated_at if s.state != "online" else time.time()) - s.started_at
+    network = "none (own namespace)" if s.worker_network == "isolated" else s.worker_network
     broker_kind = f"managed, pid {s.broker_pid}" if s.managed_broker else "external"
     lines = [
         f"gateway     {s.gateway_id}  ({s.state}, pid {s.pid}, version {s.version})",
@@ -76,7 +78,8 @@ def format_status(s: StatusSnapshot) -> str:
         f"mDNS        {'advertising _hearth._tcp' if s.mdns else 'off'}",
         f"runners     {', '.join(s.runners)}",
         f"onnx on     {', '.join(s.providers) or '-'}",
-        f"workers     {s.workers} ({s.busy_workers} busy, {s.worker_restarts} restarted)",
+        f"workers     {s.workers} ({s.busy_workers} busy, {s.worker_restarts} restarted; "
+        f"network: {network})",
         f"queue       {s.queue_depth} jobs waiting or running",
         f"jobs        {s.jobs_completed} completed, {s.jobs_refused} refused, "
         f"{s.jobs_duplicate} duplicates answered from the journal (since start)",

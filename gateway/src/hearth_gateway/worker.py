@@ -36,8 +36,29 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+_CLONE_NEWNET = 0x40000000
+_CLONE_NEWUSER = 0x10000000
+
+
+def _drop_network() -> str:
+    """Move this process into a network namespace of its own (nothing in it but a loopback
+    that is down), so that even a runtime escape cannot send data anywhere: only the daemon
+    talks to the broker. As root this needs nothing; otherwise an unprivileged user namespace
+    is tried. Returns how it went, for the gateway's status."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return "shared: no libc"
+    for flags, how in ((_CLONE_NEWNET, "isolated"), (_CLONE_NEWUSER | _CLONE_NEWNET, "isolated")):
+        if libc.unshare(flags) == 0:
+            return how
+    errno = ctypes.get_errno()
+    return f"shared: the kernel refused a network namespace ({os.strerror(errno)})"
+
+
 def main(argv: list[str]) -> int:
     _die_with_parent()
+    network = _drop_network()
     # SIGTERM to the daemon's process group must not kill a job mid-flight: the daemon drains
     # and then closes our stdin.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -53,7 +74,7 @@ def main(argv: list[str]) -> int:
     described: dict[str, list[str]] = {}
     for runner in runners.values():
         described.update(runner.describe())
-    write_frame(out_fd, msgspec.msgpack.encode({"ready": True, **described}))
+    write_frame(out_fd, msgspec.msgpack.encode({"ready": True, "network": network, **described}))
     decoder = msgspec.msgpack.Decoder(WorkItem)
     while True:
         try:
