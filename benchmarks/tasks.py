@@ -188,6 +188,8 @@ def memory(gateway: GatewayProcess) -> Memory:
     time.sleep(SETTLE_S)
     pid = daemon_pid(gateway)
     workers = worker_pids(gateway)
+    if not workers:
+        raise RuntimeError(f"no hearth_gateway.worker process under the daemon (pid {pid})")
     rss = proc_memory_bytes(pid, "VmRSS")
     anon = proc_memory_bytes(pid, "RssAnon")
     if rss is None or anon is None:

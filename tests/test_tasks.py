@@ -3,6 +3,7 @@ a SIGKILL of the gateway. Real Mosquitto, real gateway daemons, real wasmtime.""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -147,6 +148,16 @@ def test_a_publish_outside_the_grants_is_refused_and_audited(
     assert shown.refused >= 1
     audited = _db_rows(gateway, "SELECT actor, target, decision FROM audit WHERE action='publish'")
     assert (info.task_id, "home/lights/bedroom/set", "refused") in audited
+    shown_audit = subprocess.run(
+        [sys.executable, "-m", "hearth_gateway.cli", "audit", "--json", "--state-dir",
+         str(gateway.state_dir)],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    entries = [json.loads(line) for line in shown_audit.splitlines()]
+    assert {"actor": info.task_id, "action": "publish", "target": "home/lights/bedroom/set",
+            "decision": "refused"}.items() <= next(
+        e for e in entries if e["action"] == "publish"
+    ).items()  # fmt: skip
 
 
 def test_a_task_never_receives_topics_outside_its_read_grants(

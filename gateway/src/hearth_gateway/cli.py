@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     tasks = sub.add_parser("tasks", help="persistent tasks (all of them: for the box's owner)")
     tasks.add_argument("--state-dir", help="the daemon's state directory")
     add_task_commands(tasks)
+    audit = sub.add_parser("audit", help="decisions and refusals: grants, installs, removals")
+    audit.add_argument("--state-dir", help="the daemon's state directory")
+    audit.add_argument("--json", action="store_true", help="one JSON object per line")
+    audit.add_argument("--limit", type=int, default=100, help="newest N entries (default 100)")
     status = sub.add_parser("status", help="show the gateway's state")
     status.add_argument("--state-dir", help="the daemon's state directory")
     status.add_argument("--json", action="store_true", help="print JSON")
@@ -114,8 +118,38 @@ def _tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    import datetime as dt
+    import sqlite3
+
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
+    path = state_dir / "hearth.sqlite3"
+    if not path.exists():
+        print(f"no gateway state in {state_dir}", file=sys.stderr)
+        return 1
+    # Read-only: the daemon is the only writer.
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        rows = db.execute(
+            "SELECT at, actor, action, target, decision, reason FROM audit"
+            " ORDER BY id DESC LIMIT ?",
+            (args.limit,),
+        ).fetchall()
+    for at, actor, action, target, decision, reason in reversed(rows):
+        if args.json:
+            print(msgspec.json.encode({"at": at, "actor": actor, "action": action,
+                                       "target": target, "decision": decision,
+                                       "reason": reason}).decode())  # fmt: skip
+        else:
+            when = dt.datetime.fromtimestamp(at).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+            print(f"{when}  {decision:<8} {actor:<16} {action:<16} {target}"
+                  + (f"  ({reason})" if reason else ""))  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "audit":
+        return _audit(args)
     if args.command == "tasks":
         return _tasks(args)
     if args.command == "status":
