@@ -56,7 +56,7 @@ class TaskRequests(Protocol):
     def owner_seen(self, client_id: str) -> None: ...
     def install(self, owner: str, request: TaskInstall) -> Reply: ...
     def control(self, client_id: str, request: TaskControl) -> Reply: ...
-    def list(self, client_id: str, request: TaskList | None = None) -> TaskListResult: ...
+    def list_tasks(self, client_id: str, request: TaskList | None = None) -> TaskListResult: ...
 
 
 class PeerLog:
@@ -189,7 +189,7 @@ class Dispatcher:
             return self.tasks.install(client_id, request)
         if isinstance(request, TaskControl):
             return self.tasks.control(client_id, request)
-        return self.tasks.list(client_id, request)
+        return self.tasks.list_tasks(client_id, request)
 
     def _blob(
         self,

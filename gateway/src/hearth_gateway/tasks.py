@@ -112,7 +112,11 @@ class TaskManager:
         self._publish = publish
         self._subscribe = subscribe
         self._tasks: dict[str, _Task] = {}
-        self._filters: dict[str, int] = {}  # trigger filter -> tasks using it
+        # Trigger filter -> the tasks it wakes. A message is matched by one dict lookup for
+        # filters without wildcards and a scan of the wildcard ones only (a scan of every task
+        # cost ~2 us per task per message: 2 ms at 1000 tasks).
+        self._filters: dict[str, set[str]] = {}
+        self._wildcards: set[str] = set()
         self._owners_seen: dict[str, float] = {}
         self._owners_dirty: dict[str, float] = {}
         self._peer_log = PeerLog()
@@ -148,10 +152,12 @@ class TaskManager:
         """Subscribe its trigger filters and start its timers."""
         for trigger in task.spec.triggers:
             if trigger.topic:
-                count = self._filters.get(trigger.topic, 0)
-                self._filters[trigger.topic] = count + 1
-                if count == 0:
+                users = self._filters.setdefault(trigger.topic, set())
+                if not users:
                     self._subscribe(trigger.topic, True)
+                    if "+" in trigger.topic or "#" in trigger.topic:
+                        self._wildcards.add(trigger.topic)
+                users.add(task.task_id)
             if trigger.every_s:
                 self._start_timer(task, trigger.every_s)
 
@@ -257,25 +263,33 @@ class TaskManager:
             self._store.audit(client_id, f"task_{request.action}", task.task_id, "allowed", "")
         return Task(task=task.info)
 
-    def list(self, client_id: str, _request: TaskList | None = None) -> TaskListResult:
+    def list_tasks(self, client_id: str, _request: TaskList | None = None) -> TaskListResult:
         return TaskListResult(
             tasks=[t.info for t in self._tasks.values() if client_id in (ADMIN, t.owner)]
         )
 
     # -- events ---------------------------------------------------------------------------------
 
-    def on_message(self, topic: str, payload: bytes) -> None:
-        """A message on a non-protocol topic: queue it for every task that reads it."""
+    def _readers(self, topic: str) -> list[_Task]:
+        """Running tasks that a message on ``topic`` wakes (others are counted as dropped)."""
+        task_ids = set(self._filters.get(topic, ()))
+        for topic_filter in self._wildcards:
+            if topic_matches(topic_filter, topic):
+                task_ids |= self._filters[topic_filter]
         targets = []
-        for task in self._tasks.values():
-            if not any(t.topic and topic_matches(t.topic, topic) for t in task.spec.triggers):
-                continue
-            if not any(topic_matches(g, topic) for g in task.read):
-                continue  # unreachable while installs are checked; kept as the last word
+        for task_id in sorted(task_ids):  # a stable order, whatever the set's
+            task = self._tasks.get(task_id)
+            if task is None or not any(topic_matches(g, topic) for g in task.read):
+                continue  # the grant check is redundant with install's: kept as the last word
             if task.info.state == "running":
                 targets.append(task)
             else:
                 self._count(task, dropped=1)  # paused or suspended: not delivered
+        return targets
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        """A message on a non-protocol topic: queue it for every task that reads it."""
+        targets = self._readers(topic)
         if not targets:
             return
         if len(payload) > self._policy.max_payload_bytes:
@@ -459,11 +473,11 @@ class TaskManager:
             task.backoff.cancel()
         for trigger in task.spec.triggers:
             if trigger.topic:
-                left = self._filters.get(trigger.topic, 1) - 1
-                if left:
-                    self._filters[trigger.topic] = left
-                else:
+                users = self._filters.get(trigger.topic, set())
+                users.discard(task.task_id)
+                if not users:
                     self._filters.pop(trigger.topic, None)
+                    self._wildcards.discard(trigger.topic)
                     self._subscribe(trigger.topic, False)
         self._set(task, state=state, reason=reason)
         self._tasks.pop(task.task_id, None)
