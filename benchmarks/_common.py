@@ -31,16 +31,17 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self, TypeVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -82,6 +83,35 @@ WASM_EXAMPLES = REPO_ROOT / "build" / "examples" / "wasm"
 
 _PORT_ATTEMPTS = 3  # a free port can be taken between probing it and mosquitto binding it
 _TAIL_LINES = 20
+
+
+class HasFigures(Protocol):
+    @property
+    def figures(self) -> dict[str, Any]: ...
+
+
+OutcomeT = TypeVar("OutcomeT", bound=HasFigures)
+
+
+def run_and_report(
+    run: Callable[[Path], OutcomeT], as_json: bool, report: Callable[[OutcomeT], None]
+) -> int:
+    """The shared end of each benchmark's main(): run in a temp dir, Ctrl-C and SIGTERM stop
+    everything cleanly, then one JSON object (``--json``) or the human report."""
+    started = time.monotonic()
+    try:
+        with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="hearth-bench-") as tmp:
+            outcome = run(Path(tmp))
+    except KeyboardInterrupt:
+        log.warning("interrupted; everything was stopped")
+        return 130
+    outcome.figures["wall_s"] = time.monotonic() - started
+    if as_json:
+        emit_json(outcome.figures)
+    else:
+        report(outcome)
+        log.info("done in %.0f s", outcome.figures["wall_s"])
+    return 0
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -30,7 +30,6 @@ import functools
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 import time
 import uuid
@@ -47,11 +46,10 @@ from _common import (
     GatewayProcess,
     Mosquitto,
     Summary,
-    emit_json,
     ensure_examples,
     print_table,
+    run_and_report,
     setup_logging,
-    sigterm_as_interrupt,
     tree_cpu_s,
     verdict,
 )
@@ -430,20 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         throughput_qos=args.throughput_qos,
         workers=args.workers,
     )
-    started = time.monotonic()
-    try:
-        with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="hearth-bench-") as tmp:
-            outcome = run(opts, Path(tmp))
-    except KeyboardInterrupt:
-        log.warning("interrupted; everything was stopped")
-        return 130
-    outcome.figures["wall_s"] = time.monotonic() - started
-    if args.json:
-        emit_json(outcome.figures)
-    else:
-        print_report(outcome)
-        log.info("done in %.0f s", outcome.figures["wall_s"])
-    return 0
+    return run_and_report(lambda tmp: run(opts, tmp), args.json, print_report)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import queue
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -56,12 +55,11 @@ from _common import (
     Mosquitto,
     Summary,
     child_pids,
-    emit_json,
     print_table,
     proc_cmdline,
     proc_memory_bytes,
+    run_and_report,
     setup_logging,
-    sigterm_as_interrupt,
     subscribe_and_wait,
     tree_cpu_s,
     verdict,
@@ -702,20 +700,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("hearth").setLevel(logging.WARNING)
     opts = Options(tasks=args.tasks, n=args.n, workers=args.workers)
-    started = time.monotonic()
-    try:
-        with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="hearth-bench-") as tmp:
-            outcome = run(opts, Path(tmp))
-    except KeyboardInterrupt:
-        log.warning("interrupted; everything was stopped")
-        return 130
-    outcome.figures["wall_s"] = time.monotonic() - started
-    if args.json:
-        emit_json(outcome.figures)
-    else:
-        print_report(outcome)
-        log.info("done in %.0f s", outcome.figures["wall_s"])
-    return 0
+    return run_and_report(lambda tmp: run(opts, tmp), args.json, print_report)
 
 
 if __name__ == "__main__":

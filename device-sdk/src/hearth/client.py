@@ -64,6 +64,7 @@ __all__ = ["Client", "Inference", "WasmRun"]
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R", WasmResult, OnnxResult)
 
 ENV_GATEWAY = "HEARTH_GATEWAY"  # HOST:PORT: skip discovery
 ENV_INTERFACE = "HEARTH_INTERFACE"  # IP: discover only on this interface
@@ -556,13 +557,20 @@ class Client:
         if not isinstance(reply, BlobStored):
             raise JobError(ErrorCode.MALFORMED, f"unexpected reply {type(reply).__name__}")
 
-    def _edge_wasm(self, job: WasmJob, blob: _Blob) -> tuple[WasmRun, float]:
+    def _round_trip(
+        self, job: WasmJob | OnnxJob, blob: _Blob, expected: type[R]
+    ) -> tuple[R, float, str | None]:
+        """Submit ``job`` and wait for its result: (reply, ms, gateway id)."""
         conn = self.connection()
         started = time.perf_counter()
         reply = self._submit(conn, job, blob)
         ms = (time.perf_counter() - started) * 1e3
-        if not isinstance(reply, WasmResult):
+        if not isinstance(reply, expected):
             raise JobError(ErrorCode.MALFORMED, f"unexpected reply {type(reply).__name__}")
+        return reply, ms, conn.gateway_id
+
+    def _edge_wasm(self, job: WasmJob, blob: _Blob) -> tuple[WasmRun, float]:
+        reply, ms, gateway_id = self._round_trip(job, blob, WasmResult)
         run = WasmRun(
             exit_code=reply.exit_code,
             stdout=reply.stdout,
@@ -571,7 +579,7 @@ class Client:
             reason="",
             latency_ms=ms,
             job_id=job.job_id,
-            gateway_id=conn.gateway_id,
+            gateway_id=gateway_id,
             timing=reply.timing,
         )
         return run, ms
@@ -579,21 +587,15 @@ class Client:
     def _edge_onnx(self, job: OnnxJob, blob: _Blob) -> tuple[Inference, float]:
         from hearth.runtime.onnx import tensor_to_array
 
-        conn = self.connection()
-        started = time.perf_counter()
-        reply = self._submit(conn, job, blob)
-        ms = (time.perf_counter() - started) * 1e3
-        if not isinstance(reply, OnnxResult):
-            raise JobError(ErrorCode.MALFORMED, f"unexpected reply {type(reply).__name__}")
-        outputs = {t.name: tensor_to_array(t) for t in reply.outputs}
+        reply, ms, gateway_id = self._round_trip(job, blob, OnnxResult)
         result = Inference(
-            outputs=outputs,
+            outputs={t.name: tensor_to_array(t) for t in reply.outputs},
             provider=reply.provider,
             where="edge",
             reason="",
             latency_ms=ms,
             job_id=job.job_id,
-            gateway_id=conn.gateway_id,
+            gateway_id=gateway_id,
             timing=reply.timing,
         )
         return result, ms
