@@ -254,3 +254,36 @@ def test_a_large_model_is_uploaded_in_chunks_and_runs(
     finally:
         spy.disconnect()
         spy.loop_stop()
+
+
+def test_private_work_is_never_offloaded_to_a_gateway_off_the_lan(wasm) -> None:
+    """Decided before any connection: nothing is sent towards 198.51.100.7 (a documentation
+    address, standing for a gateway on the Internet)."""
+    with hearth.Client("198.51.100.7:1883", placement="auto", timeout_s=1.0) as client:
+        run = client.run_wasm(wasm["echo"], stdin=b"private frame")
+        assert run.where == "local"
+        assert "private data stays on the LAN" in run.reason
+        with pytest.raises(hearth.JobError) as refused:
+            client.run_wasm(wasm["echo"], where="edge")
+        assert refused.value.code == hearth.ErrorCode.FORBIDDEN
+        assert client._conn is None  # never connected
+        assert client._last_failure == ""  # and never tried
+
+
+def test_on_lan() -> None:
+    from hearth.client import on_lan
+
+    for host in (
+        "127.0.0.1",
+        "::1",
+        "192.168.1.20",
+        "10.0.0.2",
+        "172.16.5.4",
+        "169.254.3.4",
+        "fd00::1",
+        "fe80::1",
+        "localhost",
+    ):
+        assert on_lan(host), host
+    for host in ("198.51.100.7", "8.8.8.8", "100.64.0.1", "2001:db8::1"):
+        assert not on_lan(host), host

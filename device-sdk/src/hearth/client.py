@@ -30,6 +30,7 @@ from hearth.placement import Decision, Estimates, Placement, decide
 from hearth.protocol import (
     BlobChunk,
     BlobStored,
+    DataClass,
     Error,
     NeedBlob,
     Notification,
@@ -239,6 +240,33 @@ class _Connection:
         self._client.loop_stop()
 
 
+_LAN_NETWORKS = (
+    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
+    "::1/128", "fc00::/7", "fe80::/10",
+)  # fmt: skip
+
+
+def on_lan(host: str) -> bool:
+    """True for loopback, private (RFC 1918, IPv6 ULA) and link-local addresses, and for names
+    that resolve only to those. Carrier NAT space (100.64/10) is not the LAN, and neither are
+    the documentation ranges that Python's ``is_private`` counts in."""
+    import ipaddress
+    import socket
+
+    try:
+        addresses = [ipaddress.ip_address(host)]
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        except OSError:
+            return False
+        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+    networks = [ipaddress.ip_network(n) for n in _LAN_NETWORKS]
+    return bool(addresses) and all(
+        any(a.version == n.version and a in n for n in networks) for a in addresses
+    )
+
+
 def default_client_id() -> str:
     """A stable id for this device: it owns the device's tasks across restarts."""
     import re
@@ -366,6 +394,35 @@ class Client:
                 raise GatewayUnavailable(str(exc)) from None
             return self._conn
 
+    def _off_lan(self, private: bool, mode: Placement) -> str | None:
+        """Why this call must not be offloaded for its data class, or None."""
+        if not private or mode is Placement.LOCAL:
+            return None
+        outside = self._gateway_outside_lan()
+        if outside is None:
+            return None
+        return f"private data stays on the LAN; gateway {outside} is not on it"
+
+    def _gateway_outside_lan(self) -> str | None:
+        """The gateway's address if it is not on the LAN (loopback, private or link-local);
+        None if it is, or if no gateway is known yet (discovery only finds LAN neighbours, and
+        the address it yields is checked again once connected)."""
+        conn = self._conn
+        if conn is not None:
+            address = conn.address
+        else:
+            named = self._gateway_arg or os.environ.get(ENV_GATEWAY) or None
+            if isinstance(named, GatewayInfo):
+                address = named.broker
+            elif isinstance(named, str):
+                try:
+                    address = BrokerAddress.parse(named)
+                except ValueError:
+                    return None
+            else:
+                return None
+        return None if on_lan(address.host) else str(address)
+
     def gateway_reachable(self) -> bool:
         try:
             self.connection()
@@ -392,19 +449,26 @@ class Client:
         *,
         where: Placement | str | None = None,
         job_id: str | None = None,
+        data_class: DataClass = "private",
     ) -> WasmRun:
         """Run a WASI command module: args and stdin in; stdout, stderr, exit code out.
 
-        Raises JobError when the module fails (trap, limits...), wherever it ran."""
+        ``data_class``: "private" (the default) work is only ever offloaded to a gateway on the
+        LAN. Raises JobError when the module fails (trap, limits...), wherever it ran."""
         blob = self._blob(module)
         job = WasmJob(
-            job_id=job_id or uuid.uuid4().hex, module=blob.sha256, args=list(args), stdin=stdin
+            job_id=job_id or uuid.uuid4().hex,
+            module=blob.sha256,
+            args=list(args),
+            stdin=stdin,
+            data_class=data_class,
         )
         return self._call(
             f"wasm:{blob.sha256}",
             where,
             lambda: self._edge_wasm(job, blob),
             lambda reason: self._local_wasm(job, blob, reason),
+            private=data_class == "private",
         )
 
     def infer(
@@ -415,6 +479,7 @@ class Client:
         *,
         where: Placement | str | None = None,
         job_id: str | None = None,
+        data_class: DataClass = "private",
     ) -> Inference:
         """Run an ONNX model on named numpy arrays; returns named numpy arrays."""
         from hearth.runtime.onnx import array_to_tensor
@@ -426,12 +491,14 @@ class Client:
             model=blob.sha256,
             inputs=tensors,
             outputs=list(outputs),
+            data_class=data_class,
         )
         return self._call(
             f"onnx:{blob.sha256}",
             where,
             lambda: self._edge_onnx(job, blob),
             lambda reason: self._local_onnx(job, blob, reason),
+            private=data_class == "private",
         )
 
     def run_wasm_async(self, *args: Any, **kwargs: Any) -> Future[WasmRun]:
@@ -449,9 +516,23 @@ class Client:
         where: Placement | str | None,
         edge: Callable[[], tuple[T, float]],
         local: Callable[[str], T],
+        *,
+        private: bool = True,
     ) -> T:
         mode = Placement(where) if where is not None else self.placement
-        gateway_ok = mode is Placement.EDGE or (mode is Placement.AUTO and self.gateway_reachable())
+        # Private data never goes to a gateway off the LAN: checked before connecting to a
+        # named gateway, and again once connected to a discovered one.
+        why = self._off_lan(private, mode)
+        gateway_ok = False
+        if why is None:
+            gateway_ok = mode is Placement.EDGE or (
+                mode is Placement.AUTO and self.gateway_reachable()
+            )
+            why = self._off_lan(private, mode)
+        if why is not None:
+            if mode is Placement.EDGE:
+                raise JobError(ErrorCode.FORBIDDEN, why)
+            return local(why)
         conn = self._conn
         # Estimates are per gateway: a different box (after a failover) is measured afresh.
         key = f"{conn.gateway_id if conn else '-'}:{key}"
