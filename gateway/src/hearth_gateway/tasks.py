@@ -119,6 +119,7 @@ class TaskManager:
         self._wildcards: set[str] = set()
         self._owners_seen: dict[str, float] = {}
         self._owners_dirty: dict[str, float] = {}
+        self._owners_flushed = time.monotonic()
         self._peer_log = PeerLog()
 
     # -- start ---------------------------------------------------------------------------------
@@ -460,9 +461,10 @@ class TaskManager:
                 and time.monotonic() - task.checkpointed_at >= task.spec.checkpoint_every_s
             ):
                 self._persist(task)  # fmt: skip
-        if self._owners_dirty and int(now) % int(_OWNER_FLUSH_S) < 2:
+        if self._owners_dirty and time.monotonic() - self._owners_flushed >= _OWNER_FLUSH_S:
             self._store.put_owners(self._owners_dirty)
             self._owners_dirty = {}
+            self._owners_flushed = time.monotonic()
 
     def _remove(self, task: _Task, state: str, reason: str) -> None:
         """Cancel, expiry and idle cleanup: the task and all its stored state go."""
