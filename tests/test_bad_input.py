@@ -227,3 +227,50 @@ def test_a_result_over_the_message_limit_is_answered_with_too_large(
         _error(dev.request(WasmJob(job_id="big-out", module=sha, args=["640", "480", "10"])),
                ErrorCode.TOO_LARGE)  # fmt: skip
         _good_job_still_works(dev, wasm, gw)
+
+
+def _model_bytes(make_initializer: Callable[[], object] | None = None, *, op: str = "Add",
+                 domain: str = "") -> bytes:  # fmt: skip
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.zeros((4,), np.float32), "w")
+    if make_initializer is not None:
+        make_initializer(weight)  # type: ignore[misc]
+    node = helper.make_node(op, ["x", "w"], ["y"], domain=domain)
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [weight],
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("location", ["/etc/hostname", "../../../etc/hostname", "weights.bin"])
+def test_onnx_external_data_is_refused(device: RawDevice, gateway, wasm, location: str) -> None:
+    """Models are loaded from their bytes: no external-data reference can reach a file."""
+    from onnx import TensorProto
+
+    def external(weight: object) -> None:
+        weight.ClearField("raw_data")  # type: ignore[attr-defined]
+        weight.data_location = TensorProto.EXTERNAL  # type: ignore[attr-defined]
+        for key, value in (("location", location), ("offset", "0"), ("length", "16")):
+            entry = weight.external_data.add()  # type: ignore[attr-defined]
+            entry.key, entry.value = key, value
+
+    sha = _upload(device, _model_bytes(external))
+    tensor = Tensor(name="x", dtype="float32", shape=[4], data=bytes(16))
+    _error(device.request(OnnxJob(job_id="ext", model=sha, inputs=[tensor])),
+           ErrorCode.INVALID_MODEL)  # fmt: skip
+    _good_job_still_works(device, wasm, gateway)
+
+
+def test_onnx_custom_operators_cannot_be_loaded(device: RawDevice, gateway, wasm) -> None:
+    sha = _upload(device, _model_bytes(op="Exfiltrate", domain="com.example.evil"))
+    tensor = Tensor(name="x", dtype="float32", shape=[4], data=bytes(16))
+    _error(device.request(OnnxJob(job_id="custom", model=sha, inputs=[tensor])),
+           ErrorCode.INVALID_MODEL)  # fmt: skip
+    _good_job_still_works(device, wasm, gateway)
