@@ -274,3 +274,17 @@ def test_onnx_custom_operators_cannot_be_loaded(device: RawDevice, gateway, wasm
     _error(device.request(OnnxJob(job_id="custom", model=sha, inputs=[tensor])),
            ErrorCode.INVALID_MODEL)  # fmt: skip
     _good_job_still_works(device, wasm, gateway)
+
+
+def test_wasm_cannot_reach_files_or_the_environment(gateway, wasm) -> None:
+    """WASM that tries to open files outside any scratch directory, list /, or read the
+    environment fails cleanly, inside the module: the job itself succeeds."""
+    with gateway.client() as client:
+        run = client.run_wasm(wasm["escape"])
+    assert run.exit_code == 0
+    assert run.stdout.decode().splitlines() == [
+        "read /etc/passwd: denied",
+        "write escape.txt: denied",
+        "list /: denied",
+        "environment: denied",
+    ]
