@@ -337,3 +337,51 @@ def test_stored_payloads_answers_and_task_state_are_encrypted_at_rest(
         assert marker not in path.read_bytes(), f"plaintext payload in {path.name}"
     key = gateway.state_dir / "keys" / "at-rest.key"
     assert key.stat().st_mode & 0o777 == 0o600
+
+
+def test_motion_turns_on_the_one_light_it_may_publish_to(
+    gateway: GatewayProcess, broker, tasks_dir: Path
+) -> None:
+    base = _unique()
+    with Bus(broker.address) as bus, gateway.client() as client:
+        bus.subscribe(f"{base}/lights/#")
+        client.install_task(tasks_dir / "motion_light.wasm", "hall-light",
+                            on=[f"{base}/motion/hall"], every_s=0.2,
+                            may_publish=[f"{base}/lights/hall/set"],
+                            config={"light_topic": f"{base}/lights/hall/set",
+                                    "off_after_s": "1"})  # fmt: skip
+        deadline = time.monotonic() + 10
+        on = b""
+        while not on and time.monotonic() < deadline:
+            bus.publish(f"{base}/motion/hall", b"1")
+            try:
+                on = bus.expect(f"{base}/lights/hall/set", timeout_s=0.5)
+            except TimeoutError:
+                continue
+        off = bus.expect(f"{base}/lights/hall/set", timeout_s=5)  # no motion for 1 s
+    assert (on, off) == (b"ON", b"OFF")
+
+
+def test_temperature_watcher_notifies_after_the_hold_time(
+    gateway: GatewayProcess, broker, tasks_dir: Path
+) -> None:
+    base = _unique()
+    notes: list[hearth.protocol.Notification] = []
+    with Bus(broker.address) as bus, gateway.client() as client:
+        stop = client.notifications(notes.append)
+        try:
+            client.install_task(tasks_dir / "temp_watch.wasm", "hot-kitchen",
+                                on=[f"{base}/sensors/+/temperature"],
+                                config={"threshold": "30", "hold_s": "1"})  # fmt: skip
+            time.sleep(0.5)  # the gateway subscribes to the trigger
+            topic = f"{base}/sensors/kitchen/temperature"
+            bus.publish(topic, b"29.0")
+            bus.publish(topic, b"31.5")  # above: the clock starts
+            time.sleep(1.3)
+            assert notes == []  # held long enough, but no reading has said so yet
+            bus.publish(topic, b"32.0")
+            assert wait_until(lambda: bool(notes), timeout_s=5)
+        finally:
+            stop()
+    assert "kitchen" in notes[0].message
+    assert "above 30" in notes[0].message
