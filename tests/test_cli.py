@@ -86,3 +86,30 @@ def test_discover_json_on_loopback(make_gateway) -> None:
     assert gw.gateway_id in found
     assert found[gw.gateway_id]["broker"] == gw.address
     assert found[gw.gateway_id]["rtt_ms"] > 0
+
+
+def test_tasks_from_the_command_line(gateway, examples) -> None:
+    device = f"cli-{os.getpid()}"
+    module = examples / "tasks" / "indexer.wasm"
+    # The first listen creates the device's persistent session: from then on notifications
+    # wait for it while it is away.
+    first = _hearth("notifications", "--gateway", gateway.address, "--client-id", device,
+                    "--for", "0.1")  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    installed = _hearth("tasks", "install", "--gateway", gateway.address, "--client-id", device,
+                        str(module), "--name", "primes", "--every", "0.05",
+                        "--set", "limit=100000", "--expires", "1h")  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    assert b"state       running" in installed.stdout
+    task_id = installed.stdout.split()[1].decode()
+    notes = _hearth("notifications", "--gateway", gateway.address, "--client-id", device,
+                    "--for", "3")  # fmt: skip
+    assert b"indexer done: 9592 primes below 100000" in notes.stdout
+    listing = _hearth("tasks", "list", "--json", "--gateway", gateway.address, "--client-id",
+                      device)  # fmt: skip
+    tasks = json.loads(listing.stdout)
+    assert [t["task_id"] for t in tasks] == [task_id]
+    assert tasks[0]["events"] >= 2
+    cancelled = _hearth("tasks", "cancel", task_id, "--gateway", gateway.address,
+                        "--client-id", device)  # fmt: skip
+    assert b"state       cancelled" in cancelled.stdout

@@ -272,8 +272,8 @@ def test_the_box_owner_sees_and_controls_every_task(
 
     def admin(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "hearth_gateway.cli", "tasks", "--state-dir",
-             str(gateway.state_dir), *args],
+            [sys.executable, "-m", "hearth_gateway.cli", "tasks", *args, "--state-dir",
+             str(gateway.state_dir)],
             capture_output=True, text=True, timeout=30, check=False,
         )  # fmt: skip
 

@@ -16,8 +16,11 @@ from hearth.protocol import TaskInfo
 __all__ = ["add_task_commands", "format_task", "format_tasks", "parse_when"]
 
 
-def add_task_commands(parser: argparse.ArgumentParser) -> None:
-    """Add the task verbs as sub-commands of ``parser`` (dest ``task_command``)."""
+def add_task_commands(
+    parser: argparse.ArgumentParser, common: Callable[[argparse.ArgumentParser], object]
+) -> None:
+    """Add the task verbs as sub-commands of ``parser`` (dest ``task_command``); ``common`` adds
+    the options every verb takes (how to reach the gateway)."""
     sub = parser.add_subparsers(dest="task_command", required=True)
     install = sub.add_parser("install", help="install a persistent task (a WASM reactor)")
     install.add_argument("module", help="the task's .wasm file")
@@ -68,12 +71,15 @@ def add_task_commands(parser: argparse.ArgumentParser) -> None:
         help="store the task's state every N events (default 1)",
     )
     install.add_argument("--checkpoint-every-s", type=float, metavar="S")
+    common(install)
     listing = sub.add_parser("list", help="list tasks")
     listing.add_argument("--json", action="store_true")
+    common(listing)
     for verb in ("show", "pause", "resume", "cancel"):
         one = sub.add_parser(verb, help=f"{verb} a task")
         one.add_argument("task_id")
         one.add_argument("--json", action="store_true")
+        common(one)
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")

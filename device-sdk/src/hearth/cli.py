@@ -4,6 +4,7 @@
     hearth run [--where auto|edge|local] [--explain] MODULE.wasm [ARGS...]   (stdin -> stdout)
     hearth infer MODEL.onnx --input NAME=FILE.npy ... --out DIR
     hearth tasks install|list|show|pause|resume|cancel ...
+    hearth notifications [--for S] [--json]
 
 Every command that looks for a gateway takes --gateway HOST:PORT (no discovery) and
 --interface IP (discover only there); $HEARTH_GATEWAY and $HEARTH_INTERFACE do the same.
@@ -84,8 +85,13 @@ def _parser() -> argparse.ArgumentParser:
         "--out", type=Path, required=True, metavar="DIR", help="writes NAME.npy per output"
     )
     t = sub.add_parser("tasks", help="persistent tasks on the gateway, owned by this device")
-    _gateway_options(t)
-    add_task_commands(t)
+    add_task_commands(t, _gateway_options)
+    n = sub.add_parser("notifications", help="print this device's task notifications, "
+                       "including those sent while it was away")  # fmt: skip
+    _gateway_options(n)
+    n.add_argument("--for", dest="for_s", type=float, metavar="S",
+                   help="stop after S seconds (default: until Ctrl-C)")  # fmt: skip
+    n.add_argument("--json", action="store_true")
     return parser
 
 
@@ -112,6 +118,35 @@ def _tasks(args: argparse.Namespace) -> int:
             print_result(client.tasks(), args.json)
         else:
             print_result(client.task(args.task_id, verb), args.json)
+    return 0
+
+
+def _notifications(args: argparse.Namespace) -> int:
+    import datetime as dt
+    import threading
+
+    import msgspec
+
+    from hearth.protocol import Notification
+
+    done = threading.Event()
+
+    def show(note: Notification) -> None:
+        if args.json:
+            print(msgspec.json.encode(note).decode(), flush=True)
+        else:
+            when = dt.datetime.fromtimestamp(note.at).astimezone().strftime("%H:%M:%S")
+            print(f"{when}  {note.name} ({note.task_id}): {note.message}", flush=True)
+
+    with Client(args.gateway, interface=args.interface, timeout_s=args.timeout,
+                client_id=args.client_id, placement="edge") as client:  # fmt: skip
+        stop = client.notifications(show)
+        try:
+            done.wait(args.for_s)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stop()
     return 0
 
 
@@ -177,14 +212,15 @@ def _infer(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    commands = {
+        "discover": _discover,
+        "run": _run,
+        "infer": _infer,
+        "tasks": _tasks,
+        "notifications": _notifications,
+    }
     try:
-        if args.command == "discover":
-            return _discover(args)
-        if args.command == "run":
-            return _run(args)
-        if args.command == "tasks":
-            return _tasks(args)
-        return _infer(args)
+        return commands[args.command](args)
     except JobError as exc:
         print(f"hearth: job failed ({exc.where}): {exc.code}: {exc.message}", file=sys.stderr)
         return 125

@@ -42,8 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("-v", "--verbose", action="store_true")
     tasks = sub.add_parser("tasks", help="persistent tasks (all of them: for the box's owner)")
-    tasks.add_argument("--state-dir", help="the daemon's state directory")
-    add_task_commands(tasks)
+    add_task_commands(
+        tasks, lambda p: p.add_argument("--state-dir", help="the daemon's state directory")
+    )
     audit = sub.add_parser("audit", help="decisions and refusals: grants, installs, removals")
     audit.add_argument("--state-dir", help="the daemon's state directory")
     audit.add_argument("--json", action="store_true", help="one JSON object per line")
