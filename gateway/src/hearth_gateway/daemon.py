@@ -277,6 +277,7 @@ class Gateway:
                 jobs_duplicate=counters.duplicates,
                 blobs=count,
                 blob_bytes=size,
+                tasks=self.tasks.count if self.tasks is not None else 0,
                 started_at=self.started_at,
                 updated_at=time.time(),
             ),

@@ -37,6 +37,7 @@ class StatusSnapshot(msgspec.Struct, kw_only=True):
     jobs_duplicate: int
     blobs: int
     blob_bytes: int
+    tasks: int = 0  # persistent tasks installed
     started_at: float
     updated_at: float
 
@@ -83,9 +84,17 @@ def format_status(s: StatusSnapshot) -> str:
         f"queue       {s.queue_depth} jobs waiting or running",
         f"jobs        {s.jobs_completed} completed, {s.jobs_refused} refused, "
         f"{s.jobs_duplicate} duplicates answered from the journal (since start)",
-        f"blobs       {s.blobs} stored, {s.blob_bytes / 1e6:.1f} MB",
+        f"blobs       {s.blobs} stored, {_size(s.blob_bytes)}",
+        f"tasks       {s.tasks} persistent tasks (hearth-gateway tasks list)",
     ]
     return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def _duration(seconds: float) -> str:
