@@ -85,7 +85,8 @@ def test_a_worker_that_dies_costs_only_its_job(make_gateway, tmp_path, wasm) -> 
         assert isinstance(dev.upload(module), BlobStored)
         assert isinstance(dev.upload(spin), BlobStored)
         correlation = dev.send(WasmJob(job_id="victim", module=hashlib.sha256(spin).hexdigest()))
-        time.sleep(0.5)
+        # Kill only once the job is surely running (on a loaded machine it may queue a while).
+        assert wait_until(lambda: gateway.snapshot().busy_workers == 1, timeout_s=15)
         busy = gateway.snapshot().worker_pids
         for pid in busy:  # simulate a native crash in whichever worker runs it
             os.kill(pid, signal.SIGKILL)
