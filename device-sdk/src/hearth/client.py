@@ -132,7 +132,9 @@ class _Connection:
         self.qos = qos
         self.client_id = client_id
         self.gateway_id = gateway_id
-        self._reply_topic = reply_topic(client_id)
+        # A reply topic of this connection's own (under the device's prefix, as the gateway
+        # requires): several clients with one device id do not receive each other's replies.
+        self._reply_topic = f"{reply_topic(client_id)}/{uuid.uuid4().hex[:8]}"
         self._pending: dict[bytes, Future[Reply]] = {}
         self._lock = threading.Lock()
         self.online = threading.Event()  # the gateway's retained status says online
