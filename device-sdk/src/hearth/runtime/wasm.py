@@ -16,6 +16,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hearth.errors import ErrorCode, JobError, LocalRuntimeUnavailable
 from hearth.runtime.limits import WasmLimits
@@ -195,6 +196,7 @@ class WasmRuntime:
         limits = limits or WasmLimits()
         module = self._module(sha256, wasm, path)
         store = wasmtime.Store(self._engine)
+        handles: list[int | None] = []
         try:
             store.set_fuel(limits.fuel)
             store.set_limits(memory_size=limits.memory_bytes)
@@ -202,8 +204,8 @@ class WasmRuntime:
             out, err = _Output(budget, store), _Output(budget, store)
             wasi = wasmtime.WasiConfig()
             wasi.argv = ["module", *args]
-            wasi.stdout_custom = out.write
-            wasi.stderr_custom = err.write
+            handles.append(_set_output(wasi, "stdout", out.write))
+            handles.append(_set_output(wasi, "stderr", err.write))
             if not stdin:
                 # Without a configured stdin, WASI reads see end-of-file: no temp file needed.
                 store.set_wasi(wasi)
@@ -222,6 +224,7 @@ class WasmRuntime:
             # collector can be torn down by wasmtime's runtime threads at interpreter exit,
             # calling back into a finalizing Python and aborting the process.
             store.close()
+            _release_outputs(handles)
         return WasmOutcome(exit_code, out.value(), err.value(), fuel_used)
 
     def _instantiate_and_start(
@@ -284,6 +287,42 @@ class WasmRuntime:
         with self._lock:
             self._closed = True
             self._modules.clear()
+
+
+def _set_output(wasi: wasmtime.WasiConfig, stream: str, callback: Any) -> int | None:
+    """Route a WASI output stream to ``callback``, without a finalizer.
+
+    wasmtime-py's own setter registers a Python finalizer that wasmtime calls when it drops the
+    stream, which can happen on one of its runtime threads after the store is gone; at
+    interpreter exit that call into a finalizing Python aborts the process ("panic in a
+    function that cannot unwind"). We free the callback's handle ourselves after the run
+    instead. Returns the handle, or None if this wasmtime-py has other internals (then its
+    public setter is used).
+    """
+    try:
+        from wasmtime import _bindings
+        from wasmtime._wasi import CUSTOM_OUTPUTS, custom_call
+    except ImportError:
+        setattr(wasi, f"{stream}_custom", callback)
+        return None
+    raw = getattr(_bindings, f"_wasi_config_set_{stream}_custom", None)
+    if raw is None:
+        setattr(wasi, f"{stream}_custom", callback)
+        return None
+    handle = CUSTOM_OUTPUTS.allocate(callback)
+    no_finalizer = raw.argtypes[3]()  # a NULL function pointer of the declared type
+    raw(wasi.ptr(), custom_call, handle, no_finalizer)
+    return int(handle)
+
+
+def _release_outputs(handles: list[int | None]) -> None:
+    try:
+        from wasmtime._wasi import CUSTOM_OUTPUTS
+    except ImportError:
+        return
+    for handle in handles:
+        if handle is not None:
+            CUSTOM_OUTPUTS.deallocate(handle)
 
 
 def _headline(exc: BaseException) -> str:
