@@ -103,55 +103,26 @@ def test_a_worker_that_dies_costs_only_its_job(make_gateway, tmp_path, wasm) -> 
     assert set(gateway.snapshot().worker_pids).isdisjoint(busy)
 
 
+def _status(gateway: GatewayProcess, *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hearth_gateway.cli", "status", "--state-dir",
+         str(gateway.state_dir), *flags],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+
 def test_status_command_shows_the_running_gateway(gateway: GatewayProcess) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hearth_gateway.cli",
-            "status",
-            "--state-dir",
-            str(gateway.state_dir),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = _status(gateway, "--json")
+    assert out.returncode == 0, out.stderr
     status = json.loads(out.stdout)
     assert status["gateway_id"] == gateway.gateway_id
     assert status["state"] == "online"
     assert status["workers"] == 2
-    text = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hearth_gateway.cli",
-            "status",
-            "--state-dir",
-            str(gateway.state_dir),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    text = _status(gateway).stdout
     assert gateway.gateway_id in text
     assert "workers" in text
     gateway.kill()
-    dead = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hearth_gateway.cli",
-            "status",
-            "--state-dir",
-            str(gateway.state_dir),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    dead = _status(gateway, "--json")
     assert dead.returncode == 3
     assert json.loads(dead.stdout)["state"] == "dead"
 

@@ -8,12 +8,19 @@ import datetime as dt
 import re
 import time
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 
 from hearth.protocol import TaskInfo
 
-__all__ = ["add_task_commands", "format_task", "format_tasks", "parse_when"]
+__all__ = [
+    "add_task_commands",
+    "format_task",
+    "format_tasks",
+    "install_options",
+    "parse_when",
+]
 
 
 def add_task_commands(
@@ -103,6 +110,22 @@ def parse_when(text: str, now: float | None = None) -> float:
     if when.tzinfo is None:
         when = when.astimezone()  # local time, as a person means it
     return when.timestamp()
+
+
+def install_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``install`` verb's options, as keyword arguments of ``Client.install_task`` (and of
+    ``hearth.client.task_install_request``)."""
+    return {
+        "on": args.on,
+        "every_s": args.every,
+        "read": args.may_read,
+        "may_publish": args.may_publish,
+        "expires_at": parse_when(args.expires) if args.expires else None,
+        "idle_timeout_s": args.idle_timeout,
+        "config": parse_settings(args.set),
+        "checkpoint_every": args.checkpoint_every,
+        "checkpoint_every_s": args.checkpoint_every_s,
+    }
 
 
 def parse_settings(pairs: list[str]) -> dict[str, str]:

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from hearth._tasks_cli import add_task_commands, parse_settings, parse_when, print_result
+from hearth._tasks_cli import add_task_commands, install_options, print_result
 from hearth.client import ENV_CLIENT_ID, ENV_GATEWAY, ENV_INTERFACE, Client
 from hearth.discovery import discover
 from hearth.errors import HearthError, JobError
@@ -100,19 +100,7 @@ def _tasks(args: argparse.Namespace) -> int:
                 client_id=args.client_id, placement="edge") as client:  # fmt: skip
         verb = args.task_command
         if verb == "install":
-            task = client.install_task(
-                args.module,
-                args.name,
-                on=args.on,
-                every_s=args.every,
-                read=args.may_read,
-                may_publish=args.may_publish,
-                expires_at=parse_when(args.expires) if args.expires else None,
-                idle_timeout_s=args.idle_timeout,
-                config=parse_settings(args.set),
-                checkpoint_every=args.checkpoint_every,
-                checkpoint_every_s=args.checkpoint_every_s,
-            )
+            task = client.install_task(args.module, args.name, **install_options(args))
             print_result(task, False)
         elif verb == "list":
             print_result(client.tasks(), args.json)

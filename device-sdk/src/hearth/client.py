@@ -242,6 +242,39 @@ class _Connection:
         self._client.loop_stop()
 
 
+def task_install_request(
+    module_sha256: str,
+    name: str,
+    *,
+    on: Sequence[str] = (),
+    every_s: float | None = None,
+    read: Sequence[str] = (),
+    may_publish: Sequence[str] = (),
+    expires_at: float | None = None,
+    idle_timeout_s: float | None = None,
+    config: Mapping[str, str] | None = None,
+    checkpoint_every: int = 1,
+    checkpoint_every_s: float | None = None,
+) -> TaskInstall:
+    """The ``task_install`` message for a module already named by its hash (the options are
+    those of ``Client.install_task``)."""
+    triggers = [Trigger(topic=t) for t in on]
+    if every_s is not None:
+        triggers.append(Trigger(every_s=every_s))
+    return TaskInstall(
+        name=name,
+        module=module_sha256,
+        triggers=triggers,
+        read=list(read),
+        publish=list(may_publish),
+        expires_at=expires_at,
+        idle_timeout_s=idle_timeout_s,
+        config=dict(config or {}),
+        checkpoint_every=checkpoint_every,
+        checkpoint_every_s=checkpoint_every_s,
+    )
+
+
 _LAN_NETWORKS = (
     "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
     "::1/128", "fc00::/7", "fe80::/10",
@@ -706,18 +739,16 @@ class Client:
         ``on`` filters) and ``may_publish``: its grants; ``expires_at`` (unix seconds) and
         ``idle_timeout_s`` (since this device was last seen): its lifetime."""
         blob = self._blob(module)
-        triggers = [Trigger(topic=t) for t in on]
-        if every_s is not None:
-            triggers.append(Trigger(every_s=every_s))
-        request = TaskInstall(
-            name=name,
-            module=blob.sha256,
-            triggers=triggers,
-            read=list(read),
-            publish=list(may_publish),
+        request = task_install_request(
+            blob.sha256,
+            name,
+            on=on,
+            every_s=every_s,
+            read=read,
+            may_publish=may_publish,
             expires_at=expires_at,
             idle_timeout_s=idle_timeout_s,
-            config=dict(config or {}),
+            config=config,
             checkpoint_every=checkpoint_every,
             checkpoint_every_s=checkpoint_every_s,
         )

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import msgspec
 
-from hearth._tasks_cli import add_task_commands, parse_settings, parse_when, print_result
+from hearth._tasks_cli import add_task_commands, install_options, print_result
+from hearth.client import task_install_request
 from hearth_gateway.config import default_state_dir, load_config
 from hearth_gateway.errors import GatewayError
 from hearth_gateway.status import format_status, read_snapshot
@@ -66,7 +67,6 @@ def _tasks(args: argparse.Namespace) -> int:
         TaskInstall,
         TaskList,
         TaskListResult,
-        Trigger,
         encode,
     )
     from hearth_gateway.control import call
@@ -89,20 +89,8 @@ def _tasks(args: argparse.Namespace) -> int:
                 print(f"hearth-gateway: upload refused: {reply.code}: {reply.message}",
                       file=sys.stderr)  # fmt: skip
                 return 1
-        triggers = [Trigger(topic=t) for t in args.on]
-        if args.every is not None:
-            triggers.append(Trigger(every_s=args.every))
-        request: TaskInstall | TaskList | TaskControl = TaskInstall(
-            name=args.name,
-            module=sha,
-            triggers=triggers,
-            read=args.may_read,
-            publish=args.may_publish,
-            expires_at=parse_when(args.expires) if args.expires else None,
-            idle_timeout_s=args.idle_timeout,
-            config=parse_settings(args.set),
-            checkpoint_every=args.checkpoint_every,
-            checkpoint_every_s=args.checkpoint_every_s,
+        request: TaskInstall | TaskList | TaskControl = task_install_request(
+            sha, args.name, **install_options(args)
         )
     elif verb == "list":
         request = TaskList()
