@@ -1,0 +1,1 @@
+"""Vision capabilities: trusted native code (OpenCV, onnxruntime) run in worker processes."""
