@@ -30,4 +30,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e ./device-sdk -e ./gateway -r requirements-dev.txt
+# vision.plate runs the OCR models that ship inside this wheel on the gateway's own ONNX runner.
+# Installed without its dependencies: we use only its model files, and its requirements would
+# pull in the GUI build of OpenCV next to the headless one.
+"$VENV/bin/python" -m pip install -q --no-deps "rapidocr-onnxruntime==1.4.4"
 echo "bootstrap: ready ($VENV)"

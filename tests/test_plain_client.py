@@ -362,7 +362,7 @@ def test_retained_status_is_online(plain: PlainClient) -> None:
     assert status["gateway_id"] == plain.gateway
     assert status.get("v", V) == V
     # §5.3: the runners a gateway may enable; all three by default.
-    assert set(status.get("runners", [])) <= {"wasm", "onnx", "task"}
+    assert set(status.get("runners", [])) <= {"wasm", "onnx", "task", "vision"}
     assert "wasm" in status["runners"]
     assert status["max_message_bytes"] > 0
 

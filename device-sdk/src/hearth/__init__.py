@@ -19,11 +19,15 @@ from hearth.errors import (
     ProtocolError,
 )
 from hearth.placement import Placement
+from hearth.vision import Call, CameraStream, Dropped, OdometrySession, PipelineRun
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Call",
+    "CameraStream",
     "Client",
+    "Dropped",
     "ErrorCode",
     "GatewayInfo",
     "GatewayUnavailable",
@@ -31,6 +35,8 @@ __all__ = [
     "Inference",
     "JobError",
     "LocalRuntimeUnavailable",
+    "OdometrySession",
+    "PipelineRun",
     "Placement",
     "ProtocolError",
     "WasmRun",

@@ -37,6 +37,7 @@ from hearth.protocol import (
     OnnxJob,
     OnnxResult,
     Ping,
+    PipelineJob,
     Pong,
     Reply,
     Task,
@@ -59,6 +60,7 @@ from hearth.protocol import (
     status_topic,
 )
 from hearth.transport import BrokerAddress, connect, make_client, publish_properties
+from hearth.vision import VisionCalls
 
 __all__ = ["Client", "Inference", "WasmRun"]
 
@@ -311,8 +313,9 @@ def default_client_id() -> str:
     return f"dev-{host}"[:64]
 
 
-class Client:
-    """Offload WebAssembly and ONNX jobs to a Hearth gateway, or run them here.
+class Client(VisionCalls):
+    """Offload WebAssembly and ONNX jobs to a Hearth gateway, or run them here; call its vision
+    capabilities (hearth.vision).
 
     >>> with Client(placement="auto") as hearth:          # doctest: +SKIP
     ...     run = hearth.run_wasm("filter.wasm", stdin=frame, args=["edges"])
@@ -613,7 +616,7 @@ class Client:
     def _submit(
         self,
         conn: _Connection,
-        job: WasmJob | OnnxJob | TaskInstall,
+        job: WasmJob | OnnxJob | PipelineJob | TaskInstall,
         blob: _Blob,
         correlation: bytes | None = None,
     ) -> Reply:

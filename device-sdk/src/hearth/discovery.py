@@ -25,6 +25,7 @@ class GatewayInfo:
     tls: bool = False
     runners: list[str] = field(default_factory=list)
     accelerators: list[str] = field(default_factory=list)
+    capabilities: dict[str, str] = field(default_factory=dict)  # name -> version
     load: float = 0.0
     rtt_ms: float | None = None  # median MQTT round trip, when measured
 
@@ -37,6 +38,7 @@ class GatewayInfo:
             "tls": self.tls,
             "runners": self.runners,
             "accelerators": self.accelerators,
+            "capabilities": self.capabilities,
             "load": self.load,
             "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
         }
@@ -86,6 +88,7 @@ def _parse(props: dict[bytes, bytes | None], addresses: list[str], port: int) ->
         tls=txt.get("tls") == "1",
         runners=[r for r in txt.get("runners", "").split(",") if r],
         accelerators=[a for a in txt.get("acc", "").split(",") if a],
+        capabilities=dict(c.partition("@")[::2] for c in txt.get("caps", "").split(",") if c),
         load=load,
     )
 

@@ -58,7 +58,9 @@ class Gateway:
             self.listen = BrokerAddress.parse(config.broker or config.listen)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        self.providers = available_providers() if "onnx" in config.runners else []
+        self.providers = available_providers() if {"onnx", "vision"} & set(config.runners) else []
+        # What the workers report they provide (name -> version), for status and mDNS.
+        self.capabilities: dict[str, str] = {}
         self.started_at = time.time()
         self._stopping = False
         self._closed = False
@@ -92,6 +94,8 @@ class Gateway:
             task_max_payload=self.policy.tasks.max_payload_bytes,
             onnx_threads=onnx_threads,
             providers=self.providers,
+            max_megapixels=self.policy.vision.max_megapixels,
+            max_streams=self.policy.vision.max_streams,
         )
         self.pool = WorkerPool(
             self.loop,
@@ -101,6 +105,7 @@ class Gateway:
             wasm_timeout_s=self.policy.wasm.wall_timeout_s,
             onnx_timeout_s=self.policy.onnx.wall_timeout_s,
             task_timeout_s=self.policy.tasks.wall_timeout_s,
+            vision_timeout_s=self.policy.vision.wall_timeout_s,
         )
         self.link = GatewayLink(
             self.loop,
@@ -166,12 +171,19 @@ class Gateway:
             version=__version__,
             runners=list(self.config.runners),
             providers=self.providers,
+            capabilities=self.capabilities,
             workers=size,
             queue_depth=in_flight,
             load=round(in_flight / max(1, size), 2),
             max_message_bytes=self.policy.limits.max_message_bytes,
             started_at=self.started_at,
+            frames_dropped=self._frames_dropped(),
         )
+
+    def _frames_dropped(self) -> int:
+        # The Last Will is built before the dispatcher exists.
+        dispatcher: Dispatcher | None = getattr(self, "dispatcher", None)
+        return dispatcher.streams.total_dropped if dispatcher is not None else 0
 
     def _txt(self) -> dict[str, str]:
         status = self._status("online")
@@ -186,6 +198,11 @@ class Gateway:
             "runners": ",".join(status.runners),
             "acc": ",".join(accelerator_names(self.providers)),
             "load": f"{status.load:.2f}",
+            # Names only: a TXT string holds 255 bytes; versions are in the retained status.
+            "caps": ",".join(
+                f"{name}@{version.split(' ', 1)[0]}"
+                for name, version in status.capabilities.items()
+            ),
         }
 
     def start(self) -> None:
@@ -198,6 +215,9 @@ class Gateway:
         if "providers" in info and isinstance(info["providers"], list):
             self.providers = [str(p) for p in info["providers"]]
         self.worker_network = str(info.get("network", "shared"))
+        caps = info.get("capabilities")
+        if isinstance(caps, list):
+            self.capabilities = dict(str(c).split("=", 1) for c in caps if "=" in str(c))
         if self.worker_network != "isolated":
             log.warning("workers share the host's network: %s", self.worker_network)
         self.link.start(encode(self._status("online")))
@@ -238,6 +258,7 @@ class Gateway:
         if self.advertiser is not None:
             self.advertiser.update(self._txt())
         self.blobs.expire_uploads()
+        self.dispatcher.expire_sessions()
         if time.monotonic() - self._last_gc > 600:
             self.store.expire_answers(self.policy.limits.answer_retention_s)
             self._last_gc = time.monotonic()
@@ -278,6 +299,10 @@ class Gateway:
                 blobs=count,
                 blob_bytes=size,
                 tasks=self.tasks.count if self.tasks is not None else 0,
+                capabilities=self.capabilities,
+                streams=len(self.dispatcher.streams),
+                frames_dropped=self.dispatcher.streams.total_dropped,
+                sessions=len(self.dispatcher.sessions),
                 started_at=self.started_at,
                 updated_at=time.time(),
             ),

@@ -14,16 +14,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from hearth.errors import ErrorCode, ProtocolError
+import msgspec
+
+from hearth.errors import ErrorCode, JobError, ProtocolError
 from hearth.protocol import (
     BlobChunk,
     BlobStored,
+    CallJob,
+    CallResult,
     Error,
+    FrameDropped,
     NeedBlob,
     OnnxJob,
     Ping,
+    PipelineJob,
     Pong,
     Reply,
+    SessionClose,
+    SessionClosed,
     TaskControl,
     TaskInstall,
     TaskList,
@@ -37,8 +45,10 @@ from hearth.protocol import (
 )
 from hearth_gateway.blobs import BlobStore, UploadRefused
 from hearth_gateway.policy import Admission, Policy
-from hearth_gateway.runners import TaskEvent, runner_for
+from hearth_gateway.runners import Job, TaskEvent, VisionClose, runner_for
 from hearth_gateway.store import JournalEntry, Store
+from hearth_gateway.streams import Sessions, StreamCounters
+from hearth_gateway.vision import CAPABILITIES, STATEFUL
 from hearth_gateway.workers import QueuedJob, WorkerPool
 
 __all__ = ["Dispatcher", "PeerLog"]
@@ -48,6 +58,14 @@ log = logging.getLogger(__name__)
 RESERVED_CLIENT_ID = "admin"  # the owner of tasks installed through the control socket
 
 Publish = Callable[[str, bytes, bytes | None, int], None]  # topic, payload, correlation, QoS
+
+
+def _blob_of(job: Job) -> str | None:
+    if isinstance(job, WasmJob | TaskEvent):
+        return job.module
+    if isinstance(job, OnnxJob | PipelineJob):
+        return job.model
+    return None
 
 
 class TaskRequests(Protocol):
@@ -114,6 +132,11 @@ class Dispatcher:
         self.tasks = tasks
         self._peer_log = PeerLog()
         self.counters = Counters()
+        self.sessions = Sessions(
+            idle_timeout_s=policy.vision.session_idle_timeout_s,
+            max_per_client=policy.vision.max_sessions_per_client,
+        )
+        self.streams = StreamCounters(policy.vision.max_streams)
         self.draining = False  # set on shutdown: new jobs are refused, queued ones finish
 
     # Called on paho's network thread: everything here is short; jobs run on worker lanes.
@@ -179,6 +202,10 @@ class Dispatcher:
         elif isinstance(request, TaskInstall | TaskControl | TaskList):
             self._publish(response_topic, encode(self.task_request(client_id, request)),
                           correlation, qos)  # fmt: skip
+        elif isinstance(request, SessionClose):
+            self._session_close(client_id, request, response_topic, correlation, qos)
+        elif isinstance(request, CallJob) and (request.stream or request.session):
+            self._frame(client_id, request, response_topic, correlation, qos)
         else:
             self._job(client_id, request, payload, response_topic, correlation, qos)
 
@@ -209,40 +236,43 @@ class Dispatcher:
             reply = BlobStored(sha256=chunk.sha256, size=chunk.size)
             self._publish(response_topic, encode(reply), correlation, qos)
 
+    def _refusal(self, job: WasmJob | OnnxJob | CallJob | PipelineJob) -> JobError | None:
+        """Why this job cannot run here at all, checked before anything is stored."""
+        if self.draining:
+            return JobError(ErrorCode.SHUTTING_DOWN, "the gateway is shutting down")
+        runner = runner_for(job)
+        if runner not in self._runners:
+            return JobError(
+                ErrorCode.UNSUPPORTED, f"runner {runner!r} is not enabled on this gateway"
+            )
+        if isinstance(job, CallJob):
+            if job.capability not in CAPABILITIES:
+                return JobError(
+                    ErrorCode.UNKNOWN_CAPABILITY,
+                    f"no capability {job.capability!r}; this gateway has "
+                    f"{', '.join(sorted(CAPABILITIES))}",
+                )
+            if job.capability in STATEFUL and not (job.stream or job.session):
+                what = "session" if job.capability == "vision.odometry" else "stream"
+                return JobError(ErrorCode.BAD_PARAMS, f"{job.capability} needs a {what} name")
+        return None
+
     def _job(
         self,
         client_id: str,
-        job: WasmJob | OnnxJob,
+        job: WasmJob | OnnxJob | CallJob | PipelineJob,
         payload: bytes,
         response_topic: str,
         correlation: bytes | None,
         qos: int,
     ) -> None:
-        if self.draining:
-            self._refuse(
-                client_id,
-                response_topic,
-                correlation,
-                qos,
-                ErrorCode.SHUTTING_DOWN,
-                "the gateway is shutting down",
-                job.job_id,
-            )
+        refusal = self._refusal(job)
+        if refusal is not None:
+            self._refuse(client_id, response_topic, correlation, qos, refusal.code,
+                         refusal.message, job.job_id)  # fmt: skip
             return
-        runner = runner_for(job)
-        if runner not in self._runners:
-            self._refuse(
-                client_id,
-                response_topic,
-                correlation,
-                qos,
-                ErrorCode.UNSUPPORTED,
-                f"runner {runner!r} is not enabled on this gateway",
-                job.job_id,
-            )
-            return
-        sha = job.module if isinstance(job, WasmJob) else job.model
-        if not self._blobs.has(sha):
+        sha = _blob_of(job)
+        if sha is not None and not self._blobs.has(sha):
             need = NeedBlob(job_id=job.job_id, sha256=sha, max_chunk=self._limits.max_chunk_bytes)
             self._publish(response_topic, encode(need), correlation, qos)
             return
@@ -255,39 +285,152 @@ class Dispatcher:
                 self._publish(response_topic, reply, correlation, qos)
             # else: still queued or running; its one answer is on its way.
             return
-        self.enqueue(client_id, job, response_topic, correlation or b"", sha, qos)
+        self.enqueue(client_id, job, response_topic, correlation or b"", qos)
 
     def enqueue(
         self,
         client_id: str,
-        job: WasmJob | OnnxJob,
+        job: WasmJob | OnnxJob | CallJob | PipelineJob,
         response_topic: str,
         correlation: bytes,
-        sha: str,
         qos: int = 1,
     ) -> None:
         """Admit a journaled job and queue it (also used to resume the journal on start)."""
+        if not self._admit(client_id, job, response_topic, correlation, qos):
+            self._store.forget(client_id, job.job_id)
+            return
+        sha = _blob_of(job)
+        self._pool.submit(
+            QueuedJob(
+                client_id=client_id,
+                job=job,
+                blob_path=str(self._blobs.path(sha)) if sha else "",
+                response_topic=response_topic,
+                correlation=correlation,
+                qos=qos,
+            )
+        )
+
+    def _admit(
+        self,
+        client_id: str,
+        job: WasmJob | OnnxJob | CallJob | PipelineJob,
+        response_topic: str,
+        correlation: bytes | None,
+        qos: int,
+    ) -> bool:
         refusal = self._admission.admit(client_id)
         if refusal is not None:
-            self._store.forget(client_id, job.job_id)
             reason = (
                 "the gateway's queue is full"
                 if refusal is ErrorCode.OVERLOADED
                 else "too many jobs in flight for this device"
             )
             self._refuse(client_id, response_topic, correlation, qos, refusal, reason, job.job_id)
-            return
+            return False
         self.counters.accepted += 1
+        return True
+
+    # -- camera streams and sessions ----------------------------------------------------------
+
+    def _frame(
+        self,
+        client_id: str,
+        job: CallJob,
+        response_topic: str,
+        correlation: bytes | None,
+        qos: int,
+    ) -> None:
+        """A frame of a stream or session: not journaled (a frame is worth something only
+        now), latest frame wins per stream, stateful capabilities pinned to one worker."""
+        refusal = self._refusal(job)
+        session_new = False
+        session_key = f"{client_id}/{job.session}" if job.session else None
+        if refusal is None and session_key is not None:
+            try:
+                session_new = self.sessions.use(client_id, session_key)
+            except JobError as exc:
+                refusal = exc
+        if refusal is not None:
+            self._refuse(client_id, response_topic, correlation, qos, refusal.code,
+                         refusal.message, job.job_id)  # fmt: skip
+            return
+        stream_key = f"{client_id}/{job.stream}" if job.stream else None
+        affinity = None
+        if job.capability in STATEFUL:
+            affinity = session_key if job.capability == "vision.odometry" else stream_key
+        queued = QueuedJob(
+            client_id=client_id,
+            job=job,
+            blob_path="",
+            response_topic=response_topic,
+            correlation=correlation or b"",
+            qos=qos,
+            affinity=affinity,
+            latest=stream_key,
+            session_new=session_new,
+            journaled=False,
+        )
+        if stream_key is not None and self._pool.waiting(stream_key) is not None:
+            # The camera outruns the box: the waiting frame gives its slot (and its admission)
+            # to this newer one, and its sender learns at once that it was dropped.
+            old = self._pool.supersede(queued)
+            assert isinstance(old.job, CallJob)
+            dropped = FrameDropped(job_id=old.job.job_id, stream=job.stream or "",
+                                   dropped=self.streams.dropped(stream_key))  # fmt: skip
+            self._publish(old.response_topic, encode(dropped), old.correlation or None, old.qos)
+            return
+        if self._admit(client_id, job, response_topic, correlation, qos):
+            self._pool.submit(queued)
+        elif session_new and session_key is not None:
+            self.sessions.forget(session_key)  # refused before it opened: a retry may open it
+
+    def _session_close(
+        self,
+        client_id: str,
+        request: SessionClose,
+        response_topic: str,
+        correlation: bytes | None,
+        qos: int,
+    ) -> None:
+        key = f"{client_id}/{request.session}"
+        if not self.sessions.is_open(key):
+            closed = SessionClosed(session=request.session, frames=0)
+            self._publish(response_topic, encode(closed), correlation, qos)
+            return
+        self.close_session(key, "was closed", response_topic, correlation or b"", qos)
+
+    def close_session(
+        self,
+        key: str,
+        why: str,
+        response_topic: str = "",
+        correlation: bytes = b"",
+        qos: int = 1,
+    ) -> None:
+        """Close a session: the worker holding it drops its state (queued behind the session's
+        frames, so those still finish). ``response_topic`` empty: nobody to tell (idle)."""
+        frames = self.sessions.close(key, why)
         self._pool.submit(
             QueuedJob(
-                client_id=client_id,
-                job=job,
-                blob_path=str(self._blobs.path(sha)),
+                client_id=key.split("/", 1)[0],
+                job=VisionClose(job_id=f"close-{frames}", session=key),
+                blob_path="",
                 response_topic=response_topic,
                 correlation=correlation,
                 qos=qos,
+                affinity=key,
+                journaled=False,
+                admitted=False,
             )
         )
+
+    def expire_sessions(self) -> int:
+        """Close the sessions that have gone idle (called from the daemon's housekeeping)."""
+        idle = self.sessions.idle()
+        for key in idle:
+            self.close_session(key, "was closed after its idle timeout")
+        return len(idle)
 
     def resume(self) -> int:
         """Queue the jobs a previous run accepted but never answered."""
@@ -298,14 +441,21 @@ class Dispatcher:
             except ProtocolError:  # written by an older, incompatible version
                 self._store.forget(entry.client_id, entry.job_id)
                 continue
-            assert isinstance(job, WasmJob | OnnxJob)
-            sha = job.module if isinstance(job, WasmJob) else job.model
-            self.enqueue(entry.client_id, job, entry.response_topic, entry.correlation, sha)
+            assert isinstance(job, WasmJob | OnnxJob | CallJob | PipelineJob)
+            self.enqueue(entry.client_id, job, entry.response_topic, entry.correlation)
         return len(entries)
 
     def completed(self, item: QueuedJob, reply: bytes, final: bool) -> None:
         """Worker pool callback: store the answer (unless a retry should run the job again),
         then publish it, then free the slot."""
+        job = item.job
+        if isinstance(job, VisionClose):
+            self._pool.forget_affinity(job.session)
+            if item.response_topic:
+                self._publish(item.response_topic, reply, item.correlation or None, item.qos)
+            return
+        if item.latest is not None:
+            reply = self._with_dropped(reply, self.streams.get(item.latest))
         if len(reply) > self._limits.max_message_bytes:
             # The broker would drop us for a packet over its limit: answer with the reason.
             reply = encode(Error(code=ErrorCode.TOO_LARGE, job_id=item.job.job_id,
@@ -314,14 +464,28 @@ class Dispatcher:
         elif len(reply) < 1024:  # errors are small; results rarely are
             self._check_blob(item, reply)
         try:
-            if final:
-                self._store.finish(item.client_id, item.job.job_id, reply)
-            else:
-                self._store.forget(item.client_id, item.job.job_id)
+            if item.journaled and final:
+                self._store.finish(item.client_id, job.job_id, reply)
+            elif item.journaled:
+                self._store.forget(item.client_id, job.job_id)
             self._publish(item.response_topic, reply, item.correlation or None, item.qos)
         finally:
-            self._admission.release(item.client_id)
+            if item.admitted:
+                self._admission.release(item.client_id)
             self.counters.completed += 1
+
+    @staticmethod
+    def _with_dropped(reply: bytes, dropped: int) -> bytes:
+        """A stream frame's result, with the stream's dropped count as of now."""
+        if not dropped:
+            return reply
+        try:
+            decoded = decode_reply(reply)
+        except ProtocolError:
+            return reply
+        if not isinstance(decoded, CallResult):
+            return reply
+        return encode(msgspec.structs.replace(decoded, dropped=dropped))
 
     def _check_blob(self, item: QueuedJob, reply: bytes) -> None:
         """A stored blob that no longer matches its hash (disk corruption, tampering) is
@@ -330,9 +494,8 @@ class Dispatcher:
             decoded = decode_reply(reply)
         except ProtocolError:
             return
-        job = item.job
-        if isinstance(decoded, Error) and decoded.code is ErrorCode.HASH_MISMATCH:
-            sha = job.module if isinstance(job, WasmJob | TaskEvent) else job.model
+        sha = _blob_of(item.job)
+        if sha and isinstance(decoded, Error) and decoded.code is ErrorCode.HASH_MISMATCH:
             log.warning("stored blob %s failed its hash check; removed", sha[:12])
             self._blobs.discard(sha)
 

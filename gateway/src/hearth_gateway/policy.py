@@ -25,6 +25,7 @@ __all__ = [
     "OnnxPolicy",
     "Policy",
     "TasksPolicy",
+    "VisionPolicy",
     "WasmPolicy",
     "filter_covers",
     "load_policy",
@@ -74,11 +75,20 @@ class TasksPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     wall_timeout_s: float = 10.0  # per event
 
 
+class VisionPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    max_megapixels: float = 40.0  # read from the image header; larger images are not decoded
+    wall_timeout_s: float = 30.0  # per frame or image
+    session_idle_timeout_s: float = 60.0  # an odometry session without frames is closed
+    max_sessions_per_client: int = 4
+    max_streams: int = 64  # camera streams with a waiting frame or a background model
+
+
 class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     wasm: WasmPolicy = WasmPolicy()
     onnx: OnnxPolicy = OnnxPolicy()
     limits: LimitsPolicy = LimitsPolicy()
     tasks: TasksPolicy = TasksPolicy()
+    vision: VisionPolicy = VisionPolicy()
 
 
 def load_policy(paths: Iterable[Path]) -> Policy:

@@ -38,6 +38,10 @@ class StatusSnapshot(msgspec.Struct, kw_only=True):
     blobs: int
     blob_bytes: int
     tasks: int = 0  # persistent tasks installed
+    capabilities: dict[str, str] = {}  # name -> version
+    streams: int = 0  # camera streams seen (with a drop count)
+    frames_dropped: int = 0  # stream frames replaced by newer ones (latest frame wins)
+    sessions: int = 0  # open odometry sessions
     started_at: float
     updated_at: float
 
@@ -86,6 +90,9 @@ def format_status(s: StatusSnapshot) -> str:
         f"{s.jobs_duplicate} duplicates answered from the journal (since start)",
         f"blobs       {s.blobs} stored, {_size(s.blob_bytes)}",
         f"tasks       {s.tasks} persistent tasks (hearth-gateway tasks list)",
+        f"vision      {', '.join(s.capabilities) or '-'}",
+        f"streams     {s.streams} streams, {s.frames_dropped} frames dropped (latest frame "
+        f"wins), {s.sessions} open sessions",
     ]
     return "\n".join(lines)
 

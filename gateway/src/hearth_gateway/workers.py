@@ -16,14 +16,14 @@ import os
 import subprocess
 import sys
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
 
 from hearth.errors import ErrorCode
-from hearth.protocol import Error, OnnxJob, encode
+from hearth.protocol import CallJob, Error, OnnxJob, PipelineJob, encode
 from hearth_gateway._frames import FrameReader, write_frame
 from hearth_gateway.loop import Loop, Timer
 from hearth_gateway.runners import Job, TaskEvent, WorkerSettings, WorkItem
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 _READY_TIMEOUT_S = 60.0  # importing onnxruntime on a small ARM box is slow
 _RESPAWN_BACKOFF_S = 1.0  # after a worker fails to start
+_MAX_AFFINITIES = 4096  # streams and sessions remembered; the least recently used go first
 
 
 @dataclass(slots=True)
@@ -44,6 +45,14 @@ class QueuedJob:
     response_topic: str
     correlation: bytes
     qos: int = 1
+    # Jobs with the same affinity run on the same worker (a stream's background model, an
+    # odometry session's map live there).
+    affinity: str | None = None
+    # At most one job per latest-key waits in the queue: a newer one takes its place.
+    latest: str | None = None
+    session_new: bool = False  # the first frame of a session: the worker may open it
+    journaled: bool = True  # stream frames and session control are not (they are ephemeral)
+    admitted: bool = True  # holds an admission slot, freed when it completes
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -78,6 +87,7 @@ class _Worker:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,
+            env=self.pool.worker_env,
         )
         assert self.proc.stdin is not None
         assert self.proc.stdout is not None
@@ -102,6 +112,8 @@ class _Worker:
                 job=job.job,
                 blob_path=job.blob_path,
                 queue_ms=(time.monotonic() - job.enqueued) * 1e3,
+                scope=job.client_id,
+                session_new=job.session_new,
             )
         )
         try:
@@ -218,14 +230,22 @@ class WorkerPool:
         wasm_timeout_s: float,
         onnx_timeout_s: float,
         task_timeout_s: float = 10.0,
+        vision_timeout_s: float = 30.0,
     ) -> None:
         self.loop = loop
         self.settings_json = msgspec.json.encode(settings).decode()
+        # OpenCV reads its own decoder limit once, when it loads: a second line of defence
+        # behind the header check (vision/images.py), so it must be in the environment.
+        pixels = int(settings.max_megapixels * 1e6)
+        self.worker_env = {**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": str(pixels)}
         self.sink = sink
         self.wasm_timeout_s = wasm_timeout_s
         self.onnx_timeout_s = onnx_timeout_s
         self.task_timeout_s = task_timeout_s
+        self.vision_timeout_s = vision_timeout_s
         self.queue: deque[QueuedJob] = deque()
+        self._affinity: OrderedDict[str, _Worker] = OrderedDict()
+        self._latest: dict[str, QueuedJob] = {}
         self.restarts = 0
         self.info: dict[str, object] = {}
         self._workers = [_Worker(self, i) for i in range(size)]
@@ -249,6 +269,8 @@ class WorkerPool:
             return self.onnx_timeout_s
         if isinstance(job, TaskEvent):
             return self.task_timeout_s
+        if isinstance(job, CallJob | PipelineJob):
+            return self.vision_timeout_s
         return self.wasm_timeout_s
 
     @property
@@ -267,17 +289,67 @@ class WorkerPool:
         return [pid for w in self._workers if (pid := w.pid) is not None]
 
     def submit(self, job: QueuedJob) -> None:
+        if job.latest is not None:
+            self._latest[job.latest] = job
         self.queue.append(job)
         self._dispatch()
+
+    def waiting(self, latest: str) -> QueuedJob | None:
+        """The job with this latest-key still waiting in the queue, if any."""
+        return self._latest.get(latest)
+
+    def supersede(self, job: QueuedJob) -> QueuedJob:
+        """Put ``job`` in the queue slot of the waiting job with its latest-key (latest frame
+        wins: the queue stays bounded however fast a camera publishes); returns the one it
+        replaced, which will not run."""
+        assert job.latest is not None
+        old = self._latest[job.latest]
+        for index, queued in enumerate(self.queue):
+            if queued is old:
+                self.queue[index] = job
+                break
+        self._latest[job.latest] = job
+        return old
+
+    def forget_affinity(self, key: str) -> None:
+        self._affinity.pop(key, None)
+
+    def _worker_for(self, job: QueuedJob) -> _Worker | None:
+        if job.affinity is None:
+            return None
+        worker = self._affinity.get(job.affinity)
+        if worker is not None:
+            self._affinity.move_to_end(job.affinity)
+        return worker
+
+    def _next_for(self, worker: _Worker) -> QueuedJob | None:
+        """The first queued job this worker may take: FIFO, except that a job bound to another
+        worker waits for that one (later jobs may pass it)."""
+        for index, job in enumerate(self.queue):
+            bound = self._worker_for(job)
+            if bound is None or bound is worker:
+                del self.queue[index]
+                return job
+        return None
 
     def _dispatch(self) -> None:
         for worker in self._workers:
             if not self.queue:
                 return
-            if worker.state is _State.IDLE:
-                job = self.queue.popleft()
-                if not worker.run(job):
-                    self.queue.appendleft(job)  # never started: first in line again
+            if worker.state is not _State.IDLE:
+                continue
+            job = self._next_for(worker)
+            if job is None:
+                continue
+            if not worker.run(job):
+                self.queue.appendleft(job)  # never started: first in line again
+                continue
+            if job.latest is not None and self._latest.get(job.latest) is job:
+                del self._latest[job.latest]
+            if job.affinity is not None and job.affinity not in self._affinity:
+                self._affinity[job.affinity] = worker
+                while len(self._affinity) > _MAX_AFFINITIES:
+                    self._affinity.popitem(last=False)
 
     # -- called by workers ---------------------------------------------------------------------
 

@@ -10,28 +10,36 @@ step.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from hearth.errors import ErrorCode
+from hearth.protocol.vision import Image, PipelineResult, Postprocess, Preprocess
 
 __all__ = [
     "PROTOCOL_VERSION",
     "BlobChunk",
     "BlobStored",
+    "CallJob",
+    "CallResult",
     "DataClass",
     "Dtype",
     "Error",
+    "FrameDropped",
     "GatewayStatus",
     "NeedBlob",
     "Notification",
     "OnnxJob",
     "OnnxResult",
     "Ping",
+    "PipelineJob",
+    "PipelineReply",
     "Pong",
     "Reply",
     "Request",
+    "SessionClose",
+    "SessionClosed",
     "Task",
     "TaskControl",
     "TaskInfo",
@@ -109,6 +117,54 @@ class OnnxJob(_Message, frozen=True, tag="onnx"):
     data_class: DataClass = "private"
 
 
+# Capability names ("vision.faces"); stream and session names chosen by the device.
+Capability = Annotated[str, msgspec.Meta(pattern="^[a-z][a-z0-9_]*(\\.[a-z][a-z0-9_]*){1,3}$")]
+StreamName = Annotated[str, msgspec.Meta(pattern="^[A-Za-z0-9_.-]{1,64}$")]
+ParamValue = str | int | float | bool | list[float]
+Params = Annotated[dict[str, ParamValue], msgspec.Meta(max_length=32)]
+
+
+class CallJob(_Message, frozen=True, tag="call"):
+    """Call a capability the gateway provides as trusted native code (``vision.faces``...; the
+    list is in the gateway's status). ``params`` are checked against the capability's own
+    parameter set (``bad_params``).
+
+    ``stream`` marks the image as one frame of a camera stream: the gateway keeps at most one
+    waiting frame per stream (a newer frame replaces it, answered with ``frame_dropped``), and
+    ``vision.motion`` keeps its background model per stream. ``session`` names a stateful
+    session (``vision.odometry``): opened by its first frame, closed by ``session_close`` or by
+    the gateway after the session's idle timeout."""
+
+    job_id: JobId
+    capability: Capability
+    image: Image | None = None
+    params: Params = {}
+    stream: StreamName | None = None
+    session: StreamName | None = None
+    data_class: DataClass = "private"
+
+
+class SessionClose(_Message, frozen=True, tag="session_close"):
+    """Close a session of this device; answered with ``session_closed`` (also when the session
+    had already been closed, so a retry is harmless)."""
+
+    session: StreamName
+
+
+class PipelineJob(_Message, frozen=True, tag="pipeline"):
+    """Run an ONNX model (named by hash) on an image: the gateway decodes it, applies ``pre``
+    to make the input tensor ``input`` (empty: the model's first input), runs the model and
+    applies ``post`` to its output."""
+
+    job_id: JobId
+    model: Sha256
+    image: Image
+    pre: Preprocess
+    post: Postprocess = Postprocess()
+    input: str = ""
+    data_class: DataClass = "private"
+
+
 class BlobChunk(_Message, frozen=True, tag="blob"):
     """One chunk of a content-addressed upload. Chunks are sent in order; the gateway answers
     the last one (``offset + len(data) == size``) with BlobStored, or any one with an Error."""
@@ -159,7 +215,18 @@ class TaskList(_Message, frozen=True, tag="task_list"):
     pass
 
 
-Request = Ping | WasmJob | OnnxJob | BlobChunk | TaskInstall | TaskControl | TaskList
+Request = (
+    Ping
+    | WasmJob
+    | OnnxJob
+    | CallJob
+    | PipelineJob
+    | SessionClose
+    | BlobChunk
+    | TaskInstall
+    | TaskControl
+    | TaskList
+)
 
 
 # --- replies: gateway -> device, on the request's Response Topic ------------------------------
@@ -184,6 +251,44 @@ class OnnxResult(_Message, frozen=True, tag="onnx_result"):
     job_id: str
     outputs: list[Tensor]
     provider: str  # the onnxruntime execution provider that ran it
+    timing: Timing = Timing()
+
+
+class CallResult(_Message, frozen=True, tag="call_result"):
+    """A capability's answer: ``result`` has the shape of the capability's result struct
+    (hearth.protocol.vision.CAPABILITIES; docs/vision.md). ``dropped`` counts the frames of
+    this call's stream dropped so far (0 outside streams)."""
+
+    job_id: str
+    capability: str
+    version: str
+    result: dict[str, Any]
+    timing: Timing = Timing()
+    dropped: int = 0
+
+
+class FrameDropped(_Message, frozen=True, tag="frame_dropped"):
+    """A stream frame that was still waiting when a newer frame of its stream arrived: it was
+    not processed (latest frame wins). ``dropped`` is the stream's running total."""
+
+    job_id: str
+    stream: str
+    dropped: int
+
+
+class SessionClosed(_Message, frozen=True, tag="session_closed"):
+    session: str
+    frames: int  # frames the session processed (0 when it was unknown or already closed)
+
+
+class PipelineReply(_Message, frozen=True, tag="pipeline_result"):
+    """``result`` from the postprocessing; ``outputs`` holds the raw output tensors only when
+    ``post.kind`` is ``none``."""
+
+    job_id: str
+    result: PipelineResult
+    provider: str
+    outputs: list[Tensor] = []
     timing: Timing = Timing()
 
 
@@ -240,7 +345,20 @@ class TaskListResult(_Message, frozen=True, tag="task_list_result"):
     tasks: list[TaskInfo]
 
 
-Reply = Pong | WasmResult | OnnxResult | NeedBlob | BlobStored | Error | Task | TaskListResult
+Reply = (
+    Pong
+    | WasmResult
+    | OnnxResult
+    | CallResult
+    | PipelineReply
+    | FrameDropped
+    | SessionClosed
+    | NeedBlob
+    | BlobStored
+    | Error
+    | Task
+    | TaskListResult
+)
 
 
 class Notification(_Message, frozen=True, tag="notify"):
@@ -265,6 +383,8 @@ class GatewayStatus(_Message, frozen=True, tag="status"):
     version: str = ""
     runners: list[str] = []
     providers: list[str] = []  # onnxruntime execution providers, best first
+    capabilities: dict[str, str] = {}  # name -> version, e.g. "vision.faces"
+    frames_dropped: int = 0  # stream frames replaced by newer ones (latest frame wins)
     workers: int = 0
     queue_depth: int = 0
     load: float = 0.0

@@ -156,8 +156,8 @@ class Preprocess(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     resize: Literal["stretch", "letterbox"] = "stretch"
     interpolation: Literal["area", "linear", "nearest"] = "area"
     scale: float = 1.0 / 255.0
-    mean: list[float] = [0.0]
-    std: list[float] = [1.0]
+    mean: list[float] = msgspec.field(default_factory=lambda: [0.0])
+    std: list[float] = msgspec.field(default_factory=lambda: [1.0])
     layout: Literal["nchw", "nhwc", "chw", "hwc", "flat"] = "nchw"
     dtype: Literal["float32", "float16", "uint8"] = "float32"
 

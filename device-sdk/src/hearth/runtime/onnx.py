@@ -12,7 +12,7 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -219,6 +219,40 @@ class OnnxRuntime:
             array_to_tensor(name, value) for name, value in zip(wanted, results, strict=True)
         ]
         return tensors, loaded.provider
+
+    def run_arrays(
+        self,
+        sha256: str,
+        feeds: Mapping[str, Any],
+        outputs: Sequence[str] = (),
+        *,
+        model: bytes | None = None,
+        path: Path | None = None,
+    ) -> tuple[list[Any], str]:
+        """Like ``run``, for trusted in-process callers (the vision capabilities): numpy arrays
+        in and out by name, without the copies and checks a protocol Tensor needs. Returns
+        (output arrays, provider); onnxruntime's complaints become JobError(BAD_TENSOR)."""
+        loaded = self._loaded(sha256, model, path)
+        wanted = list(outputs) or list(loaded.outputs)
+        try:
+            results = loaded.session.run(wanted, dict(feeds))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
+            message = str(exc).strip().splitlines()[0][:300] if str(exc) else repr(exc)
+            raise JobError(ErrorCode.BAD_TENSOR, message) from None
+        return list(results), loaded.provider
+
+    def metadata(
+        self, sha256: str, *, model: bytes | None = None, path: Path | None = None
+    ) -> dict[str, str]:
+        """The model's custom metadata (``metadata_props``), e.g. a recogniser's alphabet."""
+        loaded = self._loaded(sha256, model, path)
+        return dict(loaded.session.get_modelmeta().custom_metadata_map)
+
+    def input_names(
+        self, sha256: str, *, model: bytes | None = None, path: Path | None = None
+    ) -> list[str]:
+        """The model's input names, in the model's order."""
+        return list(self._loaded(sha256, model, path).inputs)
 
     @staticmethod
     def _feeds(loaded: _Loaded, inputs: Sequence[Tensor]) -> dict[str, Any]:

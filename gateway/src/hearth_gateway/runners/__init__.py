@@ -11,7 +11,7 @@ from typing import Protocol
 
 import msgspec
 
-from hearth.protocol import OnnxJob, Reply, WasmJob
+from hearth.protocol import CallJob, OnnxJob, PipelineJob, Reply, WasmJob
 from hearth.runtime.limits import WasmLimits
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "TaskAction",
     "TaskEvent",
     "TaskOutcome",
+    "VisionClose",
     "WorkItem",
     "WorkerSettings",
     "runner_for",
@@ -59,7 +60,15 @@ class TaskOutcome(msgspec.Struct, frozen=True, kw_only=True, tag="task_outcome")
     memory_bytes: int = 0
 
 
-Job = WasmJob | OnnxJob | TaskEvent
+class VisionClose(msgspec.Struct, frozen=True, kw_only=True, tag="vision_close"):
+    """Drop a session's state in the worker that holds it (the daemon decides when: an explicit
+    ``session_close`` or the idle timeout)."""
+
+    job_id: str
+    session: str  # scoped: "{client}/{session}"
+
+
+Job = WasmJob | OnnxJob | TaskEvent | CallJob | PipelineJob | VisionClose
 
 
 class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -73,6 +82,8 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     task_max_payload: int = 65_536
     onnx_threads: int = 0
     providers: list[str] = []  # empty: best available
+    max_megapixels: float = 40.0  # images larger than this (from their header) are refused
+    max_streams: int = 64  # background models kept per worker
 
 
 class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
@@ -81,6 +92,8 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
     job: Job
     blob_path: str
     queue_ms: float
+    scope: str = ""  # the submitting device: streams and sessions are named per device
+    session_new: bool = False  # first frame of a session: the worker opens it
 
 
 class Runner(Protocol):
@@ -114,14 +127,28 @@ def _onnx(settings: WorkerSettings) -> Runner:
     return OnnxRunner(settings)
 
 
+def _vision(settings: WorkerSettings) -> Runner:
+    from hearth_gateway.runners.vision import VisionRunner
+
+    return VisionRunner(settings)
+
+
 # Imported lazily, so a box without onnxruntime can still run WebAssembly.
 REGISTRY: dict[str, Callable[[WorkerSettings], Runner]] = {
     "wasm": _wasm,
     "onnx": _onnx,
     "task": _task,
+    "vision": _vision,
 }
 
-_JOB_RUNNER: dict[type, str] = {WasmJob: "wasm", OnnxJob: "onnx", TaskEvent: "task"}
+_JOB_RUNNER: dict[type, str] = {
+    WasmJob: "wasm",
+    OnnxJob: "onnx",
+    TaskEvent: "task",
+    CallJob: "vision",
+    PipelineJob: "vision",
+    VisionClose: "vision",
+}
 
 
 def runner_for(job: Job) -> str:
