@@ -107,8 +107,10 @@ def zig_env() -> dict[str, str]:
 
 
 def wasm_targets() -> list[WasmTarget]:
+    # Shared headers (wasi_nn.h: the wasi-nn imports nn_digits.c uses) rebuild what includes them.
+    headers = tuple(sorted(WASM_SRC_DIR.glob("*.h")))
     return [
-        WasmTarget(source=src, output=WASM_OUT_DIR / f"{src.stem}.wasm")
+        WasmTarget(source=src, output=WASM_OUT_DIR / f"{src.stem}.wasm", headers=headers)
         for src in sorted(WASM_SRC_DIR.glob("*.c"))
     ]
 

@@ -248,11 +248,13 @@ class OnnxRuntime:
         loaded = self._loaded(sha256, model, path)
         return dict(loaded.session.get_modelmeta().custom_metadata_map)
 
-    def input_names(
+    def input_specs(
         self, sha256: str, *, model: bytes | None = None, path: Path | None = None
-    ) -> list[str]:
-        """The model's input names, in the model's order."""
-        return list(self._loaded(sha256, model, path).inputs)
+    ) -> list[tuple[str, str, list[int | str | None]]]:
+        """The model's inputs in the model's order: (name, dtype, shape); a dimension is an
+        int when fixed, else a symbolic name or None."""
+        loaded = self._loaded(sha256, model, path)
+        return [(name, dtype, list(shape)) for name, (dtype, shape) in loaded.inputs.items()]
 
     @staticmethod
     def _feeds(loaded: _Loaded, inputs: Sequence[Tensor]) -> dict[str, Any]:

@@ -3,6 +3,10 @@
 The sandbox is what WASI gives when nothing is granted: no preopened directories (no
 filesystem), no sockets, an empty environment. Limits are explicit (fuel, memory, output) and
 each failure maps to one ErrorCode.
+
+Where onnxruntime is installed, modules may also import wasi-nn (``wasi_ephemeral_nn``, see
+hearth.runtime.wasi_nn): they keep pre- and post-processing in WebAssembly and run the model
+on the box's execution provider.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from hearth.errors import ErrorCode, JobError, LocalRuntimeUnavailable
 from hearth.runtime.limits import WasmLimits
+from hearth.runtime.wasi_nn import WasiNn
 
 try:
     import wasmtime
@@ -71,10 +76,20 @@ class WasmRuntime:
 
     With ``cache_dir`` set, compiled modules are also serialized to disk (keyed by hash and
     wasmtime version), so a module known from an earlier run starts without recompiling.
+    ``wasi_nn``: "auto" defines wasi-nn where onnxruntime is installed (its OnnxRuntime is only
+    created when a module first loads a model); a WasiNn to choose the OnnxRuntime and limits
+    (this runtime then owns and closes it); None for plain WASI only. Without it a module that
+    imports wasi-nn fails to instantiate (INVALID_MODULE: unknown import).
     Thread-safe; ``close()`` is idempotent.
     """
 
-    def __init__(self, *, cache_dir: Path | None = None, max_cached: int = 64) -> None:
+    def __init__(
+        self,
+        *,
+        cache_dir: Path | None = None,
+        max_cached: int = 64,
+        wasi_nn: WasiNn | Literal["auto"] | None = "auto",
+    ) -> None:
         if wasmtime is None:
             raise LocalRuntimeUnavailable(
                 "WebAssembly needs wasmtime: pip install 'hearth-device-sdk[local]'"
@@ -86,6 +101,9 @@ class WasmRuntime:
         self._engine = wasmtime.Engine(config)
         self._linker = wasmtime.Linker(self._engine)
         self._linker.define_wasi()
+        self._wasi_nn = WasiNn.if_available() if wasi_nn == "auto" else wasi_nn
+        if self._wasi_nn is not None:
+            self._wasi_nn.define(self._linker)
         self._cache_dir = cache_dir
         self._max_cached = max_cached
         self._modules: OrderedDict[str, wasmtime.Module] = OrderedDict()
@@ -108,6 +126,12 @@ class WasmRuntime:
     @property
     def engine(self) -> wasmtime.Engine:
         return self._engine
+
+    @property
+    def wasi_nn(self) -> WasiNn | None:
+        """The wasi-nn host, if defined: hosts instantiating from ``linker`` themselves bind
+        it to their store (``wasi_nn.bind(store)``) for the guest's calls to work."""
+        return self._wasi_nn
 
     @property
     def linker(self) -> wasmtime.Linker:
@@ -197,6 +221,8 @@ class WasmRuntime:
         module = self._module(sha256, wasm, path)
         store = wasmtime.Store(self._engine)
         handles: list[int | None] = []
+        # This run's graphs and contexts; the ONNX sessions stay cached across runs.
+        nn = self._wasi_nn.bind(store) if self._wasi_nn is not None else None
         try:
             store.set_fuel(limits.fuel)
             store.set_limits(memory_size=limits.memory_bytes)
@@ -223,6 +249,8 @@ class WasmRuntime:
             # Dropped now, on this thread, while Python is alive: a store left to the garbage
             # collector can be torn down by wasmtime's runtime threads at interpreter exit,
             # calling back into a finalizing Python and aborting the process.
+            if nn is not None:
+                nn.close()
             store.close()
             _release_outputs(handles)
         return WasmOutcome(exit_code, out.value(), err.value(), fuel_used)
@@ -287,6 +315,8 @@ class WasmRuntime:
         with self._lock:
             self._closed = True
             self._modules.clear()
+        if self._wasi_nn is not None:
+            self._wasi_nn.close()
 
 
 def _set_output(wasi: wasmtime.WasiConfig, stream: str, callback: Any) -> int | None:

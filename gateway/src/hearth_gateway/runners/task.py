@@ -61,7 +61,8 @@ class TaskRunner:
         self._limits = settings.task_limits
         self._max_actions = settings.task_max_actions
         self._max_payload = settings.task_max_payload
-        self._runtime = WasmRuntime(cache_dir=Path(settings.cache_dir) / "tasks")
+        # Tasks are reactors with their own host API (docs/tasks.md); wasi-nn is for jobs.
+        self._runtime = WasmRuntime(cache_dir=Path(settings.cache_dir) / "tasks", wasi_nn=None)
         self._event: _Event | None = None
         self._define_host(self._runtime.linker)
 

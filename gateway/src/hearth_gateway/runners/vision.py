@@ -175,8 +175,7 @@ class VisionRunner:
 
         image = self._image(job)
         tensor, transform = preprocess(image, job.pre)
-        session_inputs = self._onnx.input_names(job.model, path=Path(item.blob_path))
-        name = job.input or session_inputs[0]
+        name = job.input or self._onnx.input_specs(job.model, path=Path(item.blob_path))[0][0]
         outputs, provider = self._onnx.run(
             job.model, [array_to_tensor(name, tensor)], [], path=Path(item.blob_path)
         )

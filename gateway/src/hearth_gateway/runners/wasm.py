@@ -1,15 +1,21 @@
 """The WebAssembly runner: WASI command modules via the SDK's runtime (the same code a device
-runs locally), with compiled modules cached on disk by hash."""
+runs locally), with compiled modules cached on disk by hash. Modules that import wasi-nn run
+their models on this box's execution providers, chosen as for ONNX jobs."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hearth.errors import ErrorCode, JobError
 from hearth.protocol import Error, Reply, Timing, WasmJob, WasmResult
+from hearth.runtime.wasi_nn import WasiNn
 from hearth.runtime.wasm import WasmRuntime
 from hearth_gateway.runners import WorkerSettings, WorkItem
+
+if TYPE_CHECKING:
+    from hearth.runtime.onnx import OnnxRuntime
 
 __all__ = ["WasmRunner"]
 
@@ -17,7 +23,18 @@ __all__ = ["WasmRunner"]
 class WasmRunner:
     def __init__(self, settings: WorkerSettings) -> None:
         self._limits = settings.wasm_limits
-        self._runtime = WasmRuntime(cache_dir=Path(settings.cache_dir) / "wasm")
+
+        def onnx() -> OnnxRuntime:
+            # Imported and created on a module's first wasi-nn load, not at worker start.
+            from hearth.runtime.onnx import OnnxRuntime
+
+            return OnnxRuntime(
+                providers=settings.providers or None, intra_op_threads=settings.onnx_threads
+            )
+
+        self._runtime = WasmRuntime(
+            cache_dir=Path(settings.cache_dir) / "wasm", wasi_nn=WasiNn.if_available(onnx)
+        )
 
     def run(self, item: WorkItem) -> Reply:
         job = item.job
