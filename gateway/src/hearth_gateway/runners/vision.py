@@ -78,7 +78,8 @@ class VisionRunner:
         job = item.job
         started = time.perf_counter()
         if isinstance(job, VisionClose):
-            return SessionClosed(session=job.session, frames=self._odometry.close(job.session))
+            frames = self._odometry.close(job.session)
+            return SessionClosed(session=job.session.split("/", 1)[1], frames=frames)
         assert isinstance(job, CallJob | PipelineJob)
         try:
             if isinstance(job, PipelineJob):
@@ -94,7 +95,8 @@ class VisionRunner:
                     job_id=job.job_id,
                     capability=job.capability,
                     version=self._versions[job.capability],
-                    result=msgspec.to_builtins(result),
+                    # bytes stay bytes (MessagePack bin), as everywhere in the protocol.
+                    result=msgspec.to_builtins(result, builtin_types=(bytes,)),
                 )
         except JobError as exc:
             return Error(code=exc.code, message=exc.message, job_id=job.job_id)
@@ -165,8 +167,8 @@ class VisionRunner:
                 "start a new session",
             )
         params = _params(job.params, OdometryParams)
-        result: msgspec.Struct = self._odometry.frame(key, self._image(job), params)
-        return result
+        pose = self._odometry.frame(key, self._image(job), params)
+        return msgspec.structs.replace(pose, session=job.session)  # the device's own name
 
     # -- ONNX image pipelines -----------------------------------------------------------------
 
