@@ -246,6 +246,7 @@ class WorkerPool:
         self.queue: deque[QueuedJob] = deque()
         self._affinity: OrderedDict[str, _Worker] = OrderedDict()
         self._latest: dict[str, QueuedJob] = {}
+        self._running_latest: set[str] = set()
         self.restarts = 0
         self.info: dict[str, object] = {}
         self._workers = [_Worker(self, i) for i in range(size)]
@@ -324,13 +325,26 @@ class WorkerPool:
 
     def _next_for(self, worker: _Worker) -> QueuedJob | None:
         """The first queued job this worker may take: FIFO, except that a job bound to another
-        worker waits for that one (later jobs may pass it)."""
+        worker waits for that one (later jobs may pass it), jobs bound to this worker go
+        first (nobody else can run them), and a stream runs one frame at a time."""
+        chosen = None
         for index, job in enumerate(self.queue):
+            if job.latest is not None and job.latest in self._running_latest:
+                # One frame of a stream at a time: the next one waits (and is replaced by newer
+                # ones), so a frame's latency stays within two run times and runs are not
+                # slowed by the same camera's other frames competing for the cores.
+                continue
             bound = self._worker_for(job)
-            if bound is None or bound is worker:
-                del self.queue[index]
-                return job
-        return None
+            if bound is worker:
+                chosen = index
+                break
+            if bound is None and chosen is None:
+                chosen = index
+        if chosen is None:
+            return None
+        job = self.queue[chosen]
+        del self.queue[chosen]
+        return job
 
     def _dispatch(self) -> None:
         for worker in self._workers:
@@ -344,8 +358,10 @@ class WorkerPool:
             if not worker.run(job):
                 self.queue.appendleft(job)  # never started: first in line again
                 continue
-            if job.latest is not None and self._latest.get(job.latest) is job:
-                del self._latest[job.latest]
+            if job.latest is not None:
+                self._running_latest.add(job.latest)
+                if self._latest.get(job.latest) is job:
+                    del self._latest[job.latest]
             if job.affinity is not None and job.affinity not in self._affinity:
                 self._affinity[job.affinity] = worker
                 while len(self._affinity) > _MAX_AFFINITIES:
@@ -359,6 +375,8 @@ class WorkerPool:
         self._dispatch()
 
     def finished(self, worker: _Worker, job: QueuedJob, reply: bytes, *, final: bool) -> None:
+        if job.latest is not None:
+            self._running_latest.discard(job.latest)
         self.sink(job, reply, final)
         self._dispatch()
 

@@ -103,6 +103,12 @@ class VisionRunner:
         except OSError as exc:  # the model blob vanished from the store under us
             return Error(code=ErrorCode.INTERNAL, message=f"blob unreadable: {exc.strerror}",
                          job_id=job.job_id)  # fmt: skip
+        except Exception as exc:  # an OpenCV assertion on an input we did not foresee
+            # This worker's other streams and sessions are still good: answer this one job
+            # with the reason instead of dying and taking them along.
+            log.exception("%s failed", getattr(job, "capability", "pipeline"))
+            return Error(code=ErrorCode.INTERNAL, message=f"{type(exc).__name__}: {exc}"[:300],
+                         job_id=job.job_id)  # fmt: skip
         timing = Timing(queue_ms=item.queue_ms, run_ms=(time.perf_counter() - started) * 1e3)
         return msgspec.structs.replace(reply, timing=timing)
 
