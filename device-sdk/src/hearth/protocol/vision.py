@@ -116,9 +116,10 @@ class PoseResult(msgspec.Struct, frozen=True, kw_only=True):
     """The camera's pose after this frame, in the frame of the session's first frame.
 
     ``rotation`` is a row-major 3x3 matrix and ``translation`` a 3-vector for the camera-to-world
-    transform. Monocular odometry has no scale: translations are unit-length per frame pair and
+    transform. Monocular odometry has no scale: each step is unit length per frame pair with
+    measurable parallax, zero when the camera stood still or only turned, and steps are
     chained. ``rel_rotation``/``rel_translation`` are the motion from the previous frame
-    (x_curr = R x_prev + t, ``t`` unit length, OpenCV's recoverPose convention).
+    (x_curr = R x_prev + t, OpenCV's recoverPose convention).
     ``ok`` is false when too few features were tracked to estimate motion (the pose is then
     carried over)."""
 
