@@ -1,0 +1,360 @@
+"""Pairing this device with a gateway, and the credentials that pairing leaves behind.
+
+>>> from hearth.pairing import pair                               # doctest: +SKIP
+>>> pair("7KQ2-M9XD-3FHA", "192.168.1.20:8884", ca_fingerprint="3f1c…", device_id="cam-1")
+
+What happens (docs/protocol.md §16): fetch the gateway's CA over TLS without verification and
+check it against the fingerprint (given, or from the mDNS TXT record ``ca``); reconnect trusting
+that CA alone; send a fresh key's CSR with an HMAC proving the code; check the gateway's proof in
+the answer; store key, certificate and CA. The code never leaves the device.
+
+Where it is stored: ``$HEARTH_CONFIG_DIR`` (default ``$XDG_CONFIG_HOME/hearth``, i.e.
+``~/.config/hearth``) ``/gateways/GATEWAY_ID/``: ``pairing.json``, ``ca.pem``, ``device.pem``,
+``device.key``; the directories 0700, the files 0600. ``hearth.Client`` finds them by gateway id
+or address and then connects with mutual TLS as the paired device id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import queue
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hearth.discovery import GatewayInfo, discover
+from hearth.errors import ErrorCode, GatewayUnavailable, HearthError, ProtocolError
+from hearth.protocol import Error, encode
+from hearth.protocol.pairing import (
+    PairCa,
+    PairHello,
+    PairingReply,
+    PairRequest,
+    PairResult,
+    decode_pairing_reply,
+    device_proof,
+    gateway_proof,
+    pair_reply_topic,
+    pair_request_topic,
+    pairing_key,
+)
+from hearth.transport import BrokerAddress, TlsFiles, connect, make_client, publish_properties
+
+__all__ = [
+    "ENV_CONFIG_DIR",
+    "Pairing",
+    "PairingError",
+    "config_dir",
+    "find_pairing",
+    "identity_for",
+    "pair",
+    "pairings",
+]
+
+ENV_CONFIG_DIR = "HEARTH_CONFIG_DIR"
+_DEFAULT_PAIRING_PORT = 8884
+
+
+class PairingError(HearthError):
+    """Pairing did not happen; ``code`` is the gateway's ErrorCode when it refused."""
+
+    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
+        super().__init__(f"{code}: {message}" if code else message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """This device's identity at one gateway."""
+
+    gateway_id: str
+    device_id: str
+    host: str  # where the gateway's device listener was reached from here
+    port: int
+    ca_fingerprint: str
+    directory: str
+
+    @property
+    def address(self) -> BrokerAddress:
+        return BrokerAddress(self.host, self.port)
+
+    def tls(self) -> TlsFiles:
+        d = Path(self.directory)
+        return TlsFiles(str(d / "ca.pem"), str(d / "device.pem"), str(d / "device.key"))
+
+
+def config_dir() -> Path:
+    if os.environ.get(ENV_CONFIG_DIR):
+        return Path(os.environ[ENV_CONFIG_DIR])
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "hearth"
+
+
+def pairings(directory: Path | None = None) -> list[Pairing]:
+    root = (directory or config_dir()) / "gateways"
+    found = []
+    for path in sorted(root.glob("*/pairing.json")):
+        try:
+            found.append(Pairing(**json.loads(path.read_text())))
+        except (OSError, ValueError, TypeError):
+            continue  # a half-written or foreign file is no pairing
+    return found
+
+
+def find_pairing(
+    gateway_id: str | None = None,
+    address: BrokerAddress | None = None,
+    directory: Path | None = None,
+) -> Pairing | None:
+    """This device's pairing with the gateway of that id, or else with that address."""
+    known = pairings(directory)
+    for p in known:
+        if gateway_id is not None and p.gateway_id == gateway_id:
+            return p
+    for p in known:
+        if address is not None and (p.host, p.port) == (address.host, address.port):
+            return p
+    return None
+
+
+def identity_for(
+    address: BrokerAddress, gateway_id: str | None, client_id: str
+) -> tuple[TlsFiles | None, str]:
+    """How ``hearth.Client`` connects to this gateway: (TLS files or None for plain MQTT, the
+    device id to use). A paired gateway is reached as the paired id, which the device's default
+    id gives way to; an id chosen explicitly must be the paired one."""
+    from hearth.client import default_client_id
+
+    paired = find_pairing(gateway_id, address)
+    if paired is None:
+        return None, client_id
+    if client_id not in (paired.device_id, default_client_id()):
+        raise GatewayUnavailable(
+            f"this device is paired with {paired.gateway_id} as {paired.device_id!r}, "
+            f"not {client_id!r}"
+        )
+    return paired.tls(), paired.device_id
+
+
+# -- pairing -----------------------------------------------------------------------------------
+
+
+def pair(
+    code: str,
+    gateway: GatewayInfo | BrokerAddress | str | None = None,
+    *,
+    ca_fingerprint: str | None = None,
+    device_id: str | None = None,
+    interface: str | None = None,
+    timeout_s: float = 10.0,
+    directory: Path | None = None,
+) -> Pairing:
+    """Pair with a gateway's pairing listener (``gateway``: "HOST:PORT", a discovered
+    GatewayInfo, or None to find the one gateway on the LAN that offers pairing) and store the
+    result. Raises PairingError (refused, wrong fingerprint, bad proof) or GatewayUnavailable."""
+    from hearth.client import ENV_CLIENT_ID, default_client_id
+
+    try:
+        key = pairing_key(code)
+    except ValueError as exc:
+        raise PairingError(str(exc)) from None
+    address, expected = _pairing_address(gateway, interface)
+    expected = (ca_fingerprint or expected).lower().replace(":", "")
+    if not expected:
+        raise PairingError(
+            "no CA fingerprint to check the gateway against: pass the one "
+            "`hearth-gateway pair` printed (--ca-fingerprint)"
+        )
+    device_id = device_id or os.environ.get(ENV_CLIENT_ID) or default_client_id()
+
+    # 1. The CA, over a connection that proves nothing: only its fingerprint makes it trusted.
+    hello = _exchange(address, TlsFiles(None), PairHello(), timeout_s)
+    if not isinstance(hello, PairCa):
+        raise _unexpected(hello)
+    ca_der = _der(hello.ca)
+    if not hmac.compare_digest(hashlib.sha256(ca_der).hexdigest(), expected):
+        raise PairingError(
+            f"the gateway at {address} presented a CA with fingerprint "
+            f"{hashlib.sha256(ca_der).hexdigest()}, not {expected}: not pairing"
+        )
+
+    root = directory or config_dir()
+    final = root / "gateways" / hello.gateway_id
+    staging = root / "gateways" / f".{hello.gateway_id}.{uuid.uuid4().hex[:8]}"
+    (root / "gateways").mkdir(mode=0o700, parents=True, exist_ok=True)
+    staging.mkdir(mode=0o700)
+    try:
+        _private(staging / "ca.pem", hello.ca.encode())
+        # 2. Pinned to that CA from here on: the proof goes to the gateway that owns it.
+        key_pem, csr_der = _key_and_csr(device_id)
+        _private(staging / "device.key", key_pem)
+        request = PairRequest(csr=csr_der, proof=device_proof(key, csr_der))
+        result = _exchange(address, TlsFiles(str(staging / "ca.pem")), request, timeout_s)
+        if not isinstance(result, PairResult):
+            raise _unexpected(result)
+        _check_result(result, key, csr_der, ca_der, device_id)
+        _private(staging / "device.pem", result.cert.encode())
+        pairing = Pairing(
+            gateway_id=hello.gateway_id,
+            device_id=result.device_id,
+            host=address.host,
+            port=result.port,
+            ca_fingerprint=expected,
+            directory=str(final),
+        )
+        _private(staging / "pairing.json", json.dumps(asdict(pairing), indent=2).encode())
+        if final.exists():
+            shutil.rmtree(final)  # pairing again replaces the old identity
+        staging.rename(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return pairing
+
+
+def _pairing_address(
+    gateway: GatewayInfo | BrokerAddress | str | None, interface: str | None
+) -> tuple[BrokerAddress, str]:
+    """(pairing listener, CA fingerprint advertised or "")."""
+    if isinstance(gateway, BrokerAddress):
+        return gateway, ""
+    if isinstance(gateway, str):
+        return BrokerAddress.parse(gateway, default_port=_DEFAULT_PAIRING_PORT), ""
+    if gateway is None:
+        found = [g for g in discover(interface=interface, measure=False) if g.pairing_port]
+        if len(found) != 1:
+            names = ", ".join(g.gateway_id for g in found) or "none"
+            raise PairingError(
+                f"found {len(found)} gateways offering pairing ({names}): name one (--gateway)"
+            )
+        gateway = found[0]
+    if not gateway.pairing_port:
+        raise PairingError(f"gateway {gateway.gateway_id} does not offer pairing (no TLS)")
+    return BrokerAddress(gateway.broker.host, gateway.pairing_port), gateway.ca_fingerprint
+
+
+def _exchange(
+    address: BrokerAddress, tls: TlsFiles, message: PairHello | PairRequest, timeout_s: float
+) -> PairingReply:
+    """One request, one reply, on a connection of its own. The listener's ACL ties the topics
+    to the MQTT client id, so both are made from it."""
+    connection_id = f"pair-{uuid.uuid4().hex[:16]}"
+    replies: queue.Queue[bytes] = queue.Queue()
+    acks: queue.Queue[Any] = queue.Queue()
+    subscribed: queue.Queue[Any] = queue.Queue()
+    client = make_client(connection_id, tls=tls)
+    client.on_message = lambda _c, _u, msg: replies.put(bytes(msg.payload))
+    client.on_publish = lambda _c, _u, _mid, reason, _p: acks.put(reason)
+    client.on_subscribe = lambda _c, _u, _mid, reasons, _p: subscribed.put(reasons)
+
+    def on_connected() -> None:
+        client.subscribe(pair_reply_topic(connection_id), qos=1)
+
+    try:
+        connect(client, address, timeout_s=timeout_s, on_connected=on_connected)
+    except GatewayUnavailable as exc:
+        raise GatewayUnavailable(f"pairing listener {address}: {exc}") from None
+    try:
+        _wait(subscribed, timeout_s, "the pairing listener did not confirm our subscription")
+        correlation = uuid.uuid4().bytes
+        client.publish(
+            pair_request_topic(connection_id),
+            encode(message),
+            qos=1,
+            properties=publish_properties(pair_reply_topic(connection_id), correlation),
+        )
+        reason = _wait(acks, timeout_s, "the pairing listener did not acknowledge our request")
+        if reason.is_failure:
+            raise PairingError(f"the pairing listener refused our request: {reason}")
+        payload = _wait(replies, timeout_s, "no answer from the gateway (is it running?)")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    try:
+        return decode_pairing_reply(payload)
+    except ProtocolError as exc:
+        raise PairingError(f"unreadable answer: {exc}") from None
+
+
+def _wait(q: queue.Queue[Any], timeout_s: float, what: str) -> Any:
+    try:
+        return q.get(timeout=timeout_s)
+    except queue.Empty:
+        raise GatewayUnavailable(what) from None
+
+
+def _unexpected(reply: PairingReply) -> PairingError:
+    if isinstance(reply, Error):
+        return PairingError(reply.message, reply.code)
+    return PairingError(f"unexpected answer {type(reply).__name__}")
+
+
+def _der(pem: str) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        return x509.load_pem_x509_certificate(pem.encode()).public_bytes(serialization.Encoding.DER)
+    except ValueError:
+        raise PairingError("the gateway sent something that is no certificate") from None
+
+
+def _key_and_csr(device_id: str) -> tuple[bytes, bytes]:
+    """A new EC P-256 key (PEM, unencrypted: the file is 0600) and its CSR (DER)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return key_pem, csr.public_bytes(serialization.Encoding.DER)
+
+
+def _check_result(
+    result: PairResult, key: bytes, csr_der: bytes, ca_der: bytes, device_id: str
+) -> None:
+    """The answer comes from the gateway that knows the code, and the certificate is for our
+    key and id, issued by the pinned CA."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+
+    cert_der = _der(result.cert)
+    if _der(result.ca) != ca_der:
+        raise PairingError("the gateway answered with another CA than the one it presented")
+    if not hmac.compare_digest(gateway_proof(key, csr_der, cert_der, ca_der), result.proof):
+        raise PairingError("the answer does not prove knowledge of the code: not pairing")
+    cert = x509.load_der_x509_certificate(cert_der)
+    csr = x509.load_der_x509_csr(csr_der)
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    same_key = cert.public_key().public_bytes(serialization.Encoding.DER, spki) == (
+        csr.public_key().public_bytes(serialization.Encoding.DER, spki)
+    )
+    if not same_key or result.device_id != device_id:
+        raise PairingError("the certificate is not for this device's key and id")
+    ca = x509.load_der_x509_certificate(ca_der)
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise PairingError("the certificate is not issued by the pinned CA") from None
+
+
+def _private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)

@@ -1,0 +1,78 @@
+"""``hearth-gateway pair`` and ``hearth-gateway devices list|revoke``: the owner's side of
+pairing, spoken to the running daemon over its control socket (so a revocation takes effect in
+the daemon and its broker at once)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from pathlib import Path
+
+import msgspec
+
+from hearth.protocol import Error
+from hearth_gateway.config import default_state_dir
+from hearth_gateway.control import call_admin
+from hearth_gateway.owner import (
+    AdminRequest,
+    CodeIssued,
+    CodeRequest,
+    DeviceList,
+    DeviceListRequest,
+    DeviceRevoke,
+    DeviceRevoked,
+)
+
+__all__ = ["pairing_command"]
+
+
+def _when(at: float | None) -> str:
+    if at is None:
+        return "-"
+    return dt.datetime.fromtimestamp(at).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def pairing_command(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
+    sock = state_dir / "control.sock"
+    if not sock.exists():
+        print(f"no running gateway with state dir {state_dir}", file=sys.stderr)
+        return 1
+    request: AdminRequest
+    if args.command == "pair":
+        request = CodeRequest(ttl_s=args.ttl)
+    elif args.devices_command == "list":
+        request = DeviceListRequest()
+    else:
+        request = DeviceRevoke(device_id=args.device_id)
+    reply = call_admin(sock, request)
+    if isinstance(reply, Error):
+        print(f"hearth-gateway: {reply.code}: {reply.message}", file=sys.stderr)
+        return 1
+    json_out = getattr(args, "json", False)
+    if isinstance(reply, CodeIssued):
+        if json_out:
+            print(msgspec.json.encode(reply).decode())
+            return 0
+        minutes = max(0.0, reply.expires_at - dt.datetime.now().timestamp()) / 60
+        print(f"Pairing code:    {reply.code}")
+        print(f"Valid for:       {minutes:.0f} min, once")
+        print(f"CA fingerprint:  {reply.ca_fingerprint}")
+        print(f"On the device:   hearth pair {reply.code} --gateway HOST:{reply.pairing_port} "
+              f"--ca-fingerprint {reply.ca_fingerprint}")  # fmt: skip
+        print("                 (or just `hearth pair CODE` where mDNS finds the gateway)")
+    elif isinstance(reply, DeviceList):
+        if json_out:
+            for device in reply.devices:
+                print(msgspec.json.encode(device).decode())
+            return 0
+        print(f"{'DEVICE':<24} {'STATE':<10} {'PAIRED':<19}  {'REVOKED':<19}  SERIAL")
+        for d in reply.devices:
+            state = "valid" if d.revoked_at is None else (d.reason.split()[0] or "revoked")
+            print(f"{d.device_id:<24} {state:<10} {_when(d.paired_at):<19}  "
+                  f"{_when(d.revoked_at):<19}  {d.serial}")  # fmt: skip
+    elif isinstance(reply, DeviceRevoked):
+        print(f"revoked {reply.device_id}: certificate(s) {', '.join(reply.serials)}; "
+              "its connections can no longer publish or receive")  # fmt: skip
+    return 0
