@@ -1,0 +1,343 @@
+"""Public jobs forwarded to the upstream gateway, and their answers relayed to the device.
+
+The dispatcher hands over a job that placement sent upstream, already journaled here (so if
+this gateway restarts first, the job runs here). Upstream, every device of this gateway is one
+``{client}``, ``gw-{gateway id}``, so a job travels under an id derived from the device's id and
+its own job id; the answer comes back to the device with its own job id, on its own Response
+Topic and correlation, and with ``timing.upstream`` naming the gateway that ran it. When the
+upstream asks for the module or model (``need_blob``), this gateway uploads it from its blob
+store. Whatever goes wrong upstream (no answer in time, a lost connection, ``overloaded`` or
+another refusal) the job falls back to this gateway: it is public, it may run here.
+
+Everything here runs on the daemon's loop thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+
+from hearth.errors import ErrorCode, ProtocolError
+from hearth.protocol import (
+    BlobChunk,
+    BlobStored,
+    CallJob,
+    CallResult,
+    Error,
+    NeedBlob,
+    OnnxJob,
+    OnnxResult,
+    PipelineJob,
+    PipelineReply,
+    Reply,
+    WasmJob,
+    WasmResult,
+    decode_reply,
+    encode,
+)
+from hearth_gateway.blobs import BlobStore
+from hearth_gateway.config import Config
+from hearth_gateway.loop import Loop, Timer
+from hearth_gateway.placement import UpstreamState
+from hearth_gateway.policy import PlacementPolicy
+from hearth_gateway.upstream_link import (
+    Audit,
+    EgressRefused,
+    UpstreamLink,
+    UpstreamTarget,
+    UpstreamUnavailable,
+)
+
+__all__ = ["Forwarded", "Forwarder", "forwarder_for"]
+
+log = logging.getLogger(__name__)
+
+ForwardedJob = WasmJob | OnnxJob | CallJob | PipelineJob
+_RESULT: dict[type, type] = {
+    WasmJob: WasmResult,
+    OnnxJob: OnnxResult,
+    CallJob: CallResult,
+    PipelineJob: PipelineReply,
+}
+# Errors that are the job's own doing: the upstream's answer is the job's answer. Any other
+# error (overloaded, shutting_down, unsupported, a version or size mismatch...) says something
+# about the upstream, so the job runs here instead.
+_RELAYED_ERRORS = frozenset(
+    {
+        ErrorCode.INVALID_MODULE,
+        ErrorCode.INVALID_MODEL,
+        ErrorCode.BAD_TENSOR,
+        ErrorCode.BAD_IMAGE,
+        ErrorCode.BAD_PARAMS,
+        ErrorCode.TRAP,
+        ErrorCode.TIMEOUT,
+        ErrorCode.MEMORY_LIMIT,
+        ErrorCode.OUTPUT_LIMIT,
+    }
+)
+_MAX_CHUNK = 1 << 20  # bytes per uploaded chunk: small enough not to hog the uplink per packet
+_JOB = b"job:"
+_BLOB = b"blob:"
+
+
+def _blob_of(job: ForwardedJob) -> str | None:
+    if isinstance(job, WasmJob):
+        return job.module
+    if isinstance(job, OnnxJob | PipelineJob):
+        return job.model
+    return None
+
+
+def upstream_job_id(client_id: str, job_id: str) -> str:
+    """The job's id upstream: stable (a retry is answered from the upstream's journal) and
+    distinct per device (two devices' "job-1" are two jobs)."""
+    return "h" + hashlib.sha256(f"{client_id}\0{job_id}".encode()).hexdigest()[:40]
+
+
+@dataclass(slots=True)
+class Forwarded:
+    client_id: str
+    job: ForwardedJob
+    response_topic: str
+    correlation: bytes
+    qos: int
+    token: bytes  # our Correlation Data upstream
+    timer: Timer | None = None
+    uploads: int = 0
+
+
+class Forwarder:
+    def __init__(
+        self,
+        loop: Loop,
+        target: UpstreamTarget,
+        gateway_id: str,
+        *,
+        policy: PlacementPolicy,
+        blobs: BlobStore,
+        audit: Audit,
+        relay: Callable[[Forwarded, bytes], None],
+        fallback: Callable[[Forwarded, str], None],
+    ) -> None:
+        self._loop = loop
+        self._policy = policy
+        self._blobs = blobs
+        self._relay = relay
+        self._fallback = fallback
+        self._pending: dict[bytes, Forwarded] = {}
+        self._uploads: dict[str, list[bytes]] = {}  # sha256 -> tokens of jobs waiting on it
+        self.forwarded = 0
+        self.answered = 0
+        self.fell_back = 0
+        self.link = UpstreamLink(
+            loop,
+            target,
+            gateway_id,
+            policy=policy,
+            audit=audit,
+            cleared_blobs=self._cleared_blobs,
+            on_reply=self._reply,
+            on_refused=self._refused,
+            on_lost=self._lost,
+        )
+
+    def start(self) -> None:
+        self.link.start()
+
+    def state(self) -> UpstreamState:
+        ready = self.link.ready and len(self._pending) < self._policy.upstream_max_in_flight
+        return UpstreamState(target=str(self.link.target.address), ready=ready)
+
+    @property
+    def idle(self) -> bool:
+        return not self._pending
+
+    def _cleared_blobs(self) -> set[str]:
+        """The blobs public jobs in flight upstream name: the only ones that may be uploaded."""
+        return {sha for item in self._pending.values() if (sha := _blob_of(item.job))}
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    def forward(
+        self, client_id: str, job: ForwardedJob, response_topic: str, correlation: bytes, qos: int
+    ) -> None:
+        item = Forwarded(
+            client_id, job, response_topic, correlation, qos, token=_JOB + os.urandom(16)
+        )
+        if job.data_class != "public":  # placement never sends one; egress would refuse it too
+            self._fallback(item, "a private job is never forwarded")
+            return
+        self._pending[item.token] = item
+        item.timer = self._loop.call_later(
+            self._policy.upstream_timeout_s,
+            lambda: self._give_up(
+                item.token, f"no answer within {self._policy.upstream_timeout_s:.0f} s"
+            ),
+        )
+        self.forwarded += 1
+        self._send(item)
+
+    def _send(self, item: Forwarded) -> None:
+        job = msgspec.structs.replace(
+            item.job, job_id=upstream_job_id(item.client_id, item.job.job_id)
+        )
+        try:
+            self.link.send(job, item.token)
+        except (EgressRefused, UpstreamUnavailable) as exc:
+            self._give_up(item.token, str(exc))
+
+    def _give_up(self, token: bytes, why: str) -> None:
+        item = self._pending.pop(token, None)
+        if item is None:
+            return
+        if item.timer is not None:
+            item.timer.cancel()
+        self.fell_back += 1
+        log.info(
+            "job %s of %s runs here instead of upstream: %s", item.job.job_id, item.client_id, why
+        )
+        self._fallback(item, f"upstream: {why}")
+
+    def _lost(self) -> None:
+        self._uploads.clear()
+        for token in list(self._pending):
+            self._give_up(token, "lost the upstream")
+
+    def _refused(self, correlation: bytes, why: str) -> None:
+        if correlation.startswith(_BLOB):
+            self._upload_done(correlation[len(_BLOB) :].decode(errors="replace"), None, why)
+        else:
+            self._give_up(correlation, why)
+
+    # -- answers --------------------------------------------------------------------------------
+
+    def _reply(self, correlation: bytes, payload: bytes) -> None:
+        try:
+            reply: Reply | None = decode_reply(payload)
+            why = ""
+        except ProtocolError as exc:
+            reply, why = None, f"a malformed answer ({exc.code})"
+        if correlation.startswith(_BLOB):
+            self._upload_done(correlation[len(_BLOB) :].decode(errors="replace"), reply, why)
+            return
+        item = self._pending.get(correlation)
+        if item is None:
+            return  # late: the job already fell back
+        if reply is None:
+            self._give_up(correlation, why)
+        elif isinstance(reply, NeedBlob):
+            self._need_blob(item, reply)
+        elif isinstance(reply, Error):
+            if reply.code in _RELAYED_ERRORS:
+                self._answer(item, msgspec.structs.replace(reply, job_id=item.job.job_id))
+            else:
+                self._give_up(correlation, f"it answered {reply.code}: {reply.message}")
+        elif isinstance(reply, _RESULT[type(item.job)]):
+            result: WasmResult | OnnxResult | CallResult | PipelineReply = reply  # type: ignore[assignment]
+            timing = msgspec.structs.replace(result.timing, upstream=self.link.upstream_id)
+            self._answer(
+                item, msgspec.structs.replace(result, job_id=item.job.job_id, timing=timing)
+            )
+        else:
+            self._give_up(correlation, f"an unexpected {type(reply).__name__}")
+
+    def _answer(self, item: Forwarded, reply: msgspec.Struct) -> None:
+        del self._pending[item.token]
+        if item.timer is not None:
+            item.timer.cancel()
+        self.answered += 1
+        self._relay(item, encode(reply))
+
+    # -- blobs ----------------------------------------------------------------------------------
+
+    def _need_blob(self, item: Forwarded, need: NeedBlob) -> None:
+        sha = _blob_of(item.job)
+        if need.sha256 != sha or item.uploads >= 2:
+            self._give_up(item.token, f"it asked for blob {need.sha256[:12]} again or instead")
+            return
+        item.uploads += 1
+        waiting = self._uploads.get(sha)
+        if waiting is not None:
+            waiting.append(item.token)  # one upload serves every job naming the blob
+            return
+        try:
+            data = self._blobs.path(sha).read_bytes()
+        except OSError as exc:
+            self._give_up(item.token, f"blob {sha[:12]} unreadable here: {exc}")
+            return
+        if hashlib.sha256(data).hexdigest() != sha:
+            self._give_up(item.token, f"stored blob {sha[:12]} failed its hash check")
+            return
+        self._uploads[sha] = [item.token]
+        chunk = max(1, min(need.max_chunk, _MAX_CHUNK))
+        correlation = _BLOB + sha.encode()
+        try:
+            for offset in range(0, max(len(data), 1), chunk):
+                part = BlobChunk(
+                    sha256=sha, size=len(data), offset=offset, data=data[offset : offset + chunk]
+                )
+                self.link.send(part, correlation)
+        except (EgressRefused, UpstreamUnavailable) as exc:
+            self._upload_done(sha, None, str(exc))
+
+    def _upload_done(self, sha: str, reply: Reply | None, why: str) -> None:
+        tokens = self._uploads.pop(sha, [])
+        stored = isinstance(reply, BlobStored) and reply.sha256 == sha
+        if not stored and not why:
+            why = f"blob upload answered {reply.code if isinstance(reply, Error) else reply}"
+        for token in tokens:
+            item = self._pending.get(token)
+            if item is None:
+                continue
+            if stored:
+                self._send(item)
+            else:
+                self._give_up(token, why)
+
+    def close(self) -> None:
+        """Stop forwarding. Jobs still in flight stay journaled and run here on the next
+        start. Idempotent."""
+        for item in self._pending.values():
+            if item.timer is not None:
+                item.timer.cancel()
+        self._pending.clear()
+        self._uploads.clear()
+        self.link.close()
+
+
+def forwarder_for(
+    config: Config,
+    loop: Loop,
+    gateway_id: str,
+    *,
+    policy: PlacementPolicy,
+    blobs: BlobStore,
+    audit: Audit,
+    relay: Callable[[Forwarded, bytes], None],
+    fallback: Callable[[Forwarded, str], None],
+) -> Forwarder | None:
+    """The forwarder a configuration asks for: None without an upstream."""
+    if not config.upstream:
+        return None
+    target = UpstreamTarget.parse(
+        config.upstream,
+        ca_file=config.upstream_ca,
+        cert_file=config.upstream_cert,
+        key_file=config.upstream_key,
+        gateway_id=config.upstream_gateway_id,
+    )
+    return Forwarder(
+        loop,
+        target,
+        gateway_id,
+        policy=policy,
+        blobs=blobs,
+        audit=audit,
+        relay=relay,
+        fallback=fallback,
+    )
