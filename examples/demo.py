@@ -1,7 +1,10 @@
 """``make demo``: a Hearth gateway on loopback, and an example device offloading real work to it.
 
-1. Starts ``hearth_gateway.cli run`` as a subprocess on a free loopback port, with a managed
-   Mosquitto, mDNS on 127.0.0.1 only, and a temporary state directory.
+1. Starts ``hearth_gateway.cli run`` as a subprocess on free loopback ports, with a managed
+   Mosquitto (a mutual-TLS listener for devices, a pairing listener), mDNS on 127.0.0.1 only,
+   and a temporary state directory; then pairs the camera device with a one-time code, as
+   ``hearth-gateway pair`` and ``hearth pair CODE`` would (its certificate goes in the
+   temporary directory too).
 2. Runs the camera device (examples/camera_device.py): it discovers the gateway over mDNS and
    offloads an edge filter, a Mandelbrot render and a digits classifier with
    ``placement="auto"``, calling each a few times so the placement measures, then decides.
@@ -14,6 +17,7 @@ and the gateway go away however the demo ends (Ctrl-C included).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -36,6 +40,7 @@ from camera_device import (
     table_header,
 )
 from hearth import Client, GatewayInfo, HearthError, JobError, discover
+from hearth.pairing import Pairing, pair
 
 INTERFACE = "127.0.0.1"
 GATEWAY_ID = "demo-gateway"
@@ -60,7 +65,9 @@ class GatewayProcess:
 
     def __init__(self, workdir: Path) -> None:
         self.port = free_port()
-        self.address = f"{INTERFACE}:{self.port}"
+        self.address = f"{INTERFACE}:{self.port}"  # local processes (plain MQTT)
+        self.lan_address = f"{INTERFACE}:{free_port()}"  # devices: mutual TLS
+        self.pairing_address = f"{INTERFACE}:{free_port()}"
         self.log_path = workdir / "gateway.log"
         self.state_dir = workdir / "state"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -69,6 +76,8 @@ class GatewayProcess:
         argv = [
             sys.executable, "-m", "hearth_gateway.cli", "run",
             "--listen", self.address,
+            "--lan-listen", self.lan_address,
+            "--pairing-listen", self.pairing_address,
             "--mdns-interface", INTERFACE,
             "--state-dir", str(self.state_dir),
             "--gateway-id", GATEWAY_ID,
@@ -91,9 +100,24 @@ class GatewayProcess:
             if self.proc.poll() is not None:
                 raise DemoFailed(f"the gateway exited with status {self.proc.returncode}")
             for gateway in discover(1.0, interface=INTERFACE, measure=False):
-                if gateway.gateway_id == GATEWAY_ID and str(gateway.broker) == self.address:
+                if gateway.gateway_id == GATEWAY_ID and str(gateway.broker) == self.lan_address:
                     return gateway
         raise DemoFailed(f"the gateway was not discoverable within {timeout_s:.0f} s")
+
+    def pair_device(self, config_dir: Path) -> Pairing:
+        """What a person does with ``hearth-gateway pair`` on the gateway and ``hearth pair
+        CODE`` on the device: a one-time code from the daemon, then the device's key and
+        certificate, stored in ``config_dir``."""
+        issued = subprocess.run(
+            [sys.executable, "-m", "hearth_gateway.cli", "pair", "--json",
+             "--state-dir", str(self.state_dir)],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        if issued.returncode != 0:
+            raise DemoFailed(f"hearth-gateway pair failed: {issued.stderr.strip()}")
+        code = json.loads(issued.stdout)
+        return pair(code["code"], self.pairing_address, ca_fingerprint=code["ca_fingerprint"],
+                    directory=config_dir)  # fmt: skip
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM, wait; SIGKILL past the timeout. Returns the exit status (None if it had to
@@ -180,11 +204,18 @@ def summary(phase1: list[Row], phase2: list[Row]) -> list[str]:
 def run_demo(gateway: GatewayProcess) -> None:
     started = time.monotonic()
     print("Hearth demo: a gateway on loopback, and a camera device that offloads work to it\n")
-    print(f"Starting gateway {GATEWAY_ID} (managed Mosquitto on {gateway.address}) ...", end="")
+    print(f"Starting gateway {GATEWAY_ID} (devices on {gateway.lan_address}, mutual TLS) ...",
+          end="")  # fmt: skip
     sys.stdout.flush()
     gateway.start()
     gateway.wait_ready()
     print(f" ready in {time.monotonic() - started:.1f} s")
+    # The device keeps its key and certificate here, not in ~/.config/hearth.
+    config_dir = gateway.state_dir.parent / "device"
+    os.environ["HEARTH_CONFIG_DIR"] = str(config_dir)
+    paired = gateway.pair_device(config_dir)
+    print(f"Paired the camera with a one-time code: it is {paired.device_id} to the gateway, "
+          "with a certificate from the gateway's own CA.")  # fmt: skip
 
     found = discover(interface=INTERFACE)
     if not any(g.gateway_id == GATEWAY_ID for g in found):

@@ -4,9 +4,12 @@ Pure: reads the document and the code, no network. The document's layout these t
 one heading per message containing its tag in backticks (e.g. ``#### `wasm` — WasmJob``), with a
 field table whose first cell is the field name in backticks and whose third cell says
 ``required`` or gives the default (nested maps: a heading containing the struct's name in
-backticks, e.g. ``#### `Trigger` — nested map``); tables whose first cell is a backticked key for
-error codes, topics, TXT keys, dtypes, policy limits and task states; ```` ```hex ```` blocks for
-the worked example.
+backticks, e.g. ``#### `Trigger` — nested map``; the same for the result struct of each vision
+capability and the structs inside those, e.g. ``#### `FacesResult` — result of vision.faces``);
+tables whose first cell is a backticked key for error codes, topics, TXT keys, dtypes, policy
+limits, task states and capabilities; one parameter table per capability under a heading
+containing its name in backticks (third cell: the default, as JSON in backticks);
+```` ```hex ```` blocks for the worked example.
 """
 
 from __future__ import annotations
@@ -43,8 +46,11 @@ from hearth.protocol import (
     request_filter,
     request_topic,
     status_topic,
+    vision,
 )
+from hearth.protocol.pairing import pair_reply_topic, pair_request_filter, pair_request_topic
 from hearth.runtime.onnx import _ORT_TO_DTYPE
+from hearth_gateway import vision as gateway_vision
 from hearth_gateway.config import Config
 from hearth_gateway.policy import Policy
 
@@ -58,12 +64,29 @@ TAGGED: tuple[type[msgspec.Struct], ...] = (
     GatewayStatus,
     Notification,
 )
-NESTED: tuple[type[msgspec.Struct], ...] = (Tensor, Timing, Trigger, TaskInfo)
+NESTED: tuple[type[msgspec.Struct], ...] = (
+    Tensor, Timing, Trigger, TaskInfo,
+    vision.Image, vision.Preprocess, vision.Postprocess, vision.PipelineResult,
+    vision.Classification, vision.Box,
+)  # fmt: skip
+# The typed ``result`` of each capability (``call_result.result`` is a plain map, so these are
+# not reachable from TAGGED), and the structs inside them that are no nested map of a message.
+RESULTS: tuple[type[msgspec.Struct], ...] = tuple(vision.CAPABILITIES.values())
+RESULT_PARTS: tuple[type[msgspec.Struct], ...] = (vision.Keypoint, vision.PlateText)
+# Each capability's parameters: (module, struct) in the gateway. Imported in the test (OpenCV).
+PARAMS = {
+    "vision.faces": ("hearth_gateway.vision.faces", "FacesParams"),
+    "vision.motion": ("hearth_gateway.vision.motion", "MotionParams"),
+    "vision.features": ("hearth_gateway.vision.features", "FeaturesParams"),
+    "vision.plate": ("hearth_gateway.vision.plate", "PlateParams"),
+    "vision.odometry": ("hearth_gateway.vision.odometry", "OdometryParams"),
+}
 # The tags the brief for this document names; a new message type must be added here and there.
 EXPECTED_TAGS = {
-    "ping", "wasm", "onnx", "blob", "task_install", "task_control", "task_list",
-    "pong", "wasm_result", "onnx_result", "need_blob", "blob_stored", "error",
-    "task", "task_list_result",
+    "ping", "wasm", "onnx", "call", "pipeline", "session_close", "blob",
+    "task_install", "task_control", "task_list",
+    "pong", "wasm_result", "onnx_result", "call_result", "pipeline_result", "frame_dropped",
+    "session_closed", "need_blob", "blob_stored", "error", "task", "task_list_result",
     "status", "notify",
 }  # fmt: skip
 
@@ -189,7 +212,15 @@ def test_every_nested_map_is_covered() -> None:
     assert found - set(TAGGED) == set(NESTED)
 
 
-@pytest.mark.parametrize("cls", TAGGED + NESTED, ids=lambda cls: cls.__name__)
+def test_every_result_struct_is_covered() -> None:
+    """Every struct inside a capability's result is a result, a nested map or a result part."""
+    found: set[type] = set()
+    for cls in RESULTS:
+        _walk(msgspec.inspect.type_info(cls), found)
+    assert found - set(RESULTS) - set(NESTED) == set(RESULT_PARTS)
+
+
+@pytest.mark.parametrize("cls", TAGGED + NESTED + RESULTS + RESULT_PARTS, ids=lambda c: c.__name__)
 def test_message_section_lists_every_field(
     cls: type[msgspec.Struct], sections: list[Section]
 ) -> None:
@@ -219,7 +250,7 @@ def test_message_section_lists_every_field(
 def _literal_fields() -> list[object]:
     """(struct, field, values) of every documented field whose type is a Literal of str."""
     params = []
-    for cls in TAGGED + NESTED:
+    for cls in TAGGED + NESTED + RESULTS + RESULT_PARTS:
         for field in msgspec.inspect.type_info(cls).fields:
             kind = field.type
             if isinstance(kind, msgspec.inspect.LiteralType) and field.name != "dtype":
@@ -253,6 +284,53 @@ def test_dtype_table_matches(sections: list[Section]) -> None:
     np = pytest.importorskip("numpy")
     for name, (_, itemsize) in documented.items():
         assert np.dtype(name).itemsize == itemsize, f"itemsize of {name}"
+
+
+# --- vision capabilities ----------------------------------------------------------------------
+
+
+def test_result_sections_name_their_capability(sections: list[Section]) -> None:
+    for capability, cls in vision.CAPABILITIES.items():
+        title = _section(sections, backticked=cls.__name__).title
+        assert capability in title, f"the heading of `{cls.__name__}` names {capability}"
+
+
+def test_capability_table_matches(sections: list[Section]) -> None:
+    """One row per capability: its version, its result struct, and the stream or session that
+    a stateful one needs."""
+    name = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*){1,3}")
+    rows = {
+        key: cells
+        for key, cells in _keyed_rows(_section(sections, title="Capability calls").body).items()
+        if name.fullmatch(key)  # not the error codes of the failures table
+    }
+    assert set(rows) == set(vision.CAPABILITIES) == set(gateway_vision.CAPABILITIES)
+    for capability, cells in rows.items():
+        assert cells[1] == f"`{gateway_vision.CAPABILITIES[capability]}`", f"{capability} version"
+        assert cells[2] == f"`{vision.CAPABILITIES[capability].__name__}`", f"{capability} result"
+        needs = cells[3]
+        assert (needs != "") == (capability in gateway_vision.STATEFUL), f"{capability} needs"
+        assert needs in {"", "`stream`", "`session`"}
+
+
+def test_every_capability_has_a_parameter_table() -> None:
+    assert set(PARAMS) == set(vision.CAPABILITIES)
+
+
+@pytest.mark.parametrize("capability", sorted(PARAMS))
+def test_capability_parameters_are_documented(capability: str, sections: list[Section]) -> None:
+    """The parameter table under the capability's heading: every parameter, with its default."""
+    module_name, struct_name = PARAMS[capability]
+    cls = getattr(pytest.importorskip(module_name), struct_name)
+    rows = _keyed_rows(_section(sections, backticked=capability).body)
+    fields = {f.encode_name: f for f in msgspec.structs.fields(cls)}
+    assert set(rows) == set(fields), f"{capability}: parameters in the doc"
+    for name, field in fields.items():
+        assert not field.required, f"{capability}.{name}: every parameter has a default"
+        factory = field.default_factory
+        default = field.default if factory is msgspec.NODEFAULT else factory()
+        expected = f"`{msgspec.json.encode(default).decode()}`"
+        assert rows[name][2] == expected, f"{capability}.{name}: default {expected}"
 
 
 # --- error codes ------------------------------------------------------------------------------
@@ -319,10 +397,12 @@ def test_topics_used_elsewhere_are_real(doc: str) -> None:
     """Every concrete topic or template written anywhere (``hearth/v1/...``) is one of the
     topic layout's, filled with any ids."""
     ids = r"[A-Za-z0-9_.-]{1,64}"
-    gateway, client = f"(?:{ids}|{{gateway}}|\\+)", f"(?:{ids}|{{client}})"
+    # {connection}: a pairing connection's MQTT Client Identifier (§16).
+    gateway, client = f"(?:{ids}|{{gateway}}|\\+)", f"(?:{ids}|{{client}}|{{connection}})"
     layout = (
         status_topic("GGG"), request_topic("GGG", "CCC"), request_filter("GGG"),
         reply_prefix("CCC"), reply_topic("CCC"), notify_topic("CCC"),
+        pair_request_topic("CCC"), pair_reply_topic("CCC"), pair_request_filter(),
     )  # fmt: skip
     patterns = [re.escape(t).replace("GGG", gateway).replace("CCC", client) for t in layout]
     for found in re.findall(r"hearth/v\d+/[^\s`)\"',]*", doc):

@@ -27,7 +27,8 @@ def runtime():
 
 
 def test_wasm_sandbox_has_no_environment_and_no_filesystem(runtime: WasmRuntime, tmp_path):
-    # A module that asks for WASI functions still runs; preopens and env are simply empty.
+    # A module that asks for WASI functions still runs; env is empty and the only preopen
+    # is the run's /scratch (tests/test_sandbox.py).
     data = (Path(__file__).parent.parent / "build/examples/wasm/echo.wasm").read_bytes()
     out = runtime.run(_sha(data), wasm=data, stdin=b"in", args=["x"])
     assert (out.exit_code, out.stdout) == (0, b"inx\n")

@@ -2,8 +2,9 @@
  *
  * It tries to read /etc/passwd, to write a file, to list the root directory and to read the
  * environment, and prints what happened to each. Under Hearth every attempt must fail cleanly
- * (no preopened directories, an empty environment, no sockets in WASI preview 1): the module
- * still exits 0 and its report says "denied" four times.
+ * (nothing preopened but /scratch, and relative paths resolve from / outside it; an empty
+ * environment; no sockets in WASI preview 1): the module still exits 0 and its report says
+ * "denied" four times. scratch.c covers /scratch itself and more ways out.
  */
 #include <dirent.h>
 #include <errno.h>

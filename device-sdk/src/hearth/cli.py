@@ -6,6 +6,7 @@
     hearth tasks install|list|show|pause|resume|cancel ...
     hearth notifications [--for S] [--json]
     hearth call CAPABILITY [--image FILE] [--param KEY=VALUE ...] [--json]
+    hearth pair CODE [--gateway HOST:PORT] [--ca-fingerprint HEX] [--id DEVICE_ID]
 
 Every command that looks for a gateway takes --gateway HOST:PORT (no discovery) and
 --interface IP (discover only there); $HEARTH_GATEWAY and $HEARTH_INTERFACE do the same.
@@ -103,7 +104,33 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--stream", help="the frame belongs to this camera stream")
     c.add_argument("--session", help="the frame belongs to this session (vision.odometry)")
     c.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    p = sub.add_parser("pair", help="pair with a gateway using the code `hearth-gateway pair` "
+                       "printed; stores this device's certificate")  # fmt: skip
+    p.add_argument("code", help="the one-time code, e.g. 7KQ2-M9XD-3FHA")
+    p.add_argument("--gateway", metavar="HOST:PORT",
+                   help="the gateway's pairing listener (default: find it over mDNS)")  # fmt: skip
+    p.add_argument("--ca-fingerprint", metavar="HEX",
+                   help="the gateway CA's SHA-256 (default: from mDNS)")  # fmt: skip
+    p.add_argument(
+        "--id",
+        dest="device_id",
+        default=os.environ.get(ENV_CLIENT_ID),
+        help=f"pair as this device id (${ENV_CLIENT_ID}; default dev-HOSTNAME)",
+    )
+    p.add_argument("--interface", metavar="IP", default=os.environ.get(ENV_INTERFACE))
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S")
     return parser
+
+
+def _pair(args: argparse.Namespace) -> int:
+    from hearth.pairing import pair
+
+    paired = pair(args.code, args.gateway, ca_fingerprint=args.ca_fingerprint,
+                  device_id=args.device_id, interface=args.interface,
+                  timeout_s=args.timeout)  # fmt: skip
+    print(f"paired with {paired.gateway_id} as {paired.device_id}; it serves this device at "
+          f"{paired.address} (TLS); credentials in {paired.directory}")  # fmt: skip
+    return 0
 
 
 def _param(text: str) -> str | int | float | bool | list[float]:
@@ -263,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "tasks": _tasks,
         "notifications": _notifications,
         "call": _call,
+        "pair": _pair,
     }
     try:
         return commands[args.command](args)

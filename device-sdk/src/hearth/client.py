@@ -26,6 +26,7 @@ import paho.mqtt.client as mqtt
 
 from hearth.discovery import GatewayInfo, discover
 from hearth.errors import ErrorCode, GatewayUnavailable, HearthError, JobError
+from hearth.pairing import identity_for
 from hearth.placement import Decision, Estimates, Placement, decide
 from hearth.protocol import (
     BlobChunk,
@@ -59,7 +60,7 @@ from hearth.protocol import (
     request_topic,
     status_topic,
 )
-from hearth.transport import BrokerAddress, connect, make_client, publish_properties
+from hearth.transport import BrokerAddress, TlsFiles, connect, make_client, publish_properties
 from hearth.vision import VisionCalls
 
 __all__ = ["Client", "Inference", "WasmRun"]
@@ -129,22 +130,30 @@ class _Connection:
         client_id: str,
         timeout_s: float,
         qos: int = 1,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.address = address
         self.qos = qos
         self.client_id = client_id
         self.gateway_id = gateway_id
+        self.tls = tls  # the paired identity (hearth.pairing), for a gateway's device listener
         # A reply topic of this connection's own (under the device's prefix, as the gateway
         # requires): several clients with one device id do not receive each other's replies.
         self._reply_topic = f"{reply_topic(client_id)}/{uuid.uuid4().hex[:8]}"
         self._pending: dict[bytes, Future[Reply]] = {}
+        # The broker's PUBACK is the only word on a publish its ACL refused (MQTT 5 0x87):
+        # MQTT message id -> correlation, and acks that came before publish() returned.
+        self._mids: dict[int, bytes] = {}
+        self._early_acks: dict[int, Any] = {}
         self._lock = threading.Lock()
         self.online = threading.Event()  # the gateway's retained status says online
+        self.tier = "home"  # from that status: a cloud tier is never sent private work
         self.connected = threading.Event()
         self._subscribed = threading.Event()
         self._closed = False
-        self._client = make_client(f"{client_id}-{uuid.uuid4().hex[:8]}")
+        self._client = make_client(f"{client_id}-{uuid.uuid4().hex[:8]}", tls=tls)
         self._client.on_message = self._message
+        self._client.on_publish = self._published
         self._client.on_disconnect = self._disconnected
         self._client.on_subscribe = lambda *_: self._subscribed.set()
         connect(self._client, address, timeout_s=timeout_s, on_connected=self._connected)
@@ -186,15 +195,41 @@ class _Connection:
         if status.gateway_id != self.gateway_id:
             return
         if status.state == "online":
+            self.tier = status.tier
             self.online.set()
         else:
             # The gateway's Last Will (or its orderly goodbye): nothing pending will be answered.
             self.online.clear()
             self._fail_all(GatewayUnavailable(f"gateway {status.gateway_id} went offline"))
 
+    def _published(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
+        with self._lock:
+            correlation = self._mids.pop(mid, None)
+            if correlation is None:
+                self._early_acks[mid] = reason
+                return
+        if reason.is_failure:
+            self._refused(correlation, reason)
+
+    def _refused(self, correlation: bytes, reason: Any) -> None:
+        with self._lock:
+            future = self._pending.pop(correlation, None)
+        if future is None or future.done():
+            return
+        if reason.value == 0x87:  # Not authorized: the broker's ACL (unpaired, revoked, not ours)
+            future.set_exception(JobError(
+                ErrorCode.FORBIDDEN,
+                f"the broker at {self.address} refused the request: not authorized for "
+                f"{self.client_id} (not paired with this gateway, or revoked?)",
+            ))  # fmt: skip
+        else:
+            future.set_exception(GatewayUnavailable(f"the broker refused the request: {reason}"))
+
     def _fail_all(self, exc: Exception) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
+            self._mids.clear()
+            self._early_acks.clear()
         for future in pending.values():
             if not future.done():
                 future.set_exception(exc)
@@ -217,12 +252,19 @@ class _Connection:
         if not self.usable or self.gateway_id is None:
             raise GatewayUnavailable(f"gateway at {self.address} is not online")
         payload = encode(message)
-        self._client.publish(
+        info = self._client.publish(
             request_topic(self.gateway_id, self.client_id),
             payload,
             qos=self.qos,
             properties=publish_properties(self._reply_topic, correlation),
         )
+        if self.qos > 0:
+            with self._lock:
+                early = self._early_acks.pop(info.mid, None)
+                if early is None:
+                    self._mids[info.mid] = correlation
+            if early is not None and early.is_failure:
+                self._refused(correlation, early)
         return len(payload)
 
     def request(self, message: msgspec.Struct, correlation: bytes, timeout_s: float) -> Reply:
@@ -423,8 +465,9 @@ class Client(VisionCalls):
                 self._conn = None
             try:
                 address, gateway_id = self._resolve()
+                tls, self.client_id = identity_for(address, gateway_id, self.client_id)
                 self._conn = _Connection(
-                    address, gateway_id, self.client_id, self.timeout_s, self.qos
+                    address, gateway_id, self.client_id, self.timeout_s, self.qos, tls
                 )
             except (GatewayUnavailable, ValueError, OSError) as exc:
                 self._failed_at = time.monotonic()
@@ -436,6 +479,9 @@ class Client(VisionCalls):
         """Why this call must not be offloaded for its data class, or None."""
         if not private or mode is Placement.LOCAL:
             return None
+        conn = self._conn
+        if conn is not None and conn.tier == "cloud":
+            return f"private data stays on the LAN; gateway {conn.gateway_id} is a cloud tier"
         outside = self._gateway_outside_lan()
         if outside is None:
             return None
@@ -589,7 +635,9 @@ class Client(VisionCalls):
                 self.stats.fallbacks += 1
                 return local(f"fallback: {exc or 'gateway timed out'}")
             except JobError as exc:
-                if not (decision.fallback_ok and exc.code.retryable):
+                # policy_denied: private work this gateway may not run; this device may.
+                local_ok = exc.code.retryable or exc.code is ErrorCode.POLICY_DENIED
+                if not (decision.fallback_ok and local_ok):
                     raise
                 self.stats.fallbacks += 1
                 return local(f"fallback: gateway answered {exc.code}")
@@ -789,7 +837,7 @@ class Client(VisionCalls):
         Uses a persistent MQTT session: notifications sent while the device slept arrive when
         it calls this again with the same client id. Returns a function that stops it."""
         conn = self.connection()
-        client = make_client(f"{self.client_id}-notify")
+        client = make_client(f"{self.client_id}-notify", tls=conn.tls)
         topic = notify_topic(self.client_id)
 
         def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:

@@ -28,6 +28,8 @@ class GatewayInfo:
     capabilities: dict[str, str] = field(default_factory=dict)  # name -> version
     load: float = 0.0
     rtt_ms: float | None = None  # median MQTT round trip, when measured
+    ca_fingerprint: str = ""  # the gateway CA's SHA-256, hex: what pairing pins (tls only)
+    pairing_port: int | None = None  # where `hearth pair` talks to it (tls only)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -41,6 +43,8 @@ class GatewayInfo:
             "capabilities": self.capabilities,
             "load": self.load,
             "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
+            "ca_fingerprint": self.ca_fingerprint,
+            "pairing_port": self.pairing_port,
         }
 
 
@@ -90,6 +94,8 @@ def _parse(props: dict[bytes, bytes | None], addresses: list[str], port: int) ->
         accelerators=[a for a in txt.get("acc", "").split(",") if a],
         capabilities=dict(c.partition("@")[::2] for c in txt.get("caps", "").split(",") if c),
         load=load,
+        ca_fingerprint=txt.get("ca", "").lower(),
+        pairing_port=int(txt["pport"]) if txt.get("pport", "").isdigit() else None,
     )
 
 

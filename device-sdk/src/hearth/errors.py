@@ -51,6 +51,9 @@ class ErrorCode(enum.StrEnum):
     WORKER_CRASHED = "worker_crashed"
     OVERLOADED = "overloaded"
     QUOTA_EXCEEDED = "quota_exceeded"
+    # Placement refused the job for its data label: private work that cannot run on this
+    # gateway (it never leaves the LAN), or any private work sent to a cloud-tier gateway.
+    POLICY_DENIED = "policy_denied"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
 

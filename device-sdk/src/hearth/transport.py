@@ -3,14 +3,19 @@ TCP_NODELAY), to connect with a deadline, and to attach request/response propert
 
 TCP_NODELAY matters: small QoS 1 messages on loopback otherwise stall for tens of milliseconds
 between Nagle's algorithm and delayed ACKs.
+
+TLS (a gateway's device listener, docs/security.md): only the gateway's own CA is trusted, the
+one pinned at pairing, and the server certificate must name the host dialled.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -23,6 +28,7 @@ from hearth.protocol.codec import CONTENT_TYPE
 
 __all__ = [
     "BrokerAddress",
+    "TlsFiles",
     "connect",
     "make_client",
     "properties",
@@ -81,6 +87,29 @@ class BrokerAddress:
         return hash((self.host, self.port))
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """TLS to a gateway. ``ca_file`` is the only CA trusted; None means no verification at
+    all, which only pairing's first step uses, to fetch the CA whose fingerprint it checks."""
+
+    ca_file: str | None
+    cert_file: str | None = None  # this device's certificate (PEM), for mutual TLS
+    key_file: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        if self.ca_file is None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        else:
+            # cafile given: that CA alone, not the system's; hostname checked, CERT_REQUIRED.
+            context = ssl.create_default_context(cafile=self.ca_file)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.cert_file is not None:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
 def properties(packet_type: int, *, content_type: bool = False) -> Properties:
     """MQTT 5 properties for one packet type (paho's constructor is untyped: wrapped once)."""
     props = Properties(packet_type)  # type: ignore[no-untyped-call]
@@ -100,8 +129,11 @@ def make_client(
     *,
     will: tuple[str, bytes] | None = None,
     max_inflight: int = 64,
+    tls: TlsFiles | None = None,
 ) -> mqtt.Client:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    if tls is not None:
+        client.tls_set_context(tls.context())
     client.on_socket_open = set_nodelay
     client.max_inflight_messages_set(max_inflight)
     client.max_queued_messages_set(0)
@@ -139,7 +171,19 @@ def connect(
             on_connected()
         accepted.set()
 
+    previous_on_disconnect: Any = client.on_disconnect  # paho types it as any API version's
+
+    def on_disconnect(c: mqtt.Client, u: Any, flags: Any, reason: Any, props: Any) -> None:
+        # Closed before any CONNACK: a TLS listener that refused our certificate (or none),
+        # plain MQTT sent to a TLS port. Say so now rather than after the whole timeout.
+        if not accepted.is_set():
+            refused.append(f"the connection closed before CONNACK ({reason})")
+            accepted.set()
+        if previous_on_disconnect is not None:
+            previous_on_disconnect(c, u, flags, reason, props)
+
     client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
     props = properties(PacketTypes.CONNECT)
     if session_expiry_s:
         props.SessionExpiryInterval = session_expiry_s
@@ -159,6 +203,7 @@ def connect(
         client.disconnect()
         why = refused[0] if refused else f"no CONNACK within {timeout_s} s"
         raise GatewayUnavailable(f"broker {address} refused us: {why}")
+    client.on_disconnect = previous_on_disconnect
 
 
 def publish_properties(response_topic: str, correlation: bytes) -> Properties:

@@ -34,6 +34,7 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)  # the gateway's "reload ACLs and CRL" (broker.py)
     return child.wait()
 
 

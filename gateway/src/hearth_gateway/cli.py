@@ -30,10 +30,33 @@ def _parser() -> argparse.ArgumentParser:
         "--listen", metavar="HOST:PORT", help="managed broker listener (default 127.0.0.1:1883)"
     )
     run.add_argument("--broker", metavar="URL", help="use an external MQTT 5 broker instead")
+    run.add_argument("--lan-listen", metavar="HOST:PORT",
+                     help="TLS listener for paired LAN devices, e.g. 0.0.0.0:8883")  # fmt: skip
+    run.add_argument("--pairing-listen", metavar="HOST:PORT",
+                     help="where devices pair (default: the LAN listener's port + 1)")  # fmt: skip
     run.add_argument("--mdns-interface", metavar="IP", help="advertise on this interface only")
     run.add_argument("--no-mdns", action="store_true", help="do not advertise over mDNS")
     run.add_argument("--gateway-id", help="gateway id (default: the host name)")
     run.add_argument("--workers", type=int, help="worker processes (default: one per core)")
+    run.add_argument(
+        "--tier",
+        choices=["home", "cloud"],
+        help="cloud: serve public work only, refuse private jobs (default home)",
+    )
+    run.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="a cloud-tier gateway's broker (mqtt:// or mqtts://HOST:PORT) for "
+        "public work when this one is saturated",
+    )
+    run.add_argument(
+        "--upstream-gateway-id",
+        metavar="ID",
+        help="the upstream gateway (default: the one online there)",
+    )
+    run.add_argument("--upstream-ca", metavar="FILE", help="mqtts upstream: CA file to trust")
+    run.add_argument("--upstream-cert", metavar="FILE", help="mqtts upstream: client certificate")
+    run.add_argument("--upstream-key", metavar="FILE", help="mqtts upstream: its private key")
     run.add_argument(
         "--policy",
         action="append",
@@ -50,6 +73,24 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--state-dir", help="the daemon's state directory")
     audit.add_argument("--json", action="store_true", help="one JSON object per line")
     audit.add_argument("--limit", type=int, default=100, help="newest N entries (default 100)")
+    pair = sub.add_parser("pair", help="print a one-time code for `hearth pair` on a device")
+    pair.add_argument("--state-dir", help="the daemon's state directory")
+    pair.add_argument("--ttl", type=float, metavar="S", help="valid this long (default 300 s)")
+    pair.add_argument("--json", action="store_true", help="print JSON")
+    devices = sub.add_parser("devices", help="paired devices: list, revoke")
+    verbs = devices.add_subparsers(dest="devices_command", required=True)
+    listing = verbs.add_parser("list", help="every certificate issued, revoked ones too")
+    listing.add_argument("--state-dir", help="the daemon's state directory")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    revoke = verbs.add_parser("revoke", help="lock a device out now (no restart)")
+    revoke.add_argument("device_id")
+    revoke.add_argument("--state-dir", help="the daemon's state directory")
+    doctor = sub.add_parser(
+        "doctor", help="check what this box enforces (IP filters, sandbox, key, listeners)"
+    )
+    doctor.add_argument("--state-dir", help="the daemon's state directory")
+    doctor.add_argument("--unit", default="hearth-gateway.service", help="the systemd service")
+    doctor.add_argument("--json", action="store_true", help="print JSON")
     status = sub.add_parser("status", help="show the gateway's state")
     status.add_argument("--state-dir", help="the daemon's state directory")
     status.add_argument("--json", action="store_true", help="print JSON")
@@ -135,12 +176,24 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from hearth_gateway.doctor import doctor_command
+
+    return doctor_command(args)
+
+
+def _pairing(args: argparse.Namespace) -> int:
+    from hearth_gateway._pairing_cli import pairing_command
+
+    return pairing_command(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "audit":
-        return _audit(args)
-    if args.command == "tasks":
-        return _tasks(args)
+    commands = {"audit": _audit, "tasks": _tasks, "pair": _pairing, "devices": _pairing,
+                "doctor": _doctor}  # fmt: skip
+    if args.command in commands:
+        return commands[args.command](args)
     if args.command == "status":
         state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
         snapshot = read_snapshot(state_dir)
@@ -166,7 +219,15 @@ def main(argv: list[str] | None = None) -> int:
             "broker": args.broker,
             "mdns_interface": args.mdns_interface,
             "gateway_id": args.gateway_id,
+            "lan_listen": args.lan_listen,
+            "pairing_listen": args.pairing_listen,
             "workers": args.workers,
+            "tier": args.tier,
+            "upstream": args.upstream,
+            "upstream_gateway_id": args.upstream_gateway_id,
+            "upstream_ca": args.upstream_ca,
+            "upstream_cert": args.upstream_cert,
+            "upstream_key": args.upstream_key,
         }
         for key, value in overrides.items():
             if value is not None:

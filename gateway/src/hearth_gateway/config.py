@@ -8,6 +8,7 @@ import re
 import socket
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
@@ -19,15 +20,31 @@ __all__ = ["Config", "default_state_dir", "load_config"]
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     gateway_id: str = ""  # default: this host's name
     state_dir: str = ""  # default: $STATE_DIRECTORY, else ~/.local/state/hearth
-    # The managed broker's listener. Loopback only by default: pass 0.0.0.0:1883 to serve the
-    # LAN (the broker is unauthenticated until device pairing is configured).
+    # The managed broker's listener for local processes: plain MQTT, anonymous clients under an
+    # ACL (docs/security.md). Keep it on loopback; LAN devices use lan_listen.
     listen: str = "127.0.0.1:1883"
+    # The managed broker's listener for LAN devices: mutual TLS, paired devices only (e.g.
+    # "0.0.0.0:8883"). Empty: none.
+    lan_listen: str = ""
+    # Where devices pair (TLS, no client certificate). Default: lan_listen's host, its port + 1.
+    pairing_listen: str = ""
+    pairing_code_ttl_s: float = 300.0  # how long a code from `hearth-gateway pair` is valid
+    pairing_max_failures: int = 5  # failed pairing attempts that invalidate the pending codes
     broker: str = ""  # an external MQTT 5 broker (mqtt://host:port) instead of the managed one
     mdns: bool = True
     mdns_interface: str = ""  # IP of the interface to advertise on; default: where the broker is
     workers: int = 0  # worker processes; 0 = one per CPU core
     runners: list[str] = msgspec.field(default_factory=lambda: ["wasm", "onnx", "task", "vision"])
     policies: list[str] = []  # TOML files merged over the embedded default policy
+    # "cloud": this gateway serves public work only and refuses private jobs (policy_denied).
+    tier: Literal["home", "cloud"] = "home"
+    # A cloud-tier gateway's broker (mqtt://host:port, or mqtts:// for TLS): public jobs go
+    # there when this one is saturated or lacks their runner (placement.py). Empty: none.
+    upstream: str = ""
+    upstream_gateway_id: str = ""  # default: the gateway whose status is online there
+    upstream_ca: str = ""  # mqtts: CA file to trust (default: the system's)
+    upstream_cert: str = ""  # mqtts: client certificate, when the upstream's broker wants one
+    upstream_key: str = ""
 
 
 def default_state_dir() -> Path:

@@ -1,7 +1,8 @@
 """The box owner's control channel: a Unix socket in the state directory (mode 0600 through the
 daemon's umask), so only the user the daemon runs as (or root) can use it. ``hearth-gateway
 tasks ...`` speaks the protocol's own task messages over it, as the ``admin`` owner, who sees and
-controls every task. One request frame, one reply frame (4-byte length + MessagePack), close.
+controls every task; ``hearth-gateway pair`` and ``devices`` speak pairing.py's owner messages.
+One request frame, one reply frame (4-byte length + MessagePack), close.
 """
 
 from __future__ import annotations
@@ -29,8 +30,14 @@ from hearth.protocol import (
 )
 from hearth_gateway.blobs import BlobStore, UploadRefused
 from hearth_gateway.loop import Loop
+from hearth_gateway.owner import (
+    AdminReply,
+    AdminRequest,
+    decode_admin_reply,
+    decode_admin_request,
+)
 
-__all__ = ["ControlServer", "call"]
+__all__ = ["ControlServer", "call", "call_admin"]
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +46,23 @@ _MAX_FRAME = 64 * 1024 * 1024
 _ADMIN = "admin"
 
 TaskHandler = Callable[[str, TaskInstall | TaskControl | TaskList], Reply]
+AdminHandler = Callable[[AdminRequest], AdminReply]  # pairing codes, the device registry
 
 
 class ControlServer:
-    def __init__(self, loop: Loop, path: Path, blobs: BlobStore, tasks: TaskHandler) -> None:
+    def __init__(
+        self,
+        loop: Loop,
+        path: Path,
+        blobs: BlobStore,
+        tasks: TaskHandler,
+        admin: AdminHandler | None = None,
+    ) -> None:
         self._loop = loop
         self._path = path
         self._blobs = blobs
         self._tasks = tasks
+        self._admin = admin
         path.unlink(missing_ok=True)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind(str(path))
@@ -74,7 +90,10 @@ class ControlServer:
             with contextlib.suppress(OSError):
                 _write(conn, encode(reply))
 
-    def _handle(self, payload: bytes) -> Reply:
+    def _handle(self, payload: bytes) -> Reply | AdminReply:
+        admin = decode_admin_request(payload)
+        if admin is not None:
+            return self._admin_request(admin)
         try:
             request = decode_request(payload)
         except HearthError as exc:
@@ -88,6 +107,11 @@ class ControlServer:
         if isinstance(request, TaskInstall | TaskControl | TaskList):
             return self._tasks(_ADMIN, request)
         return Error(code=ErrorCode.UNSUPPORTED, message="the control socket serves tasks only")
+
+    def _admin_request(self, request: AdminRequest) -> AdminReply:
+        if self._admin is None:
+            return Error(code=ErrorCode.UNSUPPORTED, message="pairing is off: set lan_listen")
+        return self._admin(request)
 
     def close(self) -> None:
         if self._closed:
@@ -122,8 +146,17 @@ def _write(conn: socket.socket, payload: bytes) -> None:
 
 def call(path: Path, payload: bytes, timeout_s: float = 10.0) -> Reply:
     """Client side, for the CLI: one request, one reply."""
+    return decode_reply(call_raw(path, payload, timeout_s))
+
+
+def call_admin(path: Path, request: AdminRequest, timeout_s: float = 10.0) -> AdminReply:
+    """``call`` for the owner's pairing and registry requests."""
+    return decode_admin_reply(call_raw(path, encode(request), timeout_s))
+
+
+def call_raw(path: Path, payload: bytes, timeout_s: float = 10.0) -> bytes:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout_s)
         conn.connect(str(path))
         _write(conn, payload)
-        return decode_reply(_read(conn))
+        return _read(conn)

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import time
 from pathlib import Path
 from types import FrameType
 
 from hearth.protocol import GatewayStatus, encode
+from hearth.protocol.pairing import pair_request_filter
 from hearth.runtime.limits import WasmLimits
 from hearth.transport import BrokerAddress
 from hearth_gateway import __version__, _systemd
 from hearth_gateway.accelerators import accelerator_names, available_providers
+from hearth_gateway.acl import GATEWAY_USER, BrokerSecurity
 from hearth_gateway.blobs import BlobStore
 from hearth_gateway.broker import ManagedBroker
 from hearth_gateway.config import Config, default_gateway_id, default_state_dir
@@ -29,11 +32,14 @@ from hearth_gateway.dispatch import Dispatcher
 from hearth_gateway.errors import ConfigError
 from hearth_gateway.link import GatewayLink
 from hearth_gateway.loop import Loop
+from hearth_gateway.pairing import PairingService, pairing_for
+from hearth_gateway.placement import Load, Placer
 from hearth_gateway.policy import Admission, Policy, load_policy
 from hearth_gateway.runners import REGISTRY, TaskEvent, WorkerSettings
 from hearth_gateway.status import StatusSnapshot, write_snapshot
 from hearth_gateway.store import Store
 from hearth_gateway.tasks import TaskManager
+from hearth_gateway.upstream import forwarder_for
 from hearth_gateway.workers import QueuedJob, WorkerPool
 
 __all__ = ["Gateway"]
@@ -53,6 +59,8 @@ class Gateway:
         unknown = [r for r in config.runners if r not in REGISTRY]
         if unknown:
             raise ConfigError(f"unknown runners {unknown}; known: {sorted(REGISTRY)}")
+        if config.tier == "cloud" and config.upstream:
+            raise ConfigError("a cloud-tier gateway has no upstream (it serves public work only)")
         self.policy: Policy = load_policy(Path(p) for p in config.policies)
         try:
             self.listen = BrokerAddress.parse(config.broker or config.listen)
@@ -107,6 +115,8 @@ class Gateway:
             task_timeout_s=self.policy.tasks.wall_timeout_s,
             vision_timeout_s=self.policy.vision.wall_timeout_s,
         )
+        # The daemon's account on the managed broker, new at each start (docs/security.md).
+        self._broker_password = secrets.token_urlsafe(32)
         self.link = GatewayLink(
             self.loop,
             self.listen,
@@ -114,6 +124,7 @@ class Gateway:
             self._handle,
             encode(self._status("offline")),
             on_other=self._other,
+            credentials=None if config.broker else (GATEWAY_USER, self._broker_password),
         )
         self.dispatcher = Dispatcher(
             gateway_id=self.gateway_id,
@@ -125,6 +136,18 @@ class Gateway:
             runners=list(config.runners),
             publish=self.link.publish_reply,
         )
+        # Where jobs run (placement.py), and the upstream that may take public ones.
+        self.upstream = forwarder_for(
+            config, self.loop, self.gateway_id, policy=self.policy.placement, blobs=self.blobs,
+            audit=self.store.audit, relay=self.dispatcher.forwarded,
+            fallback=self.dispatcher.forward_failed,
+        )  # fmt: skip
+        self.dispatcher.upstream = self.upstream
+        self.dispatcher.placer = Placer(
+            tier=config.tier, policy=self.policy.placement, runners=set(config.runners),
+            load=self._load, store=self.store,
+            upstream=self.upstream.state if self.upstream is not None else None,
+        )  # fmt: skip
         self.tasks: TaskManager | None = None
         if "task" in config.runners:
             self.tasks = TaskManager(
@@ -138,6 +161,13 @@ class Gateway:
                 subscribe=self.link.subscribe,
             )
             self.dispatcher.tasks = self.tasks
+        self.pairing: PairingService | None = pairing_for(
+            config, gateway_id=self.gateway_id, state_dir=self.state_dir, store=self.store,
+            loop=self.loop, publish=self.link.publish_reply, on_change=self._security_changed,
+        )  # fmt: skip
+        if self.pairing is not None:
+            self.dispatcher.locked = self.pairing.locked
+            self.link.subscribe(pair_request_filter(), True)
         self.control: ControlServer | None = None
 
     # Bound late so the link and dispatcher can reference each other.
@@ -149,7 +179,22 @@ class Gateway:
         correlation: bytes | None,
         qos: int,
     ) -> None:
+        if self.pairing is not None and self.pairing.owns(topic):
+            self.pairing.handle(topic, payload, response_topic, correlation, qos)
+            return
         self.dispatcher.handle(topic, payload, response_topic, correlation, qos)
+
+    def _broker_security(self) -> BrokerSecurity:
+        if self.pairing is not None:
+            return self.pairing.broker_security(self._broker_password)
+        return BrokerSecurity(gateway_id=self.gateway_id, password=self._broker_password)
+
+    def _security_changed(self) -> None:
+        """A device paired or was revoked: the dispatcher and the broker's ACLs follow now."""
+        if self.pairing is not None:
+            self.dispatcher.locked = self.pairing.locked
+        if self.broker is not None:
+            self.broker.update_security(self._broker_security())
 
     def _completed(self, item: QueuedJob, reply: bytes, final: bool) -> None:
         if isinstance(item.job, TaskEvent):
@@ -162,6 +207,9 @@ class Gateway:
         if self.tasks is not None:
             self.tasks.on_message(topic, payload)
 
+    def _load(self) -> Load:
+        return Load(workers=self.pool.size, busy=self.pool.busy, waiting=len(self.pool.queue))
+
     def _status(self, state: str) -> GatewayStatus:
         in_flight = self.admission.in_flight
         size = self.pool.size
@@ -169,6 +217,7 @@ class Gateway:
             gateway_id=self.gateway_id,
             state="online" if state == "online" else "offline",
             version=__version__,
+            tier=self.config.tier,
             runners=list(self.config.runners),
             providers=self.providers,
             capabilities=self.capabilities,
@@ -185,16 +234,24 @@ class Gateway:
         dispatcher: Dispatcher | None = getattr(self, "dispatcher", None)
         return dispatcher.streams.total_dropped if dispatcher is not None else 0
 
+    @property
+    def _served(self) -> BrokerAddress:
+        """Where devices connect: the device (TLS) listener when there is one."""
+        return self.pairing.lan if self.pairing is not None else self.listen
+
     def _txt(self) -> dict[str, str]:
         status = self._status("online")
+        pairing = self.pairing
         return {
             "txtvers": "1",
             "pv": "1",
             "id": self.gateway_id,
             "ver": __version__,
-            "host": advertised_addresses(self.listen, self.config.mdns_interface or None)[0],
-            "port": str(self.listen.port),
-            "tls": "0",
+            "host": advertised_addresses(self._served, self.config.mdns_interface or None)[0],
+            "port": str(self._served.port),
+            "tls": "1" if pairing is not None else "0",
+            "pport": str(pairing.pairing.port) if pairing is not None else "",
+            "ca": pairing.ca_fingerprint if pairing is not None else "",
             "runners": ",".join(status.runners),
             "acc": ",".join(accelerator_names(self.providers)),
             "load": f"{status.load:.2f}",
@@ -208,7 +265,10 @@ class Gateway:
     def start(self) -> None:
         if not self.config.broker:
             self.broker = ManagedBroker(
-                self.state_dir, self.listen, self.policy.limits.max_message_bytes + 64 * 1024
+                self.state_dir,
+                self.listen,
+                self.policy.limits.max_message_bytes + 64 * 1024,
+                self._broker_security(),
             )
             self.broker.start()
         info = self.pool.start()
@@ -221,20 +281,23 @@ class Gateway:
         if self.worker_network != "isolated":
             log.warning("workers share the host's network: %s", self.worker_network)
         self.link.start(encode(self._status("online")))
+        if self.upstream is not None:
+            self.upstream.start()  # connects in the background
         if self.tasks is not None:
             began = time.perf_counter()
             restored = self.tasks.start()
             log.info("restored %d persistent tasks in %.3f s", restored,
                      time.perf_counter() - began)  # fmt: skip
         self.control = ControlServer(
-            self.loop, self.state_dir / "control.sock", self.blobs, self.dispatcher.task_request
-        )
+            self.loop, self.state_dir / "control.sock", self.blobs, self.dispatcher.task_request,
+            admin=self.pairing.admin if self.pairing is not None else None,
+        )  # fmt: skip
         resumed = self.dispatcher.resume()
         if resumed:
             log.info("resumed %d journaled jobs from the last run", resumed)
         if self.config.mdns:
             self.advertiser = Advertiser(
-                self.gateway_id, self.listen, self._txt(), self.config.mdns_interface or None
+                self.gateway_id, self._served, self._txt(), self.config.mdns_interface or None
             )
             self.advertiser.start()
         self.loop.every(min(_HOUSEKEEPING_S, self._watchdog_s or _HOUSEKEEPING_S),
@@ -303,6 +366,11 @@ class Gateway:
                 streams=len(self.dispatcher.streams),
                 frames_dropped=self.dispatcher.streams.total_dropped,
                 sessions=len(self.dispatcher.sessions),
+                tier=self.config.tier,
+                upstream=str(self.upstream.link.target) if self.upstream is not None else "",
+                upstream_connected=self.upstream is not None and self.upstream.link.ready,
+                jobs_forwarded=counters.forwarded,
+                jobs_fell_back=self.upstream.fell_back if self.upstream is not None else 0,
                 started_at=self.started_at,
                 updated_at=time.time(),
             ),
@@ -340,13 +408,19 @@ class Gateway:
         if self.advertiser is not None:
             self.advertiser.close()
         self.dispatcher.draining = True
-        if not self.loop.run_until(lambda: self.pool.idle, drain_timeout_s):
+        upstream = self.upstream
+        drained = self.loop.run_until(
+            lambda: self.pool.idle and (upstream is None or upstream.idle), drain_timeout_s
+        )
+        if not drained:
             log.warning("jobs still running after %.0f s; they will be re-run on the next start",
                         drain_timeout_s)  # fmt: skip
         if self.tasks is not None:
             self.tasks.close()
         if self.control is not None:
             self.control.close()
+        if self.upstream is not None:
+            self.upstream.close()
         self.pool.close()
         self.link.close()  # retained status -> offline
         if self.broker is not None:

@@ -44,10 +44,12 @@ from hearth.protocol import (
     reply_prefix,
 )
 from hearth_gateway.blobs import BlobStore, UploadRefused
+from hearth_gateway.placement import Action, Decision, Placer
 from hearth_gateway.policy import Admission, Policy
 from hearth_gateway.runners import Job, TaskEvent, VisionClose, runner_for
 from hearth_gateway.store import JournalEntry, Store
 from hearth_gateway.streams import Sessions, StreamCounters
+from hearth_gateway.upstream import Forwarded, Forwarder
 from hearth_gateway.vision import CAPABILITIES, STATEFUL
 from hearth_gateway.workers import QueuedJob, WorkerPool
 
@@ -65,6 +67,22 @@ def _blob_of(job: Job) -> str | None:
         return job.module
     if isinstance(job, OnnxJob | PipelineJob):
         return job.model
+    return None
+
+
+def _call_refusal(job: CallJob) -> JobError | None:
+    """A capability call that names no known capability, or lacks its stream or session."""
+    if job.capability not in CAPABILITIES:
+        return JobError(
+            ErrorCode.UNKNOWN_CAPABILITY,
+            f"no capability {job.capability!r}; this gateway has {', '.join(sorted(CAPABILITIES))}",
+        )
+    if job.capability == "vision.odometry" and not job.session:
+        return JobError(ErrorCode.BAD_PARAMS, f"{job.capability} needs a session name")
+    if job.capability != "vision.odometry" and job.session:
+        return JobError(ErrorCode.BAD_PARAMS, "sessions are for vision.odometry only")
+    if job.capability in STATEFUL - {"vision.odometry"} and not job.stream:
+        return JobError(ErrorCode.BAD_PARAMS, f"{job.capability} needs a stream name")
     return None
 
 
@@ -105,6 +123,7 @@ class Counters:
     duplicates: int = 0
     completed: int = 0
     blob_bytes_received: int = 0
+    forwarded: int = 0  # public jobs sent to the upstream gateway
 
 
 class Dispatcher:
@@ -138,6 +157,10 @@ class Dispatcher:
         )
         self.streams = StreamCounters(policy.vision.max_streams)
         self.draining = False  # set on shutdown: new jobs are refused, queued ones finish
+        # Set by the daemon: where each job runs (placement.py), and the upstream if any.
+        self.placer: Placer | None = None
+        self.upstream: Forwarder | None = None
+        self.locked: frozenset[str] = frozenset()  # revoked device ids (pairing.py)
 
     # Called on paho's network thread: everything here is short; jobs run on worker lanes.
     def handle(
@@ -153,11 +176,7 @@ class Dispatcher:
             self._peer_log.warning("topic", "ignoring message on unexpected topic %r", topic)
             return
         client_id = parsed[1]
-        if client_id == RESERVED_CLIENT_ID:
-            # The box owner's identity on the control socket; never a device's.
-            self._peer_log.warning("reserved-id", "dropping request from reserved client id %r",
-                                   client_id)  # fmt: skip
-            self.counters.refused += 1
+        if self._identity_refused(client_id, topic, response_topic, correlation, qos):
             return
         if self.tasks is not None:
             self.tasks.owner_seen(client_id)
@@ -200,7 +219,7 @@ class Dispatcher:
         elif isinstance(request, BlobChunk):
             self._blob(client_id, request, response_topic, correlation, qos)
         elif isinstance(request, TaskInstall | TaskControl | TaskList):
-            self._publish(response_topic, encode(self.task_request(client_id, request)),
+            self._publish(response_topic, encode(self._device_task_request(client_id, request)),
                           correlation, qos)  # fmt: skip
         elif isinstance(request, SessionClose):
             self._session_close(client_id, request, response_topic, correlation, qos)
@@ -208,6 +227,19 @@ class Dispatcher:
             self._frame(client_id, request, response_topic, correlation, qos)
         else:
             self._job(client_id, request, payload, response_topic, correlation, qos)
+
+    def _device_task_request(
+        self, client_id: str, request: TaskInstall | TaskControl | TaskList
+    ) -> Reply:
+        """Tasks carry no data label, so they count as private: a cloud tier installs none."""
+        placer = self.placer
+        denied = placer.task_refusal() if placer and isinstance(request, TaskInstall) else None
+        if placer is None or denied is None or denied.code is None:
+            return self.task_request(client_id, request)
+        assert isinstance(request, TaskInstall)
+        placer.audit(client_id, "private", f"task {request.name}", denied)
+        self.counters.refused += 1
+        return Error(code=denied.code, message=denied.reason)
 
     def task_request(self, client_id: str, request: TaskInstall | TaskControl | TaskList) -> Reply:
         if self.tasks is None:
@@ -236,25 +268,41 @@ class Dispatcher:
             reply = BlobStored(sha256=chunk.sha256, size=chunk.size)
             self._publish(response_topic, encode(reply), correlation, qos)
 
-    def _refusal(self, job: WasmJob | OnnxJob | CallJob | PipelineJob) -> JobError | None:
+    def _placed(
+        self, client_id: str, job: WasmJob | OnnxJob | CallJob | PipelineJob
+    ) -> tuple[Decision | None, JobError | None]:
+        """Placement's decision (None without a placer) and why the job is refused, if it is;
+        a refusal of placement's own is audited here."""
+        decision = self.placer.place(job) if self.placer is not None else None
+        refusal = self._refusal(job, decision)
+        if refusal is not None and decision is not None and refusal.code is decision.code:
+            self._audit(client_id, job, decision)
+        return decision, refusal
+
+    def _audit(
+        self, client_id: str, job: WasmJob | OnnxJob | CallJob | PipelineJob, decision: Decision
+    ) -> None:
+        if self.placer is not None:
+            self.placer.audit(client_id, job.data_class, f"job {job.job_id}", decision)
+
+    def _refusal(
+        self, job: WasmJob | OnnxJob | CallJob | PipelineJob, decision: Decision | None = None
+    ) -> JobError | None:
         """Why this job cannot run here at all, checked before anything is stored."""
         if self.draining:
             return JobError(ErrorCode.SHUTTING_DOWN, "the gateway is shutting down")
+        if decision is not None and decision.action is Action.DENY and decision.code is not None:
+            return JobError(decision.code, decision.reason)
+        if decision is not None and decision.action is Action.UPSTREAM:
+            # Its runner may be missing here: that may be why it goes upstream.
+            return _call_refusal(job) if isinstance(job, CallJob) else None
         runner = runner_for(job)
         if runner not in self._runners:
             return JobError(
                 ErrorCode.UNSUPPORTED, f"runner {runner!r} is not enabled on this gateway"
             )
         if isinstance(job, CallJob):
-            if job.capability not in CAPABILITIES:
-                return JobError(
-                    ErrorCode.UNKNOWN_CAPABILITY,
-                    f"no capability {job.capability!r}; this gateway has "
-                    f"{', '.join(sorted(CAPABILITIES))}",
-                )
-            if job.capability in STATEFUL and not (job.stream or job.session):
-                what = "session" if job.capability == "vision.odometry" else "stream"
-                return JobError(ErrorCode.BAD_PARAMS, f"{job.capability} needs a {what} name")
+            return _call_refusal(job)
         return None
 
     def _job(
@@ -266,7 +314,7 @@ class Dispatcher:
         correlation: bytes | None,
         qos: int,
     ) -> None:
-        refusal = self._refusal(job)
+        decision, refusal = self._placed(client_id, job)
         if refusal is not None:
             self._refuse(client_id, response_topic, correlation, qos, refusal.code,
                          refusal.message, job.job_id)  # fmt: skip
@@ -285,7 +333,40 @@ class Dispatcher:
                 self._publish(response_topic, reply, correlation, qos)
             # else: still queued or running; its one answer is on its way.
             return
+        if decision is not None:
+            self._audit(client_id, job, decision)
+        if decision is not None and decision.action is Action.UPSTREAM and self.upstream:
+            self.counters.forwarded += 1
+            self.upstream.forward(client_id, job, response_topic, correlation or b"", qos)
+            return
         self.enqueue(client_id, job, response_topic, correlation or b"", qos)
+
+    # -- public jobs forwarded upstream (upstream.py) -----------------------------------------
+
+    def forwarded(self, item: Forwarded, reply: bytes) -> None:
+        """The upstream's answer to a forwarded job (its job id already the device's): stored,
+        then published to the device like any answer."""
+        if len(reply) > self._limits.max_message_bytes:
+            reply = encode(Error(code=ErrorCode.TOO_LARGE, job_id=item.job.job_id,
+                                 message=f"result of {len(reply)} bytes over the limit of "
+                                         f"{self._limits.max_message_bytes}"))  # fmt: skip
+        self._store.finish(item.client_id, item.job.job_id, reply)
+        self._publish(item.response_topic, reply, item.correlation or None, item.qos)
+        self.counters.completed += 1
+
+    def forward_failed(self, item: Forwarded, why: str) -> None:
+        """A forwarded job the upstream will not answer: it is public, so it runs here."""
+        job = item.job
+        self._audit(item.client_id, job, Decision(Action.QUEUE, f"back from the {why}"))
+        runner = runner_for(job)
+        if runner not in self._runners:
+            self._store.forget(item.client_id, job.job_id)
+            self._refuse(item.client_id, item.response_topic, item.correlation or None, item.qos,
+                         ErrorCode.UNSUPPORTED,
+                         f"runner {runner!r} is not enabled on this gateway ({why})",
+                         job.job_id)  # fmt: skip
+            return
+        self.enqueue(item.client_id, job, item.response_topic, item.correlation, item.qos)
 
     def enqueue(
         self,
@@ -342,8 +423,9 @@ class Dispatcher:
         qos: int,
     ) -> None:
         """A frame of a stream or session: not journaled (a frame is worth something only
-        now), latest frame wins per stream, stateful capabilities pinned to one worker."""
-        refusal = self._refusal(job)
+        now), latest frame wins per stream, stateful capabilities pinned to one worker.
+        Frames always run here (they need state held here); only refusals are audited."""
+        _, refusal = self._placed(client_id, job)
         session_new = False
         session_key = f"{client_id}/{job.session}" if job.session else None
         if refusal is None and session_key is not None:
@@ -498,6 +580,33 @@ class Dispatcher:
         if sha and isinstance(decoded, Error) and decoded.code is ErrorCode.HASH_MISMATCH:
             log.warning("stored blob %s failed its hash check; removed", sha[:12])
             self._blobs.discard(sha)
+
+    def _identity_refused(
+        self,
+        client_id: str,
+        topic: str,
+        response_topic: str | None,
+        correlation: bytes | None,
+        qos: int,
+    ) -> bool:
+        """Refuse (and say so) a request from an id that may not send any."""
+        if client_id == RESERVED_CLIENT_ID:
+            # The box owner's identity on the control socket; never a device's.
+            self._peer_log.warning("reserved-id", "dropping request from reserved client id %r",
+                                   client_id)  # fmt: skip
+            self.counters.refused += 1
+            return True
+        if client_id not in self.locked:
+            return False
+        # A revoked device (pairing.py). The broker's ACLs already stop its own connections;
+        # this holds whichever way a request naming it arrives.
+        self._store.audit(client_id, "request", topic, "refused", "device revoked")
+        if response_topic is not None and response_topic.startswith(reply_prefix(client_id)):
+            self._refuse(client_id, response_topic, correlation, qos, ErrorCode.FORBIDDEN,
+                         "this device's pairing was revoked")  # fmt: skip
+        else:
+            self.counters.refused += 1
+        return True
 
     def _refuse(
         self,

@@ -56,6 +56,7 @@ class GatewayLink:
         on_request: RequestHandler,
         offline_status: bytes,
         on_other: Callable[[str, bytes], None] | None = None,
+        credentials: tuple[str, str] | None = None,
     ) -> None:
         self.loop = loop
         self.address = address
@@ -67,6 +68,9 @@ class GatewayLink:
         self._client = make_client(
             f"hearth-gw-{gateway_id}", will=(self._status_topic, offline_status), max_inflight=256
         )
+        if credentials is not None:
+            # The managed broker's loopback account: the only one with the gateway's rights.
+            self._client.username_pw_set(*credentials)
         self._client.on_connect = self._connected
         self._client.on_message = self._message
         self._client.on_disconnect = self._disconnected

@@ -23,6 +23,7 @@ __all__ = [
     "Admission",
     "LimitsPolicy",
     "OnnxPolicy",
+    "PlacementPolicy",
     "Policy",
     "TasksPolicy",
     "VisionPolicy",
@@ -40,11 +41,15 @@ class WasmPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     fuel: int = 2_000_000_000  # wasm instructions (roughly) per job
     memory_bytes: int = 256 * MiB
     output_bytes: int = 8 * MiB  # stdout + stderr
+    scratch_bytes: int = 64 * MiB  # files left in the job's /scratch directory
     wall_timeout_s: float = 30.0  # backstop: the worker is killed past this
 
     def limits(self) -> WasmLimits:
         return WasmLimits(
-            fuel=self.fuel, memory_bytes=self.memory_bytes, output_bytes=self.output_bytes
+            fuel=self.fuel,
+            memory_bytes=self.memory_bytes,
+            output_bytes=self.output_bytes,
+            scratch_bytes=self.scratch_bytes,
         )
 
 
@@ -83,12 +88,23 @@ class VisionPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_streams: int = 64  # camera streams with a waiting frame or a background model
 
 
+class PlacementPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where public work may run (placement.py decides; private work never leaves the box)."""
+
+    # Public jobs go to the upstream gateway when every worker is busy and more than this many
+    # jobs are waiting for one (or when this gateway lacks the job's runner).
+    upstream_when_queue_over: int = 4
+    upstream_max_in_flight: int = 64  # public jobs forwarded, not yet answered; 0: never forward
+    upstream_timeout_s: float = 60.0  # no answer from the upstream by then: the job runs here
+
+
 class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     wasm: WasmPolicy = WasmPolicy()
     onnx: OnnxPolicy = OnnxPolicy()
     limits: LimitsPolicy = LimitsPolicy()
     tasks: TasksPolicy = TasksPolicy()
     vision: VisionPolicy = VisionPolicy()
+    placement: PlacementPolicy = PlacementPolicy()
 
 
 def load_policy(paths: Iterable[Path]) -> Policy:

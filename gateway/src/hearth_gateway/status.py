@@ -42,6 +42,11 @@ class StatusSnapshot(msgspec.Struct, kw_only=True):
     streams: int = 0  # camera streams seen (with a drop count)
     frames_dropped: int = 0  # stream frames replaced by newer ones (latest frame wins)
     sessions: int = 0  # open odometry sessions
+    tier: str = "home"  # cloud: refuses private jobs
+    upstream: str = ""  # the upstream gateway's broker, when one is configured
+    upstream_connected: bool = False  # connected, and its gateway online
+    jobs_forwarded: int = 0  # public jobs sent upstream (since start)
+    jobs_fell_back: int = 0  # of those, run here after all (no answer, upstream refused...)
     started_at: float
     updated_at: float
 
@@ -93,7 +98,13 @@ def format_status(s: StatusSnapshot) -> str:
         f"vision      {', '.join(s.capabilities) or '-'}",
         f"streams     {s.streams} streams, {s.frames_dropped} frames dropped (latest frame "
         f"wins), {s.sessions} open sessions",
+        f"tier        {s.tier}" + (" (private jobs refused)" if s.tier == "cloud" else ""),
     ]
+    if s.upstream:
+        lines.append(
+            f"upstream    {s.upstream} ({'connected' if s.upstream_connected else 'not connected'}"
+            f"): {s.jobs_forwarded} public jobs forwarded, {s.jobs_fell_back} ran here instead"
+        )
     return "\n".join(lines)
 
 

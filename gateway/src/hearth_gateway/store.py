@@ -18,7 +18,20 @@ import sqlite_utils
 
 from hearth_gateway.crypto import Sealer
 
-__all__ = ["JournalEntry", "Store"]
+__all__ = ["DeviceRecord", "JournalEntry", "Store"]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    """One certificate issued to a paired device."""
+
+    serial: str  # hex
+    device_id: str
+    fingerprint: str
+    key_fingerprint: str
+    paired_at: float
+    revoked_at: float | None = None
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +119,22 @@ class Store:
                 {"sha256": str, "size": int, "stored_at": float, "last_used": float},
                 pk="sha256",
             )
+        if "devices" not in self._db.table_names():
+            # Paired devices, one row per certificate issued (pairing.py). A device id is
+            # locked out once it has rows and none of them is unrevoked.
+            self._db.table("devices").create(
+                {
+                    "serial": str,  # the certificate's serial, hex
+                    "device_id": str,  # its CN
+                    "fingerprint": str,  # sha256 of the certificate's DER, hex
+                    "key_fingerprint": str,  # sha256 of its public key (SPKI): re-pairing
+                    "paired_at": float,
+                    "revoked_at": float,  # NULL while valid
+                    "reason": str,
+                },
+                pk="serial",
+            )
+            self._db.table("devices").create_index(["device_id"])
 
     # -- journal ---------------------------------------------------------------------------
 
@@ -330,6 +359,57 @@ class Store:
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (time.time(), actor, action, target, decision, reason),
             )
+
+    # -- paired devices --------------------------------------------------------------------
+
+    def add_device(self, device: DeviceRecord, supersede: bool = False) -> None:
+        """Record a new certificate; ``supersede``: revoke the device's earlier ones (a device
+        that paired again with the same key)."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                if supersede:
+                    self._conn.execute(
+                        "UPDATE devices SET revoked_at=?, reason='superseded'"
+                        " WHERE device_id=? AND revoked_at IS NULL",
+                        (device.paired_at, device.device_id),
+                    )
+                self._conn.execute(
+                    "INSERT INTO devices (serial, device_id, fingerprint, key_fingerprint,"
+                    " paired_at, revoked_at, reason) VALUES (?, ?, ?, ?, ?, NULL, '')",
+                    (device.serial, device.device_id, device.fingerprint,
+                     device.key_fingerprint, device.paired_at),
+                )  # fmt: skip
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def revoke_device(self, device_id: str, reason: str) -> list[str]:
+        """Revoke every valid certificate of ``device_id``; returns their serials."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT serial FROM devices WHERE device_id=? AND revoked_at IS NULL",
+                (device_id,),
+            ).fetchall()
+            self._conn.execute(
+                "UPDATE devices SET revoked_at=?, reason=?"
+                " WHERE device_id=? AND revoked_at IS NULL",
+                (time.time(), reason, device_id),
+            )
+        return [str(r[0]) for r in rows]
+
+    def devices(self) -> list[DeviceRecord]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT serial, device_id, fingerprint, key_fingerprint, paired_at, revoked_at,"
+                " reason FROM devices ORDER BY paired_at"
+            ).fetchall()
+        return [
+            DeviceRecord(str(r[0]), str(r[1]), str(r[2]), str(r[3]), float(r[4]),
+                         None if r[5] is None else float(r[5]), str(r[6] or ""))
+            for r in rows
+        ]  # fmt: skip
 
     def close(self) -> None:
         with self._lock:

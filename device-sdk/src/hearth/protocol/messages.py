@@ -88,6 +88,9 @@ class Timing(msgspec.Struct, frozen=True):
 
     queue_ms: float = 0.0
     run_ms: float = 0.0
+    # The upstream (cloud-tier) gateway that ran a public job this gateway forwarded; then the
+    # times are the upstream's. Empty: this gateway ran it.
+    upstream: str = ""
 
 
 # --- requests: device -> gateway, on hearth/v1/gw/{gateway}/req/{client} ---------------------
@@ -381,6 +384,7 @@ class GatewayStatus(_Message, frozen=True, tag="status"):
     gateway_id: str
     state: Literal["online", "offline"]
     version: str = ""
+    tier: Literal["home", "cloud"] = "home"  # a cloud tier refuses private work
     runners: list[str] = []
     providers: list[str] = []  # onnxruntime execution providers, best first
     capabilities: dict[str, str] = {}  # name -> version, e.g. "vision.faces"

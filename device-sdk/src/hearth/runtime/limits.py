@@ -14,3 +14,5 @@ class WasmLimits(msgspec.Struct, frozen=True, kw_only=True):
     fuel: int = 2_000_000_000
     memory_bytes: int = 256 * 1024 * 1024  # linear memory, all memories together
     output_bytes: int = 8 * 1024 * 1024  # stdout + stderr together
+    # Files left in the run's /scratch directory, checked when the run ends.
+    scratch_bytes: int = 64 * 1024 * 1024

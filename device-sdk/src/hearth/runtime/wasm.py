@@ -1,8 +1,10 @@
 """WASI command modules under wasmtime: args and stdin in; stdout, stderr and exit code out.
 
-The sandbox is what WASI gives when nothing is granted: no preopened directories (no
-filesystem), no sockets, an empty environment. Limits are explicit (fuel, memory, output) and
-each failure maps to one ErrorCode.
+The sandbox is what WASI gives when almost nothing is granted: one fresh, empty directory per
+run preopened as ``/scratch`` (what the run leaves there is removed when it ends, whatever
+happens) and nothing else of the filesystem, no sockets (preview 1 cannot create any and none
+are preopened), an empty environment. Limits are explicit (fuel, memory, output, scratch
+bytes) and each failure maps to one ErrorCode.
 
 Where onnxruntime is installed, modules may also import wasi-nn (``wasi_ephemeral_nn``, see
 hearth.runtime.wasi_nn): they keep pre- and post-processing in WebAssembly and run the model
@@ -11,10 +13,13 @@ on the box's execution provider.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
 import os
+import shutil
+import subprocess
 import tempfile
 import threading
 from collections import OrderedDict
@@ -31,11 +36,12 @@ try:
 except ImportError:  # pragma: no cover - exercised only without the `local` extra
     wasmtime = None  # type: ignore[assignment]
 
-__all__ = ["WasmOutcome", "WasmRuntime"]
+__all__ = ["SCRATCH_GUEST_PATH", "WasmOutcome", "WasmRuntime", "remove_tree"]
 
 log = logging.getLogger(__name__)
 
 _WASM_PAGE = 64 * 1024  # bytes
+SCRATCH_GUEST_PATH = "/scratch"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +86,8 @@ class WasmRuntime:
     created when a module first loads a model); a WasiNn to choose the OnnxRuntime and limits
     (this runtime then owns and closes it); None for plain WASI only. Without it a module that
     imports wasi-nn fails to instantiate (INVALID_MODULE: unknown import).
+    ``scratch_root``: where each run's scratch directory is made (None: the system's temporary
+    directory).
     Thread-safe; ``close()`` is idempotent.
     """
 
@@ -89,6 +97,7 @@ class WasmRuntime:
         cache_dir: Path | None = None,
         max_cached: int = 64,
         wasi_nn: WasiNn | Literal["auto"] | None = "auto",
+        scratch_root: Path | None = None,
     ) -> None:
         if wasmtime is None:
             raise LocalRuntimeUnavailable(
@@ -105,6 +114,10 @@ class WasmRuntime:
         if self._wasi_nn is not None:
             self._wasi_nn.define(self._linker)
         self._cache_dir = cache_dir
+        self._scratch_root = scratch_root
+        if scratch_root is not None:
+            scratch_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._idle_scratch: list[tuple[str, os.stat_result]] = []  # untouched, reusable
         self._max_cached = max_cached
         self._modules: OrderedDict[str, wasmtime.Module] = OrderedDict()
         self._lock = threading.Lock()
@@ -213,8 +226,9 @@ class WasmRuntime:
         wasm: bytes | None = None,
         path: Path | None = None,
     ) -> WasmOutcome:
-        """Run a WASI command module to completion. Raises JobError with TRAP, TIMEOUT (fuel
-        exhausted), MEMORY_LIMIT, OUTPUT_LIMIT or INVALID_MODULE."""
+        """Run a WASI command module to completion, with a fresh ``/scratch`` directory.
+        Raises JobError with TRAP, TIMEOUT (fuel exhausted), MEMORY_LIMIT, OUTPUT_LIMIT (also
+        for more than ``limits.scratch_bytes`` left in /scratch) or INVALID_MODULE."""
         if self._closed:
             raise JobError(ErrorCode.SHUTTING_DOWN, "runtime closed")
         limits = limits or WasmLimits()
@@ -223,6 +237,7 @@ class WasmRuntime:
         handles: list[int | None] = []
         # This run's graphs and contexts; the ONNX sessions stay cached across runs.
         nn = self._wasi_nn.bind(store) if self._wasi_nn is not None else None
+        scratch, scratch_stat = self._take_scratch()
         try:
             store.set_fuel(limits.fuel)
             store.set_limits(memory_size=limits.memory_bytes)
@@ -232,6 +247,7 @@ class WasmRuntime:
             wasi.argv = ["module", *args]
             handles.append(_set_output(wasi, "stdout", out.write))
             handles.append(_set_output(wasi, "stderr", err.write))
+            wasi.preopen_dir(scratch, SCRATCH_GUEST_PATH)
             if not stdin:
                 # Without a configured stdin, WASI reads see end-of-file: no temp file needed.
                 store.set_wasi(wasi)
@@ -245,6 +261,12 @@ class WasmRuntime:
                     store.set_wasi(wasi)
                     exit_code = self._instantiate_and_start(store, module, limits, out, err)
             fuel_used = limits.fuel - store.get_fuel()
+            # Checked afterwards rather than enforced while the run writes: cheap, and fuel and
+            # the wall timeout bound how much a run can write meanwhile.
+            if _tree_bytes(scratch) > limits.scratch_bytes:
+                raise JobError(
+                    ErrorCode.OUTPUT_LIMIT, f"/scratch over {limits.scratch_bytes} bytes"
+                )
         finally:
             # Dropped now, on this thread, while Python is alive: a store left to the garbage
             # collector can be torn down by wasmtime's runtime threads at interpreter exit,
@@ -253,7 +275,39 @@ class WasmRuntime:
                 nn.close()
             store.close()
             _release_outputs(handles)
+            self._return_scratch(scratch, scratch_stat)
         return WasmOutcome(exit_code, out.value(), err.value(), fuel_used)
+
+    def _take_scratch(self) -> tuple[str, os.stat_result]:
+        with self._lock:
+            if self._idle_scratch:
+                return self._idle_scratch.pop()
+        # mkdtemp makes it 0700 with a name no other run shares.
+        path = tempfile.mkdtemp(prefix="hearth-scratch-", dir=self._scratch_root)
+        return path, os.stat(path)
+
+    def _return_scratch(self, path: str, before: os.stat_result) -> None:
+        """Keep a directory the run did not touch for the next run, remove any other.
+
+        Still empty with the same change and modification times, it cannot be told from a new
+        one, and keeping it saves a mkdir and an rmdir per run: milliseconds on some disks,
+        more than a small job takes. Whatever a run wrote goes with its directory."""
+        try:
+            after = os.stat(path)
+            with os.scandir(path) as entries:
+                empty = next(entries, None) is None
+            untouched = empty and (after.st_ctime_ns, after.st_mtime_ns) == (
+                before.st_ctime_ns,
+                before.st_mtime_ns,
+            )
+        except OSError:
+            untouched = False
+        if untouched:
+            with self._lock:
+                if not self._closed:
+                    self._idle_scratch.append((path, before))
+                    return
+        remove_tree(path)
 
     def _instantiate_and_start(
         self,
@@ -315,6 +369,9 @@ class WasmRuntime:
         with self._lock:
             self._closed = True
             self._modules.clear()
+            idle, self._idle_scratch = self._idle_scratch, []
+        for path, _ in idle:
+            remove_tree(path)
         if self._wasi_nn is not None:
             self._wasi_nn.close()
 
@@ -353,6 +410,40 @@ def _release_outputs(handles: list[int | None]) -> None:
     for handle in handles:
         if handle is not None:
             CUSTOM_OUTPUTS.deallocate(handle)
+
+
+def _tree_bytes(root: str) -> int:
+    """Bytes in the regular files under ``root`` (symlinks not followed). A tree too deep to
+    walk counts as over any limit: only a guest trying to wedge the host builds one."""
+    total = 0
+    try:
+        for dirpath, _dirs, files in os.walk(root):
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(dirpath, name)).st_size
+                except OSError:
+                    continue
+    except RecursionError:
+        return 1 << 62
+    return total
+
+
+def remove_tree(path: str | Path) -> None:
+    """Remove a scratch tree whatever the guest put in it. shutil.rmtree recurses once per
+    level, and a guest can nest directories deeper than Python's recursion limit through
+    directory descriptors; rm has no such limit."""
+    try:
+        shutil.rmtree(path)
+        return
+    except FileNotFoundError:
+        return
+    except (OSError, RecursionError):
+        pass
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(["rm", "-rf", "--", str(path)], check=False,
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=60)  # fmt: skip
+    if os.path.lexists(path):
+        log.warning("could not remove scratch directory %s", path)
 
 
 def _headline(exc: BaseException) -> str:

@@ -1,9 +1,16 @@
 """The WebAssembly runner: WASI command modules via the SDK's runtime (the same code a device
 runs locally), with compiled modules cached on disk by hash. Modules that import wasi-nn run
-their models on this box's execution providers, chosen as for ONNX jobs."""
+their models on this box's execution providers, chosen as for ONNX jobs.
+
+Each job gets a fresh ``/scratch`` directory under ``<state>/scratch/<worker pid>/``; what the
+job leaves there is removed when it ends, and what a crashed worker left behind is removed by
+the next worker to start.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,7 +18,7 @@ from typing import TYPE_CHECKING
 from hearth.errors import ErrorCode, JobError
 from hearth.protocol import Error, Reply, Timing, WasmJob, WasmResult
 from hearth.runtime.wasi_nn import WasiNn
-from hearth.runtime.wasm import WasmRuntime
+from hearth.runtime.wasm import WasmRuntime, remove_tree
 from hearth_gateway.runners import WorkerSettings, WorkItem
 
 if TYPE_CHECKING:
@@ -32,8 +39,14 @@ class WasmRunner:
                 providers=settings.providers or None, intra_op_threads=settings.onnx_threads
             )
 
+        # The cache directory sits in the gateway's state directory; scratch goes beside it.
+        scratch = Path(settings.cache_dir).parent / "scratch"
+        sweep_scratch(scratch)
+        self._scratch = scratch / str(os.getpid())
         self._runtime = WasmRuntime(
-            cache_dir=Path(settings.cache_dir) / "wasm", wasi_nn=WasiNn.if_available(onnx)
+            cache_dir=Path(settings.cache_dir) / "wasm",
+            wasi_nn=WasiNn.if_available(onnx),
+            scratch_root=self._scratch,
         )
 
     def run(self, item: WorkItem) -> Reply:
@@ -66,3 +79,27 @@ class WasmRunner:
 
     def close(self) -> None:
         self._runtime.close()
+        remove_tree(self._scratch)
+
+
+def sweep_scratch(root: Path) -> None:
+    """Remove the scratch directories of workers that are gone (killed mid-job, or crashed):
+    a job's files must not outlive it. Directories are named by worker pid; a live worker's are
+    left alone, so starting a replacement worker never disturbs its siblings' jobs."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in root.iterdir():
+            if not (entry.name.isdigit() and _alive(int(entry.name))):
+                remove_tree(entry)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        # A reused pid of a worker that died: this process has not run a job yet.
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: not one of our workers, but be safe
+        return True
+    return True
