@@ -113,3 +113,33 @@ def test_tasks_from_the_command_line(gateway, examples) -> None:
     cancelled = _hearth("tasks", "cancel", task_id, "--gateway", gateway.address,
                         "--client-id", device)  # fmt: skip
     assert b"state       cancelled" in cancelled.stdout
+
+
+def test_call_runs_a_capability_on_an_image_file(gateway, tmp_path: Path) -> None:
+    import cv2
+    from skimage import data as skdata
+
+    photo = tmp_path / "astronaut.jpg"
+    cv2.imwrite(str(photo), cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR))
+    result = _hearth("call", "vision.faces", "--gateway", gateway.address,
+                     "--image", str(photo), "--param", "min_size=40", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["capability"] == "vision.faces"
+    assert answer["gateway"] == gateway.gateway_id
+    assert len(answer["result"]["faces"]) == 1
+
+    human = _hearth("call", "vision.features", "--gateway", gateway.address,
+                    "--image", str(photo), "--param", "max_features=50")  # fmt: skip
+    assert human.returncode == 0, human.stderr
+    assert "<50 x 32 bytes>" in human.stdout.decode()
+
+
+def test_call_reports_the_gateways_error_code(gateway, tmp_path: Path) -> None:
+    garbage = tmp_path / "broken.jpg"
+    garbage.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    result = _hearth("call", "vision.faces", "--gateway", gateway.address, "--image", str(garbage))
+    assert result.returncode == 125
+    assert b"bad_image" in result.stderr
+    unknown = _hearth("call", "vision.nope", "--gateway", gateway.address, "--image", str(garbage))
+    assert b"unknown_capability" in unknown.stderr

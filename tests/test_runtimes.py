@@ -131,3 +131,28 @@ def test_tensor_round_trip_is_exact():
     with pytest.raises(JobError) as info:
         tensor_to_array(Tensor("t", "float32", [3], b"\0" * 11))
     assert info.value.code == ErrorCode.BAD_TENSOR
+
+
+def test_a_new_onnx_session_is_warmed_with_zeros_shaped_like_its_inputs() -> None:
+    from hearth.runtime.onnx import _warm_up
+
+    class Session:
+        feeds: dict[str, np.ndarray] = {}
+
+        def run(self, outputs: object, feeds: dict[str, np.ndarray]) -> None:
+            Session.feeds = feeds
+
+    _warm_up(Session(), {"image": ("float32", ["batch", 3, 224, None]), "k": ("int64", [])})
+    assert Session.feeds["image"].shape == (1, 3, 224, 1)
+    assert Session.feeds["image"].dtype == np.float32
+    assert Session.feeds["k"].dtype == np.int64
+
+
+def test_a_model_that_cannot_run_on_zeros_still_loads() -> None:
+    from hearth.runtime.onnx import _warm_up
+
+    class Picky:
+        def run(self, outputs: object, feeds: object) -> None:
+            raise RuntimeError("input too small")
+
+    _warm_up(Picky(), {"x": ("float32", [1, 3, None, None])})  # no exception: just not warmed

@@ -110,6 +110,21 @@ def array_to_tensor(name: str, array: Any) -> Tensor:
     )
 
 
+def _warm_up(session: Any, inputs: dict[str, tuple[str, list[int | str | None]]]) -> None:
+    """Run the model once on zeros (free dimensions as 1), so that the first real job does not
+    pay for onnxruntime's lazy initialisation (kernel selection, arena growth; on a GPU the
+    CUDA context and cuDNN autotuning). Best effort: a model that cannot run on such an input
+    (a minimum image size, say) is simply not warmed."""
+    try:
+        feeds = {
+            name: np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in shape], dtype)
+            for name, (dtype, shape) in inputs.items()
+        }
+        session.run(None, feeds)
+    except Exception as exc:  # noqa: BLE001 - any failure only means "not warmed"
+        log.debug("warm-up run skipped: %s", str(exc).splitlines()[0][:200] if str(exc) else exc)
+
+
 @dataclass(frozen=True, slots=True)
 class _Loaded:
     session: Any  # ort.InferenceSession
@@ -190,6 +205,7 @@ class OnnxRuntime:
                 for i in session.get_inputs()
             }
             outputs = tuple(o.name for o in session.get_outputs())
+            _warm_up(session, inputs)
             return _Loaded(session, actual, inputs, outputs)
         raise JobError(ErrorCode.INVALID_MODEL, last_error)
 
