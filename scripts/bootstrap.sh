@@ -7,6 +7,11 @@ VENV=${VENV:-.venv}
 missing=""
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$missing mosquitto"
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$missing python3-venv"
+# Only the network-namespace capture test needs these (it skips without them and without root).
+if [ "$(id -u)" = 0 ]; then
+    command -v tcpdump >/dev/null 2>&1 || [ -x /usr/bin/tcpdump ] || missing="$missing tcpdump"
+    command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || missing="$missing iproute2"
+fi
 if [ -n "$missing" ]; then
     if [ "$(id -u)" = 0 ]; then
         echo "bootstrap: installing$missing"

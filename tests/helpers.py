@@ -12,7 +12,15 @@ from typing import Any
 import msgspec
 import paho.mqtt.client as mqtt
 
-from hearth.protocol import BlobChunk, Reply, decode_reply, encode, reply_topic, request_topic
+from hearth.protocol import (
+    BlobChunk,
+    DataClass,
+    Reply,
+    decode_reply,
+    encode,
+    reply_topic,
+    request_topic,
+)
 from hearth.transport import BrokerAddress, connect, make_client, publish_properties
 
 
@@ -69,13 +77,20 @@ class RawDevice:
     def request(self, payload: bytes | msgspec.Struct, timeout_s: float = 20.0) -> Reply:
         return self.reply(self.send(payload), timeout_s)
 
-    def upload(self, data: bytes, sha256: str | None = None, chunk: int = 1 << 20) -> Reply:
+    def upload(
+        self,
+        data: bytes,
+        sha256: str | None = None,
+        chunk: int = 1 << 20,
+        data_class: DataClass = "private",
+    ) -> Reply:
         sha = sha256 or hashlib.sha256(data).hexdigest()
         correlation = uuid.uuid4().bytes
         offset = 0
         while True:
             part = data[offset : offset + chunk]
-            self.send(BlobChunk(sha256=sha, size=len(data), offset=offset, data=part), correlation)
+            self.send(BlobChunk(sha256=sha, size=len(data), offset=offset, data=part,
+                                data_class=data_class), correlation)  # fmt: skip
             offset += len(part)
             if offset >= len(data):
                 break

@@ -9,6 +9,7 @@ the link between them, searched for the private payloads' marker bytes.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -17,6 +18,7 @@ import random
 import shutil
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -27,11 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 
 from conftest import GatewayProcess, wait_until
-from hearth.errors import ErrorCode
+from hearth._tasks_cli import add_task_commands, format_task, install_options
+from hearth.client import task_install_request
+from hearth.errors import ErrorCode, JobError
 from hearth.protocol import (
     BlobChunk,
     BlobStored,
@@ -40,6 +45,8 @@ from hearth.protocol import (
     NeedBlob,
     OnnxJob,
     Ping,
+    Task,
+    TaskInfo,
     TaskInstall,
     Timing,
     Trigger,
@@ -48,22 +55,29 @@ from hearth.protocol import (
     decode_reply,
     decode_request,
     encode,
+    reply_prefix,
     request_topic,
     status_topic,
 )
 from hearth.transport import BrokerAddress
+from hearth_gateway.blobs import BlobStore
+from hearth_gateway.crypto import Sealer
+from hearth_gateway.dispatch import Dispatcher
 from hearth_gateway.errors import ConfigError
 from hearth_gateway.loop import Loop
 from hearth_gateway.placement import (
     Action,
     Load,
+    Placer,
     UpstreamState,
     connection_refusal,
     decide,
+    decide_task,
     egress_refusal,
 )
-from hearth_gateway.policy import PlacementPolicy
+from hearth_gateway.policy import Admission, PlacementPolicy, Policy
 from hearth_gateway.status import read_snapshot
+from hearth_gateway.store import Store
 from hearth_gateway.upstream import Forwarder, upstream_job_id
 from hearth_gateway.upstream_link import EgressRefused, UpstreamLink, UpstreamTarget
 from helpers import RawDevice
@@ -87,9 +101,11 @@ def _decide(
     load: Load = IDLE,
     upstream: UpstreamState = READY,
     policy: PlacementPolicy = POLICY,
+    blob_class: str | None = None,
 ) -> Any:
     return decide(data_class=data_class, tier=tier, runner="wasm", runner_here=runner_here,
-                  can_forward=can_forward, load=load, upstream=upstream, policy=policy)  # fmt: skip
+                  can_forward=can_forward, load=load, upstream=upstream, policy=policy,
+                  blob_class=blob_class)  # fmt: skip
 
 
 # --- placement rules (pure) ---------------------------------------------------------------------
@@ -162,11 +178,50 @@ def test_no_private_decision_ever_names_the_upstream() -> None:
             for tier in ("home", "cloud"):
                 for runner_here in (True, False):
                     for can_forward in (True, False):
-                        decision = _decide("private", tier=tier, runner_here=runner_here,
-                                           can_forward=can_forward, load=load,
-                                           upstream=upstream)  # fmt: skip
+                        for blob_class in (None, "private", "public"):
+                            decision = _decide("private", tier=tier, runner_here=runner_here,
+                                               can_forward=can_forward, load=load,
+                                               upstream=upstream,
+                                               blob_class=blob_class)  # fmt: skip
+                            assert decision.action is not Action.UPSTREAM
+                            assert not decision.target
+                        # Nor a public job naming a private blob: the blob would go too.
+                        decision = _decide("public", tier=tier, runner_here=runner_here,
+                                           can_forward=can_forward, load=load, upstream=upstream,
+                                           blob_class="private")  # fmt: skip
                         assert decision.action is not Action.UPSTREAM
                         assert not decision.target
+
+
+def test_a_public_job_naming_a_private_blob_runs_here() -> None:
+    for load in (IDLE, SATURATED):
+        decision = _decide(load=load, blob_class="private")
+        assert decision.action is (Action.HERE if load is IDLE else Action.QUEUE)
+        assert "blob is private" in decision.reason
+    # A runner this gateway lacks: refused, as a private job would be; never forwarded.
+    denied = _decide(runner_here=False, blob_class="private")
+    assert (denied.action, denied.code) == (Action.DENY, ErrorCode.POLICY_DENIED)
+    assert "blob is private" in denied.reason
+    assert _decide(runner_here=False, blob_class="private",
+                   upstream=UpstreamState()).code is ErrorCode.UNSUPPORTED  # fmt: skip
+    # No upstream to keep it from, or a cloud tier: nothing to say about the blob.
+    assert "blob" not in _decide(blob_class="private", upstream=UpstreamState()).reason
+    assert _decide(tier="cloud", blob_class="private").action is Action.HERE
+
+
+def test_a_public_job_naming_a_public_blob_may_go_upstream() -> None:
+    assert _decide(load=SATURATED, blob_class="public").action is Action.UPSTREAM
+    assert _decide(runner_here=False, blob_class="public").action is Action.UPSTREAM
+    # Not stored yet: the job is answered need_blob first, then decided again with its label.
+    assert _decide(load=SATURATED, blob_class=None).action is Action.UPSTREAM
+
+
+def test_tasks_run_where_installed_and_a_cloud_tier_takes_only_public_ones() -> None:
+    denied = decide_task(data_class="private", tier="cloud")
+    assert (denied.action, denied.code, denied.where) == (Action.DENY, ErrorCode.POLICY_DENIED, "-")
+    for data_class, tier in (("public", "cloud"), ("private", "home"), ("public", "home")):
+        decision = decide_task(data_class=data_class, tier=tier)  # type: ignore[arg-type]
+        assert (decision.action, decision.where) == (Action.HERE, "here"), (data_class, tier)
 
 
 def test_connection_check() -> None:
@@ -182,9 +237,9 @@ def test_connection_check() -> None:
 TOPIC = request_topic(UP, ME)
 
 
-def _egress(message: Any, topic: str = TOPIC, blobs: frozenset[str] = frozenset()) -> str | None:
+def _egress(message: Any, topic: str = TOPIC, blobs: dict[str, Any] | None = None) -> str | None:
     payload = message if isinstance(message, bytes) else encode(message)
-    return egress_refusal(topic, payload, upstream_id=UP, client_id=ME, blobs=blobs)
+    return egress_refusal(topic, payload, upstream_id=UP, client_id=ME, blobs=blobs or {})
 
 
 def test_egress_allows_public_jobs_on_our_request_topic() -> None:
@@ -222,13 +277,19 @@ def test_egress_refuses_other_messages() -> None:
     frame = CallJob(job_id="j", capability="vision.motion", stream="cam", data_class="public")
     assert _egress(frame)  # state lives on a worker here: never forwarded
     assert _egress(b"\x00not msgpack")
-    assert egress_refusal(TOPIC, b"", upstream_id="", client_id=ME, blobs=()) is not None
+    assert egress_refusal(TOPIC, b"", upstream_id="", client_id=ME, blobs={}) is not None
 
 
-def test_egress_uploads_only_blobs_a_public_job_in_flight_names() -> None:
-    chunk = BlobChunk(sha256=SHA, size=3, offset=0, data=b"abc")
+def test_egress_uploads_only_public_blobs_a_public_job_in_flight_names() -> None:
+    chunk = BlobChunk(sha256=SHA, size=3, offset=0, data=b"abc", data_class="public")
     assert _egress(chunk)
-    assert _egress(chunk, blobs=frozenset({SHA})) is None
+    assert _egress(chunk, blobs={SHA: "public"}) is None
+    # Stored here as private: refused, whatever the chunk says of itself.
+    assert "private" in (_egress(chunk, blobs={SHA: "private"}) or "")
+    # A chunk labelled private, or left at the default: refused even for a public blob.
+    assert _egress(BlobChunk(sha256=SHA, size=3, offset=0, data=b"abc"), blobs={SHA: "public"})
+    private = BlobChunk(sha256=SHA, size=3, offset=0, data=b"abc", data_class="private")
+    assert _egress(private, blobs={SHA: "public"})
 
 
 def test_the_upstream_link_cannot_publish_a_private_job() -> None:
@@ -239,7 +300,8 @@ def test_the_upstream_link_cannot_publish_a_private_job() -> None:
     loop = Loop()
     link = UpstreamLink(
         loop, UpstreamTarget(BrokerAddress("127.0.0.1", 1), gateway_id=UP), "home",
-        policy=POLICY, audit=lambda *row: audit.append(row), cleared_blobs=frozenset,
+        policy=POLICY, audit=lambda *row: audit.append(row),
+        cleared_blobs=lambda: {SHA: "private"},
         on_reply=lambda *_: None, on_refused=lambda *_: None, on_lost=lambda: None,
     )  # fmt: skip
     published: list[tuple[str, bytes]] = []
@@ -253,16 +315,187 @@ def test_the_upstream_link_cannot_publish_a_private_job() -> None:
     try:
         with pytest.raises(EgressRefused):
             link.send(WasmJob(job_id="p", module=SHA, stdin=b"secret"), b"c")
+        with pytest.raises(EgressRefused):  # a blob held here as private
+            link.send(BlobChunk(sha256=SHA, size=1, offset=0, data=b"s", data_class="public"),
+                      b"c")  # fmt: skip
         with pytest.raises(EgressRefused):  # a blob no public job in flight names
-            link.send(BlobChunk(sha256=SHA, size=1, offset=0, data=b"s"), b"c")
+            link.send(BlobChunk(sha256="cd" * 32, size=1, offset=0, data=b"s",
+                                data_class="public"), b"c")  # fmt: skip
         assert published == []
-        assert [row[1:4] for row in audit] == [("egress", TOPIC, "refused")] * 2
+        assert [row[1:4] for row in audit] == [("egress", TOPIC, "refused")] * 3
         link.send(WasmJob(job_id="u", module=SHA, stdin=b"fine", data_class="public"), b"c")
         assert [topic for topic, _ in published] == [request_topic(UP, "gw-home")]
         assert decode_request(published[0][1]).data_class == "public"  # type: ignore[union-attr]
     finally:
         link.close()
         loop.close()
+
+
+# --- blob labels and task installs on a gateway (no broker) -------------------------------------
+
+
+def _chunks(data: bytes, data_class: str = "private", size: int = 4) -> list[BlobChunk]:
+    sha = hashlib.sha256(data).hexdigest()
+    return [BlobChunk(sha256=sha, size=len(data), offset=o, data=data[o : o + size],
+                      data_class=data_class) for o in range(0, len(data), size)]  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_a_blob_keeps_the_label_of_its_first_upload(tmp_path: Path) -> None:
+    limits = Policy().limits
+    store = Store(tmp_path / "db.sqlite3", Sealer(os.urandom(32)))
+    blobs = BlobStore(tmp_path / "blobs", store, limits)
+    private, public, mixed = b"private module", b"public module", b"mixed labels"
+    for data, label in ((private, "private"), (public, "public"), (private, "public")):
+        assert [blobs.receive("dev-7", c) for c in _chunks(data, label)][-1]
+    mixed_chunks = _chunks(mixed, "public")
+    mixed_chunks[1] = msgspec.structs.replace(mixed_chunks[1], data_class="private")
+    assert [blobs.receive("dev-8", c) for c in mixed_chunks][-1]
+    sha = {d: hashlib.sha256(d).hexdigest() for d in (private, public, mixed)}
+    assert blobs.data_class(sha[private]) == "private"  # the later public upload changed nothing
+    assert blobs.data_class(sha[public]) == "public"
+    assert blobs.data_class(sha[mixed]) == "private"  # one private chunk: a private blob
+    assert blobs.data_class("00" * 32) is None
+    store.close()
+    store = Store(tmp_path / "db.sqlite3", Sealer(os.urandom(32)))
+    assert BlobStore(tmp_path / "blobs", store, limits).data_class(sha[public]) == "public"
+    blobs = BlobStore(tmp_path / "blobs", store, limits)
+    blobs.discard(sha[public])  # failed a hash check: a new upload labels it afresh
+    assert [blobs.receive("dev-7", c) for c in _chunks(public, "private")][-1]
+    assert blobs.data_class(sha[public]) == "private"
+    store.close()
+
+
+def test_blobs_stored_before_labels_count_as_private(tmp_path: Path) -> None:
+    """A database from before blob labels gets the column; its blobs are private."""
+    path = tmp_path / "db.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE blobs (sha256 TEXT PRIMARY KEY, size INTEGER,"
+                   " stored_at FLOAT, last_used FLOAT)")  # fmt: skip
+        db.execute("INSERT INTO blobs VALUES (?, 3, 0, 0)", (SHA,))
+        db.commit()
+    blob = tmp_path / "blobs" / SHA[:2] / SHA
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(b"old")
+    store = Store(path, Sealer(os.urandom(32)))
+    try:
+        blobs = BlobStore(tmp_path / "blobs", store, Policy().limits)
+        assert blobs.data_class(SHA) == "private"
+        store.add_blob(SHA, 3, "public")  # as a public upload would: the first label stays
+        assert store.public_blobs() == set()
+        rows = store._conn.execute("SELECT sha256, data_class FROM blobs").fetchall()
+        assert rows == [(SHA, "private")]
+    finally:
+        store.close()
+
+
+class _Tasks:
+    """Stands in for the task manager: installs whatever reaches it."""
+
+    def __init__(self) -> None:
+        self.installed: list[TaskInstall] = []
+
+    def owner_seen(self, client_id: str) -> None:
+        pass
+
+    def install(self, owner: str, request: TaskInstall) -> Any:
+        self.installed.append(request)
+        return Task(task=TaskInfo(task_id="t-000000000001", name=request.name, owner=owner,
+                                  state="running", data_class=request.data_class))  # fmt: skip
+
+    def control(self, client_id: str, request: Any) -> Any:
+        raise AssertionError
+
+    def list_tasks(self, client_id: str, request: Any = None) -> Any:
+        raise AssertionError
+
+
+@pytest.mark.parametrize("tier", ["cloud", "home"])
+def test_a_cloud_tier_installs_public_tasks_only(tier: str, tmp_path: Path) -> None:
+    policy = Policy()
+    store = Store(tmp_path / "db.sqlite3", Sealer(os.urandom(32)))
+    blobs = BlobStore(tmp_path / "blobs", store, policy.limits)
+    published: list[bytes] = []
+    tasks = _Tasks()
+    dispatcher = Dispatcher(
+        gateway_id="gw", policy=policy, store=store, blobs=blobs,
+        admission=Admission(policy.limits), pool=None,  # type: ignore[arg-type]
+        runners=["wasm", "task"], publish=lambda _t, payload, _c, _q: published.append(payload),
+        tasks=tasks,
+    )  # fmt: skip
+    dispatcher.placer = Placer(
+        tier=tier, policy=policy.placement, runners={"wasm", "task"},  # type: ignore[arg-type]
+        load=lambda: IDLE, store=store, blob_class=blobs.data_class,
+    )  # fmt: skip
+    try:
+        for label in ("private", "public"):
+            install = TaskInstall(name=f"t-{label}", module=SHA, triggers=[Trigger(every_s=1.0)],
+                                  data_class=label)  # type: ignore[arg-type]  # fmt: skip
+            dispatcher.handle(request_topic("gw", "dev-7"), encode(install),
+                              reply_prefix("dev-7") + "r", b"c", 1)  # fmt: skip
+        private_reply, public_reply = map(decode_reply, published)
+        assert isinstance(public_reply, Task)
+        assert public_reply.task.data_class == "public"
+        if tier == "cloud":
+            assert isinstance(private_reply, Error)
+            assert private_reply.code is ErrorCode.POLICY_DENIED
+            assert [t.name for t in tasks.installed] == ["t-public"]
+        else:  # a home gateway installs both; neither is ever forwarded
+            assert isinstance(private_reply, Task)
+            assert private_reply.task.data_class == "private"
+        rows = store._conn.execute("SELECT action, target, decision FROM audit").fetchall()
+        assert rows == [
+            ("place:private", "-" if tier == "cloud" else "here",
+             "refused" if tier == "cloud" else "allowed"),
+            ("place:public", "here", "allowed"),
+        ]  # fmt: skip
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("tier", ["cloud", "home"])
+def test_a_cloud_tier_keeps_no_private_blob(tier: str, tmp_path: Path) -> None:
+    policy = Policy()
+    store = Store(tmp_path / "db.sqlite3", Sealer(os.urandom(32)))
+    blobs = BlobStore(tmp_path / "blobs", store, policy.limits)
+    published: list[bytes] = []
+    dispatcher = Dispatcher(
+        gateway_id="gw", policy=policy, store=store, blobs=blobs,
+        admission=Admission(policy.limits), pool=None,  # type: ignore[arg-type]
+        runners=["wasm"], publish=lambda _t, payload, _c, _q: published.append(payload),
+    )  # fmt: skip
+    dispatcher.placer = Placer(
+        tier=tier, policy=policy.placement, runners={"wasm"},  # type: ignore[arg-type]
+        load=lambda: IDLE, store=store, blob_class=blobs.data_class,
+    )  # fmt: skip
+    try:
+        for label in ("private", "public"):
+            data = f"{label} module bytes".encode()
+            chunk = BlobChunk(sha256=hashlib.sha256(data).hexdigest(), size=len(data), offset=0,
+                              data=data, data_class=label)  # type: ignore[arg-type]  # fmt: skip
+            dispatcher.handle(request_topic("gw", "dev-7"), encode(chunk),
+                              reply_prefix("dev-7") + "r", b"c", 1)  # fmt: skip
+        private_reply, public_reply = map(decode_reply, published)
+        assert isinstance(public_reply, BlobStored)
+        if tier == "cloud":
+            assert isinstance(private_reply, Error)
+            assert private_reply.code is ErrorCode.POLICY_DENIED
+            assert not blobs.has(hashlib.sha256(b"private module bytes").hexdigest())
+        else:
+            assert isinstance(private_reply, BlobStored)
+    finally:
+        store.close()
+
+
+def test_the_task_clis_label_with_public() -> None:
+    parser = argparse.ArgumentParser()
+    add_task_commands(parser, lambda _sub: None)
+    for argv, label in ((["--public"], "public"), ([], "private")):
+        args = parser.parse_args(["install", "t.wasm", "--name", "t", "--every", "5", *argv])
+        request = task_install_request(SHA, "t", **install_options(args))
+        assert request.data_class == label
+    info = TaskInfo(task_id="t-000000000001", name="t", owner="dev-7", state="running",
+                    data_class="public")  # fmt: skip
+    assert "data class  public" in format_task(info)
 
 
 def test_upstream_urls() -> None:
@@ -297,7 +530,9 @@ def test_the_forwarder_relays_uploads_and_falls_back(tmp_path: Path) -> None:
     module = b"\0asm-module"
     sha = hashlib.sha256(module).hexdigest()
     (tmp_path / sha).write_bytes(module)
-    blobs = type("Blobs", (), {"path": lambda _self, s: tmp_path / s})()
+    labels = {sha: "public"}
+    blobs = type("Blobs", (), {"path": lambda _self, s: tmp_path / s,
+                               "data_class": lambda _self, s: labels.get(s)})()  # fmt: skip
     relayed: list[tuple[str, bytes]] = []
     home: list[tuple[str, str]] = []
     loop = Loop()
@@ -325,6 +560,8 @@ def test_the_forwarder_relays_uploads_and_falls_back(tmp_path: Path) -> None:
         chunks = [m for m, c in link.sent if isinstance(m, BlobChunk)]
         assert b"".join(c.data for c in chunks) == module
         assert len(chunks) == 3  # 12 bytes in chunks of 5
+        assert {c.data_class for c in chunks} == {"public"}
+        assert forwarder._cleared_blobs() == {sha: "public"}
         forwarder._reply(b"blob:" + sha.encode(), encode(BlobStored(sha256=sha, size=12)))
         assert isinstance(link.sent[-1][0], WasmJob)  # sent again once the blob is there
         result = WasmResult(job_id="x", exit_code=0, stdout=b"out", stderr=b"",
@@ -359,6 +596,22 @@ def test_the_forwarder_relays_uploads_and_falls_back(tmp_path: Path) -> None:
         forwarder.forward("dev-7", private, "hearth/v1/dev/dev-7/reply", b"c", 1)
         assert len(link.sent) == sent_before  # never handed to the link
         assert home[-1] == ("p", "a private job is never forwarded")
+
+        # A public job naming a private blob is not forwarded either (placement keeps it here;
+        # this is the forwarder's own check), and a private blob is never uploaded.
+        secret = hashlib.sha256(b"private module").hexdigest()
+        labels[secret] = "private"
+        forwarder.forward("dev-7", WasmJob(job_id="pb", module=secret, data_class="public"),
+                          "hearth/v1/dev/dev-7/reply", b"c", 1)  # fmt: skip
+        assert len(link.sent) == sent_before
+        assert home[-1][0] == "pb"
+        assert "private" in home[-1][1]
+        token = forward("relabelled")  # public when forwarded, private by the time it is asked
+        labels[sha] = "private"
+        forwarder._reply(token, encode(NeedBlob(job_id="x", sha256=sha, max_chunk=5)))
+        assert not [m for m, _ in link.sent[sent_before + 1 :] if isinstance(m, BlobChunk)]
+        assert home[-1][0] == "relabelled"
+        assert "private" in home[-1][1]
     finally:
         forwarder.close()
         loop.close()
@@ -411,6 +664,9 @@ def test_public_work_overflows_to_the_cloud_tier_private_work_never_does(
     assert wait_until(lambda: home.snapshot().upstream_connected, 15), home.log()
     spin, echo = wasm["spin"].read_bytes(), wasm["echo"].read_bytes()
     echo_sha = hashlib.sha256(echo).hexdigest()
+    # The same program under another hash (a custom section appended), uploaded as private.
+    echo_private = echo + b"\x00\x05\x04hrth"
+    echo_private_sha = hashlib.sha256(echo_private).hexdigest()
     private = {f"p{i}": os.urandom(16) for i in range(3)}
     public = {f"u{i}": os.urandom(16) for i in range(3)}
     sdk = home.client(placement="auto")
@@ -418,7 +674,10 @@ def test_public_work_overflows_to_the_cloud_tier_private_work_never_does(
     try:
         with RawDevice(home.listen, home.gateway_id) as dev:
             assert isinstance(dev.upload(spin), BlobStored)
-            assert isinstance(dev.upload(echo), BlobStored)
+            assert isinstance(dev.upload(echo, data_class="public"), BlobStored)
+            assert isinstance(dev.upload(echo_private), BlobStored)
+            # A public upload of the same bytes later does not make them public.
+            assert isinstance(dev.upload(echo_private, data_class="public"), BlobStored)
             started = time.monotonic()
             spinning = dev.send(WasmJob(job_id="spin", module=hashlib.sha256(spin).hexdigest()))
             sent = {
@@ -426,6 +685,9 @@ def test_public_work_overflows_to_the_cloud_tier_private_work_never_does(
                                          data_class="public" if job_id in public else "private"))
                 for job_id, marker in (private | public).items()
             }  # fmt: skip
+            # Public, saturated, but its module is a private blob: it runs here, after the spin.
+            sent["u-privblob"] = dev.send(WasmJob(job_id="u-privblob", module=echo_private_sha,
+                                                  stdin=b"pb", data_class="public"))  # fmt: skip
             # The SDK's own path, while the box is still saturated: comes back as a WasmRun.
             run = sdk.run_wasm(echo, stdin=b"sdk public", data_class="public")
             answers = {job_id: dev.reply(c, timeout_s=40) for job_id, c in sent.items()}
@@ -448,6 +710,9 @@ def test_public_work_overflows_to_the_cloud_tier_private_work_never_does(
             answer = answers[job_id]
             assert isinstance(answer, WasmResult), answer
             assert (answer.stdout, answer.timing.upstream) == (marker, "")
+        answer = answers["u-privblob"]
+        assert isinstance(answer, WasmResult), answer
+        assert (answer.stdout, answer.timing.upstream) == (b"pb", "")
         assert done_at >= 6.0
 
         # A runner this gateway lacks: public work goes up, private work is refused (and the
@@ -468,7 +733,7 @@ def test_public_work_overflows_to_the_cloud_tier_private_work_never_does(
             assert isinstance(denied, Error)
             assert denied.code is ErrorCode.POLICY_DENIED
 
-        # The cloud tier itself refuses private work, and tasks (unlabelled, so private).
+        # The cloud tier itself refuses private work, and private tasks (the default label).
         with RawDevice(cloud.listen, cloud.gateway_id) as dev:
             refused = dev.request(WasmJob(job_id="direct", module=echo_sha, stdin=b"x"))
             assert isinstance(refused, Error)
@@ -477,6 +742,12 @@ def test_public_work_overflows_to_the_cloud_tier_private_work_never_does(
                                            triggers=[Trigger(every_s=1.0)]))  # fmt: skip
             assert isinstance(task, Error)
             assert task.code is ErrorCode.POLICY_DENIED
+        # The SDK does not even send a private task install to a cloud tier (its config would
+        # travel with it).
+        with cloud.client() as cloud_sdk, pytest.raises(JobError) as forbidden:
+            cloud_sdk.install_task(echo, "t", every_s=1.0)
+        assert forbidden.value.code is ErrorCode.FORBIDDEN
+        assert "cloud tier" in forbidden.value.message
     finally:
         sdk.close()
 
@@ -499,6 +770,9 @@ def test_public_work_overflows_to_the_cloud_tier_private_work_never_does(
         assert placed[job_id]["action"] == "place:public"
         assert placed[job_id]["target"] == f"upstream {cloud.address}"
         assert "saturated" in placed[job_id]["reason"]
+    assert (placed["u-privblob"]["action"], placed["u-privblob"]["target"]) == (
+        "place:public", "here")  # fmt: skip
+    assert "blob is private" in placed["u-privblob"]["reason"]
     assert (placed["priv-onnx"]["decision"], placed["priv-onnx"]["target"]) == ("refused", "-")
     assert not [r for r in rows if r["action"] == "place:private" and "upstream" in r["target"]]
     assert any(r["action"] == "egress:connect" and r["decision"] == "allowed" for r in rows)
@@ -651,8 +925,9 @@ spec = json.loads(sys.argv[2])
 modules = {name: open(path, "rb").read() for name, path in spec["modules"].items()}
 sha = {name: hashlib.sha256(data).hexdigest() for name, data in modules.items()}
 with RawDevice(BrokerAddress.parse(spec["broker"]), spec["gateway"]) as dev:
-    for data in modules.values():
-        assert isinstance(dev.upload(data), BlobStored)
+    for name, data in modules.items():  # echo serves public jobs: a public blob
+        label = "public" if name == "echo" else "private"
+        assert isinstance(dev.upload(data, data_class=label), BlobStored)
     sent = {"spin": dev.send(WasmJob(job_id="spin", module=sha["spin"]))}
     for job_id, (label, marker) in spec["jobs"].items():
         job = WasmJob(job_id=job_id, module=sha["echo"], stdin=bytes.fromhex(marker),

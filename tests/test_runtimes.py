@@ -137,15 +137,17 @@ def test_a_new_onnx_session_is_warmed_with_zeros_shaped_like_its_inputs() -> Non
     from hearth.runtime.onnx import _warm_up
 
     class Session:
-        feeds: dict[str, np.ndarray] = {}
+        def __init__(self) -> None:
+            self.feeds: dict[str, np.ndarray] = {}
 
         def run(self, outputs: object, feeds: dict[str, np.ndarray]) -> None:
-            Session.feeds = feeds
+            self.feeds = feeds
 
-    _warm_up(Session(), {"image": ("float32", ["batch", 3, 224, None]), "k": ("int64", [])})
-    assert Session.feeds["image"].shape == (1, 3, 224, 1)
-    assert Session.feeds["image"].dtype == np.float32
-    assert Session.feeds["k"].dtype == np.int64
+    session = Session()
+    _warm_up(session, {"image": ("float32", ["batch", 3, 224, None]), "k": ("int64", [])})
+    assert session.feeds["image"].shape == (1, 3, 224, 1)
+    assert session.feeds["image"].dtype == np.float32
+    assert session.feeds["k"].dtype == np.int64
 
 
 def test_a_model_that_cannot_run_on_zeros_still_loads() -> None:

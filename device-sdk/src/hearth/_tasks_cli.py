@@ -78,6 +78,12 @@ def add_task_commands(
         help="store the task's state every N events (default 1)",
     )
     install.add_argument("--checkpoint-every-s", type=float, metavar="S")
+    install.add_argument(
+        "--public",
+        action="store_true",
+        help="label the task (and its module) public: a cloud-tier gateway installs only "
+        "public tasks (default: private)",
+    )
     common(install)
     listing = sub.add_parser("list", help="list tasks")
     listing.add_argument("--json", action="store_true")
@@ -125,6 +131,7 @@ def install_options(args: argparse.Namespace) -> dict[str, Any]:
         "config": parse_settings(args.set),
         "checkpoint_every": args.checkpoint_every,
         "checkpoint_every_s": args.checkpoint_every_s,
+        "data_class": "public" if args.public else "private",
     }
 
 
@@ -154,6 +161,7 @@ def format_task(task: TaskInfo) -> str:
     lines = [
         f"task        {task.task_id}  {task.name}  (owner {task.owner})",
         f"state       {task.state}" + (f": {task.reason}" if task.reason else ""),
+        f"data class  {task.data_class}",
         f"triggers    {triggers}",
         f"may read    {', '.join(task.read) or '-'}",
         f"may publish {', '.join(task.publish) or '-'}",

@@ -299,6 +299,7 @@ def task_install_request(
     config: Mapping[str, str] | None = None,
     checkpoint_every: int = 1,
     checkpoint_every_s: float | None = None,
+    data_class: DataClass = "private",
 ) -> TaskInstall:
     """The ``task_install`` message for a module already named by its hash (the options are
     those of ``Client.install_task``)."""
@@ -316,6 +317,7 @@ def task_install_request(
         config=dict(config or {}),
         checkpoint_every=checkpoint_every,
         checkpoint_every_s=checkpoint_every_s,
+        data_class=data_class,
     )
 
 
@@ -688,7 +690,9 @@ class Client(VisionCalls):
                 with lock:
                     key = (conn.gateway_id, blob.sha256)
                     if self._uploaded_at.get(key, -1.0) < sent_at:
-                        self._upload(conn, blob, reply.max_chunk)
+                        # The blob gets the label of the work that needs it; the gateway keeps
+                        # the first label it saw, so a blob once private stays private there.
+                        self._upload(conn, blob, reply.max_chunk, job.data_class)
                         self._uploaded_at[key] = time.monotonic()
                 continue
             if isinstance(reply, Error):
@@ -696,7 +700,9 @@ class Client(VisionCalls):
                 raise JobError(reply.code, reply.message, job_id=job_id, where="edge")
             return reply
 
-    def _upload(self, conn: _Connection, blob: _Blob, max_chunk: int) -> None:
+    def _upload(
+        self, conn: _Connection, blob: _Blob, max_chunk: int, data_class: DataClass = "private"
+    ) -> None:
         correlation = f"blob-{blob.sha256}".encode()
         future = conn.expect(correlation)
         try:
@@ -705,9 +711,9 @@ class Client(VisionCalls):
             offset = 0
             while True:
                 data = blob.data[offset : offset + chunk]
-                conn.publish(
-                    BlobChunk(sha256=blob.sha256, size=size, offset=offset, data=data), correlation
-                )
+                part = BlobChunk(sha256=blob.sha256, size=size, offset=offset, data=data,
+                                 data_class=data_class)  # fmt: skip
+                conn.publish(part, correlation)
                 self.stats.blob_bytes_sent += len(data)
                 offset += len(data)
                 if offset >= size:
@@ -783,13 +789,22 @@ class Client(VisionCalls):
         config: Mapping[str, str] | None = None,
         checkpoint_every: int = 1,
         checkpoint_every_s: float | None = None,
+        data_class: DataClass = "private",
     ) -> TaskInfo:
         """Install a persistent task (docs/tasks.md) on the gateway, owned by this device.
 
         ``on``: MQTT topic filters that wake it; ``every_s``: a timer; ``read`` (default: the
         ``on`` filters) and ``may_publish``: its grants; ``expires_at`` (unix seconds) and
-        ``idle_timeout_s`` (since this device was last seen): its lifetime."""
+        ``idle_timeout_s`` (since this device was last seen): its lifetime. ``data_class``:
+        the task's label (its module is uploaded with it); a private task (the default) is
+        never installed on a gateway off the LAN or on a cloud tier: JobError ``forbidden``."""
         blob = self._blob(module)
+        conn = self.connection()
+        # Checked once connected, when the gateway's tier is known: the request itself carries
+        # the task's config, so it must not even be sent.
+        why = self._off_lan(data_class == "private", Placement.EDGE)
+        if why is not None:
+            raise JobError(ErrorCode.FORBIDDEN, why)
         request = task_install_request(
             blob.sha256,
             name,
@@ -802,8 +817,9 @@ class Client(VisionCalls):
             config=config,
             checkpoint_every=checkpoint_every,
             checkpoint_every_s=checkpoint_every_s,
+            data_class=data_class,
         )
-        reply = self._submit(self.connection(), request, blob, uuid.uuid4().bytes)
+        reply = self._submit(conn, request, blob, uuid.uuid4().bytes)
         return self._task_info(reply)
 
     def tasks(self) -> list[TaskInfo]:

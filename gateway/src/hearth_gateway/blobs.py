@@ -1,5 +1,8 @@
 """Content-addressed blobs (WASM modules, ONNX models): files named by their sha256, plus the
-uploads in progress. A blob is only ever visible under its hash after its bytes were checked."""
+uploads in progress. A blob is only ever visible under its hash after its bytes were checked.
+
+Each stored blob has a data label, that of its first complete upload (``BlobChunk.data_class``);
+only a public blob may be forwarded to an upstream gateway (placement.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hearth.errors import ErrorCode
-from hearth.protocol import BlobChunk
+from hearth.protocol import BlobChunk, DataClass
 from hearth_gateway.policy import LimitsPolicy
 from hearth_gateway.store import Store
 
@@ -37,6 +40,7 @@ class _Upload:
     received: int = 0
     hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
     touched: float = field(default_factory=time.monotonic)
+    public: bool = True  # until a chunk says private: one private chunk makes the blob private
 
 
 class BlobStore:
@@ -52,12 +56,21 @@ class BlobStore:
             stale.unlink(missing_ok=True)
         # Known hashes in memory: every job asks, and a stat() per job showed in profiles.
         self._known = {p.name for p in root.glob("??/*") if p.is_file()}
+        # The public ones, asked for each public job. A blob on disk without a row (or from
+        # before labels) is not in here: private, the safe reading.
+        self._public = store.public_blobs() & self._known
 
     def path(self, sha256: str) -> Path:
         return self._root / sha256[:2] / sha256
 
     def has(self, sha256: str) -> bool:
         return sha256 in self._known
+
+    def data_class(self, sha256: str) -> DataClass | None:
+        """A stored blob's label; None when it is not stored (yet)."""
+        if sha256 not in self._known:
+            return None
+        return "public" if sha256 in self._public else "private"
 
     def receive(self, client_id: str, chunk: BlobChunk) -> bool:
         """Take one chunk. True when the blob is now complete and stored. Raises UploadRefused
@@ -78,6 +91,8 @@ class BlobStore:
         key = (client_id, chunk.sha256)
         with self._lock:
             if self.has(chunk.sha256):
+                # Stored already: its label stays the one of its first upload. A public upload
+                # of bytes someone stored as private must not make them forwardable.
                 self._drop(key)
                 return chunk.offset + len(chunk.data) == chunk.size
             upload = self._uploads.get(key)
@@ -100,6 +115,7 @@ class BlobStore:
                     f"chunk at offset {chunk.offset}, expected {expected}: upload again from 0",
                 )
             assert upload is not None
+            upload.public = upload.public and chunk.data_class == "public"
             with upload.path.open("ab") as f:
                 f.write(chunk.data)
             upload.hasher.update(chunk.data)
@@ -116,9 +132,13 @@ class BlobStore:
             final = self.path(chunk.sha256)
             final.parent.mkdir(exist_ok=True)
             os.replace(upload.path, final)
+            label: DataClass = "public" if upload.public else "private"
+            if upload.public:
+                self._public.add(chunk.sha256)
             self._known.add(chunk.sha256)
-        self._store.add_blob(chunk.sha256, chunk.size)
-        log.info("stored blob %s (%d bytes) from %s", chunk.sha256[:12], chunk.size, client_id)
+        self._store.add_blob(chunk.sha256, chunk.size, label)
+        log.info("stored %s blob %s (%d bytes) from %s", label, chunk.sha256[:12], chunk.size,
+                 client_id)  # fmt: skip
         return True
 
     def _drop(self, key: tuple[str, str]) -> None:
@@ -138,5 +158,6 @@ class BlobStore:
     def discard(self, sha256: str) -> None:
         """Remove a blob whose bytes turned out not to match its hash on load."""
         self._known.discard(sha256)
+        self._public.discard(sha256)
         self.path(sha256).unlink(missing_ok=True)
         self._store.remove_blob(sha256)

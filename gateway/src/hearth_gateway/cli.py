@@ -119,19 +119,21 @@ def _tasks(args: argparse.Namespace) -> int:
         return 1
     verb = args.task_command
     if verb == "install":
+        options = install_options(args)
         data = Path(args.module).read_bytes()
         sha = hashlib.sha256(data).hexdigest()
         chunk = 1 << 20
         for offset in range(0, max(len(data), 1), chunk):
             part = BlobChunk(sha256=sha, size=len(data), offset=offset,
-                             data=data[offset : offset + chunk])  # fmt: skip
+                             data=data[offset : offset + chunk],
+                             data_class=options["data_class"])  # fmt: skip
             reply = call(sock, encode(part))
             if isinstance(reply, Error):
                 print(f"hearth-gateway: upload refused: {reply.code}: {reply.message}",
                       file=sys.stderr)  # fmt: skip
                 return 1
         request: TaskInstall | TaskList | TaskControl = task_install_request(
-            sha, args.name, **install_options(args)
+            sha, args.name, **options
         )
     elif verb == "list":
         request = TaskList()

@@ -145,7 +145,7 @@ class Gateway:
         self.dispatcher.upstream = self.upstream
         self.dispatcher.placer = Placer(
             tier=config.tier, policy=self.policy.placement, runners=set(config.runners),
-            load=self._load, store=self.store,
+            load=self._load, store=self.store, blob_class=self.blobs.data_class,
             upstream=self.upstream.state if self.upstream is not None else None,
         )  # fmt: skip
         self.tasks: TaskManager | None = None

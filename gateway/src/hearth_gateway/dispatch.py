@@ -32,6 +32,7 @@ from hearth.protocol import (
     Reply,
     SessionClose,
     SessionClosed,
+    Task,
     TaskControl,
     TaskInstall,
     TaskList,
@@ -231,15 +232,21 @@ class Dispatcher:
     def _device_task_request(
         self, client_id: str, request: TaskInstall | TaskControl | TaskList
     ) -> Reply:
-        """Tasks carry no data label, so they count as private: a cloud tier installs none."""
+        """A task install goes where placement says (a cloud tier installs only public tasks);
+        audited when refused, or once installed (not for a need_blob on the way)."""
         placer = self.placer
-        denied = placer.task_refusal() if placer and isinstance(request, TaskInstall) else None
-        if placer is None or denied is None or denied.code is None:
+        if placer is None or not isinstance(request, TaskInstall):
             return self.task_request(client_id, request)
-        assert isinstance(request, TaskInstall)
-        placer.audit(client_id, "private", f"task {request.name}", denied)
-        self.counters.refused += 1
-        return Error(code=denied.code, message=denied.reason)
+        decision = placer.place_task(request)
+        what = f"task {request.name}"
+        if decision.action is Action.DENY and decision.code is not None:
+            placer.audit(client_id, request.data_class, what, decision)
+            self.counters.refused += 1
+            return Error(code=decision.code, message=decision.reason)
+        reply = self.task_request(client_id, request)
+        if isinstance(reply, Task):
+            placer.audit(client_id, request.data_class, what, decision)
+        return reply
 
     def task_request(self, client_id: str, request: TaskInstall | TaskControl | TaskList) -> Reply:
         if self.tasks is None:
@@ -259,6 +266,16 @@ class Dispatcher:
         qos: int,
     ) -> None:
         self.counters.blob_bytes_received += len(chunk.data)
+        if (
+            chunk.data_class == "private"
+            and self.placer is not None
+            and self.placer.tier == "cloud"
+        ):
+            # A device (or a buggy home gateway) sending private bytes to a cloud tier: they
+            # have crossed already, but they are not kept, and the sender learns why.
+            self._refuse(client_id, response_topic, correlation, qos, ErrorCode.POLICY_DENIED,
+                         "private blobs are not accepted by a cloud tier")  # fmt: skip
+            return
         try:
             complete = self._blobs.receive(client_id, chunk)
         except UploadRefused as exc:

@@ -1,5 +1,6 @@
-"""Where work may run: the one place that decides, from a job's data label and the
-``[placement]`` policy, and the one check that every message bound for an upstream passes.
+"""Where work may run: the one place that decides, from the data labels of a job (and of the
+blob it names) or of a task and the ``[placement]`` policy, and the one check that every message
+bound for an upstream passes.
 
 The rules::
 
@@ -10,9 +11,12 @@ The rules::
              line of defence behind the home gateway and the device SDK.
     public   this gateway, or the upstream gateway when this one is saturated (every worker
              busy and more than ``upstream_when_queue_over`` jobs waiting) or lacks the job's
-             runner, and the upstream is connected and under ``upstream_max_in_flight``.
+             runner, and the upstream is connected and under ``upstream_max_in_flight``; but
+             a public job naming a private blob (module or model) is never forwarded: the
+             upstream would need the blob, so it runs here, like private work.
 
-Peer gateways on the LAN are not considered: private work runs here or nowhere.
+Persistent tasks run where they are installed, never forwarded; a cloud tier installs only
+public ones. Peer gateways on the LAN are not considered: private work runs here or nowhere.
 
 ``decide`` and ``egress_refusal`` are pure; ``Placer`` gathers their inputs from the running
 gateway and writes every decision and refusal to the audit table.
@@ -21,7 +25,7 @@ gateway and writes every decision and refusal to the audit table.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +36,7 @@ from hearth.protocol import (
     DataClass,
     OnnxJob,
     PipelineJob,
+    TaskInstall,
     WasmJob,
     decode_request,
     request_topic,
@@ -47,8 +52,10 @@ __all__ = [
     "Placer",
     "Tier",
     "UpstreamState",
+    "blob_of",
     "connection_refusal",
     "decide",
+    "decide_task",
     "egress_refusal",
     "forwardable",
 ]
@@ -95,6 +102,15 @@ class UpstreamState:
     ready: bool = False  # connected, its gateway known, room under upstream_max_in_flight
 
 
+def blob_of(job: object) -> str | None:
+    """The blob (module or model) a job names, if any."""
+    if isinstance(job, WasmJob):
+        return job.module
+    if isinstance(job, OnnxJob | PipelineJob):
+        return job.model
+    return None
+
+
 def forwardable(job: object) -> bool:
     """Jobs that carry everything they need: a stream frame or a session call depends on
     state held by one worker here, so it is never forwarded."""
@@ -113,8 +129,12 @@ def decide(  # noqa: PLR0911 - one return per rule reads best
     load: Load,
     upstream: UpstreamState,
     policy: PlacementPolicy,
+    blob_class: DataClass | None = None,
 ) -> Decision:
-    """Where one job runs. ``can_forward``: the job is ``forwardable``."""
+    """Where one job runs. ``can_forward``: the job is ``forwardable``. ``blob_class``: the
+    label of the stored blob the job names; None when it names none, or when the blob is not
+    stored yet (the job is then answered ``need_blob`` before any decision is acted on, and
+    decided again once the blob is here)."""
     if data_class != "public":
         if tier == "cloud":
             return Decision(
@@ -132,8 +152,17 @@ def decide(  # noqa: PLR0911 - one return per rule reads best
                 )
             return _unsupported(runner)
         return _here(load, "private: stays on this gateway")
+    # Forwarding would send the blob too: a private one keeps the job here. Said in the reason
+    # only where an upstream could otherwise have taken the job.
+    blob_private = (
+        blob_class == "private" and can_forward and tier == "home" and bool(upstream.target)
+    )
     may_forward = (
-        can_forward and tier == "home" and upstream.ready and policy.upstream_max_in_flight > 0
+        can_forward
+        and blob_class != "private"
+        and tier == "home"
+        and upstream.ready
+        and policy.upstream_max_in_flight > 0
     )
     if not runner_here:
         if may_forward:
@@ -142,7 +171,16 @@ def decide(  # noqa: PLR0911 - one return per rule reads best
                 f"public, and this gateway has no {runner!r} runner",
                 upstream.target,
             )
+        if blob_private:
+            return Decision(
+                Action.DENY,
+                f"public, but its blob is private, and this gateway has no {runner!r} runner; "
+                "a private blob is never forwarded upstream",
+                code=ErrorCode.POLICY_DENIED,
+            )
         return _unsupported(runner)
+    if blob_private:
+        return _here(load, "public, but its blob is private: stays on this gateway")
     if load.saturated(policy.upstream_when_queue_over):
         busy = f"{load.busy}/{load.workers} workers busy, {load.waiting} jobs waiting"
         if may_forward:
@@ -152,6 +190,19 @@ def decide(  # noqa: PLR0911 - one return per rule reads best
         if upstream.target and can_forward:
             return _here(load, "public; saturated, but the upstream is not available")
     return _here(load, "public")
+
+
+def decide_task(*, data_class: DataClass, tier: Tier) -> Decision:
+    """Where a persistent task may be installed: on the gateway it was sent to, never forwarded
+    (its state lives there); a cloud tier takes only public ones, since a task's config, state
+    and the messages it handles carry its label."""
+    if data_class != "public" and tier == "cloud":
+        return Decision(
+            Action.DENY,
+            "private tasks never run on a cloud-tier gateway",
+            code=ErrorCode.POLICY_DENIED,
+        )
+    return Decision(Action.HERE, f"{data_class}: a task runs where it is installed")
 
 
 def _here(load: Load, why: str) -> Decision:
@@ -190,14 +241,16 @@ def egress_refusal(  # noqa: PLR0911 - one return per refusal
     *,
     upstream_id: str,
     client_id: str,
-    blobs: Container[str],
+    blobs: Mapping[str, DataClass],
 ) -> str | None:
     """Why this message must not be published to the upstream, or None if it may.
 
     Reads the exact bytes about to leave, not the object they were made from. Allowed: a
-    forwardable job labelled ``public``, or a chunk of a blob that ``blobs`` lists (the blobs
-    named by public jobs in flight upstream), on this gateway's request topic at the upstream.
-    Everything else is refused: any other topic, any other message, anything private.
+    forwardable job labelled ``public``, or a chunk labelled ``public`` of a blob that ``blobs``
+    lists as public, on this gateway's request topic at the upstream. ``blobs``: the blobs named
+    by public jobs in flight upstream, each with the label this gateway recorded for it (so a
+    chunk of a private blob is refused whatever label the chunk itself carries). Everything
+    else is refused: any other topic, any other message, anything private.
     """
     try:
         expected = request_topic(upstream_id, client_id)
@@ -210,9 +263,12 @@ def egress_refusal(  # noqa: PLR0911 - one return per refusal
     except ProtocolError as exc:
         return f"not a protocol v1 request ({exc.code})"
     if isinstance(message, BlobChunk):
-        if message.sha256 in blobs:
-            return None
-        return f"blob {message.sha256[:12]} is named by no public job in flight upstream"
+        sha = message.sha256
+        if sha not in blobs:
+            return f"blob {sha[:12]} is named by no public job in flight upstream"
+        if blobs[sha] != "public" or message.data_class != "public":
+            return f"blob {sha[:12]} is private; it never leaves this gateway"
+        return None
     if not forwardable(message):
         return f"a {type(message).__name__} is never forwarded"
     data_class = getattr(message, "data_class", "private")
@@ -235,6 +291,7 @@ class Placer:
         runners: Container[str],
         load: Callable[[], Load],
         store: Store,
+        blob_class: Callable[[str], DataClass | None],
         upstream: Callable[[], UpstreamState] | None = None,
     ) -> None:
         self.tier: Tier = tier
@@ -242,10 +299,12 @@ class Placer:
         self._runners = runners
         self._load = load
         self._store = store
+        self._blob_class = blob_class  # BlobStore.data_class: a stored blob's label, or None
         self._upstream = upstream
 
     def place(self, job: PlacedJob) -> Decision:
         runner = runner_for(job)
+        sha = blob_of(job)
         return decide(
             data_class=job.data_class,
             tier=self.tier,
@@ -255,17 +314,11 @@ class Placer:
             load=self._load(),
             upstream=self._upstream() if self._upstream is not None else UpstreamState(),
             policy=self._policy,
+            blob_class=self._blob_class(sha) if sha is not None else None,
         )
 
-    def task_refusal(self) -> Decision | None:
-        """Tasks carry no data label, so they count as private: not on a cloud tier."""
-        if self.tier == "cloud":
-            return Decision(
-                Action.DENY,
-                "persistent tasks are private; not on a cloud tier",
-                code=ErrorCode.POLICY_DENIED,
-            )
-        return None
+    def place_task(self, request: TaskInstall) -> Decision:
+        return decide_task(data_class=request.data_class, tier=self.tier)
 
     def audit(self, client_id: str, label: str, what: str, decision: Decision) -> None:
         """One row per decision acted on: device, label, where, and why (``what``: "job ID"

@@ -1,4 +1,5 @@
-"""Gateway state in SQLite (WAL): the job journal with stored answers, and the blob index.
+"""Gateway state in SQLite (WAL): the job journal with stored answers, and the blob index
+(with each blob's data label).
 
 Durability does not rest on the broker: a job is journaled when accepted, its answer is stored
 before it is published, and a job id seen again is answered from here instead of running twice.
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import sqlite_utils
 
+from hearth.protocol import DataClass
 from hearth_gateway.crypto import Sealer
 
 __all__ = ["DeviceRecord", "JournalEntry", "Store"]
@@ -119,6 +121,10 @@ class Store:
                 {"sha256": str, "size": int, "stored_at": float, "last_used": float},
                 pk="sha256",
             )
+        if "data_class" not in self._db.table("blobs").columns_dict:
+            # Added with blob labels, for new and older databases alike: blobs stored before
+            # uploads carried a label count as private, so none of them is ever forwarded.
+            self._db.table("blobs").add_column("data_class", str, not_null_default="private")
         if "devices" not in self._db.table_names():
             # Paired devices, one row per certificate issued (pairing.py). A device id is
             # locked out once it has rows and none of them is unrevoked.
@@ -215,14 +221,23 @@ class Store:
 
     # -- blob index ------------------------------------------------------------------------
 
-    def add_blob(self, sha256: str, size: int) -> None:
+    def add_blob(self, sha256: str, size: int, data_class: DataClass = "private") -> None:
+        """Record a stored blob. A blob already recorded keeps its label: the first complete
+        upload decides, so a public upload never turns a private blob public."""
         now = time.time()
         with self._lock:
             self._conn.execute(
-                "INSERT OR REPLACE INTO blobs (sha256, size, stored_at, last_used)"
-                " VALUES (?, ?, ?, ?)",
-                (sha256, size, now, now),
+                "INSERT INTO blobs (sha256, size, stored_at, last_used, data_class)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (sha256) DO UPDATE SET"
+                " size=excluded.size, stored_at=excluded.stored_at, last_used=excluded.last_used",
+                (sha256, size, now, now, data_class),
             )
+
+    def public_blobs(self) -> set[str]:
+        """The blobs labelled public (every other stored blob is private)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT sha256 FROM blobs WHERE data_class='public'")
+            return {str(r[0]) for r in rows}
 
     def remove_blob(self, sha256: str) -> None:
         with self._lock:

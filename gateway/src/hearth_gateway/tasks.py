@@ -209,6 +209,7 @@ class TaskManager:
             triggers=request.triggers,
             read=request.read or [t.topic for t in request.triggers if t.topic],
             publish=request.publish,
+            data_class=request.data_class,
         )
         task = _Task(task_id, owner, request, info,
                      kv={k: v.encode() for k, v in request.config.items()})  # fmt: skip

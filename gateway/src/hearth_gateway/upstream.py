@@ -6,8 +6,10 @@ this gateway restarts first, the job runs here). Upstream, every device of this 
 its own job id; the answer comes back to the device with its own job id, on its own Response
 Topic and correlation, and with ``timing.upstream`` naming the gateway that ran it. When the
 upstream asks for the module or model (``need_blob``), this gateway uploads it from its blob
-store. Whatever goes wrong upstream (no answer in time, a lost connection, ``overloaded`` or
-another refusal) the job falls back to this gateway: it is public, it may run here.
+store if it is labelled public (placement keeps a public job naming a private blob here; this
+checks again). Whatever goes wrong upstream (no answer in time, a lost connection,
+``overloaded`` or another refusal) the job falls back to this gateway: it is public, it may
+run here.
 
 Everything here runs on the daemon's loop thread.
 """
@@ -28,6 +30,7 @@ from hearth.protocol import (
     BlobStored,
     CallJob,
     CallResult,
+    DataClass,
     Error,
     NeedBlob,
     OnnxJob,
@@ -43,7 +46,7 @@ from hearth.protocol import (
 from hearth_gateway.blobs import BlobStore
 from hearth_gateway.config import Config
 from hearth_gateway.loop import Loop, Timer
-from hearth_gateway.placement import UpstreamState
+from hearth_gateway.placement import UpstreamState, blob_of
 from hearth_gateway.policy import PlacementPolicy
 from hearth_gateway.upstream_link import (
     Audit,
@@ -83,14 +86,6 @@ _RELAYED_ERRORS = frozenset(
 _MAX_CHUNK = 1 << 20  # bytes per uploaded chunk: small enough not to hog the uplink per packet
 _JOB = b"job:"
 _BLOB = b"blob:"
-
-
-def _blob_of(job: ForwardedJob) -> str | None:
-    if isinstance(job, WasmJob):
-        return job.module
-    if isinstance(job, OnnxJob | PipelineJob):
-        return job.model
-    return None
 
 
 def upstream_job_id(client_id: str, job_id: str) -> str:
@@ -157,9 +152,14 @@ class Forwarder:
     def idle(self) -> bool:
         return not self._pending
 
-    def _cleared_blobs(self) -> set[str]:
-        """The blobs public jobs in flight upstream name: the only ones that may be uploaded."""
-        return {sha for item in self._pending.values() if (sha := _blob_of(item.job))}
+    def _cleared_blobs(self) -> dict[str, DataClass]:
+        """The blobs public jobs in flight upstream name, the only ones that may be uploaded,
+        each with its label here: the egress check lets only the public ones out."""
+        return {
+            sha: self._blobs.data_class(sha) or "private"
+            for item in self._pending.values()
+            if (sha := blob_of(item.job))
+        }
 
     # -- jobs -----------------------------------------------------------------------------------
 
@@ -171,6 +171,10 @@ class Forwarder:
         )
         if job.data_class != "public":  # placement never sends one; egress would refuse it too
             self._fallback(item, "a private job is never forwarded")
+            return
+        sha = blob_of(job)
+        if sha is not None and self._blobs.data_class(sha) == "private":  # nor one of these
+            self._fallback(item, f"blob {sha[:12]} is private; a job naming it is not forwarded")
             return
         self._pending[item.token] = item
         item.timer = self._loop.call_later(
@@ -256,9 +260,14 @@ class Forwarder:
     # -- blobs ----------------------------------------------------------------------------------
 
     def _need_blob(self, item: Forwarded, need: NeedBlob) -> None:
-        sha = _blob_of(item.job)
+        sha = blob_of(item.job)
         if need.sha256 != sha or item.uploads >= 2:
             self._give_up(item.token, f"it asked for blob {need.sha256[:12]} again or instead")
+            return
+        if self._blobs.data_class(sha) != "public":
+            # Placement does not forward a job naming a private blob; this holds if the blob
+            # was replaced (removed and uploaded again as private) since.
+            self._give_up(item.token, f"blob {sha[:12]} is private; it is never uploaded")
             return
         item.uploads += 1
         waiting = self._uploads.get(sha)
@@ -279,7 +288,11 @@ class Forwarder:
         try:
             for offset in range(0, max(len(data), 1), chunk):
                 part = BlobChunk(
-                    sha256=sha, size=len(data), offset=offset, data=data[offset : offset + chunk]
+                    sha256=sha,
+                    size=len(data),
+                    offset=offset,
+                    data=data[offset : offset + chunk],
+                    data_class="public",
                 )
                 self.link.send(part, correlation)
         except (EgressRefused, UpstreamUnavailable) as exc:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from collections.abc import Callable, Container
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,14 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 
 from hearth.errors import HearthError
-from hearth.protocol import Request, decode_status, encode, reply_topic, request_topic
+from hearth.protocol import (
+    DataClass,
+    Request,
+    decode_status,
+    encode,
+    reply_topic,
+    request_topic,
+)
 from hearth.transport import BrokerAddress, make_client, properties, publish_properties
 from hearth_gateway.errors import ConfigError, GatewayError
 from hearth_gateway.loop import Loop, Timer
@@ -94,7 +101,8 @@ class UpstreamLink:
         *,
         policy: PlacementPolicy,
         audit: Audit,
-        cleared_blobs: Callable[[], Container[str]],
+        # The blobs public jobs in flight name, with the label recorded for each here.
+        cleared_blobs: Callable[[], Mapping[str, DataClass]],
         on_reply: Callable[[bytes, bytes], None],  # correlation, payload
         on_refused: Callable[[bytes, str], None],  # correlation, why (a PUBACK failure)
         on_lost: Callable[[], None],  # nothing in flight will be answered

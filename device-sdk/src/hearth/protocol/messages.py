@@ -170,12 +170,16 @@ class PipelineJob(_Message, frozen=True, tag="pipeline"):
 
 class BlobChunk(_Message, frozen=True, tag="blob"):
     """One chunk of a content-addressed upload. Chunks are sent in order; the gateway answers
-    the last one (``offset + len(data) == size``) with BlobStored, or any one with an Error."""
+    the last one (``offset + len(data) == size``) with BlobStored, or any one with an Error.
+
+    ``data_class`` labels the blob (the label of the job or task that needs it): the gateway
+    keeps the label of its first complete upload, and a private blob is never forwarded."""
 
     sha256: Sha256
     size: NonNegative
     offset: NonNegative
     data: bytes
+    data_class: DataClass = "private"
 
 
 # --- persistent tasks (docs/tasks.md) ------------------------------------------------------
@@ -207,6 +211,8 @@ class TaskInstall(_Message, frozen=True, tag="task_install"):
     config: dict[str, str] = {}  # initial key-value state
     checkpoint_every: Annotated[int, msgspec.Meta(ge=1)] = 1  # events between checkpoints
     checkpoint_every_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    # Its config, state and the messages it handles: a cloud tier installs only public tasks.
+    data_class: DataClass = "private"
 
 
 class TaskControl(_Message, frozen=True, tag="task_control"):
@@ -328,6 +334,7 @@ class TaskInfo(msgspec.Struct, frozen=True, kw_only=True):
     triggers: list[Trigger] = []
     read: list[str] = []
     publish: list[str] = []
+    data_class: DataClass = "private"  # from the install; tasks stored before labels: private
     events: int = 0  # handled
     failures: int = 0
     publishes: int = 0
