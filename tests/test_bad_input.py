@@ -4,8 +4,11 @@ next good job works."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import queue
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,6 +91,7 @@ def test_blob_whose_bytes_do_not_match_its_hash(device: RawDevice, gateway, wasm
     reply = device.request(WasmJob(job_id="j1", module=_sha(b"something else")))
     assert type(reply).__name__ == "NeedBlob"  # nothing was stored under the wrong name
     _good_job_still_works(device, wasm, gateway)
+    assert ("blob", _sha(b"something else"), "refused") in _audit(gateway)
 
 
 def test_truncated_upload(device: RawDevice, gateway, wasm) -> None:
@@ -213,6 +217,18 @@ def test_a_stored_blob_that_fails_its_hash_is_refused_and_asked_for_again(
     reply = device.request(WasmJob(job_id="t2", module=sha))
     assert type(reply).__name__ == "NeedBlob"  # removed: the device re-uploads it
     _good_job_still_works(device, wasm, gateway)
+    assert ("blob", sha, "refused") in _audit(gateway)
+
+
+def _audit(gateway: GatewayProcess) -> list[tuple[str, str, str]]:
+    """(action, target, decision) of each audit entry, as `hearth-gateway audit` shows them."""
+    shown = subprocess.run(
+        [sys.executable, "-m", "hearth_gateway.cli", "audit", "--json",
+         "--state-dir", str(gateway.state_dir)],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    entries = [json.loads(line) for line in shown.stdout.splitlines() if line.strip()]
+    return [(e["action"], e["target"], e["decision"]) for e in entries]
 
 
 def test_a_result_over_the_message_limit_is_answered_with_too_large(

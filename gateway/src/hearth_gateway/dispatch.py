@@ -273,12 +273,16 @@ class Dispatcher:
         ):
             # A device (or a buggy home gateway) sending private bytes to a cloud tier: they
             # have crossed already, but they are not kept, and the sender learns why.
+            reason = "private blobs are not accepted by a cloud tier"
+            self._store.audit(client_id, "blob", chunk.sha256, "refused", reason)
             self._refuse(client_id, response_topic, correlation, qos, ErrorCode.POLICY_DENIED,
-                         "private blobs are not accepted by a cloud tier")  # fmt: skip
+                         reason)  # fmt: skip
             return
         try:
             complete = self._blobs.receive(client_id, chunk)
         except UploadRefused as exc:
+            if exc.code is ErrorCode.HASH_MISMATCH:  # tampered with, or a broken sender
+                self._store.audit(client_id, "blob", chunk.sha256, "refused", exc.message)
             self._refuse(client_id, response_topic, correlation, qos, exc.code, exc.message)
             return
         if complete:
@@ -596,6 +600,8 @@ class Dispatcher:
         sha = _blob_of(item.job)
         if sha and isinstance(decoded, Error) and decoded.code is ErrorCode.HASH_MISMATCH:
             log.warning("stored blob %s failed its hash check; removed", sha[:12])
+            self._store.audit(item.client_id, "blob", sha, "refused",
+                              "stored blob failed its hash check; removed")  # fmt: skip
             self._blobs.discard(sha)
 
     def _identity_refused(
