@@ -21,7 +21,6 @@ a gateway on the LAN)::
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections import deque
@@ -32,6 +31,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from _args import gateway_parser
 from hearth import Call, Client, Dropped, HearthError
 
 WIDTH, HEIGHT = 640, 480
@@ -102,13 +102,7 @@ def describe(outcome: Future[Any], kind: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--gateway",
-        metavar="HOST:PORT",
-        help="this gateway (default: $HEARTH_GATEWAY, else mDNS discovery)",
-    )
-    parser.add_argument("--interface", metavar="IP", help="discover on this interface only")
+    parser = gateway_parser(__doc__.splitlines()[0])
     parser.add_argument("--fps", type=float, default=5.0, help="frames per second (default 5)")
     parser.add_argument("--frames", type=int, default=50, help="frames to send (default 50)")
     parser.add_argument("--name", default="porch", help="the camera's stream name")

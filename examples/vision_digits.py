@@ -23,7 +23,6 @@ Run it against a gateway on this machine or your LAN::
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from _args import gateway_parser
 from hearth import Client, HearthError
 from hearth.protocol.vision import Postprocess, Preprocess
 
@@ -50,13 +50,7 @@ def digit_png(digit: np.ndarray) -> bytes:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--gateway",
-        metavar="HOST:PORT",
-        help="this gateway (default: $HEARTH_GATEWAY, else mDNS discovery)",
-    )
-    parser.add_argument("--interface", metavar="IP", help="discover on this interface only")
+    parser = gateway_parser(__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=MODELS, help=f"default {MODELS}")
     parser.add_argument("--count", type=int, help="held-out digits to send (default: all)")
     parser.add_argument("--show", type=int, default=5, help="digits to print (default 5)")

@@ -22,7 +22,6 @@ must match (letters and digits only), which also lets the gateway repair look-al
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from _args import gateway_parser
 from hearth import Client, HearthError
 from hearth.protocol.vision import PlateResult
 from hearth_gateway.vision.plates_synth import random_plate_text, render_plate
@@ -53,13 +53,7 @@ def lines(result: PlateResult) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--gateway",
-        metavar="HOST:PORT",
-        help="this gateway (default: $HEARTH_GATEWAY, else mDNS discovery)",
-    )
-    parser.add_argument("--interface", metavar="IP", help="discover on this interface only")
+    parser = gateway_parser(__doc__.splitlines()[0])
     parser.add_argument("--image", type=Path, action="append", help="a picture to read")
     parser.add_argument("--count", type=int, default=5, help="synthetic plates (default 5)")
     parser.add_argument("--seed", type=int, default=7)

@@ -23,7 +23,6 @@ Run it against a gateway on this machine or your LAN::
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import statistics
 import sys
@@ -33,6 +32,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from _args import gateway_parser
 from hearth import Client, HearthError
 from hearth_gateway.vision.scenes import relative_errors, render_sequence
 
@@ -54,13 +54,7 @@ def path_length(positions: Sequence[np.ndarray]) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--gateway",
-        metavar="HOST:PORT",
-        help="this gateway (default: $HEARTH_GATEWAY, else mDNS discovery)",
-    )
-    parser.add_argument("--interface", metavar="IP", help="discover on this interface only")
+    parser = gateway_parser(__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=60, help="frames to drive (default 60)")
     parser.add_argument("--size", type=size, default=(640, 480), help="WIDTHxHEIGHT")
     parser.add_argument("--seed", type=int, default=3, help="which room (default 3)")

@@ -26,6 +26,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from hearth.errors import GatewayUnavailable
 from hearth.protocol import request_filter, status_topic
 from hearth.transport import BrokerAddress, make_client, properties
+from hearth_gateway._paho_io import LoopDriven
 from hearth_gateway.loop import Loop
 
 __all__ = ["GatewayLink", "RequestHandler"]
@@ -47,7 +48,7 @@ def _trigger_options() -> SubscribeOptions:
     return SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
 
 
-class GatewayLink:
+class GatewayLink(LoopDriven):
     def __init__(
         self,
         loop: Loop,
@@ -76,8 +77,6 @@ class GatewayLink:
         self._client.on_disconnect = self._disconnected
         self._offline_status = offline_status
         self._online_status: bytes | None = None
-        self._sock: socket.socket | None = None
-        self._fd = -1  # kept: paho may close the socket before we unregister it
         self._closed = False
         self._backoff_s = 0.5
         self.connected = False
@@ -105,23 +104,13 @@ class GatewayLink:
             clean_start=False,
             properties=props,
         )
-        self._watch()
+        self._watch_client()
 
-    def _watch(self) -> None:
+    def _watch_client(self) -> None:
         sock = self._client.socket()
         if not isinstance(sock, socket.socket):
             raise GatewayUnavailable("paho returned no socket")
-        self._sock = sock
-        self._fd = sock.fileno()
-        self.loop.add_reader(self._fd, self._readable)
-        self._flush()
-
-    def _unwatch(self) -> None:
-        if self._sock is not None:
-            self.loop.remove_reader(self._fd)
-            self.loop.remove_writer(self._fd)
-            self._sock = None
-            self._fd = -1
+        self._watch(sock)
 
     def _connected(self, _c: mqtt.Client, _u: Any, _flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
@@ -156,40 +145,12 @@ class GatewayLink:
             return
         try:
             self._client.reconnect()
-            self._watch()
+            self._watch_client()
         except (OSError, GatewayUnavailable) as exc:
             log.warning("reconnecting to %s failed: %s", self.address, exc)
             self._lost()
 
-    # -- I/O ----------------------------------------------------------------------------------
-
-    def _readable(self) -> None:
-        rc = self._client.loop_read()
-        if rc != mqtt.MQTT_ERR_SUCCESS:
-            self._lost()
-            return
-        self._flush()
-
-    def _flush(self) -> None:
-        if self._sock is None:
-            return
-        if self._client.want_write():
-            rc = self._client.loop_write()
-            if rc != mqtt.MQTT_ERR_SUCCESS:
-                self._lost()
-                return
-        if self._client.want_write():
-            self.loop.add_writer(self._fd, self._flush)
-        else:
-            self.loop.remove_writer(self._fd)
-
-    def _misc(self) -> None:
-        if self._sock is None:
-            return
-        if self._client.loop_misc() != mqtt.MQTT_ERR_SUCCESS:
-            self._lost()
-            return
-        self._flush()
+    # -- subscriptions and publishing ----------------------------------------------------------
 
     def subscribe(self, topic_filter: str, on: bool) -> None:
         """Add (or drop) a subscription that survives reconnects (QoS 1, persistent session:

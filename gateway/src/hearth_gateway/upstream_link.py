@@ -35,6 +35,7 @@ from hearth.protocol import (
     request_topic,
 )
 from hearth.transport import BrokerAddress, make_client, properties, publish_properties
+from hearth_gateway._paho_io import LoopDriven
 from hearth_gateway.errors import ConfigError, GatewayError
 from hearth_gateway.loop import Loop, Timer
 from hearth_gateway.placement import connection_refusal, egress_refusal
@@ -92,7 +93,7 @@ class UpstreamTarget:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.address}"
 
 
-class UpstreamLink:
+class UpstreamLink(LoopDriven):
     def __init__(
         self,
         loop: Loop,
@@ -132,8 +133,6 @@ class UpstreamLink:
         self._client.on_publish = self._published
         self._client.on_subscribe = self._subscribed
         self._mids: dict[int, bytes] = {}  # QoS 1 publishes awaiting their PUBACK
-        self._sock: socket.socket | None = None
-        self._fd = -1
         self._probe_sock: socket.socket | None = None
         self._probe_timer: Timer | None = None
         self._backoff_s = 0.5
@@ -247,10 +246,7 @@ class UpstreamLink:
         if not isinstance(sock, socket.socket):
             self._retry("paho returned no socket")
             return
-        self._sock = sock
-        self._fd = sock.fileno()
-        self.loop.add_reader(self._fd, self._readable)
-        self._flush()
+        self._watch(sock)
 
     def _retry(self, why: str) -> None:
         if self._closed:
@@ -290,40 +286,6 @@ class UpstreamLink:
         self._mids.clear()
         self._on_lost()
         self._retry("connection lost")
-
-    def _unwatch(self) -> None:
-        if self._sock is not None:
-            self.loop.remove_reader(self._fd)
-            self.loop.remove_writer(self._fd)
-            self._sock = None
-            self._fd = -1
-
-    # -- I/O ----------------------------------------------------------------------------------
-
-    def _readable(self) -> None:
-        if self._client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
-            self._lost()
-            return
-        self._flush()
-
-    def _flush(self) -> None:
-        if self._sock is None:
-            return
-        if self._client.want_write() and self._client.loop_write() != mqtt.MQTT_ERR_SUCCESS:
-            self._lost()
-            return
-        if self._client.want_write():
-            self.loop.add_writer(self._fd, self._flush)
-        else:
-            self.loop.remove_writer(self._fd)
-
-    def _misc(self) -> None:
-        if self._sock is None:
-            return
-        if self._client.loop_misc() != mqtt.MQTT_ERR_SUCCESS:
-            self._lost()
-            return
-        self._flush()
 
     def _message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == self._reply_topic:

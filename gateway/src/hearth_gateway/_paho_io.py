@@ -1,0 +1,66 @@
+"""paho driven by the daemon's event loop (loop.py) instead of a thread of its own: the loop
+watches the client's socket and calls paho's read, write and housekeeping steps. Shared by the
+broker link (link.py) and the upstream link (upstream_link.py)."""
+
+from __future__ import annotations
+
+import socket
+
+import paho.mqtt.client as mqtt
+
+from hearth_gateway.loop import Loop
+
+__all__ = ["LoopDriven"]
+
+
+class LoopDriven:
+    """Base for a paho client on the loop. Subclasses set ``loop`` and ``_client``, call
+    ``_watch(sock)`` once connected and ``_misc`` every second or so, and implement
+    ``_lost`` (the connection broke: unwatch and reconnect as suits them)."""
+
+    loop: Loop
+    _client: mqtt.Client
+    _sock: socket.socket | None = None
+    _fd: int = -1  # kept: paho may close the socket before we unregister it
+
+    def _lost(self) -> None:
+        raise NotImplementedError
+
+    def _watch(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._fd = sock.fileno()
+        self.loop.add_reader(self._fd, self._readable)
+        self._flush()
+
+    def _unwatch(self) -> None:
+        if self._sock is not None:
+            self.loop.remove_reader(self._fd)
+            self.loop.remove_writer(self._fd)
+            self._sock = None
+            self._fd = -1
+
+    def _readable(self) -> None:
+        if self._client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
+            self._lost()
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        """Write what paho has queued; if the socket is full, finish when it is writable."""
+        if self._sock is None:
+            return
+        if self._client.want_write() and self._client.loop_write() != mqtt.MQTT_ERR_SUCCESS:
+            self._lost()
+            return
+        if self._client.want_write():
+            self.loop.add_writer(self._fd, self._flush)
+        else:
+            self.loop.remove_writer(self._fd)
+
+    def _misc(self) -> None:
+        if self._sock is None:
+            return
+        if self._client.loop_misc() != mqtt.MQTT_ERR_SUCCESS:
+            self._lost()
+            return
+        self._flush()
