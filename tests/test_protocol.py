@@ -129,3 +129,26 @@ def test_retryable_codes() -> None:
     assert ErrorCode.OVERLOADED.retryable
     assert not ErrorCode.TRAP.retryable
     assert not ErrorCode.BAD_TENSOR.retryable
+
+
+@pytest.mark.parametrize("correlation", [b"", b"job-1", bytes(range(256)) * 2])
+def test_hand_packed_publish_properties_equal_pahos(correlation: bytes) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from hearth.protocol import CONTENT_TYPE
+    from hearth.transport import publish_properties, reply_properties
+
+    topic = "hearth/v1/dev/dev-7/reply/" + "é" * 100  # multi-byte UTF-8, a long length
+    request = Properties(PacketTypes.PUBLISH)
+    request.ContentType = CONTENT_TYPE
+    request.ResponseTopic = topic
+    request.CorrelationData = correlation
+    assert publish_properties(topic, correlation).pack() == request.pack()
+    reply = Properties(PacketTypes.PUBLISH)
+    reply.ContentType = CONTENT_TYPE
+    reply.CorrelationData = correlation
+    assert reply_properties(correlation).pack() == reply.pack()
+    bare = Properties(PacketTypes.PUBLISH)
+    bare.ContentType = CONTENT_TYPE
+    assert reply_properties(None).pack() == bare.pack()

@@ -8,7 +8,9 @@ run the same code on a small named thread pool. ``close()`` is idempotent.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import ipaddress
 import logging
 import os
 import threading
@@ -331,21 +333,29 @@ def on_lan(host: str) -> bool:
     """True for loopback, private (RFC 1918, IPv6 ULA) and link-local addresses, and for names
     that resolve only to those. Carrier NAT space (100.64/10) is not the LAN, and neither are
     the documentation ranges that Python's ``is_private`` counts in."""
-    import ipaddress
     import socket
 
     try:
-        addresses = [ipaddress.ip_address(host)]
-    except ValueError:
+        return _address_on_lan(host)
+    except ValueError:  # a name: resolved each time, a cached answer could go stale
         try:
             infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
         except OSError:
             return False
-        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
-    networks = [ipaddress.ip_network(n) for n in _LAN_NETWORKS]
-    return bool(addresses) and all(
-        any(a.version == n.version and a in n for n in networks) for a in addresses
-    )
+        return bool(infos) and all(_address_on_lan(str(info[4][0])) for info in infos)
+
+
+@functools.lru_cache(maxsize=256)
+def _address_on_lan(address: str) -> bool:
+    """Whether one IP address (text) is on the LAN; raises ValueError for a name. Cached: it is
+    asked twice per offloaded call, and parsing the network list costs more than the check."""
+    ip = ipaddress.ip_address(address)
+    return any(ip.version == n.version and ip in n for n in _lan_networks())
+
+
+@functools.cache
+def _lan_networks() -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(n) for n in _LAN_NETWORKS)
 
 
 def default_client_id() -> str:

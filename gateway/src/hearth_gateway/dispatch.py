@@ -346,7 +346,12 @@ class Dispatcher:
             self._publish(response_topic, encode(need), correlation, qos)
             return
         entry = JournalEntry(client_id, job.job_id, payload, response_topic, correlation or b"")
-        known = self._store.accept(entry)
+        audit = (
+            Placer.entry(client_id, job.data_class, f"job {job.job_id}", decision)
+            if decision is not None and self.placer is not None
+            else None
+        )
+        known = self._store.accept(entry, audit)
         if known is not None:
             state, reply = known
             self.counters.duplicates += 1
@@ -354,8 +359,6 @@ class Dispatcher:
                 self._publish(response_topic, reply, correlation, qos)
             # else: still queued or running; its one answer is on its way.
             return
-        if decision is not None:
-            self._audit(client_id, job, decision)
         if decision is not None and decision.action is Action.UPSTREAM and self.upstream:
             self.counters.forwarded += 1
             self.upstream.forward(client_id, job, response_topic, correlation or b"", qos)

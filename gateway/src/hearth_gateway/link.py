@@ -25,7 +25,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from hearth.errors import GatewayUnavailable
 from hearth.protocol import request_filter, status_topic
-from hearth.transport import BrokerAddress, make_client, properties
+from hearth.transport import BrokerAddress, make_client, properties, reply_properties
 from hearth_gateway._paho_io import LoopDriven
 from hearth_gateway.loop import Loop
 
@@ -185,10 +185,7 @@ class GatewayLink(LoopDriven):
         self, topic: str, payload: bytes, correlation: bytes | None, qos: int = 1
     ) -> None:
         """Replies go out at the QoS the request came in with."""
-        props = properties(PacketTypes.PUBLISH, content_type=True)
-        if correlation is not None:
-            props.CorrelationData = correlation
-        self._client.publish(topic, payload, qos=qos, properties=props)
+        self._client.publish(topic, payload, qos=qos, properties=reply_properties(correlation))
         self._flush()
 
     def publish_plain(self, topic: str, payload: bytes) -> None:

@@ -43,7 +43,7 @@ from hearth.protocol import (
 )
 from hearth_gateway.policy import PlacementPolicy
 from hearth_gateway.runners import runner_for
-from hearth_gateway.store import Store
+from hearth_gateway.store import AuditEntry, Store
 
 __all__ = [
     "Action",
@@ -323,7 +323,12 @@ class Placer:
     def audit(self, client_id: str, label: str, what: str, decision: Decision) -> None:
         """One row per decision acted on: device, label, where, and why (``what``: "job ID"
         or "task NAME", then the reason)."""
+        self._store.audit(*self.entry(client_id, label, what, decision))
+
+    @staticmethod
+    def entry(client_id: str, label: str, what: str, decision: Decision) -> AuditEntry:
+        """The audit row of a decision (for a job, written with its journal entry)."""
         verdict = "refused" if decision.action is Action.DENY else "allowed"
-        self._store.audit(
+        return AuditEntry(
             client_id, f"place:{label}", decision.where, verdict, f"{what}: {decision.reason}"
         )

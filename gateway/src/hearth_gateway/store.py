@@ -14,13 +14,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import sqlite_utils
 
 from hearth.protocol import DataClass
 from hearth_gateway.crypto import Sealer
 
-__all__ = ["DeviceRecord", "JournalEntry", "Store"]
+__all__ = ["AuditEntry", "DeviceRecord", "JournalEntry", "Store"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,16 @@ class JournalEntry:
     request: bytes
     response_topic: str
     correlation: bytes
+
+
+class AuditEntry(NamedTuple):
+    """One row of the audit table, less its time."""
+
+    actor: str  # device or task that asked
+    action: str
+    target: str
+    decision: str  # allowed | refused
+    reason: str
 
 
 class Store:
@@ -144,9 +155,12 @@ class Store:
 
     # -- journal ---------------------------------------------------------------------------
 
-    def accept(self, entry: JournalEntry) -> tuple[str, bytes | None] | None:
-        """Journal a new job. Returns None if it is new, else (state, stored reply or None)
-        of the job already known under that id."""
+    def accept(
+        self, entry: JournalEntry, audit: AuditEntry | None = None
+    ) -> tuple[str, bytes | None] | None:
+        """Journal a new job (and its audit entry, in the same transaction: one commit per job
+        instead of two). Returns None if it is new, else (state, stored reply or None) of the
+        job already known under that id; then nothing is written."""
         with self._lock:
             row = self._conn.execute(
                 "SELECT state, reply FROM jobs WHERE client_id=? AND job_id=?",
@@ -155,20 +169,28 @@ class Store:
             if row is not None:
                 where = _where("jobs.reply", entry.client_id, entry.job_id)
                 return str(row[0]), self._sealer.open(row[1], where) or None
-            self._conn.execute(
-                "INSERT INTO jobs (client_id, job_id, state, request, response_topic,"
-                " correlation, accepted_at) VALUES (?, ?, 'accepted', ?, ?, ?, ?)",
-                (
-                    entry.client_id,
-                    entry.job_id,
-                    self._sealer.seal(
-                        entry.request, _where("jobs.request", entry.client_id, entry.job_id)
-                    ),
-                    entry.response_topic,
-                    entry.correlation,
-                    time.time(),
-                ),
+            request = self._sealer.seal(
+                entry.request, _where("jobs.request", entry.client_id, entry.job_id)
             )
+            now = time.time()
+            self._conn.execute("BEGIN")
+            try:
+                self._conn.execute(
+                    "INSERT INTO jobs (client_id, job_id, state, request, response_topic,"
+                    " correlation, accepted_at) VALUES (?, ?, 'accepted', ?, ?, ?, ?)",
+                    (entry.client_id, entry.job_id, request, entry.response_topic,
+                     entry.correlation, now),
+                )  # fmt: skip
+                if audit is not None:
+                    self._conn.execute(
+                        "INSERT INTO audit (at, actor, action, target, decision, reason)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        (now, *audit),
+                    )
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
             return None
 
     def finish(self, client_id: str, job_id: str, reply: bytes) -> None:
@@ -368,6 +390,7 @@ class Store:
             )
 
     def audit(self, actor: str, action: str, target: str, decision: str, reason: str) -> None:
+        """One audit row, committed now (``accept`` can carry a job's own)."""
         with self._lock:
             self._conn.execute(
                 "INSERT INTO audit (at, actor, action, target, decision, reason)"
