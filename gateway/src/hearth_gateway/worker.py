@@ -12,15 +12,35 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import msgspec
 
-from hearth.errors import ErrorCode
-from hearth.protocol import Error, encode
+from hearth.errors import ErrorCode, JobError
+from hearth.protocol import (
+    CallResult,
+    Error,
+    OnnxResult,
+    PipelineReply,
+    Reply,
+    Timing,
+    WasmResult,
+    encode,
+)
 from hearth_gateway._frames import read_frame, write_frame
-from hearth_gateway.runners import REGISTRY, Runner, WorkerSettings, WorkItem, runner_for
+from hearth_gateway.runners import (
+    REGISTRY,
+    Runner,
+    TaskOutcome,
+    WorkerSettings,
+    WorkItem,
+    runner_for,
+)
 
 log = logging.getLogger("hearth_gateway.worker")
+
+# The results that report where the gateway spent the job's time.
+TIMED = (WasmResult, OnnxResult, CallResult, PipelineReply)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -54,6 +74,22 @@ def _drop_network() -> str:
             return how
     errno = ctypes.get_errno()
     return f"shared: the kernel refused a network namespace ({os.strerror(errno)})"
+
+
+def _run(runner: Runner, item: WorkItem) -> Reply | TaskOutcome:
+    """One job: its result, or the Error reply for its failure; either with its timing."""
+    started = time.perf_counter()
+    try:
+        reply = runner.run(item)
+    except JobError as exc:
+        return Error(code=exc.code, message=exc.message, job_id=item.job.job_id)
+    except OSError as exc:  # its blob vanished from the store under us
+        return Error(code=ErrorCode.INTERNAL, message=f"blob unreadable: {exc.strerror}",
+                     job_id=item.job.job_id)  # fmt: skip
+    if isinstance(reply, TIMED):
+        timing = Timing(queue_ms=item.queue_ms, run_ms=(time.perf_counter() - started) * 1e3)
+        reply = msgspec.structs.replace(reply, timing=timing)
+    return reply
 
 
 def main(argv: list[str]) -> int:
@@ -92,7 +128,7 @@ def main(argv: list[str]) -> int:
             )
             write_frame(out_fd, encode(reply))
             continue
-        write_frame(out_fd, encode(chosen.run(item)))
+        write_frame(out_fd, encode(_run(chosen, item)))
     for runner in runners.values():
         runner.close()
     return 0

@@ -7,12 +7,15 @@ To add one: write a module with a class implementing ``Runner``, and add it to `
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
 from hearth.protocol import CallJob, OnnxJob, PipelineJob, Reply, WasmJob
 from hearth.runtime.limits import WasmLimits
+
+if TYPE_CHECKING:  # onnxruntime is imported only by the runners that need it
+    from hearth.runtime.onnx import OnnxRuntime
 
 __all__ = [
     "REGISTRY",
@@ -24,6 +27,7 @@ __all__ = [
     "VisionClose",
     "WorkItem",
     "WorkerSettings",
+    "onnx_runtime",
     "runner_for",
 ]
 
@@ -98,8 +102,9 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
 
 class Runner(Protocol):
     def run(self, item: WorkItem) -> Reply | TaskOutcome:
-        """Run the job and return its reply (a result or an Error); never raise for a job's
-        own failure."""
+        """Run the job and return its result. A job's own failure is raised as JobError (an
+        OSError reading its blob counts as ``internal``): the worker answers it with an Error
+        reply, and stamps every reply's ``timing``."""
         ...
 
     def describe(self) -> dict[str, list[str]]:
@@ -107,6 +112,22 @@ class Runner(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+_onnx_runtime: OnnxRuntime | None = None
+
+
+def onnx_runtime(settings: WorkerSettings) -> OnnxRuntime:
+    """This worker process's one ONNX runtime, made on first use: the ONNX, vision and wasi-nn
+    runners share it, so a model they all use is loaded (and its session warmed) once."""
+    global _onnx_runtime  # noqa: PLW0603 - one per process, like the process's runners
+    if _onnx_runtime is None:
+        from hearth.runtime.onnx import OnnxRuntime
+
+        _onnx_runtime = OnnxRuntime(
+            providers=settings.providers or None, intra_op_threads=settings.onnx_threads
+        )
+    return _onnx_runtime
 
 
 def _wasm(settings: WorkerSettings) -> Runner:

@@ -9,7 +9,6 @@ of such a session is answered ``no_session`` by the fresh worker.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,15 +19,13 @@ from hearth.errors import ErrorCode, JobError
 from hearth.protocol import (
     CallJob,
     CallResult,
-    Error,
     PipelineJob,
     PipelineReply,
     Reply,
     SessionClosed,
-    Timing,
 )
-from hearth.runtime.onnx import OnnxRuntime, array_to_tensor
-from hearth_gateway.runners import VisionClose, WorkerSettings, WorkItem
+from hearth.runtime.onnx import array_to_tensor
+from hearth_gateway.runners import VisionClose, WorkerSettings, WorkItem, onnx_runtime
 from hearth_gateway.vision import CAPABILITIES
 
 __all__ = ["VisionRunner"]
@@ -55,9 +52,7 @@ class VisionRunner:
         # pool would oversubscribe the box (and make latency jittery) on top of that.
         cv2.setNumThreads(1)
         self._max_megapixels = settings.max_megapixels
-        self._onnx = OnnxRuntime(
-            providers=settings.providers or None, intra_op_threads=settings.onnx_threads
-        )
+        self._onnx = onnx_runtime(settings)
         self._faces = faces.FaceDetector()
         self._motion = motion.MotionStreams(max_streams=settings.max_streams)
         # The daemon closes idle sessions and enforces the per-device quota (streams.py); the
@@ -76,41 +71,33 @@ class VisionRunner:
 
     def run(self, item: WorkItem) -> Reply:
         job = item.job
-        started = time.perf_counter()
         if isinstance(job, VisionClose):
             frames = self._odometry.close(job.session)
             return SessionClosed(session=job.session.split("/", 1)[1], frames=frames)
         assert isinstance(job, CallJob | PipelineJob)
         try:
             if isinstance(job, PipelineJob):
-                reply: Reply = self._pipeline(job, item)
-            else:
-                handler = self._handlers.get(job.capability)
-                if handler is None:
-                    raise JobError(
-                        ErrorCode.UNKNOWN_CAPABILITY, f"no capability {job.capability!r} here"
-                    )
-                result = handler(job, item)
-                reply = CallResult(
-                    job_id=job.job_id,
-                    capability=job.capability,
-                    version=self._versions[job.capability],
-                    # bytes stay bytes (MessagePack bin), as everywhere in the protocol.
-                    result=msgspec.to_builtins(result, builtin_types=(bytes,)),
-                )
-        except JobError as exc:
-            return Error(code=exc.code, message=exc.message, job_id=job.job_id)
-        except OSError as exc:  # the model blob vanished from the store under us
-            return Error(code=ErrorCode.INTERNAL, message=f"blob unreadable: {exc.strerror}",
-                         job_id=job.job_id)  # fmt: skip
+                return self._pipeline(job, item)
+            return self._call(job, item)
+        except (JobError, OSError):
+            raise  # the worker answers these
         except Exception as exc:  # an OpenCV assertion on an input we did not foresee
-            # This worker's other streams and sessions are still good: answer this one job
-            # with the reason instead of dying and taking them along.
+            # This worker's other streams and sessions are still good: fail this one job with
+            # the reason instead of dying and taking them along.
             log.exception("%s failed", getattr(job, "capability", "pipeline"))
-            return Error(code=ErrorCode.INTERNAL, message=f"{type(exc).__name__}: {exc}"[:300],
-                         job_id=job.job_id)  # fmt: skip
-        timing = Timing(queue_ms=item.queue_ms, run_ms=(time.perf_counter() - started) * 1e3)
-        return msgspec.structs.replace(reply, timing=timing)
+            raise JobError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"[:300]) from None
+
+    def _call(self, job: CallJob, item: WorkItem) -> CallResult:
+        handler = self._handlers.get(job.capability)
+        if handler is None:
+            raise JobError(ErrorCode.UNKNOWN_CAPABILITY, f"no capability {job.capability!r} here")
+        return CallResult(
+            job_id=job.job_id,
+            capability=job.capability,
+            version=self._versions[job.capability],
+            # bytes stay bytes (MessagePack bin), as everywhere in the protocol.
+            result=msgspec.to_builtins(handler(job, item), builtin_types=(bytes,)),
+        )
 
     def _image(self, job: CallJob | PipelineJob) -> Any:
         from hearth_gateway.vision.images import decode
