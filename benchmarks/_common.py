@@ -121,6 +121,8 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not verbose:  # the SDK's fallbacks and retries would drown the progress lines
+        logging.getLogger("hearth").setLevel(logging.WARNING)
 
 
 @contextlib.contextmanager

@@ -418,8 +418,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be at least 1")
     setup_logging(args.verbose)
-    if not args.verbose:
-        logging.getLogger("hearth").setLevel(logging.WARNING)
     opts = Options(
         n_fast=args.n or DEFAULT_N_FAST,
         n_gateway=args.n or DEFAULT_N_GATEWAY,

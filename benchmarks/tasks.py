@@ -697,8 +697,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be at least 1")
     setup_logging(args.verbose)
-    if not args.verbose:
-        logging.getLogger("hearth").setLevel(logging.WARNING)
     opts = Options(tasks=args.tasks, n=args.n, workers=args.workers)
     return run_and_report(lambda tmp: run(opts, tmp), args.json, print_report)
 

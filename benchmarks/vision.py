@@ -603,8 +603,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stream_seconds <= 0 or args.odometry_frames < 2:
         parser.error("--stream-seconds must be positive and --odometry-frames at least 2")
     setup_logging(args.verbose)
-    if not args.verbose:
-        logging.getLogger("hearth").setLevel(logging.WARNING)
     opts = Options(
         workers=args.workers,
         inflight=inflight,

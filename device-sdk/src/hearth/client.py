@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import ipaddress
 import logging
 import os
@@ -354,6 +355,13 @@ def _address_on_lan(address: str) -> bool:
 
 
 @functools.cache
+def _local_runtimes_installed() -> bool:
+    """Whether this device can run jobs itself (the ``local`` extra); asked on every call, and
+    a failed import is not cached by Python, so the answer is."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "wasmtime"))
+
+
+@functools.cache
 def _lan_networks() -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     return tuple(ipaddress.ip_network(n) for n in _LAN_NETWORKS)
 
@@ -664,12 +672,7 @@ class Client(VisionCalls):
         return result
 
     def _local_available(self) -> bool:
-        try:
-            import onnxruntime  # noqa: F401
-            import wasmtime  # noqa: F401
-        except ImportError:
-            return False
-        return True
+        return _local_runtimes_installed()
 
     # -- edge ---------------------------------------------------------------------------------
 

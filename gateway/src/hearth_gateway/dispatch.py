@@ -163,7 +163,8 @@ class Dispatcher:
         self.upstream: Forwarder | None = None
         self.locked: frozenset[str] = frozenset()  # revoked device ids (pairing.py)
 
-    # Called on paho's network thread: everything here is short; jobs run on worker lanes.
+    # Called from the daemon's event loop for each request: everything here is short; jobs run
+    # in the worker processes.
     def handle(
         self,
         topic: str,

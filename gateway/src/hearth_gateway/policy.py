@@ -7,7 +7,6 @@ policies/default.toml spells out the same values, and a test keeps the two equal
 
 from __future__ import annotations
 
-import threading
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
@@ -127,39 +126,31 @@ def load_policy(paths: Iterable[Path]) -> Policy:
 
 class Admission:
     """Counts queued-or-running jobs, globally and per client, and admits or refuses new ones.
-    Thread-safe: the MQTT thread admits, worker lanes release."""
+    Used from the daemon's one loop thread only (admitted at dispatch, released on answer)."""
 
     def __init__(self, limits: LimitsPolicy) -> None:
         self._limits = limits
-        self._lock = threading.Lock()
-        self._total = 0
+        self.in_flight = 0
         self._per_client: dict[str, int] = {}
 
     def admit(self, client_id: str) -> ErrorCode | None:
         """None when admitted (the caller must ``release`` later), else the refusal code."""
-        with self._lock:
-            if self._total >= self._limits.max_queue:
-                return ErrorCode.OVERLOADED
-            current = self._per_client.get(client_id, 0)
-            if current >= self._limits.max_inflight_per_client:
-                return ErrorCode.QUOTA_EXCEEDED
-            self._total += 1
-            self._per_client[client_id] = current + 1
-            return None
+        if self.in_flight >= self._limits.max_queue:
+            return ErrorCode.OVERLOADED
+        current = self._per_client.get(client_id, 0)
+        if current >= self._limits.max_inflight_per_client:
+            return ErrorCode.QUOTA_EXCEEDED
+        self.in_flight += 1
+        self._per_client[client_id] = current + 1
+        return None
 
     def release(self, client_id: str) -> None:
-        with self._lock:
-            self._total -= 1
-            left = self._per_client.get(client_id, 1) - 1
-            if left:
-                self._per_client[client_id] = left
-            else:
-                self._per_client.pop(client_id, None)
-
-    @property
-    def in_flight(self) -> int:
-        with self._lock:
-            return self._total
+        self.in_flight -= 1
+        left = self._per_client.get(client_id, 1) - 1
+        if left:
+            self._per_client[client_id] = left
+        else:
+            self._per_client.pop(client_id, None)
 
 
 # --- topic grants for persistent tasks ---------------------------------------------------------

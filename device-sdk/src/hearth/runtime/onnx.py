@@ -7,7 +7,6 @@ and the provider that actually runs is reported with every result.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import threading
@@ -19,6 +18,7 @@ from typing import Any, cast
 
 from hearth.errors import ErrorCode, JobError, LocalRuntimeUnavailable
 from hearth.protocol.messages import Dtype, Tensor
+from hearth.runtime._blob import verified_bytes
 
 try:
     import numpy as np
@@ -167,12 +167,7 @@ class OnnxRuntime:
             if loaded is not None:
                 self._sessions.move_to_end(sha256)
                 return loaded
-        if model is None:
-            if path is None:
-                raise JobError(ErrorCode.INVALID_MODEL, f"model {sha256} not loaded")
-            model = path.read_bytes()
-        if hashlib.sha256(model).hexdigest() != sha256:
-            raise JobError(ErrorCode.HASH_MISMATCH, "model bytes do not match their sha256")
+        model = verified_bytes(sha256, model, path, what="model", missing=ErrorCode.INVALID_MODEL)
         loaded = self._create_session(model)
         with self._lock:
             self._sessions[sha256] = loaded

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import shutil
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hearth.errors import ErrorCode, JobError, LocalRuntimeUnavailable
+from hearth.runtime._blob import verified_bytes
 from hearth.runtime.limits import WasmLimits
 from hearth.runtime.wasi_nn import WasiNn
 
@@ -165,12 +165,9 @@ class WasmRuntime:
                 return module
         module = self._from_disk_cache(sha256)
         if module is None:
-            if wasm is None:
-                if path is None:
-                    raise JobError(ErrorCode.INVALID_MODULE, f"module {sha256} not loaded")
-                wasm = path.read_bytes()
-            if hashlib.sha256(wasm).hexdigest() != sha256:
-                raise JobError(ErrorCode.HASH_MISMATCH, "module bytes do not match their sha256")
+            wasm = verified_bytes(
+                sha256, wasm, path, what="module", missing=ErrorCode.INVALID_MODULE
+            )
             try:
                 module = wasmtime.Module(self._engine, wasm)
             except wasmtime.WasmtimeError as exc:
