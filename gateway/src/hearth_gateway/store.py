@@ -236,11 +236,6 @@ class Store:
             )
             return cursor.rowcount
 
-    def job_counts(self) -> dict[str, int]:
-        with self._lock:
-            rows = self._conn.execute("SELECT state, count(*) FROM jobs GROUP BY state")
-            return {str(state): int(n) for state, n in rows}
-
     # -- blob index ------------------------------------------------------------------------
 
     def add_blob(self, sha256: str, size: int, data_class: DataClass = "private") -> None:
@@ -328,19 +323,6 @@ class Store:
             self._conn.execute("DELETE FROM tasks WHERE task_id=?", (task_id,))
             self._conn.execute("DELETE FROM task_inbox WHERE task_id=?", (task_id,))
             self._conn.execute("COMMIT")
-
-    def add_inbox(self, task_id: str, topic: str, payload: bytes) -> int:
-        with self._lock:
-            cursor = self._conn.execute(
-                "INSERT INTO task_inbox (task_id, topic, payload, received_at) VALUES (?, ?, ?, ?)",
-                (
-                    task_id,
-                    topic,
-                    self._sealer.seal(payload, _where("task_inbox", task_id)),
-                    time.time(),
-                ),
-            )
-            return int(cursor.lastrowid or 0)
 
     def add_inbox_many(self, rows: list[tuple[str, str, bytes]]) -> list[int]:
         """Several tasks' copies of one message, in one transaction (one commit)."""

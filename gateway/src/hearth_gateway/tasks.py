@@ -178,11 +178,6 @@ class TaskManager:
         timer = self._loop.call_later(every_s, tick)
         task.timers.append(timer)
 
-    def resubscribe(self) -> None:
-        """After a reconnect to a broker that lost our session."""
-        for topic_filter in self._filters:
-            self._subscribe(topic_filter, True)
-
     # -- requests from devices (or the admin socket) --------------------------------------------
 
     def owner_seen(self, client_id: str) -> None:

@@ -9,7 +9,6 @@ step.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -61,7 +60,6 @@ DataClass = Literal["private", "public"]
 Sha256 = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
 # Job ids are chosen by the device and scoped to it; keep them safe inside topics and logs.
 JobId = Annotated[str, msgspec.Meta(pattern="^[A-Za-z0-9_.-]{1,64}$")]
-SHA256_RE = re.compile("^[0-9a-f]{64}$")
 
 Dtype = Literal[
     "float32", "float64", "float16", "int8", "int16", "int32", "int64",
