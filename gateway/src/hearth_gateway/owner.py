@@ -4,10 +4,12 @@ look at and change the registry. Replies are these structs or the protocol's ``E
 
 from __future__ import annotations
 
+from typing import cast
+
 import msgspec
 
-from hearth.errors import ErrorCode, ProtocolError
 from hearth.protocol import Error
+from hearth.protocol.codec import decode_with
 
 __all__ = [
     "AdminReply",
@@ -83,8 +85,4 @@ def decode_admin_request(payload: bytes) -> AdminRequest | None:
 
 
 def decode_admin_reply(payload: bytes) -> AdminReply:
-    try:
-        reply: AdminReply = _admin_reply_decoder.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ProtocolError(ErrorCode.MALFORMED, str(exc)) from None
-    return reply
+    return cast(AdminReply, decode_with(_admin_reply_decoder, payload))

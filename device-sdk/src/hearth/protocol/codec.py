@@ -22,6 +22,7 @@ __all__ = [
     "decode_reply",
     "decode_request",
     "decode_status",
+    "decode_with",
     "encode",
 ]
 
@@ -49,7 +50,9 @@ def encode(message: msgspec.Struct) -> bytes:
     return _encoder.encode(message)
 
 
-def _decode(decoder: msgspec.msgpack.Decoder[T], payload: bytes | bytearray) -> T:
+def decode_with(decoder: msgspec.msgpack.Decoder[T], payload: bytes | bytearray) -> T:
+    """Decode and validate with ``decoder``; ProtocolError ``malformed`` or
+    ``unsupported_version`` otherwise. For message families beyond requests and replies."""
     try:
         message = decoder.decode(payload)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -77,16 +80,16 @@ def _raise_if_other_version(payload: bytes | bytearray) -> None:
 
 
 def decode_request(payload: bytes | bytearray) -> Request:
-    return cast(Request, _decode(_request_decoder, payload))
+    return cast(Request, decode_with(_request_decoder, payload))
 
 
 def decode_reply(payload: bytes | bytearray) -> Reply:
-    return cast(Reply, _decode(_reply_decoder, payload))
+    return cast(Reply, decode_with(_reply_decoder, payload))
 
 
 def decode_notification(payload: bytes | bytearray) -> Notification:
-    return _decode(_notification_decoder, payload)
+    return decode_with(_notification_decoder, payload)
 
 
 def decode_status(payload: bytes | bytearray) -> GatewayStatus:
-    return _decode(_status_decoder, payload)
+    return decode_with(_status_decoder, payload)

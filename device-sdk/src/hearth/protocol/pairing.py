@@ -19,12 +19,12 @@ import hashlib
 import hmac
 import re
 import secrets
-from typing import Annotated
+from typing import Annotated, cast
 
 import msgspec
 
-from hearth.errors import ErrorCode, ProtocolError
-from hearth.protocol.messages import PROTOCOL_VERSION, Error
+from hearth.protocol.codec import decode_with
+from hearth.protocol.messages import Error, _Message
 from hearth.protocol.topics import PREFIX
 
 __all__ = [
@@ -63,10 +63,6 @@ Proof = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
 _MAX_CSR_BYTES = 4096  # an EC CSR is ~300 bytes
 
 
-class _Message(msgspec.Struct, kw_only=True, frozen=True, tag_field="type"):
-    v: int = PROTOCOL_VERSION
-
-
 class PairHello(_Message, frozen=True, tag="pair_hello"):
     """Ask for the gateway's CA certificate (public; nothing secret is sent)."""
 
@@ -95,25 +91,16 @@ class PairResult(_Message, frozen=True, tag="pair_result"):
 PairingRequest = PairHello | PairRequest
 PairingReply = PairCa | PairResult | Error
 
-_encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(PairingRequest)
 _reply_decoder = msgspec.msgpack.Decoder(PairingReply)
 
 
 def decode_pairing_request(payload: bytes) -> PairingRequest:
-    try:
-        message: PairingRequest = _request_decoder.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ProtocolError(ErrorCode.MALFORMED, str(exc)) from None
-    return message
+    return cast(PairingRequest, decode_with(_request_decoder, payload))
 
 
 def decode_pairing_reply(payload: bytes) -> PairingReply:
-    try:
-        message: PairingReply = _reply_decoder.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ProtocolError(ErrorCode.MALFORMED, str(exc)) from None
-    return message
+    return cast(PairingReply, decode_with(_reply_decoder, payload))
 
 
 # -- topics -------------------------------------------------------------------------------------
