@@ -38,6 +38,7 @@ from hearth_gateway.policy import Admission, Policy, load_policy
 from hearth_gateway.runners import REGISTRY, TaskEvent, WorkerSettings
 from hearth_gateway.status import StatusSnapshot, write_snapshot
 from hearth_gateway.store import Store
+from hearth_gateway.streams import StreamCounters
 from hearth_gateway.tasks import TaskManager
 from hearth_gateway.upstream import forwarder_for
 from hearth_gateway.workers import QueuedJob, WorkerPool
@@ -86,6 +87,7 @@ class Gateway:
         self.store = Store(self.state_dir / "hearth.sqlite3", Sealer.for_state_dir(self.state_dir))
         self.blobs = BlobStore(self.state_dir / "blobs", self.store, self.policy.limits)
         self.admission = Admission(self.policy.limits)
+        self.streams = StreamCounters(self.policy.vision.max_streams)  # in status from the start
         workers = config.workers or os.cpu_count() or 1
         # onnxruntime threads: share the cores between the workers instead of each grabbing all.
         onnx_threads = max(1, (os.cpu_count() or 1) // workers)
@@ -135,6 +137,7 @@ class Gateway:
             pool=self.pool,
             runners=list(config.runners),
             publish=self.link.publish_reply,
+            streams=self.streams,
         )
         # Where jobs run (placement.py), and the upstream that may take public ones.
         self.upstream = forwarder_for(
@@ -226,13 +229,8 @@ class Gateway:
             load=round(in_flight / max(1, size), 2),
             max_message_bytes=self.policy.limits.max_message_bytes,
             started_at=self.started_at,
-            frames_dropped=self._frames_dropped(),
+            frames_dropped=self.streams.total_dropped,
         )
-
-    def _frames_dropped(self) -> int:
-        # The Last Will is built before the dispatcher exists.
-        dispatcher: Dispatcher | None = getattr(self, "dispatcher", None)
-        return dispatcher.streams.total_dropped if dispatcher is not None else 0
 
     @property
     def _served(self) -> BrokerAddress:
@@ -363,8 +361,8 @@ class Gateway:
                 blob_bytes=size,
                 tasks=self.tasks.count if self.tasks is not None else 0,
                 capabilities=self.capabilities,
-                streams=len(self.dispatcher.streams),
-                frames_dropped=self.dispatcher.streams.total_dropped,
+                streams=len(self.streams),
+                frames_dropped=self.streams.total_dropped,
                 sessions=len(self.dispatcher.sessions),
                 tier=self.config.tier,
                 upstream=str(self.upstream.link.target) if self.upstream is not None else "",

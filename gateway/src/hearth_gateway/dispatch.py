@@ -140,6 +140,7 @@ class Dispatcher:
         runners: list[str],
         publish: Publish,
         tasks: TaskRequests | None = None,
+        streams: StreamCounters | None = None,
     ) -> None:
         self._gateway_id = gateway_id
         self._limits = policy.limits
@@ -156,7 +157,8 @@ class Dispatcher:
             idle_timeout_s=policy.vision.session_idle_timeout_s,
             max_per_client=policy.vision.max_sessions_per_client,
         )
-        self.streams = StreamCounters(policy.vision.max_streams)
+        # The daemon passes its own: the status reports them before a dispatcher exists.
+        self.streams = StreamCounters(policy.vision.max_streams) if streams is None else streams
         self.draining = False  # set on shutdown: new jobs are refused, queued ones finish
         # Set by the daemon: where each job runs (placement.py), and the upstream if any.
         self.placer: Placer | None = None
