@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import ipaddress
 import logging
 import os
@@ -63,6 +62,7 @@ from hearth.protocol import (
     request_topic,
     status_topic,
 )
+from hearth.runtime import installed
 from hearth.transport import BrokerAddress, TlsFiles, connect, make_client, publish_properties
 from hearth.vision import VisionCalls
 
@@ -358,7 +358,7 @@ def _address_on_lan(address: str) -> bool:
 def _local_runtimes_installed() -> bool:
     """Whether this device can run jobs itself (the ``local`` extra); asked on every call, and
     a failed import is not cached by Python, so the answer is."""
-    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "wasmtime"))
+    return installed("onnxruntime") and installed("wasmtime")
 
 
 @functools.cache

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import logging
 import math
 import struct
@@ -40,6 +39,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from hearth.errors import JobError
 from hearth.protocol.messages import Dtype, Tensor
+from hearth.runtime import installed
 
 try:
     import wasmtime
@@ -221,7 +221,7 @@ class WasiNn:
     ) -> WasiNn | None:
         """A WasiNn where onnxruntime and numpy are installed (checked without importing them),
         else None: a device without them still runs plain WASI modules."""
-        if not all(_installed(name) for name in ("onnxruntime", "numpy")):
+        if not all(installed(name) for name in ("onnxruntime", "numpy")):
             return None
         return cls(onnx, limits=limits)
 
@@ -473,13 +473,6 @@ def _inputs(onnx: OnnxRuntime, sha256: str, model: bytes) -> tuple[_Input, ...]:
         _Input(name, dtype, tuple(d if isinstance(d, int) and d >= 0 else None for d in shape))
         for name, dtype, shape in onnx.input_specs(sha256, model=model)
     )
-
-
-def _installed(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):  # an import hook that refuses it, a broken package
-        return False
 
 
 def _default_onnx() -> OnnxRuntime:
