@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hearth-installed
 
-.PHONY: demo test lint bench examples clean
+.PHONY: demo test lint bench examples clean lock
 
 demo: $(STAMP) examples
 	$(PY) examples/demo.py
@@ -24,9 +24,22 @@ bench: $(STAMP) examples
 examples: $(STAMP)
 	$(PY) scripts/build_examples.py
 
-$(STAMP): scripts/bootstrap.sh device-sdk/pyproject.toml gateway/pyproject.toml requirements-dev.txt
+$(STAMP): scripts/bootstrap.sh device-sdk/pyproject.toml gateway/pyproject.toml requirements-dev.txt \
+		constraints.txt
 	VENV=$(VENV) sh scripts/bootstrap.sh
 	touch $@
+
+# Resolve every dependency afresh in a scratch virtualenv and pin the result in constraints.txt.
+# Run it on purpose (a new dependency, a wanted upgrade), then run `make lint test` and commit.
+lock:
+	rm -rf .venv-lock
+	VENV=.venv-lock LOCK=0 sh scripts/bootstrap.sh
+	{ sed -n '/^#/p' constraints.txt; \
+	  .venv-lock/bin/python -m pip --version | awk '{print "pip==" $$2}'; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^#' | sort -f; \
+	} > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .venv-lock
 
 clean:
 	rm -rf $(VENV) build

@@ -3,6 +3,8 @@
 # (Mosquitto, python3-venv) when root, then a virtualenv with both packages in development mode.
 set -eu
 VENV=${VENV:-.venv}
+# Pinned versions (constraints.txt) unless LOCK=0, which `make lock` uses to resolve afresh.
+if [ "${LOCK:-1}" = 0 ]; then pins=""; else pins="-c constraints.txt"; fi
 
 missing=""
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$missing mosquitto"
@@ -33,10 +35,13 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e ./device-sdk -e ./gateway -r requirements-dev.txt
+# shellcheck disable=SC2086
+"$VENV/bin/python" -m pip install -q --upgrade pip $pins
+# shellcheck disable=SC2086
+"$VENV/bin/python" -m pip install -q -e ./device-sdk -e ./gateway -r requirements-dev.txt $pins
 # vision.plate runs the OCR models that ship inside this wheel on the gateway's own ONNX runner.
 # Installed without its dependencies: we use only its model files, and its requirements would
 # pull in the GUI build of OpenCV next to the headless one.
-"$VENV/bin/python" -m pip install -q --no-deps "rapidocr-onnxruntime==1.4.4"
+# shellcheck disable=SC2086
+"$VENV/bin/python" -m pip install -q --no-deps "rapidocr-onnxruntime==1.4.4" $pins
 echo "bootstrap: ready ($VENV)"

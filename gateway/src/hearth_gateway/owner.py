@@ -4,8 +4,6 @@ look at and change the registry. Replies are these structs or the protocol's ``E
 
 from __future__ import annotations
 
-from typing import cast
-
 import msgspec
 
 from hearth.protocol import Error
@@ -85,4 +83,4 @@ def decode_admin_request(payload: bytes) -> AdminRequest | None:
 
 
 def decode_admin_reply(payload: bytes) -> AdminReply:
-    return cast(AdminReply, decode_with(_admin_reply_decoder, payload))
+    return decode_with(_admin_reply_decoder, payload)

@@ -3,7 +3,7 @@ dict from the network."""
 
 from __future__ import annotations
 
-from typing import TypeVar, cast
+from typing import TypeVar
 
 import msgspec
 
@@ -80,11 +80,11 @@ def _raise_if_other_version(payload: bytes | bytearray) -> None:
 
 
 def decode_request(payload: bytes | bytearray) -> Request:
-    return cast(Request, decode_with(_request_decoder, payload))
+    return decode_with(_request_decoder, payload)
 
 
 def decode_reply(payload: bytes | bytearray) -> Reply:
-    return cast(Reply, decode_with(_reply_decoder, payload))
+    return decode_with(_reply_decoder, payload)
 
 
 def decode_notification(payload: bytes | bytearray) -> Notification:

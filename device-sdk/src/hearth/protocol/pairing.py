@@ -19,7 +19,7 @@ import hashlib
 import hmac
 import re
 import secrets
-from typing import Annotated, cast
+from typing import Annotated
 
 import msgspec
 
@@ -96,11 +96,11 @@ _reply_decoder = msgspec.msgpack.Decoder(PairingReply)
 
 
 def decode_pairing_request(payload: bytes) -> PairingRequest:
-    return cast(PairingRequest, decode_with(_request_decoder, payload))
+    return decode_with(_request_decoder, payload)
 
 
 def decode_pairing_reply(payload: bytes) -> PairingReply:
-    return cast(PairingReply, decode_with(_reply_decoder, payload))
+    return decode_with(_reply_decoder, payload)
 
 
 # -- topics -------------------------------------------------------------------------------------
