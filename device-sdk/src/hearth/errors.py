@@ -44,6 +44,13 @@ class ErrorCode(enum.StrEnum):
     BAD_PARAMS = "bad_params"
     UNKNOWN_CAPABILITY = "unknown_capability"
     NO_SESSION = "no_session"
+    # Migratable runs (docs/migration.md): a snapshot that is corrupt or truncated, one made
+    # for another module, a resume or migrate of a run that has already finished, and a run
+    # id that this gateway does not hold.
+    BAD_SNAPSHOT = "bad_snapshot"
+    SNAPSHOT_MISMATCH = "snapshot_mismatch"
+    RUN_FINISHED = "run_finished"
+    NO_RUN = "no_run"
     TRAP = "trap"
     TIMEOUT = "timeout"
     MEMORY_LIMIT = "memory_limit"
