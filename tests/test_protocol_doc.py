@@ -87,7 +87,8 @@ EXPECTED_TAGS = {
     "task_install", "task_control", "task_list",
     "pong", "wasm_result", "onnx_result", "call_result", "pipeline_result", "frame_dropped",
     "session_closed", "need_blob", "blob_stored", "error", "task", "task_list_result",
-    "status", "notify",
+    "run_start", "run_resume", "run_control", "run_result", "run_moved", "run_checkpoint",
+    "run_ack", "status", "notify",
 }  # fmt: skip
 
 

@@ -51,6 +51,7 @@ class ErrorCode(enum.StrEnum):
     SNAPSHOT_MISMATCH = "snapshot_mismatch"
     RUN_FINISHED = "run_finished"
     NO_RUN = "no_run"
+    CANCELLED = "cancelled"
     TRAP = "trap"
     TIMEOUT = "timeout"
     MEMORY_LIMIT = "memory_limit"

@@ -37,6 +37,13 @@ __all__ = [
     "Pong",
     "Reply",
     "Request",
+    "RunAck",
+    "RunCheckpoint",
+    "RunControl",
+    "RunMoved",
+    "RunResult",
+    "RunResume",
+    "RunStart",
     "SessionClose",
     "SessionClosed",
     "Task",
@@ -222,6 +229,50 @@ class TaskList(_Message, frozen=True, tag="task_list"):
     pass
 
 
+# --- migratable runs (docs/migration.md) ----------------------------------------------------
+
+
+class RunStart(_Message, frozen=True, tag="run_start"):
+    """Start a migratable run of an instrumented WASI command module (docs/migration.md).
+
+    Answered, on the same correlation, by ``run_checkpoint`` messages while it runs (every
+    ``checkpoint_every_s``; 0: the gateway's policy) and then by exactly one of ``run_result``
+    (it finished here), ``run_moved`` (it stopped here and its snapshot is in the reply: the
+    device continues it) or ``error``. ``run_id`` names the run wherever it goes; ``job_id``
+    names this hop of it (a new one each time the run arrives), with a job's idempotency."""
+
+    job_id: JobId
+    run_id: JobId
+    module: Sha256
+    args: list[str] = []
+    stdin: bytes = b""
+    data_class: DataClass = "private"
+    checkpoint_every_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+
+
+class RunResume(_Message, frozen=True, tag="run_resume"):
+    """Continue a run from a snapshot uploaded as a blob (``blob`` messages, like a module).
+    Answered like ``run_start``. The snapshot names its module; the gateway asks for the
+    module with ``need_blob`` if it lacks it."""
+
+    job_id: JobId
+    run_id: JobId
+    module: Sha256
+    snapshot: Sha256
+    data_class: DataClass = "private"
+    checkpoint_every_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+
+
+class RunControl(_Message, frozen=True, tag="run_control"):
+    """Act on a run of this device that is running on the gateway: ``migrate`` stops it at
+    its next migration point and answers its start with ``run_moved``; ``checkpoint`` sends
+    a ``run_checkpoint`` at once; ``cancel`` ends it (its start is answered ``cancelled``).
+    Answered with ``run_ack``, or ``no_run`` when the gateway holds no such running run."""
+
+    run_id: JobId
+    action: Literal["migrate", "checkpoint", "cancel"]
+
+
 Request = (
     Ping
     | WasmJob
@@ -233,6 +284,9 @@ Request = (
     | TaskInstall
     | TaskControl
     | TaskList
+    | RunStart
+    | RunResume
+    | RunControl
 )
 
 
@@ -318,6 +372,46 @@ class Error(_Message, frozen=True, tag="error"):
     job_id: str | None = None
 
 
+class RunResult(_Message, frozen=True, tag="run_result"):
+    """A migratable run finished: its whole output (from its first start, wherever it ran),
+    and ``hops``, every place it ran, oldest first."""
+
+    job_id: str
+    run_id: str
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    hops: list[str]
+    fuel_used: int = 0
+    timing: Timing = Timing()
+
+
+class RunMoved(_Message, frozen=True, tag="run_moved"):
+    """The run stopped on this gateway and goes on elsewhere: ``snapshot`` is the snapshot
+    file (docs/migration.md); ``reason`` says why (asked by the device, gateway stopping,
+    gateway overloaded)."""
+
+    job_id: str
+    run_id: str
+    snapshot: bytes
+    reason: str
+
+
+class RunCheckpoint(_Message, frozen=True, tag="run_checkpoint"):
+    """A periodic (or asked-for) snapshot of a run still going on: a device keeps the latest,
+    and resumes from it if the gateway dies."""
+
+    job_id: str
+    run_id: str
+    seq: int
+    snapshot: bytes
+
+
+class RunAck(_Message, frozen=True, tag="run_ack"):
+    run_id: str
+    action: str
+
+
 class TaskInfo(msgspec.Struct, frozen=True, kw_only=True):
     """A task as ``show`` and ``list`` report it."""
 
@@ -366,6 +460,10 @@ Reply = (
     | Error
     | Task
     | TaskListResult
+    | RunResult
+    | RunMoved
+    | RunCheckpoint
+    | RunAck
 )
 
 
