@@ -67,13 +67,12 @@ from hearth_gateway.owner import (
     DeviceRevoked,
 )
 from hearth_gateway.pki import CsrRefused, LocalCA, fingerprint, key_fingerprint
+from hearth_gateway.reply_to import PublishReply, ReplyTo
 from hearth_gateway.store import DeviceRecord, Store
 
 __all__ = ["RESERVED_IDS", "PairingService", "pairing_for"]
 
 log = logging.getLogger(__name__)
-
-Publish = Callable[[str, bytes, bytes | None, int], None]  # topic, payload, correlation, QoS
 
 _DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 RESERVED_IDS = frozenset({"admin"})  # the box owner's identity on the control socket
@@ -161,7 +160,7 @@ class PairingService:
         ca: LocalCA,
         store: Store,
         loop: Loop,
-        publish: Publish,
+        publish: PublishReply,
         lan: BrokerAddress,
         pairing: BrokerAddress,
         server_hosts: Iterable[str],
@@ -232,21 +231,14 @@ class PairingService:
 
     # -- MQTT ------------------------------------------------------------------------------
 
-    def handle(
-        self,
-        topic: str,
-        payload: bytes,
-        response_topic: str | None,
-        correlation: bytes | None,
-        qos: int,
-    ) -> None:
+    def handle(self, topic: str, payload: bytes, reply_to: ReplyTo) -> None:
         connection = parse_pair_request_topic(topic)
-        if connection is None or response_topic != pair_reply_topic(connection):
+        if connection is None or reply_to.topic != pair_reply_topic(connection):
             return  # the listener's ACL makes this unreachable; nowhere safe to answer anyway
         actor = f"pairing:{connection}"
 
         def reply(message: msgspec.Struct) -> None:
-            self._publish(response_topic, encode(message), correlation, qos)
+            self._publish(reply_to, encode(message))
 
         try:
             request = decode_pairing_request(payload)
@@ -379,7 +371,7 @@ def pairing_for(
     state_dir: Path,
     store: Store,
     loop: Loop,
-    publish: Publish,
+    publish: PublishReply,
     on_change: Callable[[], None],
 ) -> PairingService | None:
     """The pairing service the configuration asks for: None without ``lan_listen``."""

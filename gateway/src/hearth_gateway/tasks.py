@@ -42,6 +42,7 @@ from hearth_gateway.blobs import BlobStore
 from hearth_gateway.dispatch import RESERVED_CLIENT_ID, PeerLog
 from hearth_gateway.loop import Loop, Timer
 from hearth_gateway.policy import TasksPolicy, filter_covers, task_topic_error, topic_matches
+from hearth_gateway.reply_to import ReplyTo
 from hearth_gateway.runners import TaskEvent, TaskOutcome
 from hearth_gateway.store import Store
 from hearth_gateway.workers import QueuedJob, WorkerPool
@@ -322,15 +323,10 @@ class TaskManager:
             kv=task.kv,
             publish=task.spec.publish,
         )
-        self._pool.submit(
-            QueuedJob(
-                client_id=task.owner,
-                job=event,
-                blob_path=str(self._blobs.path(task.spec.module)),
-                response_topic="",
-                correlation=b"",
-            )
-        )
+        # Nobody waits on a topic: the outcome comes back to completed() here.
+        owner = ReplyTo(task.owner, "")
+        blob_path = str(self._blobs.path(task.spec.module))
+        self._pool.submit(QueuedJob(reply_to=owner, job=event, blob_path=blob_path))
 
     def completed(self, item: QueuedJob, reply: bytes, _final: bool) -> None:
         """Worker pool callback for a task event."""
