@@ -494,11 +494,11 @@ class TaskManager:
         self._store.put_task(
             task.task_id,
             task.owner,
-            encode(task.spec),
-            msgspec.msgpack.encode(task.info),
-            task.checkpoint,
-            msgspec.msgpack.encode(task.kv),
-            task.covered,
+            spec=encode(task.spec),
+            info=msgspec.msgpack.encode(task.info),
+            checkpoint=task.checkpoint,
+            kv=msgspec.msgpack.encode(task.kv),
+            done_inbox=task.covered,
         )
         task.covered = []
         task.since_checkpoint = 0
