@@ -301,12 +301,16 @@ class Gateway:
         if self.tasks is not None:
             began = time.perf_counter()
             restored = self.tasks.start()
-            log.info("restored %d persistent tasks in %.3f s", restored,
-                     time.perf_counter() - began)  # fmt: skip
+            log.info(
+                "restored %d persistent tasks in %.3f s", restored, time.perf_counter() - began
+            )
         self.control = ControlServer(
-            self.loop, self.state_dir / "control.sock", self.blobs, self.dispatcher.task_request,
+            self.loop,
+            self.state_dir / "control.sock",
+            self.blobs,
+            self.dispatcher.task_request,
             admin=self.pairing.admin if self.pairing is not None else None,
-        )  # fmt: skip
+        )
         resumed = self.dispatcher.resume()
         if resumed:
             log.info("resumed %d journaled jobs from the last run", resumed)
@@ -315,8 +319,9 @@ class Gateway:
                 self.gateway_id, self._served, self._txt(), self.config.mdns_interface or None
             )
             self.advertiser.start()
-        self.loop.every(min(_HOUSEKEEPING_S, self._watchdog_s or _HOUSEKEEPING_S),
-                        self._housekeeping)  # fmt: skip
+        self.loop.every(
+            min(_HOUSEKEEPING_S, self._watchdog_s or _HOUSEKEEPING_S), self._housekeeping
+        )
         self._write_snapshot("online")
         _systemd.notify("READY=1", f"STATUS=serving as {self.gateway_id} on {self.listen}")
         log.info(
@@ -428,8 +433,10 @@ class Gateway:
             lambda: self.pool.idle and (upstream is None or upstream.idle), drain_timeout_s
         )
         if not drained:
-            log.warning("jobs still running after %.0f s; they will be re-run on the next start",
-                        drain_timeout_s)  # fmt: skip
+            log.warning(
+                "jobs still running after %.0f s; they will be re-run on the next start",
+                drain_timeout_s,
+            )
         if self.tasks is not None:
             self.tasks.close()
         if self.control is not None:

@@ -134,8 +134,11 @@ class _Codes:
             dropped = sum(p.failures >= self._max_failures for p in self._pending)
             self._pending = [p for p in self._pending if p.failures < self._max_failures]
             if dropped:
-                log.warning("%d pairing code(s) invalidated after %d failed attempts",
-                            dropped, self._max_failures)  # fmt: skip
+                log.warning(
+                    "%d pairing code(s) invalidated after %d failed attempts",
+                    dropped,
+                    self._max_failures,
+                )
         return found
 
     def use(self, pending: _Pending) -> None:
@@ -246,14 +249,15 @@ class PairingService:
             reply(Error(code=exc.code, message=exc.message))
             return
         if isinstance(request, PairHello):
-            reply(PairCa(gateway_id=self._gateway_id, ca=self._ca.ca_pem.decode(),
-                         port=self._device_port))  # fmt: skip
+            ca = self._ca.ca_pem.decode()
+            reply(PairCa(gateway_id=self._gateway_id, ca=ca, port=self._device_port))
             return
         if not self._codes.allow():
             self._rate_limited += 1
             if self._rate_limited == 1 or self._rate_limited % 100 == 0:
-                self._store.audit(actor, "pair", "", "refused",
-                                  f"rate limited ({self._rate_limited} so far)")  # fmt: skip
+                self._store.audit(
+                    actor, "pair", "", "refused", f"rate limited ({self._rate_limited} so far)"
+                )
             reply(Error(code=ErrorCode.OVERLOADED, message="too many pairing attempts; wait"))
             return
         self._rate_limited = 0
@@ -269,8 +273,9 @@ class PairingService:
         pending = self._codes.find(request.csr, request.proof)
         if pending is None:
             self._store.audit(actor, "pair", "", "refused", "wrong, used or expired code")
-            return Error(code=ErrorCode.FORBIDDEN,
-                         message="the pairing code is wrong, used or expired")  # fmt: skip
+            return Error(
+                code=ErrorCode.FORBIDDEN, message="the pairing code is wrong, used or expired"
+            )
         try:
             device_id, key_fp = _requested(request.csr)
         except CsrRefused as exc:
@@ -315,11 +320,16 @@ class PairingService:
         if device_id in RESERVED_IDS:
             return f"device id {device_id!r} is reserved"
         if device_id in self.active:
-            keys = {d.key_fingerprint for d in self._store.devices()
-                    if d.device_id == device_id and d.revoked_at is None}  # fmt: skip
+            keys = {
+                d.key_fingerprint
+                for d in self._store.devices()
+                if d.device_id == device_id and d.revoked_at is None
+            }
             if keys != {key_fp}:
-                return (f"device id {device_id!r} is paired with another key; "
-                        "revoke it first (hearth-gateway devices revoke)")  # fmt: skip
+                return (
+                    f"device id {device_id!r} is paired with another key; "
+                    "revoke it first (hearth-gateway devices revoke)"
+                )
         return None
 
     # -- the owner's commands --------------------------------------------------------------
@@ -339,27 +349,35 @@ class PairingService:
                 pairing_port=self._pairing_port,
             )
         if isinstance(request, DeviceListRequest):
-            return DeviceList(devices=[
-                DeviceInfo(device_id=d.device_id, serial=d.serial, fingerprint=d.fingerprint,
-                           paired_at=d.paired_at, revoked_at=d.revoked_at, reason=d.reason)
-                for d in self._store.devices()
-            ])  # fmt: skip
+            return DeviceList(
+                devices=[
+                    DeviceInfo(
+                        device_id=d.device_id,
+                        serial=d.serial,
+                        fingerprint=d.fingerprint,
+                        paired_at=d.paired_at,
+                        revoked_at=d.revoked_at,
+                        reason=d.reason,
+                    )
+                    for d in self._store.devices()
+                ]
+            )
         return self.revoke(request.device_id)
 
     def revoke(self, device_id: str) -> DeviceRevoked | Error:
         serials = self._store.revoke_device(device_id, "revoked by the owner")
         if not serials:
             known = device_id in self.locked
-            self._store.audit("admin", "device_revoke", device_id, "refused",
-                              "already revoked" if known else "no such device")  # fmt: skip
-            return Error(code=ErrorCode.BAD_PARAMS,
-                         message=f"{device_id}: " + ("already revoked" if known
-                                                     else "no such paired device"))  # fmt: skip
+            why = "already revoked" if known else "no such device"
+            self._store.audit("admin", "device_revoke", device_id, "refused", why)
+            told = "already revoked" if known else "no such paired device"
+            return Error(code=ErrorCode.BAD_PARAMS, message=f"{device_id}: {told}")
         self._refresh()
         self.write_crl()
         self._on_change()
-        self._store.audit("admin", "device_revoke", device_id, "allowed",
-                          f"certificates {', '.join(serials)}")  # fmt: skip
+        self._store.audit(
+            "admin", "device_revoke", device_id, "allowed", f"certificates {', '.join(serials)}"
+        )
         log.info("revoked device %s (certificates %s)", device_id, ", ".join(serials))
         return DeviceRevoked(device_id=device_id, serials=serials)
 
@@ -394,8 +412,14 @@ def pairing_for(
     if len(set(ports)) != len(ports):
         raise ConfigError(f"listen, lan_listen and pairing_listen need three ports, not {ports}")
     # Every name a device may use to reach the listeners: the certificate must match it.
-    hosts = {"localhost", "127.0.0.1", "::1", socket.gethostname(), f"{gateway_id}.local",
-             *advertised_addresses(lan, config.mdns_interface or None)}  # fmt: skip
+    hosts = {
+        "localhost",
+        "127.0.0.1",
+        "::1",
+        socket.gethostname(),
+        f"{gateway_id}.local",
+        *advertised_addresses(lan, config.mdns_interface or None),
+    }
     return PairingService(
         gateway_id=gateway_id,
         ca=LocalCA(state_dir / "pki", gateway_id),
