@@ -76,6 +76,7 @@ from hearth_gateway.placement import (
     egress_refusal,
 )
 from hearth_gateway.policy import Admission, PlacementPolicy, Policy
+from hearth_gateway.reply_to import ReplyTo
 from hearth_gateway.status import read_snapshot
 from hearth_gateway.store import Store
 from hearth_gateway.upstream import Forwarder, upstream_job_id
@@ -87,6 +88,7 @@ UP = "gw-cloud"  # the upstream gateway's id in the pure tests
 ME = "gw-home"  # our {client} there
 POLICY = PlacementPolicy(upstream_when_queue_over=2, upstream_max_in_flight=8)
 IDLE = Load(workers=2, busy=0, waiting=0)
+DEV_7 = ReplyTo("dev-7", reply_prefix("dev-7") + "r", b"c", 1)  # where dev-7 is answered
 BUSY = Load(workers=2, busy=2, waiting=1)  # every worker busy, a job waiting: not yet over 2
 SATURATED = Load(workers=2, busy=2, waiting=3)
 READY = UpstreamState(target="10.0.0.2:1883", ready=True)
@@ -416,22 +418,21 @@ def test_a_cloud_tier_installs_public_tasks_only(tier: str, tmp_path: Path) -> N
     blobs = BlobStore(tmp_path / "blobs", store, policy.limits)
     published: list[bytes] = []
     tasks = _Tasks()
+    placer = Placer(
+        tier=tier, policy=policy.placement, runners={"wasm", "task"},  # type: ignore[arg-type]
+        load=lambda: IDLE, store=store, blob_class=blobs.data_class,
+    )  # fmt: skip
     dispatcher = Dispatcher(
         gateway_id="gw", policy=policy, store=store, blobs=blobs,
         admission=Admission(policy.limits), pool=None,  # type: ignore[arg-type]
-        runners=["wasm", "task"], publish=lambda _t, payload, _c, _q: published.append(payload),
-        tasks=tasks,
-    )  # fmt: skip
-    dispatcher.placer = Placer(
-        tier=tier, policy=policy.placement, runners={"wasm", "task"},  # type: ignore[arg-type]
-        load=lambda: IDLE, store=store, blob_class=blobs.data_class,
+        runners=["wasm", "task"], publish=lambda _to, payload: published.append(payload),
+        placer=placer, tasks=tasks,
     )  # fmt: skip
     try:
         for label in ("private", "public"):
             install = TaskInstall(name=f"t-{label}", module=SHA, triggers=[Trigger(every_s=1.0)],
                                   data_class=label)  # type: ignore[arg-type]  # fmt: skip
-            dispatcher.handle(request_topic("gw", "dev-7"), encode(install),
-                              reply_prefix("dev-7") + "r", b"c", 1)  # fmt: skip
+            dispatcher.handle(request_topic("gw", "dev-7"), encode(install), DEV_7)
         private_reply, public_reply = map(decode_reply, published)
         assert isinstance(public_reply, Task)
         assert public_reply.task.data_class == "public"
@@ -458,22 +459,21 @@ def test_a_cloud_tier_keeps_no_private_blob(tier: str, tmp_path: Path) -> None:
     store = Store(tmp_path / "db.sqlite3", Sealer(os.urandom(32)))
     blobs = BlobStore(tmp_path / "blobs", store, policy.limits)
     published: list[bytes] = []
+    placer = Placer(
+        tier=tier, policy=policy.placement, runners={"wasm"},  # type: ignore[arg-type]
+        load=lambda: IDLE, store=store, blob_class=blobs.data_class,
+    )  # fmt: skip
     dispatcher = Dispatcher(
         gateway_id="gw", policy=policy, store=store, blobs=blobs,
         admission=Admission(policy.limits), pool=None,  # type: ignore[arg-type]
-        runners=["wasm"], publish=lambda _t, payload, _c, _q: published.append(payload),
-    )  # fmt: skip
-    dispatcher.placer = Placer(
-        tier=tier, policy=policy.placement, runners={"wasm"},  # type: ignore[arg-type]
-        load=lambda: IDLE, store=store, blob_class=blobs.data_class,
+        runners=["wasm"], publish=lambda _to, payload: published.append(payload), placer=placer,
     )  # fmt: skip
     try:
         for label in ("private", "public"):
             data = f"{label} module bytes".encode()
             chunk = BlobChunk(sha256=hashlib.sha256(data).hexdigest(), size=len(data), offset=0,
                               data=data, data_class=label)  # type: ignore[arg-type]  # fmt: skip
-            dispatcher.handle(request_topic("gw", "dev-7"), encode(chunk),
-                              reply_prefix("dev-7") + "r", b"c", 1)  # fmt: skip
+            dispatcher.handle(request_topic("gw", "dev-7"), encode(chunk), DEV_7)
         private_reply, public_reply = map(decode_reply, published)
         assert isinstance(public_reply, BlobStored)
         if tier == "cloud":
@@ -548,7 +548,7 @@ def test_the_forwarder_relays_uploads_and_falls_back(tmp_path: Path) -> None:
 
     def forward(job_id: str) -> bytes:
         job = WasmJob(job_id=job_id, module=sha, stdin=b"in", data_class="public")
-        forwarder.forward("dev-7", job, "hearth/v1/dev/dev-7/reply", b"corr", 1)
+        forwarder.forward(job, ReplyTo("dev-7", "hearth/v1/dev/dev-7/reply", b"corr", 1))
         message, token = link.sent[-1]
         assert message.job_id == upstream_job_id("dev-7", job_id) != job_id
         return token
@@ -593,7 +593,7 @@ def test_the_forwarder_relays_uploads_and_falls_back(tmp_path: Path) -> None:
         assert len(relayed) == 2
         private = WasmJob(job_id="p", module=sha, stdin=b"secret")
         sent_before = len(link.sent)
-        forwarder.forward("dev-7", private, "hearth/v1/dev/dev-7/reply", b"c", 1)
+        forwarder.forward(private, DEV_7)
         assert len(link.sent) == sent_before  # never handed to the link
         assert home[-1] == ("p", "a private job is never forwarded")
 
@@ -601,8 +601,7 @@ def test_the_forwarder_relays_uploads_and_falls_back(tmp_path: Path) -> None:
         # this is the forwarder's own check), and a private blob is never uploaded.
         secret = hashlib.sha256(b"private module").hexdigest()
         labels[secret] = "private"
-        forwarder.forward("dev-7", WasmJob(job_id="pb", module=secret, data_class="public"),
-                          "hearth/v1/dev/dev-7/reply", b"c", 1)  # fmt: skip
+        forwarder.forward(WasmJob(job_id="pb", module=secret, data_class="public"), DEV_7)
         assert len(link.sent) == sent_before
         assert home[-1][0] == "pb"
         assert "private" in home[-1][1]

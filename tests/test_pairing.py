@@ -420,20 +420,35 @@ def test_the_dispatcher_refuses_a_revoked_id_whichever_way_it_came(tmp_path: Pat
     from hearth_gateway.blobs import BlobStore
     from hearth_gateway.dispatch import Dispatcher
     from hearth_gateway.pairing import RESERVED_IDS
+    from hearth_gateway.placement import Load, Placer
+    from hearth_gateway.reply_to import ReplyTo
 
     assert "admin" in RESERVED_IDS
     policy = Policy()
     store = Store(tmp_path / "db.sqlite3", Sealer(os.urandom(32)))
     published: list[tuple[str, bytes]] = []
+    blobs = BlobStore(tmp_path / "blobs", store, policy.limits)
     dispatcher = Dispatcher(
-        gateway_id="gw", policy=policy, store=store,
-        blobs=BlobStore(tmp_path / "blobs", store, policy.limits),
-        admission=Admission(policy.limits), pool=None,  # type: ignore[arg-type]
-        runners=["wasm"], publish=lambda topic, payload, _c, _q: published.append((topic, payload)),
-    )  # fmt: skip
-    dispatcher.locked = frozenset({"cam-9"})
-    dispatcher.handle(request_topic("gw", "cam-9"), encode(Ping()), reply_prefix("cam-9") + "r",
-                      b"c", 1)  # fmt: skip
+        gateway_id="gw",
+        policy=policy,
+        store=store,
+        blobs=blobs,
+        admission=Admission(policy.limits),
+        pool=None,  # type: ignore[arg-type]
+        runners=["wasm"],
+        publish=lambda to, payload: published.append((to.topic, payload)),
+        placer=Placer(
+            tier="home",
+            policy=policy.placement,
+            runners={"wasm"},
+            load=lambda: Load(workers=1, busy=0, waiting=0),
+            store=store,
+            blob_class=blobs.data_class,
+        ),
+        locked=frozenset({"cam-9"}),
+    )
+    reply_to = ReplyTo("cam-9", reply_prefix("cam-9") + "r", b"c", 1)
+    dispatcher.handle(request_topic("gw", "cam-9"), encode(Ping()), reply_to)
     [(topic, payload)] = published
     from hearth.protocol import decode_reply
 

@@ -59,8 +59,10 @@ def pairing_command(args: argparse.Namespace) -> int:
         print(f"Pairing code:    {reply.code}")
         print(f"Valid for:       {minutes:.0f} min, once")
         print(f"CA fingerprint:  {reply.ca_fingerprint}")
-        print(f"On the device:   hearth pair {reply.code} --gateway HOST:{reply.pairing_port} "
-              f"--ca-fingerprint {reply.ca_fingerprint}")  # fmt: skip
+        print(
+            f"On the device:   hearth pair {reply.code} --gateway HOST:{reply.pairing_port} "
+            f"--ca-fingerprint {reply.ca_fingerprint}"
+        )
         print("                 (or just `hearth pair CODE` where mDNS finds the gateway)")
     elif isinstance(reply, DeviceList):
         if json_out:
@@ -70,9 +72,13 @@ def pairing_command(args: argparse.Namespace) -> int:
         print(f"{'DEVICE':<24} {'STATE':<10} {'PAIRED':<19}  {'REVOKED':<19}  SERIAL")
         for d in reply.devices:
             state = "valid" if d.revoked_at is None else (d.reason.split()[0] or "revoked")
-            print(f"{d.device_id:<24} {state:<10} {_when(d.paired_at):<19}  "
-                  f"{_when(d.revoked_at):<19}  {d.serial}")  # fmt: skip
+            print(
+                f"{d.device_id:<24} {state:<10} {_when(d.paired_at):<19}  "
+                f"{_when(d.revoked_at):<19}  {d.serial}"
+            )
     elif isinstance(reply, DeviceRevoked):
-        print(f"revoked {reply.device_id}: certificate(s) {', '.join(reply.serials)}; "
-              "its connections can no longer publish or receive")  # fmt: skip
+        print(
+            f"revoked {reply.device_id}: certificate(s) {', '.join(reply.serials)}; "
+            "its connections can no longer publish or receive"
+        )
     return 0

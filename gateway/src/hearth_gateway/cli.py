@@ -30,10 +30,16 @@ def _parser() -> argparse.ArgumentParser:
         "--listen", metavar="HOST:PORT", help="managed broker listener (default 127.0.0.1:1883)"
     )
     run.add_argument("--broker", metavar="URL", help="use an external MQTT 5 broker instead")
-    run.add_argument("--lan-listen", metavar="HOST:PORT",
-                     help="TLS listener for paired LAN devices, e.g. 0.0.0.0:8883")  # fmt: skip
-    run.add_argument("--pairing-listen", metavar="HOST:PORT",
-                     help="where devices pair (default: the LAN listener's port + 1)")  # fmt: skip
+    run.add_argument(
+        "--lan-listen",
+        metavar="HOST:PORT",
+        help="TLS listener for paired LAN devices, e.g. 0.0.0.0:8883",
+    )
+    run.add_argument(
+        "--pairing-listen",
+        metavar="HOST:PORT",
+        help="where devices pair (default: the LAN listener's port + 1)",
+    )
     run.add_argument("--mdns-interface", metavar="IP", help="advertise on this interface only")
     run.add_argument("--no-mdns", action="store_true", help="do not advertise over mDNS")
     run.add_argument("--gateway-id", help="gateway id (default: the host name)")
@@ -124,13 +130,19 @@ def _tasks(args: argparse.Namespace) -> int:
         sha = hashlib.sha256(data).hexdigest()
         chunk = 1 << 20
         for offset in range(0, max(len(data), 1), chunk):
-            part = BlobChunk(sha256=sha, size=len(data), offset=offset,
-                             data=data[offset : offset + chunk],
-                             data_class=options["data_class"])  # fmt: skip
+            part = BlobChunk(
+                sha256=sha,
+                size=len(data),
+                offset=offset,
+                data=data[offset : offset + chunk],
+                data_class=options["data_class"],
+            )
             reply = call(sock, encode(part))
             if isinstance(reply, Error):
-                print(f"hearth-gateway: upload refused: {reply.code}: {reply.message}",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    f"hearth-gateway: upload refused: {reply.code}: {reply.message}",
+                    file=sys.stderr,
+                )
                 return 1
         request: TaskInstall | TaskList | TaskControl = task_install_request(
             sha, args.name, **options
@@ -161,20 +173,21 @@ def _audit(args: argparse.Namespace) -> int:
         return 1
     # Read-only: the daemon is the only writer.
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-        rows = db.execute(
+        cursor = db.execute(
             "SELECT at, actor, action, target, decision, reason FROM audit"
             " ORDER BY id DESC LIMIT ?",
             (args.limit,),
-        ).fetchall()
-    for at, actor, action, target, decision, reason in reversed(rows):
+        )
+        columns = [column[0] for column in cursor.description]
+        rows = cursor.fetchall()
+    for row in reversed(rows):
         if args.json:
-            print(msgspec.json.encode({"at": at, "actor": actor, "action": action,
-                                       "target": target, "decision": decision,
-                                       "reason": reason}).decode())  # fmt: skip
-        else:
-            when = dt.datetime.fromtimestamp(at).astimezone().strftime("%Y-%m-%d %H:%M:%S")
-            print(f"{when}  {decision:<8} {actor:<16} {action:<16} {target}"
-                  + (f"  ({reason})" if reason else ""))  # fmt: skip
+            print(msgspec.json.encode(dict(zip(columns, row, strict=True))).decode())
+            continue
+        at, actor, action, target, decision, reason = row
+        when = dt.datetime.fromtimestamp(at).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        because = f"  ({reason})" if reason else ""
+        print(f"{when}  {decision:<8} {actor:<16} {action:<16} {target}{because}")
     return 0
 
 
@@ -192,8 +205,13 @@ def _pairing(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"audit": _audit, "tasks": _tasks, "pair": _pairing, "devices": _pairing,
-                "doctor": _doctor}  # fmt: skip
+    commands = {
+        "audit": _audit,
+        "tasks": _tasks,
+        "pair": _pairing,
+        "devices": _pairing,
+        "doctor": _doctor,
+    }
     if args.command in commands:
         return commands[args.command](args)
     if args.command == "status":

@@ -35,12 +35,13 @@ from hearth_gateway.loop import Loop
 from hearth_gateway.pairing import PairingService, pairing_for
 from hearth_gateway.placement import Load, Placer
 from hearth_gateway.policy import Admission, Policy, load_policy
+from hearth_gateway.reply_to import ReplyTo
 from hearth_gateway.runners import REGISTRY, TaskEvent, WorkerSettings
 from hearth_gateway.status import StatusSnapshot, write_snapshot
 from hearth_gateway.store import Store
 from hearth_gateway.streams import StreamCounters
 from hearth_gateway.tasks import TaskManager
-from hearth_gateway.upstream import forwarder_for
+from hearth_gateway.upstream import Forwarded, forwarder_for
 from hearth_gateway.workers import QueuedJob, WorkerPool
 
 __all__ = ["Gateway"]
@@ -123,34 +124,31 @@ class Gateway:
             self.loop,
             self.listen,
             self.gateway_id,
-            self._handle,
-            encode(self._status("offline")),
+            on_request=self._handle,
+            offline_status=encode(self._status("offline")),
             on_other=self._other,
             credentials=None if config.broker else (GATEWAY_USER, self._broker_password),
         )
-        self.dispatcher = Dispatcher(
-            gateway_id=self.gateway_id,
-            policy=self.policy,
-            store=self.store,
-            blobs=self.blobs,
-            admission=self.admission,
-            pool=self.pool,
-            runners=list(config.runners),
-            publish=self.link.publish_reply,
-            streams=self.streams,
-        )
-        # Where jobs run (placement.py), and the upstream that may take public ones.
+        # The upstream that may take public jobs, and placement, which decides where jobs run.
         self.upstream = forwarder_for(
-            config, self.loop, self.gateway_id, policy=self.policy.placement, blobs=self.blobs,
-            audit=self.store.audit, relay=self.dispatcher.forwarded,
-            fallback=self.dispatcher.forward_failed,
-        )  # fmt: skip
-        self.dispatcher.upstream = self.upstream
-        self.dispatcher.placer = Placer(
-            tier=config.tier, policy=self.policy.placement, runners=set(config.runners),
-            load=self._load, store=self.store, blob_class=self.blobs.data_class,
+            config,
+            self.loop,
+            self.gateway_id,
+            policy=self.policy.placement,
+            blobs=self.blobs,
+            audit=self.store.audit,
+            relay=self._relay,
+            fallback=self._fall_back,
+        )
+        placer = Placer(
+            tier=config.tier,
+            policy=self.policy.placement,
+            runners=set(config.runners),
+            load=self._load,
+            store=self.store,
+            blob_class=self.blobs.data_class,
             upstream=self.upstream.state if self.upstream is not None else None,
-        )  # fmt: skip
+        )
         self.tasks: TaskManager | None = None
         if "task" in config.runners:
             self.tasks = TaskManager(
@@ -163,29 +161,55 @@ class Gateway:
                 publish=self.link.publish_plain,
                 subscribe=self.link.subscribe,
             )
-            self.dispatcher.tasks = self.tasks
         self.pairing: PairingService | None = pairing_for(
-            config, gateway_id=self.gateway_id, state_dir=self.state_dir, store=self.store,
-            loop=self.loop, publish=self.link.publish_reply, on_change=self._security_changed,
-        )  # fmt: skip
+            config,
+            gateway_id=self.gateway_id,
+            state_dir=self.state_dir,
+            store=self.store,
+            loop=self.loop,
+            publish=self.link.publish_reply,
+            on_change=self._security_changed,
+        )
         if self.pairing is not None:
-            self.dispatcher.locked = self.pairing.locked
             self.link.subscribe(pair_request_filter(), True)
+        self.dispatcher = Dispatcher(
+            gateway_id=self.gateway_id,
+            policy=self.policy,
+            store=self.store,
+            blobs=self.blobs,
+            admission=self.admission,
+            pool=self.pool,
+            runners=list(config.runners),
+            publish=self.link.publish_reply,
+            placer=placer,
+            upstream=self.upstream,
+            tasks=self.tasks,
+            streams=self.streams,
+            locked=self.pairing.locked if self.pairing is not None else frozenset(),
+        )
         self.control: ControlServer | None = None
 
-    # Bound late so the link and dispatcher can reference each other.
-    def _handle(
-        self,
-        topic: str,
-        payload: bytes,
-        response_topic: str | None,
-        correlation: bytes | None,
-        qos: int,
-    ) -> None:
+    # Callbacks of the link, the pool and the forwarder, which exist before the dispatcher
+    # does: they reach it through the daemon.
+
+    def _handle(self, topic: str, payload: bytes, reply_to: ReplyTo) -> None:
         if self.pairing is not None and self.pairing.owns(topic):
-            self.pairing.handle(topic, payload, response_topic, correlation, qos)
+            self.pairing.handle(topic, payload, reply_to)
             return
-        self.dispatcher.handle(topic, payload, response_topic, correlation, qos)
+        self.dispatcher.handle(topic, payload, reply_to)
+
+    def _completed(self, item: QueuedJob, reply: bytes, final: bool) -> None:
+        if isinstance(item.job, TaskEvent):
+            if self.tasks is not None:
+                self.tasks.completed(item, reply, final)
+            return
+        self.dispatcher.completed(item, reply, final)
+
+    def _relay(self, item: Forwarded, reply: bytes) -> None:
+        self.dispatcher.forwarded(item, reply)
+
+    def _fall_back(self, item: Forwarded, why: str) -> None:
+        self.dispatcher.forward_failed(item, why)
 
     def _broker_security(self) -> BrokerSecurity:
         if self.pairing is not None:
@@ -198,13 +222,6 @@ class Gateway:
             self.dispatcher.locked = self.pairing.locked
         if self.broker is not None:
             self.broker.update_security(self._broker_security())
-
-    def _completed(self, item: QueuedJob, reply: bytes, final: bool) -> None:
-        if isinstance(item.job, TaskEvent):
-            if self.tasks is not None:
-                self.tasks.completed(item, reply, final)
-            return
-        self.dispatcher.completed(item, reply, final)
 
     def _other(self, topic: str, payload: bytes) -> None:
         if self.tasks is not None:
@@ -284,12 +301,16 @@ class Gateway:
         if self.tasks is not None:
             began = time.perf_counter()
             restored = self.tasks.start()
-            log.info("restored %d persistent tasks in %.3f s", restored,
-                     time.perf_counter() - began)  # fmt: skip
+            log.info(
+                "restored %d persistent tasks in %.3f s", restored, time.perf_counter() - began
+            )
         self.control = ControlServer(
-            self.loop, self.state_dir / "control.sock", self.blobs, self.dispatcher.task_request,
+            self.loop,
+            self.state_dir / "control.sock",
+            self.blobs,
+            self.dispatcher.task_request,
             admin=self.pairing.admin if self.pairing is not None else None,
-        )  # fmt: skip
+        )
         resumed = self.dispatcher.resume()
         if resumed:
             log.info("resumed %d journaled jobs from the last run", resumed)
@@ -298,8 +319,9 @@ class Gateway:
                 self.gateway_id, self._served, self._txt(), self.config.mdns_interface or None
             )
             self.advertiser.start()
-        self.loop.every(min(_HOUSEKEEPING_S, self._watchdog_s or _HOUSEKEEPING_S),
-                        self._housekeeping)  # fmt: skip
+        self.loop.every(
+            min(_HOUSEKEEPING_S, self._watchdog_s or _HOUSEKEEPING_S), self._housekeeping
+        )
         self._write_snapshot("online")
         _systemd.notify("READY=1", f"STATUS=serving as {self.gateway_id} on {self.listen}")
         log.info(
@@ -411,8 +433,10 @@ class Gateway:
             lambda: self.pool.idle and (upstream is None or upstream.idle), drain_timeout_s
         )
         if not drained:
-            log.warning("jobs still running after %.0f s; they will be re-run on the next start",
-                        drain_timeout_s)  # fmt: skip
+            log.warning(
+                "jobs still running after %.0f s; they will be re-run on the next start",
+                drain_timeout_s,
+            )
         if self.tasks is not None:
             self.tasks.close()
         if self.control is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,8 +44,9 @@ from hearth.protocol import (
     reply_prefix,
 )
 from hearth_gateway.blobs import BlobStore, UploadRefused
-from hearth_gateway.placement import Action, Decision, Placer
+from hearth_gateway.placement import Action, Decision, PlacedJob, Placer
 from hearth_gateway.policy import Admission, Policy
+from hearth_gateway.reply_to import PublishReply, ReplyTo
 from hearth_gateway.runners import Job, TaskEvent, VisionClose, runner_for
 from hearth_gateway.store import JournalEntry, Store
 from hearth_gateway.streams import Sessions, StreamCounters
@@ -59,8 +59,6 @@ __all__ = ["Dispatcher", "PeerLog"]
 log = logging.getLogger(__name__)
 
 RESERVED_CLIENT_ID = "admin"  # the owner of tasks installed through the control socket
-
-Publish = Callable[[str, bytes, bytes | None, int], None]  # topic, payload, correlation, QoS
 
 
 def _blob_of(job: Job) -> str | None:
@@ -138,9 +136,12 @@ class Dispatcher:
         admission: Admission,
         pool: WorkerPool,
         runners: list[str],
-        publish: Publish,
+        publish: PublishReply,
+        placer: Placer,
+        upstream: Forwarder | None = None,
         tasks: TaskRequests | None = None,
         streams: StreamCounters | None = None,
+        locked: frozenset[str] = frozenset(),
     ) -> None:
         self._gateway_id = gateway_id
         self._limits = policy.limits
@@ -150,7 +151,9 @@ class Dispatcher:
         self._pool = pool
         self._runners = set(runners)
         self._publish = publish
-        self.tasks = tasks
+        self._placer = placer  # where each job runs (placement.py)
+        self._upstream = upstream  # None: no upstream configured
+        self._tasks = tasks  # None: the task runner is not enabled
         self._peer_log = PeerLog()
         self.counters = Counters()
         self.sessions = Sessions(
@@ -160,47 +163,36 @@ class Dispatcher:
         # The daemon passes its own: the status reports them before a dispatcher exists.
         self.streams = StreamCounters(policy.vision.max_streams) if streams is None else streams
         self.draining = False  # set on shutdown: new jobs are refused, queued ones finish
-        # Set by the daemon: where each job runs (placement.py), and the upstream if any.
-        self.placer: Placer | None = None
-        self.upstream: Forwarder | None = None
-        self.locked: frozenset[str] = frozenset()  # revoked device ids (pairing.py)
+        self.locked = locked  # revoked device ids; the daemon updates it (pairing.py)
 
     # Called from the daemon's event loop for each request: everything here is short; jobs run
     # in the worker processes.
-    def handle(
-        self,
-        topic: str,
-        payload: bytes,
-        response_topic: str | None,
-        correlation: bytes | None,
-        qos: int = 1,
-    ) -> None:
+    def handle(self, topic: str, payload: bytes, reply_to: ReplyTo) -> None:
         parsed = parse_request_topic(topic)
-        if parsed is None or parsed[0] != self._gateway_id:
+        # The link took the sender from the topic's last level: the protocol's parse has the
+        # last word on it.
+        if parsed is None or parsed[0] != self._gateway_id or parsed[1] != reply_to.client_id:
             self._peer_log.warning("topic", "ignoring message on unexpected topic %r", topic)
             return
-        client_id = parsed[1]
-        if self._identity_refused(client_id, topic, response_topic, correlation, qos):
+        client_id = reply_to.client_id
+        if self._identity_refused(topic, reply_to):
             return
-        if self.tasks is not None:
-            self.tasks.owner_seen(client_id)
-        if response_topic is None or not response_topic.startswith(reply_prefix(client_id)):
+        if self._tasks is not None:
+            self._tasks.owner_seen(client_id)
+        if not reply_to.topic.startswith(reply_prefix(client_id)):
             # Nowhere safe to answer: a device may only have replies sent into its own topics.
             self._peer_log.warning(
                 "response-topic",
                 "dropping request from %s: Response Topic %r not under %r",
                 client_id,
-                response_topic,
+                reply_to.topic or None,
                 reply_prefix(client_id),
             )
             self.counters.refused += 1
             return
         if len(payload) > self._limits.max_message_bytes:
             self._refuse(
-                client_id,
-                response_topic,
-                correlation,
-                qos,
+                reply_to,
                 ErrorCode.TOO_LARGE,
                 f"message of {len(payload)} bytes over the limit of "
                 f"{self._limits.max_message_bytes}",
@@ -209,7 +201,7 @@ class Dispatcher:
         try:
             request = decode_request(payload)
         except ProtocolError as exc:
-            self._refuse(client_id, response_topic, correlation, qos, exc.code, exc.message)
+            self._refuse(reply_to, exc.code, exc.message)
             return
         if isinstance(request, Ping):
             in_flight = self._admission.in_flight
@@ -219,105 +211,84 @@ class Dispatcher:
                 workers=self._pool.size,
                 load=in_flight / max(1, self._pool.size),
             )
-            self._publish(response_topic, encode(pong), correlation, qos)
+            self._publish(reply_to, encode(pong))
         elif isinstance(request, BlobChunk):
-            self._blob(client_id, request, response_topic, correlation, qos)
+            self._blob(request, reply_to)
         elif isinstance(request, TaskInstall | TaskControl | TaskList):
-            self._publish(response_topic, encode(self._device_task_request(client_id, request)),
-                          correlation, qos)  # fmt: skip
+            self._publish(reply_to, encode(self._device_task_request(client_id, request)))
         elif isinstance(request, SessionClose):
-            self._session_close(client_id, request, response_topic, correlation, qos)
+            self._session_close(request, reply_to)
         elif isinstance(request, CallJob) and (request.stream or request.session):
-            self._frame(client_id, request, response_topic, correlation, qos)
+            self._frame(request, reply_to)
         else:
-            self._job(client_id, request, payload, response_topic, correlation, qos)
+            self._job(request, payload, reply_to)
 
     def _device_task_request(
         self, client_id: str, request: TaskInstall | TaskControl | TaskList
     ) -> Reply:
         """A task install goes where placement says (a cloud tier installs only public tasks);
         audited when refused, or once installed (not for a need_blob on the way)."""
-        placer = self.placer
-        if placer is None or not isinstance(request, TaskInstall):
+        if not isinstance(request, TaskInstall):
             return self.task_request(client_id, request)
-        decision = placer.place_task(request)
+        decision = self._placer.place_task(request)
         what = f"task {request.name}"
         if decision.action is Action.DENY and decision.code is not None:
-            placer.audit(client_id, request.data_class, what, decision)
+            self._placer.audit(client_id, request.data_class, what, decision)
             self.counters.refused += 1
             return Error(code=decision.code, message=decision.reason)
         reply = self.task_request(client_id, request)
         if isinstance(reply, Task):
-            placer.audit(client_id, request.data_class, what, decision)
+            self._placer.audit(client_id, request.data_class, what, decision)
         return reply
 
     def task_request(self, client_id: str, request: TaskInstall | TaskControl | TaskList) -> Reply:
-        if self.tasks is None:
+        if self._tasks is None:
             return Error(code=ErrorCode.UNSUPPORTED, message="tasks are not enabled here")
         if isinstance(request, TaskInstall):
-            return self.tasks.install(client_id, request)
+            return self._tasks.install(client_id, request)
         if isinstance(request, TaskControl):
-            return self.tasks.control(client_id, request)
-        return self.tasks.list_tasks(client_id, request)
+            return self._tasks.control(client_id, request)
+        return self._tasks.list_tasks(client_id, request)
 
-    def _blob(
-        self,
-        client_id: str,
-        chunk: BlobChunk,
-        response_topic: str,
-        correlation: bytes | None,
-        qos: int,
-    ) -> None:
+    def _blob(self, chunk: BlobChunk, reply_to: ReplyTo) -> None:
+        client_id = reply_to.client_id
         self.counters.blob_bytes_received += len(chunk.data)
-        if (
-            chunk.data_class == "private"
-            and self.placer is not None
-            and self.placer.tier == "cloud"
-        ):
+        if chunk.data_class == "private" and self._placer.tier == "cloud":
             # A device (or a buggy home gateway) sending private bytes to a cloud tier: they
             # have crossed already, but they are not kept, and the sender learns why.
             reason = "private blobs are not accepted by a cloud tier"
             self._store.audit(client_id, "blob", chunk.sha256, "refused", reason)
-            self._refuse(client_id, response_topic, correlation, qos, ErrorCode.POLICY_DENIED,
-                         reason)  # fmt: skip
+            self._refuse(reply_to, ErrorCode.POLICY_DENIED, reason)
             return
         try:
             complete = self._blobs.receive(client_id, chunk)
         except UploadRefused as exc:
             if exc.code is ErrorCode.HASH_MISMATCH:  # tampered with, or a broken sender
                 self._store.audit(client_id, "blob", chunk.sha256, "refused", exc.message)
-            self._refuse(client_id, response_topic, correlation, qos, exc.code, exc.message)
+            self._refuse(reply_to, exc.code, exc.message)
             return
         if complete:
-            reply = BlobStored(sha256=chunk.sha256, size=chunk.size)
-            self._publish(response_topic, encode(reply), correlation, qos)
+            self._publish(reply_to, encode(BlobStored(sha256=chunk.sha256, size=chunk.size)))
 
-    def _placed(
-        self, client_id: str, job: WasmJob | OnnxJob | CallJob | PipelineJob
-    ) -> tuple[Decision | None, JobError | None]:
-        """Placement's decision (None without a placer) and why the job is refused, if it is;
-        a refusal of placement's own is audited here."""
-        decision = self.placer.place(job) if self.placer is not None else None
+    def _placed(self, client_id: str, job: PlacedJob) -> tuple[Decision, JobError | None]:
+        """Placement's decision and why the job is refused, if it is; a refusal of
+        placement's own is audited here."""
+        decision = self._placer.place(job)
         refusal = self._refusal(job, decision)
-        if refusal is not None and decision is not None and refusal.code is decision.code:
+        if refusal is not None and refusal.code is decision.code:
             self._audit(client_id, job, decision)
         return decision, refusal
 
-    def _audit(
-        self, client_id: str, job: WasmJob | OnnxJob | CallJob | PipelineJob, decision: Decision
-    ) -> None:
-        if self.placer is not None:
-            self.placer.audit(client_id, job.data_class, f"job {job.job_id}", decision)
+    def _audit(self, client_id: str, job: PlacedJob, decision: Decision) -> None:
+        self._placer.audit(client_id, job.data_class, f"job {job.job_id}", decision)
 
-    def _refusal(
-        self, job: WasmJob | OnnxJob | CallJob | PipelineJob, decision: Decision | None = None
-    ) -> JobError | None:
+    def _refusal(self, job: PlacedJob, decision: Decision) -> JobError | None:
         """Why this job cannot run here at all, checked before anything is stored."""
         if self.draining:
             return JobError(ErrorCode.SHUTTING_DOWN, "the gateway is shutting down")
-        if decision is not None and decision.action is Action.DENY and decision.code is not None:
+        if decision.action is Action.DENY and decision.code is not None:
             return JobError(decision.code, decision.reason)
-        if decision is not None and decision.action is Action.UPSTREAM:
+        if decision.action is Action.UPSTREAM:
             # Its runner may be missing here: that may be why it goes upstream.
             return _call_refusal(job) if isinstance(job, CallJob) else None
         runner = runner_for(job)
@@ -329,44 +300,32 @@ class Dispatcher:
             return _call_refusal(job)
         return None
 
-    def _job(
-        self,
-        client_id: str,
-        job: WasmJob | OnnxJob | CallJob | PipelineJob,
-        payload: bytes,
-        response_topic: str,
-        correlation: bytes | None,
-        qos: int,
-    ) -> None:
+    def _job(self, job: PlacedJob, payload: bytes, reply_to: ReplyTo) -> None:
+        client_id = reply_to.client_id
         decision, refusal = self._placed(client_id, job)
         if refusal is not None:
-            self._refuse(client_id, response_topic, correlation, qos, refusal.code,
-                         refusal.message, job.job_id)  # fmt: skip
+            self._refuse(reply_to, refusal.code, refusal.message, job.job_id)
             return
         sha = _blob_of(job)
         if sha is not None and not self._blobs.has(sha):
             need = NeedBlob(job_id=job.job_id, sha256=sha, max_chunk=self._limits.max_chunk_bytes)
-            self._publish(response_topic, encode(need), correlation, qos)
+            self._publish(reply_to, encode(need))
             return
-        entry = JournalEntry(client_id, job.job_id, payload, response_topic, correlation or b"")
-        audit = (
-            Placer.entry(client_id, job.data_class, f"job {job.job_id}", decision)
-            if decision is not None and self.placer is not None
-            else None
-        )
+        entry = JournalEntry(client_id, job.job_id, payload, reply_to.topic, reply_to.correlation)
+        audit = Placer.entry(client_id, job.data_class, f"job {job.job_id}", decision)
         known = self._store.accept(entry, audit)
         if known is not None:
             state, reply = known
             self.counters.duplicates += 1
             if state == "done" and reply is not None:
-                self._publish(response_topic, reply, correlation, qos)
+                self._publish(reply_to, reply)
             # else: still queued or running; its one answer is on its way.
             return
-        if decision is not None and decision.action is Action.UPSTREAM and self.upstream:
+        if decision.action is Action.UPSTREAM and self._upstream is not None:
             self.counters.forwarded += 1
-            self.upstream.forward(client_id, job, response_topic, correlation or b"", qos)
+            self._upstream.forward(job, reply_to)
             return
-        self.enqueue(client_id, job, response_topic, correlation or b"", qos)
+        self.enqueue(job, reply_to)
 
     # -- public jobs forwarded upstream (upstream.py) -----------------------------------------
 
@@ -374,84 +333,53 @@ class Dispatcher:
         """The upstream's answer to a forwarded job (its job id already the device's): stored,
         then published to the device like any answer."""
         if len(reply) > self._limits.max_message_bytes:
-            reply = encode(Error(code=ErrorCode.TOO_LARGE, job_id=item.job.job_id,
-                                 message=f"result of {len(reply)} bytes over the limit of "
-                                         f"{self._limits.max_message_bytes}"))  # fmt: skip
-        self._store.finish(item.client_id, item.job.job_id, reply)
-        self._publish(item.response_topic, reply, item.correlation or None, item.qos)
+            reply = self._too_large(item.job, len(reply))
+        self._store.finish(item.reply_to.client_id, item.job.job_id, reply)
+        self._publish(item.reply_to, reply)
         self.counters.completed += 1
 
     def forward_failed(self, item: Forwarded, why: str) -> None:
         """A forwarded job the upstream will not answer: it is public, so it runs here."""
         job = item.job
-        self._audit(item.client_id, job, Decision(Action.QUEUE, f"back from the {why}"))
+        client_id = item.reply_to.client_id
+        self._audit(client_id, job, Decision(Action.QUEUE, f"back from the {why}"))
         runner = runner_for(job)
         if runner not in self._runners:
-            self._store.forget(item.client_id, job.job_id)
-            self._refuse(item.client_id, item.response_topic, item.correlation or None, item.qos,
-                         ErrorCode.UNSUPPORTED,
-                         f"runner {runner!r} is not enabled on this gateway ({why})",
-                         job.job_id)  # fmt: skip
-            return
-        self.enqueue(item.client_id, job, item.response_topic, item.correlation, item.qos)
-
-    def enqueue(
-        self,
-        client_id: str,
-        job: WasmJob | OnnxJob | CallJob | PipelineJob,
-        response_topic: str,
-        correlation: bytes,
-        qos: int = 1,
-    ) -> None:
-        """Admit a journaled job and queue it (also used to resume the journal on start)."""
-        if not self._admit(client_id, job, response_topic, correlation, qos):
             self._store.forget(client_id, job.job_id)
+            message = f"runner {runner!r} is not enabled on this gateway ({why})"
+            self._refuse(item.reply_to, ErrorCode.UNSUPPORTED, message, job.job_id)
+            return
+        self.enqueue(job, item.reply_to)
+
+    def enqueue(self, job: PlacedJob, reply_to: ReplyTo) -> None:
+        """Admit a journaled job and queue it (also used to resume the journal on start)."""
+        if not self._admit(job, reply_to):
+            self._store.forget(reply_to.client_id, job.job_id)
             return
         sha = _blob_of(job)
-        self._pool.submit(
-            QueuedJob(
-                client_id=client_id,
-                job=job,
-                blob_path=str(self._blobs.path(sha)) if sha else "",
-                response_topic=response_topic,
-                correlation=correlation,
-                qos=qos,
-            )
-        )
+        blob_path = str(self._blobs.path(sha)) if sha else ""
+        self._pool.submit(QueuedJob(reply_to=reply_to, job=job, blob_path=blob_path))
 
-    def _admit(
-        self,
-        client_id: str,
-        job: WasmJob | OnnxJob | CallJob | PipelineJob,
-        response_topic: str,
-        correlation: bytes | None,
-        qos: int,
-    ) -> bool:
-        refusal = self._admission.admit(client_id)
+    def _admit(self, job: PlacedJob, reply_to: ReplyTo) -> bool:
+        refusal = self._admission.admit(reply_to.client_id)
         if refusal is not None:
             reason = (
                 "the gateway's queue is full"
                 if refusal is ErrorCode.OVERLOADED
                 else "too many jobs in flight for this device"
             )
-            self._refuse(client_id, response_topic, correlation, qos, refusal, reason, job.job_id)
+            self._refuse(reply_to, refusal, reason, job.job_id)
             return False
         self.counters.accepted += 1
         return True
 
     # -- camera streams and sessions ----------------------------------------------------------
 
-    def _frame(
-        self,
-        client_id: str,
-        job: CallJob,
-        response_topic: str,
-        correlation: bytes | None,
-        qos: int,
-    ) -> None:
+    def _frame(self, job: CallJob, reply_to: ReplyTo) -> None:
         """A frame of a stream or session: not journaled (a frame is worth something only
         now), latest frame wins per stream, stateful capabilities pinned to one worker.
         Frames always run here (they need state held here); only refusals are audited."""
+        client_id = reply_to.client_id
         _, refusal = self._placed(client_id, job)
         session_new = False
         session_key = f"{client_id}/{job.session}" if job.session else None
@@ -461,20 +389,16 @@ class Dispatcher:
             except JobError as exc:
                 refusal = exc
         if refusal is not None:
-            self._refuse(client_id, response_topic, correlation, qos, refusal.code,
-                         refusal.message, job.job_id)  # fmt: skip
+            self._refuse(reply_to, refusal.code, refusal.message, job.job_id)
             return
         stream_key = f"{client_id}/{job.stream}" if job.stream else None
         affinity = None
         if job.capability in STATEFUL:
             affinity = session_key if job.capability == "vision.odometry" else stream_key
         queued = QueuedJob(
-            client_id=client_id,
+            reply_to=reply_to,
             job=job,
             blob_path="",
-            response_topic=response_topic,
-            correlation=correlation or b"",
-            qos=qos,
             affinity=affinity,
             latest=stream_key,
             session_new=session_new,
@@ -485,49 +409,34 @@ class Dispatcher:
             # to this newer one, and its sender learns at once that it was dropped.
             old = self._pool.supersede(queued)
             assert isinstance(old.job, CallJob)
-            dropped = FrameDropped(job_id=old.job.job_id, stream=job.stream or "",
-                                   dropped=self.streams.dropped(stream_key))  # fmt: skip
-            self._publish(old.response_topic, encode(dropped), old.correlation or None, old.qos)
+            dropped = self.streams.dropped(stream_key)
+            note = FrameDropped(job_id=old.job.job_id, stream=job.stream or "", dropped=dropped)
+            self._publish(old.reply_to, encode(note))
             return
-        if self._admit(client_id, job, response_topic, correlation, qos):
+        if self._admit(job, reply_to):
             self._pool.submit(queued)
         elif session_new and session_key is not None:
             self.sessions.forget(session_key)  # refused before it opened: a retry may open it
 
-    def _session_close(
-        self,
-        client_id: str,
-        request: SessionClose,
-        response_topic: str,
-        correlation: bytes | None,
-        qos: int,
-    ) -> None:
-        key = f"{client_id}/{request.session}"
+    def _session_close(self, request: SessionClose, reply_to: ReplyTo) -> None:
+        key = f"{reply_to.client_id}/{request.session}"
         if not self.sessions.is_open(key):
             closed = SessionClosed(session=request.session, frames=0)
-            self._publish(response_topic, encode(closed), correlation, qos)
+            self._publish(reply_to, encode(closed))
             return
-        self.close_session(key, "was closed", response_topic, correlation or b"", qos)
+        self.close_session(key, "was closed", reply_to)
 
-    def close_session(
-        self,
-        key: str,
-        why: str,
-        response_topic: str = "",
-        correlation: bytes = b"",
-        qos: int = 1,
-    ) -> None:
+    def close_session(self, key: str, why: str, reply_to: ReplyTo | None = None) -> None:
         """Close a session: the worker holding it drops its state (queued behind the session's
-        frames, so those still finish). ``response_topic`` empty: nobody to tell (idle)."""
+        frames, so those still finish). ``reply_to`` None: nobody to tell (idle)."""
         frames = self.sessions.close(key, why)
+        if reply_to is None:
+            reply_to = ReplyTo(key.split("/", 1)[0], "")
         self._pool.submit(
             QueuedJob(
-                client_id=key.split("/", 1)[0],
+                reply_to=reply_to,
                 job=VisionClose(job_id=f"close-{frames}", session=key),
                 blob_path="",
-                response_topic=response_topic,
-                correlation=correlation,
-                qos=qos,
                 affinity=key,
                 journaled=False,
                 admitted=False,
@@ -542,7 +451,7 @@ class Dispatcher:
         return len(idle)
 
     def resume(self) -> int:
-        """Queue the jobs a previous run accepted but never answered."""
+        """Queue the jobs a previous run accepted but never answered (at QoS 1)."""
         entries = self._store.unfinished()
         for entry in entries:
             try:
@@ -551,7 +460,7 @@ class Dispatcher:
                 self._store.forget(entry.client_id, entry.job_id)
                 continue
             assert isinstance(job, WasmJob | OnnxJob | CallJob | PipelineJob)
-            self.enqueue(entry.client_id, job, entry.response_topic, entry.correlation)
+            self.enqueue(job, ReplyTo(entry.client_id, entry.response_topic, entry.correlation))
         return len(entries)
 
     def completed(self, item: QueuedJob, reply: bytes, final: bool) -> None:
@@ -560,28 +469,33 @@ class Dispatcher:
         job = item.job
         if isinstance(job, VisionClose):
             self._pool.forget_affinity(job.session)
-            if item.response_topic:
-                self._publish(item.response_topic, reply, item.correlation or None, item.qos)
+            if item.reply_to.topic:
+                self._publish(item.reply_to, reply)
             return
         if item.latest is not None:
             reply = self._with_dropped(reply, self.streams.get(item.latest))
         if len(reply) > self._limits.max_message_bytes:
             # The broker would drop us for a packet over its limit: answer with the reason.
-            reply = encode(Error(code=ErrorCode.TOO_LARGE, job_id=item.job.job_id,
-                                 message=f"result of {len(reply)} bytes over the limit of "
-                                         f"{self._limits.max_message_bytes}"))  # fmt: skip
+            reply = self._too_large(job, len(reply))
         elif len(reply) < 1024:  # errors are small; results rarely are
             self._check_blob(item, reply)
+        client_id = item.reply_to.client_id
         try:
             if item.journaled and final:
-                self._store.finish(item.client_id, job.job_id, reply)
+                self._store.finish(client_id, job.job_id, reply)
             elif item.journaled:
-                self._store.forget(item.client_id, job.job_id)
-            self._publish(item.response_topic, reply, item.correlation or None, item.qos)
+                self._store.forget(client_id, job.job_id)
+            self._publish(item.reply_to, reply)
         finally:
             if item.admitted:
-                self._admission.release(item.client_id)
+                self._admission.release(client_id)
             self.counters.completed += 1
+
+    def _too_large(self, job: Job, size: int) -> bytes:
+        """The error that answers a job whose result (of ``size`` bytes) is over the limit."""
+        limit = self._limits.max_message_bytes
+        message = f"result of {size} bytes over the limit of {limit}"
+        return encode(Error(code=ErrorCode.TOO_LARGE, job_id=job.job_id, message=message))
 
     @staticmethod
     def _with_dropped(reply: bytes, dropped: int) -> bytes:
@@ -606,23 +520,18 @@ class Dispatcher:
         sha = _blob_of(item.job)
         if sha and isinstance(decoded, Error) and decoded.code is ErrorCode.HASH_MISMATCH:
             log.warning("stored blob %s failed its hash check; removed", sha[:12])
-            self._store.audit(item.client_id, "blob", sha, "refused",
-                              "stored blob failed its hash check; removed")  # fmt: skip
+            why = "stored blob failed its hash check; removed"
+            self._store.audit(item.reply_to.client_id, "blob", sha, "refused", why)
             self._blobs.discard(sha)
 
-    def _identity_refused(
-        self,
-        client_id: str,
-        topic: str,
-        response_topic: str | None,
-        correlation: bytes | None,
-        qos: int,
-    ) -> bool:
+    def _identity_refused(self, topic: str, reply_to: ReplyTo) -> bool:
         """Refuse (and say so) a request from an id that may not send any."""
+        client_id = reply_to.client_id
         if client_id == RESERVED_CLIENT_ID:
             # The box owner's identity on the control socket; never a device's.
-            self._peer_log.warning("reserved-id", "dropping request from reserved client id %r",
-                                   client_id)  # fmt: skip
+            self._peer_log.warning(
+                "reserved-id", "dropping request from reserved client id %r", client_id
+            )
             self.counters.refused += 1
             return True
         if client_id not in self.locked:
@@ -630,26 +539,18 @@ class Dispatcher:
         # A revoked device (pairing.py). The broker's ACLs already stop its own connections;
         # this holds whichever way a request naming it arrives.
         self._store.audit(client_id, "request", topic, "refused", "device revoked")
-        if response_topic is not None and response_topic.startswith(reply_prefix(client_id)):
-            self._refuse(client_id, response_topic, correlation, qos, ErrorCode.FORBIDDEN,
-                         "this device's pairing was revoked")  # fmt: skip
+        if reply_to.topic.startswith(reply_prefix(client_id)):
+            self._refuse(reply_to, ErrorCode.FORBIDDEN, "this device's pairing was revoked")
         else:
             self.counters.refused += 1
         return True
 
     def _refuse(
-        self,
-        client_id: str,
-        response_topic: str,
-        correlation: bytes | None,
-        qos: int,
-        code: ErrorCode,
-        message: str,
-        job_id: str | None = None,
+        self, reply_to: ReplyTo, code: ErrorCode, message: str, job_id: str | None = None
     ) -> None:
         self.counters.refused += 1
         self._peer_log.warning(
-            str(code), "refused request from %s: %s: %s", client_id, code, message
+            str(code), "refused request from %s: %s: %s", reply_to.client_id, code, message
         )
         error = Error(code=code, message=message, job_id=job_id)
-        self._publish(response_topic, encode(error), correlation, qos)
+        self._publish(reply_to, encode(error))

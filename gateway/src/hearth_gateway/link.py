@@ -28,13 +28,14 @@ from hearth.protocol import request_filter, status_topic
 from hearth.transport import BrokerAddress, make_client, properties, reply_properties
 from hearth_gateway._paho_io import LoopDriven
 from hearth_gateway.loop import Loop
+from hearth_gateway.reply_to import ReplyTo
 
 __all__ = ["GatewayLink", "RequestHandler"]
 
 log = logging.getLogger(__name__)
 
-# (topic, payload, response topic or None, correlation data or None, QoS of the request)
-RequestHandler = Callable[[str, bytes, str | None, bytes | None, int], None]
+# (request topic, payload, who sent it and where the answer goes)
+RequestHandler = Callable[[str, bytes, ReplyTo], None]
 
 _SESSION_EXPIRY_S = 3600
 _PROTOCOL_PREFIX = "hearth/"
@@ -54,6 +55,7 @@ class GatewayLink(LoopDriven):
         loop: Loop,
         address: BrokerAddress,
         gateway_id: str,
+        *,
         on_request: RequestHandler,
         offline_status: bytes,
         on_other: Callable[[str, bytes], None] | None = None,
@@ -166,26 +168,33 @@ class GatewayLink(LoopDriven):
         self._flush()
 
     def _message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        if not msg.topic.startswith(_PROTOCOL_PREFIX):
+        topic = msg.topic  # paho decodes it on each access
+        if not topic.startswith(_PROTOCOL_PREFIX):
             if self._on_other is not None:
                 try:
-                    self._on_other(msg.topic, bytes(msg.payload))
+                    self._on_other(topic, bytes(msg.payload))
                 except Exception:
-                    log.exception("unexpected error handling a message on %s", msg.topic)
+                    log.exception("unexpected error handling a message on %s", topic)
             return
         props = msg.properties
-        response_topic = getattr(props, "ResponseTopic", None)
-        correlation = getattr(props, "CorrelationData", None)
+        reply_to = ReplyTo(
+            # Each request filter subscribed ends in "+", the sender's id.
+            topic[topic.rfind("/") + 1 :],
+            getattr(props, "ResponseTopic", None) or "",
+            # The protocol requires it non-empty: an empty one is the same as none.
+            getattr(props, "CorrelationData", None) or b"",
+            msg.qos,
+        )
         try:
-            self._on_request(msg.topic, bytes(msg.payload), response_topic, correlation, msg.qos)
+            self._on_request(topic, bytes(msg.payload), reply_to)
         except Exception:  # a handler's bug must not take the connection down
-            log.exception("unexpected error handling a message on %s", msg.topic)
+            log.exception("unexpected error handling a message on %s", topic)
 
-    def publish_reply(
-        self, topic: str, payload: bytes, correlation: bytes | None, qos: int = 1
-    ) -> None:
-        """Replies go out at the QoS the request came in with."""
-        self._client.publish(topic, payload, qos=qos, properties=reply_properties(correlation))
+    def publish_reply(self, reply_to: ReplyTo, payload: bytes) -> None:
+        """An answer: on the request's Response Topic, with its Correlation Data, at the QoS
+        the request came in with."""
+        props = reply_properties(reply_to.correlation or None)
+        self._client.publish(reply_to.topic, payload, qos=reply_to.qos, properties=props)
         self._flush()
 
     def publish_plain(self, topic: str, payload: bytes) -> None:
@@ -214,8 +223,10 @@ class GatewayLink(LoopDriven):
             )
             self._flush()
             deadline = time.monotonic() + timeout_s
-            self.loop.run_until(lambda: info.is_published() or self._sock is None,
-                                max(0.0, deadline - time.monotonic()))  # fmt: skip
+            self.loop.run_until(
+                lambda: info.is_published() or self._sock is None,
+                max(0.0, deadline - time.monotonic()),
+            )
             self._client.disconnect()
             self._flush()
         self._unwatch()

@@ -67,13 +67,12 @@ from hearth_gateway.owner import (
     DeviceRevoked,
 )
 from hearth_gateway.pki import CsrRefused, LocalCA, fingerprint, key_fingerprint
+from hearth_gateway.reply_to import PublishReply, ReplyTo
 from hearth_gateway.store import DeviceRecord, Store
 
 __all__ = ["RESERVED_IDS", "PairingService", "pairing_for"]
 
 log = logging.getLogger(__name__)
-
-Publish = Callable[[str, bytes, bytes | None, int], None]  # topic, payload, correlation, QoS
 
 _DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 RESERVED_IDS = frozenset({"admin"})  # the box owner's identity on the control socket
@@ -135,8 +134,11 @@ class _Codes:
             dropped = sum(p.failures >= self._max_failures for p in self._pending)
             self._pending = [p for p in self._pending if p.failures < self._max_failures]
             if dropped:
-                log.warning("%d pairing code(s) invalidated after %d failed attempts",
-                            dropped, self._max_failures)  # fmt: skip
+                log.warning(
+                    "%d pairing code(s) invalidated after %d failed attempts",
+                    dropped,
+                    self._max_failures,
+                )
         return found
 
     def use(self, pending: _Pending) -> None:
@@ -161,7 +163,7 @@ class PairingService:
         ca: LocalCA,
         store: Store,
         loop: Loop,
-        publish: Publish,
+        publish: PublishReply,
         lan: BrokerAddress,
         pairing: BrokerAddress,
         server_hosts: Iterable[str],
@@ -232,21 +234,14 @@ class PairingService:
 
     # -- MQTT ------------------------------------------------------------------------------
 
-    def handle(
-        self,
-        topic: str,
-        payload: bytes,
-        response_topic: str | None,
-        correlation: bytes | None,
-        qos: int,
-    ) -> None:
+    def handle(self, topic: str, payload: bytes, reply_to: ReplyTo) -> None:
         connection = parse_pair_request_topic(topic)
-        if connection is None or response_topic != pair_reply_topic(connection):
+        if connection is None or reply_to.topic != pair_reply_topic(connection):
             return  # the listener's ACL makes this unreachable; nowhere safe to answer anyway
         actor = f"pairing:{connection}"
 
         def reply(message: msgspec.Struct) -> None:
-            self._publish(response_topic, encode(message), correlation, qos)
+            self._publish(reply_to, encode(message))
 
         try:
             request = decode_pairing_request(payload)
@@ -254,14 +249,15 @@ class PairingService:
             reply(Error(code=exc.code, message=exc.message))
             return
         if isinstance(request, PairHello):
-            reply(PairCa(gateway_id=self._gateway_id, ca=self._ca.ca_pem.decode(),
-                         port=self._device_port))  # fmt: skip
+            ca = self._ca.ca_pem.decode()
+            reply(PairCa(gateway_id=self._gateway_id, ca=ca, port=self._device_port))
             return
         if not self._codes.allow():
             self._rate_limited += 1
             if self._rate_limited == 1 or self._rate_limited % 100 == 0:
-                self._store.audit(actor, "pair", "", "refused",
-                                  f"rate limited ({self._rate_limited} so far)")  # fmt: skip
+                self._store.audit(
+                    actor, "pair", "", "refused", f"rate limited ({self._rate_limited} so far)"
+                )
             reply(Error(code=ErrorCode.OVERLOADED, message="too many pairing attempts; wait"))
             return
         self._rate_limited = 0
@@ -277,8 +273,9 @@ class PairingService:
         pending = self._codes.find(request.csr, request.proof)
         if pending is None:
             self._store.audit(actor, "pair", "", "refused", "wrong, used or expired code")
-            return Error(code=ErrorCode.FORBIDDEN,
-                         message="the pairing code is wrong, used or expired")  # fmt: skip
+            return Error(
+                code=ErrorCode.FORBIDDEN, message="the pairing code is wrong, used or expired"
+            )
         try:
             device_id, key_fp = _requested(request.csr)
         except CsrRefused as exc:
@@ -323,11 +320,16 @@ class PairingService:
         if device_id in RESERVED_IDS:
             return f"device id {device_id!r} is reserved"
         if device_id in self.active:
-            keys = {d.key_fingerprint for d in self._store.devices()
-                    if d.device_id == device_id and d.revoked_at is None}  # fmt: skip
+            keys = {
+                d.key_fingerprint
+                for d in self._store.devices()
+                if d.device_id == device_id and d.revoked_at is None
+            }
             if keys != {key_fp}:
-                return (f"device id {device_id!r} is paired with another key; "
-                        "revoke it first (hearth-gateway devices revoke)")  # fmt: skip
+                return (
+                    f"device id {device_id!r} is paired with another key; "
+                    "revoke it first (hearth-gateway devices revoke)"
+                )
         return None
 
     # -- the owner's commands --------------------------------------------------------------
@@ -347,27 +349,35 @@ class PairingService:
                 pairing_port=self._pairing_port,
             )
         if isinstance(request, DeviceListRequest):
-            return DeviceList(devices=[
-                DeviceInfo(device_id=d.device_id, serial=d.serial, fingerprint=d.fingerprint,
-                           paired_at=d.paired_at, revoked_at=d.revoked_at, reason=d.reason)
-                for d in self._store.devices()
-            ])  # fmt: skip
+            return DeviceList(
+                devices=[
+                    DeviceInfo(
+                        device_id=d.device_id,
+                        serial=d.serial,
+                        fingerprint=d.fingerprint,
+                        paired_at=d.paired_at,
+                        revoked_at=d.revoked_at,
+                        reason=d.reason,
+                    )
+                    for d in self._store.devices()
+                ]
+            )
         return self.revoke(request.device_id)
 
     def revoke(self, device_id: str) -> DeviceRevoked | Error:
         serials = self._store.revoke_device(device_id, "revoked by the owner")
         if not serials:
             known = device_id in self.locked
-            self._store.audit("admin", "device_revoke", device_id, "refused",
-                              "already revoked" if known else "no such device")  # fmt: skip
-            return Error(code=ErrorCode.BAD_PARAMS,
-                         message=f"{device_id}: " + ("already revoked" if known
-                                                     else "no such paired device"))  # fmt: skip
+            why = "already revoked" if known else "no such device"
+            self._store.audit("admin", "device_revoke", device_id, "refused", why)
+            told = "already revoked" if known else "no such paired device"
+            return Error(code=ErrorCode.BAD_PARAMS, message=f"{device_id}: {told}")
         self._refresh()
         self.write_crl()
         self._on_change()
-        self._store.audit("admin", "device_revoke", device_id, "allowed",
-                          f"certificates {', '.join(serials)}")  # fmt: skip
+        self._store.audit(
+            "admin", "device_revoke", device_id, "allowed", f"certificates {', '.join(serials)}"
+        )
         log.info("revoked device %s (certificates %s)", device_id, ", ".join(serials))
         return DeviceRevoked(device_id=device_id, serials=serials)
 
@@ -379,7 +389,7 @@ def pairing_for(
     state_dir: Path,
     store: Store,
     loop: Loop,
-    publish: Publish,
+    publish: PublishReply,
     on_change: Callable[[], None],
 ) -> PairingService | None:
     """The pairing service the configuration asks for: None without ``lan_listen``."""
@@ -402,8 +412,14 @@ def pairing_for(
     if len(set(ports)) != len(ports):
         raise ConfigError(f"listen, lan_listen and pairing_listen need three ports, not {ports}")
     # Every name a device may use to reach the listeners: the certificate must match it.
-    hosts = {"localhost", "127.0.0.1", "::1", socket.gethostname(), f"{gateway_id}.local",
-             *advertised_addresses(lan, config.mdns_interface or None)}  # fmt: skip
+    hosts = {
+        "localhost",
+        "127.0.0.1",
+        "::1",
+        socket.gethostname(),
+        f"{gateway_id}.local",
+        *advertised_addresses(lan, config.mdns_interface or None),
+    }
     return PairingService(
         gateway_id=gateway_id,
         ca=LocalCA(state_dir / "pki", gateway_id),

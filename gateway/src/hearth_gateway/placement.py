@@ -49,6 +49,7 @@ __all__ = [
     "Action",
     "Decision",
     "Load",
+    "PlacedJob",
     "Placer",
     "Tier",
     "UpstreamState",

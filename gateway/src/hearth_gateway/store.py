@@ -289,7 +289,7 @@ class Store:
         ]
 
     def put_task(
-        self, task_id: str, owner: str, spec: bytes, info: bytes, checkpoint: bytes, kv: bytes,
+        self, task_id: str, owner: str, *, spec: bytes, info: bytes, checkpoint: bytes, kv: bytes,
         done_inbox: list[int] | tuple[int, ...] = (),
     ) -> None:  # fmt: skip
         """Store a task's state and drop the inbox events it covers, in one transaction."""

@@ -42,6 +42,7 @@ from hearth_gateway.blobs import BlobStore
 from hearth_gateway.dispatch import RESERVED_CLIENT_ID, PeerLog
 from hearth_gateway.loop import Loop, Timer
 from hearth_gateway.policy import TasksPolicy, filter_covers, task_topic_error, topic_matches
+from hearth_gateway.reply_to import ReplyTo
 from hearth_gateway.runners import TaskEvent, TaskOutcome
 from hearth_gateway.store import Store
 from hearth_gateway.workers import QueuedJob, WorkerPool
@@ -206,8 +207,9 @@ class TaskManager:
             publish=request.publish,
             data_class=request.data_class,
         )
-        task = _Task(task_id, owner, request, info,
-                     kv={k: v.encode() for k, v in request.config.items()})  # fmt: skip
+        task = _Task(
+            task_id, owner, request, info, kv={k: v.encode() for k, v in request.config.items()}
+        )
         self._tasks[task_id] = task
         self._persist(task)
         self._store.audit(owner, "task_install", task_id, "allowed", request.name)
@@ -290,8 +292,9 @@ class TaskManager:
         if not targets:
             return
         if len(payload) > self._policy.max_payload_bytes:
-            self._peer_log.warning("task-payload", "dropping %d-byte message on %s for tasks",
-                                   len(payload), topic)  # fmt: skip
+            self._peer_log.warning(
+                "task-payload", "dropping %d-byte message on %s for tasks", len(payload), topic
+            )
             for task in targets:
                 self._count(task, dropped=1)
             return
@@ -322,15 +325,10 @@ class TaskManager:
             kv=task.kv,
             publish=task.spec.publish,
         )
-        self._pool.submit(
-            QueuedJob(
-                client_id=task.owner,
-                job=event,
-                blob_path=str(self._blobs.path(task.spec.module)),
-                response_topic="",
-                correlation=b"",
-            )
-        )
+        # Nobody waits on a topic: the outcome comes back to completed() here.
+        owner = ReplyTo(task.owner, "")
+        blob_path = str(self._blobs.path(task.spec.module))
+        self._pool.submit(QueuedJob(reply_to=owner, job=event, blob_path=blob_path))
 
     def completed(self, item: QueuedJob, reply: bytes, _final: bool) -> None:
         """Worker pool callback for a task event."""
@@ -368,18 +366,31 @@ class TaskManager:
                     publishes += 1
                 else:
                     refused += 1
-                    self._store.audit(task.task_id, "publish", action.topic, "refused",
-                                      "outside the task's publish grants")  # fmt: skip
-                    self._peer_log.warning("task-grant", "task %s may not publish to %s",
-                                           task.task_id, action.topic)  # fmt: skip
+                    self._store.audit(
+                        task.task_id,
+                        "publish",
+                        action.topic,
+                        "refused",
+                        "outside the task's publish grants",
+                    )
+                    self._peer_log.warning(
+                        "task-grant", "task %s may not publish to %s", task.task_id, action.topic
+                    )
             elif action.kind == "notify":
-                note = Notification(task_id=task.task_id, name=task.spec.name,
-                                    message=action.payload.decode(errors="replace"),
-                                    at=time.time())  # fmt: skip
+                note = Notification(
+                    task_id=task.task_id,
+                    name=task.spec.name,
+                    message=action.payload.decode(errors="replace"),
+                    at=time.time(),
+                )
                 self._publish(notify_topic(task.owner), encode(note))
             elif action.kind == "log":
-                self._peer_log.warning(f"task-log-{task.task_id}", "task %s: %s", task.task_id,
-                                       action.payload.decode(errors="replace"))  # fmt: skip
+                self._peer_log.warning(
+                    f"task-log-{task.task_id}",
+                    "task %s: %s",
+                    task.task_id,
+                    action.payload.decode(errors="replace"),
+                )
         task.checkpoint = outcome.state
         task.kv = outcome.kv
         task.consecutive_failures = 0
@@ -408,8 +419,12 @@ class TaskManager:
         task.info = msgspec.structs.replace(
             info, failures=info.failures + 1, last_error=message, last_event_at=time.time()
         )
-        log.warning("task %s: event failed (%d in a row): %s", task.task_id,
-                    task.consecutive_failures, message)  # fmt: skip
+        log.warning(
+            "task %s: event failed (%d in a row): %s",
+            task.task_id,
+            task.consecutive_failures,
+            message,
+        )
         if task.consecutive_failures >= self._policy.max_failures:
             dropped = len(task.pending)
             task.pending.clear()
@@ -432,8 +447,9 @@ class TaskManager:
         self._persist(task)  # the failed event is consumed; the checkpoint stays as it was
 
     def _notify(self, task: _Task, message: str) -> None:
-        note = Notification(task_id=task.task_id, name=task.spec.name, message=message,
-                            at=time.time())  # fmt: skip
+        note = Notification(
+            task_id=task.task_id, name=task.spec.name, message=message, at=time.time()
+        )
         self._publish(notify_topic(task.owner), encode(note))
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -456,7 +472,7 @@ class TaskManager:
                 and task.spec.checkpoint_every_s is not None
                 and time.monotonic() - task.checkpointed_at >= task.spec.checkpoint_every_s
             ):
-                self._persist(task)  # fmt: skip
+                self._persist(task)
         if self._owners_dirty and time.monotonic() - self._owners_flushed >= _OWNER_FLUSH_S:
             self._store.put_owners(self._owners_dirty)
             self._owners_dirty = {}
@@ -498,11 +514,11 @@ class TaskManager:
         self._store.put_task(
             task.task_id,
             task.owner,
-            encode(task.spec),
-            msgspec.msgpack.encode(task.info),
-            task.checkpoint,
-            msgspec.msgpack.encode(task.kv),
-            task.covered,
+            spec=encode(task.spec),
+            info=msgspec.msgpack.encode(task.info),
+            checkpoint=task.checkpoint,
+            kv=msgspec.msgpack.encode(task.kv),
+            done_inbox=task.covered,
         )
         task.covered = []
         task.since_checkpoint = 0

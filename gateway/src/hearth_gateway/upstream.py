@@ -48,6 +48,7 @@ from hearth_gateway.config import Config
 from hearth_gateway.loop import Loop, Timer
 from hearth_gateway.placement import UpstreamState, blob_of
 from hearth_gateway.policy import PlacementPolicy
+from hearth_gateway.reply_to import ReplyTo
 from hearth_gateway.upstream_link import (
     Audit,
     EgressRefused,
@@ -96,11 +97,8 @@ def upstream_job_id(client_id: str, job_id: str) -> str:
 
 @dataclass(slots=True)
 class Forwarded:
-    client_id: str
     job: ForwardedJob
-    response_topic: str
-    correlation: bytes
-    qos: int
+    reply_to: ReplyTo  # the device's request: where the upstream's answer is relayed
     token: bytes  # our Correlation Data upstream
     timer: Timer | None = None
     uploads: int = 0
@@ -163,12 +161,8 @@ class Forwarder:
 
     # -- jobs -----------------------------------------------------------------------------------
 
-    def forward(
-        self, client_id: str, job: ForwardedJob, response_topic: str, correlation: bytes, qos: int
-    ) -> None:
-        item = Forwarded(
-            client_id, job, response_topic, correlation, qos, token=_JOB + os.urandom(16)
-        )
+    def forward(self, job: ForwardedJob, reply_to: ReplyTo) -> None:
+        item = Forwarded(job, reply_to, token=_JOB + os.urandom(16))
         if job.data_class != "public":  # placement never sends one; egress would refuse it too
             self._fallback(item, "a private job is never forwarded")
             return
@@ -188,7 +182,7 @@ class Forwarder:
 
     def _send(self, item: Forwarded) -> None:
         job = msgspec.structs.replace(
-            item.job, job_id=upstream_job_id(item.client_id, item.job.job_id)
+            item.job, job_id=upstream_job_id(item.reply_to.client_id, item.job.job_id)
         )
         try:
             self.link.send(job, item.token)
@@ -203,7 +197,10 @@ class Forwarder:
             item.timer.cancel()
         self.fell_back += 1
         log.info(
-            "job %s of %s runs here instead of upstream: %s", item.job.job_id, item.client_id, why
+            "job %s of %s runs here instead of upstream: %s",
+            item.job.job_id,
+            item.reply_to.client_id,
+            why,
         )
         self._fallback(item, f"upstream: {why}")
 

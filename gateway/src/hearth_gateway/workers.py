@@ -26,6 +26,7 @@ from hearth.errors import ErrorCode
 from hearth.protocol import CallJob, Error, OnnxJob, PipelineJob, encode
 from hearth_gateway._frames import FrameReader, write_frame
 from hearth_gateway.loop import Loop, Timer
+from hearth_gateway.reply_to import ReplyTo
 from hearth_gateway.runners import Job, TaskEvent, WorkerSettings, WorkItem
 
 __all__ = ["QueuedJob", "WorkerPool"]
@@ -39,12 +40,9 @@ _MAX_AFFINITIES = 4096  # streams and sessions remembered; the least recently us
 
 @dataclass(slots=True)
 class QueuedJob:
-    client_id: str
+    reply_to: ReplyTo  # who sent it (admission, journal, worker scope), where its answer goes
     job: Job
     blob_path: str
-    response_topic: str
-    correlation: bytes
-    qos: int = 1
     # Jobs with the same affinity run on the same worker (a stream's background model, an
     # odometry session's map live there).
     affinity: str | None = None
@@ -112,7 +110,7 @@ class _Worker:
                 job=job.job,
                 blob_path=job.blob_path,
                 queue_ms=(time.monotonic() - job.enqueued) * 1e3,
-                scope=job.client_id,
+                scope=job.reply_to.client_id,
                 session_new=job.session_new,
             )
         )

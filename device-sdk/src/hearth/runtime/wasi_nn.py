@@ -282,7 +282,7 @@ class WasiNn:
 
     # -- host functions ----------------------------------------------------------------------
 
-    def _load(
+    def _load(  # noqa: PLR0917  the guest's import, called with the ABI's arguments
         self,
         caller: wasmtime.Caller,
         builders_ptr: int,
@@ -402,7 +402,7 @@ class WasiNn:
         ctx.outputs = [t.data for t in tensors]
         return NnErrno.SUCCESS
 
-    def _get_output(
+    def _get_output(  # noqa: PLR0917  the guest's import, called with the ABI's arguments
         self,
         caller: wasmtime.Caller,
         context: int,

@@ -325,7 +325,7 @@ class WasmRuntime:
         except wasmtime.ExitTrap as exc:
             exit_code = exc.code
         except wasmtime.Trap as exc:
-            raise self._classify_trap(exc, store, instance, limits, out, err) from None
+            raise self._classify_trap(exc, store, instance, limits, out=out, err=err) from None
         except wasmtime.WasmtimeError as exc:
             # Instantiation errors: unknown imports (asks for something we do not grant),
             # memory minimum above the limit.
@@ -342,6 +342,7 @@ class WasmRuntime:
         store: wasmtime.Store,
         instance: wasmtime.Instance | None,
         limits: WasmLimits,
+        *,
         out: _Output,
         err: _Output,
     ) -> JobError:

@@ -69,10 +69,12 @@ class TaskRunner:
     # -- host functions (module "hearth") ------------------------------------------------------
 
     def _define_host(self, linker: wasmtime.Linker) -> None:
-        def func(name: str, params: list[wasmtime.ValType], results: list[wasmtime.ValType],
-                 fn: Any) -> None:  # fmt: skip
-            linker.define_func("hearth", name, wasmtime.FuncType(params, results), fn,
-                               access_caller=True)  # fmt: skip
+        def func(
+            name: str, params: list[wasmtime.ValType], results: list[wasmtime.ValType], fn: Any
+        ) -> None:
+            linker.define_func(
+                "hearth", name, wasmtime.FuncType(params, results), fn, access_caller=True
+            )
 
         func("publish", [_I32] * 4, [_I32], self._publish)
         func("notify", [_I32] * 2, [_I32], self._notify)
@@ -164,8 +166,9 @@ class TaskRunner:
         except JobError as exc:
             return TaskOutcome(ok=False, code=str(exc.code), error=exc.message)
         except OSError as exc:
-            return TaskOutcome(ok=False, code=str(ErrorCode.INTERNAL),
-                               error=f"module unreadable: {exc.strerror}")  # fmt: skip
+            return TaskOutcome(
+                ok=False, code=str(ErrorCode.INTERNAL), error=f"module unreadable: {exc.strerror}"
+            )
 
     def _run(self, event: TaskEvent, path: Path) -> TaskOutcome:
         module = self._runtime.module(event.module, path=path)
@@ -181,8 +184,11 @@ class TaskRunner:
             memory = exports.get("memory")
             handler = exports.get("hearth_on_event")
             alloc = exports.get("hearth_alloc")
-            if not (isinstance(memory, wasmtime.Memory) and isinstance(handler, wasmtime.Func)
-                    and isinstance(alloc, wasmtime.Func)):  # fmt: skip
+            if not (
+                isinstance(memory, wasmtime.Memory)
+                and isinstance(handler, wasmtime.Func)
+                and isinstance(alloc, wasmtime.Func)
+            ):
                 raise JobError(
                     ErrorCode.INVALID_MODULE,
                     "not a Hearth task: needs memory, hearth_alloc, hearth_on_event",
@@ -196,8 +202,7 @@ class TaskRunner:
             topic = event.topic.encode()
             topic_ptr = self._place(store, alloc, memory, topic)
             payload_ptr = self._place(store, alloc, memory, event.payload)
-            rc = handler(store, event.kind, topic_ptr, len(topic), payload_ptr,
-                         len(event.payload))  # fmt: skip
+            rc = handler(store, event.kind, topic_ptr, len(topic), payload_ptr, len(event.payload))
             if rc != 0:
                 raise JobError(ErrorCode.TRAP, f"hearth_on_event returned {rc}")
             state = self._snapshot(store, exports, memory)
@@ -225,8 +230,9 @@ class TaskRunner:
             store.close()  # now, on this thread (see hearth.runtime.wasm)
 
     @staticmethod
-    def _place(store: wasmtime.Store, alloc: wasmtime.Func, memory: wasmtime.Memory,
-               data: bytes) -> int:  # fmt: skip
+    def _place(
+        store: wasmtime.Store, alloc: wasmtime.Func, memory: wasmtime.Memory, data: bytes
+    ) -> int:
         if not data:
             return 0
         ptr = alloc(store, len(data))
@@ -241,14 +247,16 @@ class TaskRunner:
         for name, value in exports.items():
             if isinstance(value, wasmtime.Global) and value.type(store).mutable:
                 globals_[name] = value.value(store)
-        snap = _Snapshot(memory=bytes(memory.read(store, 0, memory.data_len(store))),
-                         globals=globals_)  # fmt: skip
+        snap = _Snapshot(
+            memory=bytes(memory.read(store, 0, memory.data_len(store))), globals=globals_
+        )
         # Level 1: most of a small task's memory is zeros; compressing costs well under a ms.
         return zlib.compress(msgspec.msgpack.encode(snap), 1)
 
     @staticmethod
-    def _restore(store: wasmtime.Store, exports: Any, memory: wasmtime.Memory,
-                 state: bytes) -> None:  # fmt: skip
+    def _restore(
+        store: wasmtime.Store, exports: Any, memory: wasmtime.Memory, state: bytes
+    ) -> None:
         snap = msgspec.msgpack.decode(zlib.decompress(state), type=_Snapshot)
         missing = len(snap.memory) - memory.data_len(store)
         if missing > 0:

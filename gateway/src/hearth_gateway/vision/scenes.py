@@ -348,10 +348,10 @@ class _Renderer:
         image = np.zeros((h, w, 3), np.uint8)
         zbuf = np.zeros((h, w), np.float32)  # inverse depth; 0 = infinitely far
         for idx in visible:
-            self._draw(int(idx), cam[idx], r_wc, t_cw, image, zbuf)
+            self._draw(int(idx), cam[idx], r_wc, t_cw, image=image, zbuf=zbuf)
         return image
 
-    def _draw(self, idx: int, cam: F64, r_wc: F64, t_cw: F64, image: U8, zbuf: Any) -> None:
+    def _draw(self, idx: int, cam: F64, r_wc: F64, t_cw: F64, *, image: U8, zbuf: Any) -> None:
         q = self.quads
         poly = _clip_near(cam)
         if len(poly) < 3:
