@@ -23,6 +23,7 @@ import pytest
 from conftest import Broker, GatewayProcess, free_port, wait_for_port, wait_until
 from hearth.errors import HearthError
 from hearth.transport import BrokerAddress
+from hearth_gateway._process import ProcessHandle
 from hearth_gateway.broker import find_mosquitto
 from test_pairing import SecureGateway, _connects, secure  # noqa: F401 - `secure` is a fixture
 
@@ -237,6 +238,40 @@ def test_a_pid_file_naming_another_process_ends_nothing(
     assert _serves(gw, wasm)
     assert broker.proc.poll() is None
     assert "ending a stale" not in gw.log()
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "by-pid"])
+def test_a_process_is_held_by_its_exact_arguments(pidfd: bool, tmp_path: Path) -> None:
+    """The daemon's handle on its broker, with pidfds and without (an old kernel, a seccomp
+    filter answering EPERM): a pid counts only with exactly the expected arguments, and ending
+    it ends that process."""
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        # Popen returns while the exec is still setting up the new argv (vfork).
+        assert wait_until(lambda: _argv(sleeper.pid) == ["sleep", "60"])
+        pid_file = tmp_path / "x.pid"
+        pid_file.write_text(f"{sleeper.pid}\n")
+        assert ProcessHandle.from_pid_file(pid_file, ["61"]) is None
+        assert ProcessHandle.from_pid_file(pid_file, ["-c", "60"]) is None
+        found = ProcessHandle.from_pid_file(pid_file, ["60"])
+        assert found is not None
+        held = found if pidfd else ProcessHandle(sleeper.pid, None, ["60"])
+        other = ProcessHandle(sleeper.pid, None, ["61"])
+        assert held.alive()
+        assert not other.alive()
+        assert not other.signal(signal.SIGTERM)
+        assert sleeper.poll() is None
+        assert held.end(timeout_s=5)
+        assert sleeper.wait(timeout=5) == -signal.SIGTERM
+        assert not held.alive()
+        assert not held.signal(signal.SIGKILL)
+        for handle in (found, held, other):
+            handle.close()
+            handle.close()  # idempotent
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()
 
 
 # -- revocation --------------------------------------------------------------------------------
