@@ -15,6 +15,15 @@ Its listeners (docs/security.md), each with its own ACL file (``per_listener_set
 
 The ACLs and the CRL are rewritten and the broker reloaded (SIGHUP) whenever a device pairs or
 is revoked; connected clients are held to the new ACLs at once.
+
+Its lifetime: Mosquitto runs under a small watcher (``_pdeathsig``), and neither outlives the
+daemon, whichever of the three is killed. The kernel does most of it (parent-death signals: see
+_pdeathsig.py for why the watcher, not Mosquitto, changes user). Behind that, the daemon holds
+the broker itself through the pid file the watcher writes (``mosquitto/mosquitto.pid``): when
+the watcher dies it ends what is left before starting a new one, and at start it ends a broker
+that a killed predecessor left behind, one whose command line names this state directory's
+``mosquitto.conf``, never one found by name. A PID namespace or a subreaper would not do
+better: see _pdeathsig.py.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import time
 from pathlib import Path
 
 from hearth.transport import BrokerAddress
+from hearth_gateway._process import ProcessHandle
 from hearth_gateway.acl import (
     GATEWAY_USER,
     BrokerSecurity,
@@ -48,6 +58,7 @@ log = logging.getLogger(__name__)
 
 _MAX_RESTARTS = 5  # within _RESTART_WINDOW_S; past that the daemon gives up (systemd restarts it)
 _RESTART_WINDOW_S = 60.0
+_STOP_S = 7.0  # the watcher SIGKILLs a broker still running 5 s after SIGTERM (_pdeathsig)
 
 
 def find_mosquitto() -> str:
@@ -88,8 +99,16 @@ def mosquitto_config(
     ]
     head = "# Written by hearth-gateway on every start; edits are lost."
     if security is None:
-        return "\n".join([head, "per_listener_settings false", "allow_anonymous true",
-                          f"listener {listen.port} {listen.host}", *common, ""])  # fmt: skip
+        return "\n".join(
+            [
+                head,
+                "per_listener_settings false",
+                "allow_anonymous true",
+                f"listener {listen.port} {listen.host}",
+                *common,
+                "",
+            ]
+        )
     lines = [
         head,
         "per_listener_settings true",
@@ -139,6 +158,30 @@ def _traversable(directory: Path, user: pwd.struct_passwd) -> bool:
     return bool(st.st_mode & 0o001)
 
 
+def _unprivileged_port_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        return 1024
+
+
+def _describe_exit(rc: int, pid: int | None) -> str:
+    """What the watcher's exit status ``rc`` says happened (_pdeathsig.main's convention)."""
+    if rc < 0:
+        name = _signal_name(-rc)
+        return f"mosquitto's watcher was killed by {name}; mosquitto (pid {pid}) ends with it"
+    if rc > 128:
+        return f"mosquitto (pid {pid}) was killed by {_signal_name(rc - 128)}"
+    return f"mosquitto (pid {pid}) exited with status {rc}"
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 class ManagedBroker:
     def __init__(
         self,
@@ -149,10 +192,16 @@ class ManagedBroker:
     ) -> None:
         self.address = listen
         self._dir = state_dir / "mosquitto"
+        self._conf = self._dir / "mosquitto.conf"
+        self._pid_file = self._dir / "mosquitto.pid"  # written by the watcher's child
         self._max_packet_bytes = max_packet_bytes
         self._security = security
         self._owner: tuple[int, int] | None = None  # mosquitto's uid, gid when started as root
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._run_as: str | None = None  # the user the watcher runs mosquitto as (root only)
+        self._lock = threading.Lock()  # the three below and _closing, against other threads
+        self._proc: subprocess.Popen[bytes] | None = None  # the watcher, reaped by _supervise
+        self._watcher: ProcessHandle | None = None  # the same, for signals
+        self._broker: ProcessHandle | None = None  # mosquitto itself
         self._closing = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._restarts: list[float] = []
@@ -161,20 +210,24 @@ class ManagedBroker:
     def start(self, timeout_s: float = 10.0) -> None:
         binary = find_mosquitto()
         self._dir.mkdir(parents=True, exist_ok=True)
-        conf = self._dir / "mosquitto.conf"
         keep_root = os.geteuid() == 0 and not self._give_data_dir_to_mosquitto_user()
         # Through _install: mosquitto re-reads it on SIGHUP, as its own user.
-        self._install(conf.name, mosquitto_config(
+        config = mosquitto_config(
             self.address, self._dir, self._max_packet_bytes, self._security, keep_root=keep_root
-        ).encode())  # fmt: skip
+        )
+        self._install(self._conf.name, config.encode())
         if self._security is not None:
             self._write_security(self._security)
+        self._end_stale()
         for address in self._listeners():
             self._check_port_free(address)
-        self._spawn(binary, conf)
+        self._run_as = self._mosquitto_user()
+        with self._lock:
+            self._spawn(binary)
         self._wait_listening(timeout_s)
+        self._adopt()
         self._supervisor = threading.Thread(
-            target=self._supervise, args=(binary, conf), name="hearth-broker", daemon=True
+            target=self._supervise, args=(binary,), name="hearth-broker", daemon=True
         )
         self._supervisor.start()
 
@@ -197,6 +250,167 @@ class ManagedBroker:
                     "(Debian's mosquitto service?) running there? Use --listen HOST:PORT"
                 ) from None
 
+    # -- lifetime -----------------------------------------------------------------------------
+
+    @property
+    def _broker_args(self) -> list[str]:
+        """Mosquitto's arguments: what makes a process the broker of this state directory."""
+        return ["-c", str(self._conf)]
+
+    def _end_stale(self) -> None:
+        """A broker of this state directory that outlived its daemon and its watcher (killed
+        together while mosquitto had dropped its privileges itself, see _mosquitto_user; or one
+        that ignored its SIGTERM) still holds our ports and serves the ACLs of its day: it goes
+        before ours starts."""
+        stale = ProcessHandle.from_pid_file(self._pid_file, self._broker_args)
+        if stale is None:
+            return
+        log.warning(
+            "ending a stale mosquitto (pid %d) of %s left behind by an earlier run",
+            stale.pid,
+            self._dir,
+        )
+        stale.end()
+        stale.close()
+
+    def _mosquitto_user(self) -> str | None:
+        """Whom the watcher runs mosquitto as: None for as we are (not root, or root keeping
+        its rights), else mosquitto's own user, so that mosquitto has no privileges to drop and
+        keeps its parent-death signal (_pdeathsig.py) - unless a listener needs root to bind:
+        then mosquitto drops them itself, after binding, and only the daemon's own watch (the
+        pid file) stands behind it."""
+        if self._owner is None:
+            return None
+        low = min(a.port for a in self._listeners())
+        if low < _unprivileged_port_start():
+            log.info(
+                "port %d needs root to bind: mosquitto drops its privileges itself, so it "
+                "does not die with its watcher; the daemon ends it",
+                low,
+            )
+            return None
+        return pwd.getpwuid(self._owner[0]).pw_name
+
+    def _spawn(self, binary: str) -> None:
+        """Start a watcher and its mosquitto; the caller holds ``_lock``."""
+        # Called from the main thread at start and from the supervisor on restarts: the
+        # watcher's parent-death signal follows the thread that forked it, and both threads
+        # live as long as the broker should.
+        self._pid_file.unlink(missing_ok=True)  # _adopt must read this broker's pid, no other
+        argv = [
+            sys.executable,
+            "-m",
+            "hearth_gateway._pdeathsig",
+            "--pid-file",
+            str(self._pid_file),
+        ]
+        if self._run_as is not None:
+            argv += ["--user", self._run_as]
+        proc = subprocess.Popen(
+            [*argv, binary, *self._broker_args],
+            stdin=subprocess.DEVNULL,
+            close_fds=True,
+            # Its own session: a Ctrl-C or `timeout` aimed at the daemon's process group must
+            # not stop the broker while jobs are still draining; the daemon stops it last.
+            start_new_session=True,
+        )
+        # Not reaped before _supervise waits for it: the pid cannot name anyone else yet.
+        self._proc, self._watcher = proc, ProcessHandle.open(proc.pid)
+
+    def _adopt(self) -> None:
+        """Take hold of the mosquitto that now listens, through the pid file its watcher
+        wrote before exec."""
+        broker = ProcessHandle.from_pid_file(self._pid_file, self._broker_args)
+        with self._lock:
+            self._broker = broker
+        proc = self._proc
+        assert proc is not None
+        if broker is None:
+            log.warning(
+                "mosquitto listens on %s but %s names no broker of this state directory",
+                self.address,
+                self._pid_file,
+            )
+            return
+        log.info(
+            "managed mosquitto pid %d (watcher pid %d) on %s", broker.pid, proc.pid, self.address
+        )
+
+    def _end_broker(self, timeout_s: float = 5.0) -> None:
+        """Whatever is left of the broker we started: nothing, normally, since it dies with
+        its watcher; but mosquitto may have had to drop its privileges itself. The pid file
+        names one that was never adopted (it did not listen in time)."""
+        with self._lock:
+            broker, self._broker = self._broker, None
+        if broker is None:
+            broker = ProcessHandle.from_pid_file(self._pid_file, self._broker_args)
+        if broker is None:
+            return
+        if not broker.end(timeout_s):
+            log.error("mosquitto (pid %d) still runs after SIGKILL", broker.pid)
+        broker.close()
+
+    def _wait_listening(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        host = "127.0.0.1" if self.address.host in ("0.0.0.0", "") else self.address.host
+        host = "::1" if host == "::" else host
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise BrokerError(_describe_exit(self._proc.returncode, None))
+            try:
+                with socket.create_connection((host, self.address.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise BrokerError(f"mosquitto did not listen on {self.address} within {timeout_s} s")
+
+    def _supervise(self, binary: str) -> None:
+        try:
+            self._keep_running(binary)
+        except Exception:
+            # Not silently: the daemon stops when it sees `failed`, and systemd restarts it.
+            log.exception("the managed broker's supervisor failed")
+            self.failed.set()
+
+    def _keep_running(self, binary: str) -> None:
+        while True:
+            proc = self._proc
+            assert proc is not None
+            rc = proc.wait()
+            if self._closing.is_set():
+                return
+            broker = self._broker
+            log.warning("%s; restarting it", _describe_exit(rc, broker.pid if broker else None))
+            # Before a new one starts: an old one still on the port would make it exit at once.
+            self._end_broker()
+            now = time.monotonic()
+            self._restarts = [t for t in self._restarts if now - t < _RESTART_WINDOW_S]
+            if len(self._restarts) >= _MAX_RESTARTS:
+                log.error(
+                    "mosquitto died %d times in %.0f s; giving up", _MAX_RESTARTS, _RESTART_WINDOW_S
+                )
+                self.failed.set()
+                return
+            self._restarts.append(now)
+            time.sleep(0.2 * len(self._restarts))
+            with self._lock:  # close() sets _closing under it: no spawn after close began
+                if self._closing.is_set():
+                    return
+                self._spawn(binary)
+            try:
+                self._wait_listening(10.0)
+                self._adopt()
+            except BrokerError:
+                if self._closing.is_set():
+                    return
+                log.exception("restarting mosquitto failed")
+
+    @property
+    def pid(self) -> int | None:
+        """Mosquitto's own pid (not its watcher's); None while it is being restarted."""
+        broker = self._broker
+        return broker.pid if broker is not None else None
+
     # -- security files ---------------------------------------------------------------------
 
     def _install(self, name: str, data: bytes) -> None:
@@ -218,22 +432,16 @@ class ManagedBroker:
             return
         self._install("acl-lan", lan_acl(security.gateway_id, security.devices).encode())
         self._install("acl-pairing", pairing_acl().encode())
-        sources = {"ca.pem": security.ca_file, "server.pem": security.cert_file,
-                   "server.key": security.key_file, "crl.pem": security.crl_file}  # fmt: skip
+        sources = {
+            "ca.pem": security.ca_file,
+            "server.pem": security.cert_file,
+            "server.key": security.key_file,
+            "crl.pem": security.crl_file,
+        }
         for name, source in sources.items():
             if source is None:
                 raise BrokerError(f"TLS listener configured without its {name}")
             self._install(name, source.read_bytes())
-
-    def update_security(self, security: BrokerSecurity) -> None:
-        """New ACLs and CRL (a device paired or was revoked), in force as soon as the broker
-        has handled its SIGHUP: Mosquitto re-reads them and applies the ACLs to the clients
-        already connected (messages to a revoked device stop; its publishes get 0x87)."""
-        self._security = security
-        self._write_security(security)
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGHUP)
 
     def _give_data_dir_to_mosquitto_user(self) -> bool:
         """Started as root, mosquitto drops to its own user and must still read its password,
@@ -248,79 +456,45 @@ class ManagedBroker:
         os.chmod(self._dir.parent, 0o711)  # noqa: S103 - traverse only, see above
         closed = next((d for d in self._dir.parents if not _traversable(d, user)), None)
         if closed is not None:
-            log.warning("mosquitto's own user cannot reach %s (%s is closed to it): the broker "
-                        "keeps root's privileges", self._dir, closed)  # fmt: skip
+            log.warning(
+                "mosquitto's own user cannot reach %s (%s is closed to it): the broker "
+                "keeps root's privileges",
+                self._dir,
+                closed,
+            )
             return False
         self._owner = (user.pw_uid, user.pw_gid)
         os.chown(self._dir, user.pw_uid, user.pw_gid)
         return True
 
-    def _spawn(self, binary: str, conf: Path) -> None:
-        # The wrapper sets PR_SET_PDEATHSIG before exec: if the daemon is SIGKILLed, the broker
-        # goes with it instead of lingering on the port.
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "hearth_gateway._pdeathsig", binary, "-c", str(conf)],
-            stdin=subprocess.DEVNULL,
-            close_fds=True,
-            # Its own session: a Ctrl-C or `timeout` aimed at the daemon's process group must
-            # not stop the broker while jobs are still draining; the daemon stops it last.
-            start_new_session=True,
-        )
-        log.info("managed mosquitto pid %d on %s", self._proc.pid, self.address)
-
-    def _wait_listening(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        host = "127.0.0.1" if self.address.host in ("0.0.0.0", "") else self.address.host
-        host = "::1" if host == "::" else host
-        while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise BrokerError(f"mosquitto exited with status {self._proc.returncode}")
-            try:
-                with socket.create_connection((host, self.address.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise BrokerError(f"mosquitto did not listen on {self.address} within {timeout_s} s")
-
-    def _supervise(self, binary: str, conf: Path) -> None:
-        while not self._closing.is_set():
-            proc = self._proc
-            assert proc is not None
-            rc = proc.wait()
-            if self._closing.is_set():
-                return
-            now = time.monotonic()
-            self._restarts = [t for t in self._restarts if now - t < _RESTART_WINDOW_S]
-            if len(self._restarts) >= _MAX_RESTARTS:
-                log.error(
-                    "mosquitto died %d times in %.0f s; giving up", _MAX_RESTARTS, _RESTART_WINDOW_S
-                )
-                self.failed.set()
-                return
-            self._restarts.append(now)
-            log.warning("mosquitto exited with status %s; restarting it", rc)
-            time.sleep(0.2 * len(self._restarts))
-            try:
-                self._spawn(binary, conf)
-                self._wait_listening(10.0)
-            except BrokerError:
-                log.exception("restarting mosquitto failed")
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+    def update_security(self, security: BrokerSecurity) -> None:
+        """New ACLs and CRL (a device paired or was revoked), in force as soon as the broker
+        has handled its SIGHUP: Mosquitto re-reads them and applies the ACLs to the clients
+        already connected (messages to a revoked device stop; its publishes get 0x87). A
+        broker being restarted reads them at its start or gets the SIGHUP: its watcher exists
+        before it reads its configuration, and a SIGHUP before mosquitto handles signals ends
+        it, and its replacement reads them."""
+        self._security = security
+        self._write_security(security)
+        with self._lock:
+            if self._watcher is not None:
+                self._watcher.signal(signal.SIGHUP)  # passed on to mosquitto
 
     def close(self) -> None:
-        if self._closing.is_set():
-            return
-        self._closing.set()
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
+        with self._lock:
+            if self._closing.is_set():
+                return
+            self._closing.set()
+            proc, watcher = self._proc, self._watcher
+        if proc is not None and watcher is not None and watcher.signal(signal.SIGTERM):
             try:
-                proc.wait(timeout=5)
+                proc.wait(timeout=_STOP_S)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                watcher.signal(signal.SIGKILL)
                 proc.wait()
         if self._supervisor is not None:
             self._supervisor.join(timeout=5)
+        self._end_broker(timeout_s=2.0)  # one that outlived its watcher
+        if watcher is not None:
+            watcher.close()
+        self._pid_file.unlink(missing_ok=True)
