@@ -196,7 +196,7 @@ class Outcome:
 
 
 def run(opts: Options, work_dir: Path) -> Outcome:
-    module_path = ensure_examples(MODULE) / MODULE
+    module_path = ensure_examples(f"wasm/{MODULE}") / "wasm" / MODULE
     wasm = module_path.read_bytes()
     sha = hashlib.sha256(wasm).hexdigest()
     # The echo carries what a job message weighs on the wire.

@@ -33,8 +33,6 @@ import logging
 import os
 import queue
 import re
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -48,13 +46,13 @@ import paho.mqtt.client as mqtt
 
 from _common import (
     LOOPBACK,
-    REPO_ROOT,
     EchoRequester,
     EchoResponderProcess,
     GatewayProcess,
     Mosquitto,
     Summary,
     child_pids,
+    ensure_examples,
     print_table,
     proc_cmdline,
     proc_memory_bytes,
@@ -94,7 +92,6 @@ POLICY_MAX_TASKS = 5000
 
 GATEWAY_ID = "bench"
 MODULE = "counter.wasm"
-TASK_EXAMPLES = REPO_ROOT / "build" / "examples" / "tasks"
 SENSOR_TOPIC = "bench/motion/hall"
 LIGHT_TOPIC = "bench/lights/hall/set"
 SENSOR_PAYLOAD = b"motion"
@@ -111,18 +108,7 @@ Figures = dict[str, float | int | bool]
 
 def ensure_task_module() -> Path:
     """build/examples/tasks/counter.wasm, building the examples first if it is missing."""
-    path = TASK_EXAMPLES / MODULE
-    if not path.is_file():
-        log.info("building the examples (%s missing)", path)
-        subprocess.run(
-            [sys.executable, str(REPO_ROOT / "scripts" / "build_examples.py")],
-            check=True,
-            stdout=sys.stderr,  # keep stdout for the figures
-            timeout=600,
-        )
-        if not path.is_file():
-            raise RuntimeError(f"scripts/build_examples.py did not produce {path}")
-    return path
+    return ensure_examples(f"tasks/{MODULE}") / "tasks" / MODULE
 
 
 # -- the gateway's processes ----------------------------------------------------------------

@@ -16,7 +16,6 @@ import msgspec
 import numpy as np
 import pytest
 
-from conftest import GatewayProcess
 from hearth.errors import ErrorCode
 from hearth.protocol import (
     BlobChunk,
@@ -29,6 +28,7 @@ from hearth.protocol import (
     encode,
 )
 from helpers import RawDevice
+from testkit.gateway import GatewayProcess
 
 
 @pytest.fixture

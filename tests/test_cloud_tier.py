@@ -33,7 +33,6 @@ import msgspec
 import numpy as np
 import pytest
 
-from conftest import GatewayProcess, wait_until
 from hearth._tasks_cli import add_task_commands, format_task, install_options
 from hearth.client import task_install_request
 from hearth.errors import ErrorCode, JobError
@@ -81,6 +80,8 @@ from hearth_gateway.store import Store
 from hearth_gateway.upstream import Forwarder, upstream_job_id
 from hearth_gateway.upstream_link import EgressRefused, UpstreamLink, UpstreamTarget
 from helpers import RawDevice
+from testkit.gateway import GatewayProcess
+from testkit.wait import wait_until
 
 SHA = "ab" * 32
 UP = "gw-cloud"  # the upstream gateway's id in the pure tests

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from conftest import GatewayProcess
 from hearth_gateway._cgroup_bpf import INET_INGRESS, cgroup2_mount, prog_query
 from hearth_gateway.doctor import (
     UnitInfo,
@@ -23,6 +22,7 @@ from hearth_gateway.doctor import (
     check_unit_filters,
 )
 from hearth_gateway.status import StatusSnapshot, write_snapshot
+from testkit.gateway import GatewayProcess
 
 CHECKS = [
     "kernel IP filters",

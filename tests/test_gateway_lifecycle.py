@@ -13,10 +13,11 @@ import time
 
 import pytest
 
-from conftest import GatewayProcess, wait_until
 from hearth.errors import ErrorCode
 from hearth.protocol import BlobStored, Error, WasmJob, WasmResult
 from helpers import RawDevice
+from testkit.gateway import GatewayProcess
+from testkit.wait import wait_until
 
 
 def test_managed_broker_runs_and_stops_with_the_gateway(make_gateway, wasm) -> None:

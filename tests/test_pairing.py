@@ -28,7 +28,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import GatewayProcess, free_port
 from hearth import Client
 from hearth.errors import ErrorCode, GatewayUnavailable, JobError
 from hearth.pairing import Pairing, PairingError, pair
@@ -48,6 +47,8 @@ from hearth_gateway.crypto import Sealer
 from hearth_gateway.pki import LocalCA, fingerprint
 from hearth_gateway.policy import Admission, Policy
 from hearth_gateway.store import Store
+from testkit.gateway import GatewayProcess
+from testkit.net import free_port
 
 NOT_AUTHORIZED = 0x87
 

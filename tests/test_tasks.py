@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 import hearth
-from conftest import GatewayProcess, wait_until
 from hearth.errors import ErrorCode
 from helpers import Bus
+from testkit.gateway import GatewayProcess
+from testkit.wait import wait_until
 
 FAST_FAILURES = "[tasks]\nbackoff_s = 0.05\nmax_failures = 3\n"
 

@@ -18,12 +18,13 @@ import onnxruntime as ort
 import pytest
 import wasmtime
 
-from conftest import ROOT, GatewayProcess
 from hearth.errors import ErrorCode, JobError
 from hearth.runtime.limits import WasmLimits
 from hearth.runtime.onnx import OnnxRuntime
 from hearth.runtime.wasi_nn import NnErrno, NnLimits, WasiNn
 from hearth.runtime.wasm import WasmRuntime
+from testkit.examples import REPO_ROOT as ROOT
+from testkit.gateway import GatewayProcess
 
 _LINE = re.compile(rb"digit=(\d+) p=([0-9.]+) label=(-?\d+) probs=([-0-9.e,+]+)")
 
