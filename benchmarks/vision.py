@@ -68,7 +68,7 @@ from hearth_gateway.status import read_snapshot
 from hearth_gateway.vision.faces import FaceDetector, FacesParams
 from hearth_gateway.vision.images import decode, encode_jpeg
 from hearth_gateway.vision.odometry import OdometryParams, OdometrySessions
-from hearth_gateway.vision.scenes import relative_errors, render_sequence
+from testkit.scenes import relative_errors, render_sequence
 
 log = logging.getLogger("bench.vision")
 

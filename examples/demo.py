@@ -42,6 +42,9 @@ from camera_device import (
 from hearth import Client, GatewayInfo, HearthError, JobError, discover
 from hearth.pairing import Pairing, pair
 
+# testkit/ (the rendered plate; shared with the tests) is imported from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 INTERFACE = "127.0.0.1"
 GATEWAY_ID = "demo-gateway"
 READY_TIMEOUT_S = 45.0
@@ -208,7 +211,7 @@ def show_vision(client: Client) -> None:
     import numpy as np
     from skimage import data as skdata
 
-    from hearth_gateway.vision.plates_synth import render_plate
+    from testkit.plates_synth import render_plate
 
     print("\n   Vision capabilities on the gateway (docs/vision.md):")
     photo = cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR)

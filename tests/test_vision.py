@@ -14,10 +14,11 @@ import pytest
 from skimage import data as skdata
 
 import hearth
-from conftest import GatewayProcess, wait_until
 from hearth import Dropped, ErrorCode, JobError
 from hearth.protocol.vision import Image, Postprocess, Preprocess
-from hearth_gateway.vision.scenes import render_sequence
+from testkit.gateway import GatewayProcess
+from testkit.scenes import render_sequence
+from testkit.wait import wait_until
 
 
 def _jpeg(rgb: np.ndarray) -> bytes:
