@@ -54,8 +54,10 @@ def test_reads_synthetic_plates(reader: PlateReader) -> None:
         else:
             misses.append((printed, result.text))
     rate = exact / count
-    print(f"\nvision.plate: exact reads {exact}/{count} = {rate:.1%}, "
-          f"{elapsed_s / count * 1e3:.0f} ms per plate; misses: {misses}")  # fmt: skip
+    print(
+        f"\nvision.plate: exact reads {exact}/{count} = {rate:.1%}, "
+        f"{elapsed_s / count * 1e3:.0f} ms per plate; misses: {misses}"
+    )
     assert rate >= 0.90
 
 

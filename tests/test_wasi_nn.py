@@ -468,8 +468,9 @@ def test_compute_and_get_output_in_the_wrong_order_or_out_of_bounds(
 
 
 def test_limits_per_run(model: bytes) -> None:
-    limits = NnLimits(max_graphs=2, max_contexts=3, max_model_bytes=len(model),
-                      max_tensor_bytes=256)  # fmt: skip
+    limits = NnLimits(
+        max_graphs=2, max_contexts=3, max_model_bytes=len(model), max_tensor_bytes=256
+    )
     rt = WasmRuntime(wasi_nn=WasiNn(limits=limits))
     guest = Guest(rt)
     try:
