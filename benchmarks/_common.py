@@ -1,14 +1,15 @@
 """Shared parts of the benchmark programs: real processes on loopback, figures out.
 
-- ``Mosquitto``: a broker on a free 127.0.0.1 port, configured by the gateway's own
-  ``mosquitto_config()`` (so it has ``set_tcp_nodelay true`` like the managed one).
-- ``GatewayProcess``: ``hearth-gateway run`` as a subprocess against that broker, waited for
-  until it answers a ping, stopped with SIGTERM (it drains) and reaped.
+- From testkit (the harness the tests use too): ``Mosquitto``, a broker on a free 127.0.0.1
+  port configured by the gateway's own ``mosquitto_config()`` (so it has ``set_tcp_nodelay
+  true`` like the managed one); ``GatewayProcess``, ``hearth-gateway run`` as a subprocess
+  against it, waited for until it is online, stopped with SIGTERM (it drains) and reaped;
+  ``ensure_examples``; and the /proc readers, among them ``tree_cpu_s``: CPU time used by a
+  process tree (all of a benchmark's processes), for figures that do not depend on how busy the
+  machine is.
 - ``EchoResponderProcess`` and ``EchoRequester``: the raw MQTT 5 request/response baseline. The
   responder is a process of its own (``python benchmarks/_common.py echo-responder ...``), as
   the gateway is, so the baseline does not share an interpreter (and its GIL) with the caller.
-- ``tree_cpu_s``: CPU time used by a process tree (all of a benchmark's processes), for figures
-  that do not depend on how busy the machine is.
 - ``Summary``/``percentile``, ``print_table``, ``emit_json``, ``verdict``: the output.
 
 The process helpers are context managers with an idempotent ``close()``. Each child is started
@@ -25,10 +26,7 @@ import contextlib
 import json
 import logging
 import math
-import os
-import pwd
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,11 +44,18 @@ from typing import Any, Protocol, Self, TypeVar
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 
-from hearth import Client
-from hearth.errors import GatewayUnavailable
 from hearth.transport import BrokerAddress, connect, make_client, properties, publish_properties
-from hearth_gateway.broker import find_mosquitto, mosquitto_config
-from hearth_gateway.policy import LimitsPolicy
+
+# testkit/ is not installed: it is imported from the repository root. Every benchmark imports
+# this module first (`_common` sorts before the other first-party modules), so they can import
+# testkit themselves too.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from testkit.examples import REPO_ROOT, ensure_examples
+from testkit.gateway import GatewayProcess
+from testkit.mosquitto import Mosquitto
+from testkit.net import LOOPBACK, free_port
+from testkit.procs import child_pids, proc_cmdline, proc_memory_bytes, spawn, stop, tail, tree_cpu_s
 
 __all__ = [
     "LOOPBACK",
@@ -76,13 +81,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("bench")
-
-LOOPBACK = "127.0.0.1"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-WASM_EXAMPLES = REPO_ROOT / "build" / "examples" / "wasm"
-
-_PORT_ATTEMPTS = 3  # a free port can be taken between probing it and mosquitto binding it
-_TAIL_LINES = 20
 
 
 class HasFigures(Protocol):
@@ -137,253 +135,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
-def ensure_examples(*names: str) -> Path:
-    """The directory of the example WASM modules, building them first if any of ``names``
-    (e.g. "noop.wasm") is missing."""
-    missing = [name for name in names if not (WASM_EXAMPLES / name).is_file()]
-    if missing:
-        log.info("building the examples (%s missing)", ", ".join(missing))
-        subprocess.run(
-            [sys.executable, str(REPO_ROOT / "scripts" / "build_examples.py")],
-            check=True,
-            stdout=sys.stderr,  # keep stdout for the figures
-            timeout=600,
-        )
-        still = [name for name in names if not (WASM_EXAMPLES / name).is_file()]
-        if still:
-            raise RuntimeError(f"scripts/build_examples.py did not produce {', '.join(still)}")
-    return WASM_EXAMPLES
-
-
-def _tail(path: Path, lines: int = _TAIL_LINES) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
-def _stop(proc: subprocess.Popen[bytes], grace_s: float) -> int:
-    """SIGTERM (the _pdeathsig wrapper passes it on), wait up to ``grace_s``, then SIGKILL the
-    child's process group; afterwards nothing of that group is left. Returns the exit status."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            log.warning("pid %d still running %.0f s after SIGTERM; killing it", proc.pid, grace_s)
-            _kill_group(proc.pid)
-    rc = proc.wait()
-    # The group is the session started for this child: whatever it left behind (the program
-    # under the wrapper, a gateway's workers) is ours to end.
-    _kill_group(proc.pid)
-    return rc
-
-
-def _spawn(argv: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("ab") as log_file:
-        return subprocess.Popen(
-            [sys.executable, "-m", "hearth_gateway._pdeathsig", *argv],
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            close_fds=True,
-            start_new_session=True,  # its own process group, id = its pid
-        )
-
-
-class Mosquitto:
-    """A Mosquitto on a free loopback port, its config and persistence under ``work_dir``."""
-
-    def __init__(self, work_dir: Path, *, max_packet_bytes: int | None = None) -> None:
-        self._work_dir = work_dir
-        self._dir = work_dir / "mosquitto"
-        self._max_packet_bytes = max_packet_bytes or LimitsPolicy().max_message_bytes + 64 * 1024
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log = self._dir / "mosquitto.log"
-        self.address = BrokerAddress(LOOPBACK, 0)
-
-    def start(self, timeout_s: float = 10.0) -> Self:
-        binary = find_mosquitto()
-        self._dir.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() == 0:
-            self._give_dir_to_mosquitto_user()
-        conf = self._dir / "mosquitto.conf"
-        for _ in range(_PORT_ATTEMPTS):
-            self.address = BrokerAddress(LOOPBACK, free_port())
-            conf.write_text(mosquitto_config(self.address, self._dir, self._max_packet_bytes))
-            self._proc = _spawn([binary, "-c", str(conf)], self._log)
-            if self._wait_listening(timeout_s):
-                log.info("mosquitto pid %d on %s", self._proc.pid, self.address)
-                return self
-            _stop(self._proc, 2.0)
-            self._proc = None
-        raise RuntimeError(f"mosquitto did not start; its log:\n{_tail(self._log)}")
-
-    def _give_dir_to_mosquitto_user(self) -> None:
-        # Started as root, mosquitto drops to its own user (as in hearth_gateway.broker) and
-        # must still reach its directory to save persistence on exit.
-        try:
-            user = pwd.getpwnam("mosquitto")
-        except KeyError:
-            return
-        os.chown(self._dir, user.pw_uid, user.pw_gid)
-        mode = self._work_dir.stat().st_mode
-        if not mode & 0o001:
-            os.chmod(self._work_dir, mode | 0o001)  # traverse only: nothing becomes listable
-
-    def _wait_listening(self, timeout_s: float) -> bool:
-        assert self._proc is not None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                return False  # e.g. the port was taken meanwhile
-            try:
-                with socket.create_connection((LOOPBACK, self.address.port), timeout=0.5):
-                    pass
-            except OSError:
-                time.sleep(0.05)
-                continue
-            # Someone else may hold the port (it was free a moment ago); then mosquitto has
-            # exited or is about to.
-            time.sleep(0.1)
-            return self._proc.poll() is None
-        return False
-
-    def close(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        rc = _stop(proc, 5.0)
-        for line in _tail(self._log).splitlines():
-            log.warning("mosquitto: %s", line)  # it only logs warnings and errors
-        if rc != 0:
-            log.warning("mosquitto exited with status %d", rc)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-class GatewayProcess:
-    """``hearth-gateway run`` against an existing broker, mDNS off, state under ``work_dir``.
-
-    Its log goes to ``work_dir/gateway.log``; warnings and errors from it are repeated on our
-    stderr when it stops, and its tail when it fails to come up.
-    """
-
-    def __init__(
-        self,
-        broker: BrokerAddress,
-        work_dir: Path,
-        *,
-        gateway_id: str = "bench",
-        workers: int | None = None,
-        extra_args: Sequence[str] = (),
-    ) -> None:
-        self.broker = broker
-        self.gateway_id = gateway_id
-        self.state_dir = work_dir / "gateway-state"
-        self.log_path = work_dir / "gateway.log"
-        self._workers = workers
-        self._extra_args = list(extra_args)
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout_s: float = 60.0) -> Self:
-        argv = [
-            sys.executable, "-m", "hearth_gateway.cli", "run",
-            "--broker", f"mqtt://{self.broker}",
-            "--state-dir", str(self.state_dir),
-            "--no-mdns",
-            "--gateway-id", self.gateway_id,
-        ]  # fmt: skip
-        if self._workers is not None:
-            argv += ["--workers", str(self._workers)]
-        argv += self._extra_args
-        self._proc = _spawn(argv, self.log_path)
-        try:
-            self._wait_online(timeout_s)
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def _wait_online(self, timeout_s: float) -> None:
-        """Until a ping through the broker is answered: the gateway is subscribed and serving."""
-        assert self._proc is not None
-        started = time.monotonic()
-        deadline = started + timeout_s
-        last = "not tried"
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"gateway exited with status {self._proc.returncode}; its log:\n"
-                    f"{_tail(self.log_path)}"
-                )
-            # A fresh client each try: a Client backs off for a while after a failed connect.
-            with Client(gateway=str(self.broker), placement="edge", timeout_s=1.0) as probe:
-                try:
-                    probe.ping()
-                except (GatewayUnavailable, TimeoutError) as exc:
-                    last = str(exc) or type(exc).__name__
-                else:
-                    log.info(
-                        "gateway pid %d online after %.1f s",
-                        self._proc.pid,
-                        time.monotonic() - started,
-                    )
-                    return
-            time.sleep(0.2)
-        raise RuntimeError(
-            f"gateway not online within {timeout_s} s ({last}); its log:\n{_tail(self.log_path)}"
-        )
-
-    @property
-    def pid(self) -> int | None:
-        """The pid of the process we started (the ``_pdeathsig`` wrapper; the daemon is its
-        child, see ``child_pids``), or None when not running."""
-        return self._proc.pid if self._proc is not None else None
-
-    def close(self, grace_s: float = 30.0) -> None:
-        """SIGTERM (the gateway drains its jobs and publishes offline), wait, reap."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        rc = _stop(proc, grace_s)
-        notable = [
-            line
-            for line in _tail(self.log_path, 10_000).splitlines()
-            if " WARNING " in line or " ERROR " in line or "Traceback" in line
-        ]
-        for line in notable[-_TAIL_LINES:]:
-            log.warning("gateway: %s", line)
-        if rc != 0:
-            log.warning("gateway exited with status %d", rc)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 # -- raw MQTT 5 request/response --------------------------------------------------------------
@@ -532,7 +283,7 @@ class EchoResponderProcess:
         argv += ["--broker", str(self.broker)]
         for topic, qos in self.topics:
             argv += ["--topic", f"{topic}:{qos}"]
-        self._proc = _spawn(argv, self.log_path)
+        self._proc = spawn(argv, self.log_path, supervised=True)
         try:
             self._wait_answering(timeout_s)
         except BaseException:
@@ -554,11 +305,11 @@ class EchoResponderProcess:
                     continue
                 log.info("echo responder pid %d answering", self._proc.pid)
                 return
-        raise RuntimeError(f"echo responder not answering; its log:\n{_tail(self.log_path)}")
+        raise RuntimeError(f"echo responder not answering; its log:\n{tail(self.log_path)}")
 
     def close(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and _stop(proc, 5.0) != 0:
+        if proc is not None and stop(proc, 5.0) != 0:
             log.warning("echo responder exited with status %s", proc.returncode)
 
     def __enter__(self) -> Self:
@@ -568,76 +319,6 @@ class EchoResponderProcess:
         self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
     ) -> None:
         self.close()
-
-
-# -- CPU accounting ---------------------------------------------------------------------------
-
-
-def _proc_stat(pid: str) -> tuple[int, float] | None:
-    """(parent pid, CPU seconds used) of one process, from /proc; None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return None
-    # After the command name: state, ppid, ..., utime and stime at 11 and 12 (in clock ticks).
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_s(root: int | None = None) -> float:
-    """CPU seconds (user + system) used so far by ``root`` (default: this process) and every
-    live descendant. Linux only: NaN without /proc. Descendants that exited are not counted,
-    so take differences over spans where the set of processes stays the same."""
-    if not Path("/proc/self/stat").exists():
-        return math.nan
-    root = os.getpid() if root is None else root
-    stats = {
-        int(pid): st for pid in os.listdir("/proc") if pid.isdigit() and (st := _proc_stat(pid))
-    }
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _cpu) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        if pid in stats:
-            total += stats[pid][1]
-        todo.extend(children.get(pid, ()))
-    return total
-
-
-def child_pids(pid: int) -> list[int]:
-    """The live direct children of ``pid``, from /proc (empty without it)."""
-    if not Path("/proc/self/stat").exists():
-        return []
-    return sorted(
-        int(p)
-        for p in os.listdir("/proc")
-        if p.isdigit() and (st := _proc_stat(p)) and st[0] == pid
-    )
-
-
-def proc_cmdline(pid: int) -> list[str]:
-    """A process's argv, from /proc; empty if it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [arg.decode(errors="replace") for arg in raw.split(b"\0") if arg]
-
-
-def proc_memory_bytes(pid: int, field: str = "VmRSS") -> int | None:
-    """A memory figure of one process from /proc/PID/status (``VmRSS``, ``RssAnon``, ...), in
-    bytes; None if the process is gone or the field is missing."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name == field:
-            return int(value.split()[0]) * 1024  # always reported in kB
-    return None
 
 
 # -- figures ----------------------------------------------------------------------------------

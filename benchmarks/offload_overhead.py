@@ -196,7 +196,7 @@ class Outcome:
 
 
 def run(opts: Options, work_dir: Path) -> Outcome:
-    module_path = ensure_examples(MODULE) / MODULE
+    module_path = ensure_examples(f"wasm/{MODULE}") / "wasm" / MODULE
     wasm = module_path.read_bytes()
     sha = hashlib.sha256(wasm).hexdigest()
     # The echo carries what a job message weighs on the wire.
@@ -372,11 +372,23 @@ def print_report(outcome: Outcome) -> None:
     for q in QOS_LEVELS:
         for pct, target in (("p50", TARGET_P50_RATIO), ("p99", TARGET_P99_RATIO)):
             ratio = float(f[f"ratio_qos{q}_{pct}"])
-            targets.append([f"qos{q} {pct} gateway/echo", ratio, f"<= {target}",
-                            verdict(ratio, target, at_most=True)])  # fmt: skip
+            targets.append(
+                [
+                    f"qos{q} {pct} gateway/echo",
+                    ratio,
+                    f"<= {target}",
+                    verdict(ratio, target, at_most=True),
+                ]
+            )
     ratio = float(f["throughput_ratio"])
-    targets.append(["throughput gateway/echo", ratio, f">= {TARGET_THROUGHPUT_RATIO}",
-                    verdict(ratio, TARGET_THROUGHPUT_RATIO, at_most=False)])  # fmt: skip
+    targets.append(
+        [
+            "throughput gateway/echo",
+            ratio,
+            f">= {TARGET_THROUGHPUT_RATIO}",
+            verdict(ratio, TARGET_THROUGHPUT_RATIO, at_most=False),
+        ]
+    )
     print_table(["figure", "value", "target", "verdict"], targets, title="Targets")
 
 

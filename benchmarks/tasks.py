@@ -33,8 +33,6 @@ import logging
 import os
 import queue
 import re
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -48,13 +46,13 @@ import paho.mqtt.client as mqtt
 
 from _common import (
     LOOPBACK,
-    REPO_ROOT,
     EchoRequester,
     EchoResponderProcess,
     GatewayProcess,
     Mosquitto,
     Summary,
     child_pids,
+    ensure_examples,
     print_table,
     proc_cmdline,
     proc_memory_bytes,
@@ -94,7 +92,6 @@ POLICY_MAX_TASKS = 5000
 
 GATEWAY_ID = "bench"
 MODULE = "counter.wasm"
-TASK_EXAMPLES = REPO_ROOT / "build" / "examples" / "tasks"
 SENSOR_TOPIC = "bench/motion/hall"
 LIGHT_TOPIC = "bench/lights/hall/set"
 SENSOR_PAYLOAD = b"motion"
@@ -111,18 +108,7 @@ Figures = dict[str, float | int | bool]
 
 def ensure_task_module() -> Path:
     """build/examples/tasks/counter.wasm, building the examples first if it is missing."""
-    path = TASK_EXAMPLES / MODULE
-    if not path.is_file():
-        log.info("building the examples (%s missing)", path)
-        subprocess.run(
-            [sys.executable, str(REPO_ROOT / "scripts" / "build_examples.py")],
-            check=True,
-            stdout=sys.stderr,  # keep stdout for the figures
-            timeout=600,
-        )
-        if not path.is_file():
-            raise RuntimeError(f"scripts/build_examples.py did not produce {path}")
-    return path
+    return ensure_examples(f"tasks/{MODULE}") / "tasks" / MODULE
 
 
 # -- the gateway's processes ----------------------------------------------------------------
@@ -193,8 +179,14 @@ def memory(gateway: GatewayProcess) -> Memory:
     if rss is None or anon is None:
         raise RuntimeError(f"gateway daemon pid {pid} is gone")
     result = Memory(rss, anon, tuple(proc_memory_bytes(w, "VmRSS") or 0 for w in workers))
-    log.debug("daemon pid %d: VmRSS %d, RssAnon %d; workers %s: VmRSS %s",
-              pid, rss, anon, workers, result.workers_rss)  # fmt: skip
+    log.debug(
+        "daemon pid %d: VmRSS %d, RssAnon %d; workers %s: VmRSS %s",
+        pid,
+        rss,
+        anon,
+        workers,
+        result.workers_rss,
+    )
     return result
 
 
@@ -478,9 +470,14 @@ def run(opts: Options, work_dir: Path) -> Outcome:
         )
         # No retries: an install that timed out may have happened, and a retry would add a task.
         idle = stack.enter_context(
-            Client(gateway=gateway_arg, client_id=IDLE_OWNER_ID, placement="edge",
-                   timeout_s=TIMEOUT_S, retries=0)
-        )  # fmt: skip
+            Client(
+                gateway=gateway_arg,
+                client_id=IDLE_OWNER_ID,
+                placement="edge",
+                timeout_s=TIMEOUT_S,
+                retries=0,
+            )
+        )
 
         # 1. Latency with no other task.
         automation = install_automation(owner, module, probe)
@@ -505,8 +502,12 @@ def run(opts: Options, work_dir: Path) -> Outcome:
         # 3. Restart on the same state dir.
         log.info("restarting the gateway")
         rs = restart(gateway, watcher)
-        log.info("restored %d tasks in %.3f s; ping answered %.3f s after the process started",
-                 rs.restored, rs.restore_s, rs.pong_s)  # fmt: skip
+        log.info(
+            "restored %d tasks in %.3f s; ping answered %.3f s after the process started",
+            rs.restored,
+            rs.restore_s,
+            rs.pong_s,
+        )
         mem["restored"] = memory(gateway)
         wait_usable(owner, TIMEOUT_S)
         wait_usable(idle, TIMEOUT_S)
@@ -516,8 +517,9 @@ def run(opts: Options, work_dir: Path) -> Outcome:
 
         # 4. Latency with the idle tasks in place.
         automation = install_automation(owner, module, probe)
-        log.info("automation %s installed; measuring with %d idle tasks", automation.task_id,
-                 opts.tasks)  # fmt: skip
+        log.info(
+            "automation %s installed; measuring with %d idle tasks", automation.task_id, opts.tasks
+        )
         lat["loaded"] = latency(probe, echo, owner, opts.n)
         idle_events = sum(t.events + t.failures for t in idle.tasks())
         uploads = owner.stats.blob_uploads + idle.stats.blob_uploads
@@ -613,27 +615,33 @@ def print_report(outcome: Outcome) -> None:
     }
     print_table(
         ["gateway", "daemon VmRSS MiB", "daemon RssAnon MiB", "workers VmRSS MiB"],
-        [[labels[k], mib(m.daemon_rss), mib(m.daemon_anon), mib(m.workers_total)]
-         for k, m in mem.items()],
+        [
+            [labels[k], mib(m.daemon_rss), mib(m.daemon_anon), mib(m.workers_total)]
+            for k, m in mem.items()
+        ],
         title=f"Memory ({f['gateway_workers']} workers)",
-    )  # fmt: skip
+    )
     print_table(
         ["figure", "value"],
         [
             ["daemon VmRSS per idle task (bytes)", f["rss_per_idle_task_bytes"]],
             ["daemon RssAnon per idle task (bytes)", f["anon_per_idle_task_bytes"]],
-            ["daemon VmRSS per task, fresh start with them vs with none (bytes)",
-             f["rss_restored_per_task_bytes"]],
+            [
+                "daemon VmRSS per task, fresh start with them vs with none (bytes)",
+                f["rss_restored_per_task_bytes"],
+            ],
             ["workers' VmRSS growth (bytes)", f["rss_workers_growth_bytes"]],
             ["installs per second (sequential)", f["install_rate_per_s"]],
             ["install p50 / p99 (ms)", f"{f['install_p50_ms']:.3f} / {f['install_p99_ms']:.3f}"],
-            ["install p50, first / last tenth (ms)",
-             f"{f['install_first_tenth_p50_ms']:.3f} / {f['install_last_tenth_p50_ms']:.3f}"],
+            [
+                "install p50, first / last tenth (ms)",
+                f"{f['install_first_tenth_p50_ms']:.3f} / {f['install_last_tenth_p50_ms']:.3f}",
+            ],
             ["module uploads (all installs)", f["blob_uploads"]],
             ["events the idle tasks handled", f["idle_events"]],
         ],
         title=f"{tasks} idle tasks",
-    )  # fmt: skip
+    )
     print_table(
         ["figure", "seconds"],
         [
@@ -669,13 +677,21 @@ def print_report(outcome: Outcome) -> None:
             ["task/echo p99, 0 idle", f["ratio_p99"], "-", "-"],
             [f"task/echo p50, {tasks} idle", f["loaded_ratio_p50"], "-", "-"],
             [f"task/echo p99, {tasks} idle", f["loaded_ratio_p99"], "-", "-"],
-            [f"restore s ({tasks} tasks)", restore, f"< {RESTORE_TARGET_S}",
-             verdict(restore, RESTORE_TARGET_S, at_most=True)],
-            ["tasks restored", f["restored_tasks"], f"= {tasks}",
-             "PASS" if f["restore_count_ok"] else "MISS"],
+            [
+                f"restore s ({tasks} tasks)",
+                restore,
+                f"< {RESTORE_TARGET_S}",
+                verdict(restore, RESTORE_TARGET_S, at_most=True),
+            ],
+            [
+                "tasks restored",
+                f["restored_tasks"],
+                f"= {tasks}",
+                "PASS" if f["restore_count_ok"] else "MISS",
+            ],
         ],
         title="Targets",
-    )  # fmt: skip
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

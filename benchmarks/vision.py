@@ -68,7 +68,7 @@ from hearth_gateway.status import read_snapshot
 from hearth_gateway.vision.faces import FaceDetector, FacesParams
 from hearth_gateway.vision.images import decode, encode_jpeg
 from hearth_gateway.vision.odometry import OdometryParams, OdometrySessions
-from hearth_gateway.vision.scenes import relative_errors, render_sequence
+from testkit.scenes import relative_errors, render_sequence
 
 log = logging.getLogger("bench.vision")
 
@@ -540,18 +540,38 @@ def print_report(outcome: Outcome) -> None:
     )
     rows: list[list[object]] = []
     ratio = float(f["faces_throughput_ratio"])
-    rows.append(["faces throughput gateway/in-process", ratio, f">= {TARGET_THROUGHPUT_RATIO}",
-                 verdict(ratio, TARGET_THROUGHPUT_RATIO, at_most=False)])  # fmt: skip
+    rows.append(
+        [
+            "faces throughput gateway/in-process",
+            ratio,
+            f">= {TARGET_THROUGHPUT_RATIO}",
+            verdict(ratio, TARGET_THROUGHPUT_RATIO, at_most=False),
+        ]
+    )
     ratio = float(f["faces_cpu_ratio"])
     rows.append(["  (CPU per frame in-process/gateway)", ratio, "-", "-"])
     ratio = float(f["stream_p99_ratio"])
-    rows.append(["stream p99 / single-frame p50", ratio, f"<= {TARGET_STREAM_P99_RATIO}",
-                 verdict(ratio, TARGET_STREAM_P99_RATIO, at_most=True)])  # fmt: skip
-    for what, key, target in (("rotation", "rot", TARGET_ODO_ROT_DEG),
-                              ("translation direction", "dir", TARGET_ODO_DIR_DEG)):  # fmt: skip
+    rows.append(
+        [
+            "stream p99 / single-frame p50",
+            ratio,
+            f"<= {TARGET_STREAM_P99_RATIO}",
+            verdict(ratio, TARGET_STREAM_P99_RATIO, at_most=True),
+        ]
+    )
+    for what, key, target in (
+        ("rotation", "rot", TARGET_ODO_ROT_DEG),
+        ("translation direction", "dir", TARGET_ODO_DIR_DEG),
+    ):
         value = float(f[f"odo_gateway_{key}_err_median_deg"])
-        rows.append([f"odometry median {what} error, deg", value, f"< {target}",
-                     "PASS" if value < target else "MISS"])  # fmt: skip
+        rows.append(
+            [
+                f"odometry median {what} error, deg",
+                value,
+                f"< {target}",
+                "PASS" if value < target else "MISS",
+            ]
+        )
     print_table(["figure", "value", "target", "verdict"], rows, title="Targets")
 
 

@@ -42,6 +42,9 @@ from camera_device import (
 from hearth import Client, GatewayInfo, HearthError, JobError, discover
 from hearth.pairing import Pairing, pair
 
+# testkit/ (the rendered plate; shared with the tests) is imported from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 INTERFACE = "127.0.0.1"
 GATEWAY_ID = "demo-gateway"
 READY_TIMEOUT_S = 45.0
@@ -74,14 +77,23 @@ class GatewayProcess:
 
     def start(self) -> None:
         argv = [
-            sys.executable, "-m", "hearth_gateway.cli", "run",
-            "--listen", self.address,
-            "--lan-listen", self.lan_address,
-            "--pairing-listen", self.pairing_address,
-            "--mdns-interface", INTERFACE,
-            "--state-dir", str(self.state_dir),
-            "--gateway-id", GATEWAY_ID,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "hearth_gateway.cli",
+            "run",
+            "--listen",
+            self.address,
+            "--lan-listen",
+            self.lan_address,
+            "--pairing-listen",
+            self.pairing_address,
+            "--mdns-interface",
+            INTERFACE,
+            "--state-dir",
+            str(self.state_dir),
+            "--gateway-id",
+            GATEWAY_ID,
+        ]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 argv,
@@ -109,15 +121,29 @@ class GatewayProcess:
         CODE`` on the device: a one-time code from the daemon, then the device's key and
         certificate, stored in ``config_dir``."""
         issued = subprocess.run(
-            [sys.executable, "-m", "hearth_gateway.cli", "pair", "--json",
-             "--state-dir", str(self.state_dir)],
-            capture_output=True, text=True, timeout=30, check=False,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "hearth_gateway.cli",
+                "pair",
+                "--json",
+                "--state-dir",
+                str(self.state_dir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         if issued.returncode != 0:
             raise DemoFailed(f"hearth-gateway pair failed: {issued.stderr.strip()}")
         code = json.loads(issued.stdout)
-        return pair(code["code"], self.pairing_address, ca_fingerprint=code["ca_fingerprint"],
-                    directory=config_dir)  # fmt: skip
+        return pair(
+            code["code"],
+            self.pairing_address,
+            ca_fingerprint=code["ca_fingerprint"],
+            directory=config_dir,
+        )
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM, wait; SIGKILL past the timeout. Returns the exit status (None if it had to
@@ -208,7 +234,7 @@ def show_vision(client: Client) -> None:
     import numpy as np
     from skimage import data as skdata
 
-    from hearth_gateway.vision.plates_synth import render_plate
+    from testkit.plates_synth import render_plate
 
     print("\n   Vision capabilities on the gateway (docs/vision.md):")
     photo = cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR)
@@ -217,15 +243,18 @@ def show_vision(client: Client) -> None:
     print(f"   vision.faces  {faces.latency_ms:6.1f} ms  astronaut photo: {found}")
     scene = render_plate("AB12 CDE", np.random.default_rng(7))
     plate = client.plate(cv2.imencode(".jpg", scene)[1].tobytes())
-    print(f"   vision.plate  {plate.latency_ms:6.1f} ms  rendered plate AB12 CDE read as "
-          f"{plate.result.text or '(nothing)'} ({plate.result.score:.2f})")  # fmt: skip
+    print(
+        f"   vision.plate  {plate.latency_ms:6.1f} ms  rendered plate AB12 CDE read as "
+        f"{plate.result.text or '(nothing)'} ({plate.result.score:.2f})"
+    )
 
 
 def run_demo(gateway: GatewayProcess) -> None:
     started = time.monotonic()
     print("Hearth demo: a gateway on loopback, and a camera device that offloads work to it\n")
-    print(f"Starting gateway {GATEWAY_ID} (devices on {gateway.lan_address}, mutual TLS) ...",
-          end="")  # fmt: skip
+    print(
+        f"Starting gateway {GATEWAY_ID} (devices on {gateway.lan_address}, mutual TLS) ...", end=""
+    )
     sys.stdout.flush()
     gateway.start()
     gateway.wait_ready()
@@ -234,8 +263,10 @@ def run_demo(gateway: GatewayProcess) -> None:
     config_dir = gateway.state_dir.parent / "device"
     os.environ["HEARTH_CONFIG_DIR"] = str(config_dir)
     paired = gateway.pair_device(config_dir)
-    print(f"Paired the camera with a one-time code: it is {paired.device_id} to the gateway, "
-          "with a certificate from the gateway's own CA.")  # fmt: skip
+    print(
+        f"Paired the camera with a one-time code: it is {paired.device_id} to the gateway, "
+        "with a certificate from the gateway's own CA."
+    )
 
     found = discover(interface=INTERFACE)
     if not any(g.gateway_id == GATEWAY_ID for g in found):

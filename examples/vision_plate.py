@@ -2,7 +2,7 @@
 licence-plate text it reads.
 
 Give it your own pictures with ``--image FILE`` (JPEG or PNG, repeatable), or let it render a few
-synthetic plate scenes (``plates_synth``: a plate on a car body, tilted, blurred, noisy and
+synthetic plate scenes (``testkit.plates_synth``: a plate on a car body, tilted, blurred, noisy and
 unevenly lit; nothing is downloaded) and compare the readings with the truth. The gateway reads
 the text with the PP-OCRv4 ONNX models of the ``rapidocr-onnxruntime`` wheel; its first plate
 loads them first.
@@ -33,7 +33,11 @@ import numpy as np
 from _args import gateway_parser
 from hearth import Client, HearthError
 from hearth.protocol.vision import PlateResult
-from hearth_gateway.vision.plates_synth import random_plate_text, render_plate
+
+# testkit/ (the synthetic scenes the tests use too) is imported from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from testkit.plates_synth import random_plate_text, render_plate
 
 
 def jpeg(image: np.ndarray, quality: int = 90) -> bytes:

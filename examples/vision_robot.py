@@ -1,8 +1,8 @@
 """An example robot: streams its camera through ``vision.odometry`` and prints its trajectory.
 
-The robot's camera is simulated (nothing is downloaded): ``scenes.render_sequence`` renders a
-textured room with boxes as seen from a camera driving a known path (a wide curve with some
-sway, bob and head turns), with sensor noise. The robot opens an odometry session on the
+The robot's camera is simulated (nothing is downloaded): ``testkit.scenes.render_sequence``
+renders a textured room with boxes as seen from a camera driving a known path (a wide curve with
+some sway, bob and head turns), with sensor noise. The robot opens an odometry session on the
 gateway, sends the frames one by one as JPEGs and gets the camera's pose back for each; the
 gateway keeps the session's keyframes until the robot closes it.
 
@@ -28,13 +28,18 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import cv2
 import numpy as np
 
 from _args import gateway_parser
 from hearth import Client, HearthError
-from hearth_gateway.vision.scenes import relative_errors, render_sequence
+
+# testkit/ (the synthetic scenes the tests use too) is imported from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from testkit.scenes import relative_errors, render_sequence
 
 
 def jpeg(image: np.ndarray, quality: int = 95) -> bytes:

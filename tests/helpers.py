@@ -89,8 +89,12 @@ class RawDevice:
         offset = 0
         while True:
             part = data[offset : offset + chunk]
-            self.send(BlobChunk(sha256=sha, size=len(data), offset=offset, data=part,
-                                data_class=data_class), correlation)  # fmt: skip
+            self.send(
+                BlobChunk(
+                    sha256=sha, size=len(data), offset=offset, data=part, data_class=data_class
+                ),
+                correlation,
+            )
             offset += len(part)
             if offset >= len(data):
                 break

@@ -16,7 +16,6 @@ import msgspec
 import numpy as np
 import pytest
 
-from conftest import GatewayProcess
 from hearth.errors import ErrorCode
 from hearth.protocol import (
     BlobChunk,
@@ -29,6 +28,7 @@ from hearth.protocol import (
     encode,
 )
 from helpers import RawDevice
+from testkit.gateway import GatewayProcess
 
 
 @pytest.fixture
@@ -223,10 +223,20 @@ def test_a_stored_blob_that_fails_its_hash_is_refused_and_asked_for_again(
 def _audit(gateway: GatewayProcess) -> list[tuple[str, str, str]]:
     """(action, target, decision) of each audit entry, as `hearth-gateway audit` shows them."""
     shown = subprocess.run(
-        [sys.executable, "-m", "hearth_gateway.cli", "audit", "--json",
-         "--state-dir", str(gateway.state_dir)],
-        capture_output=True, text=True, check=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "hearth_gateway.cli",
+            "audit",
+            "--json",
+            "--state-dir",
+            str(gateway.state_dir),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     entries = [json.loads(line) for line in shown.stdout.splitlines() if line.strip()]
     return [(e["action"], e["target"], e["decision"]) for e in entries]
 
@@ -240,13 +250,16 @@ def test_a_result_over_the_message_limit_is_answered_with_too_large(
     with RawDevice(gw.listen, gw.gateway_id) as dev:
         sha = _upload(dev, wasm["mandelbrot"].read_bytes())
         # A 640x480 picture is 307 kB of output: within the WASM output limit, over the message.
-        _error(dev.request(WasmJob(job_id="big-out", module=sha, args=["640", "480", "10"])),
-               ErrorCode.TOO_LARGE)  # fmt: skip
+        _error(
+            dev.request(WasmJob(job_id="big-out", module=sha, args=["640", "480", "10"])),
+            ErrorCode.TOO_LARGE,
+        )
         _good_job_still_works(dev, wasm, gw)
 
 
-def _model_bytes(make_initializer: Callable[[], object] | None = None, *, op: str = "Add",
-                 domain: str = "") -> bytes:  # fmt: skip
+def _model_bytes(
+    make_initializer: Callable[[], object] | None = None, *, op: str = "Add", domain: str = ""
+) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
 
     weight = numpy_helper.from_array(np.zeros((4,), np.float32), "w")
@@ -254,11 +267,12 @@ def _model_bytes(make_initializer: Callable[[], object] | None = None, *, op: st
         make_initializer(weight)  # type: ignore[misc]
     node = helper.make_node(op, ["x", "w"], ["y"], domain=domain)
     graph = helper.make_graph(
-        [node], "g",
+        [node],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
         [weight],
-    )  # fmt: skip
+    )
     opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
     model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8
@@ -279,16 +293,19 @@ def test_onnx_external_data_is_refused(device: RawDevice, gateway, wasm, locatio
 
     sha = _upload(device, _model_bytes(external))
     tensor = Tensor(name="x", dtype="float32", shape=[4], data=bytes(16))
-    _error(device.request(OnnxJob(job_id="ext", model=sha, inputs=[tensor])),
-           ErrorCode.INVALID_MODEL)  # fmt: skip
+    _error(
+        device.request(OnnxJob(job_id="ext", model=sha, inputs=[tensor])), ErrorCode.INVALID_MODEL
+    )
     _good_job_still_works(device, wasm, gateway)
 
 
 def test_onnx_custom_operators_cannot_be_loaded(device: RawDevice, gateway, wasm) -> None:
     sha = _upload(device, _model_bytes(op="Exfiltrate", domain="com.example.evil"))
     tensor = Tensor(name="x", dtype="float32", shape=[4], data=bytes(16))
-    _error(device.request(OnnxJob(job_id="custom", model=sha, inputs=[tensor])),
-           ErrorCode.INVALID_MODEL)  # fmt: skip
+    _error(
+        device.request(OnnxJob(job_id="custom", model=sha, inputs=[tensor])),
+        ErrorCode.INVALID_MODEL,
+    )
     _good_job_still_works(device, wasm, gateway)
 
 

@@ -93,25 +93,43 @@ def test_tasks_from_the_command_line(gateway, examples) -> None:
     module = examples / "tasks" / "indexer.wasm"
     # The first listen creates the device's persistent session: from then on notifications
     # wait for it while it is away.
-    first = _hearth("notifications", "--gateway", gateway.address, "--client-id", device,
-                    "--for", "0.1")  # fmt: skip
+    first = _hearth(
+        "notifications", "--gateway", gateway.address, "--client-id", device, "--for", "0.1"
+    )
     assert first.returncode == 0, first.stderr
-    installed = _hearth("tasks", "install", "--gateway", gateway.address, "--client-id", device,
-                        str(module), "--name", "primes", "--every", "0.05",
-                        "--set", "limit=100000", "--expires", "1h")  # fmt: skip
+    installed = _hearth(
+        "tasks",
+        "install",
+        "--gateway",
+        gateway.address,
+        "--client-id",
+        device,
+        str(module),
+        "--name",
+        "primes",
+        "--every",
+        "0.05",
+        "--set",
+        "limit=100000",
+        "--expires",
+        "1h",
+    )
     assert installed.returncode == 0, installed.stderr
     assert b"state       running" in installed.stdout
     task_id = installed.stdout.split()[1].decode()
-    notes = _hearth("notifications", "--gateway", gateway.address, "--client-id", device,
-                    "--for", "3")  # fmt: skip
+    notes = _hearth(
+        "notifications", "--gateway", gateway.address, "--client-id", device, "--for", "3"
+    )
     assert b"indexer done: 9592 primes below 100000" in notes.stdout
-    listing = _hearth("tasks", "list", "--json", "--gateway", gateway.address, "--client-id",
-                      device)  # fmt: skip
+    listing = _hearth(
+        "tasks", "list", "--json", "--gateway", gateway.address, "--client-id", device
+    )
     tasks = json.loads(listing.stdout)
     assert [t["task_id"] for t in tasks] == [task_id]
     assert tasks[0]["events"] >= 2
-    cancelled = _hearth("tasks", "cancel", task_id, "--gateway", gateway.address,
-                        "--client-id", device)  # fmt: skip
+    cancelled = _hearth(
+        "tasks", "cancel", task_id, "--gateway", gateway.address, "--client-id", device
+    )
     assert b"state       cancelled" in cancelled.stdout
 
 
@@ -121,16 +139,33 @@ def test_call_runs_a_capability_on_an_image_file(gateway, tmp_path: Path) -> Non
 
     photo = tmp_path / "astronaut.jpg"
     cv2.imwrite(str(photo), cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR))
-    result = _hearth("call", "vision.faces", "--gateway", gateway.address,
-                     "--image", str(photo), "--param", "min_size=40", "--json")  # fmt: skip
+    result = _hearth(
+        "call",
+        "vision.faces",
+        "--gateway",
+        gateway.address,
+        "--image",
+        str(photo),
+        "--param",
+        "min_size=40",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert answer["capability"] == "vision.faces"
     assert answer["gateway"] == gateway.gateway_id
     assert len(answer["result"]["faces"]) == 1
 
-    human = _hearth("call", "vision.features", "--gateway", gateway.address,
-                    "--image", str(photo), "--param", "max_features=50")  # fmt: skip
+    human = _hearth(
+        "call",
+        "vision.features",
+        "--gateway",
+        gateway.address,
+        "--image",
+        str(photo),
+        "--param",
+        "max_features=50",
+    )
     assert human.returncode == 0, human.stderr
     assert "<50 x 32 bytes>" in human.stdout.decode()
 

@@ -33,7 +33,6 @@ import msgspec
 import numpy as np
 import pytest
 
-from conftest import GatewayProcess, wait_until
 from hearth._tasks_cli import add_task_commands, format_task, install_options
 from hearth.client import task_install_request
 from hearth.errors import ErrorCode, JobError
@@ -82,6 +81,8 @@ from hearth_gateway.store import Store
 from hearth_gateway.upstream import Forwarder, upstream_job_id
 from hearth_gateway.upstream_link import EgressRefused, UpstreamLink, UpstreamTarget
 from helpers import RawDevice
+from testkit.gateway import GatewayProcess
+from testkit.wait import wait_until
 
 SHA = "ab" * 32
 UP = "gw-cloud"  # the upstream gateway's id in the pure tests
@@ -105,9 +106,17 @@ def _decide(
     policy: PlacementPolicy = POLICY,
     blob_class: str | None = None,
 ) -> Any:
-    return decide(data_class=data_class, tier=tier, runner="wasm", runner_here=runner_here,
-                  can_forward=can_forward, load=load, upstream=upstream, policy=policy,
-                  blob_class=blob_class)  # fmt: skip
+    return decide(
+        data_class=data_class,
+        tier=tier,
+        runner="wasm",
+        runner_here=runner_here,
+        can_forward=can_forward,
+        load=load,
+        upstream=upstream,
+        policy=policy,
+        blob_class=blob_class,
+    )
 
 
 # --- placement rules (pure) ---------------------------------------------------------------------
@@ -181,16 +190,27 @@ def test_no_private_decision_ever_names_the_upstream() -> None:
                 for runner_here in (True, False):
                     for can_forward in (True, False):
                         for blob_class in (None, "private", "public"):
-                            decision = _decide("private", tier=tier, runner_here=runner_here,
-                                               can_forward=can_forward, load=load,
-                                               upstream=upstream,
-                                               blob_class=blob_class)  # fmt: skip
+                            decision = _decide(
+                                "private",
+                                tier=tier,
+                                runner_here=runner_here,
+                                can_forward=can_forward,
+                                load=load,
+                                upstream=upstream,
+                                blob_class=blob_class,
+                            )
                             assert decision.action is not Action.UPSTREAM
                             assert not decision.target
                         # Nor a public job naming a private blob: the blob would go too.
-                        decision = _decide("public", tier=tier, runner_here=runner_here,
-                                           can_forward=can_forward, load=load, upstream=upstream,
-                                           blob_class="private")  # fmt: skip
+                        decision = _decide(
+                            "public",
+                            tier=tier,
+                            runner_here=runner_here,
+                            can_forward=can_forward,
+                            load=load,
+                            upstream=upstream,
+                            blob_class="private",
+                        )
                         assert decision.action is not Action.UPSTREAM
                         assert not decision.target
 
@@ -204,8 +224,10 @@ def test_a_public_job_naming_a_private_blob_runs_here() -> None:
     denied = _decide(runner_here=False, blob_class="private")
     assert (denied.action, denied.code) == (Action.DENY, ErrorCode.POLICY_DENIED)
     assert "blob is private" in denied.reason
-    assert _decide(runner_here=False, blob_class="private",
-                   upstream=UpstreamState()).code is ErrorCode.UNSUPPORTED  # fmt: skip
+    assert (
+        _decide(runner_here=False, blob_class="private", upstream=UpstreamState()).code
+        is ErrorCode.UNSUPPORTED
+    )
     # No upstream to keep it from, or a cloud tier: nothing to say about the blob.
     assert "blob" not in _decide(blob_class="private", upstream=UpstreamState()).reason
     assert _decide(tier="cloud", blob_class="private").action is Action.HERE
@@ -229,8 +251,9 @@ def test_tasks_run_where_installed_and_a_cloud_tier_takes_only_public_ones() -> 
 def test_connection_check() -> None:
     assert connection_refusal(tier="home", policy=POLICY, will=None) is None
     assert connection_refusal(tier="cloud", policy=POLICY, will=None)
-    assert connection_refusal(tier="home", policy=PlacementPolicy(upstream_max_in_flight=0),
-                              will=None)  # fmt: skip
+    assert connection_refusal(
+        tier="home", policy=PlacementPolicy(upstream_max_in_flight=0), will=None
+    )
     assert connection_refusal(tier="home", policy=POLICY, will=b"offline")
 
 
@@ -301,11 +324,16 @@ def test_the_upstream_link_cannot_publish_a_private_job() -> None:
     audit: list[tuple[str, ...]] = []
     loop = Loop()
     link = UpstreamLink(
-        loop, UpstreamTarget(BrokerAddress("127.0.0.1", 1), gateway_id=UP), "home",
-        policy=POLICY, audit=lambda *row: audit.append(row),
+        loop,
+        UpstreamTarget(BrokerAddress("127.0.0.1", 1), gateway_id=UP),
+        "home",
+        policy=POLICY,
+        audit=lambda *row: audit.append(row),
         cleared_blobs=lambda: {SHA: "private"},
-        on_reply=lambda *_: None, on_refused=lambda *_: None, on_lost=lambda: None,
-    )  # fmt: skip
+        on_reply=lambda *_: None,
+        on_refused=lambda *_: None,
+        on_lost=lambda: None,
+    )
     published: list[tuple[str, bytes]] = []
 
     def record(topic: str, payload: bytes, **_: object) -> Any:
@@ -318,11 +346,11 @@ def test_the_upstream_link_cannot_publish_a_private_job() -> None:
         with pytest.raises(EgressRefused):
             link.send(WasmJob(job_id="p", module=SHA, stdin=b"secret"), b"c")
         with pytest.raises(EgressRefused):  # a blob held here as private
-            link.send(BlobChunk(sha256=SHA, size=1, offset=0, data=b"s", data_class="public"),
-                      b"c")  # fmt: skip
+            link.send(BlobChunk(sha256=SHA, size=1, offset=0, data=b"s", data_class="public"), b"c")
         with pytest.raises(EgressRefused):  # a blob no public job in flight names
-            link.send(BlobChunk(sha256="cd" * 32, size=1, offset=0, data=b"s",
-                                data_class="public"), b"c")  # fmt: skip
+            link.send(
+                BlobChunk(sha256="cd" * 32, size=1, offset=0, data=b"s", data_class="public"), b"c"
+            )
         assert published == []
         assert [row[1:4] for row in audit] == [("egress", TOPIC, "refused")] * 3
         link.send(WasmJob(job_id="u", module=SHA, stdin=b"fine", data_class="public"), b"c")
@@ -338,8 +366,16 @@ def test_the_upstream_link_cannot_publish_a_private_job() -> None:
 
 def _chunks(data: bytes, data_class: str = "private", size: int = 4) -> list[BlobChunk]:
     sha = hashlib.sha256(data).hexdigest()
-    return [BlobChunk(sha256=sha, size=len(data), offset=o, data=data[o : o + size],
-                      data_class=data_class) for o in range(0, len(data), size)]  # type: ignore[arg-type]  # fmt: skip
+    return [
+        BlobChunk(
+            sha256=sha,
+            size=len(data),
+            offset=o,
+            data=data[o : o + size],
+            data_class=data_class,  # type: ignore[arg-type]
+        )
+        for o in range(0, len(data), size)
+    ]
 
 
 def test_a_blob_keeps_the_label_of_its_first_upload(tmp_path: Path) -> None:
@@ -371,8 +407,10 @@ def test_blobs_stored_before_labels_count_as_private(tmp_path: Path) -> None:
     """A database from before blob labels gets the column; its blobs are private."""
     path = tmp_path / "db.sqlite3"
     with contextlib.closing(sqlite3.connect(path)) as db:
-        db.execute("CREATE TABLE blobs (sha256 TEXT PRIMARY KEY, size INTEGER,"
-                   " stored_at FLOAT, last_used FLOAT)")  # fmt: skip
+        db.execute(
+            "CREATE TABLE blobs (sha256 TEXT PRIMARY KEY, size INTEGER,"
+            " stored_at FLOAT, last_used FLOAT)"
+        )
         db.execute("INSERT INTO blobs VALUES (?, 3, 0, 0)", (SHA,))
         db.commit()
     blob = tmp_path / "blobs" / SHA[:2] / SHA
@@ -401,8 +439,15 @@ class _Tasks:
 
     def install(self, owner: str, request: TaskInstall) -> Any:
         self.installed.append(request)
-        return Task(task=TaskInfo(task_id="t-000000000001", name=request.name, owner=owner,
-                                  state="running", data_class=request.data_class))  # fmt: skip
+        return Task(
+            task=TaskInfo(
+                task_id="t-000000000001",
+                name=request.name,
+                owner=owner,
+                state="running",
+                data_class=request.data_class,
+            )
+        )
 
     def control(self, client_id: str, request: Any) -> Any:
         raise AssertionError
@@ -419,19 +464,30 @@ def test_a_cloud_tier_installs_public_tasks_only(tier: str, tmp_path: Path) -> N
     published: list[bytes] = []
     tasks = _Tasks()
     placer = Placer(
-        tier=tier, policy=policy.placement, runners={"wasm", "task"},  # type: ignore[arg-type]
-        load=lambda: IDLE, store=store, blob_class=blobs.data_class,
-    )  # fmt: skip
+        tier=tier,
+        policy=policy.placement,
+        runners={"wasm", "task"},  # type: ignore[arg-type]
+        load=lambda: IDLE,
+        store=store,
+        blob_class=blobs.data_class,
+    )
     dispatcher = Dispatcher(
-        gateway_id="gw", policy=policy, store=store, blobs=blobs,
-        admission=Admission(policy.limits), pool=None,  # type: ignore[arg-type]
-        runners=["wasm", "task"], publish=lambda _to, payload: published.append(payload),
-        placer=placer, tasks=tasks,
-    )  # fmt: skip
+        gateway_id="gw",
+        policy=policy,
+        store=store,
+        blobs=blobs,
+        admission=Admission(policy.limits),
+        pool=None,  # type: ignore[arg-type]
+        runners=["wasm", "task"],
+        publish=lambda _to, payload: published.append(payload),
+        placer=placer,
+        tasks=tasks,
+    )
     try:
         for label in ("private", "public"):
-            install = TaskInstall(name=f"t-{label}", module=SHA, triggers=[Trigger(every_s=1.0)],
-                                  data_class=label)  # type: ignore[arg-type]  # fmt: skip
+            install = TaskInstall(
+                name=f"t-{label}", module=SHA, triggers=[Trigger(every_s=1.0)], data_class=label
+            )  # type: ignore[arg-type]
             dispatcher.handle(request_topic("gw", "dev-7"), encode(install), DEV_7)
         private_reply, public_reply = map(decode_reply, published)
         assert isinstance(public_reply, Task)
@@ -445,10 +501,13 @@ def test_a_cloud_tier_installs_public_tasks_only(tier: str, tmp_path: Path) -> N
             assert private_reply.task.data_class == "private"
         rows = store._conn.execute("SELECT action, target, decision FROM audit").fetchall()
         assert rows == [
-            ("place:private", "-" if tier == "cloud" else "here",
-             "refused" if tier == "cloud" else "allowed"),
+            (
+                "place:private",
+                "-" if tier == "cloud" else "here",
+                "refused" if tier == "cloud" else "allowed",
+            ),
             ("place:public", "here", "allowed"),
-        ]  # fmt: skip
+        ]
     finally:
         store.close()
 
@@ -460,19 +519,34 @@ def test_a_cloud_tier_keeps_no_private_blob(tier: str, tmp_path: Path) -> None:
     blobs = BlobStore(tmp_path / "blobs", store, policy.limits)
     published: list[bytes] = []
     placer = Placer(
-        tier=tier, policy=policy.placement, runners={"wasm"},  # type: ignore[arg-type]
-        load=lambda: IDLE, store=store, blob_class=blobs.data_class,
-    )  # fmt: skip
+        tier=tier,
+        policy=policy.placement,
+        runners={"wasm"},  # type: ignore[arg-type]
+        load=lambda: IDLE,
+        store=store,
+        blob_class=blobs.data_class,
+    )
     dispatcher = Dispatcher(
-        gateway_id="gw", policy=policy, store=store, blobs=blobs,
-        admission=Admission(policy.limits), pool=None,  # type: ignore[arg-type]
-        runners=["wasm"], publish=lambda _to, payload: published.append(payload), placer=placer,
-    )  # fmt: skip
+        gateway_id="gw",
+        policy=policy,
+        store=store,
+        blobs=blobs,
+        admission=Admission(policy.limits),
+        pool=None,  # type: ignore[arg-type]
+        runners=["wasm"],
+        publish=lambda _to, payload: published.append(payload),
+        placer=placer,
+    )
     try:
         for label in ("private", "public"):
             data = f"{label} module bytes".encode()
-            chunk = BlobChunk(sha256=hashlib.sha256(data).hexdigest(), size=len(data), offset=0,
-                              data=data, data_class=label)  # type: ignore[arg-type]  # fmt: skip
+            chunk = BlobChunk(
+                sha256=hashlib.sha256(data).hexdigest(),
+                size=len(data),
+                offset=0,
+                data=data,
+                data_class=label,
+            )  # type: ignore[arg-type]
             dispatcher.handle(request_topic("gw", "dev-7"), encode(chunk), DEV_7)
         private_reply, public_reply = map(decode_reply, published)
         assert isinstance(public_reply, BlobStored)
@@ -493,8 +567,9 @@ def test_the_task_clis_label_with_public() -> None:
         args = parser.parse_args(["install", "t.wasm", "--name", "t", "--every", "5", *argv])
         request = task_install_request(SHA, "t", **install_options(args))
         assert request.data_class == label
-    info = TaskInfo(task_id="t-000000000001", name="t", owner="dev-7", state="running",
-                    data_class="public")  # fmt: skip
+    info = TaskInfo(
+        task_id="t-000000000001", name="t", owner="dev-7", state="running", data_class="public"
+    )
     assert "data class  public" in format_task(info)
 
 
@@ -531,18 +606,24 @@ def test_the_forwarder_relays_uploads_and_falls_back(tmp_path: Path) -> None:
     sha = hashlib.sha256(module).hexdigest()
     (tmp_path / sha).write_bytes(module)
     labels = {sha: "public"}
-    blobs = type("Blobs", (), {"path": lambda _self, s: tmp_path / s,
-                               "data_class": lambda _self, s: labels.get(s)})()  # fmt: skip
+    blobs = type(
+        "Blobs",
+        (),
+        {"path": lambda _self, s: tmp_path / s, "data_class": lambda _self, s: labels.get(s)},
+    )()
     relayed: list[tuple[str, bytes]] = []
     home: list[tuple[str, str]] = []
     loop = Loop()
     forwarder = Forwarder(
-        loop, UpstreamTarget(BrokerAddress("10.0.0.2", 1883)), "home",
-        policy=PlacementPolicy(upstream_timeout_s=0.2), blobs=blobs,  # type: ignore[arg-type]
+        loop,
+        UpstreamTarget(BrokerAddress("10.0.0.2", 1883)),
+        "home",
+        policy=PlacementPolicy(upstream_timeout_s=0.2),
+        blobs=blobs,  # type: ignore[arg-type]
         audit=lambda *_: None,
         relay=lambda item, reply: relayed.append((item.job.job_id, reply)),
         fallback=lambda item, why: home.append((item.job.job_id, why)),
-    )  # fmt: skip
+    )
     link = _FakeLink()
     forwarder.link = link  # type: ignore[assignment]
 
@@ -564,8 +645,9 @@ def test_the_forwarder_relays_uploads_and_falls_back(tmp_path: Path) -> None:
         assert forwarder._cleared_blobs() == {sha: "public"}
         forwarder._reply(b"blob:" + sha.encode(), encode(BlobStored(sha256=sha, size=12)))
         assert isinstance(link.sent[-1][0], WasmJob)  # sent again once the blob is there
-        result = WasmResult(job_id="x", exit_code=0, stdout=b"out", stderr=b"",
-                            timing=Timing(1.0, 2.0))  # fmt: skip
+        result = WasmResult(
+            job_id="x", exit_code=0, stdout=b"out", stderr=b"", timing=Timing(1.0, 2.0)
+        )
         forwarder._reply(token, encode(result))
         job_id, reply = relayed[-1]
         answer = decode_reply(reply)
@@ -575,8 +657,9 @@ def test_the_forwarder_relays_uploads_and_falls_back(tmp_path: Path) -> None:
 
         trapped = forward("trap")  # the job's own fault: its answer
         forwarder._reply(trapped, encode(Error(code=ErrorCode.TRAP, message="boom")))
-        assert decode_reply(relayed[-1][1]) == Error(code=ErrorCode.TRAP, message="boom",
-                                                     job_id="trap")  # fmt: skip
+        assert decode_reply(relayed[-1][1]) == Error(
+            code=ErrorCode.TRAP, message="boom", job_id="trap"
+        )
         busy = forward("busy")  # the upstream's state: runs here
         forwarder._reply(busy, encode(Error(code=ErrorCode.OVERLOADED, message="full")))
         assert home[-1][0] == "busy"
@@ -638,10 +721,22 @@ upstream_when_queue_over = 0
 
 def _audit(gw_state: Path) -> list[dict[str, Any]]:
     result = subprocess.run(
-        [sys.executable, "-m", "hearth_gateway.cli", "audit", "--json", "--limit", "10000",
-         "--state-dir", str(gw_state)],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "hearth_gateway.cli",
+            "audit",
+            "--json",
+            "--limit",
+            "10000",
+            "--state-dir",
+            str(gw_state),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
@@ -651,15 +746,28 @@ def test_public_work_overflows_to_the_cloud_tier_private_work_never_does(
     wasm: dict[str, Path],
     examples: Path,
 ) -> None:
-    cloud = make_gateway("--workers", "1", "--tier", "cloud", "--config",
-                         _config(tmp_path / "cloud.toml", runners=["wasm", "onnx"]),
-                         managed=True)  # fmt: skip
+    cloud = make_gateway(
+        "--workers",
+        "1",
+        "--tier",
+        "cloud",
+        "--config",
+        _config(tmp_path / "cloud.toml", runners=["wasm", "onnx"]),
+        managed=True,
+    )
     policy = tmp_path / "home-policy.toml"
     policy.write_text(_HOME_POLICY.format(spin_s=6.0))
-    home = make_gateway("--workers", "1", "--policy", str(policy),
-                        "--upstream", f"mqtt://{cloud.address}",
-                        "--config", _config(tmp_path / "home.toml", runners=["wasm"]),
-                        managed=True)  # fmt: skip
+    home = make_gateway(
+        "--workers",
+        "1",
+        "--policy",
+        str(policy),
+        "--upstream",
+        f"mqtt://{cloud.address}",
+        "--config",
+        _config(tmp_path / "home.toml", runners=["wasm"]),
+        managed=True,
+    )
     assert wait_until(lambda: home.snapshot().upstream_connected, 15), home.log()
     spin, echo = wasm["spin"].read_bytes(), wasm["echo"].read_bytes()
     echo_sha = hashlib.sha256(echo).hexdigest()
@@ -680,13 +788,22 @@ def test_public_work_overflows_to_the_cloud_tier_private_work_never_does(
             started = time.monotonic()
             spinning = dev.send(WasmJob(job_id="spin", module=hashlib.sha256(spin).hexdigest()))
             sent = {
-                job_id: dev.send(WasmJob(job_id=job_id, module=echo_sha, stdin=marker,
-                                         data_class="public" if job_id in public else "private"))
+                job_id: dev.send(
+                    WasmJob(
+                        job_id=job_id,
+                        module=echo_sha,
+                        stdin=marker,
+                        data_class="public" if job_id in public else "private",
+                    )
+                )
                 for job_id, marker in (private | public).items()
-            }  # fmt: skip
+            }
             # Public, saturated, but its module is a private blob: it runs here, after the spin.
-            sent["u-privblob"] = dev.send(WasmJob(job_id="u-privblob", module=echo_private_sha,
-                                                  stdin=b"pb", data_class="public"))  # fmt: skip
+            sent["u-privblob"] = dev.send(
+                WasmJob(
+                    job_id="u-privblob", module=echo_private_sha, stdin=b"pb", data_class="public"
+                )
+            )
             # The SDK's own path, while the box is still saturated: comes back as a WasmRun.
             run = sdk.run_wasm(echo, stdin=b"sdk public", data_class="public")
             answers = {job_id: dev.reply(c, timeout_s=40) for job_id, c in sent.items()}
@@ -698,9 +815,15 @@ def test_public_work_overflows_to_the_cloud_tier_private_work_never_does(
             answer = answers[job_id]
             assert isinstance(answer, WasmResult), answer
             assert (answer.job_id, answer.stdout, answer.timing.upstream) == (
-                job_id, marker, cloud.gateway_id)  # fmt: skip
+                job_id,
+                marker,
+                cloud.gateway_id,
+            )
         assert (run.where, run.stdout, run.timing and run.timing.upstream) == (
-            "edge", b"sdk public", cloud.gateway_id)  # fmt: skip
+            "edge",
+            b"sdk public",
+            cloud.gateway_id,
+        )
         assert run.latency_ms < 6000, "the public job waited for the private spin"
         # Private: queued behind the spin and ran here.
         assert isinstance(spun, Error)
@@ -737,8 +860,9 @@ def test_public_work_overflows_to_the_cloud_tier_private_work_never_does(
             refused = dev.request(WasmJob(job_id="direct", module=echo_sha, stdin=b"x"))
             assert isinstance(refused, Error)
             assert refused.code is ErrorCode.POLICY_DENIED
-            task = dev.request(TaskInstall(name="t", module=echo_sha,
-                                           triggers=[Trigger(every_s=1.0)]))  # fmt: skip
+            task = dev.request(
+                TaskInstall(name="t", module=echo_sha, triggers=[Trigger(every_s=1.0)])
+            )
             assert isinstance(task, Error)
             assert task.code is ErrorCode.POLICY_DENIED
         # The SDK does not even send a private task install to a cloud tier (its config would
@@ -760,8 +884,11 @@ def test_public_work_overflows_to_the_cloud_tier_private_work_never_does(
 
     # Every decision is in the audit table, with device, label, target and reason.
     rows = _audit(home.state_dir)
-    placed = {r["reason"].split(":")[0].removeprefix("job "): r for r in rows
-              if r["action"].startswith("place:")}  # fmt: skip
+    placed = {
+        r["reason"].split(":")[0].removeprefix("job "): r
+        for r in rows
+        if r["action"].startswith("place:")
+    }
     for job_id in private:
         assert placed[job_id]["action"] == "place:private"
         assert (placed[job_id]["target"], placed[job_id]["decision"]) == ("here", "allowed")
@@ -770,13 +897,17 @@ def test_public_work_overflows_to_the_cloud_tier_private_work_never_does(
         assert placed[job_id]["target"] == f"upstream {cloud.address}"
         assert "saturated" in placed[job_id]["reason"]
     assert (placed["u-privblob"]["action"], placed["u-privblob"]["target"]) == (
-        "place:public", "here")  # fmt: skip
+        "place:public",
+        "here",
+    )
     assert "blob is private" in placed["u-privblob"]["reason"]
     assert (placed["priv-onnx"]["decision"], placed["priv-onnx"]["target"]) == ("refused", "-")
     assert not [r for r in rows if r["action"] == "place:private" and "upstream" in r["target"]]
     assert any(r["action"] == "egress:connect" and r["decision"] == "allowed" for r in rows)
-    assert any(r["action"] == "place:private" and r["decision"] == "refused"
-               and "direct" in r["reason"] for r in cloud_rows)  # fmt: skip
+    assert any(
+        r["action"] == "place:private" and r["decision"] == "refused" and "direct" in r["reason"]
+        for r in cloud_rows
+    )
     assert wait_until(lambda: home.snapshot().jobs_forwarded >= len(public) + 2, 10)
     assert cloud.snapshot().tier == "cloud"
 
@@ -796,8 +927,9 @@ class _Net:
     def run(self, ns: str, *argv: str, log: Path | None = None) -> subprocess.Popen[bytes]:
         """Start ``argv`` inside namespace ``ns`` (``ip netns exec`` execs it: same pid)."""
         out = log.open("ab") if log is not None else subprocess.DEVNULL
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=out,
-                                stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *argv], stdout=out, stderr=subprocess.STDOUT
+        )
         if log is not None:
             out.close()  # type: ignore[union-attr]
         self.procs.append(proc)
@@ -820,8 +952,9 @@ def net() -> Iterator[_Net]:
             pytest.skip(f"needs {tool!r} (iproute2, tcpdump)")
     suffix = uuid.uuid4().hex[:6]
     subnet = f"10.{random.randint(200, 250)}.{random.randint(0, 255)}"
-    net = _Net(f"hearth-lan-{suffix}", f"hearth-wan-{suffix}", f"hl{suffix}",
-               f"{subnet}.1", f"{subnet}.2")  # fmt: skip
+    net = _Net(
+        f"hearth-lan-{suffix}", f"hearth-wan-{suffix}", f"hl{suffix}", f"{subnet}.1", f"{subnet}.2"
+    )
     created: list[str] = []
     try:
         for ns in (net.lan, net.wan):
@@ -830,16 +963,30 @@ def net() -> Iterator[_Net]:
                 pytest.skip(f"`ip netns add` does not work here: {result.stderr.strip()}")
             created.append(ns)
         wan_if = f"hw{suffix}"
+        # A table of ip(8) commands, one a line as they would be typed (left as written: the
+        # formatter would spread the first over twelve lines).
         for argv in (
-            ("-n", net.lan, "link", "add", net.lan_if, "type", "veth", "peer", "name", wan_if,
-             "netns", net.wan),
+            (
+                "-n",
+                net.lan,
+                "link",
+                "add",
+                net.lan_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                wan_if,
+                "netns",
+                net.wan,
+            ),
             ("-n", net.lan, "addr", "add", f"{net.lan_ip}/24", "dev", net.lan_if),
             ("-n", net.wan, "addr", "add", f"{net.wan_ip}/24", "dev", wan_if),
             ("-n", net.lan, "link", "set", net.lan_if, "up"),
             ("-n", net.wan, "link", "set", wan_if, "up"),
             ("-n", net.lan, "link", "set", "lo", "up"),
             ("-n", net.wan, "link", "set", "lo", "up"),
-        ):  # fmt: skip
+        ):
             result = _ip(*argv)
             assert result.returncode == 0, f"ip {' '.join(argv)}: {result.stderr}"
         yield net
@@ -860,9 +1007,20 @@ def _start_gateway(net: _Net, ns: str, tmp_path: Path, *args: str) -> tuple[str,
     gateway_id = f"gw-{uuid.uuid4().hex[:8]}"
     state = tmp_path / gateway_id / "state"
     state.mkdir(parents=True)
-    net.run(ns, sys.executable, "-m", "hearth_gateway.cli", "run", "--gateway-id", gateway_id,
-            "--state-dir", str(state), "--no-mdns", *args,
-            log=tmp_path / f"{gateway_id}.log")  # fmt: skip
+    net.run(
+        ns,
+        sys.executable,
+        "-m",
+        "hearth_gateway.cli",
+        "run",
+        "--gateway-id",
+        gateway_id,
+        "--state-dir",
+        str(state),
+        "--no-mdns",
+        *args,
+        log=tmp_path / f"{gateway_id}.log",
+    )
     return gateway_id, state
 
 
@@ -877,8 +1035,21 @@ def _tcpdump(net: _Net, iface: str, pcap: Path) -> subprocess.Popen[bytes]:
     """A capture in the LAN namespace; returns once tcpdump says it is listening. ``-Z root``:
     it would otherwise drop to a user that cannot write into the test's directory."""
     log = pcap.with_suffix(".log")
-    proc = net.run(net.lan, "tcpdump", "-i", iface, "-w", str(pcap), "-U", "-n", "-s", "0",
-                   "-Z", "root", log=log)  # fmt: skip
+    proc = net.run(
+        net.lan,
+        "tcpdump",
+        "-i",
+        iface,
+        "-w",
+        str(pcap),
+        "-U",
+        "-n",
+        "-s",
+        "0",
+        "-Z",
+        "root",
+        log=log,
+    )
     assert wait_until(lambda: b"listening on" in log.read_bytes(), 10), log.read_text()
     return proc
 
@@ -954,22 +1125,44 @@ def test_no_private_byte_crosses_the_link_to_the_cloud_tier(
     policy = tmp_path / "home-policy.toml"
     policy.write_text(_HOME_POLICY.format(spin_s=spin_s))
     runners = _config(tmp_path / "runners.toml", runners=["wasm"])
-    cloud_id, cloud_state = _start_gateway(net, net.wan, tmp_path, "--tier", "cloud",
-                                           "--workers", "1", "--config", runners,
-                                           "--listen", f"{net.wan_ip}:1883")  # fmt: skip
+    cloud_id, cloud_state = _start_gateway(
+        net,
+        net.wan,
+        tmp_path,
+        "--tier",
+        "cloud",
+        "--workers",
+        "1",
+        "--config",
+        runners,
+        "--listen",
+        f"{net.wan_ip}:1883",
+    )
     cloud_proc = net.procs[-1]
     wan_pcap, lo_pcap = tmp_path / "lan-to-wan.pcap", tmp_path / "lan-loopback.pcap"
     captures = [_tcpdump(net, net.lan_if, wan_pcap), _tcpdump(net, "lo", lo_pcap)]
     assert wait_until(lambda: _online(cloud_state, cloud_proc, tmp_path / f"{cloud_id}.log"), 45)
-    home_id, home_state = _start_gateway(net, net.lan, tmp_path, "--workers", "1", "--config",
-                                         runners, "--policy", str(policy),
-                                         "--listen", "127.0.0.1:1883",
-                                         "--upstream", f"mqtt://{net.wan_ip}:1883")  # fmt: skip
+    home_id, home_state = _start_gateway(
+        net,
+        net.lan,
+        tmp_path,
+        "--workers",
+        "1",
+        "--config",
+        runners,
+        "--policy",
+        str(policy),
+        "--listen",
+        "127.0.0.1:1883",
+        "--upstream",
+        f"mqtt://{net.wan_ip}:1883",
+    )
     home_proc = net.procs[-1]
     home_log = tmp_path / f"{home_id}.log"
     assert wait_until(lambda: _online(home_state, home_proc, home_log), 45)
     assert wait_until(lambda: read_snapshot(home_state).upstream_connected, 30), (  # type: ignore[union-attr]
-        home_log.read_text())  # fmt: skip
+        home_log.read_text()
+    )
 
     private = {f"private-{i}": os.urandom(16) for i in range(4)}
     public = {f"public-{i}": os.urandom(16) for i in range(4)}
@@ -977,14 +1170,28 @@ def test_no_private_byte_crosses_the_link_to_the_cloud_tier(
         "broker": "127.0.0.1:1883",
         "gateway": home_id,
         "modules": {"spin": str(wasm["spin"]), "echo": str(wasm["echo"])},
-        "jobs": {job_id: [("private" if job_id in private else "public"), marker.hex()]
-                 for job_id, marker in (private | public).items()},
-    }  # fmt: skip
+        "jobs": {
+            job_id: [("private" if job_id in private else "public"), marker.hex()]
+            for job_id, marker in (private | public).items()
+        },
+    }
     device = subprocess.run(
-        ["ip", "netns", "exec", net.lan, sys.executable, "-c", _DEVICE,
-         str(Path(__file__).parent), json.dumps(spec)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        [
+            "ip",
+            "netns",
+            "exec",
+            net.lan,
+            sys.executable,
+            "-c",
+            _DEVICE,
+            str(Path(__file__).parent),
+            json.dumps(spec),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert device.returncode == 0, device.stderr + home_log.read_text()
     answers = json.loads(device.stdout)
 
@@ -1008,7 +1215,9 @@ def test_no_private_byte_crosses_the_link_to_the_cloud_tier(
     # Only the upstream connection crossed the link (the reachability probe included).
     assert streams
     assert {(k[0], k[2], 1883 in (k[1], k[3])) for k in streams} <= {
-        (net.lan_ip, net.wan_ip, True), (net.wan_ip, net.lan_ip, True)}  # fmt: skip
+        (net.lan_ip, net.wan_ip, True),
+        (net.wan_ip, net.lan_ip, True),
+    }
     leaked = [job_id for job_id, m in private.items() if m in raw or any(m in s for s in wire)]
     crossed = [job_id for job_id, m in public.items() if m in raw and any(m in s for s in wire)]
     assert leaked == [], f"private payloads on the link to the WAN: {leaked}"

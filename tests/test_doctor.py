@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from conftest import GatewayProcess
 from hearth_gateway._cgroup_bpf import INET_INGRESS, cgroup2_mount, prog_query
 from hearth_gateway.doctor import (
     UnitInfo,
@@ -23,6 +22,7 @@ from hearth_gateway.doctor import (
     check_unit_filters,
 )
 from hearth_gateway.status import StatusSnapshot, write_snapshot
+from testkit.gateway import GatewayProcess
 
 CHECKS = [
     "kernel IP filters",
@@ -47,10 +47,20 @@ LAN_ONLY = (
 
 def _doctor(state_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "hearth_gateway.cli", "doctor", "--state-dir", str(state_dir),
-         *flags],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "hearth_gateway.cli",
+            "doctor",
+            "--state-dir",
+            str(state_dir),
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def _report(state_dir: Path) -> tuple[int, dict[str, Any]]:
@@ -64,13 +74,31 @@ def _report(state_dir: Path) -> tuple[int, dict[str, Any]]:
 
 def _snapshot(**changes: Any) -> StatusSnapshot:
     fields: dict[str, Any] = {
-        "gateway_id": "gw", "state": "online", "pid": os.getpid(), "version": "0",
-        "broker": "127.0.0.1:1883", "managed_broker": True, "broker_pid": None, "mdns": False,
-        "runners": ["wasm"], "providers": [], "workers": 1, "worker_pids": [],
-        "worker_restarts": 0, "worker_network": "isolated", "busy_workers": 0, "queue_depth": 0,
-        "jobs_accepted": 0, "jobs_completed": 0, "jobs_refused": 0, "jobs_duplicate": 0,
-        "blobs": 0, "blob_bytes": 0, "started_at": time.time(), "updated_at": time.time(),
-    }  # fmt: skip
+        "gateway_id": "gw",
+        "state": "online",
+        "pid": os.getpid(),
+        "version": "0",
+        "broker": "127.0.0.1:1883",
+        "managed_broker": True,
+        "broker_pid": None,
+        "mdns": False,
+        "runners": ["wasm"],
+        "providers": [],
+        "workers": 1,
+        "worker_pids": [],
+        "worker_restarts": 0,
+        "worker_network": "isolated",
+        "busy_workers": 0,
+        "queue_depth": 0,
+        "jobs_accepted": 0,
+        "jobs_completed": 0,
+        "jobs_refused": 0,
+        "jobs_duplicate": 0,
+        "blobs": 0,
+        "blob_bytes": 0,
+        "started_at": time.time(),
+        "updated_at": time.time(),
+    }
     fields.update(changes)
     return StatusSnapshot(**fields)
 

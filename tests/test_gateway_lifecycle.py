@@ -13,10 +13,11 @@ import time
 
 import pytest
 
-from conftest import GatewayProcess, wait_until
 from hearth.errors import ErrorCode
 from hearth.protocol import BlobStored, Error, WasmJob, WasmResult
 from helpers import RawDevice
+from testkit.gateway import GatewayProcess
+from testkit.wait import wait_until
 
 
 def test_managed_broker_runs_and_stops_with_the_gateway(make_gateway, wasm) -> None:
@@ -105,10 +106,20 @@ def test_a_worker_that_dies_costs_only_its_job(make_gateway, tmp_path, wasm) -> 
 
 def _status(gateway: GatewayProcess, *flags: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "hearth_gateway.cli", "status", "--state-dir",
-         str(gateway.state_dir), *flags],
-        capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "hearth_gateway.cli",
+            "status",
+            "--state-dir",
+            str(gateway.state_dir),
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 def test_status_command_shows_the_running_gateway(gateway: GatewayProcess) -> None:

@@ -14,11 +14,12 @@ import paho.mqtt.client as mqtt
 import pytest
 
 import hearth
-from conftest import GatewayProcess, wait_until
 from hearth.protocol import BlobChunk, WasmJob, WasmResult, decode_request, decode_status
 from hearth.runtime.wasm import WasmRuntime
 from hearth.transport import connect, make_client
 from helpers import RawDevice
+from testkit.gateway import GatewayProcess
+from testkit.wait import wait_until
 
 
 def test_discovery_finds_the_gateway_on_loopback(make_gateway) -> None:

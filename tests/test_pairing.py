@@ -28,7 +28,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import GatewayProcess, free_port
 from hearth import Client
 from hearth.errors import ErrorCode, GatewayUnavailable, JobError
 from hearth.pairing import Pairing, PairingError, pair
@@ -48,6 +47,8 @@ from hearth_gateway.crypto import Sealer
 from hearth_gateway.pki import LocalCA, fingerprint
 from hearth_gateway.policy import Admission, Policy
 from hearth_gateway.store import Store
+from testkit.gateway import GatewayProcess
+from testkit.net import free_port
 
 NOT_AUTHORIZED = 0x87
 
@@ -65,8 +66,11 @@ class SecureGateway:
     def admin(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "hearth_gateway.cli", *args, "--state-dir", str(self.state_dir)],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
 
     def code(self) -> dict[str, Any]:
         result = self.admin("pair", "--json")
@@ -76,9 +80,13 @@ class SecureGateway:
     def pair(self, device_id: str, directory: Path, code: dict[str, Any] | None = None) -> Pairing:
         issued = code or self.code()
         return pair(
-            issued["code"], str(self.pairing), ca_fingerprint=issued["ca_fingerprint"],
-            device_id=device_id, directory=directory, timeout_s=10,
-        )  # fmt: skip
+            issued["code"],
+            str(self.pairing),
+            ca_fingerprint=issued["ca_fingerprint"],
+            device_id=device_id,
+            directory=directory,
+            timeout_s=10,
+        )
 
     def audit(self) -> list[dict[str, Any]]:
         result = self.admin("audit", "--json", "--limit", "1000")
@@ -99,9 +107,15 @@ def secure(
         conf = tmp_path / f"{uuid.uuid4().hex[:8]}.toml"
         conf.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()))
         gw = make_gateway(
-            "--lan-listen", str(lan), "--pairing-listen", str(pairing), "--config", str(conf),
-            *(["--mdns-interface", "127.0.0.1"] if mdns else []), managed=True,
-        )  # fmt: skip
+            "--lan-listen",
+            str(lan),
+            "--pairing-listen",
+            str(pairing),
+            "--config",
+            str(conf),
+            *(["--mdns-interface", "127.0.0.1"] if mdns else []),
+            managed=True,
+        )
         return SecureGateway(gw, lan, pairing)
 
     return make
@@ -203,17 +217,22 @@ def test_an_unpaired_device_cannot_connect(secure, device_dir, tmp_path: Path, w
     cert = stranger.sign_device(csr.public_bytes(serialization.Encoding.DER), "intruder")
     (tmp_path / "intruder.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (tmp_path / "intruder.key").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                          serialization.NoEncryption())
-    )  # fmt: skip
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     assert not _connects(
         gw.lan, TlsFiles(str(ca), str(tmp_path / "intruder.pem"), str(tmp_path / "intruder.key"))
     )
     assert not _connects(gw.lan, None)
     # The SDK has no pairing for it either: no gateway for this device there.
     device_dir("unpaired")
-    with pytest.raises(GatewayUnavailable), Client(str(gw.lan), placement="edge",
-                                                   timeout_s=3) as client:  # fmt: skip
+    with (
+        pytest.raises(GatewayUnavailable),
+        Client(str(gw.lan), placement="edge", timeout_s=3) as client,
+    ):
         client.run_wasm(wasm["echo"], stdin=b"x")
     # Once paired, the same device gets in.
     device_dir("paired")
@@ -228,8 +247,11 @@ def test_mdns_carries_the_tls_port_and_the_ca_fingerprint(secure) -> None:
     from hearth.discovery import discover
 
     gw = secure(mdns=True)
-    found = [g for g in discover(3.0, interface="127.0.0.1", measure=False)
-             if g.gateway_id == gw.gw.gateway_id]  # fmt: skip
+    found = [
+        g
+        for g in discover(3.0, interface="127.0.0.1", measure=False)
+        if g.gateway_id == gw.gw.gateway_id
+    ]
     assert found, "the gateway was not discovered"
     info = found[0]
     ca = x509.load_pem_x509_certificate((gw.state_dir / "pki" / "ca.pem").read_bytes())
@@ -248,15 +270,34 @@ def test_a_code_works_once_and_expires(secure, tmp_path: Path) -> None:
     # Through the command line, as a person would.
     env = {**os.environ, "HEARTH_CONFIG_DIR": str(tmp_path / "a")}
     result = subprocess.run(
-        [sys.executable, "-m", "hearth.cli", "pair", issued["code"].lower(), "--gateway",
-         str(gw.pairing), "--ca-fingerprint", issued["ca_fingerprint"], "--id", "cam-a"],
-        capture_output=True, text=True, timeout=60, env=env, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "hearth.cli",
+            "pair",
+            issued["code"].lower(),
+            "--gateway",
+            str(gw.pairing),
+            "--ca-fingerprint",
+            issued["ca_fingerprint"],
+            "--id",
+            "cam-a",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert "paired with" in result.stdout
     stored = tmp_path / "a" / "gateways" / gw.gw.gateway_id
-    assert {p.name for p in stored.iterdir()} == {"pairing.json", "ca.pem", "device.pem",
-                                                   "device.key"}  # fmt: skip
+    assert {p.name for p in stored.iterdir()} == {
+        "pairing.json",
+        "ca.pem",
+        "device.pem",
+        "device.key",
+    }
     assert all(p.stat().st_mode & 0o777 == 0o600 for p in stored.iterdir())
     assert (gw.state_dir / "pki" / "ca.key").stat().st_mode & 0o777 == 0o600
     # Used: a second device cannot pair with it.
@@ -275,8 +316,9 @@ def test_a_code_works_once_and_expires(secure, tmp_path: Path) -> None:
         gw.pair("cam-a", tmp_path / "c", fresh)
     assert gw.pair("cam-c", tmp_path / "c", fresh).device_id == "cam-c"
     entries = gw.audit()
-    assert [e["target"] for e in entries if e["action"] == "pair" and
-            e["decision"] == "allowed"] == ["cam-a", "cam-c"]  # fmt: skip
+    assert [
+        e["target"] for e in entries if e["action"] == "pair" and e["decision"] == "allowed"
+    ] == ["cam-a", "cam-c"]
     refused = [e["reason"] for e in entries if e["action"] == "pair" and e["decision"] == "refused"]
     assert refused.count("wrong, used or expired code") == 2
     assert any("another key" in r for r in refused)
@@ -327,13 +369,11 @@ def test_device_a_can_neither_submit_as_b_nor_read_b_replies(secure, tmp_path: P
         assert dev_a.publish(as_b, ping, reply_prefix("dev-b") + "r") == NOT_AUTHORIZED
         assert dev_a.publish(as_b, ping, reply_prefix("dev-a") + "r") == NOT_AUTHORIZED
         # Its own requests go through and are answered to it alone.
-        assert dev_a.publish(request_topic(gw_id, "dev-a"), ping,
-                             reply_prefix("dev-a") + "r") == 0  # fmt: skip
+        assert dev_a.publish(request_topic(gw_id, "dev-a"), ping, reply_prefix("dev-a") + "r") == 0
         topic, _ = dev_a.messages.get(timeout=10)
         assert topic == reply_prefix("dev-a") + "r"
         # B's answer reaches B, never A.
-        assert dev_b.publish(request_topic(gw_id, "dev-b"), ping,
-                             reply_prefix("dev-b") + "r") == 0  # fmt: skip
+        assert dev_b.publish(request_topic(gw_id, "dev-b"), ping, reply_prefix("dev-b") + "r") == 0
         assert dev_b.messages.get(timeout=10)[0] == reply_prefix("dev-b") + "r"
         time.sleep(0.5)
         assert dev_a.messages.empty(), "A received someone else's message"
@@ -354,11 +394,14 @@ def test_local_clients_cannot_act_as_a_paired_device(secure, tmp_path: Path) -> 
         local.subscribe(f"{reply_prefix('dev-a')}#")
         ping = encode(Ping())
         gw_id = gw.gw.gateway_id
-        assert local.publish(request_topic(gw_id, "dev-a"), ping,
-                             reply_prefix("dev-a") + "r") == NOT_AUTHORIZED  # fmt: skip
+        assert (
+            local.publish(request_topic(gw_id, "dev-a"), ping, reply_prefix("dev-a") + "r")
+            == NOT_AUTHORIZED
+        )
         # An id never paired is the local processes' own: served as before.
-        assert local.publish(request_topic(gw_id, "local-1"), ping,
-                             reply_prefix("local-1") + "r") == 0  # fmt: skip
+        assert (
+            local.publish(request_topic(gw_id, "local-1"), ping, reply_prefix("local-1") + "r") == 0
+        )
         # The pairing topics belong to the pairing listener and the daemon.
         assert local.publish(pair_request_topic("dev-a"), ping) == NOT_AUTHORIZED
     finally:
@@ -384,8 +427,10 @@ def test_a_revoked_device_is_locked_out_at_once(secure, device_dir, wasm) -> Non
         assert refused.code is ErrorCode.FORBIDDEN
         assert "not authorized" in refused.message
     # A new connection fails the TLS handshake (CRL).
-    with pytest.raises(GatewayUnavailable), Client(str(gw.lan), placement="edge",
-                                                   timeout_s=3) as client:  # fmt: skip
+    with (
+        pytest.raises(GatewayUnavailable),
+        Client(str(gw.lan), placement="edge", timeout_s=3) as client,
+    ):
         client.run_wasm(wasm["echo"], stdin=b"x")
     # No restart: same daemon, same broker.
     assert (gw.gw.snapshot().pid, gw.gw.snapshot().broker_pid) == pids
@@ -397,8 +442,10 @@ def test_a_revoked_device_is_locked_out_at_once(secure, device_dir, wasm) -> Non
     assert again.returncode == 1
     assert "already revoked" in again.stderr
     entries = gw.audit()
-    assert any(e["action"] == "device_revoke" and e["decision"] == "allowed" and
-               e["target"] == "cam-9" for e in entries)  # fmt: skip
+    assert any(
+        e["action"] == "device_revoke" and e["decision"] == "allowed" and e["target"] == "cam-9"
+        for e in entries
+    )
 
 
 def _first_refusal(job: Callable[[], object], grace_s: float = 0.5) -> JobError:
@@ -471,12 +518,15 @@ def test_acls_name_each_device_alone() -> None:
     assert "topic read hearth/v1/dev/a/#\n" in lan
     assert "+" not in lan.replace("# Written", "")  # no wildcard grants for devices
     local = local_acl("gw", ["a"])
-    assert local.splitlines()[2:4] == ["topic deny hearth/v1/gw/gw/req/a",
-                                       "topic deny hearth/v1/dev/a/#"]  # fmt: skip
+    assert local.splitlines()[2:4] == [
+        "topic deny hearth/v1/gw/gw/req/a",
+        "topic deny hearth/v1/dev/a/#",
+    ]
 
 
-@pytest.mark.parametrize("cls", [PairHello, PairCa, PairRequest, PairResult],
-                         ids=lambda cls: cls.__name__)  # fmt: skip
+@pytest.mark.parametrize(
+    "cls", [PairHello, PairCa, PairRequest, PairResult], ids=lambda cls: cls.__name__
+)
 def test_pairing_messages_are_documented(cls: type[msgspec.Struct]) -> None:
     """docs/protocol.md §16 lists every field of every pairing message, as §5 does for the
     others (tests/test_protocol_doc.py's reading of the document)."""

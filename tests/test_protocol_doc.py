@@ -65,10 +65,17 @@ TAGGED: tuple[type[msgspec.Struct], ...] = (
     Notification,
 )
 NESTED: tuple[type[msgspec.Struct], ...] = (
-    Tensor, Timing, Trigger, TaskInfo,
-    vision.Image, vision.Preprocess, vision.Postprocess, vision.PipelineResult,
-    vision.Classification, vision.Box,
-)  # fmt: skip
+    Tensor,
+    Timing,
+    Trigger,
+    TaskInfo,
+    vision.Image,
+    vision.Preprocess,
+    vision.Postprocess,
+    vision.PipelineResult,
+    vision.Classification,
+    vision.Box,
+)
 # The typed ``result`` of each capability (``call_result.result`` is a plain map, so these are
 # not reachable from TAGGED), and the structs inside them that are no nested map of a message.
 RESULTS: tuple[type[msgspec.Struct], ...] = tuple(vision.CAPABILITIES.values())
@@ -83,13 +90,38 @@ PARAMS = {
 }
 # The tags the brief for this document names; a new message type must be added here and there.
 EXPECTED_TAGS = {
-    "ping", "wasm", "onnx", "call", "pipeline", "session_close", "blob",
-    "task_install", "task_control", "task_list",
-    "pong", "wasm_result", "onnx_result", "call_result", "pipeline_result", "frame_dropped",
-    "session_closed", "need_blob", "blob_stored", "error", "task", "task_list_result",
-    "run_start", "run_resume", "run_control", "run_result", "run_moved", "run_checkpoint",
-    "run_ack", "status", "notify",
-}  # fmt: skip
+    "ping",
+    "wasm",
+    "onnx",
+    "call",
+    "pipeline",
+    "session_close",
+    "blob",
+    "task_install",
+    "task_control",
+    "task_list",
+    "pong",
+    "wasm_result",
+    "onnx_result",
+    "call_result",
+    "pipeline_result",
+    "frame_dropped",
+    "session_closed",
+    "need_blob",
+    "blob_stored",
+    "error",
+    "task",
+    "task_list_result",
+    "run_start",
+    "run_resume",
+    "run_control",
+    "run_result",
+    "run_moved",
+    "run_checkpoint",
+    "run_ack",
+    "status",
+    "notify",
+}
 
 
 # --- parsing the document ---------------------------------------------------------------------
@@ -401,10 +433,16 @@ def test_topics_used_elsewhere_are_real(doc: str) -> None:
     # {connection}: a pairing connection's MQTT Client Identifier (§16).
     gateway, client = f"(?:{ids}|{{gateway}}|\\+)", f"(?:{ids}|{{client}}|{{connection}})"
     layout = (
-        status_topic("GGG"), request_topic("GGG", "CCC"), request_filter("GGG"),
-        reply_prefix("CCC"), reply_topic("CCC"), notify_topic("CCC"),
-        pair_request_topic("CCC"), pair_reply_topic("CCC"), pair_request_filter(),
-    )  # fmt: skip
+        status_topic("GGG"),
+        request_topic("GGG", "CCC"),
+        request_filter("GGG"),
+        reply_prefix("CCC"),
+        reply_topic("CCC"),
+        notify_topic("CCC"),
+        pair_request_topic("CCC"),
+        pair_reply_topic("CCC"),
+        pair_request_filter(),
+    )
     patterns = [re.escape(t).replace("GGG", gateway).replace("CCC", client) for t in layout]
     for found in re.findall(r"hearth/v\d+/[^\s`)\"',]*", doc):
         if found.endswith("…") and found.count("/") <= 2:

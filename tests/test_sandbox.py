@@ -16,12 +16,13 @@ import pytest
 import wasmtime
 
 import hearth
-from conftest import GatewayProcess, wait_until
 from hearth.errors import ErrorCode, JobError
 from hearth.protocol import BlobStored, Error, WasmJob, WasmResult
 from hearth.runtime.limits import WasmLimits
 from hearth.runtime.wasm import WasmRuntime
 from helpers import RawDevice
+from testkit.gateway import GatewayProcess
+from testkit.wait import wait_until
 
 # What examples/wasm/scratch.c reports, errno text aside: /scratch works, nothing else does.
 REPORT = [

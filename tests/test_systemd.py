@@ -29,8 +29,17 @@ INSTALLED_EXEC = "/opt/hearth/venv/bin/hearth-gateway"
 # drop-in); 2.0 is the promise.
 MAX_EXPOSURE = 2.0
 # What a LAN-only gateway must still reach: loopback, link-local, the mDNS groups, private ranges.
-LAN_ALLOW = {"localhost", "link-local", "fe80::/10", "224.0.0.251", "ff02::fb",
-             "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"}  # fmt: skip
+LAN_ALLOW = {
+    "localhost",
+    "link-local",
+    "fe80::/10",
+    "224.0.0.251",
+    "ff02::fb",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "fc00::/7",
+}
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 import hearth
-from conftest import GatewayProcess, wait_until
 from hearth.errors import ErrorCode
 from helpers import Bus
+from testkit.gateway import GatewayProcess
+from testkit.wait import wait_until
 
 FAST_FAILURES = "[tasks]\nbackoff_s = 0.05\nmax_failures = 3\n"
 
@@ -26,8 +27,10 @@ FAST_FAILURES = "[tasks]\nbackoff_s = 0.05\nmax_failures = 3\n"
 def tasks_dir(examples: Path) -> Path:
     path = examples / "tasks"
     if not (path / "counter.wasm").exists():
-        subprocess.run([sys.executable, str(Path(__file__).parent.parent / "scripts" /
-                                           "build_examples.py")], check=True)  # fmt: skip
+        subprocess.run(
+            [sys.executable, str(Path(__file__).parent.parent / "scripts" / "build_examples.py")],
+            check=True,
+        )
     return path
 
 
@@ -59,9 +62,13 @@ def test_a_task_handles_events_and_keeps_its_state(
     base = _unique()
     with Bus(broker.address) as bus, gateway.client() as client:
         bus.subscribe(f"{base}/out")
-        info = client.install_task(tasks_dir / "counter.wasm", "counter", on=[f"{base}/in"],
-                                   may_publish=[f"{base}/out"],
-                                   config={"out_topic": f"{base}/out"})  # fmt: skip
+        info = client.install_task(
+            tasks_dir / "counter.wasm",
+            "counter",
+            on=[f"{base}/in"],
+            may_publish=[f"{base}/out"],
+            config={"out_topic": f"{base}/out"},
+        )
         assert info.state == "running"
         assert info.owner == client.client_id
         _wait_subscribed(bus, f"{base}/in", f"{base}/out")
@@ -87,9 +94,13 @@ def test_sigkill_mid_stream_resumes_with_the_right_state(
     total = 150
     with Bus(broker.address) as bus, gateway.client() as client:
         bus.subscribe(f"{base}/out")
-        client.install_task(tasks_dir / "counter.wasm", "counter", on=[f"{base}/in"],
-                            may_publish=[f"{base}/out"],
-                            config={"out_topic": f"{base}/out"})  # fmt: skip
+        client.install_task(
+            tasks_dir / "counter.wasm",
+            "counter",
+            on=[f"{base}/in"],
+            may_publish=[f"{base}/out"],
+            config={"out_topic": f"{base}/out"},
+        )
         _wait_subscribed(bus, f"{base}/in", f"{base}/out")
         bus.drain(0.3)
         sensor = Bus(broker.address)
@@ -149,15 +160,27 @@ def test_a_publish_outside_the_grants_is_refused_and_audited(
     audited = _db_rows(gateway, "SELECT actor, target, decision FROM audit WHERE action='publish'")
     assert (info.task_id, "home/lights/bedroom/set", "refused") in audited
     shown_audit = subprocess.run(
-        [sys.executable, "-m", "hearth_gateway.cli", "audit", "--json", "--state-dir",
-         str(gateway.state_dir)],
-        capture_output=True, text=True, timeout=30, check=True,
-    ).stdout  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "hearth_gateway.cli",
+            "audit",
+            "--json",
+            "--state-dir",
+            str(gateway.state_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
     entries = [json.loads(line) for line in shown_audit.splitlines()]
-    assert {"actor": info.task_id, "action": "publish", "target": "home/lights/bedroom/set",
-            "decision": "refused"}.items() <= next(
-        e for e in entries if e["action"] == "publish"
-    ).items()  # fmt: skip
+    assert {
+        "actor": info.task_id,
+        "action": "publish",
+        "target": "home/lights/bedroom/set",
+        "decision": "refused",
+    }.items() <= next(e for e in entries if e["action"] == "publish").items()
 
 
 def test_a_task_never_receives_topics_outside_its_read_grants(
@@ -166,16 +189,21 @@ def test_a_task_never_receives_topics_outside_its_read_grants(
     base = _unique()
     with Bus(broker.address) as bus, gateway.client() as client:
         with pytest.raises(hearth.JobError) as refused:
-            client.install_task(tasks_dir / "counter.wasm", "wide", on=[f"{base}/#"],
-                                read=[f"{base}/allowed/#"])  # fmt: skip
+            client.install_task(
+                tasks_dir / "counter.wasm", "wide", on=[f"{base}/#"], read=[f"{base}/allowed/#"]
+            )
         assert refused.value.code == ErrorCode.FORBIDDEN
         for bad in ("hearth/v1/#", "#", "$SYS/#"):
             with pytest.raises(hearth.JobError):
                 client.install_task(tasks_dir / "counter.wasm", "sneaky", on=[bad])
         bus.subscribe(f"{base}/out")
-        client.install_task(tasks_dir / "counter.wasm", "narrow", on=[f"{base}/allowed/+"],
-                            may_publish=[f"{base}/out"],
-                            config={"out_topic": f"{base}/out"})  # fmt: skip
+        client.install_task(
+            tasks_dir / "counter.wasm",
+            "narrow",
+            on=[f"{base}/allowed/+"],
+            may_publish=[f"{base}/out"],
+            config={"out_topic": f"{base}/out"},
+        )
         _wait_subscribed(bus, f"{base}/allowed/a", f"{base}/out")
         bus.publish(f"{base}/other/a", b"x")
         bus.publish(f"{base}/allowed/b/c", b"x")  # deeper than the filter
@@ -192,10 +220,10 @@ def test_expiry_idle_timeout_and_cancel_remove_the_task_and_its_state(
         expiring = client.install_task(
             tasks_dir / "counter.wasm", "expiring", on=[f"{base}/a"], expires_at=time.time() + 1.0
         )
-        idle = client.install_task(tasks_dir / "counter.wasm", "idle", on=[f"{base}/b"],
-                                   idle_timeout_s=1.0)  # fmt: skip
-        cancelled = client.install_task(tasks_dir / "counter.wasm", "cancelled",
-                                        on=[f"{base}/c"])  # fmt: skip
+        idle = client.install_task(
+            tasks_dir / "counter.wasm", "idle", on=[f"{base}/b"], idle_timeout_s=1.0
+        )
+        cancelled = client.install_task(tasks_dir / "counter.wasm", "cancelled", on=[f"{base}/c"])
         assert client.task(cancelled.task_id, "cancel").state == "cancelled"
         ids = {expiring.task_id, idle.task_id, cancelled.task_id}
         # The owner stays quiet now: no request until both lifetimes are over.
@@ -205,11 +233,18 @@ def test_expiry_idle_timeout_and_cancel_remove_the_task_and_its_state(
     stored = {row[0] for row in _db_rows(gateway, "SELECT task_id FROM tasks")}
     assert stored.isdisjoint(ids)
     assert _db_rows(gateway, "SELECT count(*) FROM task_inbox")[0][0] == 0
-    reasons = {row[0]: row[1] for row in _db_rows(
-        gateway, "SELECT target, action FROM audit WHERE action IN "
-                 "('task_expired', 'task_cancelled')")}  # fmt: skip
-    assert reasons == {expiring.task_id: "task_expired", idle.task_id: "task_expired",
-                       cancelled.task_id: "task_cancelled"}  # fmt: skip
+    reasons = {
+        row[0]: row[1]
+        for row in _db_rows(
+            gateway,
+            "SELECT target, action FROM audit WHERE action IN ('task_expired', 'task_cancelled')",
+        )
+    }
+    assert reasons == {
+        expiring.task_id: "task_expired",
+        idle.task_id: "task_expired",
+        cancelled.task_id: "task_cancelled",
+    }
 
 
 def test_a_crash_looping_task_is_suspended_with_its_reason(
@@ -224,8 +259,9 @@ def test_a_crash_looping_task_is_suspended_with_its_reason(
         stop = client.notifications(notes.append)
         try:
             info = client.install_task(tasks_dir / "crasher.wasm", "crasher", on=[f"{base}/in"])
-            assert wait_until(lambda: _publish_and_check(bus, f"{base}/in", client,
-                                                         info.task_id), timeout_s=15)  # fmt: skip
+            assert wait_until(
+                lambda: _publish_and_check(bus, f"{base}/in", client, info.task_id), timeout_s=15
+            )
             shown = client.task(info.task_id)
             assert wait_until(lambda: any("suspended" in n.message for n in notes), 5)
         finally:
@@ -251,9 +287,13 @@ def test_timer_task_runs_a_long_job_in_slices_and_notifies_its_owner(
     with gateway.client() as client:
         stop = client.notifications(notes.append)
         try:
-            info = client.install_task(tasks_dir / "indexer.wasm", "indexer", every_s=0.05,
-                                       config={"limit": "200000"},
-                                       may_publish=["home/tasks/indexer/progress"])  # fmt: skip
+            info = client.install_task(
+                tasks_dir / "indexer.wasm",
+                "indexer",
+                every_s=0.05,
+                config={"limit": "200000"},
+                may_publish=["home/tasks/indexer/progress"],
+            )
             assert wait_until(lambda: any("done" in n.message for n in notes), timeout_s=30)
         finally:
             stop()
@@ -272,19 +312,38 @@ def test_the_box_owner_sees_and_controls_every_task(
 
     def admin(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "hearth_gateway.cli", "tasks", *args, "--state-dir",
-             str(gateway.state_dir)],
-            capture_output=True, text=True, timeout=30, check=False,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "hearth_gateway.cli",
+                "tasks",
+                *args,
+                "--state-dir",
+                str(gateway.state_dir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
 
     listing = admin("list")
     assert listing.returncode == 0, listing.stderr
     assert info.task_id in listing.stdout
     paused = admin("pause", info.task_id)
     assert "state       paused" in paused.stdout
-    installed = admin("install", str(tasks_dir / "motion_light.wasm"), "--name", "hall-light",
-                      "--on", "home/motion/hall", "--every", "30",
-                      "--may-publish", "home/lights/hall/set")  # fmt: skip
+    installed = admin(
+        "install",
+        str(tasks_dir / "motion_light.wasm"),
+        "--name",
+        "hall-light",
+        "--on",
+        "home/motion/hall",
+        "--every",
+        "30",
+        "--may-publish",
+        "home/lights/hall/set",
+    )
     assert installed.returncode == 0, installed.stderr
     assert "owner admin" in installed.stdout
     with gateway.client() as client:  # a device does not see the admin's task
@@ -299,8 +358,9 @@ def test_notifications_wait_for_the_owner_to_reconnect(
     notes: list[hearth.protocol.Notification] = []
     with gateway.client(client_id=owner) as client:
         client.notifications(notes.append)()  # opens the persistent session, then sleeps
-        info = client.install_task(tasks_dir / "indexer.wasm", "indexer", every_s=0.05,
-                                   config={"limit": "100000"})  # fmt: skip
+        info = client.install_task(
+            tasks_dir / "indexer.wasm", "indexer", every_s=0.05, config={"limit": "100000"}
+        )
         time.sleep(3.0)  # the job finishes while the phone is away
         assert notes == []
         stop = client.notifications(notes.append)  # the phone wakes up
@@ -345,11 +405,14 @@ def test_motion_turns_on_the_one_light_it_may_publish_to(
     base = _unique()
     with Bus(broker.address) as bus, gateway.client() as client:
         bus.subscribe(f"{base}/lights/#")
-        client.install_task(tasks_dir / "motion_light.wasm", "hall-light",
-                            on=[f"{base}/motion/hall"], every_s=0.2,
-                            may_publish=[f"{base}/lights/hall/set"],
-                            config={"light_topic": f"{base}/lights/hall/set",
-                                    "off_after_s": "1"})  # fmt: skip
+        client.install_task(
+            tasks_dir / "motion_light.wasm",
+            "hall-light",
+            on=[f"{base}/motion/hall"],
+            every_s=0.2,
+            may_publish=[f"{base}/lights/hall/set"],
+            config={"light_topic": f"{base}/lights/hall/set", "off_after_s": "1"},
+        )
         deadline = time.monotonic() + 10
         on = b""
         while not on and time.monotonic() < deadline:
@@ -370,9 +433,12 @@ def test_temperature_watcher_notifies_after_the_hold_time(
     with Bus(broker.address) as bus, gateway.client() as client:
         stop = client.notifications(notes.append)
         try:
-            client.install_task(tasks_dir / "temp_watch.wasm", "hot-kitchen",
-                                on=[f"{base}/sensors/+/temperature"],
-                                config={"threshold": "30", "hold_s": "1"})  # fmt: skip
+            client.install_task(
+                tasks_dir / "temp_watch.wasm",
+                "hot-kitchen",
+                on=[f"{base}/sensors/+/temperature"],
+                config={"threshold": "30", "hold_s": "1"},
+            )
             time.sleep(0.5)  # the gateway subscribes to the trigger
             topic = f"{base}/sensors/kitchen/temperature"
             bus.publish(topic, b"29.0")

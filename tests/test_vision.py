@@ -14,15 +14,17 @@ import pytest
 from skimage import data as skdata
 
 import hearth
-from conftest import GatewayProcess, wait_until
 from hearth import Dropped, ErrorCode, JobError
 from hearth.protocol.vision import Image, Postprocess, Preprocess
-from hearth_gateway.vision.scenes import render_sequence
+from testkit.gateway import GatewayProcess
+from testkit.scenes import render_sequence
+from testkit.wait import wait_until
 
 
 def _jpeg(rgb: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
-                           [cv2.IMWRITE_JPEG_QUALITY, 90])  # fmt: skip
+    ok, buf = cv2.imencode(
+        ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90]
+    )
     assert ok
     return buf.tobytes()
 
@@ -37,8 +39,12 @@ def _png_header(width: int, height: int) -> bytes:
             struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
         )
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b""))  # fmt: skip
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1024))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_faces_in_a_real_photograph_and_none_in_a_scene_without_people(
@@ -63,8 +69,12 @@ def test_capabilities_are_listed_with_versions_in_status_and_mdns(make_gateway) 
     gw = make_gateway("--mdns-interface", "127.0.0.1")
     capabilities = gw.snapshot().capabilities
     assert set(capabilities) == {
-        "vision.faces", "vision.motion", "vision.features", "vision.plate", "vision.odometry",
-    }  # fmt: skip
+        "vision.faces",
+        "vision.motion",
+        "vision.features",
+        "vision.plate",
+        "vision.odometry",
+    }
     assert capabilities["vision.faces"].startswith("1 (haar")
     found = [
         g for g in hearth.discover(3.0, interface="127.0.0.1") if g.gateway_id == gw.gateway_id
@@ -179,11 +189,15 @@ def test_bad_calls_get_clear_errors(gateway: GatewayProcess, examples: Path) -> 
         # The digits model wants 64 features: a 10x10 input is the wrong shape.
         model = examples / "models" / "digits.onnx"
         with pytest.raises(JobError) as shape:
-            client.pipeline(model, good, Preprocess(width=10, height=10, color="gray",
-                                                    layout="flat"))  # fmt: skip
+            client.pipeline(
+                model, good, Preprocess(width=10, height=10, color="gray", layout="flat")
+            )
         assert shape.value.code is ErrorCode.BAD_TENSOR
         with pytest.raises(JobError) as dtype:
-            client.pipeline(model, good, Preprocess(width=8, height=8, color="gray",
-                                                    layout="flat", dtype="uint8"))  # fmt: skip
+            client.pipeline(
+                model,
+                good,
+                Preprocess(width=8, height=8, color="gray", layout="flat", dtype="uint8"),
+            )
         assert dtype.value.code is ErrorCode.BAD_TENSOR
         assert client.faces(good).result.faces == []

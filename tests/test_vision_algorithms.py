@@ -142,8 +142,9 @@ def test_workers_start_with_the_opencv_pixel_limit_in_their_environment() -> Non
     from hearth_gateway.runners import WorkerSettings
     from hearth_gateway.workers import WorkerPool
 
-    settings = WorkerSettings(runners=["vision"], cache_dir="/nonexistent",
-                              wasm_limits=WasmLimits(), max_megapixels=2.0)  # fmt: skip
+    settings = WorkerSettings(
+        runners=["vision"], cache_dir="/nonexistent", wasm_limits=WasmLimits(), max_megapixels=2.0
+    )
     loop = Loop()
     try:
         pool = WorkerPool(loop, settings, 1, lambda *_: None, wasm_timeout_s=1, onnx_timeout_s=1)

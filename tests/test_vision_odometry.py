@@ -14,7 +14,7 @@ import pytest
 from hearth.errors import ErrorCode, JobError
 from hearth.protocol.vision import PoseResult
 from hearth_gateway.vision.odometry import OdometryParams, OdometrySession, OdometrySessions
-from hearth_gateway.vision.scenes import (
+from testkit.scenes import (
     Sequence,
     relative_errors,
     relative_motion,

@@ -14,7 +14,7 @@ import pytest
 from hearth.errors import ErrorCode, JobError
 from hearth.runtime.onnx import OnnxRuntime
 from hearth_gateway.vision.plate import PlateParams, PlateReader, default_models_dir
-from hearth_gateway.vision.plates_synth import SCENE_SIZE, random_plate_text, render_plate
+from testkit.plates_synth import SCENE_SIZE, random_plate_text, render_plate
 
 # The three synthetic formats (GB, California, France), as a caller would configure them.
 PATTERN = "[A-Z]{2}[0-9]{2}[A-Z]{3}|[1-9][A-Z]{3}[0-9]{3}|[A-Z]{2}[0-9]{3}[A-Z]{2}"
@@ -54,8 +54,10 @@ def test_reads_synthetic_plates(reader: PlateReader) -> None:
         else:
             misses.append((printed, result.text))
     rate = exact / count
-    print(f"\nvision.plate: exact reads {exact}/{count} = {rate:.1%}, "
-          f"{elapsed_s / count * 1e3:.0f} ms per plate; misses: {misses}")  # fmt: skip
+    print(
+        f"\nvision.plate: exact reads {exact}/{count} = {rate:.1%}, "
+        f"{elapsed_s / count * 1e3:.0f} ms per plate; misses: {misses}"
+    )
     assert rate >= 0.90
 
 

@@ -18,12 +18,13 @@ import onnxruntime as ort
 import pytest
 import wasmtime
 
-from conftest import ROOT, GatewayProcess
 from hearth.errors import ErrorCode, JobError
 from hearth.runtime.limits import WasmLimits
 from hearth.runtime.onnx import OnnxRuntime
 from hearth.runtime.wasi_nn import NnErrno, NnLimits, WasiNn
 from hearth.runtime.wasm import WasmRuntime
+from testkit.examples import REPO_ROOT as ROOT
+from testkit.gateway import GatewayProcess
 
 _LINE = re.compile(rb"digit=(\d+) p=([0-9.]+) label=(-?\d+) probs=([-0-9.e,+]+)")
 
@@ -467,8 +468,9 @@ def test_compute_and_get_output_in_the_wrong_order_or_out_of_bounds(
 
 
 def test_limits_per_run(model: bytes) -> None:
-    limits = NnLimits(max_graphs=2, max_contexts=3, max_model_bytes=len(model),
-                      max_tensor_bytes=256)  # fmt: skip
+    limits = NnLimits(
+        max_graphs=2, max_contexts=3, max_model_bytes=len(model), max_tensor_bytes=256
+    )
     rt = WasmRuntime(wasi_nn=WasiNn(limits=limits))
     guest = Guest(rt)
     try:

@@ -7,8 +7,9 @@ estimated robustly (``cv2.findEssentialMat``, MAGSAC++, p = 0.999, 1 px) and dec
 the rotation and the direction of travel (``cv2.recoverPose``), and that motion is chained onto
 the reference's pose. Corners that disagree with the motion are dropped; new ones are found at
 keyframes. Tracking corners was chosen over matching ORB features frame to frame: on the
-sequences of ``scenes.py`` it is about four times as fast, and its sub-pixel positions make
-the errors several times smaller (median 0.6 against 4.5 degrees for the direction of travel).
+sequences of ``testkit/scenes.py`` it is about four times as fast, and its sub-pixel positions
+make the errors several times smaller (median 0.6 against 4.5 degrees for the direction of
+travel).
 
 Scale: one camera cannot tell a small room from a big one, so every measured step has length
 1 (in the session's arbitrary unit). When the camera stands still or only turns (under
@@ -82,9 +83,9 @@ _LK_WINDOW = (21, 21)
 _LK_LEVELS = 3
 _LK_CRITERIA = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 30, 0.01)
 # MAGSAC++ (OpenCV's USAC framework) is RANSAC whose best model is polished by local
-# optimisation and a final fit over all its inliers. On the sequences of scenes.py it cuts the
-# median error of the direction of travel from about 5 degrees (cv2.RANSAC, which keeps the
-# model of a minimal 5-point sample) to about 0.5, at the same speed.
+# optimisation and a final fit over all its inliers. On the sequences of testkit/scenes.py it
+# cuts the median error of the direction of travel from about 5 degrees (cv2.RANSAC, which keeps
+# the model of a minimal 5-point sample) to about 0.5, at the same speed.
 _ESSENTIAL_METHOD = cv2.USAC_MAGSAC
 _RANSAC_PROB = 0.999
 # Below this share of agreeing correspondences, what RANSAC found is most likely noise.
