@@ -15,7 +15,7 @@ from hearth.transport import BrokerAddress
 from hearth_gateway.broker import find_mosquitto, mosquitto_config
 from hearth_gateway.policy import LimitsPolicy
 from testkit.net import LOOPBACK, free_port, listening
-from testkit.procs import spawn, stop, tail
+from testkit.procs import child_pids, spawn, stop, tail
 
 __all__ = ["Mosquitto"]
 
@@ -39,6 +39,13 @@ class Mosquitto:
     @property
     def port(self) -> int:
         return self.address.port
+
+    @property
+    def pid(self) -> int:
+        """Mosquitto's own pid (its watcher's child: see hearth_gateway._pdeathsig)."""
+        assert self._proc is not None, "not started"
+        children = child_pids(self._proc.pid)
+        return children[0] if children else self._proc.pid
 
     @property
     def url(self) -> str:
