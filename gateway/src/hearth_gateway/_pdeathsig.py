@@ -111,11 +111,14 @@ def main(args: list[str] | None = None) -> int:
     if child == 0:
         _exec_child(argv, pid_file, user, watcher)
 
+    escalating: list[bool] = []  # armed once: a second SIGTERM does not put SIGKILL off
+
     def forward(signum: int, _frame: FrameType | None) -> None:
         # The child is not reaped before these handlers are blocked again (below): its pid
         # cannot belong to anyone else yet.
         os.kill(child, signum)
-        if signum != signal.SIGHUP:
+        if signum != signal.SIGHUP and not escalating:
+            escalating.append(True)
             signal.alarm(_ESCALATE_S)
 
     def escalate(_signum: int, _frame: FrameType | None) -> None:
