@@ -433,14 +433,21 @@ def test_temperature_watcher_notifies_after_the_hold_time(
     with Bus(broker.address) as bus, gateway.client() as client:
         stop = client.notifications(notes.append)
         try:
-            client.install_task(
+            info = client.install_task(
                 tasks_dir / "temp_watch.wasm",
                 "hot-kitchen",
                 on=[f"{base}/sensors/+/temperature"],
                 config={"threshold": "30", "hold_s": "1"},
             )
-            time.sleep(0.5)  # the gateway subscribes to the trigger
             topic = f"{base}/sensors/kitchen/temperature"
+
+            def subscribed() -> bool:
+                # A cool reading until the task has handled one: the trigger's subscription is
+                # in place (a fixed sleep was not always enough on a loaded machine).
+                bus.publish(topic, b"20.0")
+                return client.task(info.task_id).events > 0
+
+            assert wait_until(subscribed, timeout_s=10, step_s=0.2)
             bus.publish(topic, b"29.0")
             bus.publish(topic, b"31.5")  # above: the clock starts
             time.sleep(1.3)
