@@ -3,8 +3,8 @@
 Concurrency: paho's network thread delivers replies and completes the future waiting for each
 (keyed by Correlation Data); one named deadline thread fails the futures whose reply is overdue.
 Nobody else waits: a blocking call waits on its future, an async one chains on it. Every
-completion goes through ``_complete``, so a reply and its deadline arriving together cannot
-both win. ``close()`` is idempotent.
+completion goes through ``_resolve`` or ``_fail``, so a reply and its deadline arriving
+together cannot both win. ``close()`` is idempotent.
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ __all__ = ["Connection"]
 _NOT_AUTHORIZED = 0x87  # MQTT 5 reason code: the broker's ACL refused a publish
 
 
-def _complete(future: Future[Reply], result: Reply | None, exc: BaseException | None) -> None:
-    """Set a pending future's outcome unless something else (its deadline, a lost connection)
-    already did."""
-    with contextlib.suppress(InvalidStateError):
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
+def _resolve(future: Future[Reply], reply: Reply) -> None:
+    with contextlib.suppress(InvalidStateError):  # its deadline or a lost connection came first
+        future.set_result(reply)
+
+
+def _fail(future: Future[Reply], exc: BaseException) -> None:
+    with contextlib.suppress(InvalidStateError):  # its reply came first
+        future.set_exception(exc)
 
 
 class _Deadlines:
@@ -170,9 +170,11 @@ class Connection:
             if future is None:
                 return  # a late answer to a call that already fell back or timed out
             try:
-                _complete(future, decode_reply(msg.payload), None)
+                reply = decode_reply(msg.payload)
             except HearthError as exc:
-                _complete(future, None, exc)
+                _fail(future, exc)
+            else:
+                _resolve(future, reply)
             return
         try:
             status = decode_status(msg.payload)
@@ -212,7 +214,7 @@ class Connection:
             )
         else:
             exc = GatewayUnavailable(f"the broker refused the request: {reason}")
-        _complete(future, None, exc)
+        _fail(future, exc)
 
     def _fail_all(self, exc: Exception) -> None:
         with self._lock:
@@ -220,7 +222,7 @@ class Connection:
             self._mids.clear()
             self._early_acks.clear()
         for future in pending.values():
-            _complete(future, None, exc)
+            _fail(future, exc)
 
     # -- the deadline thread ------------------------------------------------------------------
 
@@ -228,7 +230,7 @@ class Connection:
         with self._lock:
             if self._pending.get(correlation) is future:
                 del self._pending[correlation]
-        _complete(future, None, TimeoutError())
+        _fail(future, TimeoutError())
 
     # -- callers' threads ---------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from hearth._tasks import TaskCalls
 from hearth.discovery import GatewayInfo
 from hearth.errors import ErrorCode, GatewayUnavailable, JobError
 from hearth.placement import Decision, Estimates, Placement, decide
-from hearth.protocol import DataClass, OnnxJob, OnnxResult, WasmJob, WasmResult
+from hearth.protocol import DataClass, OnnxJob, OnnxResult, Reply, WasmJob, WasmResult
 from hearth.vision import VisionCalls
 
 __all__ = ["Client", "Inference", "WasmRun"]
@@ -228,7 +228,7 @@ class Client(VisionCalls, TaskCalls):
             return failed(exc)
         started = time.perf_counter()
 
-        def answered(reply: Any) -> T:
+        def answered(reply: Reply) -> T:
             ms = (time.perf_counter() - started) * 1e3
             if not isinstance(reply, expected):
                 raise JobError(ErrorCode.MALFORMED, f"unexpected reply {type(reply).__name__}")
