@@ -218,7 +218,7 @@ class EchoRequester:
         self._reply_topic = f"bench/reply/{name}"
         self._pending: dict[bytes, Future[None]] = {}
         self._lock = threading.Lock()
-        # Same client settings as the SDK's connection (hearth.client).
+        # Same client settings as the SDK's connection (hearth._connection).
         self._client = make_client(name)
         self._client.on_message = self._message
         _subscribe_and_wait(self._client, address, [(self._reply_topic, qos)], timeout_s)

@@ -33,8 +33,8 @@ import msgspec
 import numpy as np
 import pytest
 
+from hearth._task_options import task_install_request
 from hearth._tasks_cli import add_task_commands, format_task, install_options
-from hearth.client import task_install_request
 from hearth.errors import ErrorCode, JobError
 from hearth.protocol import (
     BlobChunk,

@@ -267,12 +267,12 @@ def test_private_work_is_never_offloaded_to_a_gateway_off_the_lan(wasm) -> None:
         with pytest.raises(hearth.JobError) as refused:
             client.run_wasm(wasm["echo"], where="edge")
         assert refused.value.code == hearth.ErrorCode.FORBIDDEN
-        assert client._conn is None  # never connected
-        assert client._last_failure == ""  # and never tried
+        assert client._link.current is None  # never connected
+        assert client._link.last_failure == ""  # and never tried
 
 
 def test_on_lan() -> None:
-    from hearth.client import on_lan
+    from hearth._lan import on_lan
 
     for host in (
         "127.0.0.1",

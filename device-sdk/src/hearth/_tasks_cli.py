@@ -8,10 +8,10 @@ import datetime as dt
 import re
 import time
 from collections.abc import Callable
-from typing import Any
 
 import msgspec
 
+from hearth._task_options import TaskOptions
 from hearth.protocol import TaskInfo
 
 __all__ = [
@@ -118,9 +118,9 @@ def parse_when(text: str, now: float | None = None) -> float:
     return when.timestamp()
 
 
-def install_options(args: argparse.Namespace) -> dict[str, Any]:
+def install_options(args: argparse.Namespace) -> TaskOptions:
     """The ``install`` verb's options, as keyword arguments of ``Client.install_task`` (and of
-    ``hearth.client.task_install_request``)."""
+    ``task_install_request``)."""
     return {
         "on": args.on,
         "every_s": args.every,
@@ -182,13 +182,15 @@ def format_tasks(tasks: list[TaskInfo]) -> str:
         return "no tasks"
     rows = [f"{'ID':<16} {'NAME':<18} {'STATE':<10} {'EVENTS':>7} {'FAILED':>6}  OWNER"]
     for t in tasks:
-        rows.append(f"{t.task_id:<16} {t.name:<18} {t.state:<10} {t.events:>7} "
-                    f"{t.failures:>6}  {t.owner}")  # fmt: skip
+        rows.append(
+            f"{t.task_id:<16} {t.name:<18} {t.state:<10} {t.events:>7} {t.failures:>6}  {t.owner}"
+        )
     return "\n".join(rows)
 
 
-def print_result(result: TaskInfo | list[TaskInfo], as_json: bool,
-                 out: Callable[[str], None] = print) -> None:  # fmt: skip
+def print_result(
+    result: TaskInfo | list[TaskInfo], as_json: bool, out: Callable[[str], None] = print
+) -> None:
     if as_json:
         out(msgspec.json.encode(result).decode())
     elif isinstance(result, list):

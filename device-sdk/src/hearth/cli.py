@@ -20,8 +20,10 @@ import os
 import sys
 from pathlib import Path
 
+from hearth._gateway import ENV_GATEWAY, ENV_INTERFACE
+from hearth._identity import ENV_CLIENT_ID
 from hearth._tasks_cli import add_task_commands, install_options, print_result
-from hearth.client import ENV_CLIENT_ID, ENV_GATEWAY, ENV_INTERFACE, Client
+from hearth.client import Client
 from hearth.discovery import discover
 from hearth.errors import HearthError, JobError
 
@@ -52,6 +54,17 @@ def _gateway_options(parser: argparse.ArgumentParser) -> None:
         "--client-id",
         default=os.environ.get(ENV_CLIENT_ID),
         help=f"this device's id (${ENV_CLIENT_ID}; default dev-HOSTNAME)",
+    )
+
+
+def _client(args: argparse.Namespace, placement: str = "auto") -> Client:
+    """A client as the gateway options (``_gateway_options``) say."""
+    return Client(
+        args.gateway,
+        interface=args.interface,
+        timeout_s=args.timeout,
+        client_id=args.client_id,
+        placement=placement,
     )
 
 
@@ -88,29 +101,48 @@ def _parser() -> argparse.ArgumentParser:
     )
     t = sub.add_parser("tasks", help="persistent tasks on the gateway, owned by this device")
     add_task_commands(t, _gateway_options)
-    n = sub.add_parser("notifications", help="print this device's task notifications, "
-                       "including those sent while it was away")  # fmt: skip
+    n = sub.add_parser(
+        "notifications",
+        help="print this device's task notifications, including those sent while it was away",
+    )
     _gateway_options(n)
-    n.add_argument("--for", dest="for_s", type=float, metavar="S",
-                   help="stop after S seconds (default: until Ctrl-C)")  # fmt: skip
+    n.add_argument(
+        "--for",
+        dest="for_s",
+        type=float,
+        metavar="S",
+        help="stop after S seconds (default: until Ctrl-C)",
+    )
     n.add_argument("--json", action="store_true")
     c = sub.add_parser("call", help="call a gateway capability (vision.faces, vision.plate...)")
     _gateway_options(c)
     c.add_argument("capability", help="e.g. vision.faces (hearth discover lists them)")
     c.add_argument("--image", type=Path, metavar="FILE", help="a JPEG or PNG file")
-    c.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="a capability parameter; numbers, true/false and comma-separated "
-                        "number lists are typed")  # fmt: skip
+    c.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a capability parameter; numbers, true/false and comma-separated number lists "
+        "are typed",
+    )
     c.add_argument("--stream", help="the frame belongs to this camera stream")
     c.add_argument("--session", help="the frame belongs to this session (vision.odometry)")
     c.add_argument("--json", action="store_true", help="print the whole result as JSON")
-    p = sub.add_parser("pair", help="pair with a gateway using the code `hearth-gateway pair` "
-                       "printed; stores this device's certificate")  # fmt: skip
+    p = sub.add_parser(
+        "pair",
+        help="pair with a gateway using the code `hearth-gateway pair` "
+        "printed; stores this device's certificate",
+    )
     p.add_argument("code", help="the one-time code, e.g. 7KQ2-M9XD-3FHA")
-    p.add_argument("--gateway", metavar="HOST:PORT",
-                   help="the gateway's pairing listener (default: find it over mDNS)")  # fmt: skip
-    p.add_argument("--ca-fingerprint", metavar="HEX",
-                   help="the gateway CA's SHA-256 (default: from mDNS)")  # fmt: skip
+    p.add_argument(
+        "--gateway",
+        metavar="HOST:PORT",
+        help="the gateway's pairing listener (default: find it over mDNS)",
+    )
+    p.add_argument(
+        "--ca-fingerprint", metavar="HEX", help="the gateway CA's SHA-256 (default: from mDNS)"
+    )
     p.add_argument(
         "--id",
         dest="device_id",
@@ -125,11 +157,18 @@ def _parser() -> argparse.ArgumentParser:
 def _pair(args: argparse.Namespace) -> int:
     from hearth.pairing import pair
 
-    paired = pair(args.code, args.gateway, ca_fingerprint=args.ca_fingerprint,
-                  device_id=args.device_id, interface=args.interface,
-                  timeout_s=args.timeout)  # fmt: skip
-    print(f"paired with {paired.gateway_id} as {paired.device_id}; it serves this device at "
-          f"{paired.address} (TLS); credentials in {paired.directory}")  # fmt: skip
+    paired = pair(
+        args.code,
+        args.gateway,
+        ca_fingerprint=args.ca_fingerprint,
+        device_id=args.device_id,
+        interface=args.interface,
+        timeout_s=args.timeout,
+    )
+    print(
+        f"paired with {paired.gateway_id} as {paired.device_id}; it serves this device at "
+        f"{paired.address} (TLS); credentials in {paired.directory}"
+    )
     return 0
 
 
@@ -160,27 +199,32 @@ def _call(args: argparse.Namespace) -> int:
             raise SystemExit(f"hearth call: --param wants KEY=VALUE, got {spec!r}")
         params[key] = _param(value)
     image = args.image.read_bytes() if args.image is not None else None
-    with Client(args.gateway, interface=args.interface, timeout_s=args.timeout,
-                client_id=args.client_id, placement="edge") as client:  # fmt: skip
-        call = client.call(args.capability, image, params, stream=args.stream,
-                           session=args.session)  # fmt: skip
+    with _client(args, placement="edge") as client:
+        call = client.call(args.capability, image, params, stream=args.stream, session=args.session)
     result = msgspec.to_builtins(call.result)
     if args.json:
-        print(json.dumps({"capability": call.capability, "version": call.version,
-                          "gateway": call.gateway_id, "latency_ms": round(call.latency_ms, 2),
-                          "result": result}, indent=2))  # fmt: skip
+        whole = {
+            "capability": call.capability,
+            "version": call.version,
+            "gateway": call.gateway_id,
+            "latency_ms": round(call.latency_ms, 2),
+            "result": result,
+        }
+        print(json.dumps(whole, indent=2))
         return 0
     if isinstance(result, dict) and isinstance(result.get("descriptors"), str):
         result["descriptors"] = f"<{len(result.get('keypoints', []))} x 32 bytes>"
     print(json.dumps(result, indent=2))
-    print(f"hearth: {call.capability} {call.version} on {call.gateway_id} in "
-          f"{call.latency_ms:.1f} ms", file=sys.stderr)  # fmt: skip
+    print(
+        f"hearth: {call.capability} {call.version} on {call.gateway_id} in "
+        f"{call.latency_ms:.1f} ms",
+        file=sys.stderr,
+    )
     return 0
 
 
 def _tasks(args: argparse.Namespace) -> int:
-    with Client(args.gateway, interface=args.interface, timeout_s=args.timeout,
-                client_id=args.client_id, placement="edge") as client:  # fmt: skip
+    with _client(args, placement="edge") as client:
         verb = args.task_command
         if verb == "install":
             task = client.install_task(args.module, args.name, **install_options(args))
@@ -209,8 +253,7 @@ def _notifications(args: argparse.Namespace) -> int:
             when = dt.datetime.fromtimestamp(note.at).astimezone().strftime("%H:%M:%S")
             print(f"{when}  {note.name} ({note.task_id}): {note.message}", flush=True)
 
-    with Client(args.gateway, interface=args.interface, timeout_s=args.timeout,
-                client_id=args.client_id, placement="edge") as client:  # fmt: skip
+    with _client(args, placement="edge") as client:
         stop = client.notifications(show)
         try:
             done.wait(args.for_s)
@@ -241,8 +284,7 @@ def _discover(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
-    with Client(args.gateway, interface=args.interface, timeout_s=args.timeout,
-                client_id=args.client_id) as client:  # fmt: skip
+    with _client(args) as client:
         run = client.run_wasm(args.module, stdin=stdin, args=args.args, where=args.where)
     sys.stdout.buffer.write(run.stdout)
     sys.stdout.flush()
@@ -265,8 +307,7 @@ def _infer(args: argparse.Namespace) -> int:
         if not sep:
             raise SystemExit(f"hearth infer: --input wants NAME=FILE.npy, got {spec!r}")
         inputs[name] = np.load(file, allow_pickle=False)
-    with Client(args.gateway, interface=args.interface, timeout_s=args.timeout,
-                client_id=args.client_id) as client:  # fmt: skip
+    with _client(args) as client:
         result = client.infer(args.model, inputs, where=args.where)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, value in result.outputs.items():

@@ -3,6 +3,7 @@ of each one over MQTT so callers can pick by measured latency (R3, R4)."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -10,6 +11,9 @@ from dataclasses import dataclass, field
 
 from zeroconf import IPVersion, ServiceBrowser, ServiceListener, Zeroconf
 
+from hearth._connection import Connection
+from hearth._identity import ENV_CLIENT_ID, default_client_id, identity_for
+from hearth.errors import HearthError
 from hearth.protocol import SERVICE_TYPE
 from hearth.transport import BrokerAddress
 
@@ -151,12 +155,18 @@ def discover(
 
 def measure_rtt(gateway: GatewayInfo, probes: int = 3, timeout_s: float = 2.0) -> float | None:
     """Median MQTT ping round trip to the gateway in ms, or None if it does not answer."""
-    from hearth.client import Client  # local import: Client imports this module
-    from hearth.errors import HearthError
-
+    client_id = os.environ.get(ENV_CLIENT_ID) or default_client_id()
     try:
-        with Client(gateway=gateway, timeout_s=timeout_s, placement="edge") as client:
-            samples = [client.ping() for _ in range(probes)]
+        tls, client_id = identity_for(gateway.broker, gateway.gateway_id, client_id)
+        conn = Connection(
+            gateway.broker, gateway.gateway_id, client_id, timeout_s=timeout_s, tls=tls
+        )
+    except (HearthError, OSError, ValueError):
+        return None
+    try:
+        samples = [conn.ping_ms(timeout_s) for _ in range(probes)]
     except (HearthError, OSError):
         return None
+    finally:
+        conn.close()
     return statistics.median(samples)

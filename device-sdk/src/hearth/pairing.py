@@ -11,7 +11,8 @@ the answer; store key, certificate and CA. The code never leaves the device.
 Where it is stored: ``$HEARTH_CONFIG_DIR`` (default ``$XDG_CONFIG_HOME/hearth``, i.e.
 ``~/.config/hearth``) ``/gateways/GATEWAY_ID/``: ``pairing.json``, ``ca.pem``, ``device.pem``,
 ``device.key``; the directories 0700, the files 0600. ``hearth.Client`` finds them by gateway id
-or address and then connects with mutual TLS as the paired device id.
+or address (``hearth._identity``, re-exported here) and then connects with mutual TLS as the
+paired device id.
 """
 
 from __future__ import annotations
@@ -23,10 +24,20 @@ import os
 import queue
 import shutil
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from hearth._identity import (
+    ENV_CLIENT_ID,
+    ENV_CONFIG_DIR,
+    Pairing,
+    config_dir,
+    default_client_id,
+    find_pairing,
+    identity_for,
+    pairings,
+)
 from hearth.discovery import GatewayInfo, discover
 from hearth.errors import ErrorCode, GatewayUnavailable, HearthError, ProtocolError
 from hearth.protocol import Error, encode
@@ -56,7 +67,6 @@ __all__ = [
     "pairings",
 ]
 
-ENV_CONFIG_DIR = "HEARTH_CONFIG_DIR"
 _DEFAULT_PAIRING_PORT = 8884
 
 
@@ -67,79 +77,6 @@ class PairingError(HearthError):
         super().__init__(f"{code}: {message}" if code else message)
         self.code = code
         self.message = message
-
-
-@dataclass(frozen=True)
-class Pairing:
-    """This device's identity at one gateway."""
-
-    gateway_id: str
-    device_id: str
-    host: str  # where the gateway's device listener was reached from here
-    port: int
-    ca_fingerprint: str
-    directory: str
-
-    @property
-    def address(self) -> BrokerAddress:
-        return BrokerAddress(self.host, self.port)
-
-    def tls(self) -> TlsFiles:
-        d = Path(self.directory)
-        return TlsFiles(str(d / "ca.pem"), str(d / "device.pem"), str(d / "device.key"))
-
-
-def config_dir() -> Path:
-    if os.environ.get(ENV_CONFIG_DIR):
-        return Path(os.environ[ENV_CONFIG_DIR])
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "hearth"
-
-
-def pairings(directory: Path | None = None) -> list[Pairing]:
-    root = (directory or config_dir()) / "gateways"
-    found = []
-    for path in sorted(root.glob("*/pairing.json")):
-        try:
-            found.append(Pairing(**json.loads(path.read_text())))
-        except (OSError, ValueError, TypeError):
-            continue  # a half-written or foreign file is no pairing
-    return found
-
-
-def find_pairing(
-    gateway_id: str | None = None,
-    address: BrokerAddress | None = None,
-    directory: Path | None = None,
-) -> Pairing | None:
-    """This device's pairing with the gateway of that id, or else with that address."""
-    known = pairings(directory)
-    for p in known:
-        if gateway_id is not None and p.gateway_id == gateway_id:
-            return p
-    for p in known:
-        if address is not None and (p.host, p.port) == (address.host, address.port):
-            return p
-    return None
-
-
-def identity_for(
-    address: BrokerAddress, gateway_id: str | None, client_id: str
-) -> tuple[TlsFiles | None, str]:
-    """How ``hearth.Client`` connects to this gateway: (TLS files or None for plain MQTT, the
-    device id to use). A paired gateway is reached as the paired id, which the device's default
-    id gives way to; an id chosen explicitly must be the paired one."""
-    from hearth.client import default_client_id
-
-    paired = find_pairing(gateway_id, address)
-    if paired is None:
-        return None, client_id
-    if client_id not in (paired.device_id, default_client_id()):
-        raise GatewayUnavailable(
-            f"this device is paired with {paired.gateway_id} as {paired.device_id!r}, "
-            f"not {client_id!r}"
-        )
-    return paired.tls(), paired.device_id
 
 
 # -- pairing -----------------------------------------------------------------------------------
@@ -158,8 +95,6 @@ def pair(
     """Pair with a gateway's pairing listener (``gateway``: "HOST:PORT", a discovered
     GatewayInfo, or None to find the one gateway on the LAN that offers pairing) and store the
     result. Raises PairingError (refused, wrong fingerprint, bad proof) or GatewayUnavailable."""
-    from hearth.client import ENV_CLIENT_ID, default_client_id
-
     try:
         key = pairing_key(code)
     except ValueError as exc:

@@ -22,10 +22,12 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
+from hearth._connection import Connection
+from hearth._core import ClientCore
 from hearth.errors import ErrorCode, GatewayUnavailable, JobError
 from hearth.placement import Placement
 from hearth.protocol import (
@@ -53,9 +55,6 @@ from hearth.protocol.vision import (
     Postprocess,
     Preprocess,
 )
-
-if TYPE_CHECKING:
-    from hearth.client import _Blob, _Connection
 
 __all__ = [
     "Call",
@@ -89,11 +88,17 @@ def as_image(source: ImageSource) -> Image:
         raise JobError(ErrorCode.BAD_IMAGE, "not a JPEG or PNG file", where="local")
     shape = getattr(source, "shape", None)
     if shape is None or getattr(source, "dtype", None) != "uint8" or len(shape) not in (2, 3):
-        raise JobError(ErrorCode.BAD_IMAGE, "expected an image file or a uint8 array",
-                       where="local")  # fmt: skip
+        raise JobError(
+            ErrorCode.BAD_IMAGE, "expected an image file or a uint8 array", where="local"
+        )
     channels = 1 if len(shape) == 2 else int(shape[2])
-    return Image(format="raw", data=source.tobytes(), width=int(shape[1]),
-                 height=int(shape[0]), channels=channels)  # fmt: skip
+    return Image(
+        format="raw",
+        data=source.tobytes(),
+        width=int(shape[1]),
+        height=int(shape[0]),
+        channels=channels,
+    )
 
 
 def _plain(value: Any) -> Param:
@@ -163,20 +168,10 @@ def _call_from(reply: Reply, job: CallJob, started: float, gateway_id: str | Non
     )
 
 
-class VisionCalls:
-    """The vision half of ``hearth.Client`` (see that class for connection and placement)."""
+class VisionCalls(ClientCore):
+    """The vision calls of ``hearth.Client`` (see that class for connection and placement)."""
 
-    if TYPE_CHECKING:
-        timeout_s: float
-
-        def connection(self) -> _Connection: ...
-        def _off_lan(self, private: bool, mode: Placement) -> str | None: ...
-        def _blob(self, source: bytes | str | Path) -> _Blob: ...
-        def _submit(
-            self, conn: _Connection, job: Any, blob: _Blob, correlation: bytes | None = None
-        ) -> Reply: ...
-
-    def _vision_connection(self, data_class: DataClass) -> _Connection:
+    def _vision_connection(self, data_class: DataClass) -> Connection:
         private = data_class == "private"
         why = self._off_lan(private, Placement.EDGE)
         if why is None:
@@ -255,8 +250,7 @@ class VisionCalls:
         """Close a session; returns the frames it processed (0 if it was already closed)."""
         conn = self.connection()
         try:
-            reply = conn.request(SessionClose(session=session), uuid.uuid4().bytes,
-                                 self.timeout_s)  # fmt: skip
+            reply = conn.request(SessionClose(session=session), uuid.uuid4().bytes, self.timeout_s)
         except TimeoutError:
             raise GatewayUnavailable(f"no answer to session_close in {self.timeout_s} s") from None
         if isinstance(reply, Error):
@@ -367,8 +361,6 @@ class CameraStream:
             data_class=self.data_class,
         )
         conn = self.client._vision_connection(self.data_class)
-        correlation = job.job_id.encode()
-        pending = conn.expect(correlation)
         outcome: Future[Call[Any] | Dropped] = Future()
         started = time.perf_counter()
 
@@ -390,12 +382,8 @@ class CameraStream:
                     self.stats.failed += 1
                 outcome.set_exception(exc)
 
-        pending.add_done_callback(done)
-        try:
-            conn.publish(job, correlation)
-        except GatewayUnavailable:
-            conn.forget(correlation)
-            raise
+        # No deadline: a frame is answered, dropped, or failed with the connection.
+        conn.send(job, job.job_id.encode()).add_done_callback(done)
         with self._lock:
             self.stats.sent += 1
         return outcome

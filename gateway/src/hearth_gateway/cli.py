@@ -9,8 +9,8 @@ from pathlib import Path
 
 import msgspec
 
+from hearth._task_options import task_install_request
 from hearth._tasks_cli import add_task_commands, install_options, print_result
-from hearth.client import task_install_request
 from hearth_gateway.config import default_state_dir, load_config
 from hearth_gateway.errors import GatewayError
 from hearth_gateway.status import format_status, read_snapshot

@@ -1,0 +1,311 @@
+"""One MQTT connection to one gateway's broker: requests out, one ``Future`` per pending reply.
+
+Concurrency: paho's network thread delivers replies and completes the future waiting for each
+(keyed by Correlation Data); one named deadline thread fails the futures whose reply is overdue.
+Nobody else waits: a blocking call waits on its future, an async one chains on it. Every
+completion goes through ``_resolve`` or ``_fail``, so a reply and its deadline arriving
+together cannot both win. ``close()`` is idempotent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from typing import Any
+
+import msgspec
+import paho.mqtt.client as mqtt
+
+from hearth.errors import ErrorCode, GatewayUnavailable, HearthError, JobError
+from hearth.protocol import (
+    Ping,
+    Pong,
+    Reply,
+    decode_reply,
+    decode_status,
+    encode,
+    reply_topic,
+    request_topic,
+    status_topic,
+)
+from hearth.transport import BrokerAddress, TlsFiles, connect, make_client, publish_properties
+
+__all__ = ["Connection"]
+
+_NOT_AUTHORIZED = 0x87  # MQTT 5 reason code: the broker's ACL refused a publish
+
+
+def _resolve(future: Future[Reply], reply: Reply) -> None:
+    with contextlib.suppress(InvalidStateError):  # its deadline or a lost connection came first
+        future.set_result(reply)
+
+
+def _fail(future: Future[Reply], exc: BaseException) -> None:
+    with contextlib.suppress(InvalidStateError):  # its reply came first
+        future.set_exception(exc)
+
+
+class _Deadlines:
+    """Fails pending futures whose reply is overdue, from one thread, so that an async call
+    needs no thread of its own to notice a silent gateway. Started on first use."""
+
+    def __init__(self, expire: Callable[[bytes, Future[Reply]], None]) -> None:
+        self._expire = expire
+        self._heap: list[tuple[float, int, bytes, Future[Reply]]] = []
+        self._order = itertools.count()  # ties: never compare futures
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def add(self, timeout_s: float, correlation: bytes, future: Future[Reply]) -> None:
+        entry = (time.monotonic() + timeout_s, next(self._order), correlation, future)
+        with self._cond:
+            if self._closed:
+                return
+            heapq.heappush(self._heap, entry)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="hearth-deadlines", daemon=True
+                )
+                self._thread.start()
+            elif self._heap[0] is entry:
+                self._cond.notify()  # sooner than what the thread sleeps towards
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._closed:
+                        return
+                    while self._heap and self._heap[0][3].done():
+                        heapq.heappop(self._heap)  # answered in time
+                    if not self._heap:
+                        self._cond.wait()
+                        continue
+                    delay = self._heap[0][0] - time.monotonic()
+                    if delay <= 0:
+                        break
+                    self._cond.wait(delay)
+                _, _, correlation, future = heapq.heappop(self._heap)
+            self._expire(correlation, future)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._heap.clear()
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+
+class Connection:
+    """One MQTT connection to one gateway's broker."""
+
+    def __init__(
+        self,
+        address: BrokerAddress,
+        gateway_id: str | None,
+        client_id: str,
+        *,
+        timeout_s: float,
+        qos: int = 1,
+        tls: TlsFiles | None = None,
+    ) -> None:
+        self.address = address
+        self.qos = qos
+        self.client_id = client_id
+        self.gateway_id = gateway_id
+        self.tls = tls  # the paired identity (hearth.pairing), for a gateway's device listener
+        # A reply topic of this connection's own (under the device's prefix, as the gateway
+        # requires): several clients with one device id do not receive each other's replies.
+        self._reply_topic = f"{reply_topic(client_id)}/{uuid.uuid4().hex[:8]}"
+        self._pending: dict[bytes, Future[Reply]] = {}
+        # The broker's PUBACK is the only word on a publish its ACL refused (MQTT 5 0x87):
+        # MQTT message id -> correlation, and acks that came before publish() returned.
+        self._mids: dict[int, bytes] = {}
+        self._early_acks: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self._deadlines = _Deadlines(self._expire)
+        self.online = threading.Event()  # the gateway's retained status says online
+        self.tier = "home"  # from that status: a cloud tier is never sent private work
+        self.connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._closed = False
+        self._client = make_client(f"{client_id}-{uuid.uuid4().hex[:8]}", tls=tls)
+        self._client.on_message = self._message
+        self._client.on_publish = self._published
+        self._client.on_disconnect = self._disconnected
+        self._client.on_subscribe = lambda *_: self._subscribed.set()
+        connect(self._client, address, timeout_s=timeout_s, on_connected=self._connected)
+        if not self._subscribed.wait(timeout_s):
+            self.close()
+            raise GatewayUnavailable(f"broker {address} did not confirm our subscriptions")
+        # The retained status tells us whether (and which) gateway serves this broker.
+        if not self.online.wait(timeout_s):
+            self.close()
+            raise GatewayUnavailable(f"no Hearth gateway online at {address}")
+
+    # -- paho's thread ----------------------------------------------------------------------
+
+    def _connected(self) -> None:
+        status = status_topic(self.gateway_id) if self.gateway_id else "hearth/v1/gw/+/status"
+        self._client.subscribe([(self._reply_topic, self.qos), (status, 1)])
+        self.connected.set()
+
+    def _disconnected(self, *_: Any) -> None:
+        self.connected.clear()
+        self._fail_all(GatewayUnavailable(f"lost the connection to {self.address}"))
+
+    def _message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self._reply_topic:
+            correlation = getattr(msg.properties, "CorrelationData", None)
+            with self._lock:
+                future = self._pending.pop(correlation, None) if correlation else None
+            if future is None:
+                return  # a late answer to a call that already fell back or timed out
+            try:
+                reply = decode_reply(msg.payload)
+            except HearthError as exc:
+                _fail(future, exc)
+            else:
+                _resolve(future, reply)
+            return
+        try:
+            status = decode_status(msg.payload)
+        except HearthError:
+            return
+        if self.gateway_id is None and status.state == "online":
+            self.gateway_id = status.gateway_id
+        if status.gateway_id != self.gateway_id:
+            return
+        if status.state == "online":
+            self.tier = status.tier
+            self.online.set()
+        else:
+            # The gateway's Last Will (or its orderly goodbye): nothing pending will be answered.
+            self.online.clear()
+            self._fail_all(GatewayUnavailable(f"gateway {status.gateway_id} went offline"))
+
+    def _published(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
+        with self._lock:
+            correlation = self._mids.pop(mid, None)
+            if correlation is None:
+                self._early_acks[mid] = reason
+                return
+        if reason.is_failure:
+            self._refused(correlation, reason)
+
+    def _refused(self, correlation: bytes, reason: Any) -> None:
+        with self._lock:
+            future = self._pending.pop(correlation, None)
+        if future is None:
+            return
+        if reason.value == _NOT_AUTHORIZED:  # the broker's ACL: unpaired, revoked, not ours
+            exc: HearthError = JobError(
+                ErrorCode.FORBIDDEN,
+                f"the broker at {self.address} refused the request: not authorized for "
+                f"{self.client_id} (not paired with this gateway, or revoked?)",
+            )
+        else:
+            exc = GatewayUnavailable(f"the broker refused the request: {reason}")
+        _fail(future, exc)
+
+    def _fail_all(self, exc: Exception) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            self._mids.clear()
+            self._early_acks.clear()
+        for future in pending.values():
+            _fail(future, exc)
+
+    # -- the deadline thread ------------------------------------------------------------------
+
+    def _expire(self, correlation: bytes, future: Future[Reply]) -> None:
+        with self._lock:
+            if self._pending.get(correlation) is future:
+                del self._pending[correlation]
+        _fail(future, TimeoutError())
+
+    # -- callers' threads ---------------------------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        return self.connected.is_set() and self.online.is_set() and not self._closed
+
+    def expect(self, correlation: bytes, timeout_s: float | None = None) -> Future[Reply]:
+        """A future for the reply carrying ``correlation``; it raises TimeoutError after
+        ``timeout_s`` (None: only a reply or a lost connection completes it)."""
+        future: Future[Reply] = Future()
+        future.set_running_or_notify_cancel()
+        with self._lock:
+            self._pending[correlation] = future
+        if timeout_s is not None:
+            self._deadlines.add(timeout_s, correlation, future)
+        return future
+
+    def forget(self, correlation: bytes, future: Future[Reply] | None = None) -> None:
+        """Stop waiting for ``correlation`` (only if it is still ``future``'s, when given)."""
+        with self._lock:
+            if future is None or self._pending.get(correlation) is future:
+                self._pending.pop(correlation, None)
+
+    def publish(self, message: msgspec.Struct, correlation: bytes) -> int:
+        """Publish a request (or a blob chunk); returns its size in bytes."""
+        if not self.usable or self.gateway_id is None:
+            raise GatewayUnavailable(f"gateway at {self.address} is not online")
+        payload = encode(message)
+        info = self._client.publish(
+            request_topic(self.gateway_id, self.client_id),
+            payload,
+            qos=self.qos,
+            properties=publish_properties(self._reply_topic, correlation),
+        )
+        if self.qos > 0:
+            with self._lock:
+                early = self._early_acks.pop(info.mid, None)
+                if early is None:
+                    self._mids[info.mid] = correlation
+            if early is not None and early.is_failure:
+                self._refused(correlation, early)
+        return len(payload)
+
+    def send(
+        self, message: msgspec.Struct, correlation: bytes, timeout_s: float | None = None
+    ) -> Future[Reply]:
+        """Publish a request and return the future of its reply, without waiting. Raises
+        GatewayUnavailable at once when the gateway is not online."""
+        future = self.expect(correlation, timeout_s)
+        try:
+            self.publish(message, correlation)
+        except BaseException:
+            self.forget(correlation, future)
+            raise
+        return future
+
+    def request(self, message: msgspec.Struct, correlation: bytes, timeout_s: float) -> Reply:
+        """``send`` and wait: the reply, or TimeoutError after ``timeout_s``."""
+        return self.send(message, correlation, timeout_s).result()
+
+    def ping_ms(self, timeout_s: float) -> float:
+        """One round trip to the gateway, in ms."""
+        started = time.perf_counter()
+        reply = self.request(Ping(), uuid.uuid4().bytes, timeout_s)
+        if not isinstance(reply, Pong):
+            raise GatewayUnavailable(f"unexpected answer to ping: {type(reply).__name__}")
+        return (time.perf_counter() - started) * 1e3
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._fail_all(GatewayUnavailable("client closed"))
+        self._deadlines.close()
+        self._client.disconnect()
+        self._client.loop_stop()

@@ -1,0 +1,97 @@
+"""What every group of ``hearth.Client``'s calls shares: the device's id, the link to its
+gateway, the blobs it names, and the way a job reaches the gateway. The groups build on it:
+vision (``hearth.vision``), persistent tasks (``hearth._tasks``), and the WebAssembly and ONNX
+calls with their placement (``hearth.client``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Self
+
+from hearth._blobs import Blob, BlobCache
+from hearth._connection import Connection
+from hearth._gateway import GatewayLink
+from hearth._identity import ENV_CLIENT_ID, default_client_id
+from hearth._offload import Job, Offloader
+from hearth._results import Stats
+from hearth.discovery import GatewayInfo
+from hearth.placement import Placement
+from hearth.protocol import Reply
+
+__all__ = ["ClientCore"]
+
+
+class ClientCore:
+    def __init__(
+        self,
+        gateway: GatewayInfo | str | None,
+        *,
+        client_id: str | None,
+        interface: str | None,
+        timeout_s: float,
+        retries: int,
+        discover_timeout_s: float,
+        qos: int,
+    ) -> None:
+        self.timeout_s = timeout_s
+        self.retries = retries
+        # QoS 1 (the default) lets the broker's acknowledgements cover each hop; QoS 0 trades
+        # that for latency on a LAN, and the journal and retries still make jobs run once.
+        self.qos = qos
+        self.stats = Stats()
+        self._link = GatewayLink(
+            gateway,
+            client_id or os.environ.get(ENV_CLIENT_ID) or default_client_id(),
+            interface=interface,
+            timeout_s=timeout_s,
+            discover_timeout_s=discover_timeout_s,
+            qos=qos,
+        )
+        self._blobs = BlobCache()
+        self._offload = Offloader(self.stats, timeout_s, retries)
+        self._closed = False
+
+    @property
+    def client_id(self) -> str:
+        """This device's id: it owns the device's tasks and names its reply topics (once
+        connected to a gateway it is paired with, the paired id)."""
+        return self._link.client_id
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._link.close()
+
+    def connection(self) -> Connection:
+        """The live connection, connecting (or reconnecting) if needed. Raises
+        GatewayUnavailable, quickly when a recent attempt failed."""
+        return self._link.connection()
+
+    def gateway_reachable(self) -> bool:
+        return self._link.reachable()
+
+    def ping(self) -> float:
+        """One round trip to the gateway, in ms."""
+        return self.connection().ping_ms(self.timeout_s)
+
+    def _off_lan(self, private: bool, mode: Placement) -> str | None:
+        """Why this call must not be offloaded for its data class, or None."""
+        return self._link.off_lan(private, mode)
+
+    def _blob(self, source: bytes | str | Path) -> Blob:
+        return self._blobs.get(source)
+
+    def _submit(
+        self, conn: Connection, job: Job, blob: Blob, correlation: bytes | None = None
+    ) -> Reply:
+        """Send ``job`` (uploading ``blob`` if asked) and wait for its final reply."""
+        return self._offload.submit(conn, job, blob, correlation).result()
