@@ -9,9 +9,12 @@ side effects outside their sandbox, so a re-run is safe, and the device gets its
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -22,6 +25,8 @@ from hearth.protocol import DataClass
 from hearth_gateway.crypto import Sealer
 
 __all__ = ["AuditEntry", "DeviceRecord", "JournalEntry", "Store"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +62,8 @@ class AuditEntry(NamedTuple):
 
 
 class Store:
-    """One SQLite connection behind a lock: writes are short and few per job."""
+    """One SQLite connection behind a lock: writes are short and few per job. Statements that
+    must stand or fall together run in ``transaction()``."""
 
     def __init__(self, path: Path, sealer: Sealer) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +72,9 @@ class Store:
         self._sealer = sealer
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db = sqlite_utils.Database(self._conn)
-        self._lock = threading.Lock()
+        # Reentrant: a transaction holds it while the methods called inside take it again.
+        self._lock = threading.RLock()
+        self._depth = 0  # open transaction levels (savepoints past the first)
         self._closed = False
         # WAL + synchronous=NORMAL: commits survive a process crash (SIGKILL), and a power loss
         # can only drop the last transactions, never corrupt the file.
@@ -112,8 +120,7 @@ class Store:
             )
             self._db.table("task_inbox").create_index(["task_id", "id"])
         if "owners" not in self._db.table_names():
-            self._db.table("owners").create({"client_id": str, "last_seen": float},
-                                            pk="client_id")  # fmt: skip
+            self._db.table("owners").create({"client_id": str, "last_seen": float}, pk="client_id")
         if "audit" not in self._db.table_names():
             self._db.table("audit").create(
                 {
@@ -153,6 +160,45 @@ class Store:
             )
             self._db.table("devices").create_index(["device_id"])
 
+    # -- transactions ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """What the store does inside commits together or not at all: any exception rolls it
+        back and goes on up. A failed statement thus never leaves the connection inside a
+        transaction (where every later BEGIN would fail until a restart). Holds the store's
+        lock throughout; a nested one is a savepoint of the outer one.
+
+        >>> with store.transaction():  # doctest: +SKIP
+        ...     store.put_task(...)
+        ...     store.drop_inbox(...)
+        """
+        with self._lock:
+            depth = self._depth
+            self._conn.execute(f"SAVEPOINT level{depth}" if depth else "BEGIN")
+            self._depth = depth + 1
+            try:
+                yield
+                self._conn.execute(f"RELEASE level{depth}" if depth else "COMMIT")
+            except BaseException:
+                self._rollback(depth)
+                raise
+            finally:
+                self._depth = depth
+
+    def _rollback(self, depth: int) -> None:
+        if not self._conn.in_transaction:
+            return  # SQLite rolled back already (it does on some I/O errors)
+        try:
+            if depth:
+                self._conn.execute(f"ROLLBACK TO level{depth}")
+                self._conn.execute(f"RELEASE level{depth}")
+            else:
+                self._conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            # Keep the error that caused the rollback: it is the one worth reading.
+            log.exception("rolling back a failed transaction failed too")
+
     # -- journal ---------------------------------------------------------------------------
 
     def accept(
@@ -161,7 +207,7 @@ class Store:
         """Journal a new job (and its audit entry, in the same transaction: one commit per job
         instead of two). Returns None if it is new, else (state, stored reply or None) of the
         job already known under that id; then nothing is written."""
-        with self._lock:
+        with self.transaction():
             row = self._conn.execute(
                 "SELECT state, reply FROM jobs WHERE client_id=? AND job_id=?",
                 (entry.client_id, entry.job_id),
@@ -173,24 +219,24 @@ class Store:
                 entry.request, _where("jobs.request", entry.client_id, entry.job_id)
             )
             now = time.time()
-            self._conn.execute("BEGIN")
-            try:
+            self._conn.execute(
+                "INSERT INTO jobs (client_id, job_id, state, request, response_topic,"
+                " correlation, accepted_at) VALUES (?, ?, 'accepted', ?, ?, ?, ?)",
+                (
+                    entry.client_id,
+                    entry.job_id,
+                    request,
+                    entry.response_topic,
+                    entry.correlation,
+                    now,
+                ),
+            )
+            if audit is not None:
                 self._conn.execute(
-                    "INSERT INTO jobs (client_id, job_id, state, request, response_topic,"
-                    " correlation, accepted_at) VALUES (?, ?, 'accepted', ?, ?, ?, ?)",
-                    (entry.client_id, entry.job_id, request, entry.response_topic,
-                     entry.correlation, now),
-                )  # fmt: skip
-                if audit is not None:
-                    self._conn.execute(
-                        "INSERT INTO audit (at, actor, action, target, decision, reason)"
-                        " VALUES (?, ?, ?, ?, ?, ?)",
-                        (now, *audit),
-                    )
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+                    "INSERT INTO audit (at, actor, action, target, decision, reason)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (now, *audit),
+                )
             return None
 
     def finish(self, client_id: str, job_id: str, reply: bytes) -> None:
@@ -289,47 +335,44 @@ class Store:
         ]
 
     def put_task(
-        self, task_id: str, owner: str, spec: bytes, info: bytes, checkpoint: bytes, kv: bytes,
+        self,
+        task_id: str,
+        owner: str,
+        spec: bytes,
+        info: bytes,
+        checkpoint: bytes,
+        kv: bytes,
         done_inbox: list[int] | tuple[int, ...] = (),
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Store a task's state and drop the inbox events it covers, in one transaction."""
-        with self._lock:
-            self._conn.execute("BEGIN")
-            try:
-                self._conn.execute(
-                    "INSERT OR REPLACE INTO tasks (task_id, owner, spec, info, checkpoint, kv)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        task_id,
-                        owner,
-                        self._sealer.seal(spec, _where("tasks.spec", task_id)),
-                        info,
-                        self._sealer.seal(checkpoint, _where("tasks.checkpoint", task_id)),
-                        self._sealer.seal(kv, _where("tasks.kv", task_id)),
-                    ),
+        with self.transaction():
+            self._conn.execute(
+                "INSERT OR REPLACE INTO tasks (task_id, owner, spec, info, checkpoint, kv)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    task_id,
+                    owner,
+                    self._sealer.seal(spec, _where("tasks.spec", task_id)),
+                    info,
+                    self._sealer.seal(checkpoint, _where("tasks.checkpoint", task_id)),
+                    self._sealer.seal(kv, _where("tasks.kv", task_id)),
+                ),
+            )
+            if done_inbox:
+                self._conn.executemany(
+                    "DELETE FROM task_inbox WHERE id=?", [(i,) for i in done_inbox]
                 )
-                if done_inbox:
-                    self._conn.executemany(
-                        "DELETE FROM task_inbox WHERE id=?", [(i,) for i in done_inbox]
-                    )
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
 
     def delete_task(self, task_id: str) -> None:
-        with self._lock:
-            self._conn.execute("BEGIN")
+        with self.transaction():
             self._conn.execute("DELETE FROM tasks WHERE task_id=?", (task_id,))
             self._conn.execute("DELETE FROM task_inbox WHERE task_id=?", (task_id,))
-            self._conn.execute("COMMIT")
 
     def add_inbox_many(self, rows: list[tuple[str, str, bytes]]) -> list[int]:
         """Several tasks' copies of one message, in one transaction (one commit)."""
         ids: list[int] = []
         now = time.time()
-        with self._lock:
-            self._conn.execute("BEGIN")
+        with self.transaction():
             for task_id, topic, payload in rows:
                 cursor = self._conn.execute(
                     "INSERT INTO task_inbox (task_id, topic, payload, received_at)"
@@ -342,11 +385,10 @@ class Store:
                     ),
                 )
                 ids.append(int(cursor.lastrowid or 0))
-            self._conn.execute("COMMIT")
         return ids
 
     def drop_inbox(self, ids: list[int]) -> None:
-        with self._lock:
+        with self.transaction():
             self._conn.executemany("DELETE FROM task_inbox WHERE id=?", [(i,) for i in ids])
 
     def inbox(self) -> list[tuple[int, str, str, bytes]]:
@@ -365,7 +407,7 @@ class Store:
         return {str(r[0]): float(r[1]) for r in rows}
 
     def put_owners(self, seen: dict[str, float]) -> None:
-        with self._lock:
+        with self.transaction():
             self._conn.executemany(
                 "INSERT OR REPLACE INTO owners (client_id, last_seen) VALUES (?, ?)",
                 list(seen.items()),
@@ -385,29 +427,28 @@ class Store:
     def add_device(self, device: DeviceRecord, supersede: bool = False) -> None:
         """Record a new certificate; ``supersede``: revoke the device's earlier ones (a device
         that paired again with the same key)."""
-        with self._lock:
-            self._conn.execute("BEGIN")
-            try:
-                if supersede:
-                    self._conn.execute(
-                        "UPDATE devices SET revoked_at=?, reason='superseded'"
-                        " WHERE device_id=? AND revoked_at IS NULL",
-                        (device.paired_at, device.device_id),
-                    )
+        with self.transaction():
+            if supersede:
                 self._conn.execute(
-                    "INSERT INTO devices (serial, device_id, fingerprint, key_fingerprint,"
-                    " paired_at, revoked_at, reason) VALUES (?, ?, ?, ?, ?, NULL, '')",
-                    (device.serial, device.device_id, device.fingerprint,
-                     device.key_fingerprint, device.paired_at),
-                )  # fmt: skip
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+                    "UPDATE devices SET revoked_at=?, reason='superseded'"
+                    " WHERE device_id=? AND revoked_at IS NULL",
+                    (device.paired_at, device.device_id),
+                )
+            self._conn.execute(
+                "INSERT INTO devices (serial, device_id, fingerprint, key_fingerprint,"
+                " paired_at, revoked_at, reason) VALUES (?, ?, ?, ?, ?, NULL, '')",
+                (
+                    device.serial,
+                    device.device_id,
+                    device.fingerprint,
+                    device.key_fingerprint,
+                    device.paired_at,
+                ),
+            )
 
     def revoke_device(self, device_id: str, reason: str) -> list[str]:
         """Revoke every valid certificate of ``device_id``; returns their serials."""
-        with self._lock:
+        with self.transaction():
             rows = self._conn.execute(
                 "SELECT serial FROM devices WHERE device_id=? AND revoked_at IS NULL",
                 (device_id,),
@@ -426,10 +467,17 @@ class Store:
                 " reason FROM devices ORDER BY paired_at"
             ).fetchall()
         return [
-            DeviceRecord(str(r[0]), str(r[1]), str(r[2]), str(r[3]), float(r[4]),
-                         None if r[5] is None else float(r[5]), str(r[6] or ""))
+            DeviceRecord(
+                str(r[0]),
+                str(r[1]),
+                str(r[2]),
+                str(r[3]),
+                float(r[4]),
+                None if r[5] is None else float(r[5]),
+                str(r[6] or ""),
+            )
             for r in rows
-        ]  # fmt: skip
+        ]
 
     def close(self) -> None:
         with self._lock:
