@@ -84,7 +84,11 @@ class Gateway:
         # Everything the daemon writes (journal, blobs, keys later) is private to it.
         os.umask(0o077)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.store = Store(self.state_dir / "hearth.sqlite3", Sealer.for_state_dir(self.state_dir))
+        self.store = Store(
+            self.state_dir / "hearth.sqlite3",
+            Sealer.for_state_dir(self.state_dir),
+            self.policy.limits,
+        )
         self.blobs = BlobStore(self.state_dir / "blobs", self.store, self.policy.limits)
         self.admission = Admission(self.policy.limits)
         self.streams = StreamCounters(self.policy.vision.max_streams)  # in status from the start
@@ -321,7 +325,7 @@ class Gateway:
         self.blobs.expire_uploads()
         self.dispatcher.expire_sessions()
         if time.monotonic() - self._last_gc > 600:
-            self.store.expire_answers(self.policy.limits.answer_retention_s)
+            self.store.expire()
             self._last_gc = time.monotonic()
         self._write_snapshot("online")
         if self.broker is not None and self.broker.failed.is_set():
@@ -359,6 +363,7 @@ class Gateway:
                 jobs_duplicate=counters.duplicates,
                 blobs=count,
                 blob_bytes=size,
+                journal=self.store.stats(),
                 tasks=self.tasks.count if self.tasks is not None else 0,
                 capabilities=self.capabilities,
                 streams=len(self.streams),

@@ -33,7 +33,8 @@ __all__ = [
     "topic_matches",
 ]
 
-MiB = 1024 * 1024
+KiB = 1024
+MiB = 1024 * KiB
 
 
 class WasmPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -64,6 +65,13 @@ class LimitsPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_inflight_per_client: int = 64  # queued or running jobs of one device
     upload_idle_timeout_s: float = 60.0  # a half-sent blob is dropped after this
     answer_retention_s: float = 24 * 3600.0  # stored answers for duplicate job ids
+    # The journal on disk: answers kept and the requests of jobs not yet answered. Past it the
+    # oldest answers go first (store.py); waiting jobs never do (admission bounds them).
+    journal_bytes: int = 256 * MiB
+    # A larger answer is kept by reference (its SHA-256): a re-sent job id runs again.
+    journal_answer_bytes: int = 64 * KiB
+    audit_retention_s: float = 30 * 24 * 3600.0  # audit rows (decisions, refusals) kept
+    audit_bytes: int = 64 * MiB  # the audit table on disk; past it the oldest rows go first
 
 
 class TasksPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

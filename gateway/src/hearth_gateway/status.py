@@ -9,6 +9,8 @@ from pathlib import Path
 
 import msgspec
 
+from hearth_gateway.store import JournalStats
+
 __all__ = ["StatusSnapshot", "format_status", "read_snapshot", "write_snapshot"]
 
 _FILE = "status.json"
@@ -37,6 +39,7 @@ class StatusSnapshot(msgspec.Struct, kw_only=True):
     jobs_duplicate: int
     blobs: int
     blob_bytes: int
+    journal: JournalStats | None = None  # the journal's and the audit table's size
     tasks: int = 0  # persistent tasks installed
     capabilities: dict[str, str] = {}  # name -> version
     streams: int = 0  # camera streams seen (with a drop count)
@@ -94,6 +97,7 @@ def format_status(s: StatusSnapshot) -> str:
         f"jobs        {s.jobs_completed} completed, {s.jobs_refused} refused, "
         f"{s.jobs_duplicate} duplicates answered from the journal (since start)",
         f"blobs       {s.blobs} stored, {_size(s.blob_bytes)}",
+        *_journal_lines(s.journal),
         f"tasks       {s.tasks} persistent tasks (hearth-gateway tasks list)",
         f"vision      {', '.join(s.capabilities) or '-'}",
         f"streams     {s.streams} streams, {s.frames_dropped} frames dropped (latest frame "
@@ -106,6 +110,22 @@ def format_status(s: StatusSnapshot) -> str:
             f"): {s.jobs_forwarded} public jobs forwarded, {s.jobs_fell_back} ran here instead"
         )
     return "\n".join(lines)
+
+
+def _journal_lines(j: JournalStats | None) -> list[str]:
+    if j is None:
+        return []
+    lines = [
+        f"journal     {_size(j.journal_bytes)} of {_size(j.journal_bytes_limit)}: {j.waiting} jobs "
+        f"waiting, {j.answers} answers kept",
+        f"audit       {j.audit_rows} rows, {_size(j.audit_bytes)} of {_size(j.audit_bytes_limit)}",
+        f"state file  {_size(j.file_bytes)} on disk (journal, audit, tasks, indexes, free pages)",
+    ]
+    if j.evicted or j.reruns:
+        lines[0] += (
+            f" ({j.evicted} dropped early for room, {j.reruns} re-sent ids run again; since start)"
+        )
+    return lines
 
 
 def _size(n: int) -> str:
