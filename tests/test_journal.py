@@ -103,3 +103,4 @@ def test_status_shows_the_journal_and_the_audit_table(
     assert "journal     " in text
     assert "of 268.4 MB: 0 jobs waiting, 1 answers kept" in text
     assert "audit       " in text
+    assert "recycled" in text

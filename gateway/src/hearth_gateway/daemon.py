@@ -120,6 +120,7 @@ class Gateway:
             onnx_timeout_s=self.policy.onnx.wall_timeout_s,
             task_timeout_s=self.policy.tasks.wall_timeout_s,
             vision_timeout_s=self.policy.vision.wall_timeout_s,
+            recycle=self.policy.workers,
         )
         # The daemon's account on the managed broker, new at each start (docs/security.md).
         self._broker_password = secrets.token_urlsafe(32)
@@ -354,6 +355,8 @@ class Gateway:
                 workers=self.pool.size,
                 worker_pids=self.pool.pids(),
                 worker_restarts=self.pool.restarts,
+                workers_recycled=self.pool.recycled,
+                worker_rss_bytes=self.pool.resident(),
                 worker_network=self.worker_network,
                 busy_workers=self.pool.busy,
                 queue_depth=self.admission.in_flight,

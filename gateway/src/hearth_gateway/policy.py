@@ -27,6 +27,7 @@ __all__ = [
     "TasksPolicy",
     "VisionPolicy",
     "WasmPolicy",
+    "WorkersPolicy",
     "filter_covers",
     "load_policy",
     "task_topic_error",
@@ -105,6 +106,14 @@ class PlacementPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     upstream_timeout_s: float = 60.0  # no answer from the upstream by then: the job runs here
 
 
+class WorkersPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """When a worker process is replaced by a fresh one (workers.py): after a job, before the
+    next, never during one. Memory a worker's heap once grew to is not given back otherwise."""
+
+    max_rss_bytes: int = 384 * MiB  # resident memory after a job; 0: no limit
+    max_jobs: int = 0  # jobs run by one process; 0: no limit
+
+
 class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     wasm: WasmPolicy = WasmPolicy()
     onnx: OnnxPolicy = OnnxPolicy()
@@ -112,6 +121,7 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     tasks: TasksPolicy = TasksPolicy()
     vision: VisionPolicy = VisionPolicy()
     placement: PlacementPolicy = PlacementPolicy()
+    workers: WorkersPolicy = WorkersPolicy()
 
 
 def load_policy(paths: Iterable[Path]) -> Policy:

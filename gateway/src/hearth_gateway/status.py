@@ -30,6 +30,8 @@ class StatusSnapshot(msgspec.Struct, kw_only=True):
     workers: int
     worker_pids: list[int]
     worker_restarts: int
+    workers_recycled: int = 0  # replaced between jobs for their memory or job count
+    worker_rss_bytes: list[int] = []  # each live worker's resident memory
     worker_network: str  # "isolated": a network namespace of their own; else why not
     busy_workers: int
     queue_depth: int
@@ -91,8 +93,9 @@ def format_status(s: StatusSnapshot) -> str:
         f"mDNS        {'advertising _hearth._tcp' if s.mdns else 'off'}",
         f"runners     {', '.join(s.runners)}",
         f"onnx on     {', '.join(s.providers) or '-'}",
-        f"workers     {s.workers} ({s.busy_workers} busy, {s.worker_restarts} restarted; "
-        f"network: {network})",
+        f"workers     {s.workers} ({s.busy_workers} busy, {s.worker_restarts} restarted, "
+        f"{s.workers_recycled} recycled; network: {network})",
+        *_memory_lines(s.worker_rss_bytes),
         f"queue       {s.queue_depth} jobs waiting or running",
         f"jobs        {s.jobs_completed} completed, {s.jobs_refused} refused, "
         f"{s.jobs_duplicate} duplicates answered from the journal (since start)",
@@ -110,6 +113,12 @@ def format_status(s: StatusSnapshot) -> str:
             f"): {s.jobs_forwarded} public jobs forwarded, {s.jobs_fell_back} ran here instead"
         )
     return "\n".join(lines)
+
+
+def _memory_lines(resident: list[int]) -> list[str]:
+    if not resident:  # no /proc, or a snapshot from before it was reported
+        return []
+    return [f"memory      workers resident: {', '.join(_size(n) for n in resident)}"]
 
 
 def _journal_lines(j: JournalStats | None) -> list[str]:
