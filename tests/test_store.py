@@ -1,10 +1,9 @@
 """The store against a real SQLite file: transactions that roll back whole, a journal and an
-audit table bounded by bytes and time (measured on disk with SQLite's dbstat), answers kept by
-reference, and databases written by an older version."""
+audit table bounded by bytes and time (measured on disk with SQLite's dbstat), large answers not
+kept, and databases written by an older version."""
 
 from __future__ import annotations
 
-import logging
 import os
 import sqlite3
 import time
@@ -136,29 +135,24 @@ def test_answers_past_journal_bytes_go_oldest_first_and_waiting_jobs_stay(tmp_pa
     assert on_disk["jobs"] <= bound, on_disk
 
 
-def test_large_answers_are_kept_by_reference_and_a_resent_id_runs_again(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_answers_over_journal_answer_bytes_are_not_kept_and_the_id_runs_again(
+    tmp_path: Path,
 ) -> None:
     store = _store(tmp_path, journal_answer_bytes=64 * KiB)
     small, large = b"small answer", os.urandom(MiB)
     store.accept(_entry("small"))
     store.finish(CLIENT, "small", small)
-    store.accept(_entry("large", b"stdin"))
+    store.accept(_entry("large", os.urandom(MiB)))
+    assert store.stats().journal_bytes > MiB  # its stdin, until it is answered
     store.finish(CLIENT, "large", large)
-    assert store.stats().journal_bytes < 4 * KiB  # the megabyte is not in the journal
+    stats = store.stats()
+    assert (stats.waiting, stats.answers, stats.unkept) == (0, 1, 1)
+    assert stats.journal_bytes < 4 * KiB  # neither the stdin nor the megabyte answer
     assert store.accept(_entry("small")) == ("done", small)
-    # Re-sent: accepted as new, with the new request's stdin, topic and correlation.
+    # Sent again: new, with the new request's stdin and topic.
     assert store.accept(_entry("large", b"stdin again", f"{TOPIC}/2")) is None
-    [rerun] = store.unfinished()
-    assert (rerun.request, rerun.response_topic) == (b"stdin again", f"{TOPIC}/2")
-    assert store.accept(_entry("large")) == ("accepted", None)  # running: its answer is coming
-    with caplog.at_level(logging.WARNING, logger="hearth_gateway.store"):
-        store.finish(CLIENT, "large", large)  # the same answer: nothing to say
-        assert not caplog.records
-        store.accept(_entry("large"))
-        store.finish(CLIENT, "large", os.urandom(MiB))
-    assert "answered differently" in caplog.text
-    assert store.stats().reruns == 2
+    [again] = store.unfinished()
+    assert (again.request, again.response_topic) == (b"stdin again", f"{TOPIC}/2")
     store.close()
 
 

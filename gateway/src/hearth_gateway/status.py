@@ -130,9 +130,9 @@ def _journal_lines(j: JournalStats | None) -> list[str]:
         f"audit       {j.audit_rows} rows, {_size(j.audit_bytes)} of {_size(j.audit_bytes_limit)}",
         f"state file  {_size(j.file_bytes)} on disk (journal, audit, tasks, indexes, free pages)",
     ]
-    if j.evicted or j.reruns:
+    if j.evicted or j.unkept:
         lines[0] += (
-            f" ({j.evicted} dropped early for room, {j.reruns} re-sent ids run again; since start)"
+            f" ({j.evicted} dropped early for room, {j.unkept} too large to keep; since start)"
         )
     return lines
 

@@ -13,8 +13,8 @@ The journal and the audit table are bounded by time and by bytes (policy ``limit
   how many wait (``max_queue`` of at most ``max_message_bytes`` each).
 - An answer of up to ``journal_answer_bytes`` is kept whole for ``answer_retention_s``; past
   ``journal_bytes`` (kept answers and waiting requests together) the oldest answers go first.
-- A larger answer is kept by reference only: its SHA-256, sealed. The job id stays known, and a
-  re-send of it runs the job again (``accept`` says why that is safe).
+- A larger answer is not journaled at all: the job's entry goes when its answer is published,
+  and the job id sent again runs the job again (``finish`` says why that is safe).
 - Audit rows are kept for ``audit_retention_s``; past ``audit_bytes`` the oldest go first.
 
 A row's size is estimated as it is written (its values, whole overflow pages for large ones, its
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
 import sqlite3
@@ -94,7 +93,7 @@ class JournalStats:
     """The journal's and the audit table's size, for the status."""
 
     waiting: int  # jobs accepted and not yet answered (their requests are kept)
-    answers: int  # answered jobs still known (whole answers and answers kept by reference)
+    answers: int  # answered jobs whose answer is kept
     journal_bytes: int  # both together, estimated on disk
     journal_bytes_limit: int  # limits.journal_bytes
     audit_rows: int
@@ -102,7 +101,7 @@ class JournalStats:
     audit_bytes_limit: int  # limits.audit_bytes
     file_bytes: int  # the database file and its WAL (every table, free pages included)
     evicted: int  # answers dropped early for the byte bound (since start)
-    reruns: int  # re-sent job ids run again, their answer kept by reference (since start)
+    unkept: int  # answers too large to keep, not journaled (since start)
 
 
 @dataclass(slots=True)
@@ -116,7 +115,7 @@ class _Totals:
     audit_rows: int = 0
     audit_bytes: int = 0
     evicted: int = 0
-    reruns: int = 0
+    unkept: int = 0
 
 
 class Store:
@@ -168,7 +167,7 @@ class Store:
                     "request": bytes,  # kept until answered, for a re-run after a crash
                     "response_topic": str,
                     "correlation": bytes,
-                    "reply": bytes,  # NULL when the answer is kept by reference
+                    "reply": bytes,
                     "accepted_at": float,
                     "finished_at": float,
                 },
@@ -185,9 +184,6 @@ class Store:
                 " + coalesce(length(response_topic), 0) + coalesce(length(correlation), 0)",
                 (_JOB_OVERHEAD,),
             )
-        if "reply_digest" not in jobs:
-            # SHA-256 of an answer kept by reference (too large to keep whole), sealed.
-            self._db.table("jobs").add_column("reply_digest", bytes)
         # The oldest answers go first, by time or for room; waiting jobs are not in it. Queries
         # name it (INDEXED BY): without statistics the planner would take the index on state
         # and sort every answer to find the oldest.
@@ -328,24 +324,15 @@ class Store:
     ) -> tuple[str, bytes | None] | None:
         """Journal a new job (and its audit entry, in the same transaction: one commit per job
         instead of two). Returns None if it is new, else (state, stored reply or None) of the
-        job already known under that id; then nothing is written.
-
-        A job id whose answer was kept by reference only (too large to keep whole) counts as
-        new: the job runs again and its new answer is sent. That is safe because a job has no
-        effect outside its sandbox (no network, a scratch directory that goes with it, nothing
-        kept between jobs): running it twice costs CPU, nothing else. A module that reads the
-        clock or random numbers may answer differently; ``finish`` compares the answer with the
-        one recorded and logs when they differ."""
+        job already known under that id; then nothing is written."""
         with self.transaction():
             row = self._conn.execute(
-                "SELECT rowid, state, reply, reply_digest, bytes FROM jobs"
-                " WHERE client_id=? AND job_id=?",
+                "SELECT state, reply FROM jobs WHERE client_id=? AND job_id=?",
                 (entry.client_id, entry.job_id),
             ).fetchone()
-            rerun = row is not None and row[1] == "done" and row[2] is None and row[3]
-            if row is not None and not rerun:
+            if row is not None:
                 where = _where("jobs.reply", entry.client_id, entry.job_id)
-                return str(row[1]), self._sealer.open(row[2], where) or None
+                return str(row[0]), self._sealer.open(row[1], where) or None
             request = self._sealer.seal(
                 entry.request, _where("jobs.request", entry.client_id, entry.job_id)
             )
@@ -358,74 +345,61 @@ class Store:
                 entry.correlation,
             )
             now = time.time()
-            totals = self._totals
-            if row is None:
-                self._conn.execute(
-                    "INSERT INTO jobs (client_id, job_id, state, request, response_topic,"
-                    " correlation, accepted_at, bytes) VALUES (?, ?, 'accepted', ?, ?, ?, ?, ?)",
-                    (
-                        entry.client_id,
-                        entry.job_id,
-                        request,
-                        entry.response_topic,
-                        entry.correlation,
-                        now,
-                        size,
-                    ),
-                )
-            else:
-                self._conn.execute(
-                    "UPDATE jobs SET state='accepted', request=?, response_topic=?,"
-                    " correlation=?, accepted_at=?, finished_at=NULL, bytes=? WHERE rowid=?",
-                    (request, entry.response_topic, entry.correlation, now, size, row[0]),
-                )
-                totals.answers -= 1
-                totals.journal_bytes -= int(row[4])
-                totals.reruns += 1
-            totals.waiting += 1
-            totals.journal_bytes += size
+            self._conn.execute(
+                "INSERT INTO jobs (client_id, job_id, state, request, response_topic,"
+                " correlation, accepted_at, bytes) VALUES (?, ?, 'accepted', ?, ?, ?, ?, ?)",
+                (
+                    entry.client_id,
+                    entry.job_id,
+                    request,
+                    entry.response_topic,
+                    entry.correlation,
+                    now,
+                    size,
+                ),
+            )
+            self._totals.waiting += 1
+            self._totals.journal_bytes += size
             if audit is not None:
                 self._insert_audit(now, audit)
             self._bound_journal()
             return None
 
     def finish(self, client_id: str, job_id: str, reply: bytes) -> None:
-        """Store a job's answer (whole, or by reference when larger than
-        ``journal_answer_bytes``) and drop its request."""
-        where = _where("jobs.reply", client_id, job_id)
-        digest_where = _where("jobs.reply_digest", client_id, job_id)
-        whole = len(reply) <= self._limits.journal_answer_bytes
+        """Store a job's answer and drop its request.
+
+        An answer larger than ``journal_answer_bytes`` is not kept: the job's entry goes, so
+        the same job id sent again runs the job again rather than getting this answer. That
+        keeps a few large answers from filling the disk or pushing the many small ones out,
+        and it is safe: a job has no effect outside its sandbox (no network, a scratch
+        directory that goes with it, nothing kept between jobs), so a second run costs CPU
+        and nothing else, and each request still gets one answer. (A hash of the answer would
+        not tell a re-run's answer from a different one: answers carry their timing.)"""
+        keep = len(reply) <= self._limits.journal_answer_bytes
         with self.transaction():
             row = self._conn.execute(
-                "SELECT rowid, bytes, reply_digest FROM jobs"
-                " WHERE client_id=? AND job_id=? AND state='accepted'",
+                "SELECT rowid, bytes FROM jobs WHERE client_id=? AND job_id=? AND state='accepted'",
                 (client_id, job_id),
             ).fetchone()
             if row is None:
                 return  # forgotten meanwhile: nothing to answer for
-            if whole:
-                sealed, digest = self._sealer.seal(reply, where), None
-            else:
-                value = hashlib.sha256(reply).digest()
-                if row[2] and self._sealer.open(row[2], digest_where) != value:
-                    log.warning(
-                        "job %s of %s answered differently when run again (its module reads "
-                        "the clock or random numbers?)",
-                        job_id,
-                        client_id,
-                    )
-                sealed, digest = None, self._sealer.seal(value, digest_where)
-            # The reply goes to the request's own topic; a re-send brings its own.
-            size = _job_bytes(self._page, client_id, job_id, sealed or b"", digest or b"")
-            self._conn.execute(
-                "UPDATE jobs SET state='done', request=NULL, response_topic='', correlation=x'',"
-                " reply=?, reply_digest=?, finished_at=?, bytes=? WHERE rowid=?",
-                (sealed, digest, time.time(), size, row[0]),
-            )
             totals = self._totals
             totals.waiting -= 1
+            totals.journal_bytes -= int(row[1])
+            if not keep:
+                self._conn.execute("DELETE FROM jobs WHERE rowid=?", (row[0],))
+                totals.unkept += 1
+                return
+            sealed = self._sealer.seal(reply, _where("jobs.reply", client_id, job_id))
+            size = _job_bytes(self._page, client_id, job_id, sealed)
+            # The reply goes to the request's own topic; a re-send brings its own.
+            self._conn.execute(
+                "UPDATE jobs SET state='done', request=NULL, response_topic='', correlation=x'',"
+                " reply=?, finished_at=?, bytes=? WHERE rowid=?",
+                (sealed, time.time(), size, row[0]),
+            )
             totals.answers += 1
-            totals.journal_bytes += size - int(row[1])
+            totals.journal_bytes += size
             self._bound_journal()
 
     def forget(self, client_id: str, job_id: str) -> None:
@@ -548,7 +522,7 @@ class Store:
             audit_bytes_limit=self._limits.audit_bytes,
             file_bytes=on_disk,
             evicted=t.evicted,
-            reruns=t.reruns,
+            unkept=t.unkept,
         )
 
     # -- audit -----------------------------------------------------------------------------
