@@ -29,7 +29,7 @@ def _upload(dev: RawDevice, module: Path) -> str:
 def test_a_large_answer_is_not_kept_and_its_job_id_sent_again_runs_again(
     gateway: GatewayProcess, wasm: dict[str, Path]
 ) -> None:
-    stdin = os.urandom(256 * KiB)  # echo answers with it: over journal_answer_bytes (64 KiB)
+    stdin = os.urandom(256 * KiB)  # echo answers with it: over journal_inline_bytes (64 KiB)
     with RawDevice(gateway.listen, gateway.gateway_id) as dev:
         job = WasmJob(job_id="large", module=_upload(dev, wasm["echo"]), stdin=stdin)
         first = dev.request(job)

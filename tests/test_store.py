@@ -4,6 +4,7 @@ kept, and databases written by an older version."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import time
@@ -135,10 +136,10 @@ def test_answers_past_journal_bytes_go_oldest_first_and_waiting_jobs_stay(tmp_pa
     assert on_disk["jobs"] <= bound, on_disk
 
 
-def test_answers_over_journal_answer_bytes_are_not_kept_and_the_id_runs_again(
+def test_answers_over_journal_inline_bytes_are_not_kept_and_the_id_runs_again(
     tmp_path: Path,
 ) -> None:
-    store = _store(tmp_path, journal_answer_bytes=64 * KiB)
+    store = _store(tmp_path, journal_inline_bytes=64 * KiB)
     small, large = b"small answer", os.urandom(MiB)
     store.accept(_entry("small"))
     store.finish(CLIENT, "small", small)
@@ -156,8 +157,47 @@ def test_answers_over_journal_answer_bytes_are_not_kept_and_the_id_runs_again(
     store.close()
 
 
+def test_a_large_request_waits_in_a_sealed_file_of_its_own(tmp_path: Path) -> None:
+    sealer = Sealer(os.urandom(32))
+    store = Store(tmp_path / "db.sqlite3", sealer)
+    stdin = os.urandom(MiB)
+    for job_id in ("answered", "refused", "waiting"):
+        store.accept(_entry(job_id, stdin))
+    spool = tmp_path / "requests"
+    assert len(list(spool.iterdir())) == 3
+    assert all(stdin not in f.read_bytes() for f in spool.iterdir())  # sealed
+    assert store.stats().journal_bytes > 3 * MiB
+    store.finish(CLIENT, "answered", b"small answer")
+    store.forget(CLIENT, "refused")
+    assert len(list(spool.iterdir())) == 1
+    store.close()  # as if killed: the waiting job's request must come back
+    (spool / ("0" * 40)).write_bytes(b"left by a crash before its row was committed")
+    store = Store(tmp_path / "db.sqlite3", sealer)
+    assert [(e.job_id, e.request) for e in store.unfinished()] == [("waiting", stdin)]
+    assert len(list(spool.iterdir())) == 1  # the stray file was swept
+    store.finish(CLIENT, "waiting", b"done")
+    assert list(spool.iterdir()) == []
+    assert store.stats().journal_bytes < 4 * KiB
+    store.close()
+
+
+def test_a_request_whose_file_did_not_survive_is_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = _store(tmp_path)
+    store.accept(_entry("lost", os.urandom(MiB)))
+    store.accept(_entry("kept"))
+    for file in (tmp_path / "requests").iterdir():
+        file.write_bytes(file.read_bytes()[:1000])  # a power cut: the file was cut short
+    with caplog.at_level(logging.WARNING, logger="hearth_gateway.store"):
+        assert [e.job_id for e in store.unfinished()] == ["kept"]
+    assert "job lost of dev-1: its request is lost" in caplog.text
+    assert store.accept(_entry("lost")) is None  # the id is new again
+    store.close()
+
+
 def test_expired_answers_go_and_the_file_gives_their_pages_back(tmp_path: Path) -> None:
-    store = _store(tmp_path, journal_answer_bytes=2 * MiB, answer_retention_s=0.2)
+    store = _store(tmp_path, journal_inline_bytes=2 * MiB, answer_retention_s=0.2)
     for i in range(40):
         store.accept(_entry(f"job-{i}"))
         store.finish(CLIENT, f"job-{i}", os.urandom(MiB))

@@ -69,8 +69,9 @@ class LimitsPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # The journal on disk: answers kept and the requests of jobs not yet answered. Past it the
     # oldest answers go first (store.py); waiting jobs never do (admission bounds them).
     journal_bytes: int = 256 * MiB
-    # A larger answer is not kept: the same job id sent again runs the job again.
-    journal_answer_bytes: int = 64 * KiB
+    # A larger request waits for its answer in a file of its own; a larger answer is not kept
+    # (the same job id sent again runs the job again).
+    journal_inline_bytes: int = 64 * KiB
     audit_retention_s: float = 30 * 24 * 3600.0  # audit rows (decisions, refusals) kept
     audit_bytes: int = 64 * MiB  # the audit table on disk; past it the oldest rows go first
 

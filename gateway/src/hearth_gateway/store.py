@@ -10,8 +10,9 @@ The journal and the audit table are bounded by time and by bytes (policy ``limit
 
 - A job's request (its stdin included) is kept until the job is answered, never longer, and is
   never dropped before: that is what lets an accepted job survive a SIGKILL. Admission bounds
-  how many wait (``max_queue`` of at most ``max_message_bytes`` each).
-- An answer of up to ``journal_answer_bytes`` is kept whole for ``answer_retention_s``; past
+  how many wait (``max_queue`` of at most ``max_message_bytes`` each). A request larger than
+  ``journal_inline_bytes`` is journaled by reference: sealed, in a file of its own (_spool.py).
+- An answer of up to ``journal_inline_bytes`` is kept for ``answer_retention_s``; past
   ``journal_bytes`` (kept answers and waiting requests together) the oldest answers go first.
 - A larger answer is not journaled at all: the job's entry goes when its answer is published,
   and the job id sent again runs the job again (``finish`` says why that is safe).
@@ -38,7 +39,8 @@ from typing import NamedTuple
 import sqlite_utils
 
 from hearth.protocol import DataClass
-from hearth_gateway.crypto import Sealer
+from hearth_gateway._spool import Spool
+from hearth_gateway.crypto import Sealer, SealError
 from hearth_gateway.policy import LimitsPolicy
 
 __all__ = ["AuditEntry", "DeviceRecord", "JournalEntry", "JournalStats", "Store"]
@@ -94,7 +96,7 @@ class JournalStats:
 
     waiting: int  # jobs accepted and not yet answered (their requests are kept)
     answers: int  # answered jobs whose answer is kept
-    journal_bytes: int  # both together, estimated on disk
+    journal_bytes: int  # both together, estimated on disk (large requests' files included)
     journal_bytes_limit: int  # limits.journal_bytes
     audit_rows: int
     audit_bytes: int  # estimated on disk
@@ -129,6 +131,7 @@ class Store:
         # Payloads, answers and task state are sealed before they reach SQLite; ids, states,
         # counters and times stay in the clear so the gateway can query them.
         self._sealer = sealer
+        self._spool = Spool(path.parent / "requests")
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db = sqlite_utils.Database(self._conn)
         # Reentrant: a transaction holds it while the methods called inside take it again.
@@ -145,6 +148,14 @@ class Store:
         self._page = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
         self._migrate()
         self._count()
+        self._spool.sweep(
+            {
+                Spool.name(client_id, job_id)
+                for client_id, job_id in self._conn.execute(
+                    "SELECT client_id, job_id FROM jobs WHERE state='accepted' AND request_file=1"
+                )
+            }
+        )
 
     def _incremental_vacuum(self) -> None:
         """Pages freed by expired answers and audit rows go back to the file system (see
@@ -184,6 +195,9 @@ class Store:
                 " + coalesce(length(response_topic), 0) + coalesce(length(correlation), 0)",
                 (_JOB_OVERHEAD,),
             )
+        if "request_file" not in jobs:
+            # 1: the request is in a file of its own (_spool.py), not in the row.
+            self._db.table("jobs").add_column("request_file", int, not_null_default=0)
         # The oldest answers go first, by time or for room; waiting jobs are not in it. Queries
         # name it (INDEXED BY): without statistics the planner would take the index on state
         # and sort every answer to find the oldest.
@@ -325,45 +339,57 @@ class Store:
         """Journal a new job (and its audit entry, in the same transaction: one commit per job
         instead of two). Returns None if it is new, else (state, stored reply or None) of the
         job already known under that id; then nothing is written."""
-        with self.transaction():
-            row = self._conn.execute(
-                "SELECT state, reply FROM jobs WHERE client_id=? AND job_id=?",
-                (entry.client_id, entry.job_id),
-            ).fetchone()
-            if row is not None:
-                where = _where("jobs.reply", entry.client_id, entry.job_id)
-                return str(row[0]), self._sealer.open(row[1], where) or None
-            request = self._sealer.seal(
-                entry.request, _where("jobs.request", entry.client_id, entry.job_id)
-            )
+        spooled = len(entry.request) > self._limits.journal_inline_bytes
+        name = Spool.name(entry.client_id, entry.job_id)
+        try:
+            with self.transaction():
+                row = self._conn.execute(
+                    "SELECT state, reply FROM jobs WHERE client_id=? AND job_id=?",
+                    (entry.client_id, entry.job_id),
+                ).fetchone()
+                if row is not None:
+                    spooled = False  # nothing was written
+                    where = _where("jobs.reply", entry.client_id, entry.job_id)
+                    return str(row[0]), self._sealer.open(row[1], where) or None
+                self._insert_job(entry, name if spooled else None, audit)
+                return None
+        except BaseException:
+            if spooled:
+                self._spool.remove([name])
+            raise
+
+    def _insert_job(self, entry: JournalEntry, file: str | None, audit: AuditEntry | None) -> None:
+        request = self._sealer.seal(
+            entry.request, _where("jobs.request", entry.client_id, entry.job_id)
+        )
+        topic = entry.response_topic.encode()
+        if file is not None:
+            on_disk = self._spool.write(file, request)
+            size = on_disk + _job_bytes(self._page, entry.client_id, entry.job_id, topic)
+        else:
             size = _job_bytes(
-                self._page,
+                self._page, entry.client_id, entry.job_id, request, topic, entry.correlation
+            )
+        now = time.time()
+        self._conn.execute(
+            "INSERT INTO jobs (client_id, job_id, state, request, request_file, response_topic,"
+            " correlation, accepted_at, bytes) VALUES (?, ?, 'accepted', ?, ?, ?, ?, ?, ?)",
+            (
                 entry.client_id,
                 entry.job_id,
-                request,
-                entry.response_topic.encode(),
+                None if file is not None else request,
+                int(file is not None),
+                entry.response_topic,
                 entry.correlation,
-            )
-            now = time.time()
-            self._conn.execute(
-                "INSERT INTO jobs (client_id, job_id, state, request, response_topic,"
-                " correlation, accepted_at, bytes) VALUES (?, ?, 'accepted', ?, ?, ?, ?, ?)",
-                (
-                    entry.client_id,
-                    entry.job_id,
-                    request,
-                    entry.response_topic,
-                    entry.correlation,
-                    now,
-                    size,
-                ),
-            )
-            self._totals.waiting += 1
-            self._totals.journal_bytes += size
-            if audit is not None:
-                self._insert_audit(now, audit)
-            self._bound_journal()
-            return None
+                now,
+                size,
+            ),
+        )
+        self._totals.waiting += 1
+        self._totals.journal_bytes += size
+        if audit is not None:
+            self._insert_audit(now, audit)
+        self._bound_journal()
 
     def finish(self, client_id: str, job_id: str, reply: bytes) -> None:
         """Store a job's answer and drop its request.
@@ -375,10 +401,11 @@ class Store:
         directory that goes with it, nothing kept between jobs), so a second run costs CPU
         and nothing else, and each request still gets one answer. (A hash of the answer would
         not tell a re-run's answer from a different one: answers carry their timing.)"""
-        keep = len(reply) <= self._limits.journal_answer_bytes
+        keep = len(reply) <= self._limits.journal_inline_bytes
         with self.transaction():
             row = self._conn.execute(
-                "SELECT rowid, bytes FROM jobs WHERE client_id=? AND job_id=? AND state='accepted'",
+                "SELECT rowid, bytes, request_file FROM jobs"
+                " WHERE client_id=? AND job_id=? AND state='accepted'",
                 (client_id, job_id),
             ).fetchone()
             if row is None:
@@ -389,43 +416,56 @@ class Store:
             if not keep:
                 self._conn.execute("DELETE FROM jobs WHERE rowid=?", (row[0],))
                 totals.unkept += 1
-                return
-            sealed = self._sealer.seal(reply, _where("jobs.reply", client_id, job_id))
-            size = _job_bytes(self._page, client_id, job_id, sealed)
-            # The reply goes to the request's own topic; a re-send brings its own.
-            self._conn.execute(
-                "UPDATE jobs SET state='done', request=NULL, response_topic='', correlation=x'',"
-                " reply=?, finished_at=?, bytes=? WHERE rowid=?",
-                (sealed, time.time(), size, row[0]),
-            )
-            totals.answers += 1
-            totals.journal_bytes += size
-            self._bound_journal()
+            else:
+                sealed = self._sealer.seal(reply, _where("jobs.reply", client_id, job_id))
+                size = _job_bytes(self._page, client_id, job_id, sealed)
+                # The reply goes to the request's own topic; a re-send brings its own.
+                self._conn.execute(
+                    "UPDATE jobs SET state='done', request=NULL, request_file=0,"
+                    " response_topic='', correlation=x'', reply=?, finished_at=?, bytes=?"
+                    " WHERE rowid=?",
+                    (sealed, time.time(), size, row[0]),
+                )
+                totals.answers += 1
+                totals.journal_bytes += size
+                self._bound_journal()
+        if row[2]:  # once committed: a crash before this leaves a file the next start sweeps
+            self._spool.remove([Spool.name(client_id, job_id)])
 
     def forget(self, client_id: str, job_id: str) -> None:
         """Drop a journal entry whose job was refused or failed through no fault of its own,
         so that the same job id sent again runs."""
         with self.transaction():
-            for (size,) in self._conn.execute(
+            rows = self._conn.execute(
                 "DELETE FROM jobs WHERE client_id=? AND job_id=? AND state='accepted'"
-                " RETURNING bytes",
+                " RETURNING bytes, request_file",
                 (client_id, job_id),
-            ).fetchall():
+            ).fetchall()
+            for size, _ in rows:
                 self._totals.waiting -= 1
                 self._totals.journal_bytes -= int(size)
+        if any(file for _, file in rows):
+            self._spool.remove([Spool.name(client_id, job_id)])
 
     def unfinished(self) -> list[JournalEntry]:
+        """The jobs accepted and not answered, oldest first. One whose request file did not
+        survive (a power cut: files, like commits, are not synced) is dropped and logged."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT client_id, job_id, request, response_topic, correlation FROM jobs"
-                " WHERE state='accepted' ORDER BY accepted_at"
+                "SELECT client_id, job_id, request, request_file, response_topic, correlation"
+                " FROM jobs WHERE state='accepted' ORDER BY accepted_at"
             ).fetchall()
-        return [
-            JournalEntry(
-                r[0], r[1], self._sealer.open(r[2], _where("jobs.request", r[0], r[1])), r[3], r[4]
-            )
-            for r in rows
-        ]
+        entries: list[JournalEntry] = []
+        for client_id, job_id, request, in_file, topic, correlation in rows:
+            try:
+                sealed = self._spool.read(Spool.name(client_id, job_id)) if in_file else request
+                data = self._sealer.open(sealed, _where("jobs.request", client_id, job_id))
+            except (OSError, SealError) as exc:
+                log.warning("job %s of %s: its request is lost (%s)", job_id, client_id, exc)
+                self.forget(client_id, job_id)
+                continue
+            entries.append(JournalEntry(client_id, job_id, data, topic, correlation))
+        return entries
 
     def _bound_journal(self) -> None:
         """Past ``journal_bytes``, drop the oldest answers until the journal is a sixteenth
