@@ -85,7 +85,11 @@ class Gateway:
         # Everything the daemon writes (journal, blobs, keys later) is private to it.
         os.umask(0o077)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.store = Store(self.state_dir / "hearth.sqlite3", Sealer.for_state_dir(self.state_dir))
+        self.store = Store(
+            self.state_dir / "hearth.sqlite3",
+            Sealer.for_state_dir(self.state_dir),
+            self.policy.limits,
+        )
         self.blobs = BlobStore(self.state_dir / "blobs", self.store, self.policy.limits)
         self.admission = Admission(self.policy.limits)
         self.streams = StreamCounters(self.policy.vision.max_streams)  # in status from the start
@@ -117,6 +121,7 @@ class Gateway:
             onnx_timeout_s=self.policy.onnx.wall_timeout_s,
             task_timeout_s=self.policy.tasks.wall_timeout_s,
             vision_timeout_s=self.policy.vision.wall_timeout_s,
+            recycle=self.policy.workers,
         )
         # The daemon's account on the managed broker, new at each start (docs/security.md).
         self._broker_password = secrets.token_urlsafe(32)
@@ -343,7 +348,7 @@ class Gateway:
         self.blobs.expire_uploads()
         self.dispatcher.expire_sessions()
         if time.monotonic() - self._last_gc > 600:
-            self.store.expire_answers(self.policy.limits.answer_retention_s)
+            self.store.expire()
             self._last_gc = time.monotonic()
         self._write_snapshot("online")
         if self.broker is not None and self.broker.failed.is_set():
@@ -372,6 +377,8 @@ class Gateway:
                 workers=self.pool.size,
                 worker_pids=self.pool.pids(),
                 worker_restarts=self.pool.restarts,
+                workers_recycled=self.pool.recycled,
+                worker_rss_bytes=self.pool.resident(),
                 worker_network=self.worker_network,
                 busy_workers=self.pool.busy,
                 queue_depth=self.admission.in_flight,
@@ -381,6 +388,7 @@ class Gateway:
                 jobs_duplicate=counters.duplicates,
                 blobs=count,
                 blob_bytes=size,
+                journal=self.store.stats(),
                 tasks=self.tasks.count if self.tasks is not None else 0,
                 capabilities=self.capabilities,
                 streams=len(self.streams),

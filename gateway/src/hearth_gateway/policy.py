@@ -27,13 +27,15 @@ __all__ = [
     "TasksPolicy",
     "VisionPolicy",
     "WasmPolicy",
+    "WorkersPolicy",
     "filter_covers",
     "load_policy",
     "task_topic_error",
     "topic_matches",
 ]
 
-MiB = 1024 * 1024
+KiB = 1024
+MiB = 1024 * KiB
 
 
 class WasmPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -64,6 +66,14 @@ class LimitsPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_inflight_per_client: int = 64  # queued or running jobs of one device
     upload_idle_timeout_s: float = 60.0  # a half-sent blob is dropped after this
     answer_retention_s: float = 24 * 3600.0  # stored answers for duplicate job ids
+    # The journal on disk: answers kept and the requests of jobs not yet answered. Past it the
+    # oldest answers go first (store.py); waiting jobs never do (admission bounds them).
+    journal_bytes: int = 256 * MiB
+    # A larger request waits for its answer in a file of its own; a larger answer is not kept
+    # (the same job id sent again runs the job again).
+    journal_inline_bytes: int = 64 * KiB
+    audit_retention_s: float = 30 * 24 * 3600.0  # audit rows (decisions, refusals) kept
+    audit_bytes: int = 64 * MiB  # the audit table on disk; past it the oldest rows go first
 
 
 class TasksPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -97,6 +107,14 @@ class PlacementPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     upstream_timeout_s: float = 60.0  # no answer from the upstream by then: the job runs here
 
 
+class WorkersPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """When a worker process is replaced by a fresh one (workers.py): after a job, before the
+    next, never during one. Memory a worker's heap once grew to is not given back otherwise."""
+
+    max_rss_bytes: int = 384 * MiB  # resident memory after a job; 0: no limit
+    max_jobs: int = 0  # jobs run by one process; 0: no limit
+
+
 class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     wasm: WasmPolicy = WasmPolicy()
     onnx: OnnxPolicy = OnnxPolicy()
@@ -104,6 +122,7 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     tasks: TasksPolicy = TasksPolicy()
     vision: VisionPolicy = VisionPolicy()
     placement: PlacementPolicy = PlacementPolicy()
+    workers: WorkersPolicy = WorkersPolicy()
 
 
 def load_policy(paths: Iterable[Path]) -> Policy:

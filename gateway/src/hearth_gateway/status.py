@@ -9,6 +9,8 @@ from pathlib import Path
 
 import msgspec
 
+from hearth_gateway.store import JournalStats
+
 __all__ = ["StatusSnapshot", "format_status", "read_snapshot", "write_snapshot"]
 
 _FILE = "status.json"
@@ -28,6 +30,8 @@ class StatusSnapshot(msgspec.Struct, kw_only=True):
     workers: int
     worker_pids: list[int]
     worker_restarts: int
+    workers_recycled: int = 0  # replaced between jobs for their memory or job count
+    worker_rss_bytes: list[int] = []  # each live worker's resident memory
     worker_network: str  # "isolated": a network namespace of their own; else why not
     busy_workers: int
     queue_depth: int
@@ -37,6 +41,7 @@ class StatusSnapshot(msgspec.Struct, kw_only=True):
     jobs_duplicate: int
     blobs: int
     blob_bytes: int
+    journal: JournalStats | None = None  # the journal's and the audit table's size
     tasks: int = 0  # persistent tasks installed
     capabilities: dict[str, str] = {}  # name -> version
     streams: int = 0  # camera streams seen (with a drop count)
@@ -88,12 +93,14 @@ def format_status(s: StatusSnapshot) -> str:
         f"mDNS        {'advertising _hearth._tcp' if s.mdns else 'off'}",
         f"runners     {', '.join(s.runners)}",
         f"onnx on     {', '.join(s.providers) or '-'}",
-        f"workers     {s.workers} ({s.busy_workers} busy, {s.worker_restarts} restarted; "
-        f"network: {network})",
+        f"workers     {s.workers} ({s.busy_workers} busy, {s.worker_restarts} restarted, "
+        f"{s.workers_recycled} recycled; network: {network})",
+        *_memory_lines(s.worker_rss_bytes),
         f"queue       {s.queue_depth} jobs waiting or running",
         f"jobs        {s.jobs_completed} completed, {s.jobs_refused} refused, "
         f"{s.jobs_duplicate} duplicates answered from the journal (since start)",
         f"blobs       {s.blobs} stored, {_size(s.blob_bytes)}",
+        *_journal_lines(s.journal),
         f"tasks       {s.tasks} persistent tasks (hearth-gateway tasks list)",
         f"vision      {', '.join(s.capabilities) or '-'}",
         f"streams     {s.streams} streams, {s.frames_dropped} frames dropped (latest frame "
@@ -106,6 +113,28 @@ def format_status(s: StatusSnapshot) -> str:
             f"): {s.jobs_forwarded} public jobs forwarded, {s.jobs_fell_back} ran here instead"
         )
     return "\n".join(lines)
+
+
+def _memory_lines(resident: list[int]) -> list[str]:
+    if not resident:  # no /proc, or a snapshot from before it was reported
+        return []
+    return [f"memory      workers resident: {', '.join(_size(n) for n in resident)}"]
+
+
+def _journal_lines(j: JournalStats | None) -> list[str]:
+    if j is None:
+        return []
+    lines = [
+        f"journal     {_size(j.journal_bytes)} of {_size(j.journal_bytes_limit)}: {j.waiting} jobs "
+        f"waiting, {j.answers} answers kept",
+        f"audit       {j.audit_rows} rows, {_size(j.audit_bytes)} of {_size(j.audit_bytes_limit)}",
+        f"state file  {_size(j.file_bytes)} on disk (journal, audit, tasks, indexes, free pages)",
+    ]
+    if j.evicted or j.unkept:
+        lines[0] += (
+            f" ({j.evicted} dropped early for room, {j.unkept} too large to keep; since start)"
+        )
+    return lines
 
 
 def _size(n: int) -> str:

@@ -1,17 +1,37 @@
-"""Gateway state in SQLite (WAL): the job journal with stored answers, and the blob index
-(with each blob's data label).
+"""Gateway state in SQLite (WAL): the job journal with stored answers, the audit table, the blob
+index (with each blob's data label), persistent tasks and paired devices.
 
 Durability does not rest on the broker: a job is journaled when accepted, its answer is stored
 before it is published, and a job id seen again is answered from here instead of running twice.
 Accepted jobs that were never answered (the gateway died) are run again on start: jobs have no
 side effects outside their sandbox, so a re-run is safe, and the device gets its answer.
+
+The journal and the audit table are bounded by time and by bytes (policy ``limits``):
+
+- A job's request (its stdin included) is kept until the job is answered, never longer, and is
+  never dropped before: that is what lets an accepted job survive a SIGKILL. Admission bounds
+  how many wait (``max_queue`` of at most ``max_message_bytes`` each). A request larger than
+  ``journal_inline_bytes`` is journaled by reference: sealed, in a file of its own (_spool.py).
+- An answer of up to ``journal_inline_bytes`` is kept for ``answer_retention_s``; past
+  ``journal_bytes`` (kept answers and waiting requests together) the oldest answers go first.
+- A larger answer is not journaled at all: the job's entry goes when its answer is published,
+  and the job id sent again runs the job again (``finish`` says why that is safe).
+- Audit rows are kept for ``audit_retention_s``; past ``audit_bytes`` the oldest go first.
+
+A row's size is estimated as it is written (its values, whole overflow pages for large ones, its
+index entries) and the totals are kept in memory, so checking a bound costs nothing per job.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import logging
+import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -19,9 +39,23 @@ from typing import NamedTuple
 import sqlite_utils
 
 from hearth.protocol import DataClass
-from hearth_gateway.crypto import Sealer
+from hearth_gateway._spool import Spool
+from hearth_gateway.crypto import Sealer, SealError
+from hearth_gateway.policy import LimitsPolicy
 
-__all__ = ["AuditEntry", "DeviceRecord", "JournalEntry", "Store"]
+__all__ = ["AuditEntry", "DeviceRecord", "JournalEntry", "JournalStats", "Store"]
+
+log = logging.getLogger(__name__)
+
+# Estimated bytes a row takes on disk beyond its values: record header, rowid, cell pointer and
+# the unused part of its page; for a job, also its entries in the three indexes (job id, state,
+# answered time), filled about two-thirds by random inserts. Measured with SQLite's dbstat
+# (tests/test_store.py holds the estimate at or above what the tables take).
+_JOB_OVERHEAD = 160
+_AUDIT_OVERHEAD = 40
+_WAL_LIMIT = 8 * 1024 * 1024  # the WAL is truncated back to this after a checkpoint
+_FREE_SLACK = 8 * 1024 * 1024  # free pages kept in the file for reuse; more go back (expire)
+_EVICT_BATCH = 256  # rows read per query while making room
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,23 +90,83 @@ class AuditEntry(NamedTuple):
     reason: str
 
 
-class Store:
-    """One SQLite connection behind a lock: writes are short and few per job."""
+@dataclass(frozen=True, slots=True)
+class JournalStats:
+    """The journal's and the audit table's size, for the status."""
 
-    def __init__(self, path: Path, sealer: Sealer) -> None:
+    waiting: int  # jobs accepted and not yet answered (their requests are kept)
+    answers: int  # answered jobs whose answer is kept
+    journal_bytes: int  # both together, estimated on disk (large requests' files included)
+    journal_bytes_limit: int  # limits.journal_bytes
+    audit_rows: int
+    audit_bytes: int  # estimated on disk
+    audit_bytes_limit: int  # limits.audit_bytes
+    file_bytes: int  # the database file and its WAL (every table, free pages included)
+    evicted: int  # answers dropped early for the byte bound (since start)
+    unkept: int  # answers too large to keep, not journaled (since start)
+
+
+@dataclass(slots=True)
+class _Totals:
+    """Running totals of the bounded tables. Copied when a transaction begins and put back if
+    it rolls back, so they always describe what is committed."""
+
+    waiting: int = 0
+    answers: int = 0
+    journal_bytes: int = 0
+    audit_rows: int = 0
+    audit_bytes: int = 0
+    evicted: int = 0
+    unkept: int = 0
+
+
+class Store:
+    """One SQLite connection behind a lock: writes are short and few per job. Statements that
+    must stand or fall together run in ``transaction()``."""
+
+    def __init__(self, path: Path, sealer: Sealer, limits: LimitsPolicy | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._path = path
+        self._limits = limits if limits is not None else LimitsPolicy()
         # Payloads, answers and task state are sealed before they reach SQLite; ids, states,
         # counters and times stay in the clear so the gateway can query them.
         self._sealer = sealer
+        self._spool = Spool(path.parent / "requests")
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db = sqlite_utils.Database(self._conn)
-        self._lock = threading.Lock()
+        # Reentrant: a transaction holds it while the methods called inside take it again.
+        self._lock = threading.RLock()
+        self._depth = 0  # open transaction levels (savepoints past the first)
         self._closed = False
+        self._totals = _Totals()
+        self._incremental_vacuum()
         # WAL + synchronous=NORMAL: commits survive a process crash (SIGKILL), and a power loss
         # can only drop the last transactions, never corrupt the file.
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
+        self._page = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
         self._migrate()
+        self._count()
+        self._spool.sweep(
+            {
+                Spool.name(client_id, job_id)
+                for client_id, job_id in self._conn.execute(
+                    "SELECT client_id, job_id FROM jobs WHERE state='accepted' AND request_file=1"
+                )
+            }
+        )
+
+    def _incremental_vacuum(self) -> None:
+        """Pages freed by expired answers and audit rows go back to the file system (see
+        ``expire``), so the file follows the bounds down as well as up. A new database takes the
+        mode at once; one made before needs a VACUUM, once."""
+        if int(self._conn.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2:
+            return
+        self._conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        if self._db.table_names():
+            log.info("rewriting %s once so that it can shrink (auto_vacuum)", self._path.name)
+            self._conn.execute("VACUUM")
 
     def _migrate(self) -> None:
         if "jobs" not in self._db.table_names():
@@ -91,6 +185,26 @@ class Store:
                 pk=("client_id", "job_id"),
             )
             self._db.table("jobs").create_index(["state"])
+        jobs = self._db.table("jobs").columns_dict
+        if "bytes" not in jobs:
+            # Added with the journal's byte bound, for new and older databases alike.
+            self._db.table("jobs").add_column("bytes", int, not_null_default=0)
+            self._conn.execute(
+                "UPDATE jobs SET bytes = ? + length(client_id) * 2 + length(job_id) * 2"
+                " + coalesce(length(request), 0) + coalesce(length(reply), 0)"
+                " + coalesce(length(response_topic), 0) + coalesce(length(correlation), 0)",
+                (_JOB_OVERHEAD,),
+            )
+        if "request_file" not in jobs:
+            # 1: the request is in a file of its own (_spool.py), not in the row.
+            self._db.table("jobs").add_column("request_file", int, not_null_default=0)
+        # The oldest answers go first, by time or for room; waiting jobs are not in it. Queries
+        # name it (INDEXED BY): without statistics the planner would take the index on state
+        # and sort every answer to find the oldest.
+        self._conn.execute(
+            "CREATE INDEX IF NOT EXISTS jobs_answered ON jobs (finished_at, bytes)"
+            " WHERE state='done'"
+        )
         if "tasks" not in self._db.table_names():
             self._db.table("tasks").create(
                 {
@@ -112,8 +226,7 @@ class Store:
             )
             self._db.table("task_inbox").create_index(["task_id", "id"])
         if "owners" not in self._db.table_names():
-            self._db.table("owners").create({"client_id": str, "last_seen": float},
-                                            pk="client_id")  # fmt: skip
+            self._db.table("owners").create({"client_id": str, "last_seen": float}, pk="client_id")
         if "audit" not in self._db.table_names():
             self._db.table("audit").create(
                 {
@@ -126,6 +239,14 @@ class Store:
                     "reason": str,
                 },
                 pk="id",
+            )
+        if "bytes" not in self._db.table("audit").columns_dict:
+            self._db.table("audit").add_column("bytes", int, not_null_default=0)
+            self._conn.execute(
+                "UPDATE audit SET bytes = ? + length(CAST(actor AS BLOB))"
+                " + length(CAST(action AS BLOB)) + length(CAST(target AS BLOB))"
+                " + length(CAST(decision AS BLOB)) + length(CAST(reason AS BLOB))",
+                (_AUDIT_OVERHEAD,),
             )
         if "blobs" not in self._db.table_names():
             self._db.table("blobs").create(
@@ -153,6 +274,63 @@ class Store:
             )
             self._db.table("devices").create_index(["device_id"])
 
+    def _count(self) -> None:
+        """The running totals, read once at start."""
+        totals = self._totals
+        for state, rows, size in self._conn.execute(
+            "SELECT state, count(*), coalesce(sum(bytes), 0) FROM jobs GROUP BY state"
+        ):
+            if state == "accepted":
+                totals.waiting = int(rows)
+            else:
+                totals.answers += int(rows)
+            totals.journal_bytes += int(size)
+        rows, size = self._conn.execute(
+            "SELECT count(*), coalesce(sum(bytes), 0) FROM audit"
+        ).fetchone()
+        totals.audit_rows, totals.audit_bytes = int(rows), int(size)
+
+    # -- transactions ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """What the store does inside commits together or not at all: any exception rolls it
+        back and goes on up. A failed statement thus never leaves the connection inside a
+        transaction (where every later BEGIN would fail until a restart). Holds the store's
+        lock throughout; a nested one is a savepoint of the outer one.
+
+        >>> with store.transaction():  # doctest: +SKIP
+        ...     store.put_task(...)
+        ...     store.drop_inbox(...)
+        """
+        with self._lock:
+            depth = self._depth
+            saved = dataclasses.replace(self._totals)
+            self._conn.execute(f"SAVEPOINT level{depth}" if depth else "BEGIN")
+            self._depth = depth + 1
+            try:
+                yield
+                self._conn.execute(f"RELEASE level{depth}" if depth else "COMMIT")
+            except BaseException:
+                self._rollback(depth)
+                self._totals = saved
+                raise
+            finally:
+                self._depth = depth
+
+    def _rollback(self, depth: int) -> None:
+        if not self._conn.in_transaction:
+            return  # SQLite rolled back already (it does on some I/O errors)
+        try:
+            if depth:
+                self._conn.execute(f"ROLLBACK TO level{depth}")
+                self._conn.execute(f"RELEASE level{depth}")
+            else:
+                self._conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            # Keep the error that caused the rollback: it is the one worth reading.
+            log.exception("rolling back a failed transaction failed too")
+
     # -- journal ---------------------------------------------------------------------------
 
     def accept(
@@ -161,80 +339,258 @@ class Store:
         """Journal a new job (and its audit entry, in the same transaction: one commit per job
         instead of two). Returns None if it is new, else (state, stored reply or None) of the
         job already known under that id; then nothing is written."""
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT state, reply FROM jobs WHERE client_id=? AND job_id=?",
-                (entry.client_id, entry.job_id),
-            ).fetchone()
-            if row is not None:
-                where = _where("jobs.reply", entry.client_id, entry.job_id)
-                return str(row[0]), self._sealer.open(row[1], where) or None
-            request = self._sealer.seal(
-                entry.request, _where("jobs.request", entry.client_id, entry.job_id)
+        spooled = len(entry.request) > self._limits.journal_inline_bytes
+        name = Spool.name(entry.client_id, entry.job_id)
+        try:
+            with self.transaction():
+                row = self._conn.execute(
+                    "SELECT state, reply FROM jobs WHERE client_id=? AND job_id=?",
+                    (entry.client_id, entry.job_id),
+                ).fetchone()
+                if row is not None:
+                    spooled = False  # nothing was written
+                    where = _where("jobs.reply", entry.client_id, entry.job_id)
+                    return str(row[0]), self._sealer.open(row[1], where) or None
+                self._insert_job(entry, name if spooled else None, audit)
+                return None
+        except BaseException:
+            if spooled:
+                self._spool.remove([name])
+            raise
+
+    def _insert_job(self, entry: JournalEntry, file: str | None, audit: AuditEntry | None) -> None:
+        request = self._sealer.seal(
+            entry.request, _where("jobs.request", entry.client_id, entry.job_id)
+        )
+        topic = entry.response_topic.encode()
+        if file is not None:
+            on_disk = self._spool.write(file, request)
+            size = on_disk + _job_bytes(self._page, entry.client_id, entry.job_id, topic)
+        else:
+            size = _job_bytes(
+                self._page, entry.client_id, entry.job_id, request, topic, entry.correlation
             )
-            now = time.time()
-            self._conn.execute("BEGIN")
-            try:
-                self._conn.execute(
-                    "INSERT INTO jobs (client_id, job_id, state, request, response_topic,"
-                    " correlation, accepted_at) VALUES (?, ?, 'accepted', ?, ?, ?, ?)",
-                    (entry.client_id, entry.job_id, request, entry.response_topic,
-                     entry.correlation, now),
-                )  # fmt: skip
-                if audit is not None:
-                    self._conn.execute(
-                        "INSERT INTO audit (at, actor, action, target, decision, reason)"
-                        " VALUES (?, ?, ?, ?, ?, ?)",
-                        (now, *audit),
-                    )
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-            return None
+        now = time.time()
+        self._conn.execute(
+            "INSERT INTO jobs (client_id, job_id, state, request, request_file, response_topic,"
+            " correlation, accepted_at, bytes) VALUES (?, ?, 'accepted', ?, ?, ?, ?, ?, ?)",
+            (
+                entry.client_id,
+                entry.job_id,
+                None if file is not None else request,
+                int(file is not None),
+                entry.response_topic,
+                entry.correlation,
+                now,
+                size,
+            ),
+        )
+        self._totals.waiting += 1
+        self._totals.journal_bytes += size
+        if audit is not None:
+            self._insert_audit(now, audit)
+        self._bound_journal()
 
     def finish(self, client_id: str, job_id: str, reply: bytes) -> None:
-        with self._lock:
-            self._conn.execute(
-                "UPDATE jobs SET state='done', reply=?, request=NULL, finished_at=?"
-                " WHERE client_id=? AND job_id=?",
-                (
-                    self._sealer.seal(reply, _where("jobs.reply", client_id, job_id)),
-                    time.time(),
-                    client_id,
-                    job_id,
-                ),
-            )
+        """Store a job's answer and drop its request.
+
+        An answer larger than ``journal_answer_bytes`` is not kept: the job's entry goes, so
+        the same job id sent again runs the job again rather than getting this answer. That
+        keeps a few large answers from filling the disk or pushing the many small ones out,
+        and it is safe: a job has no effect outside its sandbox (no network, a scratch
+        directory that goes with it, nothing kept between jobs), so a second run costs CPU
+        and nothing else, and each request still gets one answer. (A hash of the answer would
+        not tell a re-run's answer from a different one: answers carry their timing.)"""
+        keep = len(reply) <= self._limits.journal_inline_bytes
+        with self.transaction():
+            row = self._conn.execute(
+                "SELECT rowid, bytes, request_file FROM jobs"
+                " WHERE client_id=? AND job_id=? AND state='accepted'",
+                (client_id, job_id),
+            ).fetchone()
+            if row is None:
+                return  # forgotten meanwhile: nothing to answer for
+            totals = self._totals
+            totals.waiting -= 1
+            totals.journal_bytes -= int(row[1])
+            if not keep:
+                self._conn.execute("DELETE FROM jobs WHERE rowid=?", (row[0],))
+                totals.unkept += 1
+            else:
+                sealed = self._sealer.seal(reply, _where("jobs.reply", client_id, job_id))
+                size = _job_bytes(self._page, client_id, job_id, sealed)
+                # The reply goes to the request's own topic; a re-send brings its own.
+                self._conn.execute(
+                    "UPDATE jobs SET state='done', request=NULL, request_file=0,"
+                    " response_topic='', correlation=x'', reply=?, finished_at=?, bytes=?"
+                    " WHERE rowid=?",
+                    (sealed, time.time(), size, row[0]),
+                )
+                totals.answers += 1
+                totals.journal_bytes += size
+                self._bound_journal()
+        if row[2]:  # once committed: a crash before this leaves a file the next start sweeps
+            self._spool.remove([Spool.name(client_id, job_id)])
 
     def forget(self, client_id: str, job_id: str) -> None:
         """Drop a journal entry whose job was refused or failed through no fault of its own,
         so that the same job id sent again runs."""
-        with self._lock:
-            self._conn.execute(
-                "DELETE FROM jobs WHERE client_id=? AND job_id=? AND state='accepted'",
+        with self.transaction():
+            rows = self._conn.execute(
+                "DELETE FROM jobs WHERE client_id=? AND job_id=? AND state='accepted'"
+                " RETURNING bytes, request_file",
                 (client_id, job_id),
-            )
+            ).fetchall()
+            for size, _ in rows:
+                self._totals.waiting -= 1
+                self._totals.journal_bytes -= int(size)
+        if any(file for _, file in rows):
+            self._spool.remove([Spool.name(client_id, job_id)])
 
     def unfinished(self) -> list[JournalEntry]:
+        """The jobs accepted and not answered, oldest first. One whose request file did not
+        survive (a power cut: files, like commits, are not synced) is dropped and logged."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT client_id, job_id, request, response_topic, correlation FROM jobs"
-                " WHERE state='accepted' ORDER BY accepted_at"
+                "SELECT client_id, job_id, request, request_file, response_topic, correlation"
+                " FROM jobs WHERE state='accepted' ORDER BY accepted_at"
             ).fetchall()
-        return [
-            JournalEntry(
-                r[0], r[1], self._sealer.open(r[2], _where("jobs.request", r[0], r[1])), r[3], r[4]
-            )
-            for r in rows
-        ]
+        entries: list[JournalEntry] = []
+        for client_id, job_id, request, in_file, topic, correlation in rows:
+            try:
+                sealed = self._spool.read(Spool.name(client_id, job_id)) if in_file else request
+                data = self._sealer.open(sealed, _where("jobs.request", client_id, job_id))
+            except (OSError, SealError) as exc:
+                log.warning("job %s of %s: its request is lost (%s)", job_id, client_id, exc)
+                self.forget(client_id, job_id)
+                continue
+            entries.append(JournalEntry(client_id, job_id, data, topic, correlation))
+        return entries
 
-    def expire_answers(self, older_than_s: float) -> int:
+    def _bound_journal(self) -> None:
+        """Past ``journal_bytes``, drop the oldest answers until the journal is a sixteenth
+        under it (so this runs once per batch of jobs, not for each). Waiting jobs are never
+        dropped: admission bounds them."""
+        bound = self._limits.journal_bytes
+        if self._totals.journal_bytes <= bound:
+            return
+        dropped = self._drop_oldest(
+            "SELECT rowid, bytes FROM jobs INDEXED BY jobs_answered WHERE state='done'"
+            " ORDER BY finished_at LIMIT ?",
+            "DELETE FROM jobs WHERE rowid=?",
+            self._totals.journal_bytes - (bound - bound // 16),
+        )
+        self._totals.answers -= dropped[0]
+        self._totals.journal_bytes -= dropped[1]
+        self._totals.evicted += dropped[0]
+
+    def _drop_oldest(self, select: str, delete: str, excess: int) -> tuple[int, int]:
+        """Delete the rows ``select`` lists (oldest first) until ``excess`` bytes are gone, or
+        none is left; returns (rows, bytes) deleted."""
+        rows = size = 0
+        while size < excess:
+            batch = self._conn.execute(select, (_EVICT_BATCH,)).fetchall()
+            chosen: list[tuple[int]] = []
+            for rowid, row_bytes in batch:
+                if size >= excess:
+                    break
+                chosen.append((int(rowid),))
+                size += int(row_bytes)
+            self._conn.executemany(delete, chosen)
+            rows += len(chosen)
+            if len(batch) < _EVICT_BATCH:
+                break
+        return rows, size
+
+    def expire(self) -> tuple[int, int]:
+        """Drop the answers older than ``answer_retention_s`` and the audit rows older than
+        ``audit_retention_s``, then give the free pages past a few MiB back to the file system.
+        Returns (answers, audit rows) dropped. Called from the daemon's housekeeping."""
+        now = time.time()
+        with self.transaction():
+            answers = self._conn.execute(
+                "DELETE FROM jobs INDEXED BY jobs_answered WHERE state='done' AND finished_at < ?"
+                " RETURNING bytes",
+                (now - self._limits.answer_retention_s,),
+            ).fetchall()
+            self._totals.answers -= len(answers)
+            self._totals.journal_bytes -= sum(int(r[0]) for r in answers)
+            # Rows go in time order: the first one young enough marks where to cut, found
+            # without an index on the time (nothing but the expired rows is read).
+            first = self._conn.execute(
+                "SELECT id FROM audit WHERE at >= ? ORDER BY id LIMIT 1",
+                (now - self._limits.audit_retention_s,),
+            ).fetchone()
+            cut = int(first[0]) if first is not None else 1 << 62  # none young enough: all
+            rows, size = self._conn.execute(
+                "SELECT count(*), coalesce(sum(bytes), 0) FROM audit WHERE id < ?", (cut,)
+            ).fetchone()
+            self._conn.execute("DELETE FROM audit WHERE id < ?", (cut,))
+            self._totals.audit_rows -= int(rows)
+            self._totals.audit_bytes -= int(size)
+        self._shrink()
+        return len(answers), int(rows)
+
+    def _shrink(self) -> None:
         with self._lock:
-            cursor = self._conn.execute(
-                "DELETE FROM jobs WHERE state='done' AND finished_at < ?",
-                (time.time() - older_than_s,),
+            free = int(self._conn.execute("PRAGMA freelist_count").fetchone()[0])
+            if free * self._page <= _FREE_SLACK:
+                return
+            # Each step of this pragma frees one page, and execute() takes one step only;
+            # executescript() runs it to its end.
+            self._conn.executescript(
+                f"PRAGMA incremental_vacuum({free - _FREE_SLACK // self._page});"
             )
-            return cursor.rowcount
+            # The file is cut to its new length when the WAL is written back, so do that now.
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def stats(self) -> JournalStats:
+        """The bounded tables' sizes (from the running totals: no query) and the file's."""
+        with self._lock:
+            t = dataclasses.replace(self._totals)
+        on_disk = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                on_disk += os.stat(f"{self._path}{suffix}").st_size
+        return JournalStats(
+            waiting=t.waiting,
+            answers=t.answers,
+            journal_bytes=t.journal_bytes,
+            journal_bytes_limit=self._limits.journal_bytes,
+            audit_rows=t.audit_rows,
+            audit_bytes=t.audit_bytes,
+            audit_bytes_limit=self._limits.audit_bytes,
+            file_bytes=on_disk,
+            evicted=t.evicted,
+            unkept=t.unkept,
+        )
+
+    # -- audit -----------------------------------------------------------------------------
+
+    def audit(self, actor: str, action: str, target: str, decision: str, reason: str) -> None:
+        """One audit row, committed now (``accept`` can carry a job's own)."""
+        with self.transaction():
+            self._insert_audit(time.time(), AuditEntry(actor, action, target, decision, reason))
+
+    def _insert_audit(self, now: float, entry: AuditEntry) -> None:
+        size = _AUDIT_OVERHEAD + sum(len(value.encode()) for value in entry)
+        self._conn.execute(
+            "INSERT INTO audit (at, actor, action, target, decision, reason, bytes)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (now, *entry, size),
+        )
+        totals = self._totals
+        totals.audit_rows += 1
+        totals.audit_bytes += size
+        bound = self._limits.audit_bytes
+        if totals.audit_bytes > bound:
+            rows, freed = self._drop_oldest(
+                "SELECT id, bytes FROM audit ORDER BY id LIMIT ?",
+                "DELETE FROM audit WHERE id=?",
+                totals.audit_bytes - (bound - bound // 16),
+            )
+            totals.audit_rows -= rows
+            totals.audit_bytes -= freed
 
     # -- blob index ------------------------------------------------------------------------
 
@@ -289,47 +645,45 @@ class Store:
         ]
 
     def put_task(
-        self, task_id: str, owner: str, *, spec: bytes, info: bytes, checkpoint: bytes, kv: bytes,
+        self,
+        task_id: str,
+        owner: str,
+        *,
+        spec: bytes,
+        info: bytes,
+        checkpoint: bytes,
+        kv: bytes,
         done_inbox: list[int] | tuple[int, ...] = (),
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Store a task's state and drop the inbox events it covers, in one transaction."""
-        with self._lock:
-            self._conn.execute("BEGIN")
-            try:
-                self._conn.execute(
-                    "INSERT OR REPLACE INTO tasks (task_id, owner, spec, info, checkpoint, kv)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        task_id,
-                        owner,
-                        self._sealer.seal(spec, _where("tasks.spec", task_id)),
-                        info,
-                        self._sealer.seal(checkpoint, _where("tasks.checkpoint", task_id)),
-                        self._sealer.seal(kv, _where("tasks.kv", task_id)),
-                    ),
+        with self.transaction():
+            self._conn.execute(
+                "INSERT OR REPLACE INTO tasks (task_id, owner, spec, info, checkpoint, kv)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    task_id,
+                    owner,
+                    self._sealer.seal(spec, _where("tasks.spec", task_id)),
+                    info,
+                    self._sealer.seal(checkpoint, _where("tasks.checkpoint", task_id)),
+                    self._sealer.seal(kv, _where("tasks.kv", task_id)),
+                ),
+            )
+            if done_inbox:
+                self._conn.executemany(
+                    "DELETE FROM task_inbox WHERE id=?", [(i,) for i in done_inbox]
                 )
-                if done_inbox:
-                    self._conn.executemany(
-                        "DELETE FROM task_inbox WHERE id=?", [(i,) for i in done_inbox]
-                    )
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
 
     def delete_task(self, task_id: str) -> None:
-        with self._lock:
-            self._conn.execute("BEGIN")
+        with self.transaction():
             self._conn.execute("DELETE FROM tasks WHERE task_id=?", (task_id,))
             self._conn.execute("DELETE FROM task_inbox WHERE task_id=?", (task_id,))
-            self._conn.execute("COMMIT")
 
     def add_inbox_many(self, rows: list[tuple[str, str, bytes]]) -> list[int]:
         """Several tasks' copies of one message, in one transaction (one commit)."""
         ids: list[int] = []
         now = time.time()
-        with self._lock:
-            self._conn.execute("BEGIN")
+        with self.transaction():
             for task_id, topic, payload in rows:
                 cursor = self._conn.execute(
                     "INSERT INTO task_inbox (task_id, topic, payload, received_at)"
@@ -342,11 +696,10 @@ class Store:
                     ),
                 )
                 ids.append(int(cursor.lastrowid or 0))
-            self._conn.execute("COMMIT")
         return ids
 
     def drop_inbox(self, ids: list[int]) -> None:
-        with self._lock:
+        with self.transaction():
             self._conn.executemany("DELETE FROM task_inbox WHERE id=?", [(i,) for i in ids])
 
     def inbox(self) -> list[tuple[int, str, str, bytes]]:
@@ -365,19 +718,10 @@ class Store:
         return {str(r[0]): float(r[1]) for r in rows}
 
     def put_owners(self, seen: dict[str, float]) -> None:
-        with self._lock:
+        with self.transaction():
             self._conn.executemany(
                 "INSERT OR REPLACE INTO owners (client_id, last_seen) VALUES (?, ?)",
                 list(seen.items()),
-            )
-
-    def audit(self, actor: str, action: str, target: str, decision: str, reason: str) -> None:
-        """One audit row, committed now (``accept`` can carry a job's own)."""
-        with self._lock:
-            self._conn.execute(
-                "INSERT INTO audit (at, actor, action, target, decision, reason)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (time.time(), actor, action, target, decision, reason),
             )
 
     # -- paired devices --------------------------------------------------------------------
@@ -385,29 +729,28 @@ class Store:
     def add_device(self, device: DeviceRecord, supersede: bool = False) -> None:
         """Record a new certificate; ``supersede``: revoke the device's earlier ones (a device
         that paired again with the same key)."""
-        with self._lock:
-            self._conn.execute("BEGIN")
-            try:
-                if supersede:
-                    self._conn.execute(
-                        "UPDATE devices SET revoked_at=?, reason='superseded'"
-                        " WHERE device_id=? AND revoked_at IS NULL",
-                        (device.paired_at, device.device_id),
-                    )
+        with self.transaction():
+            if supersede:
                 self._conn.execute(
-                    "INSERT INTO devices (serial, device_id, fingerprint, key_fingerprint,"
-                    " paired_at, revoked_at, reason) VALUES (?, ?, ?, ?, ?, NULL, '')",
-                    (device.serial, device.device_id, device.fingerprint,
-                     device.key_fingerprint, device.paired_at),
-                )  # fmt: skip
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+                    "UPDATE devices SET revoked_at=?, reason='superseded'"
+                    " WHERE device_id=? AND revoked_at IS NULL",
+                    (device.paired_at, device.device_id),
+                )
+            self._conn.execute(
+                "INSERT INTO devices (serial, device_id, fingerprint, key_fingerprint,"
+                " paired_at, revoked_at, reason) VALUES (?, ?, ?, ?, ?, NULL, '')",
+                (
+                    device.serial,
+                    device.device_id,
+                    device.fingerprint,
+                    device.key_fingerprint,
+                    device.paired_at,
+                ),
+            )
 
     def revoke_device(self, device_id: str, reason: str) -> list[str]:
         """Revoke every valid certificate of ``device_id``; returns their serials."""
-        with self._lock:
+        with self.transaction():
             rows = self._conn.execute(
                 "SELECT serial FROM devices WHERE device_id=? AND revoked_at IS NULL",
                 (device_id,),
@@ -426,10 +769,17 @@ class Store:
                 " reason FROM devices ORDER BY paired_at"
             ).fetchall()
         return [
-            DeviceRecord(str(r[0]), str(r[1]), str(r[2]), str(r[3]), float(r[4]),
-                         None if r[5] is None else float(r[5]), str(r[6] or ""))
+            DeviceRecord(
+                str(r[0]),
+                str(r[1]),
+                str(r[2]),
+                str(r[3]),
+                float(r[4]),
+                None if r[5] is None else float(r[5]),
+                str(r[6] or ""),
+            )
             for r in rows
-        ]  # fmt: skip
+        ]
 
     def close(self) -> None:
         with self._lock:
@@ -442,3 +792,13 @@ class Store:
 def _where(column: str, *key: str) -> bytes:
     """Associated data for a sealed value: which column of which row it belongs to."""
     return "/".join((column, *key)).encode()
+
+
+def _job_bytes(page: int, client_id: str, job_id: str, *values: bytes) -> int:
+    """A journal row's estimated size on disk: its ids (twice: the table and the index of job
+    ids), its other values, and whole overflow pages once they no longer fit in a b-tree page."""
+    payload = sum(len(v) for v in values)
+    if payload > page // 4:
+        usable = page - 4  # an overflow page links to the next with 4 bytes
+        payload = -(-payload // usable) * page
+    return _JOB_OVERHEAD + 2 * (len(client_id) + len(job_id)) + payload

@@ -5,6 +5,13 @@ A worker that dies mid-job (a crash in a native runtime) or overruns the wall-cl
 killed) costs that job only: the job is answered with an error and a fresh worker is started.
 Workers are started from the loop's thread, which lives as long as the daemon: the kernel's
 parent-death signal (set by each worker) fires when the thread that forked it exits.
+
+A worker is recycled, between two jobs and never during one, once it has run
+``workers.max_jobs`` jobs or its resident memory is over ``workers.max_rss_bytes`` (policy):
+memory a Python heap or a native runtime once grew to is seldom given back, and a fresh process
+starts small. The old process gets its EOF and exits in the background while its replacement
+starts; queued jobs wait for the next idle worker as usual, so no job fails for it. A worker that
+holds an odometry session is kept until the session closes (the session's map lives there).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from hearth.errors import ErrorCode
 from hearth.protocol import CallJob, Error, OnnxJob, PipelineJob, encode
 from hearth_gateway._frames import FrameReader, write_frame
 from hearth_gateway.loop import Loop, Timer
+from hearth_gateway.policy import WorkersPolicy
 from hearth_gateway.reply_to import ReplyTo
 from hearth_gateway.runners import Job, TaskEvent, WorkerSettings, WorkItem
 
@@ -36,6 +44,18 @@ log = logging.getLogger(__name__)
 _READY_TIMEOUT_S = 60.0  # importing onnxruntime on a small ARM box is slow
 _RESPAWN_BACKOFF_S = 1.0  # after a worker fails to start
 _MAX_AFFINITIES = 4096  # streams and sessions remembered; the least recently used go first
+_EXIT_GRACE_S = 5.0  # a recycled worker still running after this is killed
+_REAP_POLL_S = 0.05
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_bytes(pid: int) -> int | None:
+    """A process's resident memory (RSS), from /proc; None where there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 @dataclass(slots=True)
@@ -75,6 +95,8 @@ class _Worker:
         self.job: QueuedJob | None = None
         self.deadline: Timer | None = None
         self.info: dict[str, object] = {}
+        self.jobs = 0  # run by this process
+        self.sessions: set[str] = set()  # odometry sessions whose state lives in this process
         self._reader = FrameReader()
         self._out = -1
         self._in = -1
@@ -93,6 +115,8 @@ class _Worker:
         self._out = self.proc.stdout.fileno()
         os.set_blocking(self._out, False)
         self._reader = FrameReader()
+        self.jobs = 0
+        self.sessions.clear()
         self.state = _State.STARTING
         self.pool.loop.add_reader(self._out, self._readable)
         self.deadline = self.pool.loop.call_later(_READY_TIMEOUT_S, self._start_timeout)
@@ -152,6 +176,7 @@ class _Worker:
         job, self.job = self.job, None
         self.state = _State.IDLE
         if job is not None:
+            self.jobs += 1
             self.pool.finished(self, job, frame, final=True)
 
     def _overran(self, timeout_s: float) -> None:
@@ -187,6 +212,21 @@ class _Worker:
             # the same job id runs it again rather than replaying this error.
             self.pool.finished(self, job, encode(error), final=False)
         self.pool.replace(self, delay_s=_RESPAWN_BACKOFF_S if job is None else 0.0)
+
+    def retire(self) -> subprocess.Popen[bytes] | None:
+        """Detach this idle worker's process and send it its EOF: it closes its runners and
+        exits. Returns the process, for the pool to reap without waiting on it here."""
+        proc = self.proc
+        if self.state is not _State.IDLE or proc is None:
+            return None
+        self.state = _State.DEAD
+        self.pool.loop.remove_reader(self._out)
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+        proc.stdout.close()  # it writes nothing after its EOF
+        return proc
 
     def stop(self, *, kill: bool = False) -> int | None:
         """Stop the process: EOF on its stdin lets it finish and exit; kill does not wait."""
@@ -229,8 +269,10 @@ class WorkerPool:
         onnx_timeout_s: float,
         task_timeout_s: float = 10.0,
         vision_timeout_s: float = 30.0,
+        recycle: WorkersPolicy | None = None,
     ) -> None:
         self.loop = loop
+        self.recycle = recycle if recycle is not None else WorkersPolicy()
         self.settings_json = msgspec.json.encode(settings).decode()
         # OpenCV reads its own decoder limit once, when it loads: a second line of defence
         # behind the header check (vision/images.py), so it must be in the environment.
@@ -245,7 +287,10 @@ class WorkerPool:
         self._affinity: OrderedDict[str, _Worker] = OrderedDict()
         self._latest: dict[str, QueuedJob] = {}
         self._running_latest: set[str] = set()
-        self.restarts = 0
+        self.restarts = 0  # workers replaced after a crash, an overrun or a failed start
+        self.recycled = 0  # workers replaced for their memory or job count (between jobs)
+        self._exiting: list[tuple[subprocess.Popen[bytes], float]] = []  # recycled, not reaped
+        self._warned_limit = False
         self.info: dict[str, object] = {}
         self._workers = [_Worker(self, i) for i in range(size)]
         self._closed = False
@@ -287,6 +332,10 @@ class WorkerPool:
     def pids(self) -> list[int]:
         return [pid for w in self._workers if (pid := w.pid) is not None]
 
+    def resident(self) -> list[int]:
+        """Each live worker's resident memory in bytes (empty without /proc)."""
+        return [rss for pid in self.pids() if (rss := resident_bytes(pid)) is not None]
+
     def submit(self, job: QueuedJob) -> None:
         if job.latest is not None:
             self._latest[job.latest] = job
@@ -311,7 +360,9 @@ class WorkerPool:
         return old
 
     def forget_affinity(self, key: str) -> None:
-        self._affinity.pop(key, None)
+        worker = self._affinity.pop(key, None)
+        if worker is not None:
+            worker.sessions.discard(key)
 
     def _worker_for(self, job: QueuedJob) -> _Worker | None:
         if job.affinity is None:
@@ -362,8 +413,11 @@ class WorkerPool:
                     del self._latest[job.latest]
             if job.affinity is not None and job.affinity not in self._affinity:
                 self._affinity[job.affinity] = worker
+                if isinstance(job.job, CallJob) and job.job.session:
+                    worker.sessions.add(job.affinity)
                 while len(self._affinity) > _MAX_AFFINITIES:
-                    self._affinity.popitem(last=False)
+                    key, held_by = self._affinity.popitem(last=False)
+                    held_by.sessions.discard(key)
 
     # -- called by workers ---------------------------------------------------------------------
 
@@ -376,7 +430,66 @@ class WorkerPool:
         if job.latest is not None:
             self._running_latest.discard(job.latest)
         self.sink(job, reply, final)
+        if worker.state is _State.IDLE:  # between jobs: the one moment it may be recycled
+            self._maybe_recycle(worker)
         self._dispatch()
+
+    def _recycle_reason(self, worker: _Worker) -> str | None:
+        if worker.sessions:
+            return None  # a session's state lives there: wait until it closes
+        policy = self.recycle
+        if policy.max_jobs and worker.jobs >= policy.max_jobs:
+            return f"it ran {worker.jobs} jobs"
+        if policy.max_rss_bytes and worker.proc is not None:
+            rss = resident_bytes(worker.proc.pid)
+            if rss is None or rss <= policy.max_rss_bytes:
+                return None
+            if worker.jobs == 1 and not self._warned_limit:
+                self._warned_limit = True
+                log.warning(
+                    "%s is over workers.max_rss_bytes after a single job (%.0f MiB): workers "
+                    "running such jobs restart after each one; raise the limit if that is "
+                    "not meant",
+                    worker.name,
+                    rss / 2**20,
+                )
+            return f"{rss / 2**20:.0f} MiB resident, over {policy.max_rss_bytes / 2**20:.0f}"
+        return None
+
+    def _maybe_recycle(self, worker: _Worker) -> None:
+        reason = self._recycle_reason(worker)
+        if reason is None or self._closed:
+            return
+        proc = worker.retire()
+        if proc is None:
+            return
+        log.info("%s: recycling pid %d (%s)", worker.name, proc.pid, reason)
+        self.recycled += 1
+        self._exiting.append((proc, time.monotonic() + _EXIT_GRACE_S))
+        if len(self._exiting) == 1:
+            self.loop.call_later(_REAP_POLL_S, self._reap)
+        try:
+            worker.spawn()
+        except OSError:
+            log.exception("%s: could not start a worker process", worker.name)
+            self.replace(worker, delay_s=_RESPAWN_BACKOFF_S)
+
+    def _reap(self) -> None:
+        """Collect recycled processes as they exit (killed past their grace period)."""
+        now = time.monotonic()
+        still: list[tuple[subprocess.Popen[bytes], float]] = []
+        for proc, deadline in self._exiting:
+            if proc.poll() is not None:
+                continue
+            if now < deadline:
+                still.append((proc, deadline))
+                continue
+            log.warning("recycled worker pid %d did not exit; killing it", proc.pid)
+            proc.kill()
+            proc.wait()
+        self._exiting = still
+        if still and not self._closed:
+            self.loop.call_later(_REAP_POLL_S, self._reap)
 
     def replace(self, worker: _Worker, delay_s: float = 0.0) -> None:
         if self._closed:
@@ -405,3 +518,10 @@ class WorkerPool:
         self._closed = True
         for worker in self._workers:
             worker.stop(kill=worker.state is _State.BUSY)
+        for proc, _deadline in self._exiting:
+            try:
+                proc.wait(timeout=_EXIT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._exiting.clear()
