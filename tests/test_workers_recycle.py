@@ -12,7 +12,7 @@ import cv2
 from skimage import data as skdata
 
 from conftest import GatewayProcess, wait_until
-from hearth_gateway.vision.scenes import render_sequence
+from testkit.scenes import render_sequence
 
 MiB = 1024 * 1024
 
