@@ -6,14 +6,21 @@ looks at what the run has been asked to do:
 
 - **pause**: unwind the stack into the Asyncify buffer, capture memory, globals and WASI state
   as a :class:`Snapshot`, and return it: the run is over here and can resume anywhere;
-- **checkpoint** (periodic, or asked for): the same capture, handed to ``on_checkpoint``, then
-  rewind in place and carry on (a few hundred microseconds for a small run);
+- **checkpoint** (every so many seconds or migration points, or asked for): the same capture,
+  handed to ``on_checkpoint``, then rewind in place and carry on;
 - otherwise: do the call.
 
 Resuming instantiates the module afresh, writes memory and globals back, and rewinds: the
 interrupted call is made again from its start, so the program cannot tell it moved. Output is
 carried in the snapshot (everything written so far), so the final stdout of a run that moved
 is byte-identical to that of a run that did not.
+
+Live migration of a run with much memory (pre-copy): while the run goes on, another thread
+sends its memory ahead in rounds (:meth:`Run.precopy_round`), each with only the chunks that
+changed since the last; the target fills a ready instance with them (:class:`Incoming`). Then
+the run is paused against the image the target holds (``pause(against=...)``) and the final
+snapshot carries only the chunks dirtied since, with globals and WASI state: the run is stopped
+for the time that small delta takes, not for the time the whole memory takes.
 
 What cannot migrate, and why: modules that import anything but WASI preview 1 and
 ``hearth.yield`` (wasi-nn holds native graph handles; threads have stacks Asyncify does not
@@ -23,22 +30,24 @@ see); a run between two migration points (a loop without WASI calls: add ``heart
 from __future__ import annotations
 
 import ctypes
+import struct
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
 
 from hearth.errors import ErrorCode, JobError
+from hearth.runtime import _chunks
 from hearth.runtime.asyncify import GLOBAL_EXPORT_PREFIX, is_instrumented
 from hearth.runtime.limits import WasmLimits
-from hearth.runtime.snapshot import CHUNK_BYTES, GlobalValue, Snapshot
-from hearth.runtime.wasi_host import Exit, WasiHost, WasiState
+from hearth.runtime.snapshot import GlobalValue, MemoryRound, Snapshot
+from hearth.runtime.wasi_host import Exit, OutputLimit, WasiHost, WasiState
 from hearth.runtime.wasm import WasmRuntime
 
 try:
@@ -46,17 +55,24 @@ try:
 except ImportError:  # pragma: no cover - exercised only without the `local` extra
     wasmtime = None  # type: ignore[assignment]
 
-__all__ = ["Finished", "MigratableRuntime", "Paused", "Run", "memory_image"]
+__all__ = [
+    "Finished",
+    "Incoming",
+    "MemoryImage",
+    "MigratableRuntime",
+    "Paused",
+    "Run",
+    "memory_image",
+]
 
 _PAGE = 65536
 # The Asyncify buffer: where the unwound stack (each frame's live locals) is kept. 64 KiB
-# holds hundreds of frames of ordinary C; a deeper stack fails the unwind, not the program.
+# holds hundreds of frames of ordinary C; a deeper stack fails the unwind (a trap).
 _UNWIND_PAGES = 1
-_CHUNKS_PER_PAGE = _PAGE // CHUNK_BYTES
+_UNWIND_HEADER = struct.Struct("<II")  # current position, end: what Asyncify reads at data
 
-_I32 = "i"
 _I64 = "I"
-# name: (parameter types, has a result, needs the caller to unwind). "I" is i64.
+# name: (parameter types, has a result, needs the caller to unwind). "I" is i64, "i" i32.
 _WASI_SIGNATURES: dict[str, tuple[str, bool, bool]] = {
     "args_get": ("ii", True, False),
     "args_sizes_get": ("ii", True, False),
@@ -86,6 +102,7 @@ _WASI_SIGNATURES: dict[str, tuple[str, bool, bool]] = {
     "path_remove_directory": ("iii", True, False),
 }
 _ENOSYS = 52
+_MIGRATION_SAFE_IMPORTS = (("hearth", "yield"),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,11 +111,25 @@ class Finished:
     stdout: bytes
     stderr: bytes
     fuel_used: int
+    hops: tuple[str, ...] = ()  # where the run has been, oldest first
 
 
 @dataclass(frozen=True, slots=True)
 class Paused:
     snapshot: Snapshot
+
+
+@dataclass(slots=True)
+class MemoryImage:
+    """What the target of a live migration holds of a run's memory, as its source knows it:
+    the bytes that ``rounds`` pre-copy rounds have sent (updated in place by the next round)."""
+
+    data: np.ndarray[Any, np.dtype[np.uint8]]
+    rounds: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
 
 
 _current = threading.local()  # the Run executing on this thread (host functions find it here)
@@ -115,6 +146,8 @@ class MigratableRuntime:
         self._wasm = wasm
         self._linker = wasmtime.Linker(wasm.engine)
         self._defined: set[tuple[str, str]] = set()
+        # The linker is shared by every run: defining a stub while another thread instantiates
+        # from it is a data race in wasmtime, so both happen under this lock (both are short).
         self._lock = threading.Lock()
         for name, (params, result, caller) in _WASI_SIGNATURES.items():
             self._define("wasi_snapshot_preview1", name, params, result, caller, name)
@@ -132,7 +165,7 @@ class MigratableRuntime:
         self._linker.define_func(module, name, ty, call, access_caller=caller)
         self._defined.add((module, name))
 
-    def _stub_unknown(self, module: wasmtime.Module) -> None:
+    def _stub_unknown(self, module: Any) -> None:
         """WASI calls outside the sandbox (sockets...) answer ENOSYS rather than failing the
         instantiation, as a module granted nothing would see under wasmtime's WASI."""
         for imp in module.imports:
@@ -149,14 +182,48 @@ class MigratableRuntime:
                 self._defined.add(key)
 
     def module(self, sha256: str, wasm: bytes | None = None, path: Path | None = None) -> Any:
+        """The compiled module (cached by the WasmRuntime); INVALID_MODULE unless it is an
+        instrumented WASI command that exports its memory."""
         module = self._wasm.module(sha256, wasm, path)
-        if not is_instrumented({e.name for e in module.exports}):
+        exports = {e.name for e in module.exports}
+        if not is_instrumented(exports):
             raise JobError(
                 ErrorCode.INVALID_MODULE,
                 "not a migratable module: instrument it first (hearth.runtime.asyncify)",
             )
+        if "_start" not in exports or "memory" not in exports:
+            raise JobError(ErrorCode.INVALID_MODULE, "not a WASI command exporting its memory")
+        # Anything else it imports holds state outside the run (wasi-nn's graphs, threads).
+        foreign = sorted(
+            {f"{i.module}.{i.name}" for i in module.imports}
+            - {f"{m}.{n}" for m, n in _MIGRATION_SAFE_IMPORTS}
+        )
+        foreign = [name for name in foreign if not name.startswith("wasi_snapshot_preview1.")]
+        if foreign:
+            raise JobError(
+                ErrorCode.INVALID_MODULE, f"cannot migrate a module importing {foreign[0]}"
+            )
         self._stub_unknown(module)
         return module
+
+    def _instantiate(self, module: Any, limits: WasmLimits) -> _Instance:
+        store = wasmtime.Store(self._wasm.engine)
+        try:
+            store.set_limits(memory_size=limits.memory_bytes)
+            with self._lock:
+                instance = self._linker.instantiate(store, module)
+            exports = instance.exports(store)
+            memory = exports["memory"]
+            if not isinstance(memory, wasmtime.Memory):
+                raise JobError(ErrorCode.INVALID_MODULE, "its export 'memory' is not a memory")
+            base = ctypes.addressof(memory.data_ptr(store).contents)
+            return _Instance(store, exports, memory, base)
+        except wasmtime.WasmtimeError as exc:
+            store.close()
+            raise _instantiation_error(exc) from None
+        except BaseException:
+            store.close()
+            raise
 
     def start(
         self,
@@ -166,7 +233,7 @@ class MigratableRuntime:
         stdin: bytes = b"",
         limits: WasmLimits | None = None,
         run_id: str | None = None,
-        data_class: str = "private",
+        data_class: Literal["private", "public"] = "private",
         where: str = "local",
         wasm: bytes | None = None,
         path: Path | None = None,
@@ -192,20 +259,154 @@ class MigratableRuntime:
         wasm: bytes | None = None,
         path: Path | None = None,
     ) -> Run:
-        """Continue ``snapshot`` here (``where`` names this runtime in the run's hops)."""
+        """Continue ``snapshot`` here (``where`` names this runtime in the run's hops). The
+        snapshot is not changed: the same one may be resumed again (a checkpoint after a
+        crash). A delta (the end of a live migration) resumes only through :class:`Incoming`."""
+        if snapshot.finished:
+            raise JobError(ErrorCode.RUN_FINISHED, f"run {snapshot.run_id} has already finished")
+        if snapshot.precopy_rounds:
+            raise JobError(
+                ErrorCode.SNAPSHOT_MISMATCH,
+                "a delta snapshot resumes only on the instance its pre-copy rounds filled",
+            )
         module = self.module(snapshot.module, wasm, path)
-        snapshot.hops = [*snapshot.hops, where]
-        return Run(self, module, snapshot, limits or WasmLimits(), fresh=False)
+        return Run(self, module, _continued(snapshot, where), limits or WasmLimits(), fresh=False)
+
+    def receive(
+        self,
+        sha256: str,
+        run_id: str,
+        *,
+        limits: WasmLimits | None = None,
+        wasm: bytes | None = None,
+        path: Path | None = None,
+    ) -> Incoming:
+        """The target side of a live migration of ``run_id``: an instance made now, whose
+        memory the pre-copy rounds fill while the run still goes on at its source."""
+        limits = limits or WasmLimits()
+        module = self.module(sha256, wasm, path)
+        return Incoming(self, module, sha256, run_id, limits)
 
     @property
     def linker(self) -> Any:
         return self._linker
 
 
+@dataclass(slots=True)
+class _Instance:
+    """One instance in its own store; memory never moves (wasmtime reserves the whole 4 GiB
+    range up front), so its base address and views of it stay valid while the store lives."""
+
+    store: Any
+    exports: Any
+    memory: Any
+    base: int
+
+    def size(self, store: Any = None) -> int:
+        return int(self.memory.data_len(self.store if store is None else store))
+
+    def view(self, size: int | None = None) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        return memory_image(self.base, self.size() if size is None else size, copy=False)
+
+    def grow_to(self, pages: int) -> None:
+        have = self.memory.size(self.store)
+        if pages > have:
+            self.memory.grow(self.store, pages - have)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class Incoming:
+    """The target of a live migration: an instance made ahead of time, whose memory the
+    pre-copy rounds fill (:meth:`apply`, in order) until the final delta snapshot arrives
+    (:meth:`resume`). ``close()`` (idempotent) drops it if the migration is abandoned."""
+
+    def __init__(
+        self, runtime: MigratableRuntime, module: Any, sha256: str, run_id: str, limits: WasmLimits
+    ) -> None:
+        self._runtime = runtime
+        self._module = module
+        self.module_sha256 = sha256
+        self.run_id = run_id
+        self.limits = limits
+        self.rounds = 0
+        self.bytes_applied = 0
+        self._instance: _Instance | None = runtime._instantiate(module, limits)
+        # The instance's data segments are not the run's: its memory is what the rounds say.
+        self._instance.view()[:] = 0
+
+    def apply(self, memory_round: MemoryRound) -> None:
+        """Write one round's chunks into the waiting instance's memory."""
+        instance = self._waiting()
+        if memory_round.module != self.module_sha256 or memory_round.run_id != self.run_id:
+            raise JobError(ErrorCode.SNAPSHOT_MISMATCH, "a pre-copy round of another run")
+        if memory_round.number != self.rounds:
+            raise JobError(
+                ErrorCode.BAD_SNAPSHOT,
+                f"pre-copy round {memory_round.number} where round {self.rounds} was due",
+            )
+        _grow(instance, memory_round.memory_pages)
+        _chunks.apply(instance.view(), memory_round.chunk_index, memory_round.chunk_data)
+        self.rounds += 1
+        self.bytes_applied += len(memory_round.chunk_data)
+
+    def resume(self, snapshot: Snapshot, *, where: str = "local") -> Run:
+        """The run, continued from the final (delta) snapshot on the instance the rounds
+        filled; this Incoming is used up (its instance now belongs to the Run)."""
+        instance = self._waiting()
+        if snapshot.module != self.module_sha256 or snapshot.run_id != self.run_id:
+            raise JobError(ErrorCode.SNAPSHOT_MISMATCH, "the snapshot of another run")
+        if snapshot.finished:
+            raise JobError(ErrorCode.RUN_FINISHED, f"run {snapshot.run_id} has already finished")
+        if snapshot.precopy_rounds != self.rounds:
+            raise JobError(
+                ErrorCode.SNAPSHOT_MISMATCH,
+                f"a delta against {snapshot.precopy_rounds} pre-copy rounds; "
+                f"{self.rounds} arrived here",
+            )
+        self._instance = None
+        return Run(
+            self._runtime,
+            self._module,
+            _continued(snapshot, where),
+            self.limits,
+            fresh=False,
+            prepared=instance,
+        )
+
+    def _waiting(self) -> _Instance:
+        if self._instance is None:
+            raise JobError(ErrorCode.NO_RUN, "this migration has been resumed or closed")
+        return self._instance
+
+    def close(self) -> None:
+        instance, self._instance = self._instance, None
+        if instance is not None:
+            instance.close()
+
+    def __enter__(self) -> Incoming:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
 class Run:
     """One migratable run. ``execute()`` runs it on the calling thread until it finishes
     (:class:`Finished`) or is paused (:class:`Paused`); ``pause()``, ``checkpoint()`` and
-    ``precopy_view()`` may be called from other threads meanwhile."""
+    ``precopy_round()`` may be called from other threads meanwhile.
+
+    ``checkpoint_every_s`` / ``checkpoint_every_points``: take a checkpoint when that many
+    seconds / migration points have passed since the last one (or since the start), handing
+    each to ``on_checkpoint`` (on the executing thread, while the run waits).
+    ``on_migration_point``: called with the run at each migration point, on the executing
+    thread, before the run decides whether to stop there (a scheduler or a test may call
+    ``pause()`` from it); ``migration_points`` counts them (the interrupted call a resumed
+    run makes again is not counted twice).
+    ``paused_at`` / ``resumed_at``: ``time.monotonic()`` when this run stopped at a migration
+    point for its pause, and when its rewind reached the interrupted call (downtime figures).
+    """
 
     def __init__(
         self,
@@ -215,6 +416,7 @@ class Run:
         limits: WasmLimits,
         *,
         fresh: bool,
+        prepared: _Instance | None = None,
     ) -> None:
         self._runtime = runtime
         self._module = module
@@ -223,63 +425,108 @@ class Run:
         self.host = WasiHost(snapshot.wasi)
         self.host.at_migration_point = self._at_migration_point
         self._fresh = fresh
-        self._pause = threading.Event()
+        self._prepared = prepared
+        self._pause = self.host.wake  # a pause also ends a sleep in poll_oneoff
+        self._against: MemoryImage | None = None
         self._checkpoint_now = threading.Event()
         self.checkpoint_every_s: float | None = None
+        self.checkpoint_every_points: int | None = None
         self.on_checkpoint: Callable[[Snapshot], None] | None = None
+        self.on_migration_point: Callable[[Run], None] | None = None
         self._last_checkpoint = time.monotonic()
+        self._points_at_checkpoint = 0
         self._unwound = False
+        self._unwinding = False
         self._rewinding = False
-        self._memory_base = 0
-        self._memory: Any = None
-        self._store: Any = None
+        self._started = False
+        # The live instance, for pre-copy readers on other threads: they hold _live_lock while
+        # they read, and the store is closed only under it.
+        self._live_lock = threading.Lock()
+        self._instance: _Instance | None = None
+        self._live_size = 0  # memory size seen at the last migration point
         self.migration_points = 0
+        self.paused_at: float | None = None
+        self.resumed_at: float | None = None
 
     @property
     def run_id(self) -> str:
         return self.snapshot.run_id
 
-    def pause(self) -> None:
-        """Stop at the next migration point; ``execute`` then returns Paused."""
+    def pause(self, *, against: MemoryImage | None = None) -> None:
+        """Stop at the next migration point; ``execute`` then returns Paused. With
+        ``against`` (the image the last pre-copy round left at the target), the snapshot is a
+        delta: only the chunks that differ from that image."""
+        self._against = against
         self._pause.set()
 
     def checkpoint(self) -> None:
         """Take a checkpoint at the next migration point, then go on."""
         self._checkpoint_now.set()
 
+    def precopy_round(self, previous: MemoryImage | None) -> tuple[MemoryRound, MemoryImage]:
+        """One pre-copy round, read from the memory of the executing run (call it from
+        another thread). ``previous``: the image the earlier rounds built (None for round 0);
+        it is updated in place and returned. Round 0 sends every chunk that is not zero, round
+        k the chunks that differ from ``previous``. Memory is read while the run writes it: a
+        chunk torn by a concurrent write is sent as read, and the image records exactly what
+        was sent, so the next round (or the final delta) sends it again."""
+        with self._live_lock:
+            instance = self._instance
+            if instance is None:
+                raise JobError(ErrorCode.NO_RUN, f"run {self.run_id} is not executing")
+            live = instance.view(self._live_size)
+            image = previous or MemoryImage(np.zeros(len(live), np.uint8))
+            if len(image.data) < len(live):  # memory grew: the target's grows with zeros
+                grown = np.zeros(len(live), np.uint8)
+                grown[: len(image.data)] = image.data
+                image.data = grown
+            dirty = _chunks.changed(live, image.data[: len(live)])
+            chunk_index, chunk_data = _chunks.gather(live, dirty)
+        _chunks.apply(image.data, chunk_index, chunk_data)
+        message = MemoryRound(
+            module=self.snapshot.module,
+            run_id=self.run_id,
+            number=image.rounds,
+            memory_pages=len(live) // _PAGE,
+            chunk_index=chunk_index,
+            chunk_data=chunk_data,
+        )
+        image.rounds += 1
+        return message, image
+
     # -- execution --------------------------------------------------------------------------
 
     def execute(self) -> Finished | Paused:
-        store = wasmtime.Store(self._runtime._wasm.engine)
-        self._store = store
-        instance = None
+        if self._started:
+            raise RuntimeError("a Run executes once; resume its snapshot to go on")
+        self._started = True
+        instance, self._prepared = self._prepared, None
         try:
+            if instance is None:
+                instance = self._runtime._instantiate(self._module, self.limits)
+            store = instance.store
             store.set_fuel(max(0, self.limits.fuel - self.snapshot.fuel_used))
-            store.set_limits(memory_size=self.limits.memory_bytes)
-            instance = self._runtime.linker.instantiate(store, self._module)
-            exports = instance.exports(store)
-            memory = exports["memory"]
-            self._memory = memory
             if self._fresh:
-                self._reserve_unwind_buffer(store, memory)
+                self._reserve_unwind_buffer(instance)
             else:
-                self._restore(store, exports, memory)
-            self._memory_base = ctypes.addressof(memory.data_ptr(store).contents)
-            self.host.bind(self._memory_base)
-            return self._loop(store, exports)
+                self._restore(instance)
+            self.host.bind(instance.base)
+            with self._live_lock:
+                self._instance = instance
+                self._live_size = instance.size()
+            return self._loop(instance)
         except wasmtime.WasmtimeError as exc:
-            message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "error"
-            code = ErrorCode.MEMORY_LIMIT if "memory" in message else ErrorCode.INVALID_MODULE
-            raise JobError(code, message) from None
+            raise _instantiation_error(exc) from None
         finally:
-            self._memory = None
-            self._store = None
-            store.close()
+            with self._live_lock:
+                self._instance = None
+            if instance is not None:
+                instance.close()
 
-    def _loop(self, store: Any, exports: Any) -> Finished | Paused:
+    def _loop(self, instance: _Instance) -> Finished | Paused:
+        store, exports = instance.store, instance.exports
         start = exports["_start"]
         rewind = not self._fresh
-        self._fresh = False
         while True:
             if rewind:
                 self._rewinding = True
@@ -290,20 +537,21 @@ class Run:
                 exit_code = 0
             except Exit as exc:
                 exit_code = exc.code
-            except wasmtime.Trap as exc:
-                raise self._trap(exc, store) from None
-            finally:
-                _current.run = None
-            if self.host.state.output_overflowed:
+            except OutputLimit:
                 raise JobError(
                     ErrorCode.OUTPUT_LIMIT, f"output over {self.limits.output_bytes} bytes"
-                )
+                ) from None
+            except wasmtime.Trap as exc:
+                raise self._trap(exc, instance) from None
+            finally:
+                _current.run = None
             if not self._unwound:
                 return self._finish(store, exit_code)
-            self._unwound = False
+            self._unwound = self._unwinding = False
             exports["asyncify_stop_unwind"](store)
-            snapshot = self._capture(store, exports)
-            if self._pause.is_set():
+            paused = self._pause.is_set()
+            snapshot = self._capture(instance, self._against if paused else None)
+            if paused:
                 return Paused(snapshot)
             if self.on_checkpoint is not None:
                 self.on_checkpoint(snapshot)
@@ -316,17 +564,24 @@ class Run:
         self.snapshot.fuel_used = fuel_used
         self.snapshot.finished = True
         self.snapshot.exit_code = exit_code
-        return Finished(exit_code, self.host.stdout, self.host.stderr, fuel_used)
+        return Finished(
+            exit_code, self.host.stdout, self.host.stderr, fuel_used, tuple(self.snapshot.hops)
+        )
 
-    def _trap(self, exc: Any, store: Any) -> JobError:
+    def _trap(self, exc: Any, instance: _Instance) -> JobError:
         if exc.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
             return JobError(ErrorCode.TIMEOUT, f"fuel exhausted ({self.limits.fuel} units)")
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        memory = self._memory
-        if memory is not None:
-            size = memory.data_len(store)
-            if size + max(2 << 20, self.limits.memory_bytes // 16) > self.limits.memory_bytes:
-                return JobError(ErrorCode.MEMORY_LIMIT, "memory limit reached")
+        if self._unwinding:
+            return JobError(
+                ErrorCode.TRAP,
+                f"the stack is too deep to unwind into {_UNWIND_PAGES * _PAGE} bytes",
+            )
+        # A failed memory.grow returns -1 to the guest; most programs then abort. Report that
+        # as the memory limit when memory is at the ceiling, as WasmRuntime does.
+        size = instance.size()
+        if size + max(2 << 20, self.limits.memory_bytes // 16) > self.limits.memory_bytes:
+            return JobError(ErrorCode.MEMORY_LIMIT, "memory limit reached")
         return JobError(ErrorCode.TRAP, lines[-1][:300] if lines else "trap")
 
     def _at_migration_point(self, caller: Any) -> bool:
@@ -334,65 +589,112 @@ class Run:
         anything. True: the stack is unwinding (the host returns at once)."""
         if self._rewinding:
             # The rewind has reached the interrupted call: from here on it runs normally.
-            caller.get("asyncify_stop_rewind")(caller)
+            caller["asyncify_stop_rewind"](caller)
             self._rewinding = False
+            self.resumed_at = time.monotonic()
             return False
         self.migration_points += 1
-        due = self._pause.is_set() or self._checkpoint_now.is_set()
-        if not due and self.checkpoint_every_s is not None:
-            due = time.monotonic() - self._last_checkpoint >= self.checkpoint_every_s
-        if not due:
+        instance = self._instance
+        if instance is not None:
+            self._live_size = instance.size(caller)
+        if self.on_migration_point is not None:
+            self.on_migration_point(self)
+        if not (self._pause.is_set() or self._checkpoint_due()):
             return False
         self._checkpoint_now.clear()
+        if self._pause.is_set():
+            self.paused_at = time.monotonic()
         data = self.snapshot.unwind_data
-        ctypes.memmove(
-            self._memory_base + data,
-            np.array([data + 8, data + self.snapshot.unwind_bytes], dtype="<u4").tobytes(),
-            8,
-        )
-        caller.get("asyncify_start_unwind")(caller, data)
-        self._unwound = True
+        header = _UNWIND_HEADER.pack(data + _UNWIND_HEADER.size, data + self.snapshot.unwind_bytes)
+        ctypes.memmove(self.host.base + data, header, len(header))
+        caller["asyncify_start_unwind"](caller, data)
+        self._unwound = self._unwinding = True
         return True
+
+    def _checkpoint_due(self) -> bool:
+        if self._checkpoint_now.is_set():
+            return True
+        every_points = self.checkpoint_every_points
+        if every_points is not None and (
+            self.migration_points - self._points_at_checkpoint >= every_points
+        ):
+            return True
+        every_s = self.checkpoint_every_s
+        return every_s is not None and time.monotonic() - self._last_checkpoint >= every_s
 
     # -- state in and out -------------------------------------------------------------------
 
-    def _reserve_unwind_buffer(self, store: Any, memory: Any) -> None:
-        pages = memory.grow(store, _UNWIND_PAGES)
+    def _reserve_unwind_buffer(self, instance: _Instance) -> None:
+        # A page of its own past everything the program has: allocators take memory with
+        # memory.grow and use only what that returns, never a page the host grew.
+        pages = instance.memory.grow(instance.store, _UNWIND_PAGES)
         self.snapshot.unwind_data = pages * _PAGE
         self.snapshot.unwind_bytes = _UNWIND_PAGES * _PAGE
 
-    def _capture(self, store: Any, exports: Any) -> Snapshot:
+    def _capture(self, instance: _Instance, against: MemoryImage | None) -> Snapshot:
         self._last_checkpoint = time.monotonic()
-        snap = self.snapshot
-        image = memory_image(self._memory_base, self._memory.data_len(store))
-        snap.memory_pages = len(image) // _PAGE
-        snap.chunk_index, snap.chunk_data = _sparse(image)
-        snap.globals = [_global_value(name, g, store) for name, g in _globals(exports)]
-        snap.fuel_used = self.limits.fuel - store.get_fuel()
-        snap.wasi = self.host.sync_state()
-        captured = Snapshot(**{f: getattr(snap, f) for f in snap.__struct_fields__})
-        captured.wasi = _copy_state(snap.wasi)
+        self._points_at_checkpoint = self.migration_points
+        snap, store = self.snapshot, instance.store
+        live = instance.view()
+        if against is None:
+            chunk_index, chunk_data = _chunks.nonzero(live)
+        else:
+            chunk_index, chunk_data = _chunks.delta(live, against.data)
+        captured = msgspec.structs.replace(
+            snap,
+            memory_pages=len(live) // _PAGE,
+            chunk_index=chunk_index,
+            chunk_data=chunk_data,
+            globals=[_global_value(name, g, store) for name, g in _globals(instance.exports)],
+            fuel_used=self.limits.fuel - store.get_fuel(),
+            wasi=_copy_state(self.host.sync_state()),
+            hops=list(snap.hops),
+            precopy_rounds=against.rounds if against is not None else 0,
+        )
         snap.seq += 1
         return captured
 
-    def _restore(self, store: Any, exports: Any, memory: Any) -> None:
+    def _restore(self, instance: _Instance) -> None:
         snap = self.snapshot
-        have = memory.size(store)
-        if snap.memory_pages > have:
-            memory.grow(store, snap.memory_pages - have)
-        base = ctypes.addressof(memory.data_ptr(store).contents)
-        image = memory_image(base, memory.data_len(store), copy=False)
-        image[:] = 0  # data segments were applied at instantiation; the snapshot says it all
-        index = np.frombuffer(snap.chunk_index, dtype="<u4")
-        if len(index):
-            chunks = image[: snap.memory_pages * _PAGE].reshape(-1, CHUNK_BYTES)
-            chunks[index] = np.frombuffer(snap.chunk_data, dtype=np.uint8).reshape(-1, CHUNK_BYTES)
-        by_index = {int(name[len(GLOBAL_EXPORT_PREFIX) :]): g for name, g in _globals(exports)}
+        _grow(instance, snap.memory_pages)
+        live = instance.view()
+        if not snap.precopy_rounds:
+            live[:] = 0  # data segments were applied at instantiation; the snapshot says it all
+        _chunks.apply(live, snap.chunk_index, snap.chunk_data)
+        by_index = {
+            int(name[len(GLOBAL_EXPORT_PREFIX) :]): g for name, g in _globals(instance.exports)
+        }
         for value in snap.globals:
             target = by_index.get(value.index)
             if target is None:
                 raise JobError(ErrorCode.SNAPSHOT_MISMATCH, f"no global {value.index}")
-            target.set_value(store, _to_val(value))
+            target.set_value(instance.store, _to_val(value))
+
+
+def _grow(instance: _Instance, pages: int) -> None:
+    try:
+        instance.grow_to(pages)
+    except wasmtime.WasmtimeError:
+        raise JobError(ErrorCode.MEMORY_LIMIT, f"{pages} pages are over the limit") from None
+
+
+def _continued(snapshot: Snapshot, where: str) -> Snapshot:
+    """A private copy of ``snapshot`` for a run that goes on from it at ``where``."""
+    return msgspec.structs.replace(
+        snapshot,
+        seq=snapshot.seq + 1,
+        wasi=_copy_state(snapshot.wasi),
+        hops=[*snapshot.hops, where],
+        globals=list(snapshot.globals),
+    )
+
+
+def _instantiation_error(exc: Any) -> JobError:
+    # Unknown imports (wasi-nn, threads), a memory minimum above the limit.
+    text = str(exc).strip()
+    message = text.splitlines()[0][:300] if text else "cannot instantiate"
+    code = ErrorCode.MEMORY_LIMIT if "memory" in message else ErrorCode.INVALID_MODULE
+    return JobError(code, message)
 
 
 def _refuse(result: bool) -> Callable[..., int | None]:
@@ -404,12 +706,6 @@ def memory_image(base: int, size: int, *, copy: bool = True) -> np.ndarray[Any, 
     instance lives (what pre-copy reads while the run goes on)."""
     view = np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(base))
     return view.copy() if copy else view
-
-
-def _sparse(image: np.ndarray[Any, Any]) -> tuple[bytes, bytes]:
-    chunks = image.reshape(-1, CHUNK_BYTES)
-    used = np.flatnonzero(chunks.view(np.uint64).any(axis=1))
-    return used.astype("<u4").tobytes(), chunks[used].tobytes()
 
 
 def _globals(exports: Any) -> list[tuple[str, Any]]:

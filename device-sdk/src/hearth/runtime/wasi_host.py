@@ -16,13 +16,14 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
-__all__ = ["SCRATCH_FD", "Errno", "Exit", "OpenFile", "WasiHost", "WasiState"]
+__all__ = ["SCRATCH_FD", "Errno", "Exit", "OpenFile", "OutputLimit", "WasiHost", "WasiState"]
 
 SCRATCH_FD = 3
 _SCRATCH = "/scratch"
@@ -54,6 +55,11 @@ class Exit(Exception):
         self.code = code
 
 
+class OutputLimit(Exception):
+    """stdout and stderr went past their budget: the run stops here (the error is the host's,
+    so a guest that ignores failed writes cannot spin on them until its fuel runs out)."""
+
+
 class OpenFile(msgspec.Struct, array_like=True):
     path: str  # relative to /scratch; "" is /scratch itself
     offset: int = 0
@@ -71,7 +77,8 @@ class WasiState(msgspec.Struct, kw_only=True):
     stderr: bytes = b""
     output_budget: int = 8 * 1024 * 1024  # stdout + stderr still allowed
     output_overflowed: bool = False
-    files: dict[str, bytes] = {}
+    # Contents of the files in /scratch by path (bytearray: appends cost what they append).
+    files: dict[str, bytearray] = {}
     dirs: list[str] = []
     fds: dict[int, OpenFile] = {}
     next_fd: int = SCRATCH_FD + 1
@@ -84,6 +91,10 @@ _RIGHTS_ALL = (1 << 30) - 1
 _O_CREAT, _O_DIRECTORY, _O_EXCL, _O_TRUNC = 1, 2, 4, 8
 _FDFLAG_APPEND = 1
 _CLOCK_REALTIME, _CLOCK_MONOTONIC = 0, 1
+_EVENTTYPE_CLOCK = 0
+_SUBCLOCK_ABSTIME = 1
+_SUBSCRIPTION_BYTES, _EVENT_BYTES = 48, 32
+_MAX_SLEEP_S = 60.0
 
 
 def _norm(path: str) -> str | None:
@@ -114,6 +125,8 @@ class WasiHost:
         self._base = 0
         self._monotonic_origin = time.monotonic_ns() - state.monotonic_ns
         self.at_migration_point: Callable[[Any], bool] = lambda _caller: False
+        # Set to end a sleep early (a pause is waiting for this run's next migration point).
+        self.wake = threading.Event()
         self._stdout = bytearray(state.stdout)
         self._stderr = bytearray(state.stderr)
         self.dirty_fs = False
@@ -124,6 +137,10 @@ class WasiHost:
         """The address of linear memory (stable for the instance's life: wasmtime reserves
         the whole 4 GiB range up front, so growth never moves it)."""
         self._base = base
+
+    @property
+    def base(self) -> int:
+        return self._base
 
     def _read(self, ptr: int, size: int) -> bytes:
         return ctypes.string_at(self._base + ptr, size)
@@ -210,25 +227,41 @@ class WasiHost:
     def hearth_yield(self, caller: Any) -> None:
         self.at_migration_point(caller)
 
+    def _now(self, clock: int) -> int:
+        if clock == _CLOCK_REALTIME:
+            return time.time_ns()
+        return time.monotonic_ns() - self._monotonic_origin
+
     def poll_oneoff(self, caller: Any, subs: int, events: int, count: int, nevents: int) -> int:
         if self.at_migration_point(caller):
             return Errno.SUCCESS
+        if count == 0:
+            return Errno.INVAL
         # Clock subscriptions sleep (the shortest one wins); fd subscriptions are always ready.
-        raw = self._read(subs, 48 * count)
+        raw = self._read(subs, _SUBSCRIPTION_BYTES * count)
         out, sleep_ns, clocks = [], 0, 0
         for i in range(count):
-            userdata, tag = struct.unpack_from("<QB", raw, 48 * i)
-            if tag == 0:
-                timeout, _precision, flags = struct.unpack_from("<QQH", raw, 48 * i + 16)
-                if flags & 1:  # absolute time
-                    timeout = max(0, timeout - (time.monotonic_ns() - self._monotonic_origin))
+            at = _SUBSCRIPTION_BYTES * i
+            userdata, tag = struct.unpack_from("<QB", raw, at)
+            if tag == _EVENTTYPE_CLOCK:
+                # subscription_clock at offset 16: id u32, timeout u64, precision u64, flags u16
+                clock, timeout, _precision, flags = struct.unpack_from("<I4xQQH", raw, at + 16)
+                if flags & _SUBCLOCK_ABSTIME:
+                    timeout = max(0, timeout - self._now(clock))
                 sleep_ns = timeout if not clocks else min(sleep_ns, timeout)
                 clocks += 1
-            out.append(struct.pack("<QHBxxxxxQH6x", userdata, 0, tag, 0, 0))
-        if clocks == count and sleep_ns:
-            time.sleep(min(sleep_ns / 1e9, 60.0))
+            out.append(struct.pack("<QHB5xQH6x", userdata, 0, tag, 0, 0))
+        # A pause cuts a sleep short and unwinds; the call is made again, whole, where the run
+        # resumes (a relative sleep then starts over: programs oversleep, never undersleep).
+        if (
+            clocks == count
+            and sleep_ns
+            and self.wake.wait(min(sleep_ns / 1e9, _MAX_SLEEP_S))
+            and self.at_migration_point(caller)
+        ):
+            return Errno.SUCCESS
         for i, event in enumerate(out):
-            self._write(events + 32 * i, event)
+            self._write(events + _EVENT_BYTES * i, event)
         self._put("<I", nevents, len(out))
         return Errno.SUCCESS
 
@@ -237,15 +270,16 @@ class WasiHost:
     def fd_read(self, caller: Any, fd: int, iovs: int, count: int, nread: int) -> int:
         if self.at_migration_point(caller):
             return Errno.SUCCESS
+        source: bytes | bytearray
         if fd == 0:
             source, offset = self.state.stdin, self.state.stdin_offset
         elif (f := self.state.fds.get(fd)) is not None and not f.directory:
-            source, offset = self.state.files.get(f.path, b""), f.offset
+            source, offset = self.state.files.get(f.path, bytearray()), f.offset
         else:
             return Errno.BADF
         total = 0
         for ptr, size in self._iovecs(iovs, count):
-            chunk = source[offset : offset + size]
+            chunk = bytes(source[offset : offset + size])
             self._write(ptr, chunk)
             offset += len(chunk)
             total += len(chunk)
@@ -265,14 +299,15 @@ class WasiHost:
         if fd in (1, 2):
             if len(data) > self.state.output_budget:
                 self.state.output_overflowed = True
-                return Errno.FBIG
+                raise OutputLimit
             self.state.output_budget -= len(data)
             (self._stdout if fd == 1 else self._stderr).extend(data)
         elif (f := self.state.fds.get(fd)) is not None and not f.directory:
-            content = bytearray(self.state.files.get(f.path, b""))
+            content = self.state.files.setdefault(f.path, bytearray())
             at = len(content) if f.append else f.offset
+            if at > len(content):  # written past the end (after a seek): a hole of zeros
+                content.extend(bytes(at - len(content)))
             content[at : at + len(data)] = data
-            self.state.files[f.path] = bytes(content)
             f.offset = at + len(data)
             self.dirty_fs = True
         else:
@@ -396,10 +431,10 @@ class WasiHost:
             parent = resolved.rpartition("/")[0]
             if parent and parent not in self.state.dirs:
                 return Errno.NOENT
-            self.state.files[resolved] = b""
+            self.state.files[resolved] = bytearray()
             self.dirty_fs = True
         elif oflags & _O_TRUNC and not is_dir:
-            self.state.files[resolved] = b""
+            self.state.files[resolved] = bytearray()
             self.dirty_fs = True
         fd = self.state.next_fd
         self.state.next_fd += 1
