@@ -582,6 +582,31 @@ def test_a_sleep_sleeps_its_timeout_and_a_pause_cuts_it_short(
     assert resumed.stdout == b"slept\n"
 
 
+_FAULTER_WAT = """
+(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  ;; one iovec at 0: 64 bytes at 0xfffffff0, far past the end of memory (the guard pages)
+  (data (i32.const 0) "\\f0\\ff\\ff\\ff\\40\\00\\00\\00")
+  (func (export "_start")
+    (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
+"""
+
+
+def test_a_wasi_call_pointing_outside_memory_traps_and_the_host_lives_on(
+    plain: WasmRuntime, mig: MigratableRuntime, examples: dict[str, Example]
+) -> None:
+    import wasmtime
+
+    data = instrument(wasmtime.wat2wasm(_FAULTER_WAT))
+    plain.load(_sha(data), data)
+    with pytest.raises(JobError) as info:
+        mig.start(_sha(data)).execute()
+    assert info.value.code == ErrorCode.TRAP
+    assert "outside memory" in info.value.message
+    assert isinstance(mig.start(examples["hashchain"].sha, stdin=b"x").execute(), Finished)
+
+
 # -- pre-copy -------------------------------------------------------------------------------
 
 

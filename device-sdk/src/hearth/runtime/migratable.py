@@ -43,11 +43,11 @@ import msgspec
 import numpy as np
 
 from hearth.errors import ErrorCode, JobError
-from hearth.runtime import _chunks
+from hearth.runtime import _chunks, _hostcall
 from hearth.runtime.asyncify import GLOBAL_EXPORT_PREFIX, is_instrumented
 from hearth.runtime.limits import WasmLimits
 from hearth.runtime.snapshot import GlobalValue, MemoryRound, Snapshot
-from hearth.runtime.wasi_host import Exit, OutputLimit, WasiHost, WasiState
+from hearth.runtime.wasi_host import Exit, GuestFault, OutputLimit, WasiHost, WasiState
 from hearth.runtime.wasm import WasmRuntime
 
 try:
@@ -69,37 +69,40 @@ _PAGE = 65536
 # The Asyncify buffer: where the unwound stack (each frame's live locals) is kept. 64 KiB
 # holds hundreds of frames of ordinary C; a deeper stack fails the unwind (a trap).
 _UNWIND_PAGES = 1
-_UNWIND_HEADER = struct.Struct("<II")  # current position, end: what Asyncify reads at data
+_UNWIND_HEADER = struct.Struct("<II")
+# How long the first pre-copy round waits for the run's next migration point, where the size of
+# its memory can be read (a run between points: the size last seen is used).
+_SIZE_WAIT_S = 0.2  # current position, end: what Asyncify reads at data
 
 _I64 = "I"
-# name: (parameter types, has a result, needs the caller to unwind). "I" is i64, "i" i32.
-_WASI_SIGNATURES: dict[str, tuple[str, bool, bool]] = {
-    "args_get": ("ii", True, False),
-    "args_sizes_get": ("ii", True, False),
-    "environ_get": ("ii", True, False),
-    "environ_sizes_get": ("ii", True, False),
-    "clock_res_get": ("ii", True, False),
-    "clock_time_get": ("iIi", True, False),
-    "random_get": ("ii", True, False),
-    "proc_exit": ("i", False, False),
-    "sched_yield": ("", True, True),
-    "poll_oneoff": ("iiii", True, True),
-    "fd_read": ("iiii", True, True),
-    "fd_write": ("iiii", True, True),
-    "fd_close": ("i", True, False),
-    "fd_fdstat_get": ("ii", True, False),
-    "fd_fdstat_set_flags": ("ii", True, False),
-    "fd_prestat_get": ("ii", True, False),
-    "fd_prestat_dir_name": ("iii", True, False),
-    "fd_seek": ("iIii", True, False),
-    "fd_tell": ("ii", True, False),
-    "fd_filestat_get": ("ii", True, False),
-    "fd_readdir": ("iiiIi", True, False),
-    "path_open": ("iiiiiIIii", True, False),
-    "path_filestat_get": ("iiiii", True, False),
-    "path_create_directory": ("iii", True, False),
-    "path_unlink_file": ("iii", True, False),
-    "path_remove_directory": ("iii", True, False),
+# name: (parameter types, has a result). "I" is i64, "i" i32.
+_WASI_SIGNATURES: dict[str, tuple[str, bool]] = {
+    "args_get": ("ii", True),
+    "args_sizes_get": ("ii", True),
+    "environ_get": ("ii", True),
+    "environ_sizes_get": ("ii", True),
+    "clock_res_get": ("ii", True),
+    "clock_time_get": ("iIi", True),
+    "random_get": ("ii", True),
+    "proc_exit": ("i", False),
+    "sched_yield": ("", True),
+    "poll_oneoff": ("iiii", True),
+    "fd_read": ("iiii", True),
+    "fd_write": ("iiii", True),
+    "fd_close": ("i", True),
+    "fd_fdstat_get": ("ii", True),
+    "fd_fdstat_set_flags": ("ii", True),
+    "fd_prestat_get": ("ii", True),
+    "fd_prestat_dir_name": ("iii", True),
+    "fd_seek": ("iIii", True),
+    "fd_tell": ("ii", True),
+    "fd_filestat_get": ("ii", True),
+    "fd_readdir": ("iiiIi", True),
+    "path_open": ("iiiiiIIii", True),
+    "path_filestat_get": ("iiiii", True),
+    "path_create_directory": ("iii", True),
+    "path_unlink_file": ("iii", True),
+    "path_remove_directory": ("iii", True),
 }
 _ENOSYS = 52
 _MIGRATION_SAFE_IMPORTS = (("hearth", "yield"),)
@@ -146,23 +149,32 @@ class MigratableRuntime:
         self._wasm = wasm
         self._linker = wasmtime.Linker(wasm.engine)
         self._defined: set[tuple[str, str]] = set()
+        self._keep: list[object] = []  # the native callbacks, alive as long as the linker
         # The linker is shared by every run: defining a stub while another thread instantiates
         # from it is a data race in wasmtime, so both happen under this lock (both are short).
         self._lock = threading.Lock()
-        for name, (params, result, caller) in _WASI_SIGNATURES.items():
-            self._define("wasi_snapshot_preview1", name, params, result, caller, name)
-        self._define("hearth", "yield", "", False, True, "hearth_yield")
+        for name, (params, result) in _WASI_SIGNATURES.items():
+            self._define("wasi_snapshot_preview1", name, params, result, name)
+        self._define("hearth", "yield", "", False, "hearth_yield")
 
-    def _define(
-        self, module: str, name: str, params: str, result: bool, caller: bool, method: str
-    ) -> None:
-        i32, i64 = wasmtime.ValType.i32(), wasmtime.ValType.i64()
-        ty = wasmtime.FuncType([i64 if p == _I64 else i32 for p in params], [i32] if result else [])
+    def _define(self, module: str, name: str, params: str, result: bool, method: str) -> None:
+        bound = getattr(WasiHost, method)
 
         def call(*args: Any) -> Any:
-            return getattr(_current.run.host, method)(*args)
+            return bound(_current.run.host, *args)
 
-        self._linker.define_func(module, name, ty, call, access_caller=caller)
+        if not _hostcall.define(
+            self._linker, module, name, params, result, call, on_error=_host_failed, keep=self._keep
+        ):  # pragma: no cover - a wasmtime-py without the raw bindings: its own trampoline
+
+            def slow(the_caller: Any, *args: Any) -> Any:
+                with _hostcall.inside(the_caller):
+                    return call(*args)
+
+            i32, i64 = wasmtime.ValType.i32(), wasmtime.ValType.i64()
+            types = [i64 if p == _I64 else i32 for p in params]
+            ty = wasmtime.FuncType(types, [i32] if result else [])
+            self._linker.define_func(module, name, ty, slow, access_caller=True)
         self._defined.add((module, name))
 
     def _stub_unknown(self, module: Any) -> None:
@@ -444,7 +456,13 @@ class Run:
         self._live_lock = threading.Lock()
         self._instance: _Instance | None = None
         self._live_size = 0  # memory size seen at the last migration point
+        # Asking a store for its memory size costs a wasmtime Caller: done at each migration
+        # point only once pre-copy has begun.
+        self._tracking_size = False
+        self._size_seen = threading.Event()
+        self._thread: int | None = None  # the thread executing the run
         self.migration_points = 0
+        self._host_error: BaseException | None = None
         self.paused_at: float | None = None
         self.resumed_at: float | None = None
 
@@ -470,11 +488,12 @@ class Run:
         k the chunks that differ from ``previous``. Memory is read while the run writes it: a
         chunk torn by a concurrent write is sent as read, and the image records exactly what
         was sent, so the next round (or the final delta) sends it again."""
+        self._track_size()
         with self._live_lock:
             instance = self._instance
             if instance is None:
                 raise JobError(ErrorCode.NO_RUN, f"run {self.run_id} is not executing")
-            live = instance.view(self._live_size)
+            live = instance.view(max(self._live_size, self.host.known_size))
             image = previous or MemoryImage(np.zeros(len(live), np.uint8))
             if len(image.data) < len(live):  # memory grew: the target's grows with zeros
                 grown = np.zeros(len(live), np.uint8)
@@ -494,12 +513,27 @@ class Run:
         image.rounds += 1
         return message, image
 
+    def _track_size(self) -> None:
+        """Make sure the memory size pre-copy reads is current. Only the executing thread can
+        ask the store, at a migration point; from the first round on it does so at each."""
+        if self._tracking_size:
+            return
+        self._tracking_size = True
+        if threading.get_ident() == self._thread:  # at a migration point (on_migration_point)
+            instance = self._instance
+            if instance is not None:
+                self._live_size = instance.size(_hostcall.caller())
+        else:
+            self._size_seen.clear()
+            self._size_seen.wait(_SIZE_WAIT_S)  # a run between points: go with the last size
+
     # -- execution --------------------------------------------------------------------------
 
     def execute(self) -> Finished | Paused:
         if self._started:
             raise RuntimeError("a Run executes once; resume its snapshot to go on")
         self._started = True
+        self._thread = threading.get_ident()
         instance, self._prepared = self._prepared, None
         try:
             if instance is None:
@@ -510,10 +544,10 @@ class Run:
                 self._reserve_unwind_buffer(instance)
             else:
                 self._restore(instance)
-            self.host.bind(instance.base)
             with self._live_lock:
                 self._instance = instance
                 self._live_size = instance.size()
+            self.host.bind(instance.base, self._live_size, self._memory_size)
             return self._loop(instance)
         except wasmtime.WasmtimeError as exc:
             raise _instantiation_error(exc) from None
@@ -531,20 +565,7 @@ class Run:
             if rewind:
                 self._rewinding = True
                 exports["asyncify_start_rewind"](store, self.snapshot.unwind_data)
-            _current.run = self
-            try:
-                start(store)
-                exit_code = 0
-            except Exit as exc:
-                exit_code = exc.code
-            except OutputLimit:
-                raise JobError(
-                    ErrorCode.OUTPUT_LIMIT, f"output over {self.limits.output_bytes} bytes"
-                ) from None
-            except wasmtime.Trap as exc:
-                raise self._trap(exc, instance) from None
-            finally:
-                _current.run = None
+            exit_code = self._call_start(start, instance)
             if not self._unwound:
                 return self._finish(store, exit_code)
             self._unwound = self._unwinding = False
@@ -556,6 +577,35 @@ class Run:
             if self.on_checkpoint is not None:
                 self.on_checkpoint(snapshot)
             rewind = True
+
+    def _memory_size(self) -> int:
+        instance = self._instance
+        return 0 if instance is None else instance.size(_hostcall.caller())
+
+    def _call_start(self, start: Any, instance: _Instance) -> int:
+        """Run (or rewind into) ``_start``; its exit status, or the error that ended it."""
+        _current.run = self
+        try:
+            try:
+                start(instance.store)
+            except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+                # A host function's exception ends the call (wasmtime reports the trap its
+                # callback returned as an error); here it is again.
+                failure, self._host_error = self._host_error, None
+                if failure is not None:
+                    raise failure from None
+                raise self._trap(exc, instance) from None
+            return 0
+        except Exit as exc:
+            return exc.code
+        except OutputLimit:
+            raise JobError(
+                ErrorCode.OUTPUT_LIMIT, f"output over {self.limits.output_bytes} bytes"
+            ) from None
+        except GuestFault as exc:
+            raise JobError(ErrorCode.TRAP, str(exc)) from None
+        finally:
+            _current.run = None
 
     def _finish(self, store: Any, exit_code: int) -> Finished:
         if self.host.scratch_bytes() > self.limits.scratch_bytes:
@@ -569,7 +619,7 @@ class Run:
         )
 
     def _trap(self, exc: Any, instance: _Instance) -> JobError:
-        if exc.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
+        if getattr(exc, "trap_code", None) == wasmtime.TrapCode.OUT_OF_FUEL:
             return JobError(ErrorCode.TIMEOUT, f"fuel exhausted ({self.limits.fuel} units)")
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         if self._unwinding:
@@ -584,19 +634,21 @@ class Run:
             return JobError(ErrorCode.MEMORY_LIMIT, "memory limit reached")
         return JobError(ErrorCode.TRAP, lines[-1][:300] if lines else "trap")
 
-    def _at_migration_point(self, caller: Any) -> bool:
+    def _at_migration_point(self) -> bool:
         """Called by the host at each call Asyncify can unwind, before the call does
         anything. True: the stack is unwinding (the host returns at once)."""
         if self._rewinding:
             # The rewind has reached the interrupted call: from here on it runs normally.
+            caller = _hostcall.caller()
             caller["asyncify_stop_rewind"](caller)
             self._rewinding = False
             self.resumed_at = time.monotonic()
             return False
         self.migration_points += 1
         instance = self._instance
-        if instance is not None:
-            self._live_size = instance.size(caller)
+        if self._tracking_size and instance is not None:
+            self._live_size = instance.size(_hostcall.caller())
+            self._size_seen.set()
         if self.on_migration_point is not None:
             self.on_migration_point(self)
         if not (self._pause.is_set() or self._checkpoint_due()):
@@ -607,6 +659,7 @@ class Run:
         data = self.snapshot.unwind_data
         header = _UNWIND_HEADER.pack(data + _UNWIND_HEADER.size, data + self.snapshot.unwind_bytes)
         ctypes.memmove(self.host.base + data, header, len(header))
+        caller = _hostcall.caller()
         caller["asyncify_start_unwind"](caller, data)
         self._unwound = self._unwinding = True
         return True
@@ -669,6 +722,10 @@ class Run:
             if target is None:
                 raise JobError(ErrorCode.SNAPSHOT_MISMATCH, f"no global {value.index}")
             target.set_value(instance.store, _to_val(value))
+
+
+def _host_failed(exc: BaseException) -> None:
+    _current.run._host_error = exc  # the Run executing on this thread
 
 
 def _grow(instance: _Instance, pages: int) -> None:

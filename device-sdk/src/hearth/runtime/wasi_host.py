@@ -19,11 +19,19 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import msgspec
 
-__all__ = ["SCRATCH_FD", "Errno", "Exit", "OpenFile", "OutputLimit", "WasiHost", "WasiState"]
+__all__ = [
+    "SCRATCH_FD",
+    "Errno",
+    "Exit",
+    "GuestFault",
+    "OpenFile",
+    "OutputLimit",
+    "WasiHost",
+    "WasiState",
+]
 
 SCRATCH_FD = 3
 _SCRATCH = "/scratch"
@@ -53,6 +61,14 @@ class Exit(Exception):
     def __init__(self, code: int) -> None:
         super().__init__(code)
         self.code = code
+
+
+class GuestFault(Exception):
+    """A WASI call gave an address range outside the guest's memory: the run traps (reading
+    there would be reading the host's own address space)."""
+
+    def __init__(self, ptr: int, size: int) -> None:
+        super().__init__(f"a WASI call's buffer [{ptr}, {ptr + size}) is outside memory")
 
 
 class OutputLimit(Exception):
@@ -123,8 +139,10 @@ class WasiHost:
     def __init__(self, state: WasiState) -> None:
         self.state = state
         self._base = 0
+        self._size = 0
+        self.memory_size: Callable[[], int] = lambda: self._size
         self._monotonic_origin = time.monotonic_ns() - state.monotonic_ns
-        self.at_migration_point: Callable[[Any], bool] = lambda _caller: False
+        self.at_migration_point: Callable[[], bool] = lambda: False
         # Set to end a sleep early (a pause is waiting for this run's next migration point).
         self.wake = threading.Event()
         self._stdout = bytearray(state.stdout)
@@ -133,27 +151,45 @@ class WasiHost:
 
     # -- memory --------------------------------------------------------------------------
 
-    def bind(self, base: int) -> None:
-        """The address of linear memory (stable for the instance's life: wasmtime reserves
-        the whole 4 GiB range up front, so growth never moves it)."""
+    def bind(self, base: int, size: int, memory_size: Callable[[], int]) -> None:
+        """Linear memory: its address (stable for the instance's life: wasmtime reserves the
+        whole 4 GiB range up front, so growth never moves it), its size now, and how to learn
+        its size later (it grows while the guest runs; called from within a host call)."""
         self._base = base
+        self._size = size
+        self.memory_size = memory_size
 
     @property
     def base(self) -> int:
         return self._base
 
+    @property
+    def known_size(self) -> int:
+        """The memory size this host last learnt (at most the real one: memory only grows)."""
+        return self._size
+
+    def _at(self, ptr: int, size: int) -> int:
+        """The host address of guest bytes [ptr, ptr + size), checked: past the end of memory
+        lie the guard pages of wasmtime's reservation, and reading them kills the process."""
+        end = ptr + size
+        if end > self._size:
+            self._size = self.memory_size()  # memory only grows: the cached size is a floor
+            if end > self._size:
+                raise GuestFault(ptr, size)
+        return self._base + ptr
+
     def _read(self, ptr: int, size: int) -> bytes:
-        return ctypes.string_at(self._base + ptr, size)
+        return ctypes.string_at(self._at(ptr, size), size)
 
     def _write(self, ptr: int, data: bytes) -> None:
-        ctypes.memmove(self._base + ptr, data, len(data))
+        ctypes.memmove(self._at(ptr, len(data)), data, len(data))
 
     def _put(self, fmt: str, ptr: int, *values: int) -> None:
         self._write(ptr, struct.pack(fmt, *values))
 
     def _iovecs(self, iovs: int, count: int) -> list[tuple[int, int]]:
-        raw = self._read(iovs, 8 * count)
-        return [struct.unpack_from("<II", raw, 8 * i) for i in range(count)]
+        raw = (ctypes.c_uint32 * (2 * count)).from_address(self._at(iovs, 8 * count))
+        return list(zip(raw[0::2], raw[1::2], strict=True))
 
     def sync_state(self) -> WasiState:
         """The state with everything buffered written back (for a snapshot). Consumed stdin
@@ -214,26 +250,27 @@ class WasiHost:
         return Errno.SUCCESS
 
     def random_get(self, buf: int, size: int) -> int:
+        self._at(buf, size)  # before making that many bytes
         self._write(buf, os.urandom(size))
         return Errno.SUCCESS
 
     def proc_exit(self, code: int) -> None:
         raise Exit(code)
 
-    def sched_yield(self, caller: Any) -> int:
-        self.at_migration_point(caller)
+    def sched_yield(self) -> int:
+        self.at_migration_point()
         return Errno.SUCCESS
 
-    def hearth_yield(self, caller: Any) -> None:
-        self.at_migration_point(caller)
+    def hearth_yield(self) -> None:
+        self.at_migration_point()
 
     def _now(self, clock: int) -> int:
         if clock == _CLOCK_REALTIME:
             return time.time_ns()
         return time.monotonic_ns() - self._monotonic_origin
 
-    def poll_oneoff(self, caller: Any, subs: int, events: int, count: int, nevents: int) -> int:
-        if self.at_migration_point(caller):
+    def poll_oneoff(self, subs: int, events: int, count: int, nevents: int) -> int:
+        if self.at_migration_point():
             return Errno.SUCCESS
         if count == 0:
             return Errno.INVAL
@@ -257,7 +294,7 @@ class WasiHost:
             clocks == count
             and sleep_ns
             and self.wake.wait(min(sleep_ns / 1e9, _MAX_SLEEP_S))
-            and self.at_migration_point(caller)
+            and self.at_migration_point()
         ):
             return Errno.SUCCESS
         for i, event in enumerate(out):
@@ -267,8 +304,8 @@ class WasiHost:
 
     # -- file descriptors ----------------------------------------------------------------
 
-    def fd_read(self, caller: Any, fd: int, iovs: int, count: int, nread: int) -> int:
-        if self.at_migration_point(caller):
+    def fd_read(self, fd: int, iovs: int, count: int, nread: int) -> int:
+        if self.at_migration_point():
             return Errno.SUCCESS
         source: bytes | bytearray
         if fd == 0:
@@ -292,8 +329,8 @@ class WasiHost:
         self._put("<I", nread, total)
         return Errno.SUCCESS
 
-    def fd_write(self, caller: Any, fd: int, iovs: int, count: int, nwritten: int) -> int:
-        if self.at_migration_point(caller):
+    def fd_write(self, fd: int, iovs: int, count: int, nwritten: int) -> int:
+        if self.at_migration_point():
             return Errno.SUCCESS
         data = b"".join(self._read(ptr, size) for ptr, size in self._iovecs(iovs, count))
         if fd in (1, 2):
