@@ -727,3 +727,13 @@ def test_chunks_nonzero_then_changed_rebuild_the_memory_exactly() -> None:
     rebuilt = np.concatenate([held, np.zeros(16 * chunk, np.uint8)])
     _chunks.apply(rebuilt, index, data)
     assert np.array_equal(rebuilt, grown)
+
+
+def test_a_large_memory_compared_in_parts_on_threads_finds_exactly_what_changed() -> None:
+    chunk = _chunks.CHUNK_BYTES
+    held = np.zeros(10_000 * chunk, np.uint8)  # 39 MiB: more than one part on 2+ cores
+    memory = np.zeros(10_500 * chunk, np.uint8)  # and grown since
+    expected = [0, 255, 256, 4095, 4096, 5000, 9999, 10_000, 10_499]
+    for index in expected:
+        memory[index * chunk + chunk - 1] = 1
+    assert _chunks.changed(memory, held).tolist() == expected

@@ -72,7 +72,9 @@ _UNWIND_PAGES = 1
 _UNWIND_HEADER = struct.Struct("<II")
 # How long the first pre-copy round waits for the run's next migration point, where the size of
 # its memory can be read (a run between points: the size last seen is used).
-_SIZE_WAIT_S = 0.2  # current position, end: what Asyncify reads at data
+_SIZE_WAIT_S = 0.2
+# A pre-copy round makes progress when it is under this fraction of the smallest before it.
+_PRECOPY_PROGRESS = 0.75  # current position, end: what Asyncify reads at data
 
 _I64 = "I"
 # name: (parameter types, has a result). "I" is i64, "i" i32.
@@ -416,6 +418,9 @@ class Run:
     thread, before the run decides whether to stop there (a scheduler or a test may call
     ``pause()`` from it); ``migration_points`` counts them (the interrupted call a resumed
     run makes again is not counted twice).
+    ``on_paused``: called with the pause's snapshot on the executing thread as soon as it is
+    captured, before ``execute`` frees the run's memory (tens of milliseconds for a large one):
+    what sends the snapshot on belongs here when downtime matters.
     ``paused_at`` / ``resumed_at``: ``time.monotonic()`` when this run stopped at a migration
     point for its pause, and when its rewind reached the interrupted call (downtime figures).
     """
@@ -445,6 +450,7 @@ class Run:
         self.checkpoint_every_points: int | None = None
         self.on_checkpoint: Callable[[Snapshot], None] | None = None
         self.on_migration_point: Callable[[Run], None] | None = None
+        self.on_paused: Callable[[Snapshot], None] | None = None
         self._last_checkpoint = time.monotonic()
         self._points_at_checkpoint = 0
         self._unwound = False
@@ -513,6 +519,40 @@ class Run:
         image.rounds += 1
         return message, image
 
+    def precopy(
+        self,
+        send: Callable[[MemoryRound], None],
+        *,
+        max_rounds: int = 10,
+        small_bytes: int = 256 * 1024,
+    ) -> list[int]:
+        """Live migration's source side, from another thread while the run executes: send
+        rounds (``send`` delivers each to the target, in order, and returns once it is there)
+        until one is small (``small_bytes`` of chunk data), or two in a row are not clearly
+        smaller than the smallest so far (the run dirties memory as fast as rounds carry it), or
+        ``max_rounds``; then pause against the image they built, so that ``execute()`` returns
+        the final delta. Returns the bytes of each round."""
+        image: MemoryImage | None = None
+        sent: list[int] = []
+        smallest, stalled = None, 0
+        while len(sent) < max_rounds:
+            message, image = self.precopy_round(image)
+            send(message)
+            size = len(message.chunk_data)
+            sent.append(size)
+            if size <= small_bytes:
+                break
+            if len(sent) == 1:  # round 0 is the whole memory: nothing to compare it with
+                continue
+            if smallest is None or size < smallest * _PRECOPY_PROGRESS:
+                smallest, stalled = size, 0
+            else:
+                stalled += 1
+                if stalled == 2:
+                    break
+        self.pause(against=image)
+        return sent
+
     def _track_size(self) -> None:
         """Make sure the memory size pre-copy reads is current. Only the executing thread can
         ask the store, at a migration point; from the first round on it does so at each."""
@@ -573,6 +613,8 @@ class Run:
             paused = self._pause.is_set()
             snapshot = self._capture(instance, self._against if paused else None)
             if paused:
+                if self.on_paused is not None:
+                    self.on_paused(snapshot)  # before the instance is torn down, below
                 return Paused(snapshot)
             if self.on_checkpoint is not None:
                 self.on_checkpoint(snapshot)
