@@ -92,7 +92,7 @@ class Workload:
 
 def workloads() -> list[Workload]:
     rng = random.Random(1)
-    side = 1024
+    side = 2048
     return [
         Workload("hashchain", ("8",), rng.randbytes(2 << 20)),
         Workload(

@@ -594,6 +594,7 @@ class Run:
         finally:
             with self._live_lock:
                 self._instance = None
+            self.host.unbind()
             if instance is not None:
                 instance.close()
 

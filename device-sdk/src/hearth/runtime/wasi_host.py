@@ -140,6 +140,7 @@ class WasiHost:
         self.state = state
         self._base = 0
         self._size = 0
+        self._mem = memoryview(b"")
         self.memory_size: Callable[[], int] = lambda: self._size
         self._monotonic_origin = time.monotonic_ns() - state.monotonic_ns
         self.at_migration_point: Callable[[], bool] = lambda: False
@@ -156,8 +157,18 @@ class WasiHost:
         whole 4 GiB range up front, so growth never moves it), its size now, and how to learn
         its size later (it grows while the guest runs; called from within a host call)."""
         self._base = base
-        self._size = size
         self.memory_size = memory_size
+        self._map(size)
+
+    def unbind(self) -> None:
+        """The instance is going away: no view of its memory may outlive it."""
+        self._mem.release()
+        self._mem, self._size = memoryview(b""), 0
+
+    def _map(self, size: int) -> None:
+        self._size = size
+        view = (ctypes.c_uint8 * size).from_address(self._base) if size else bytearray()
+        self._mem = memoryview(view).cast("B")
 
     @property
     def base(self) -> int:
@@ -168,28 +179,27 @@ class WasiHost:
         """The memory size this host last learnt (at most the real one: memory only grows)."""
         return self._size
 
-    def _at(self, ptr: int, size: int) -> int:
-        """The host address of guest bytes [ptr, ptr + size), checked: past the end of memory
-        lie the guard pages of wasmtime's reservation, and reading them kills the process."""
-        end = ptr + size
-        if end > self._size:
-            self._size = self.memory_size()  # memory only grows: the cached size is a floor
-            if end > self._size:
+    def _view(self, ptr: int, size: int) -> memoryview:
+        """Guest memory, checked to hold [ptr, ptr + size): past its end lie the guard pages of
+        wasmtime's reservation, and touching them would kill the process."""
+        if ptr + size > self._size:
+            self._map(self.memory_size())  # memory only grows: the cached size is a floor
+            if ptr + size > self._size:
                 raise GuestFault(ptr, size)
-        return self._base + ptr
+        return self._mem
 
     def _read(self, ptr: int, size: int) -> bytes:
-        return ctypes.string_at(self._at(ptr, size), size)
+        return self._view(ptr, size)[ptr : ptr + size].tobytes()
 
-    def _write(self, ptr: int, data: bytes) -> None:
-        ctypes.memmove(self._at(ptr, len(data)), data, len(data))
+    def _write(self, ptr: int, data: bytes | memoryview) -> None:
+        self._view(ptr, len(data))[ptr : ptr + len(data)] = data
 
     def _put(self, fmt: str, ptr: int, *values: int) -> None:
-        self._write(ptr, struct.pack(fmt, *values))
+        struct.pack_into(fmt, self._view(ptr, struct.calcsize(fmt)), ptr, *values)
 
     def _iovecs(self, iovs: int, count: int) -> list[tuple[int, int]]:
-        raw = (ctypes.c_uint32 * (2 * count)).from_address(self._at(iovs, 8 * count))
-        return list(zip(raw[0::2], raw[1::2], strict=True))
+        words = struct.unpack_from(f"<{2 * count}I", self._view(iovs, 8 * count), iovs)
+        return [(words[i], words[i + 1]) for i in range(0, 2 * count, 2)]
 
     def sync_state(self) -> WasiState:
         """The state with everything buffered written back (for a snapshot). Consumed stdin
@@ -250,7 +260,7 @@ class WasiHost:
         return Errno.SUCCESS
 
     def random_get(self, buf: int, size: int) -> int:
-        self._at(buf, size)  # before making that many bytes
+        self._view(buf, size)  # before making that many bytes
         self._write(buf, os.urandom(size))
         return Errno.SUCCESS
 
@@ -315,13 +325,14 @@ class WasiHost:
         else:
             return Errno.BADF
         total = 0
-        for ptr, size in self._iovecs(iovs, count):
-            chunk = bytes(source[offset : offset + size])
-            self._write(ptr, chunk)
-            offset += len(chunk)
-            total += len(chunk)
-            if len(chunk) < size:
-                break
+        with memoryview(source) as src:
+            for ptr, size in self._iovecs(iovs, count):
+                chunk = src[offset : offset + size]
+                self._write(ptr, chunk)
+                offset += len(chunk)
+                total += len(chunk)
+                if len(chunk) < size:
+                    break
         if fd == 0:
             self.state.stdin_offset = offset
         else:
