@@ -653,6 +653,45 @@ def test_precopy_rounds_then_a_delta_resume_byte_identical(
     assert moved.resumed_at is not None
 
 
+def test_precopy_policy_moves_a_run_that_keeps_dirtying_memory(
+    plain: WasmRuntime, mig: MigratableRuntime, examples: dict[str, Example]
+) -> None:
+    example = examples["dirtymem"]
+    args = ("16", "2000", "4", "8")
+    ref = reference(plain, example, args)
+    run = mig.start(example.sha, args=args, limits=BIG_FUEL)
+    rounds_done = threading.Event()
+    _slowed(run, rounds_done)
+    handed_on: list[bytes] = []
+    # The final snapshot leaves as soon as it exists, before the source frees its memory.
+    run.on_paused = lambda snap: handed_on.append(encode_snapshot(snap))
+    outcome: list[Finished | Paused] = []
+    worker = threading.Thread(target=lambda: outcome.append(run.execute()))
+    worker.start()
+    try:
+        while run.migration_points < 2:
+            time.sleep(0.01)
+        target = mig.receive(example.sha, run.run_id, limits=BIG_FUEL)
+        sent = run.precopy(lambda message: target.apply(decode_round(encode_round(message))))
+    finally:
+        rounds_done.set()
+        worker.join()
+    assert 1 <= len(sent) <= 10
+    assert sent[0] >= 16 << 20
+    paused = outcome[0]
+    assert isinstance(paused, Paused)
+    assert handed_on == [encode_snapshot(paused.snapshot)]
+    assert paused.snapshot.precopy_rounds == len(sent) == target.rounds
+    moved = target.resume(decode_snapshot(handed_on[0]), where="peer")
+    result = moved.execute()
+    assert_same(result, ref)
+    assert isinstance(result, Finished)
+    assert result.hops == ("local", "peer")
+    assert run.paused_at is not None
+    assert moved.resumed_at is not None
+    assert moved.resumed_at > run.paused_at
+
+
 def test_a_delta_snapshot_needs_exactly_its_rounds(
     mig: MigratableRuntime, examples: dict[str, Example]
 ) -> None:
