@@ -81,6 +81,7 @@ DIRTY_ARGS = ("64", "12000", "4", "32")
 DIRTY_WARM_POINTS = 200  # steps run at the source before it migrates
 TARGET_POINTS = 200  # steps run at the target before it stops and reports its output
 TRIAL_TIMEOUT_S = 120.0
+PARTS = ("overhead", "downtime")  # overhead includes the snapshot sizes
 
 
 @dataclass(frozen=True)
@@ -330,6 +331,8 @@ class Trial:
     rounds: int = 0
     round_bytes: int = 0  # pre-copy rounds, all together
     final_bytes: int = 0  # the snapshot sent while the run was stopped
+    last_round_bytes: int = 0
+    migration_ms: float = 0.0  # from the first round to running at the target
 
 
 def migrate_once(
@@ -363,6 +366,7 @@ def migrate_once(
             time.sleep(0.005)
         send_frame(target.sock, b"B", json.dumps({"mode": mode, "run_id": run.run_id}).encode())
         target.expect(b"K")
+        began_at = time.monotonic()
         sent: list[int] = []
         if mode == "precopy":
 
@@ -394,6 +398,8 @@ def migrate_once(
         rounds=len(sent),
         round_bytes=sum(sent),
         final_bytes=int(final["bytes"]),
+        last_round_bytes=sent[-1] if sent else 0,
+        migration_ms=(resumed_at - began_at) * 1e3,
     )
 
 
@@ -409,7 +415,7 @@ def measure_downtime(
                 trial = migrate_once(mig, target, module, mode, reference)
                 log.info(
                     "%s: downtime %.1f ms (capture %.1f, transfer %.1f, restore %.1f), "
-                    "%d rounds %.1f MiB, final %.2f MiB",
+                    "%d rounds %.1f MiB (last %.2f MiB), final %.2f MiB, in all %.0f ms",
                     mode,
                     trial.downtime_ms,
                     trial.capture_ms,
@@ -417,7 +423,9 @@ def measure_downtime(
                     trial.restore_ms,
                     trial.rounds,
                     trial.round_bytes / 2**20,
+                    trial.last_round_bytes / 2**20,
                     trial.final_bytes / 2**20,
+                    trial.migration_ms,
                 )
                 results[mode].append(trial)
     finally:
@@ -442,6 +450,7 @@ class Outcome:
 class Options:
     runs: int
     trials: int
+    parts: frozenset[str] = frozenset(PARTS)
 
 
 def median_of(trials: Sequence[Trial], name: str) -> float:
@@ -461,7 +470,7 @@ def run(opts: Options, work_dir: Path) -> Outcome:
     f = outcome.figures
     try:
         modules = {name: load(plain, directory, name) for name in names}
-        for work in workloads():
+        for work in workloads() if "overhead" in opts.parts else []:
             over = measure_overhead(plain, mig, modules[work.name], work, opts.runs)
             size = measure_snapshot(mig, modules[work.name], work, over.points)
             outcome.overhead[work.name], outcome.snapshots[work.name] = over, size
@@ -474,11 +483,22 @@ def run(opts: Options, work_dir: Path) -> Outcome:
             f[f"{work.name}_snapshot_bytes"] = size.file_bytes
             f[f"{work.name}_snapshot_body_bytes"] = size.body_bytes
             f[f"{work.name}_memory_bytes"] = size.memory_bytes
-        f["overhead_max_ratio"] = max(o.ratio for o in outcome.overhead.values())
-        f["overhead_ok"] = f["overhead_max_ratio"] <= TARGET_OVERHEAD
-        outcome.downtime = measure_downtime(plain, mig, modules["dirtymem"], opts.trials, work_dir)
+        if outcome.overhead:
+            f["overhead_max_ratio"] = max(o.ratio for o in outcome.overhead.values())
+            f["overhead_ok"] = f["overhead_max_ratio"] <= TARGET_OVERHEAD
+        if "downtime" in opts.parts:
+            outcome.downtime = measure_downtime(
+                plain, mig, modules["dirtymem"], opts.trials, work_dir
+            )
     finally:
         plain.close()
+    if outcome.downtime:
+        downtime_figures(outcome)
+    return outcome
+
+
+def downtime_figures(outcome: Outcome) -> None:
+    f = outcome.figures
     for mode, key in (("precopy", "precopy"), ("stop", "stop_copy")):
         trials = outcome.downtime[mode]
         for name in ("downtime_ms", "capture_ms", "transfer_ms", "restore_ms"):
@@ -488,44 +508,64 @@ def run(opts: Options, work_dir: Path) -> Outcome:
     pre = outcome.downtime["precopy"]
     f["precopy_rounds"] = int(median_of(pre, "rounds"))
     f["precopy_round_bytes"] = int(median_of(pre, "round_bytes"))
+    f["precopy_last_round_bytes"] = int(median_of(pre, "last_round_bytes"))
+    for key, mode in (("precopy", "precopy"), ("stop_copy", "stop")):
+        f[f"{key}_migration_ms"] = median_of(outcome.downtime[mode], "migration_ms")
     f["precopy_ok"] = f["precopy_downtime_ms"] <= TARGET_DOWNTIME_MS
     f["state_bytes"] = int(DIRTY_ARGS[0]) << 20
-    return outcome
+
+
+OVERHEAD_COLUMNS = (
+    "example",
+    "plain ms",
+    "asyncify ms",
+    "migratable ms",
+    "asyncify x",
+    "migratable x",
+    "points",
+)
+TRIAL_COLUMNS = (
+    "mode",
+    "downtime ms",
+    "capture",
+    "transfer",
+    "restore",
+    "rounds",
+    "round bytes",
+    "last round",
+    "final bytes",
+    "in all ms",
+)
 
 
 def print_report(outcome: Outcome) -> None:
     f = outcome.figures
-    rows: list[list[object]] = [
-        [name, o.plain_ms, o.asyncify_ms, o.migratable_ms, o.asyncify_ratio, o.ratio, o.points]
-        for name, o in outcome.overhead.items()
-    ]
-    print_table(
-        [
-            "example",
-            "plain ms",
-            "asyncify ms",
-            "migratable ms",
-            "asyncify x",
-            "migratable x",
-            "points",
-        ],
-        rows,
-        title="Instrumentation overhead (CPU time, median): plain under WasmRuntime, the "
-        "instrumented module under WasmRuntime, under MigratableRuntime",
-    )
-    rows = [
-        [name, s.memory_bytes, s.chunks, s.body_bytes, s.file_bytes]
-        for name, s in outcome.snapshots.items()
-    ]
-    print_table(
-        ["example", "memory bytes", "chunks", "body bytes", "file bytes"],
-        rows,
-        title="Snapshot half-way through (file: zlib level 1)",
-    )
-    rows = []
-    for mode, trials in outcome.downtime.items():
-        for t in trials:
-            rows.append(
+    targets: list[list[object]] = []
+    if outcome.overhead:
+        print_table(
+            OVERHEAD_COLUMNS,
+            [
+                [n, o.plain_ms, o.asyncify_ms, o.migratable_ms, o.asyncify_ratio, o.ratio, o.points]
+                for n, o in outcome.overhead.items()
+            ],
+            title="Instrumentation overhead (CPU ms, median): the plain module under "
+            "WasmRuntime, the instrumented one under WasmRuntime, and under MigratableRuntime",
+        )
+        print_table(
+            ("example", "memory bytes", "chunks", "body bytes", "file bytes"),
+            [
+                [n, s.memory_bytes, s.chunks, s.body_bytes, s.file_bytes]
+                for n, s in outcome.snapshots.items()
+            ],
+            title="Snapshot half-way through (file: zlib level 1)",
+        )
+        ratio = float(f["overhead_max_ratio"])
+        verdict_text = verdict(ratio, TARGET_OVERHEAD, at_most=True)
+        targets.append(["overhead, worst example", ratio, f"<= {TARGET_OVERHEAD}", verdict_text])
+    if outcome.downtime:
+        print_table(
+            TRIAL_COLUMNS,
+            [
                 [
                     mode,
                     t.downtime_ms,
@@ -534,44 +574,25 @@ def print_report(outcome: Outcome) -> None:
                     t.restore_ms,
                     t.rounds,
                     t.round_bytes,
+                    t.last_round_bytes,
                     t.final_bytes,
+                    t.migration_ms,
                 ]
-            )
-    print_table(
-        [
-            "mode",
-            "downtime ms",
-            "capture",
-            "transfer",
-            "restore",
-            "rounds",
-            "round bytes",
-            "final bytes",
-        ],
-        rows,
-        title=f"Moving dirtymem ({f['state_bytes'] >> 20} MiB) to another process over loopback",
-    )
-    ratio = float(f["overhead_max_ratio"])
-    down = float(f["precopy_downtime_ms"])
-    print_table(
-        ["figure", "value", "target", "verdict"],
-        [
-            [
-                "overhead, worst example",
-                ratio,
-                f"<= {TARGET_OVERHEAD}",
-                verdict(ratio, TARGET_OVERHEAD, at_most=True),
+                for mode, trials in outcome.downtime.items()
+                for t in trials
             ],
-            [
-                "pre-copy downtime ms, median",
-                down,
-                f"<= {TARGET_DOWNTIME_MS:g}",
-                verdict(down, TARGET_DOWNTIME_MS, at_most=True),
-            ],
-            ["stop-and-copy downtime ms, median", float(f["stop_copy_downtime_ms"]), "-", "-"],
-        ],
-        title="Targets",
-    )
+            title=f"Moving dirtymem ({f['state_bytes'] >> 20} MiB) to another process over "
+            "loopback (ms, bytes)",
+        )
+        down = float(f["precopy_downtime_ms"])
+        verdict_text = verdict(down, TARGET_DOWNTIME_MS, at_most=True)
+        targets.append(
+            ["pre-copy downtime ms, median", down, f"<= {TARGET_DOWNTIME_MS:g}", verdict_text]
+        )
+        targets.append(
+            ["stop-and-copy downtime ms, median", float(f["stop_copy_downtime_ms"]), "-", "-"]
+        )
+    print_table(["figure", "value", "target", "verdict"], targets, title="Targets")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -589,12 +610,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DEFAULT_TRIALS,
         help=f"migrations per mode (default {DEFAULT_TRIALS})",
     )
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help="what to measure, comma-separated: overhead (with snapshot sizes), downtime",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
+    parts = frozenset(args.parts.split(","))
     if args.runs < 1 or args.trials < 1:
         parser.error("--runs and --trials must be at least 1")
+    if not parts or not parts <= set(PARTS):
+        parser.error(f"--parts: some of {', '.join(PARTS)}")
     setup_logging(args.verbose)
-    opts = Options(runs=args.runs, trials=args.trials)
+    opts = Options(runs=args.runs, trials=args.trials, parts=parts)
     return run_and_report(lambda tmp: run(opts, tmp), args.json, print_report)
 
 
