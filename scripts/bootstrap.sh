@@ -1,6 +1,7 @@
 #!/bin/sh
 # Set up everything `make demo` and `make test` need on a Debian machine: system packages
-# (Mosquitto, python3-venv) when root, then a virtualenv with both packages in development mode.
+# (Mosquitto, python3-venv, Binaryen) when root, then a virtualenv with both packages in
+# development mode.
 set -eu
 VENV=${VENV:-.venv}
 # Pinned versions (constraints.txt) unless LOCK=0, which `make lock` uses to resolve afresh.
@@ -9,6 +10,8 @@ if [ "${LOCK:-1}" = 0 ]; then pins=""; else pins="-c constraints.txt"; fi
 missing=""
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$missing mosquitto"
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$missing python3-venv"
+# Binaryen's wasm-opt instruments modules for migratable runs (docs/migration.md).
+command -v wasm-opt >/dev/null 2>&1 || missing="$missing binaryen"
 # Only the network-namespace capture test needs these (it skips without them and without root).
 if [ "$(id -u)" = 0 ]; then
     command -v tcpdump >/dev/null 2>&1 || [ -x /usr/bin/tcpdump ] || missing="$missing tcpdump"

@@ -3,9 +3,12 @@
 Compiles every ``examples/wasm/*.c`` to a stripped WASI command module in
 ``build/examples/wasm/`` and every ``examples/tasks/*.c`` to a stripped WASI
 reactor module (a persistent task, see docs/tasks.md) in
-``build/examples/tasks/``, with the zig toolchain from the ``ziglang`` wheel;
-then trains and exports the digits model (``scripts/train_digits.py``) into
-``build/examples/models/`` when it is missing or older than that script.
+``build/examples/tasks/``, with the zig toolchain from the ``ziglang`` wheel.
+Where Binaryen's ``wasm-opt`` is installed, each command module also gets a
+migratable twin ``build/examples/wasm/NAME.migratable.wasm`` (instrumented by
+``hearth.runtime.asyncify``, see docs/migration.md). Then it trains and exports
+the digits model (``scripts/train_digits.py``) into ``build/examples/models/``
+when it is missing or older than that script.
 
 Up-to-date artifacts are skipped, so running it again is cheap. ``make`` runs it
 with the project's venv; by hand::
@@ -34,6 +37,9 @@ TASKS_OUT_DIR = BUILD_DIR / "tasks"
 MODELS_OUT_DIR = BUILD_DIR / "models"
 ZIG_CACHE_DIR = REPO_ROOT / "build" / "zig-cache"
 TRAIN_SCRIPT = REPO_ROOT / "scripts" / "train_digits.py"
+SDK_SRC_DIR = REPO_ROOT / "device-sdk" / "src"
+ASYNCIFY_MODULE = SDK_SRC_DIR / "hearth" / "runtime" / "asyncify.py"
+MIGRATABLE_SUFFIX = ".migratable.wasm"
 DIGITS_MODEL = MODELS_OUT_DIR / "digits.onnx"
 DIGITS_OUTPUTS = (
     DIGITS_MODEL,
@@ -199,6 +205,74 @@ def build_wasm() -> None:
         raise BuildError("\n\n".join(errors))
 
 
+@dataclass(frozen=True)
+class MigratableTarget:
+    """The Asyncify-instrumented twin of a command module (docs/migration.md)."""
+
+    plain: Path
+    output: Path
+
+    def is_up_to_date(self) -> bool:
+        if not self.output.exists():
+            return False
+        # The instrumentation (wasm-opt's passes, the exported globals) lives in asyncify.py.
+        inputs = (self.plain, Path(__file__), ASYNCIFY_MODULE)
+        return self.output.stat().st_mtime >= max(p.stat().st_mtime for p in inputs)
+
+
+def migratable_targets() -> list[MigratableTarget]:
+    return [
+        MigratableTarget(t.output, t.output.with_name(t.name + MIGRATABLE_SUFFIX))
+        for t in wasm_targets()
+    ]
+
+
+def instrument_module(target: MigratableTarget) -> None:
+    # This checkout's instrumentation, whichever copy of the SDK the interpreter has installed.
+    if str(SDK_SRC_DIR) not in sys.path:
+        sys.path.insert(0, str(SDK_SRC_DIR))
+    from hearth.errors import JobError
+    from hearth.runtime.asyncify import instrument
+
+    partial = target.output.with_suffix(".partial")
+    try:
+        partial.write_bytes(instrument(target.plain.read_bytes()))
+    except JobError as exc:
+        partial.unlink(missing_ok=True)
+        raise BuildError(f"instrumenting {rel(target.plain)} failed: {exc}") from exc
+    partial.replace(target.output)
+
+
+def build_migratable() -> None:
+    if str(SDK_SRC_DIR) not in sys.path:
+        sys.path.insert(0, str(SDK_SRC_DIR))
+    from hearth.runtime.asyncify import wasm_opt_path
+
+    targets = migratable_targets()
+    if wasm_opt_path() is None:
+        print(f"skipped     {len(targets)} migratable examples (no wasm-opt: install binaryen)")
+        return
+    stale = [t for t in targets if not t.is_up_to_date()]
+    for target in targets:
+        if target not in stale:
+            print(f"up to date  {rel(target.output)}")
+    errors: list[str] = []
+    # wasm-opt is single-threaded per module; as many at once as the compiles.
+    workers = MAX_PARALLEL_COMPILES
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="asyncify") as pool:
+        futures = [(t, pool.submit(instrument_module, t)) for t in stale]
+        for target, future in futures:
+            try:
+                future.result()
+            except BuildError as exc:
+                errors.append(str(exc))
+            else:
+                size = target.output.stat().st_size
+                print(f"built       {rel(target.output)} ({size} bytes)")
+    if errors:
+        raise BuildError("\n\n".join(errors))
+
+
 def build_model() -> None:
     script_mtime = TRAIN_SCRIPT.stat().st_mtime
     if all(p.exists() and p.stat().st_mtime >= script_mtime for p in DIGITS_OUTPUTS):
@@ -230,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"removed     {rel(BUILD_DIR)}")
     try:
         build_wasm()
+        build_migratable()
         build_model()
     except BuildError as exc:
         print(f"build_examples: error: {exc}", file=sys.stderr)

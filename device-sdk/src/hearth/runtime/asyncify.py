@@ -187,7 +187,9 @@ def _mutable_globals(sections: list[tuple[int, bytes]]) -> list[int]:
                 pos = _skip_limits(body, pos + 1)
             elif kind == 0x02:
                 pos = _skip_limits(body, pos)
-            else:
+            elif kind == 0x04:  # a tag (exception handling): attribute, type index
+                _, pos = _leb(body, pos + 1)
+            else:  # a global: value type, mutability
                 imported += 1
                 pos += 2
     mutable = []

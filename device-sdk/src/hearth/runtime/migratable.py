@@ -6,14 +6,21 @@ looks at what the run has been asked to do:
 
 - **pause**: unwind the stack into the Asyncify buffer, capture memory, globals and WASI state
   as a :class:`Snapshot`, and return it: the run is over here and can resume anywhere;
-- **checkpoint** (periodic, or asked for): the same capture, handed to ``on_checkpoint``, then
-  rewind in place and carry on (a few hundred microseconds for a small run);
+- **checkpoint** (every so many seconds or migration points, or asked for): the same capture,
+  handed to ``on_checkpoint``, then rewind in place and carry on;
 - otherwise: do the call.
 
 Resuming instantiates the module afresh, writes memory and globals back, and rewinds: the
 interrupted call is made again from its start, so the program cannot tell it moved. Output is
 carried in the snapshot (everything written so far), so the final stdout of a run that moved
 is byte-identical to that of a run that did not.
+
+Live migration of a run with much memory (pre-copy): while the run goes on, another thread
+sends its memory ahead in rounds (:meth:`Run.precopy_round`), each with only the chunks that
+changed since the last; the target fills a ready instance with them (:class:`Incoming`). Then
+the run is paused against the image the target holds (``pause(against=...)``) and the final
+snapshot carries only the chunks dirtied since, with globals and WASI state: the run is stopped
+for the time that small delta takes, not for the time the whole memory takes.
 
 What cannot migrate, and why: modules that import anything but WASI preview 1 and
 ``hearth.yield`` (wasi-nn holds native graph handles; threads have stacks Asyncify does not
@@ -24,21 +31,31 @@ from __future__ import annotations
 
 import ctypes
 import threading
-import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
-import numpy as np
 
 from hearth.errors import ErrorCode, JobError
-from hearth.runtime.asyncify import GLOBAL_EXPORT_PREFIX, is_instrumented
+from hearth.runtime import _chunks, _hostcall
+from hearth.runtime._run import (
+    Finished,
+    Instance,
+    MemoryImage,
+    Paused,
+    Run,
+    copy_state,
+    current,
+    host_failed,
+    instantiation_error,
+    memory_image,
+)
+from hearth.runtime.asyncify import is_instrumented
 from hearth.runtime.limits import WasmLimits
-from hearth.runtime.snapshot import CHUNK_BYTES, GlobalValue, Snapshot
-from hearth.runtime.wasi_host import Exit, WasiHost, WasiState
+from hearth.runtime.snapshot import MemoryRound, Snapshot
+from hearth.runtime.wasi_host import WasiHost, WasiState
 from hearth.runtime.wasm import WasmRuntime
 
 try:
@@ -46,62 +63,48 @@ try:
 except ImportError:  # pragma: no cover - exercised only without the `local` extra
     wasmtime = None  # type: ignore[assignment]
 
-__all__ = ["Finished", "MigratableRuntime", "Paused", "Run", "memory_image"]
+__all__ = [
+    "Finished",
+    "Incoming",
+    "MemoryImage",
+    "MigratableRuntime",
+    "Paused",
+    "Run",
+    "memory_image",
+]
 
-_PAGE = 65536
-# The Asyncify buffer: where the unwound stack (each frame's live locals) is kept. 64 KiB
-# holds hundreds of frames of ordinary C; a deeper stack fails the unwind, not the program.
-_UNWIND_PAGES = 1
-_CHUNKS_PER_PAGE = _PAGE // CHUNK_BYTES
-
-_I32 = "i"
 _I64 = "I"
-# name: (parameter types, has a result, needs the caller to unwind). "I" is i64.
-_WASI_SIGNATURES: dict[str, tuple[str, bool, bool]] = {
-    "args_get": ("ii", True, False),
-    "args_sizes_get": ("ii", True, False),
-    "environ_get": ("ii", True, False),
-    "environ_sizes_get": ("ii", True, False),
-    "clock_res_get": ("ii", True, False),
-    "clock_time_get": ("iIi", True, False),
-    "random_get": ("ii", True, False),
-    "proc_exit": ("i", False, False),
-    "sched_yield": ("", True, True),
-    "poll_oneoff": ("iiii", True, True),
-    "fd_read": ("iiii", True, True),
-    "fd_write": ("iiii", True, True),
-    "fd_close": ("i", True, False),
-    "fd_fdstat_get": ("ii", True, False),
-    "fd_fdstat_set_flags": ("ii", True, False),
-    "fd_prestat_get": ("ii", True, False),
-    "fd_prestat_dir_name": ("iii", True, False),
-    "fd_seek": ("iIii", True, False),
-    "fd_tell": ("ii", True, False),
-    "fd_filestat_get": ("ii", True, False),
-    "fd_readdir": ("iiiIi", True, False),
-    "path_open": ("iiiiiIIii", True, False),
-    "path_filestat_get": ("iiiii", True, False),
-    "path_create_directory": ("iii", True, False),
-    "path_unlink_file": ("iii", True, False),
-    "path_remove_directory": ("iii", True, False),
+# name: (parameter types, has a result). "I" is i64, "i" i32.
+_WASI_SIGNATURES: dict[str, tuple[str, bool]] = {
+    "args_get": ("ii", True),
+    "args_sizes_get": ("ii", True),
+    "environ_get": ("ii", True),
+    "environ_sizes_get": ("ii", True),
+    "clock_res_get": ("ii", True),
+    "clock_time_get": ("iIi", True),
+    "random_get": ("ii", True),
+    "proc_exit": ("i", False),
+    "sched_yield": ("", True),
+    "poll_oneoff": ("iiii", True),
+    "fd_read": ("iiii", True),
+    "fd_write": ("iiii", True),
+    "fd_close": ("i", True),
+    "fd_fdstat_get": ("ii", True),
+    "fd_fdstat_set_flags": ("ii", True),
+    "fd_prestat_get": ("ii", True),
+    "fd_prestat_dir_name": ("iii", True),
+    "fd_seek": ("iIii", True),
+    "fd_tell": ("ii", True),
+    "fd_filestat_get": ("ii", True),
+    "fd_readdir": ("iiiIi", True),
+    "path_open": ("iiiiiIIii", True),
+    "path_filestat_get": ("iiiii", True),
+    "path_create_directory": ("iii", True),
+    "path_unlink_file": ("iii", True),
+    "path_remove_directory": ("iii", True),
 }
 _ENOSYS = 52
-
-
-@dataclass(frozen=True, slots=True)
-class Finished:
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
-    fuel_used: int
-
-
-@dataclass(frozen=True, slots=True)
-class Paused:
-    snapshot: Snapshot
-
-
-_current = threading.local()  # the Run executing on this thread (host functions find it here)
+_MIGRATION_SAFE_IMPORTS = (("hearth", "yield"),)
 
 
 class MigratableRuntime:
@@ -115,24 +118,35 @@ class MigratableRuntime:
         self._wasm = wasm
         self._linker = wasmtime.Linker(wasm.engine)
         self._defined: set[tuple[str, str]] = set()
+        self._keep: list[object] = []  # the native callbacks, alive as long as the linker
+        # The linker is shared by every run: defining a stub while another thread instantiates
+        # from it is a data race in wasmtime, so both happen under this lock (both are short).
         self._lock = threading.Lock()
-        for name, (params, result, caller) in _WASI_SIGNATURES.items():
-            self._define("wasi_snapshot_preview1", name, params, result, caller, name)
-        self._define("hearth", "yield", "", False, True, "hearth_yield")
+        for name, (params, result) in _WASI_SIGNATURES.items():
+            self._define("wasi_snapshot_preview1", name, params, result, name)
+        self._define("hearth", "yield", "", False, "hearth_yield")
 
-    def _define(
-        self, module: str, name: str, params: str, result: bool, caller: bool, method: str
-    ) -> None:
-        i32, i64 = wasmtime.ValType.i32(), wasmtime.ValType.i64()
-        ty = wasmtime.FuncType([i64 if p == _I64 else i32 for p in params], [i32] if result else [])
+    def _define(self, module: str, name: str, params: str, result: bool, method: str) -> None:
+        bound = getattr(WasiHost, method)
 
         def call(*args: Any) -> Any:
-            return getattr(_current.run.host, method)(*args)
+            return bound(current.run.host, *args)
 
-        self._linker.define_func(module, name, ty, call, access_caller=caller)
+        if not _hostcall.define(
+            self._linker, module, name, params, result, call, on_error=host_failed, keep=self._keep
+        ):  # pragma: no cover - a wasmtime-py without the raw bindings: its own trampoline
+
+            def slow(the_caller: Any, *args: Any) -> Any:
+                with _hostcall.inside(the_caller):
+                    return call(*args)
+
+            i32, i64 = wasmtime.ValType.i32(), wasmtime.ValType.i64()
+            types = [i64 if p == _I64 else i32 for p in params]
+            ty = wasmtime.FuncType(types, [i32] if result else [])
+            self._linker.define_func(module, name, ty, slow, access_caller=True)
         self._defined.add((module, name))
 
-    def _stub_unknown(self, module: wasmtime.Module) -> None:
+    def _stub_unknown(self, module: Any) -> None:
         """WASI calls outside the sandbox (sockets...) answer ENOSYS rather than failing the
         instantiation, as a module granted nothing would see under wasmtime's WASI."""
         for imp in module.imports:
@@ -149,14 +163,48 @@ class MigratableRuntime:
                 self._defined.add(key)
 
     def module(self, sha256: str, wasm: bytes | None = None, path: Path | None = None) -> Any:
+        """The compiled module (cached by the WasmRuntime); INVALID_MODULE unless it is an
+        instrumented WASI command that exports its memory."""
         module = self._wasm.module(sha256, wasm, path)
-        if not is_instrumented({e.name for e in module.exports}):
+        exports = {e.name for e in module.exports}
+        if not is_instrumented(exports):
             raise JobError(
                 ErrorCode.INVALID_MODULE,
                 "not a migratable module: instrument it first (hearth.runtime.asyncify)",
             )
+        if "_start" not in exports or "memory" not in exports:
+            raise JobError(ErrorCode.INVALID_MODULE, "not a WASI command exporting its memory")
+        # Anything else it imports holds state outside the run (wasi-nn's graphs, threads).
+        foreign = sorted(
+            {f"{i.module}.{i.name}" for i in module.imports}
+            - {f"{m}.{n}" for m, n in _MIGRATION_SAFE_IMPORTS}
+        )
+        foreign = [name for name in foreign if not name.startswith("wasi_snapshot_preview1.")]
+        if foreign:
+            raise JobError(
+                ErrorCode.INVALID_MODULE, f"cannot migrate a module importing {foreign[0]}"
+            )
         self._stub_unknown(module)
         return module
+
+    def _instantiate(self, module: Any, limits: WasmLimits) -> Instance:
+        store = wasmtime.Store(self._wasm.engine)
+        try:
+            store.set_limits(memory_size=limits.memory_bytes)
+            with self._lock:
+                instance = self._linker.instantiate(store, module)
+            exports = instance.exports(store)
+            memory = exports["memory"]
+            if not isinstance(memory, wasmtime.Memory):
+                raise JobError(ErrorCode.INVALID_MODULE, "its export 'memory' is not a memory")
+            base = ctypes.addressof(memory.data_ptr(store).contents)
+            return Instance(store, exports, memory, base)
+        except wasmtime.WasmtimeError as exc:
+            store.close()
+            raise instantiation_error(exc) from None
+        except BaseException:
+            store.close()
+            raise
 
     def start(
         self,
@@ -166,7 +214,7 @@ class MigratableRuntime:
         stdin: bytes = b"",
         limits: WasmLimits | None = None,
         run_id: str | None = None,
-        data_class: str = "private",
+        data_class: Literal["private", "public"] = "private",
         where: str = "local",
         wasm: bytes | None = None,
         path: Path | None = None,
@@ -181,7 +229,8 @@ class MigratableRuntime:
             wasi=state,
             hops=[where],
         )
-        return Run(self, self.module(sha256, wasm, path), snapshot, limits, fresh=True)
+        module = self.module(sha256, wasm, path)
+        return Run(lambda: self._instantiate(module, limits), snapshot, limits, fresh=True)
 
     def resume(
         self,
@@ -192,243 +241,129 @@ class MigratableRuntime:
         wasm: bytes | None = None,
         path: Path | None = None,
     ) -> Run:
-        """Continue ``snapshot`` here (``where`` names this runtime in the run's hops)."""
+        """Continue ``snapshot`` here (``where`` names this runtime in the run's hops). The
+        snapshot is not changed: the same one may be resumed again (a checkpoint after a
+        crash). A delta (the end of a live migration) resumes only through :class:`Incoming`."""
+        if snapshot.finished:
+            raise JobError(ErrorCode.RUN_FINISHED, f"run {snapshot.run_id} has already finished")
+        if snapshot.precopy_rounds:
+            raise JobError(
+                ErrorCode.SNAPSHOT_MISMATCH,
+                "a delta snapshot resumes only on the instance its pre-copy rounds filled",
+            )
         module = self.module(snapshot.module, wasm, path)
-        snapshot.hops = [*snapshot.hops, where]
-        return Run(self, module, snapshot, limits or WasmLimits(), fresh=False)
+        limits = limits or WasmLimits()
+        return Run(
+            lambda: self._instantiate(module, limits),
+            _continued(snapshot, where),
+            limits,
+            fresh=False,
+        )
+
+    def receive(
+        self,
+        sha256: str,
+        run_id: str,
+        *,
+        limits: WasmLimits | None = None,
+        wasm: bytes | None = None,
+        path: Path | None = None,
+    ) -> Incoming:
+        """The target side of a live migration of ``run_id``: an instance made now, whose
+        memory the pre-copy rounds fill while the run still goes on at its source."""
+        limits = limits or WasmLimits()
+        module = self.module(sha256, wasm, path)
+        return Incoming(self, module, sha256, run_id, limits)
 
     @property
     def linker(self) -> Any:
         return self._linker
 
 
-class Run:
-    """One migratable run. ``execute()`` runs it on the calling thread until it finishes
-    (:class:`Finished`) or is paused (:class:`Paused`); ``pause()``, ``checkpoint()`` and
-    ``precopy_view()`` may be called from other threads meanwhile."""
+class Incoming:
+    """The target of a live migration: an instance made ahead of time, whose memory the
+    pre-copy rounds fill (:meth:`apply`, in order) until the final delta snapshot arrives
+    (:meth:`resume`). ``close()`` (idempotent) drops it if the migration is abandoned."""
 
     def __init__(
-        self,
-        runtime: MigratableRuntime,
-        module: Any,
-        snapshot: Snapshot,
-        limits: WasmLimits,
-        *,
-        fresh: bool,
+        self, runtime: MigratableRuntime, module: Any, sha256: str, run_id: str, limits: WasmLimits
     ) -> None:
         self._runtime = runtime
         self._module = module
-        self.snapshot = snapshot
+        self.module_sha256 = sha256
+        self.run_id = run_id
         self.limits = limits
-        self.host = WasiHost(snapshot.wasi)
-        self.host.at_migration_point = self._at_migration_point
-        self._fresh = fresh
-        self._pause = threading.Event()
-        self._checkpoint_now = threading.Event()
-        self.checkpoint_every_s: float | None = None
-        self.on_checkpoint: Callable[[Snapshot], None] | None = None
-        self._last_checkpoint = time.monotonic()
-        self._unwound = False
-        self._rewinding = False
-        self._memory_base = 0
-        self._memory: Any = None
-        self._store: Any = None
-        self.migration_points = 0
+        self.rounds = 0
+        self.bytes_applied = 0
+        self._instance: Instance | None = runtime._instantiate(module, limits)
+        # The instance's data segments are not the run's: its memory is what the rounds say.
+        self._instance.view()[:] = 0
 
-    @property
-    def run_id(self) -> str:
-        return self.snapshot.run_id
+    def apply(self, memory_round: MemoryRound) -> None:
+        """Write one round's chunks into the waiting instance's memory."""
+        instance = self._waiting()
+        if memory_round.module != self.module_sha256 or memory_round.run_id != self.run_id:
+            raise JobError(ErrorCode.SNAPSHOT_MISMATCH, "a pre-copy round of another run")
+        if memory_round.number != self.rounds:
+            raise JobError(
+                ErrorCode.BAD_SNAPSHOT,
+                f"pre-copy round {memory_round.number} where round {self.rounds} was due",
+            )
+        instance.grow_to(memory_round.memory_pages)
+        _chunks.apply(instance.view(), memory_round.chunk_index, memory_round.chunk_data)
+        self.rounds += 1
+        self.bytes_applied += len(memory_round.chunk_data)
 
-    def pause(self) -> None:
-        """Stop at the next migration point; ``execute`` then returns Paused."""
-        self._pause.set()
-
-    def checkpoint(self) -> None:
-        """Take a checkpoint at the next migration point, then go on."""
-        self._checkpoint_now.set()
-
-    # -- execution --------------------------------------------------------------------------
-
-    def execute(self) -> Finished | Paused:
-        store = wasmtime.Store(self._runtime._wasm.engine)
-        self._store = store
-        instance = None
-        try:
-            store.set_fuel(max(0, self.limits.fuel - self.snapshot.fuel_used))
-            store.set_limits(memory_size=self.limits.memory_bytes)
-            instance = self._runtime.linker.instantiate(store, self._module)
-            exports = instance.exports(store)
-            memory = exports["memory"]
-            self._memory = memory
-            if self._fresh:
-                self._reserve_unwind_buffer(store, memory)
-            else:
-                self._restore(store, exports, memory)
-            self._memory_base = ctypes.addressof(memory.data_ptr(store).contents)
-            self.host.bind(self._memory_base)
-            return self._loop(store, exports)
-        except wasmtime.WasmtimeError as exc:
-            message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "error"
-            code = ErrorCode.MEMORY_LIMIT if "memory" in message else ErrorCode.INVALID_MODULE
-            raise JobError(code, message) from None
-        finally:
-            self._memory = None
-            self._store = None
-            store.close()
-
-    def _loop(self, store: Any, exports: Any) -> Finished | Paused:
-        start = exports["_start"]
-        rewind = not self._fresh
-        self._fresh = False
-        while True:
-            if rewind:
-                self._rewinding = True
-                exports["asyncify_start_rewind"](store, self.snapshot.unwind_data)
-            _current.run = self
-            try:
-                start(store)
-                exit_code = 0
-            except Exit as exc:
-                exit_code = exc.code
-            except wasmtime.Trap as exc:
-                raise self._trap(exc, store) from None
-            finally:
-                _current.run = None
-            if self.host.state.output_overflowed:
-                raise JobError(
-                    ErrorCode.OUTPUT_LIMIT, f"output over {self.limits.output_bytes} bytes"
-                )
-            if not self._unwound:
-                return self._finish(store, exit_code)
-            self._unwound = False
-            exports["asyncify_stop_unwind"](store)
-            snapshot = self._capture(store, exports)
-            if self._pause.is_set():
-                return Paused(snapshot)
-            if self.on_checkpoint is not None:
-                self.on_checkpoint(snapshot)
-            rewind = True
-
-    def _finish(self, store: Any, exit_code: int) -> Finished:
-        if self.host.scratch_bytes() > self.limits.scratch_bytes:
-            raise JobError(ErrorCode.OUTPUT_LIMIT, f"/scratch over {self.limits.scratch_bytes}")
-        fuel_used = self.limits.fuel - store.get_fuel()
-        self.snapshot.fuel_used = fuel_used
-        self.snapshot.finished = True
-        self.snapshot.exit_code = exit_code
-        return Finished(exit_code, self.host.stdout, self.host.stderr, fuel_used)
-
-    def _trap(self, exc: Any, store: Any) -> JobError:
-        if exc.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
-            return JobError(ErrorCode.TIMEOUT, f"fuel exhausted ({self.limits.fuel} units)")
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        memory = self._memory
-        if memory is not None:
-            size = memory.data_len(store)
-            if size + max(2 << 20, self.limits.memory_bytes // 16) > self.limits.memory_bytes:
-                return JobError(ErrorCode.MEMORY_LIMIT, "memory limit reached")
-        return JobError(ErrorCode.TRAP, lines[-1][:300] if lines else "trap")
-
-    def _at_migration_point(self, caller: Any) -> bool:
-        """Called by the host at each call Asyncify can unwind, before the call does
-        anything. True: the stack is unwinding (the host returns at once)."""
-        if self._rewinding:
-            # The rewind has reached the interrupted call: from here on it runs normally.
-            caller.get("asyncify_stop_rewind")(caller)
-            self._rewinding = False
-            return False
-        self.migration_points += 1
-        due = self._pause.is_set() or self._checkpoint_now.is_set()
-        if not due and self.checkpoint_every_s is not None:
-            due = time.monotonic() - self._last_checkpoint >= self.checkpoint_every_s
-        if not due:
-            return False
-        self._checkpoint_now.clear()
-        data = self.snapshot.unwind_data
-        ctypes.memmove(
-            self._memory_base + data,
-            np.array([data + 8, data + self.snapshot.unwind_bytes], dtype="<u4").tobytes(),
-            8,
+    def resume(self, snapshot: Snapshot, *, where: str = "local") -> Run:
+        """The run, continued from the final (delta) snapshot on the instance the rounds
+        filled; this Incoming is used up (its instance now belongs to the Run)."""
+        instance = self._waiting()
+        if snapshot.module != self.module_sha256 or snapshot.run_id != self.run_id:
+            raise JobError(ErrorCode.SNAPSHOT_MISMATCH, "the snapshot of another run")
+        if snapshot.finished:
+            raise JobError(ErrorCode.RUN_FINISHED, f"run {snapshot.run_id} has already finished")
+        if snapshot.precopy_rounds != self.rounds:
+            raise JobError(
+                ErrorCode.SNAPSHOT_MISMATCH,
+                f"a delta against {snapshot.precopy_rounds} pre-copy rounds; "
+                f"{self.rounds} arrived here",
+            )
+        self._instance = None
+        return Run(
+            lambda: instance,
+            _continued(snapshot, where),
+            self.limits,
+            fresh=False,
+            prepared=instance,
         )
-        caller.get("asyncify_start_unwind")(caller, data)
-        self._unwound = True
-        return True
 
-    # -- state in and out -------------------------------------------------------------------
+    def _waiting(self) -> Instance:
+        if self._instance is None:
+            raise JobError(ErrorCode.NO_RUN, "this migration has been resumed or closed")
+        return self._instance
 
-    def _reserve_unwind_buffer(self, store: Any, memory: Any) -> None:
-        pages = memory.grow(store, _UNWIND_PAGES)
-        self.snapshot.unwind_data = pages * _PAGE
-        self.snapshot.unwind_bytes = _UNWIND_PAGES * _PAGE
+    def close(self) -> None:
+        instance, self._instance = self._instance, None
+        if instance is not None:
+            instance.close()
 
-    def _capture(self, store: Any, exports: Any) -> Snapshot:
-        self._last_checkpoint = time.monotonic()
-        snap = self.snapshot
-        image = memory_image(self._memory_base, self._memory.data_len(store))
-        snap.memory_pages = len(image) // _PAGE
-        snap.chunk_index, snap.chunk_data = _sparse(image)
-        snap.globals = [_global_value(name, g, store) for name, g in _globals(exports)]
-        snap.fuel_used = self.limits.fuel - store.get_fuel()
-        snap.wasi = self.host.sync_state()
-        captured = Snapshot(**{f: getattr(snap, f) for f in snap.__struct_fields__})
-        captured.wasi = _copy_state(snap.wasi)
-        snap.seq += 1
-        return captured
+    def __enter__(self) -> Incoming:
+        return self
 
-    def _restore(self, store: Any, exports: Any, memory: Any) -> None:
-        snap = self.snapshot
-        have = memory.size(store)
-        if snap.memory_pages > have:
-            memory.grow(store, snap.memory_pages - have)
-        base = ctypes.addressof(memory.data_ptr(store).contents)
-        image = memory_image(base, memory.data_len(store), copy=False)
-        image[:] = 0  # data segments were applied at instantiation; the snapshot says it all
-        index = np.frombuffer(snap.chunk_index, dtype="<u4")
-        if len(index):
-            chunks = image[: snap.memory_pages * _PAGE].reshape(-1, CHUNK_BYTES)
-            chunks[index] = np.frombuffer(snap.chunk_data, dtype=np.uint8).reshape(-1, CHUNK_BYTES)
-        by_index = {int(name[len(GLOBAL_EXPORT_PREFIX) :]): g for name, g in _globals(exports)}
-        for value in snap.globals:
-            target = by_index.get(value.index)
-            if target is None:
-                raise JobError(ErrorCode.SNAPSHOT_MISMATCH, f"no global {value.index}")
-            target.set_value(store, _to_val(value))
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def _continued(snapshot: Snapshot, where: str) -> Snapshot:
+    """A private copy of ``snapshot`` for a run that goes on from it at ``where``."""
+    return msgspec.structs.replace(
+        snapshot,
+        seq=snapshot.seq + 1,
+        wasi=copy_state(snapshot.wasi),
+        hops=[*snapshot.hops, where],
+        globals=list(snapshot.globals),
+    )
 
 
 def _refuse(result: bool) -> Callable[..., int | None]:
     return lambda *_args: _ENOSYS if result else None
-
-
-def memory_image(base: int, size: int, *, copy: bool = True) -> np.ndarray[Any, Any]:
-    """Linear memory as bytes: a copy, or (``copy=False``) a live view, valid while the
-    instance lives (what pre-copy reads while the run goes on)."""
-    view = np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(base))
-    return view.copy() if copy else view
-
-
-def _sparse(image: np.ndarray[Any, Any]) -> tuple[bytes, bytes]:
-    chunks = image.reshape(-1, CHUNK_BYTES)
-    used = np.flatnonzero(chunks.view(np.uint64).any(axis=1))
-    return used.astype("<u4").tobytes(), chunks[used].tobytes()
-
-
-def _globals(exports: Any) -> list[tuple[str, Any]]:
-    return [(name, item) for name, item in exports.items() if name.startswith(GLOBAL_EXPORT_PREFIX)]
-
-
-def _global_value(name: str, item: Any, store: Any) -> GlobalValue:
-    kind = str(item.type(store).content)
-    index = int(name[len(GLOBAL_EXPORT_PREFIX) :])
-    return GlobalValue(index, kind, item.value(store))  # type: ignore[arg-type]
-
-
-def _to_val(value: GlobalValue) -> Any:
-    if value.type in ("i32", "i64"):
-        make_int = wasmtime.Val.i32 if value.type == "i32" else wasmtime.Val.i64
-        return make_int(int(value.value))
-    make_float = wasmtime.Val.f32 if value.type == "f32" else wasmtime.Val.f64
-    return make_float(float(value.value))
-
-
-def _copy_state(state: WasiState) -> WasiState:
-    return msgspec.msgpack.decode(msgspec.msgpack.encode(state), type=WasiState)

@@ -16,13 +16,22 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import msgspec
 
-__all__ = ["SCRATCH_FD", "Errno", "Exit", "OpenFile", "WasiHost", "WasiState"]
+__all__ = [
+    "SCRATCH_FD",
+    "Errno",
+    "Exit",
+    "GuestFault",
+    "OpenFile",
+    "OutputLimit",
+    "WasiHost",
+    "WasiState",
+]
 
 SCRATCH_FD = 3
 _SCRATCH = "/scratch"
@@ -54,6 +63,19 @@ class Exit(Exception):
         self.code = code
 
 
+class GuestFault(Exception):
+    """A WASI call gave an address range outside the guest's memory: the run traps (reading
+    there would be reading the host's own address space)."""
+
+    def __init__(self, ptr: int, size: int) -> None:
+        super().__init__(f"a WASI call's buffer [{ptr}, {ptr + size}) is outside memory")
+
+
+class OutputLimit(Exception):
+    """stdout and stderr went past their budget: the run stops here (the error is the host's,
+    so a guest that ignores failed writes cannot spin on them until its fuel runs out)."""
+
+
 class OpenFile(msgspec.Struct, array_like=True):
     path: str  # relative to /scratch; "" is /scratch itself
     offset: int = 0
@@ -71,7 +93,8 @@ class WasiState(msgspec.Struct, kw_only=True):
     stderr: bytes = b""
     output_budget: int = 8 * 1024 * 1024  # stdout + stderr still allowed
     output_overflowed: bool = False
-    files: dict[str, bytes] = {}
+    # Contents of the files in /scratch by path (bytearray: appends cost what they append).
+    files: dict[str, bytearray] = {}
     dirs: list[str] = []
     fds: dict[int, OpenFile] = {}
     next_fd: int = SCRATCH_FD + 1
@@ -84,6 +107,10 @@ _RIGHTS_ALL = (1 << 30) - 1
 _O_CREAT, _O_DIRECTORY, _O_EXCL, _O_TRUNC = 1, 2, 4, 8
 _FDFLAG_APPEND = 1
 _CLOCK_REALTIME, _CLOCK_MONOTONIC = 0, 1
+_EVENTTYPE_CLOCK = 0
+_SUBCLOCK_ABSTIME = 1
+_SUBSCRIPTION_BYTES, _EVENT_BYTES = 48, 32
+_MAX_SLEEP_S = 60.0
 
 
 def _norm(path: str) -> str | None:
@@ -112,31 +139,67 @@ class WasiHost:
     def __init__(self, state: WasiState) -> None:
         self.state = state
         self._base = 0
+        self._size = 0
+        self._mem = memoryview(b"")
+        self.memory_size: Callable[[], int] = lambda: self._size
         self._monotonic_origin = time.monotonic_ns() - state.monotonic_ns
-        self.at_migration_point: Callable[[Any], bool] = lambda _caller: False
+        self.at_migration_point: Callable[[], bool] = lambda: False
+        # Set to end a sleep early (a pause is waiting for this run's next migration point).
+        self.wake = threading.Event()
         self._stdout = bytearray(state.stdout)
         self._stderr = bytearray(state.stderr)
         self.dirty_fs = False
 
     # -- memory --------------------------------------------------------------------------
 
-    def bind(self, base: int) -> None:
-        """The address of linear memory (stable for the instance's life: wasmtime reserves
-        the whole 4 GiB range up front, so growth never moves it)."""
+    def bind(self, base: int, size: int, memory_size: Callable[[], int]) -> None:
+        """Linear memory: its address (stable for the instance's life: wasmtime reserves the
+        whole 4 GiB range up front, so growth never moves it), its size now, and how to learn
+        its size later (it grows while the guest runs; called from within a host call)."""
         self._base = base
+        self.memory_size = memory_size
+        self._map(size)
+
+    def unbind(self) -> None:
+        """The instance is going away: no view of its memory may outlive it."""
+        self._mem.release()
+        self._mem, self._size = memoryview(b""), 0
+
+    def _map(self, size: int) -> None:
+        self._size = size
+        view = (ctypes.c_uint8 * size).from_address(self._base) if size else bytearray()
+        self._mem = memoryview(view).cast("B")
+
+    @property
+    def base(self) -> int:
+        return self._base
+
+    @property
+    def known_size(self) -> int:
+        """The memory size this host last learnt (at most the real one: memory only grows)."""
+        return self._size
+
+    def _view(self, ptr: int, size: int) -> memoryview:
+        """Guest memory, checked to hold [ptr, ptr + size): past its end lie the guard pages of
+        wasmtime's reservation, and touching them would kill the process."""
+        if ptr + size > self._size:
+            self._map(self.memory_size())  # memory only grows: the cached size is a floor
+            if ptr + size > self._size:
+                raise GuestFault(ptr, size)
+        return self._mem
 
     def _read(self, ptr: int, size: int) -> bytes:
-        return ctypes.string_at(self._base + ptr, size)
+        return self._view(ptr, size)[ptr : ptr + size].tobytes()
 
-    def _write(self, ptr: int, data: bytes) -> None:
-        ctypes.memmove(self._base + ptr, data, len(data))
+    def _write(self, ptr: int, data: bytes | memoryview) -> None:
+        self._view(ptr, len(data))[ptr : ptr + len(data)] = data
 
     def _put(self, fmt: str, ptr: int, *values: int) -> None:
-        self._write(ptr, struct.pack(fmt, *values))
+        struct.pack_into(fmt, self._view(ptr, struct.calcsize(fmt)), ptr, *values)
 
     def _iovecs(self, iovs: int, count: int) -> list[tuple[int, int]]:
-        raw = self._read(iovs, 8 * count)
-        return [struct.unpack_from("<II", raw, 8 * i) for i in range(count)]
+        words = struct.unpack_from(f"<{2 * count}I", self._view(iovs, 8 * count), iovs)
+        return [(words[i], words[i + 1]) for i in range(0, 2 * count, 2)]
 
     def sync_state(self) -> WasiState:
         """The state with everything buffered written back (for a snapshot). Consumed stdin
@@ -197,60 +260,79 @@ class WasiHost:
         return Errno.SUCCESS
 
     def random_get(self, buf: int, size: int) -> int:
+        self._view(buf, size)  # before making that many bytes
         self._write(buf, os.urandom(size))
         return Errno.SUCCESS
 
     def proc_exit(self, code: int) -> None:
         raise Exit(code)
 
-    def sched_yield(self, caller: Any) -> int:
-        self.at_migration_point(caller)
+    def sched_yield(self) -> int:
+        self.at_migration_point()
         return Errno.SUCCESS
 
-    def hearth_yield(self, caller: Any) -> None:
-        self.at_migration_point(caller)
+    def hearth_yield(self) -> None:
+        self.at_migration_point()
 
-    def poll_oneoff(self, caller: Any, subs: int, events: int, count: int, nevents: int) -> int:
-        if self.at_migration_point(caller):
+    def _now(self, clock: int) -> int:
+        if clock == _CLOCK_REALTIME:
+            return time.time_ns()
+        return time.monotonic_ns() - self._monotonic_origin
+
+    def poll_oneoff(self, subs: int, events: int, count: int, nevents: int) -> int:
+        if self.at_migration_point():
             return Errno.SUCCESS
+        if count == 0:
+            return Errno.INVAL
         # Clock subscriptions sleep (the shortest one wins); fd subscriptions are always ready.
-        raw = self._read(subs, 48 * count)
+        raw = self._read(subs, _SUBSCRIPTION_BYTES * count)
         out, sleep_ns, clocks = [], 0, 0
         for i in range(count):
-            userdata, tag = struct.unpack_from("<QB", raw, 48 * i)
-            if tag == 0:
-                timeout, _precision, flags = struct.unpack_from("<QQH", raw, 48 * i + 16)
-                if flags & 1:  # absolute time
-                    timeout = max(0, timeout - (time.monotonic_ns() - self._monotonic_origin))
+            at = _SUBSCRIPTION_BYTES * i
+            userdata, tag = struct.unpack_from("<QB", raw, at)
+            if tag == _EVENTTYPE_CLOCK:
+                # subscription_clock at offset 16: id u32, timeout u64, precision u64, flags u16
+                clock, timeout, _precision, flags = struct.unpack_from("<I4xQQH", raw, at + 16)
+                if flags & _SUBCLOCK_ABSTIME:
+                    timeout = max(0, timeout - self._now(clock))
                 sleep_ns = timeout if not clocks else min(sleep_ns, timeout)
                 clocks += 1
-            out.append(struct.pack("<QHBxxxxxQH6x", userdata, 0, tag, 0, 0))
-        if clocks == count and sleep_ns:
-            time.sleep(min(sleep_ns / 1e9, 60.0))
+            out.append(struct.pack("<QHB5xQH6x", userdata, 0, tag, 0, 0))
+        # A pause cuts a sleep short and unwinds; the call is made again, whole, where the run
+        # resumes (a relative sleep then starts over: programs oversleep, never undersleep).
+        if (
+            clocks == count
+            and sleep_ns
+            and self.wake.wait(min(sleep_ns / 1e9, _MAX_SLEEP_S))
+            and self.at_migration_point()
+        ):
+            return Errno.SUCCESS
         for i, event in enumerate(out):
-            self._write(events + 32 * i, event)
+            self._write(events + _EVENT_BYTES * i, event)
         self._put("<I", nevents, len(out))
         return Errno.SUCCESS
 
     # -- file descriptors ----------------------------------------------------------------
 
-    def fd_read(self, caller: Any, fd: int, iovs: int, count: int, nread: int) -> int:
-        if self.at_migration_point(caller):
+    def fd_read(self, fd: int, iovs: int, count: int, nread: int) -> int:
+        if self.at_migration_point():
             return Errno.SUCCESS
+        source: bytes | bytearray
         if fd == 0:
             source, offset = self.state.stdin, self.state.stdin_offset
         elif (f := self.state.fds.get(fd)) is not None and not f.directory:
-            source, offset = self.state.files.get(f.path, b""), f.offset
+            source, offset = self.state.files.get(f.path, bytearray()), f.offset
         else:
             return Errno.BADF
         total = 0
-        for ptr, size in self._iovecs(iovs, count):
-            chunk = source[offset : offset + size]
-            self._write(ptr, chunk)
-            offset += len(chunk)
-            total += len(chunk)
-            if len(chunk) < size:
-                break
+        with memoryview(source) as src:
+            for ptr, size in self._iovecs(iovs, count):
+                chunk = src[offset : offset + size]
+                self._write(ptr, chunk)
+                offset += len(chunk)
+                total += len(chunk)
+                if len(chunk) < size:
+                    break
         if fd == 0:
             self.state.stdin_offset = offset
         else:
@@ -258,21 +340,22 @@ class WasiHost:
         self._put("<I", nread, total)
         return Errno.SUCCESS
 
-    def fd_write(self, caller: Any, fd: int, iovs: int, count: int, nwritten: int) -> int:
-        if self.at_migration_point(caller):
+    def fd_write(self, fd: int, iovs: int, count: int, nwritten: int) -> int:
+        if self.at_migration_point():
             return Errno.SUCCESS
         data = b"".join(self._read(ptr, size) for ptr, size in self._iovecs(iovs, count))
         if fd in (1, 2):
             if len(data) > self.state.output_budget:
                 self.state.output_overflowed = True
-                return Errno.FBIG
+                raise OutputLimit
             self.state.output_budget -= len(data)
             (self._stdout if fd == 1 else self._stderr).extend(data)
         elif (f := self.state.fds.get(fd)) is not None and not f.directory:
-            content = bytearray(self.state.files.get(f.path, b""))
+            content = self.state.files.setdefault(f.path, bytearray())
             at = len(content) if f.append else f.offset
+            if at > len(content):  # written past the end (after a seek): a hole of zeros
+                content.extend(bytes(at - len(content)))
             content[at : at + len(data)] = data
-            self.state.files[f.path] = bytes(content)
             f.offset = at + len(data)
             self.dirty_fs = True
         else:
@@ -396,10 +479,10 @@ class WasiHost:
             parent = resolved.rpartition("/")[0]
             if parent and parent not in self.state.dirs:
                 return Errno.NOENT
-            self.state.files[resolved] = b""
+            self.state.files[resolved] = bytearray()
             self.dirty_fs = True
         elif oflags & _O_TRUNC and not is_dir:
-            self.state.files[resolved] = b""
+            self.state.files[resolved] = bytearray()
             self.dirty_fs = True
         fd = self.state.next_fd
         self.state.next_fd += 1

@@ -110,6 +110,9 @@ class WasmRuntime:
         self._engine = wasmtime.Engine(config)
         self._linker = wasmtime.Linker(self._engine)
         self._linker.define_wasi()
+        # hearth.yield is a migration point (examples/wasm/hearth_migrate.h, docs/migration.md);
+        # a plain run stays where it is, so here it returns at once and such modules run as is.
+        self._linker.define_func("hearth", "yield", wasmtime.FuncType([], []), _stay)
         self._wasi_nn = WasiNn.if_available() if wasi_nn == "auto" else wasi_nn
         if self._wasi_nn is not None:
             self._wasi_nn.define(self._linker)
@@ -372,6 +375,10 @@ class WasmRuntime:
             remove_tree(path)
         if self._wasi_nn is not None:
             self._wasi_nn.close()
+
+
+def _stay() -> None:
+    """hearth.yield on a runtime that does not migrate runs: nothing to do."""
 
 
 def _set_output(wasi: wasmtime.WasiConfig, stream: str, callback: Any) -> int | None:
