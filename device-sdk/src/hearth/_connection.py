@@ -127,6 +127,9 @@ class Connection:
         # requires): several clients with one device id do not receive each other's replies.
         self._reply_topic = f"{reply_topic(client_id)}/{uuid.uuid4().hex[:8]}"
         self._pending: dict[bytes, Future[Reply]] = {}
+        # Replies that do not end a request (a migratable run's checkpoints): shown to this
+        # callback first; True means it took the reply and the request goes on.
+        self._interim: dict[bytes, Callable[[Reply], bool]] = {}
         # The broker's PUBACK is the only word on a publish its ACL refused (MQTT 5 0x87):
         # MQTT message id -> correlation, and acks that came before publish() returned.
         self._mids: dict[int, bytes] = {}
@@ -165,17 +168,22 @@ class Connection:
 
     def _message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == self._reply_topic:
-            correlation = getattr(msg.properties, "CorrelationData", None)
+            correlation: bytes = getattr(msg.properties, "CorrelationData", None) or b""
             with self._lock:
-                future = self._pending.pop(correlation, None) if correlation else None
+                future = self._pending.get(correlation) if correlation else None
+                interim = self._interim.get(correlation) if future is not None else None
             if future is None:
                 return  # a late answer to a call that already fell back or timed out
             try:
                 reply = decode_reply(msg.payload)
             except HearthError as exc:
+                self.forget(correlation, future)
                 _fail(future, exc)
-            else:
-                _resolve(future, reply)
+                return
+            if interim is not None and interim(reply):
+                return
+            self.forget(correlation, future)
+            _resolve(future, reply)
             return
         try:
             status = decode_status(msg.payload)
@@ -220,6 +228,7 @@ class Connection:
     def _fail_all(self, exc: Exception) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
+            self._interim.clear()
             self._mids.clear()
             self._early_acks.clear()
         for future in pending.values():
@@ -231,6 +240,7 @@ class Connection:
         with self._lock:
             if self._pending.get(correlation) is future:
                 del self._pending[correlation]
+                self._interim.pop(correlation, None)
         _fail(future, TimeoutError())
 
     # -- callers' threads ---------------------------------------------------------------------
@@ -239,13 +249,22 @@ class Connection:
     def usable(self) -> bool:
         return self.connected.is_set() and self.online.is_set() and not self._closed
 
-    def expect(self, correlation: bytes, timeout_s: float | None = None) -> Future[Reply]:
+    def expect(
+        self,
+        correlation: bytes,
+        timeout_s: float | None = None,
+        *,
+        interim: Callable[[Reply], bool] | None = None,
+    ) -> Future[Reply]:
         """A future for the reply carrying ``correlation``; it raises TimeoutError after
-        ``timeout_s`` (None: only a reply or a lost connection completes it)."""
+        ``timeout_s`` (None: only a reply or a lost connection completes it). ``interim`` sees
+        each reply first and keeps the ones that do not end the request (it returns True)."""
         future: Future[Reply] = Future()
         future.set_running_or_notify_cancel()
         with self._lock:
             self._pending[correlation] = future
+            if interim is not None:
+                self._interim[correlation] = interim
         if timeout_s is not None:
             self._deadlines.add(timeout_s, correlation, future)
         return future
@@ -255,6 +274,7 @@ class Connection:
         with self._lock:
             if future is None or self._pending.get(correlation) is future:
                 self._pending.pop(correlation, None)
+                self._interim.pop(correlation, None)
 
     def publish(self, message: msgspec.Struct, correlation: bytes) -> int:
         """Publish a request (or a blob chunk); returns its size in bytes."""

@@ -4,11 +4,13 @@ pool (a run on this device), never by a thread that sits and waits."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import TypeVar
 
-__all__ = ["chain", "failed", "running", "then"]
+__all__ = ["chain", "failed", "race", "running", "then"]
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -53,4 +55,30 @@ def then(source: Future[T], fn: Callable[[T], U]) -> Future[U]:
             target.set_exception(exc)
 
     source.add_done_callback(done)
+    return target
+
+
+def race(*sources: Future[T]) -> Future[tuple[int, T]]:
+    """The first of ``sources`` to succeed, as (its index, its result); if all fail, the
+    first one's exception."""
+    target: Future[tuple[int, T]] = running()
+    failures: list[BaseException | None] = [None] * len(sources)
+    left = [len(sources)]
+
+    def done(index: int, f: Future[T]) -> None:
+        exc = f.exception()
+        if exc is None:
+            if not target.done():
+                with contextlib.suppress(InvalidStateError):  # another one won meanwhile
+                    target.set_result((index, f.result()))
+            return
+        failures[index] = exc
+        left[0] -= 1
+        if left[0] == 0 and not target.done():
+            first = next(e for e in failures if e is not None)
+            with contextlib.suppress(InvalidStateError):
+                target.set_exception(first)
+
+    for index, source in enumerate(sources):
+        source.add_done_callback(functools.partial(done, index))
     return target

@@ -35,6 +35,7 @@ class LocalRuntimes:
         self._lock = threading.Lock()
         self._wasm_rt: Any = None
         self._onnx_rt: Any = None
+        self._migratable_rt: Any = None
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="hearth-local")
 
     def submit(self, fn: Callable[[], T]) -> Future[T]:
@@ -48,6 +49,16 @@ class LocalRuntimes:
 
                 self._wasm_rt = WasmRuntime()
             return self._wasm_rt
+
+    def migratable_runtime(self) -> Any:
+        """The runtime of migratable runs (hearth.migration), sharing the WASM engine."""
+        wasm = self._wasm_runtime()
+        with self._lock:
+            if self._migratable_rt is None:
+                from hearth.runtime.migratable import MigratableRuntime
+
+                self._migratable_rt = MigratableRuntime(wasm)
+            return self._migratable_rt
 
     def _onnx_runtime(self) -> Any:
         with self._lock:
@@ -103,6 +114,7 @@ class LocalRuntimes:
         self._pool.shutdown(wait=True)
         with self._lock:
             runtimes, self._wasm_rt, self._onnx_rt = (self._wasm_rt, self._onnx_rt), None, None
+            self._migratable_rt = None
         for rt in runtimes:
             if rt is not None:
                 rt.close()

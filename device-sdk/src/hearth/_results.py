@@ -47,3 +47,5 @@ class Stats:
     blob_uploads: int = 0
     blob_bytes_sent: int = 0
     retries: int = 0
+    hedged: int = 0  # calls run on both sides at once (placement="hedge")
+    hedge_local_wins: int = 0  # of those, the ones this device answered first

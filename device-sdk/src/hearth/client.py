@@ -22,15 +22,16 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from hearth._blobs import Blob
-from hearth._futures import chain, failed, running, then
+from hearth._futures import chain, failed, race, running, then
 from hearth._local import LocalRuntimes, local_runtimes_installed
 from hearth._results import Inference, WasmRun
 from hearth._tasks import TaskCalls
 from hearth.discovery import GatewayInfo
 from hearth.errors import ErrorCode, GatewayUnavailable, JobError
+from hearth.migration import MigratableRun, load_module
 from hearth.placement import Decision, Estimates, Placement, decide
 from hearth.protocol import DataClass, OnnxJob, OnnxResult, Reply, WasmJob, WasmResult
 from hearth.vision import VisionCalls
@@ -91,12 +92,16 @@ class Client(VisionCalls, TaskCalls):
         self._lock = threading.Lock()  # the estimates and the async calls in flight
         self._local = LocalRuntimes(self.stats, max_workers)
         self._in_flight: set[Future[Any]] = set()  # async calls, for close() to wait on
+        self._runs: set[MigratableRun] = set()  # migratable runs still going
 
     def close(self) -> None:
         if self._closed:
             return
         with self._lock:
             in_flight = list(self._in_flight)
+            runs = list(self._runs)
+        for run in runs:
+            run.close()
         wait(in_flight)
         self._local.close()
         super().close()
@@ -170,6 +175,121 @@ class Client(VisionCalls, TaskCalls):
                 model, inputs, outputs, where=where, job_id=job_id, data_class=data_class
             )
         )
+
+    # -- migratable runs (hearth.migration, docs/migration.md) ------------------------------
+
+    def start_wasm(
+        self,
+        module: bytes | str | Path,
+        stdin: bytes = b"",
+        args: Sequence[str] = (),
+        *,
+        migratable: bool = True,
+        where: str | None = None,
+        data_class: DataClass = "private",
+        checkpoint_every_s: float = 0.0,
+        deadline_s: float = 600.0,
+        run_id: str | None = None,
+    ) -> MigratableRun:
+        """Start a WASI command module as a migratable run and return its handle at once:
+        ``run.where``, ``run.migrate(to=...)``, ``run.snapshot()``, ``run.result()``.
+
+        The module is instrumented here if it is not already (Binaryen's wasm-opt, see
+        docs/migration.md). ``where``: "local" or "edge"; None: the gateway when one is
+        reachable and may take the run's data, else this device. ``checkpoint_every_s``: how
+        often a gateway sends the run's state back here (0: its policy); ``deadline_s``: how
+        long one hop on a gateway may go without an answer before the run comes back."""
+        if not migratable:
+            raise ValueError("start_wasm makes migratable runs; run_wasm runs the others")
+        data = load_module(module)
+        place, reason = self._run_place(where, data_class)
+        run = MigratableRun(
+            self,
+            data,
+            args=args,
+            stdin=stdin,
+            data_class=data_class,
+            where=place,
+            reason=reason,
+            checkpoint_every_s=checkpoint_every_s,
+            deadline_s=deadline_s,
+            run_id=run_id,
+        )
+        self._track(run)
+        return run
+
+    def resume(
+        self,
+        snapshot: bytes | str | Path,
+        module: bytes | str | Path,
+        *,
+        where: str | None = None,
+        checkpoint_every_s: float = 0.0,
+        deadline_s: float = 600.0,
+    ) -> MigratableRun:
+        """Continue a run from a snapshot file (``run.snapshot()``, a checkpoint) with its
+        instrumented module, here or on the gateway."""
+        from hearth.runtime.snapshot import decode_snapshot
+
+        data = snapshot if isinstance(snapshot, bytes) else Path(snapshot).read_bytes()
+        module_bytes = module if isinstance(module, bytes) else Path(module).read_bytes()
+        import hashlib
+
+        sha = hashlib.sha256(module_bytes).hexdigest()
+        state = decode_snapshot(data, module=sha)
+        place, reason = self._run_place(where, state.data_class)
+        run = MigratableRun(
+            self,
+            module_bytes,
+            args=(),
+            stdin=b"",
+            data_class=state.data_class,
+            where=place,
+            reason=f"resumed from a snapshot ({reason})",
+            checkpoint_every_s=checkpoint_every_s,
+            deadline_s=deadline_s,
+            run_id=state.run_id,
+            snapshot=data,
+        )
+        self._track(run)
+        return run
+
+    def _run_place(
+        self, where: str | None, data_class: DataClass
+    ) -> tuple[Literal["local", "edge"], str]:
+        if where == "local":
+            return "local", "placement=local"
+        why = self._off_lan(data_class == "private", Placement.EDGE)
+        if where == "edge":
+            if why is not None:
+                raise JobError(ErrorCode.FORBIDDEN, why)
+            return "edge", "placement=edge"
+        if why is None and self.placement is not Placement.LOCAL and self.gateway_reachable():
+            why = self._off_lan(data_class == "private", Placement.EDGE)
+            if why is None:
+                return "edge", "a gateway is reachable"
+        return "local", why or "no gateway reachable"
+
+    def _track(self, run: MigratableRun) -> None:
+        with self._lock:
+            self._runs = {r for r in self._runs if not r.done()}
+            self._runs.add(run)
+
+    def migratable_runtime(self) -> Any:
+        """This device's runtime for migratable runs (shared by all of them)."""
+        return self._local.migratable_runtime()
+
+    def private_refusal(self, private: bool) -> str | None:
+        """Why private work may not go to the connected gateway (off the LAN, a cloud tier)."""
+        return self._off_lan(private, Placement.EDGE)
+
+    def upload_blob(self, conn: Any, data: bytes, max_chunk: int, data_class: DataClass) -> None:
+        """Upload ``data`` as a blob (content-addressed) and wait until the gateway has it."""
+        import hashlib
+
+        blob = Blob(data, hashlib.sha256(data).hexdigest())
+        done = self._offload.uploads.ensure(conn, blob, max_chunk, data_class, time.monotonic())
+        done.result()
 
     # -- the two kinds of job -----------------------------------------------------------------
 
@@ -283,6 +403,8 @@ class Client(VisionCalls, TaskCalls):
         """A blocking call: the async one's steps, waited for on this thread."""
         if plan.where == "local":
             return self._run_here(plan, local)
+        if plan.where == "hedge":
+            return self._hedged(plan, edge, local).result()
         try:
             result = edge().result()
         except Exception as exc:  # noqa: BLE001 - _fallback re-raises what may not fall back
@@ -304,6 +426,9 @@ class Client(VisionCalls, TaskCalls):
         if plan.where == "local":
             self._run_later(lambda: self._run_here(plan, local), outcome)
             return outcome
+        if plan.where == "hedge":
+            chain(self._hedged(plan, edge, local), outcome)
+            return outcome
 
         def answered(sent: Future[T]) -> None:
             try:
@@ -320,6 +445,26 @@ class Client(VisionCalls, TaskCalls):
 
         edge().add_done_callback(answered)
         return outcome
+
+    def _hedged(
+        self, plan: _Plan, edge: Callable[[], Future[T]], local: Callable[[str], T]
+    ) -> Future[T]:
+        """Both sides at once; the first answer wins. The other is not interrupted (neither
+        wasmtime nor a gateway's worker can stop one job safely): its answer is dropped, and
+        the CPU it costs is what benchmarks/hedge.py reports."""
+        self.stats.hedged += 1
+        there = edge()
+        here = self._local.submit(lambda: local(plan.reason))
+
+        def won(first: tuple[int, T]) -> T:
+            index, result = first
+            if index == 1:
+                self.stats.hedge_local_wins += 1
+                return dataclasses.replace(result, reason="hedge: this device answered first")
+            self.stats.edge_calls += 1
+            return dataclasses.replace(result, reason="hedge: the gateway answered first")
+
+        return then(race(there, here), won)
 
     def _run_later(self, run: Callable[[], T], outcome: Future[T]) -> None:
         """Run ``run`` (on this device) on the local pool, into ``outcome``."""

@@ -18,6 +18,9 @@ class Placement(enum.StrEnum):
     AUTO = "auto"
     EDGE = "edge"
     LOCAL = "local"
+    # Device and gateway at once; the first answer wins (to hide a gateway that stalls). Only
+    # for work without side effects: every WASM and ONNX job is; tasks never are.
+    HEDGE = "hedge"
 
 
 # Re-measure the slower side every this many calls, so a gateway that got busy (or idle) or a
@@ -65,6 +68,8 @@ def decide(  # noqa: PLR0911 - one return per rule reads best here
         return Decision("local", "placement=local", fallback_ok=False)
     if mode is Placement.EDGE:
         return Decision("edge", "placement=edge", fallback_ok=False)
+    if mode is Placement.HEDGE and gateway and local:
+        return Decision("hedge", "placement=hedge: on the device and the gateway at once")
     if not local:
         # Nothing to fall back to: try the gateway, and let its absence be the error.
         return Decision("edge", "no local runtime on this device", fallback_ok=False)

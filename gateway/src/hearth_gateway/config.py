@@ -34,7 +34,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     mdns: bool = True
     mdns_interface: str = ""  # IP of the interface to advertise on; default: where the broker is
     workers: int = 0  # worker processes; 0 = one per CPU core
-    runners: list[str] = msgspec.field(default_factory=lambda: ["wasm", "onnx", "task", "vision"])
+    runners: list[str] = msgspec.field(
+        default_factory=lambda: ["wasm", "onnx", "task", "vision", "migrate"]
+    )
     policies: list[str] = []  # TOML files merged over the embedded default policy
     # "cloud": this gateway serves public work only and refuses private jobs (policy_denied).
     tier: Literal["home", "cloud"] = "home"

@@ -37,6 +37,7 @@ from hearth_gateway.placement import Load, Placer
 from hearth_gateway.policy import Admission, Policy, load_policy
 from hearth_gateway.reply_to import ReplyTo
 from hearth_gateway.runners import REGISTRY, TaskEvent, WorkerSettings
+from hearth_gateway.runs import REASON_STOPPING
 from hearth_gateway.status import StatusSnapshot, write_snapshot
 from hearth_gateway.store import Store
 from hearth_gateway.streams import StreamCounters
@@ -111,6 +112,8 @@ class Gateway:
             providers=self.providers,
             max_megapixels=self.policy.vision.max_megapixels,
             max_streams=self.policy.vision.max_streams,
+            gateway_id=self.gateway_id,
+            checkpoint_every_s=self.policy.migration.checkpoint_every_s,
         )
         self.pool = WorkerPool(
             self.loop,
@@ -121,7 +124,10 @@ class Gateway:
             onnx_timeout_s=self.policy.onnx.wall_timeout_s,
             task_timeout_s=self.policy.tasks.wall_timeout_s,
             vision_timeout_s=self.policy.vision.wall_timeout_s,
+            run_timeout_s=self.policy.migration.wall_timeout_s,
             recycle=self.policy.workers,
+            progress=self._progress,
+            started=self._started,
         )
         # The daemon's account on the managed broker, new at each start (docs/security.md).
         self._broker_password = secrets.token_urlsafe(32)
@@ -209,6 +215,12 @@ class Gateway:
                 self.tasks.completed(item, reply, final)
             return
         self.dispatcher.completed(item, reply, final)
+
+    def _progress(self, item: QueuedJob, frame: bytes) -> None:
+        self.dispatcher.progress(item, frame)
+
+    def _started(self, item: QueuedJob) -> None:
+        self.dispatcher.started(item)
 
     def _relay(self, item: Forwarded, reply: bytes) -> None:
         self.dispatcher.forwarded(item, reply)
@@ -436,6 +448,10 @@ class Gateway:
         if self.advertiser is not None:
             self.advertiser.close()
         self.dispatcher.draining = True
+        # Migratable runs do not hold the shutdown up: they go back to their devices now.
+        moving = self.dispatcher.runs.move_all(REASON_STOPPING)
+        if moving:
+            log.info("sending %d migratable run(s) back to their devices", moving)
         upstream = self.upstream
         drained = self.loop.run_until(
             lambda: self.pool.idle and (upstream is None or upstream.idle), drain_timeout_s

@@ -29,6 +29,12 @@ from hearth.protocol import (
     PipelineJob,
     Pong,
     Reply,
+    Request,
+    RunAck,
+    RunControl,
+    RunMoved,
+    RunResume,
+    RunStart,
     SessionClose,
     SessionClosed,
     Task,
@@ -48,6 +54,7 @@ from hearth_gateway.placement import Action, Decision, PlacedJob, Placer
 from hearth_gateway.policy import Admission, Policy
 from hearth_gateway.reply_to import PublishReply, ReplyTo
 from hearth_gateway.runners import Job, TaskEvent, VisionClose, runner_for
+from hearth_gateway.runs import REASON_OVERLOADED, Runs
 from hearth_gateway.store import JournalEntry, Store
 from hearth_gateway.streams import Sessions, StreamCounters
 from hearth_gateway.upstream import Forwarded, Forwarder
@@ -62,11 +69,19 @@ RESERVED_CLIENT_ID = "admin"  # the owner of tasks installed through the control
 
 
 def _blob_of(job: Job) -> str | None:
-    if isinstance(job, WasmJob | TaskEvent):
+    if isinstance(job, WasmJob | TaskEvent | RunStart | RunResume):
         return job.module
     if isinstance(job, OnnxJob | PipelineJob):
         return job.model
     return None
+
+
+def _blobs_needed(job: Job) -> tuple[str, ...]:
+    """Every blob a job names: its module or model, and a resumed run's snapshot."""
+    if isinstance(job, RunResume):
+        return (job.module, job.snapshot)
+    sha = _blob_of(job)
+    return (sha,) if sha is not None else ()
 
 
 def _call_refusal(job: CallJob) -> JobError | None:
@@ -162,6 +177,8 @@ class Dispatcher:
         )
         # The daemon passes its own: the status reports them before a dispatcher exists.
         self.streams = StreamCounters(policy.vision.max_streams) if streams is None else streams
+        self.runs = Runs(steer=pool.steer)  # migratable runs in flight (runs.py)
+        self._evict_over = policy.migration.evict_when_queue_over
         self.draining = False  # set on shutdown: new jobs are refused, queued ones finish
         self.locked = locked  # revoked device ids; the daemon updates it (pairing.py)
 
@@ -203,6 +220,9 @@ class Dispatcher:
         except ProtocolError as exc:
             self._refuse(reply_to, exc.code, exc.message)
             return
+        self._route(request, payload, reply_to)
+
+    def _route(self, request: Request, payload: bytes, reply_to: ReplyTo) -> None:
         if isinstance(request, Ping):
             in_flight = self._admission.in_flight
             pong = Pong(
@@ -215,9 +235,12 @@ class Dispatcher:
         elif isinstance(request, BlobChunk):
             self._blob(request, reply_to)
         elif isinstance(request, TaskInstall | TaskControl | TaskList):
-            self._publish(reply_to, encode(self._device_task_request(client_id, request)))
+            reply = self._device_task_request(reply_to.client_id, request)
+            self._publish(reply_to, encode(reply))
         elif isinstance(request, SessionClose):
             self._session_close(request, reply_to)
+        elif isinstance(request, RunControl):
+            self._run_control(request, reply_to)
         elif isinstance(request, CallJob) and (request.stream or request.session):
             self._frame(request, reply_to)
         else:
@@ -306,9 +329,10 @@ class Dispatcher:
         if refusal is not None:
             self._refuse(reply_to, refusal.code, refusal.message, job.job_id)
             return
-        sha = _blob_of(job)
-        if sha is not None and not self._blobs.has(sha):
-            need = NeedBlob(job_id=job.job_id, sha256=sha, max_chunk=self._limits.max_chunk_bytes)
+        missing = next((sha for sha in _blobs_needed(job) if not self._blobs.has(sha)), None)
+        if missing is not None:
+            max_chunk = self._limits.max_chunk_bytes
+            need = NeedBlob(job_id=job.job_id, sha256=missing, max_chunk=max_chunk)
             self._publish(reply_to, encode(need))
             return
         entry = JournalEntry(client_id, job.job_id, payload, reply_to.topic, reply_to.correlation)
@@ -322,6 +346,8 @@ class Dispatcher:
             # else: still queued or running; its one answer is on its way.
             return
         if decision.action is Action.UPSTREAM and self._upstream is not None:
+            # Never a run: runs are not forwardable (placement.py); they move through devices.
+            assert not isinstance(job, RunStart | RunResume)
             self.counters.forwarded += 1
             self._upstream.forward(job, reply_to)
             return
@@ -358,7 +384,49 @@ class Dispatcher:
             return
         sha = _blob_of(job)
         blob_path = str(self._blobs.path(sha)) if sha else ""
-        self._pool.submit(QueuedJob(reply_to=reply_to, job=job, blob_path=blob_path))
+        queued = QueuedJob(reply_to=reply_to, job=job, blob_path=blob_path)
+        if isinstance(job, RunStart | RunResume):
+            self.runs.accepted(queued)
+        self._pool.submit(queued)
+        if self._evict_over and len(self._pool.queue) > self._evict_over and self.runs:
+            # Saturated: a run can finish at its device; work that cannot move waits here.
+            self.runs.move_oldest(REASON_OVERLOADED)
+
+    # -- migratable runs (runs.py, docs/migration.md) ----------------------------------------
+
+    def _run_control(self, request: RunControl, reply_to: ReplyTo) -> None:
+        refusal = self.runs.control(reply_to.client_id, request.run_id, request.action)
+        if refusal is not None:
+            message = f"no run {request.run_id} of yours is in flight here"
+            self._refuse(reply_to, refusal, message, request.run_id)
+            return
+        self._publish(reply_to, encode(RunAck(run_id=request.run_id, action=request.action)))
+
+    def started(self, item: QueuedJob) -> None:
+        """Worker pool callback: a worker took ``item``."""
+        self.runs.started(item)
+
+    def progress(self, item: QueuedJob, frame: bytes) -> None:
+        """Worker pool callback: a run's checkpoint, to its device (too large: dropped, and
+        the device keeps the previous one)."""
+        if len(frame) <= self._limits.max_message_bytes:
+            self._publish(item.reply_to, frame)
+
+    def _run_answer(self, item: QueuedJob, reply: bytes) -> bytes:
+        """A run's answer, with why it moved (the worker only knows that it was asked to)."""
+        active = self.runs.ended(item)
+        if active is None or not active.reason:
+            return reply
+        try:
+            decoded = decode_reply(reply)
+        except ProtocolError:
+            return reply
+        if not isinstance(decoded, RunMoved):
+            return reply
+        if active.cancelled:
+            message = f"run {decoded.run_id} cancelled by its device"
+            return encode(Error(code=ErrorCode.CANCELLED, message=message, job_id=decoded.job_id))
+        return encode(msgspec.structs.replace(decoded, reason=active.reason))
 
     def _admit(self, job: PlacedJob, reply_to: ReplyTo) -> bool:
         refusal = self._admission.admit(reply_to.client_id)
@@ -459,7 +527,7 @@ class Dispatcher:
             except ProtocolError:  # written by an older, incompatible version
                 self._store.forget(entry.client_id, entry.job_id)
                 continue
-            assert isinstance(job, WasmJob | OnnxJob | CallJob | PipelineJob)
+            assert isinstance(job, WasmJob | OnnxJob | CallJob | PipelineJob | RunStart | RunResume)
             self.enqueue(job, ReplyTo(entry.client_id, entry.response_topic, entry.correlation))
         return len(entries)
 
@@ -474,6 +542,8 @@ class Dispatcher:
             return
         if item.latest is not None:
             reply = self._with_dropped(reply, self.streams.get(item.latest))
+        if isinstance(job, RunStart | RunResume):
+            reply = self._run_answer(item, reply)
         if len(reply) > self._limits.max_message_bytes:
             # The broker would drop us for a packet over its limit: answer with the reason.
             reply = self._too_large(job, len(reply))

@@ -36,6 +36,8 @@ from hearth.protocol import (
     DataClass,
     OnnxJob,
     PipelineJob,
+    RunResume,
+    RunStart,
     TaskInstall,
     WasmJob,
     decode_request,
@@ -62,7 +64,7 @@ __all__ = [
 ]
 
 Tier = Literal["home", "cloud"]
-PlacedJob = WasmJob | OnnxJob | CallJob | PipelineJob
+PlacedJob = WasmJob | OnnxJob | CallJob | PipelineJob | RunStart | RunResume
 
 
 class Action(enum.StrEnum):
@@ -105,7 +107,7 @@ class UpstreamState:
 
 def blob_of(job: object) -> str | None:
     """The blob (module or model) a job names, if any."""
-    if isinstance(job, WasmJob):
+    if isinstance(job, WasmJob | RunStart | RunResume):
         return job.module
     if isinstance(job, OnnxJob | PipelineJob):
         return job.model

@@ -21,6 +21,7 @@ from hearth_gateway.errors import ConfigError
 __all__ = [
     "Admission",
     "LimitsPolicy",
+    "MigrationPolicy",
     "OnnxPolicy",
     "PlacementPolicy",
     "Policy",
@@ -115,6 +116,17 @@ class WorkersPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     max_jobs: int = 0  # jobs run by one process; 0: no limit
 
 
+class MigrationPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Migratable runs (docs/migration.md): how often their state goes back to their device,
+    when the gateway sends them home, and how long one hop may hold a worker."""
+
+    checkpoint_every_s: float = 5.0  # a run's checkpoints to its device (it may ask otherwise)
+    # More jobs than this waiting, every worker busy: the longest-running run goes back to its
+    # device, freeing a worker for work that cannot move. 0: never.
+    evict_when_queue_over: int = 8
+    wall_timeout_s: float = 3600.0  # one hop on this gateway; the run goes on at its device
+
+
 class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     wasm: WasmPolicy = WasmPolicy()
     onnx: OnnxPolicy = OnnxPolicy()
@@ -123,6 +135,7 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     vision: VisionPolicy = VisionPolicy()
     placement: PlacementPolicy = PlacementPolicy()
     workers: WorkersPolicy = WorkersPolicy()
+    migration: MigrationPolicy = MigrationPolicy()
 
 
 def load_policy(paths: Iterable[Path]) -> Policy:

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from typing import cast
 
 import msgspec
 
@@ -31,7 +32,10 @@ from hearth_gateway._frames import read_frame, write_frame
 from hearth_gateway.runners import (
     REGISTRY,
     Runner,
+    RunSignal,
+    Steerable,
     TaskOutcome,
+    ToWorker,
     WorkerSettings,
     WorkItem,
     runner_for,
@@ -111,13 +115,24 @@ def main(argv: list[str]) -> int:
     for runner in runners.values():
         described.update(runner.describe())
     write_frame(out_fd, msgspec.msgpack.encode({"ready": True, "network": network, **described}))
-    decoder = msgspec.msgpack.Decoder(WorkItem)
+    migrate = cast(Steerable | None, runners.get("migrate"))
+    if migrate is not None:
+        # A migratable run writes checkpoints before its answer, and reads the daemon's
+        # signals while it runs (runners/migrate.py).
+        migrate.emit = lambda frame: write_frame(out_fd, frame)
+        migrate.control_fd = 0
+    decoder = msgspec.msgpack.Decoder(ToWorker)
     while True:
         try:
             frame = read_frame(0)
         except EOFError:
             break
         item = decoder.decode(frame)
+        if isinstance(item, RunSignal):
+            # For a run that has just ended (or not yet started): the runner keeps it by job id.
+            if migrate is not None:
+                migrate.control(item.job_id, item.action)
+            continue
         name = runner_for(item.job)
         chosen = runners.get(name)
         if chosen is None:

@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 import msgspec
 
 from hearth.errors import ErrorCode
-from hearth.protocol import CallJob, Error, OnnxJob, PipelineJob, encode
+from hearth.protocol import CallJob, Error, OnnxJob, PipelineJob, RunResume, RunStart, encode
 from hearth_gateway._frames import FrameReader, write_frame
 from hearth_gateway.loop import Loop, Timer
 from hearth_gateway.policy import WorkersPolicy
 from hearth_gateway.reply_to import ReplyTo
-from hearth_gateway.runners import Job, TaskEvent, WorkerSettings, WorkItem
+from hearth_gateway.runners import Job, RunSignal, TaskEvent, WorkerSettings, WorkItem
 
 __all__ = ["QueuedJob", "WorkerPool"]
 
@@ -77,6 +77,19 @@ class QueuedJob:
 # (job, encoded reply, final): final is False for failures of the gateway's own making
 # (a crashed worker) that a retry with the same job id should run again.
 ReplySink = Callable[[QueuedJob, bytes, bool], None]
+# A reply that does not end its job (a migratable run's checkpoint), and a job a worker took.
+ProgressSink = Callable[[QueuedJob, bytes], None]
+StartSink = Callable[[QueuedJob], None]
+
+
+class _Kind(msgspec.Struct):
+    """Just a frame's message type: tells a run's checkpoint from its answer."""
+
+    type: str = ""
+
+
+_kind = msgspec.msgpack.Decoder(_Kind)
+_INTERIM = frozenset({"run_checkpoint"})
 
 
 class _State(enum.Enum):
@@ -147,6 +160,7 @@ class _Worker:
             return False
         self.state = _State.BUSY
         self.job = job
+        self.pool.started(job)
         timeout_s = self.pool.timeout_for(job.job)
         self.deadline = self.pool.loop.call_later(timeout_s, lambda: self._overran(timeout_s))
         return True
@@ -165,6 +179,14 @@ class _Worker:
             self._frame(frame)
 
     def _frame(self, frame: bytes) -> None:
+        job = self.job
+        if (
+            job is not None
+            and isinstance(job.job, RunStart | RunResume)
+            and _kind.decode(frame).type in _INTERIM
+        ):
+            self.pool.progress(job, frame)  # the run goes on: its deadline too
+            return
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
@@ -212,6 +234,19 @@ class _Worker:
             # the same job id runs it again rather than replaying this error.
             self.pool.finished(self, job, encode(error), final=False)
         self.pool.replace(self, delay_s=_RESPAWN_BACKOFF_S if job is None else 0.0)
+
+    def signal(self, job: QueuedJob, action: str) -> bool:
+        """Tell the worker about the job it runs (a migratable run's pause or checkpoint)."""
+        if self.job is not job or self.state is not _State.BUSY:
+            return False
+        assert isinstance(job.job, RunStart | RunResume)
+        try:
+            write_frame(
+                self._in, msgspec.msgpack.encode(RunSignal(job_id=job.job.job_id, action=action))
+            )
+        except OSError:
+            return False  # it died: its death answers the run
+        return True
 
     def retire(self) -> subprocess.Popen[bytes] | None:
         """Detach this idle worker's process and send it its EOF: it closes its runners and
@@ -269,7 +304,10 @@ class WorkerPool:
         onnx_timeout_s: float,
         task_timeout_s: float = 10.0,
         vision_timeout_s: float = 30.0,
+        run_timeout_s: float = 3600.0,
         recycle: WorkersPolicy | None = None,
+        progress: ProgressSink | None = None,
+        started: StartSink | None = None,
     ) -> None:
         self.loop = loop
         self.recycle = recycle if recycle is not None else WorkersPolicy()
@@ -283,6 +321,9 @@ class WorkerPool:
         self.onnx_timeout_s = onnx_timeout_s
         self.task_timeout_s = task_timeout_s
         self.vision_timeout_s = vision_timeout_s
+        self.run_timeout_s = run_timeout_s
+        self.progress: ProgressSink = progress or (lambda _job, _frame: None)
+        self.started: StartSink = started or (lambda _job: None)
         self.queue: deque[QueuedJob] = deque()
         self._affinity: OrderedDict[str, _Worker] = OrderedDict()
         self._latest: dict[str, QueuedJob] = {}
@@ -315,7 +356,13 @@ class WorkerPool:
             return self.task_timeout_s
         if isinstance(job, CallJob | PipelineJob):
             return self.vision_timeout_s
+        if isinstance(job, RunStart | RunResume):
+            return self.run_timeout_s
         return self.wasm_timeout_s
+
+    def steer(self, job: QueuedJob, action: str) -> bool:
+        """Signal the worker running ``job`` (a migratable run); False if none runs it."""
+        return any(worker.signal(job, action) for worker in self._workers)
 
     @property
     def size(self) -> int:

@@ -78,10 +78,10 @@ def define(
     linker: Any,
     module: str,
     name: str,
+    *,
     params: str,
     result: bool,
     call: Callable[..., int | None],
-    *,
     on_error: Callable[[BaseException], None],
     keep: list[object],
 ) -> bool:

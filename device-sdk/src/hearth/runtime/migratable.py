@@ -133,7 +133,14 @@ class MigratableRuntime:
             return bound(current.run.host, *args)
 
         if not _hostcall.define(
-            self._linker, module, name, params, result, call, on_error=host_failed, keep=self._keep
+            self._linker,
+            module,
+            name,
+            params=params,
+            result=result,
+            call=call,
+            on_error=host_failed,
+            keep=self._keep,
         ):  # pragma: no cover - a wasmtime-py without the raw bindings: its own trampoline
 
             def slow(the_caller: Any, *args: Any) -> Any:

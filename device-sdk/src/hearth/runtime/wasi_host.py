@@ -452,7 +452,7 @@ class WasiHost:
         resolved = self._resolve(dirfd, path, size)
         return resolved if isinstance(resolved, int) else self._filestat(resolved, buf)
 
-    def path_open(
+    def path_open(  # noqa: PLR0917 - WASI's own signature: the guest calls it positionally
         self,
         dirfd: int,
         _dirflags: int,

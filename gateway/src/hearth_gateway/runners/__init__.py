@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
-from hearth.protocol import CallJob, OnnxJob, PipelineJob, Reply, WasmJob
+from hearth.protocol import CallJob, OnnxJob, PipelineJob, Reply, RunResume, RunStart, WasmJob
 from hearth.runtime.limits import WasmLimits
 
 if TYPE_CHECKING:  # onnxruntime is imported only by the runners that need it
@@ -20,10 +20,13 @@ if TYPE_CHECKING:  # onnxruntime is imported only by the runners that need it
 __all__ = [
     "REGISTRY",
     "Job",
+    "RunSignal",
     "Runner",
+    "Steerable",
     "TaskAction",
     "TaskEvent",
     "TaskOutcome",
+    "ToWorker",
     "VisionClose",
     "WorkItem",
     "WorkerSettings",
@@ -72,7 +75,7 @@ class VisionClose(msgspec.Struct, frozen=True, kw_only=True, tag="vision_close")
     session: str  # scoped: "{client}/{session}"
 
 
-Job = WasmJob | OnnxJob | TaskEvent | CallJob | PipelineJob | VisionClose
+Job = WasmJob | OnnxJob | TaskEvent | CallJob | PipelineJob | VisionClose | RunStart | RunResume
 
 
 class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,9 +91,11 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     providers: list[str] = []  # empty: best available
     max_megapixels: float = 40.0  # images larger than this (from their header) are refused
     max_streams: int = 64  # background models kept per worker
+    gateway_id: str = ""  # names this gateway in a migratable run's hops
+    checkpoint_every_s: float = 5.0  # a migratable run's checkpoints, unless it asks otherwise
 
 
-class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
+class WorkItem(msgspec.Struct, frozen=True, kw_only=True, tag="work"):
     """One job as handed from the daemon to a worker: already validated and admitted."""
 
     job: Job
@@ -98,6 +103,19 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
     queue_ms: float
     scope: str = ""  # the submitting device: streams and sessions are named per device
     session_new: bool = False  # first frame of a session: the worker opens it
+
+
+class RunSignal(msgspec.Struct, frozen=True, kw_only=True, tag="signal"):
+    """From the daemon to a worker while it runs a migratable run (hearth_gateway.runs):
+    stop it at its next migration point, or take a checkpoint there. Named by the run's job id,
+    so a signal that arrives after its run ended cannot touch the next one."""
+
+    job_id: str
+    action: str  # "pause" | "checkpoint"
+
+
+# What the daemon writes to a worker: a job, or a signal about the job it runs.
+ToWorker = WorkItem | RunSignal
 
 
 class Runner(Protocol):
@@ -154,12 +172,29 @@ def _vision(settings: WorkerSettings) -> Runner:
     return VisionRunner(settings)
 
 
+def _migrate(settings: WorkerSettings) -> Runner:
+    from hearth_gateway.runners.migrate import MigrateRunner
+
+    return MigrateRunner(settings)
+
+
+class Steerable(Runner, Protocol):
+    """A runner whose job can be steered while it runs (the migratable-run runner): the
+    worker gives it a way to send interim frames and the fd the daemon's signals arrive on."""
+
+    emit: Callable[[bytes], None]
+    control_fd: int
+
+    def control(self, job_id: str, action: str) -> None: ...
+
+
 # Imported lazily, so a box without onnxruntime can still run WebAssembly.
 REGISTRY: dict[str, Callable[[WorkerSettings], Runner]] = {
     "wasm": _wasm,
     "onnx": _onnx,
     "task": _task,
     "vision": _vision,
+    "migrate": _migrate,
 }
 
 _JOB_RUNNER: dict[type, str] = {
@@ -169,6 +204,8 @@ _JOB_RUNNER: dict[type, str] = {
     CallJob: "vision",
     PipelineJob: "vision",
     VisionClose: "vision",
+    RunStart: "migrate",
+    RunResume: "migrate",
 }
 
 

@@ -1,0 +1,452 @@
+"""Migratable runs on the device side: a handle that stays valid while the run moves.
+
+``client.start_wasm(module, migratable=True)`` returns a :class:`MigratableRun`. One thread of
+its own (``hearth-run-<id>``) drives the run through its hops: it runs on this device (the
+SDK's runtime) or on a gateway (``run_start``/``run_resume``), and between two hops the run is
+a snapshot (docs/migration.md). What moves it:
+
+- the application: ``run.migrate(to="edge" | "local" | other_client)``;
+- the gateway: ``run_moved`` when it stops (SIGTERM) or is overloaded: the run comes back here;
+- a dead gateway (Last Will, lost connection, no answer by the deadline): the run resumes here
+  from the last ``run_checkpoint``, or from its start if none came; output already produced is
+  part of the snapshot, so nothing is repeated or lost.
+
+Every hop is recorded with its reason; ``run.result()`` returns them with the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from hearth.errors import ErrorCode, GatewayUnavailable, HearthError, JobError
+from hearth.protocol import (
+    Error,
+    NeedBlob,
+    Reply,
+    RunAck,
+    RunCheckpoint,
+    RunControl,
+    RunMoved,
+    RunResult,
+    RunResume,
+    RunStart,
+)
+
+if TYPE_CHECKING:
+    from hearth.client import Client
+
+__all__ = ["Hop", "MigratableRun", "RunOutcome"]
+
+log = logging.getLogger(__name__)
+
+Target = Literal["local", "edge"]
+_NEED_BLOB_ROUNDS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """One place a run ran: ``where`` is "local" or a gateway id; ``reason`` why it went
+    there."""
+
+    where: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunOutcome:
+    run_id: str
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    hops: tuple[Hop, ...]
+    fuel_used: int = 0
+
+    @property
+    def where(self) -> str:
+        """Where the run finished."""
+        return self.hops[-1].where
+
+
+@dataclass(slots=True)
+class _Moved:
+    snapshot: bytes
+    reason: str
+
+
+class MigratableRun:
+    """A running migratable WASI program. Thread-safe; ``close()`` (or a finished run) ends
+    its driver thread."""
+
+    def __init__(
+        self,
+        client: Client,
+        module: bytes,
+        *,
+        args: Sequence[str],
+        stdin: bytes,
+        data_class: Literal["private", "public"],
+        where: Target,
+        reason: str,
+        checkpoint_every_s: float,
+        deadline_s: float,
+        run_id: str | None = None,
+        snapshot: bytes | None = None,
+    ) -> None:
+        import hashlib
+
+        self._client = client
+        self.module = module
+        self.module_sha256 = hashlib.sha256(module).hexdigest()
+        self.run_id = run_id or f"run-{uuid.uuid4().hex[:12]}"
+        self.args = list(args)
+        self.stdin = stdin
+        self.data_class = data_class
+        self.checkpoint_every_s = checkpoint_every_s
+        self.deadline_s = deadline_s
+        self._lock = threading.Lock()
+        self._place: str = where
+        self._target: tuple[str, Client | None] | None = None  # where a requested move goes
+        self._target_reason = ""
+        self._asked = 0  # moves asked for (migrate calls), and moves carried out
+        self._moved_count = 0
+        self._serving = 0  # the moves the hop being set up carries out
+        self._current_client: Client | None = None  # whose gateway the run is on, if any
+        self._moved = threading.Condition(self._lock)
+        self._hops: list[Hop] = []
+        self._snapshot: bytes | None = snapshot  # the latest: a checkpoint or the last pause
+        self._snapshot_seq = -1
+        self._local_run: Any = None
+        self._edge: tuple[Any, str] | None = None  # (connection, job id) of the current hop
+        self._hop_count = 0
+        self._closed = False
+        self._future: Future[RunOutcome] = Future()
+        self._thread = threading.Thread(
+            target=self._drive, args=(where, reason), name=f"hearth-run-{self.run_id}"
+        )
+        self._thread.start()
+
+    # -- what the application sees -------------------------------------------------------------
+
+    @property
+    def where(self) -> str:
+        """Where the run is now: "local", a gateway id, or "moving"."""
+        with self._lock:
+            return self._place
+
+    @property
+    def hops(self) -> tuple[Hop, ...]:
+        with self._lock:
+            return tuple(self._hops)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout_s: float | None = None) -> RunOutcome:
+        """Wait for the run to finish, wherever it does. Raises JobError for the program's
+        own failure (trap, limits), GatewayUnavailable never: a lost gateway is a move."""
+        try:
+            return self._future.result(timeout_s)
+        except FutureTimeout:
+            raise TimeoutError(f"run {self.run_id} still running") from None
+
+    def migrate(
+        self, to: Target | Client = "edge", *, wait_s: float | None = 30.0, reason: str = ""
+    ) -> str:
+        """Move the run: to this device ("local"), to this client's gateway ("edge"), or to
+        the gateway of another Client. Returns where it runs after the move (or where it
+        finished, if it finished first)."""
+        target: tuple[str, Client | None] = (to, None) if isinstance(to, str) else ("edge", to)
+        if target[0] not in ("local", "edge"):
+            raise ValueError(f"migrate to 'local', 'edge' or a Client, not {to!r}")
+        why = reason or f"moved by the application to {target[0]}"
+        with self._lock:
+            if self._future.done() or self._already_there(target):
+                return self._place
+            self._asked += 1
+            ticket = self._asked
+            self._target = (target[0], target[1]) if target[1] else target
+            self._target_reason = why
+            local_run, edge = self._local_run, self._edge
+        if local_run is not None:
+            local_run.pause()
+        elif edge is not None:
+            self._control(edge[0], "migrate")
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        with self._moved:
+            while self._moved_count < ticket and not self._future.done():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"run {self.run_id} did not move within {wait_s} s")
+                self._moved.wait(left)
+            return self._place
+
+    def _already_there(self, target: tuple[str, Client | None]) -> bool:
+        if self._target is not None or not self._hops:
+            return False  # a move is under way, or the run has not arrived anywhere yet
+        if target[0] == "local":
+            return self._place == "local"
+        return self._place != "local" and (target[1] or self._client) is self._current_client
+
+    def snapshot(self, timeout_s: float = 10.0) -> bytes:
+        """A snapshot of the run now (a portable file: ``hearth resume FILE`` continues it
+        anywhere). The run goes on."""
+        with self._lock:
+            seq, local_run, edge = self._snapshot_seq, self._local_run, self._edge
+        if local_run is not None:
+            local_run.checkpoint()
+        elif edge is not None:
+            self._control(edge[0], "checkpoint")
+        deadline = time.monotonic() + timeout_s
+        with self._moved:
+            while self._snapshot_seq == seq and not self._future.done():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._moved.wait(left)
+            if self._snapshot is None:
+                raise TimeoutError(f"no snapshot of run {self.run_id} yet")
+            return self._snapshot
+
+    def cancel(self) -> None:
+        self._closed = True
+        with self._lock:
+            local_run, edge = self._local_run, self._edge
+        if local_run is not None:
+            local_run.pause()
+        elif edge is not None:
+            self._control(edge[0], "cancel")
+
+    def close(self) -> None:
+        """Cancel the run if it is still going, and wait for the driver thread."""
+        if not self._future.done():
+            self.cancel()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    # -- the driver ----------------------------------------------------------------------------
+
+    def _drive(self, where: str, reason: str) -> None:
+        try:
+            self._future.set_result(self._hop_loop(where, reason))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the result
+            self._future.set_exception(exc)
+        finally:
+            with self._moved:
+                self._local_run = self._edge = None
+                self._moved.notify_all()
+
+    def _hop_loop(self, where: str, reason: str) -> RunOutcome:
+        client: Client | None = None
+        while True:
+            if self._closed:
+                raise JobError(ErrorCode.CANCELLED, f"run {self.run_id} cancelled", where=where)
+            self._hop_count += 1
+            if where == "local":
+                outcome = self._run_local(reason)
+            else:
+                try:
+                    self._current_client = client or self._client
+                    outcome = self._run_edge(self._current_client, reason)
+                except (GatewayUnavailable, TimeoutError) as exc:
+                    outcome = _Moved(self._snapshot or b"", f"gateway lost ({exc or 'timeout'})")
+                except JobError as exc:
+                    if not (exc.code.retryable or exc.code is ErrorCode.POLICY_DENIED):
+                        raise
+                    outcome = _Moved(self._snapshot or b"", f"gateway answered {exc.code}")
+            if isinstance(outcome, RunOutcome):
+                return outcome
+            with self._lock:
+                target, self._target = self._target, None
+                self._snapshot = outcome.snapshot or self._snapshot
+                served = self._asked
+            if target is None:
+                where, client, reason = "local", None, outcome.reason or "back to the device"
+            else:
+                where, client = target[0], target[1]
+                reason = self._target_reason
+            self._serving = served
+            if self._closed:
+                raise JobError(ErrorCode.CANCELLED, f"run {self.run_id} cancelled", where=where)
+
+    def _arrived(self, where: str, reason: str) -> None:
+        with self._moved:
+            self._place = where
+            self._hops.append(Hop(where, reason))
+            self._moved_count = self._serving  # the moves asked for so far are done
+            self._moved.notify_all()
+
+    def _checkpointed(self, snapshot: bytes) -> None:
+        with self._moved:
+            self._snapshot = snapshot
+            self._snapshot_seq += 1
+            self._moved.notify_all()
+
+    # -- a hop on this device ------------------------------------------------------------------
+
+    def _run_local(self, reason: str) -> RunOutcome | _Moved:
+        from hearth.runtime.migratable import Paused
+        from hearth.runtime.snapshot import decode_snapshot, encode_snapshot
+
+        runtime = self._client.migratable_runtime()
+        if self._snapshot:
+            snap = decode_snapshot(self._snapshot, module=self.module_sha256)
+            run = runtime.resume(snap, where="local", wasm=self.module)
+        else:
+            run = runtime.start(
+                self.module_sha256,
+                args=self.args,
+                stdin=self.stdin,
+                run_id=self.run_id,
+                data_class=self.data_class,
+                wasm=self.module,
+            )
+        run.on_checkpoint = lambda snap: self._checkpointed(encode_snapshot(snap))
+        with self._lock:
+            self._local_run = run
+        self._arrived("local", reason)
+        try:
+            if self._target is not None or self._closed:
+                run.pause()  # a move asked for while this hop was being set up
+            outcome = run.execute()
+        except JobError as exc:
+            exc.where = "local"
+            raise
+        finally:
+            with self._lock:
+                self._local_run = None
+        if isinstance(outcome, Paused):
+            data = encode_snapshot(outcome.snapshot)
+            self._checkpointed(data)
+            return _Moved(data, "")
+        return RunOutcome(
+            self.run_id,
+            outcome.exit_code,
+            outcome.stdout,
+            outcome.stderr,
+            tuple(self.hops),
+            outcome.fuel_used,
+        )
+
+    # -- a hop on a gateway --------------------------------------------------------------------
+
+    def _run_edge(self, client: Client, reason: str) -> RunOutcome | _Moved:
+        from hearth.runtime.snapshot import decode_snapshot, snapshot_sha256
+
+        conn = client.connection()
+        refusal = client.private_refusal(self.data_class == "private")
+        if refusal is not None:
+            raise JobError(ErrorCode.POLICY_DENIED, refusal, where="edge")
+        job_id = f"{self.run_id}.{self._hop_count}"
+        correlation = uuid.uuid4().bytes
+        blobs = {self.module_sha256: self.module}
+        message: RunStart | RunResume
+        if self._snapshot:
+            decode_snapshot(self._snapshot, module=self.module_sha256)  # refuse it here first
+            sha = snapshot_sha256(self._snapshot)
+            blobs[sha] = self._snapshot
+            message = RunResume(
+                job_id=job_id,
+                run_id=self.run_id,
+                module=self.module_sha256,
+                snapshot=sha,
+                data_class=self.data_class,
+                checkpoint_every_s=self.checkpoint_every_s,
+            )
+        else:
+            message = RunStart(
+                job_id=job_id,
+                run_id=self.run_id,
+                module=self.module_sha256,
+                args=self.args,
+                stdin=self.stdin,
+                data_class=self.data_class,
+                checkpoint_every_s=self.checkpoint_every_s,
+            )
+        for attempt in range(_NEED_BLOB_ROUNDS):
+            reply = self._hop_request(conn, message, correlation, reason if attempt == 0 else "")
+            if not isinstance(reply, NeedBlob) or reply.sha256 not in blobs:
+                break
+            client.upload_blob(conn, blobs[reply.sha256], reply.max_chunk, self.data_class)
+        if isinstance(reply, Error):
+            raise JobError(reply.code, reply.message, job_id=job_id, where="edge")
+        if isinstance(reply, RunMoved):
+            self._checkpointed(reply.snapshot)
+            return _Moved(reply.snapshot, reply.reason)
+        if isinstance(reply, RunResult):
+            return RunOutcome(
+                self.run_id,
+                reply.exit_code,
+                reply.stdout,
+                reply.stderr,
+                tuple(self.hops),
+                reply.fuel_used,
+            )
+        raise JobError(ErrorCode.MALFORMED, f"unexpected reply {type(reply).__name__}")
+
+    def _hop_request(
+        self, conn: Any, message: RunStart | RunResume, correlation: bytes, arrival: str
+    ) -> Reply:
+        """Send the hop's request and wait for its final answer (checkpoints on the way are
+        kept). ``arrival``: the hop's reason, on its first request ("" on a re-send)."""
+
+        def interim(reply: Reply) -> bool:
+            if isinstance(reply, RunCheckpoint) and reply.run_id == self.run_id:
+                self._checkpointed(reply.snapshot)
+                return True
+            return False
+
+        future = conn.expect(correlation, interim=interim)
+        try:
+            conn.publish(message, correlation)
+            with self._lock:
+                self._edge = (conn, message.job_id)
+                target = self._target
+            if arrival:
+                self._arrived(conn.gateway_id or "edge", arrival)
+            if target is not None or self._closed:
+                # Asked to move while the hop was on its way: the gateway holds the request
+                # (queued or running) and moves it as soon as it can.
+                self._control(conn, "cancel" if self._closed else "migrate")
+            reply: Reply = future.result(self.deadline_s)
+        except FutureTimeout:
+            raise TimeoutError(f"no answer from the gateway in {self.deadline_s} s") from None
+        finally:
+            conn.forget(correlation)
+            with self._lock:
+                self._edge = None
+        return reply
+
+    def _control(self, conn: Any, action: str) -> None:
+        correlation = uuid.uuid4().bytes
+        with contextlib.suppress(HearthError, TimeoutError):
+            reply = conn.request(
+                RunControl(run_id=self.run_id, action=action),  # type: ignore[arg-type]
+                correlation,
+                self._client.timeout_s,
+            )
+            if not isinstance(reply, RunAck):
+                log.debug("run %s: %s answered %s", self.run_id, action, reply)
+
+
+def load_module(module: bytes | str | Path) -> bytes:
+    """A module's bytes, instrumented for migration if they are not already."""
+    from hearth.runtime.asyncify import instrument, is_instrumented
+
+    data = module if isinstance(module, bytes) else Path(module).read_bytes()
+    try:
+        import wasmtime
+
+        exports = {e.name for e in wasmtime.Module(wasmtime.Engine(), data).exports}
+    except Exception as exc:  # noqa: BLE001 - any load failure is an invalid module here
+        raise JobError(ErrorCode.INVALID_MODULE, str(exc).splitlines()[0][:300]) from None
+    return data if is_instrumented(exports) else instrument(data)

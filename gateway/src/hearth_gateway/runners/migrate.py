@@ -1,0 +1,157 @@
+"""The migratable-run runner: run_start and run_resume (docs/migration.md), in a worker.
+
+A run occupies its worker until it finishes or is paused. The daemon steers it with
+``RunSignal`` frames on the worker's stdin, which a listener thread of this runner reads while
+the run executes on the main thread (between runs the worker's own loop reads them), and hands
+to :meth:`MigrateRunner.control`: ``pause`` stops it at its next migration point (its
+start is answered ``run_moved`` with the snapshot), ``checkpoint`` takes a checkpoint there.
+A signal names the run's job id, so one meant for a run that has just ended cannot stop the
+next. Checkpoints are written as frames of their own (``run_checkpoint``) before the final
+reply; the daemon forwards them to the device.
+"""
+
+from __future__ import annotations
+
+import select
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+from hearth.errors import ErrorCode, JobError
+from hearth.protocol import Reply, RunCheckpoint, RunMoved, RunResult, RunResume, RunStart, encode
+from hearth.runtime.migratable import MigratableRuntime, Paused, Run
+from hearth.runtime.snapshot import Snapshot, decode_snapshot, encode_snapshot
+from hearth.runtime.wasm import WasmRuntime
+from hearth_gateway._frames import read_frame
+from hearth_gateway.runners import RunSignal, ToWorker, WorkerSettings, WorkItem
+
+__all__ = ["MigrateRunner"]
+
+# How often the signal listener looks at its stop flag: the delay a run's answer can take.
+_LISTEN_POLL_S = 0.02
+
+
+class MigrateRunner:
+    def __init__(self, settings: WorkerSettings) -> None:
+        self._limits = settings.wasm_limits
+        self._gateway = settings.gateway_id or "edge"
+        self._checkpoint_every_s = settings.checkpoint_every_s
+        self._wasm = WasmRuntime(cache_dir=Path(settings.cache_dir) / "wasm", wasi_nn=None)
+        self._runtime = MigratableRuntime(self._wasm)
+        self._lock = threading.Lock()
+        self._active: tuple[str, Run] | None = None  # (job id, run)
+        # Signals that came before their run started (the daemon sends them right after the
+        # work item): applied when it does. Cleared when a run ends: the daemon hands a worker
+        # its next item only then, so nothing left here can belong to a later run.
+        self._early: dict[str, str] = {}
+        # Set by the worker: writes one frame (an interim reply) to the daemon; and the fd the
+        # daemon's signals arrive on (-1: none are read while a run executes).
+        self.emit: Callable[[bytes], None] = lambda _frame: None
+        self.control_fd = -1
+
+    def control(self, job_id: str, action: str) -> None:
+        """Steer the run of ``job_id`` (called from the worker's reader thread)."""
+        with self._lock:
+            active = self._active
+            if active is None or active[0] != job_id:
+                self._early[job_id] = action
+                return
+        _apply(active[1], action)
+
+    def run(self, item: WorkItem) -> Reply:
+        job = item.job
+        assert isinstance(job, RunStart | RunResume)
+        module_path = Path(item.blob_path)
+        if isinstance(job, RunStart):
+            run = self._runtime.start(
+                job.module,
+                args=job.args,
+                stdin=job.stdin,
+                limits=self._limits,
+                run_id=job.run_id,
+                data_class=job.data_class,
+                where=self._gateway,
+                path=module_path,
+            )
+        else:
+            # Blobs live at <root>/<sha[:2]>/<sha>; the snapshot is a blob beside the module.
+            snapshot_path = module_path.parents[1] / job.snapshot[:2] / job.snapshot
+            snapshot = decode_snapshot(
+                snapshot_path.read_bytes(), sha256=job.snapshot, module=job.module
+            )
+            if snapshot.run_id != job.run_id:
+                raise JobError(ErrorCode.SNAPSHOT_MISMATCH, "snapshot of another run")
+            run = self._runtime.resume(
+                snapshot, limits=self._limits, where=self._gateway, path=module_path
+            )
+        run.checkpoint_every_s = job.checkpoint_every_s or self._checkpoint_every_s or None
+        run.on_checkpoint = lambda snap: self._checkpointed(job, snap)
+        with self._lock:
+            self._active = (job.job_id, run)
+            early = self._early.pop(job.job_id, None)
+        if early is not None:
+            _apply(run, early)
+        stop = threading.Event()
+        listener = threading.Thread(target=self._listen, args=(stop,), name="run-signals")
+        if self.control_fd >= 0:
+            listener.start()
+        try:
+            outcome = run.execute()
+        finally:
+            # The listener stops before the answer goes out: after it, the daemon may write
+            # the next job, which is the worker loop's to read.
+            stop.set()
+            if listener.is_alive():
+                listener.join()
+            with self._lock:
+                self._active = None
+                self._early.clear()
+        if isinstance(outcome, Paused):
+            data = encode_snapshot(outcome.snapshot)
+            return RunMoved(job_id=job.job_id, run_id=job.run_id, snapshot=data, reason="")
+        return RunResult(
+            job_id=job.job_id,
+            run_id=job.run_id,
+            exit_code=outcome.exit_code,
+            stdout=outcome.stdout,
+            stderr=outcome.stderr,
+            hops=run.snapshot.hops,
+            fuel_used=outcome.fuel_used,
+        )
+
+    def _checkpointed(self, job: RunStart | RunResume, snapshot: Snapshot) -> None:
+        data = encode_snapshot(snapshot)
+        message = RunCheckpoint(
+            job_id=job.job_id, run_id=job.run_id, seq=snapshot.seq, snapshot=data
+        )
+        self.emit(encode(message))
+
+    def _listen(self, stop: threading.Event) -> None:
+        """Read the daemon's signals while a run executes (the daemon writes nothing else to a
+        busy worker, and each signal is one small frame written at once)."""
+        decoder = msgspec.msgpack.Decoder(ToWorker)
+        while not stop.is_set():
+            ready, _, _ = select.select([self.control_fd], [], [], _LISTEN_POLL_S)
+            if not ready:
+                continue
+            try:
+                message = decoder.decode(read_frame(self.control_fd))
+            except EOFError:
+                return  # the daemon closed our stdin: the worker loop sees it next
+            if isinstance(message, RunSignal):
+                self.control(message.job_id, message.action)
+
+    def describe(self) -> dict[str, list[str]]:
+        return {}
+
+    def close(self) -> None:
+        self._wasm.close()
+
+
+def _apply(run: Run, action: str) -> None:
+    if action == "pause":
+        run.pause()
+    else:
+        run.checkpoint()
