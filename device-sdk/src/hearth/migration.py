@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -129,6 +129,13 @@ class MigratableRun:
         self._edge: tuple[Any, str] | None = None  # (connection, job id) of the current hop
         self._hop_count = 0
         self._closed = False
+        self._pausing = False  # closed by pause(): a gateway is asked to move it, not end it
+        # Called with every snapshot this handle gets (checkpoints, and the final one of a
+        # hop that moved or paused), on the thread that got it, newest last: a snapshot older
+        # than one already handed on is skipped.
+        self.on_snapshot: Callable[[bytes], None] | None = None
+        self._snapshot_lock = threading.Lock()  # one on_snapshot call at a time, in order
+        self._handed_seq = -1
         self._future: Future[RunOutcome] = Future()
         self._thread = threading.Thread(
             target=self._drive, args=(where, reason), name=f"hearth-run-{self.run_id}"
@@ -217,6 +224,30 @@ class MigratableRun:
                 raise TimeoutError(f"no snapshot of run {self.run_id} yet")
             return self._snapshot
 
+    def pause(self, timeout_s: float | None = 30.0) -> bytes | None:
+        """Stop the run at its next migration point, wherever it is, and return its final
+        snapshot: ``client.resume`` (``hearth resume FILE``) continues it later, here or on a
+        gateway. This handle is then done: ``result()`` raises JobError(cancelled).
+
+        Returns None when there is nothing to continue: the run ended first (``result()``
+        says how), or it stopped before anything of it was captured (it would start over)."""
+        if not self._future.done():
+            self._pausing = self._closed = True
+            with self._lock:
+                local_run, edge = self._local_run, self._edge
+            if local_run is not None:
+                local_run.pause()
+            elif edge is not None:
+                self._control(edge[0], "migrate")
+        try:
+            exc = self._future.exception(timeout_s)
+        except FutureTimeout:
+            raise TimeoutError(f"run {self.run_id} did not pause within {timeout_s} s") from None
+        if not (isinstance(exc, JobError) and exc.code is ErrorCode.CANCELLED):
+            return None
+        with self._lock:
+            return self._snapshot
+
     def cancel(self) -> None:
         self._closed = True
         with self._lock:
@@ -289,7 +320,14 @@ class MigratableRun:
         with self._moved:
             self._snapshot = snapshot
             self._snapshot_seq += 1
+            seq = self._snapshot_seq
             self._moved.notify_all()
+        callback = self.on_snapshot
+        if callback is not None:
+            with self._snapshot_lock:
+                if seq > self._handed_seq:
+                    self._handed_seq = seq
+                    callback(snapshot)
 
     # -- a hop on this device ------------------------------------------------------------------
 
@@ -416,7 +454,7 @@ class MigratableRun:
             if target is not None or self._closed:
                 # Asked to move while the hop was on its way: the gateway holds the request
                 # (queued or running) and moves it as soon as it can.
-                self._control(conn, "cancel" if self._closed else "migrate")
+                self._control(conn, "cancel" if self._closed and not self._pausing else "migrate")
             reply: Reply = future.result(self.deadline_s)
         except FutureTimeout:
             raise TimeoutError(f"no answer from the gateway in {self.deadline_s} s") from None
