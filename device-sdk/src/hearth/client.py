@@ -34,6 +34,7 @@ from hearth.errors import ErrorCode, GatewayUnavailable, JobError
 from hearth.migration import MigratableRun, load_module
 from hearth.placement import Decision, Estimates, Placement, decide
 from hearth.protocol import DataClass, OnnxJob, OnnxResult, Reply, WasmJob, WasmResult
+from hearth.runtime.limits import WasmLimits
 from hearth.vision import VisionCalls
 
 __all__ = ["Client", "Inference", "WasmRun"]
@@ -190,6 +191,7 @@ class Client(VisionCalls, TaskCalls):
         checkpoint_every_s: float = 0.0,
         deadline_s: float = 600.0,
         run_id: str | None = None,
+        limits: WasmLimits | None = None,
     ) -> MigratableRun:
         """Start a WASI command module as a migratable run and return its handle at once:
         ``run.where``, ``run.migrate(to=...)``, ``run.snapshot()``, ``run.result()``.
@@ -198,7 +200,9 @@ class Client(VisionCalls, TaskCalls):
         docs/migration.md). ``where``: "local" or "edge"; None: the gateway when one is
         reachable and may take the run's data, else this device. ``checkpoint_every_s``: how
         often a gateway sends the run's state back here (0: its policy); ``deadline_s``: how
-        long one hop on a gateway may go without an answer before the run comes back."""
+        long one hop on a gateway may go without an answer before the run comes back.
+        ``limits``: fuel, memory and output for its hops on this device (the run's fuel counts
+        across hops; a gateway applies its own policy's)."""
         if not migratable:
             raise ValueError("start_wasm makes migratable runs; run_wasm runs the others")
         data = load_module(module)
@@ -214,6 +218,7 @@ class Client(VisionCalls, TaskCalls):
             checkpoint_every_s=checkpoint_every_s,
             deadline_s=deadline_s,
             run_id=run_id,
+            limits=limits,
         )
         self._track(run)
         return run
@@ -226,6 +231,7 @@ class Client(VisionCalls, TaskCalls):
         where: str | None = None,
         checkpoint_every_s: float = 0.0,
         deadline_s: float = 600.0,
+        limits: WasmLimits | None = None,
     ) -> MigratableRun:
         """Continue a run from a snapshot file (``run.snapshot()``, a checkpoint) with its
         instrumented module, here or on the gateway."""
@@ -250,6 +256,7 @@ class Client(VisionCalls, TaskCalls):
             deadline_s=deadline_s,
             run_id=state.run_id,
             snapshot=data,
+            limits=limits,
         )
         self._track(run)
         return run
@@ -257,17 +264,19 @@ class Client(VisionCalls, TaskCalls):
     def _run_place(
         self, where: str | None, data_class: DataClass
     ) -> tuple[Literal["local", "edge"], str]:
-        if where == "local":
+        if where == "local" or (where is None and self.placement is Placement.LOCAL):
             return "local", "placement=local"
+        # Connected first: whether the gateway may take private work depends on its tier.
+        reachable = self.gateway_reachable()
         why = self._off_lan(data_class == "private", Placement.EDGE)
         if where == "edge":
             if why is not None:
                 raise JobError(ErrorCode.FORBIDDEN, why)
+            if not reachable:
+                raise GatewayUnavailable(self._link.last_failure or "no gateway reachable")
             return "edge", "placement=edge"
-        if why is None and self.placement is not Placement.LOCAL and self.gateway_reachable():
-            why = self._off_lan(data_class == "private", Placement.EDGE)
-            if why is None:
-                return "edge", "a gateway is reachable"
+        if why is None and reachable:
+            return "edge", "a gateway is reachable"
         return "local", why or "no gateway reachable"
 
     def _track(self, run: MigratableRun) -> None:

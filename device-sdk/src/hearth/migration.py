@@ -41,6 +41,7 @@ from hearth.protocol import (
     RunResume,
     RunStart,
 )
+from hearth.runtime.limits import WasmLimits
 
 if TYPE_CHECKING:
     from hearth.client import Client
@@ -101,6 +102,7 @@ class MigratableRun:
         deadline_s: float,
         run_id: str | None = None,
         snapshot: bytes | None = None,
+        limits: WasmLimits | None = None,
     ) -> None:
         import hashlib
 
@@ -113,6 +115,7 @@ class MigratableRun:
         self.data_class = data_class
         self.checkpoint_every_s = checkpoint_every_s
         self.deadline_s = deadline_s
+        self.limits = limits  # for its hops on this device; a gateway applies its own policy
         self._lock = threading.Lock()
         self._place: str = where
         self._target: tuple[str, Client | None] | None = None  # where a requested move goes
@@ -136,6 +139,8 @@ class MigratableRun:
         self.on_snapshot: Callable[[bytes], None] | None = None
         self._snapshot_lock = threading.Lock()  # one on_snapshot call at a time, in order
         self._handed_seq = -1
+        self.checkpoints = 0  # snapshots received from gateways and taken here
+        self.last_checkpoint_at = 0.0  # time.monotonic() of the latest
         self._future: Future[RunOutcome] = Future()
         self._thread = threading.Thread(
             target=self._drive, args=(where, reason), name=f"hearth-run-{self.run_id}"
@@ -321,6 +326,8 @@ class MigratableRun:
             self._snapshot = snapshot
             self._snapshot_seq += 1
             seq = self._snapshot_seq
+            self.checkpoints += 1
+            self.last_checkpoint_at = time.monotonic()
             self._moved.notify_all()
         callback = self.on_snapshot
         if callback is not None:
@@ -338,7 +345,7 @@ class MigratableRun:
         runtime = self._client.migratable_runtime()
         if self._snapshot:
             snap = decode_snapshot(self._snapshot, module=self.module_sha256)
-            run = runtime.resume(snap, where="local", wasm=self.module)
+            run = runtime.resume(snap, where="local", wasm=self.module, limits=self.limits)
         else:
             run = runtime.start(
                 self.module_sha256,
@@ -347,6 +354,7 @@ class MigratableRun:
                 run_id=self.run_id,
                 data_class=self.data_class,
                 wasm=self.module,
+                limits=self.limits,
             )
         run.on_checkpoint = lambda snap: self._checkpointed(encode_snapshot(snap))
         with self._lock:
@@ -383,7 +391,8 @@ class MigratableRun:
         conn = client.connection()
         refusal = client.private_refusal(self.data_class == "private")
         if refusal is not None:
-            raise JobError(ErrorCode.POLICY_DENIED, refusal, where="edge")
+            # Nothing of the run is sent: it goes on where it was, from its last snapshot.
+            return _Moved(self._snapshot or b"", refusal)
         job_id = f"{self.run_id}.{self._hop_count}"
         correlation = uuid.uuid4().bytes
         blobs = {self.module_sha256: self.module}
