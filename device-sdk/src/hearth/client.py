@@ -387,7 +387,7 @@ class Client(VisionCalls, TaskCalls):
         gateway_ok = False
         if why is None:
             gateway_ok = mode is Placement.EDGE or (
-                mode is Placement.AUTO and self.gateway_reachable()
+                mode in (Placement.AUTO, Placement.HEDGE) and self.gateway_reachable()
             )
             why = self._off_lan(private, mode)
         if why is not None:
