@@ -2,6 +2,9 @@
 
     hearth discover [--json] [--interface IP] [--timeout S]
     hearth run [--where auto|edge|local] [--explain] MODULE.wasm [ARGS...]   (stdin -> stdout)
+    hearth run --migratable [--checkpoint-to FILE] ... MODULE.wasm [ARGS...]  (a run that moves)
+    hearth migrate RUN_ID --to edge|local
+    hearth resume SNAPSHOT --module MODULE.wasm [--where auto|edge|local]
     hearth infer MODEL.onnx --input NAME=FILE.npy ... --out DIR
     hearth tasks install|list|show|pause|resume|cancel ...
     hearth notifications [--for S] [--json]
@@ -22,6 +25,14 @@ from pathlib import Path
 
 from hearth._gateway import ENV_GATEWAY, ENV_INTERFACE
 from hearth._identity import ENV_CLIENT_ID
+from hearth._runs_cli import (
+    add_migrate_command,
+    add_resume_command,
+    add_run_options,
+    migrate,
+    resume,
+    run_migratable,
+)
 from hearth._tasks_cli import add_task_commands, install_options, print_result
 from hearth.client import Client
 from hearth.discovery import discover
@@ -68,6 +79,15 @@ def _client(args: argparse.Namespace, placement: str = "auto") -> Client:
     )
 
 
+_RUN_EPILOG = """\
+examples:
+  hearth run filter.wasm edges < frame.pgm > edges.pgm
+  hearth run --migratable --explain hashchain.wasm 200 < data > out
+      # a run that can move: SIGUSR1 (or `hearth migrate RUN_ID --to edge`) sends it to the
+      # gateway, SIGUSR2 brings it back; a gateway that stops sends it back by itself
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hearth", description="Hearth device SDK")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,12 +103,20 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to listen for answers (default 1.5)",
     )
 
-    r = sub.add_parser("run", help="run a WASI module here or on a gateway, like `wasmtime run`")
+    r = sub.add_parser(
+        "run",
+        help="run a WASI module here or on a gateway, like `wasmtime run`",
+        epilog=_RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _gateway_options(r)
     r.add_argument("--where", choices=["auto", "edge", "local"], default="auto")
     r.add_argument("--explain", action="store_true", help="print where it ran and why to stderr")
+    add_run_options(r)
     r.add_argument("module", type=Path)
     r.add_argument("args", nargs=argparse.REMAINDER)
+    add_migrate_command(sub)
+    add_resume_command(sub, _gateway_options)
 
     i = sub.add_parser("infer", help="run an ONNX model on .npy inputs")
     _gateway_options(i)
@@ -283,6 +311,10 @@ def _discover(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.migratable:
+        return run_migratable(args, _client)
+    if args.checkpoint_to is not None:
+        raise SystemExit("hearth run: --checkpoint-to is for --migratable runs")
     stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     with _client(args) as client:
         run = client.run_wasm(args.module, stdin=stdin, args=args.args, where=args.where)
@@ -296,6 +328,10 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return run.exit_code
+
+
+def _resume(args: argparse.Namespace) -> int:
+    return resume(args, _client)
 
 
 def _infer(args: argparse.Namespace) -> int:
@@ -332,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         "notifications": _notifications,
         "call": _call,
         "pair": _pair,
+        "migrate": migrate,
+        "resume": _resume,
     }
     try:
         return commands[args.command](args)
