@@ -9,7 +9,11 @@
    offloads an edge filter, a Mandelbrot render and a digits classifier with
    ``placement="auto"``, calling each a few times so the placement measures, then decides.
 3. Stops the gateway (SIGTERM) and makes the same calls again: they run on the device.
-4. Prints what ran where and why; exits non-zero, with the gateway's log, if anything failed.
+4. Work that moves: starts the gateway again, then a migratable run of hashchain on the
+   device; after about a second it moves the run to the gateway, then stops the gateway, which
+   sends the run home; the run finishes on the device with the output of a run that never
+   moved (docs/migration.md).
+5. Prints what ran where and why; exits non-zero, with the gateway's log, if anything failed.
 
 Nothing leaves loopback, nothing outside a temporary directory is written, and that directory
 and the gateway go away however the demo ends (Ctrl-C included).
@@ -17,8 +21,10 @@ and the gateway go away however the demo ends (Ctrl-C included).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -32,6 +38,7 @@ from pathlib import Path
 from types import FrameType
 
 from camera_device import (
+    BUILD_DIR,
     CameraDevice,
     Row,
     describe_gateway,
@@ -40,7 +47,10 @@ from camera_device import (
     table_header,
 )
 from hearth import Client, GatewayInfo, HearthError, JobError, discover
+from hearth.migration import MigratableRun, RunOutcome
 from hearth.pairing import Pairing, pair
+from hearth.runtime.limits import WasmLimits
+from hearth.runtime.wasm import WasmRuntime
 
 # testkit/ (the rendered plate; shared with the tests) is imported from the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -50,6 +60,19 @@ GATEWAY_ID = "demo-gateway"
 READY_TIMEOUT_S = 45.0
 STOP_TIMEOUT_S = 30.0  # the gateway drains in-flight jobs for up to 20 s
 LOG_TAIL_LINES = 40
+
+# Part 3: hashchain (examples/wasm/hashchain.c) over 2 MB, 700 rounds per 4 KiB chunk, ~3 s on
+# the 2-core VM this is developed on: ~15e9 WebAssembly instructions, more than the default
+# 2e9 per job, so the gateway gets a policy with more and the device's hops a limit with more.
+CHAIN_INPUT_BYTES = 2_000_000
+CHAIN_ROUNDS = 700
+CHAIN_FUEL = 100_000_000_000
+CHAIN_MODULES = (
+    BUILD_DIR / "wasm" / "hashchain.wasm",
+    BUILD_DIR / "wasm" / "hashchain.migratable.wasm",
+)
+MOVE_AFTER_S = 1.0  # on the device, then on the gateway; less where hashchain runs faster
+RUN_TIMEOUT_S = 120.0
 
 
 class DemoFailed(Exception):
@@ -74,8 +97,12 @@ class GatewayProcess:
         self.log_path = workdir / "gateway.log"
         self.state_dir = workdir / "state"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._terminated = False
 
-    def start(self) -> None:
+    def start(self, *extra: str) -> None:
+        """Start the daemon (again, after ``stop``: the same ports and state, so the device's
+        pairing still holds); ``extra``: more command-line options."""
+        self._terminated = False
         argv = [
             sys.executable,
             "-m",
@@ -93,8 +120,9 @@ class GatewayProcess:
             str(self.state_dir),
             "--gateway-id",
             GATEWAY_ID,
+            *extra,
         ]
-        with self.log_path.open("wb") as log:
+        with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -151,7 +179,7 @@ class GatewayProcess:
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return None if proc is None else proc.returncode
-        proc.send_signal(signal.SIGTERM)
+        self.terminate()
         try:
             return proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -162,6 +190,12 @@ class GatewayProcess:
             proc.kill()
             proc.wait()
             raise
+
+    def terminate(self) -> None:
+        """SIGTERM, once, without waiting (``stop`` waits)."""
+        if self.proc is not None and not self._terminated and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self._terminated = True
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
@@ -249,6 +283,102 @@ def show_vision(client: Client) -> None:
     )
 
 
+def show_hop(run: MigratableRun, number: int, began: float) -> None:
+    """Wait for the run's ``number``th hop and print it: when the demo saw it (seconds since
+    ``began``), where, why."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while len(run.hops) < number:
+        if run.done() or time.monotonic() > deadline:
+            raise DemoFailed(f"hashchain made {len(run.hops)} hops, not {number}: {run.hops}")
+        time.sleep(0.01)
+    hop = run.hops[number - 1]
+    print(f"   {time.monotonic() - began:4.1f} s  {hop.where:<13} {hop.reason}", flush=True)
+
+
+def expected_chain(stdin: bytes, args: list[str], limits: WasmLimits) -> tuple[bytes, float]:
+    """What hashchain prints run once, uninterrupted, on this device (the plain module, under
+    wasmtime's own WASI), and how long that took."""
+    plain = CHAIN_MODULES[0].read_bytes()
+    runtime = WasmRuntime(wasi_nn=None)
+    try:
+        began = time.monotonic()
+        outcome = runtime.run(
+            hashlib.sha256(plain).hexdigest(), args=args, stdin=stdin, limits=limits, wasm=plain
+        )
+        return outcome.stdout, time.monotonic() - began
+    finally:
+        runtime.close()
+
+
+def show_moving_run(gateway: GatewayProcess) -> str:
+    """Part 3: a hashchain run starts here, moves to the gateway, and comes back by itself
+    when the gateway stops; its output is compared with an uninterrupted run's. Returns a line
+    for the summary."""
+    print(
+        "\n3) Work that moves. A migratable run (docs/migration.md) goes from this device to the\n"
+        "   gateway and back while it runs, and prints what a run that never moved prints.\n"
+        "   Starting the gateway again, with a policy for long runs ...",
+        end="",
+    )
+    sys.stdout.flush()
+    policy = gateway.state_dir.parent / "long-runs.toml"
+    policy.write_text(f"[wasm]\nfuel = {CHAIN_FUEL}  # WebAssembly instructions per job\n")
+    started = time.monotonic()
+    gateway.start("--policy", str(policy))
+    # Meanwhile, what the run must print: hashchain run once, uninterrupted, here.
+    stdin = random.Random(7).randbytes(CHAIN_INPUT_BYTES)
+    args, limits = [str(CHAIN_ROUNDS)], WasmLimits(fuel=CHAIN_FUEL)
+    expected, plain_s = expected_chain(stdin, args, limits)
+    gateway.wait_ready()
+    print(f" ready in {time.monotonic() - started:.1f} s")
+    print(
+        f"   hashchain over {CHAIN_INPUT_BYTES / 1e6:.0f} MB of input, {CHAIN_ROUNDS} rounds per "
+        f"4 KiB chunk, took {plain_s:.1f} s uninterrupted here\n"
+        "   (the plain module, while the gateway started). Now as a migratable run:\n"
+    )
+    move_after_s = min(MOVE_AFTER_S, plain_s / 2.5)
+    with Client(None, interface=INTERFACE, placement="auto") as client:
+        if not client.gateway_reachable():  # found and connected before the clock starts
+            raise DemoFailed(f"{GATEWAY_ID} is not reachable after its restart")
+        began = time.monotonic()
+        run = client.start_wasm(CHAIN_MODULES[1], stdin, args, where="local", limits=limits)
+        print("     AT    WHERE         WHY")
+        show_hop(run, 1, began)  # after the module is compiled here: then it runs
+        time.sleep(move_after_s)
+        run.migrate("edge")
+        show_hop(run, 2, began)
+        time.sleep(move_after_s)
+        print(
+            f"   {time.monotonic() - began:4.1f} s  (the gateway is stopped: SIGTERM)", flush=True
+        )
+        stop_started = time.monotonic()
+        gateway.terminate()
+        show_hop(run, 3, began)
+        status = gateway.stop()
+        stop_s = time.monotonic() - stop_started
+        outcome: RunOutcome = run.result(RUN_TIMEOUT_S)
+    if status != 0:
+        raise DemoFailed(f"the gateway did not exit cleanly (status {status})")
+    home = outcome.hops[-1]
+    if [h.where for h in outcome.hops] != ["local", GATEWAY_ID, "local"]:
+        raise DemoFailed(f"hashchain went {[h.where for h in outcome.hops]}")
+    if home.reason != "gateway stopping":
+        raise DemoFailed(f"hashchain came back because {home.reason!r}, not 'gateway stopping'")
+    print(
+        f"   {time.monotonic() - began:4.1f} s  finished on {outcome.where}, exit "
+        f"{outcome.exit_code} (the gateway exited 0 in {stop_s:.1f} s)"
+    )
+    print(f"   {outcome.stdout.decode().splitlines()[-1]}")
+    identical = outcome.stdout == expected and outcome.exit_code == 0
+    print(f"   identical output: {'yes' if identical else 'NO'} ({len(expected)} bytes)")
+    if not identical:
+        raise DemoFailed("the run that moved printed something else than the one that did not")
+    return (
+        f"  Work that moves: hashchain ran here, on {GATEWAY_ID} and here again, and printed\n"
+        "                 byte for byte what an uninterrupted run prints."
+    )
+
+
 def run_demo(gateway: GatewayProcess) -> None:
     started = time.monotonic()
     print("Hearth demo: a gateway on loopback, and a camera device that offloads work to it\n")
@@ -303,12 +433,17 @@ def run_demo(gateway: GatewayProcess) -> None:
         phase2 = device.run(repeat=1, on_row=show)
 
     check(phase1, phase2)
+    lines = summary(phase1, phase2)
+    if CHAIN_MODULES[1].is_file():
+        lines.append(show_moving_run(gateway))
+    else:
+        print(f"\n3) Work that moves: skipped, {CHAIN_MODULES[1]} is missing (it needs Binaryen)")
     print(f"\nDone in {time.monotonic() - started:.1f} s.")
-    print("\n".join(summary(phase1, phase2)))
+    print("\n".join(lines))
 
 
 def main() -> int:
-    missing = missing_examples()
+    missing = missing_examples() + [p for p in CHAIN_MODULES[:1] if not p.is_file()]
     if missing:
         print(
             f"demo: {missing[0]} is missing; build the examples first: make examples",
