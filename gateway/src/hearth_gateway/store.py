@@ -365,7 +365,9 @@ class Store:
         topic = entry.response_topic.encode()
         if file is not None:
             on_disk = self._spool.write(file, request)
-            size = on_disk + _job_bytes(self._page, entry.client_id, entry.job_id, topic)
+            size = on_disk + _job_bytes(
+                self._page, entry.client_id, entry.job_id, topic, entry.correlation
+            )
         else:
             size = _job_bytes(
                 self._page, entry.client_id, entry.job_id, request, topic, entry.correlation
@@ -394,7 +396,7 @@ class Store:
     def finish(self, client_id: str, job_id: str, reply: bytes) -> None:
         """Store a job's answer and drop its request.
 
-        An answer larger than ``journal_answer_bytes`` is not kept: the job's entry goes, so
+        An answer larger than ``journal_inline_bytes`` is not kept: the job's entry goes, so
         the same job id sent again runs the job again rather than getting this answer. That
         keeps a few large answers from filling the disk or pushing the many small ones out,
         and it is safe: a job has no effect outside its sandbox (no network, a scratch
