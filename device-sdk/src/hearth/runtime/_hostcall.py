@@ -42,6 +42,17 @@ except (ImportError, AttributeError):  # pragma: no cover - another wasmtime-py
     pass
 
 _TRAP_MESSAGE = b"hearth host function raised"
+_U32 = 0xFFFFFFFF
+# The arguments of all-i32 signatures, unrolled: most WASI calls, fd_read and fd_write among
+# them, and the hottest code here (a loop over the slots costs twice as much).
+_READ_I32: tuple[Callable[[Any], tuple[int, ...]], ...] = (
+    lambda s: (),
+    lambda s: (s[0].i32 & _U32,),
+    lambda s: (s[0].i32 & _U32, s[1].i32 & _U32),
+    lambda s: (s[0].i32 & _U32, s[1].i32 & _U32, s[2].i32 & _U32),
+    lambda s: (s[0].i32 & _U32, s[1].i32 & _U32, s[2].i32 & _U32, s[3].i32 & _U32),
+    lambda s: (s[0].i32 & _U32, s[1].i32 & _U32, s[2].i32 & _U32, s[3].i32 & _U32, s[4].i32 & _U32),
+)
 
 
 class _Call(threading.local):
@@ -91,14 +102,18 @@ def define(
     if _UNCHECKED is None:  # pragma: no cover
         return False
     wide = tuple(p == "I" for p in params)
+    read = _READ_I32[len(params)] if not any(wide) and len(params) < len(_READ_I32) else None
+
+    def read_any(slots: Any) -> list[int]:
+        return [slots[i].i64 if w else slots[i].i32 & _U32 for i, w in enumerate(wide)]
+
+    read_args = read or read_any
 
     def callback(_env: Any, caller_ptr: Any, slots: Any, _count: int) -> int:
-        saved = _call.raw, _call.caller
-        _call.raw, _call.caller = caller_ptr, None
+        # Host calls do not nest (none calls back into code that makes one), so no saving.
+        _call.raw = caller_ptr
         try:
-            value = call(
-                *[slots[i].i64 if w else slots[i].i32 & 0xFFFFFFFF for i, w in enumerate(wide)]
-            )
+            value = call(*read_args(slots))
             if result:
                 slots[0].i32 = value
             return 0
@@ -107,9 +122,11 @@ def define(
             trap = _trap_new(_TRAP_MESSAGE, len(_TRAP_MESSAGE))
             return ctypes.cast(trap, ctypes.c_void_p).value or 0
         finally:
-            if _call.caller is not None:
-                _call.caller._invalidate()  # as wasmtime-py's own trampoline does
-            _call.raw, _call.caller = saved
+            made = _call.caller
+            if made is not None:
+                made._invalidate()  # as wasmtime-py's own trampoline does
+                _call.caller = None
+            _call.raw = None
 
     raw = _UNCHECKED(callback)
     keep.append(raw)

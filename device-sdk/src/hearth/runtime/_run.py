@@ -403,7 +403,7 @@ class Run:
             self._size_seen.set()
         if self.on_migration_point is not None:
             self.on_migration_point(self)
-        if not (self._pause.is_set() or self._checkpoint_due()):
+        if not (self._pause.is_set() or self._checkpoint_now.is_set() or self._checkpoint_due()):
             return False
         self._checkpoint_now.clear()
         if self._pause.is_set():
@@ -417,8 +417,6 @@ class Run:
         return True
 
     def _checkpoint_due(self) -> bool:
-        if self._checkpoint_now.is_set():
-            return True
         every_points = self.checkpoint_every_points
         if every_points is not None and (
             self.migration_points - self._points_at_checkpoint >= every_points

@@ -183,10 +183,11 @@ class MigratableRuntime:
             raise JobError(ErrorCode.INVALID_MODULE, "not a WASI command exporting its memory")
         # Anything else it imports holds state outside the run (wasi-nn's graphs, threads).
         foreign = sorted(
-            {f"{i.module}.{i.name}" for i in module.imports}
-            - {f"{m}.{n}" for m, n in _MIGRATION_SAFE_IMPORTS}
+            f"{i.module}.{i.name}"
+            for i in module.imports
+            if i.module != "wasi_snapshot_preview1"
+            and (i.module, i.name) not in _MIGRATION_SAFE_IMPORTS
         )
-        foreign = [name for name in foreign if not name.startswith("wasi_snapshot_preview1.")]
         if foreign:
             raise JobError(
                 ErrorCode.INVALID_MODULE, f"cannot migrate a module importing {foreign[0]}"
@@ -232,7 +233,7 @@ class MigratableRuntime:
         snapshot = Snapshot(
             module=sha256,
             run_id=run_id or f"r-{uuid.uuid4().hex[:16]}",
-            data_class="public" if data_class == "public" else "private",
+            data_class=data_class,
             wasi=state,
             hops=[where],
         )

@@ -111,6 +111,7 @@ _EVENTTYPE_CLOCK = 0
 _SUBCLOCK_ABSTIME = 1
 _SUBSCRIPTION_BYTES, _EVENT_BYTES = 48, 32
 _MAX_SLEEP_S = 60.0
+_U32 = struct.Struct("<I")
 
 
 def _norm(path: str) -> str | None:
@@ -196,6 +197,9 @@ class WasiHost:
 
     def _put(self, fmt: str, ptr: int, *values: int) -> None:
         struct.pack_into(fmt, self._view(ptr, struct.calcsize(fmt)), ptr, *values)
+
+    def _put_u32(self, ptr: int, value: int) -> None:
+        _U32.pack_into(self._view(ptr, 4), ptr, value)
 
     def _iovecs(self, iovs: int, count: int) -> list[tuple[int, int]]:
         words = struct.unpack_from(f"<{2 * count}I", self._view(iovs, 8 * count), iovs)
@@ -337,7 +341,7 @@ class WasiHost:
             self.state.stdin_offset = offset
         else:
             self.state.fds[fd].offset = offset
-        self._put("<I", nread, total)
+        self._put_u32(nread, total)
         return Errno.SUCCESS
 
     def fd_write(self, fd: int, iovs: int, count: int, nwritten: int) -> int:
@@ -360,7 +364,7 @@ class WasiHost:
             self.dirty_fs = True
         else:
             return Errno.BADF
-        self._put("<I", nwritten, len(data))
+        self._put_u32(nwritten, len(data))
         return Errno.SUCCESS
 
     def fd_close(self, fd: int) -> int:
