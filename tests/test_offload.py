@@ -29,7 +29,7 @@ def test_discovery_finds_the_gateway_on_loopback(make_gateway) -> None:
     assert mine, f"gateway {gw.gateway_id} not among {[g.gateway_id for g in found]}"
     info = mine[0]
     assert str(info.broker) == gw.address
-    assert info.runners == ["wasm", "onnx", "task", "vision"]
+    assert info.runners == ["wasm", "onnx", "task", "vision", "migrate"]
     assert "cpu" in info.accelerators
     assert info.rtt_ms is not None
     assert info.rtt_ms > 0

@@ -364,8 +364,8 @@ def test_retained_status_is_online(plain: PlainClient) -> None:
     assert status["state"] == "online"
     assert status["gateway_id"] == plain.gateway
     assert status.get("v", V) == V
-    # §5.3: the runners a gateway may enable; all three by default.
-    assert set(status.get("runners", [])) <= {"wasm", "onnx", "task", "vision"}
+    # §5.3: the runners a gateway may enable; all five by default.
+    assert set(status.get("runners", [])) <= {"wasm", "onnx", "task", "vision", "migrate"}
     assert "wasm" in status["runners"]
     assert status["max_message_bytes"] > 0
 

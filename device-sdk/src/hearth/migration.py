@@ -26,7 +26,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from hearth.errors import ErrorCode, GatewayUnavailable, HearthError, JobError
 from hearth.protocol import (
@@ -44,7 +44,7 @@ from hearth.protocol import (
 from hearth.runtime.limits import WasmLimits
 
 if TYPE_CHECKING:
-    from hearth.client import Client
+    from hearth._connection import Connection
 
 __all__ = ["Hop", "MigratableRun", "RunOutcome"]
 
@@ -52,6 +52,20 @@ log = logging.getLogger(__name__)
 
 Target = Literal["local", "edge"]
 _NEED_BLOB_ROUNDS = 3
+
+
+class RunHost(Protocol):
+    """What a run needs of the client that drives it: ``hearth.Client`` is one, and any other
+    Client (for another gateway) can be a run's target."""
+
+    timeout_s: float
+
+    def connection(self) -> Connection: ...
+    def migratable_runtime(self) -> Any: ...
+    def private_refusal(self, private: bool) -> str | None: ...
+    def upload_blob(
+        self, conn: Any, data: bytes, max_chunk: int, data_class: Literal["private", "public"]
+    ) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +104,7 @@ class MigratableRun:
 
     def __init__(
         self,
-        client: Client,
+        client: RunHost,
         module: bytes,
         *,
         args: Sequence[str],
@@ -118,12 +132,12 @@ class MigratableRun:
         self.limits = limits  # for its hops on this device; a gateway applies its own policy
         self._lock = threading.Lock()
         self._place: str = where
-        self._target: tuple[str, Client | None] | None = None  # where a requested move goes
+        self._target: tuple[str, RunHost | None] | None = None  # where a requested move goes
         self._target_reason = ""
         self._asked = 0  # moves asked for (migrate calls), and moves carried out
         self._moved_count = 0
         self._serving = 0  # the moves the hop being set up carries out
-        self._current_client: Client | None = None  # whose gateway the run is on, if any
+        self._current_client: RunHost | None = None  # whose gateway the run is on, if any
         self._moved = threading.Condition(self._lock)
         self._hops: list[Hop] = []
         self._snapshot: bytes | None = snapshot  # the latest: a checkpoint or the last pause
@@ -172,12 +186,12 @@ class MigratableRun:
             raise TimeoutError(f"run {self.run_id} still running") from None
 
     def migrate(
-        self, to: Target | Client = "edge", *, wait_s: float | None = 30.0, reason: str = ""
+        self, to: Target | RunHost = "edge", *, wait_s: float | None = 30.0, reason: str = ""
     ) -> str:
         """Move the run: to this device ("local"), to this client's gateway ("edge"), or to
         the gateway of another Client. Returns where it runs after the move (or where it
         finished, if it finished first)."""
-        target: tuple[str, Client | None] = (to, None) if isinstance(to, str) else ("edge", to)
+        target: tuple[str, RunHost | None] = (to, None) if isinstance(to, str) else ("edge", to)
         if target[0] not in ("local", "edge"):
             raise ValueError(f"migrate to 'local', 'edge' or a Client, not {to!r}")
         why = reason or f"moved by the application to {target[0]}"
@@ -202,7 +216,7 @@ class MigratableRun:
                 self._moved.wait(left)
             return self._place
 
-    def _already_there(self, target: tuple[str, Client | None]) -> bool:
+    def _already_there(self, target: tuple[str, RunHost | None]) -> bool:
         if self._target is not None or not self._hops:
             return False  # a move is under way, or the run has not arrived anywhere yet
         if target[0] == "local":
@@ -282,7 +296,7 @@ class MigratableRun:
                 self._moved.notify_all()
 
     def _hop_loop(self, where: str, reason: str) -> RunOutcome:
-        client: Client | None = None
+        client: RunHost | None = None
         while True:
             if self._closed:
                 raise JobError(ErrorCode.CANCELLED, f"run {self.run_id} cancelled", where=where)
@@ -385,7 +399,7 @@ class MigratableRun:
 
     # -- a hop on a gateway --------------------------------------------------------------------
 
-    def _run_edge(self, client: Client, reason: str) -> RunOutcome | _Moved:
+    def _run_edge(self, client: RunHost, reason: str) -> RunOutcome | _Moved:
         from hearth.runtime.snapshot import decode_snapshot, snapshot_sha256
 
         conn = client.connection()

@@ -177,7 +177,8 @@ class Dispatcher:
         )
         # The daemon passes its own: the status reports them before a dispatcher exists.
         self.streams = StreamCounters(policy.vision.max_streams) if streams is None else streams
-        self.runs = Runs(steer=pool.steer)  # migratable runs in flight (runs.py)
+        # Migratable runs in flight (runs.py), steered through the worker that runs each.
+        self.runs = Runs(steer=self._steer)
         self._evict_over = policy.migration.evict_when_queue_over
         self.draining = False  # set on shutdown: new jobs are refused, queued ones finish
         self.locked = locked  # revoked device ids; the daemon updates it (pairing.py)
@@ -401,6 +402,9 @@ class Dispatcher:
             self._refuse(reply_to, refusal, message, request.run_id)
             return
         self._publish(reply_to, encode(RunAck(run_id=request.run_id, action=request.action)))
+
+    def _steer(self, item: QueuedJob, action: str) -> bool:
+        return self._pool.steer(item, action)
 
     def started(self, item: QueuedJob) -> None:
         """Worker pool callback: a worker took ``item``."""
