@@ -234,11 +234,13 @@ class Client(VisionCalls, TaskCalls):
         limits: WasmLimits | None = None,
     ) -> MigratableRun:
         """Continue a run from a snapshot file (``run.snapshot()``, a checkpoint) with its
-        instrumented module, here or on the gateway."""
+        module (instrumented, or the plain one, instrumented here again with the same
+        Binaryen), here or on the gateway."""
         from hearth.runtime.snapshot import decode_snapshot
 
         data = snapshot if isinstance(snapshot, bytes) else Path(snapshot).read_bytes()
-        module_bytes = module if isinstance(module, bytes) else Path(module).read_bytes()
+        # The plain module is instrumented as start_wasm did: same wasm-opt, same bytes.
+        module_bytes = load_module(module)
         import hashlib
 
         sha = hashlib.sha256(module_bytes).hexdigest()

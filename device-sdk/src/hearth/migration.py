@@ -501,13 +501,8 @@ class MigratableRun:
 
 def load_module(module: bytes | str | Path) -> bytes:
     """A module's bytes, instrumented for migration if they are not already."""
-    from hearth.runtime.asyncify import instrument, is_instrumented
+    from hearth.runtime.asyncify import export_names, instrument, is_instrumented
 
     data = module if isinstance(module, bytes) else Path(module).read_bytes()
-    try:
-        import wasmtime
-
-        exports = {e.name for e in wasmtime.Module(wasmtime.Engine(), data).exports}
-    except Exception as exc:  # noqa: BLE001 - any load failure is an invalid module here
-        raise JobError(ErrorCode.INVALID_MODULE, str(exc).splitlines()[0][:300]) from None
-    return data if is_instrumented(exports) else instrument(data)
+    # Read from the export section: compiling it here would be done again by the first hop.
+    return data if is_instrumented(export_names(data)) else instrument(data)

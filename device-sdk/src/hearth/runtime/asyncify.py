@@ -33,6 +33,7 @@ __all__ = [
     "MIGRATION_IMPORTS",
     "UNWIND_EXPORTS",
     "export_globals",
+    "export_names",
     "instrument",
     "is_instrumented",
     "wasm_opt_path",
@@ -239,6 +240,21 @@ def export_globals(wasm: bytes) -> bytes:
     if not placed:
         out += b"\x07" + _uleb(len(export_body)) + export_body
     return bytes(out)
+
+
+def export_names(wasm: bytes) -> set[str]:
+    """The names a binary module exports, read from its export section (nothing compiled).
+    Raises JobError(INVALID_MODULE) for bytes that are not a binary module."""
+    if not wasm.startswith(_WASM_MAGIC):
+        raise JobError(ErrorCode.INVALID_MODULE, "not a binary WebAssembly module")
+    try:
+        for section_id, body in _sections(wasm):
+            if section_id == 7:
+                count, pos = _leb(body, 0)
+                return _export_names(body[pos:], count)
+    except IndexError:
+        raise JobError(ErrorCode.INVALID_MODULE, "truncated WebAssembly module") from None
+    return set()
 
 
 def _export_names(body: bytes, count: int) -> set[str]:
