@@ -1,4 +1,4 @@
-"""vision.odometry against rendered sequences whose camera motion is known (vision/scenes.py),
+"""vision.odometry against rendered sequences whose camera motion is known (testkit/scenes.py),
 and the life of its sessions: opening, closing, idling out, limits."""
 
 from __future__ import annotations
