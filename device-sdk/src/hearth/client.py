@@ -241,10 +241,7 @@ class Client(VisionCalls, TaskCalls):
         data = snapshot if isinstance(snapshot, bytes) else Path(snapshot).read_bytes()
         # The plain module is instrumented as start_wasm did: same wasm-opt, same bytes.
         module_bytes = load_module(module)
-        import hashlib
-
-        sha = hashlib.sha256(module_bytes).hexdigest()
-        state = decode_snapshot(data, module=sha)
+        state = decode_snapshot(data, module=self._blob(module_bytes).sha256)
         place, reason = self._run_place(where, state.data_class)
         run = MigratableRun(
             self,
@@ -296,9 +293,7 @@ class Client(VisionCalls, TaskCalls):
 
     def upload_blob(self, conn: Any, data: bytes, max_chunk: int, data_class: DataClass) -> None:
         """Upload ``data`` as a blob (content-addressed) and wait until the gateway has it."""
-        import hashlib
-
-        blob = Blob(data, hashlib.sha256(data).hexdigest())
+        blob = self._blob(data)
         done = self._offload.uploads.ensure(conn, blob, max_chunk, data_class, time.monotonic())
         done.result()
 

@@ -385,7 +385,8 @@ class Dispatcher:
             return
         sha = _blob_of(job)
         blob_path = str(self._blobs.path(sha)) if sha else ""
-        queued = QueuedJob(reply_to=reply_to, job=job, blob_path=blob_path)
+        snapshot = str(self._blobs.path(job.snapshot)) if isinstance(job, RunResume) else ""
+        queued = QueuedJob(reply_to=reply_to, job=job, blob_path=blob_path, snapshot_path=snapshot)
         if isinstance(job, RunStart | RunResume):
             self.runs.accepted(queued)
         self._pool.submit(queued)

@@ -63,6 +63,7 @@ class QueuedJob:
     reply_to: ReplyTo  # who sent it (admission, journal, worker scope), where its answer goes
     job: Job
     blob_path: str
+    snapshot_path: str = ""  # a resumed run's snapshot blob
     # Jobs with the same affinity run on the same worker (a stream's background model, an
     # odometry session's map live there).
     affinity: str | None = None
@@ -146,6 +147,7 @@ class _Worker:
             WorkItem(
                 job=job.job,
                 blob_path=job.blob_path,
+                snapshot_path=job.snapshot_path,
                 queue_ms=(time.monotonic() - job.enqueued) * 1e3,
                 scope=job.reply_to.client_id,
                 session_new=job.session_new,

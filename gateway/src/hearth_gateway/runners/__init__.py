@@ -100,6 +100,7 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True, tag="work"):
 
     job: Job
     blob_path: str
+    snapshot_path: str = ""  # a resumed run's snapshot blob (run_resume)
     queue_ms: float
     scope: str = ""  # the submitting device: streams and sessions are named per device
     session_new: bool = False  # first frame of a session: the worker opens it

@@ -76,8 +76,7 @@ class MigrateRunner:
                 path=module_path,
             )
         else:
-            # Blobs live at <root>/<sha[:2]>/<sha>; the snapshot is a blob beside the module.
-            snapshot_path = module_path.parents[1] / job.snapshot[:2] / job.snapshot
+            snapshot_path = Path(item.snapshot_path)
             snapshot = decode_snapshot(
                 snapshot_path.read_bytes(), sha256=job.snapshot, module=job.module
             )
