@@ -55,16 +55,16 @@ class _Deadlines:
     """Fails pending futures whose reply is overdue, from one thread, so that an async call
     needs no thread of its own to notice a silent gateway. Started on first use."""
 
-    def __init__(self, expire: Callable[[bytes, Future[Reply]], None]) -> None:
+    def __init__(self, expire: Callable[[bytes, Future[Reply], float], None]) -> None:
         self._expire = expire
-        self._heap: list[tuple[float, int, bytes, Future[Reply]]] = []
+        self._heap: list[tuple[float, int, bytes, Future[Reply], float]] = []
         self._order = itertools.count()  # ties: never compare futures
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
 
     def add(self, timeout_s: float, correlation: bytes, future: Future[Reply]) -> None:
-        entry = (time.monotonic() + timeout_s, next(self._order), correlation, future)
+        entry = (time.monotonic() + timeout_s, next(self._order), correlation, future, timeout_s)
         with self._cond:
             if self._closed:
                 return
@@ -92,8 +92,8 @@ class _Deadlines:
                     if delay <= 0:
                         break
                     self._cond.wait(delay)
-                _, _, correlation, future = heapq.heappop(self._heap)
-            self._expire(correlation, future)
+                _, _, correlation, future, timeout_s = heapq.heappop(self._heap)
+            self._expire(correlation, future, timeout_s)
 
     def close(self) -> None:
         with self._cond:
@@ -117,6 +117,7 @@ class Connection:
         timeout_s: float,
         qos: int = 1,
         tls: TlsFiles | None = None,
+        reply_suffix: str | None = None,
     ) -> None:
         self.address = address
         self.qos = qos
@@ -125,7 +126,10 @@ class Connection:
         self.tls = tls  # the paired identity (hearth.pairing), for a gateway's device listener
         # A reply topic of this connection's own (under the device's prefix, as the gateway
         # requires): several clients with one device id do not receive each other's replies.
-        self._reply_topic = f"{reply_topic(client_id)}/{uuid.uuid4().hex[:8]}"
+        # A client's link passes one suffix to each connection it makes: an answer published
+        # to the old one's topic reaches the connection that replaced it.
+        suffix = reply_suffix or uuid.uuid4().hex[:8]
+        self._reply_topic = f"{reply_topic(client_id)}/{suffix}"
         self._pending: dict[bytes, Future[Reply]] = {}
         # Replies that do not end a request (a migratable run's checkpoints): shown to this
         # callback first; True means it took the reply and the request goes on.
@@ -141,6 +145,7 @@ class Connection:
         self.connected = threading.Event()
         self._subscribed = threading.Event()
         self._closed = False
+        self.lost = ""  # why it is not usable now, once it was: for the calls that wait
         self._client = make_client(f"{client_id}-{uuid.uuid4().hex[:8]}", tls=tls)
         self._client.on_message = self._message
         self._client.on_publish = self._published
@@ -162,9 +167,12 @@ class Connection:
         self._client.subscribe([(self._reply_topic, self.qos), (status, 1)])
         self.connected.set()
 
-    def _disconnected(self, *_: Any) -> None:
+    def _disconnected(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any = None) -> None:
         self.connected.clear()
-        self._fail_all(GatewayUnavailable(f"lost the connection to {self.address}"))
+        if self._closed:
+            return
+        self.lost = f"lost the connection to the broker at {self.address} ({reason})"
+        self._fail_all(GatewayUnavailable(self.lost))
 
     def _message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == self._reply_topic:
@@ -195,11 +203,14 @@ class Connection:
             return
         if status.state == "online":
             self.tier = status.tier
+            self.lost = ""
             self.online.set()
         else:
-            # The gateway's Last Will (or its orderly goodbye): nothing pending will be answered.
+            # The gateway's Last Will (or its orderly goodbye): nothing pending will be answered
+            # on this connection before the gateway is back.
             self.online.clear()
-            self._fail_all(GatewayUnavailable(f"gateway {status.gateway_id} went offline"))
+            self.lost = f"gateway {status.gateway_id} went offline (its Last Will, or it stopped)"
+            self._fail_all(GatewayUnavailable(self.lost))
 
     def _published(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
         with self._lock:
@@ -236,14 +247,19 @@ class Connection:
 
     # -- the deadline thread ------------------------------------------------------------------
 
-    def _expire(self, correlation: bytes, future: Future[Reply]) -> None:
+    def _expire(self, correlation: bytes, future: Future[Reply], timeout_s: float) -> None:
         with self._lock:
             if self._pending.get(correlation) is future:
                 del self._pending[correlation]
                 self._interim.pop(correlation, None)
-        _fail(future, TimeoutError())
+        who = f"gateway {self.gateway_id}" if self.gateway_id else f"the gateway at {self.address}"
+        _fail(future, TimeoutError(f"no answer from {who} within {timeout_s:.3g} s"))
 
     # -- callers' threads ---------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def usable(self) -> bool:
@@ -279,7 +295,7 @@ class Connection:
     def publish(self, message: msgspec.Struct, correlation: bytes) -> int:
         """Publish a request (or a blob chunk); returns its size in bytes."""
         if not self.usable or self.gateway_id is None:
-            raise GatewayUnavailable(f"gateway at {self.address} is not online")
+            raise GatewayUnavailable(self.lost or f"gateway at {self.address} is not online")
         payload = encode(message)
         info = self._client.publish(
             request_topic(self.gateway_id, self.client_id),
@@ -325,7 +341,7 @@ class Connection:
         if self._closed:
             return
         self._closed = True
-        self._fail_all(GatewayUnavailable("client closed"))
+        self._fail_all(GatewayUnavailable("connection closed"))
         self._deadlines.close()
         self._client.disconnect()
         self._client.loop_stop()

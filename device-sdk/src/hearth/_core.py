@@ -16,6 +16,7 @@ from hearth._identity import ENV_CLIENT_ID, default_client_id
 from hearth._offload import Job, Offloader
 from hearth._results import Stats
 from hearth.discovery import GatewayInfo
+from hearth.errors import NotPaired
 from hearth.placement import Placement
 from hearth.protocol import Reply
 
@@ -49,7 +50,7 @@ class ClientCore:
             qos=qos,
         )
         self._blobs = BlobCache()
-        self._offload = Offloader(self.stats, timeout_s, retries)
+        self._offload = Offloader(self.stats, self._link, timeout_s, retries)
         self._closed = False
 
     @property
@@ -76,6 +77,12 @@ class ClientCore:
         GatewayUnavailable, quickly when a recent attempt failed."""
         return self._link.connection()
 
+    @property
+    def pairing_needed(self) -> NotPaired | None:
+        """Set when the gateway found serves paired devices only and this device must pair
+        (again) first: its text says how."""
+        return self._link.pairing_needed
+
     def gateway_reachable(self) -> bool:
         return self._link.reachable()
 
@@ -93,5 +100,6 @@ class ClientCore:
     def _submit(
         self, conn: Connection, job: Job, blob: Blob, correlation: bytes | None = None
     ) -> Reply:
-        """Send ``job`` (uploading ``blob`` if asked) and wait for its final reply."""
-        return self._offload.submit(conn, job, blob, correlation).result()
+        """Send ``job`` (uploading ``blob`` if asked) and wait for its final reply; sent again
+        if the gateway goes away and comes back before the call's deadline."""
+        return self._offload.submit(conn, job, blob, correlation).outcome.result()

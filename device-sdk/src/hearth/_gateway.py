@@ -1,17 +1,31 @@
 """Which gateway a client talks to, its one live connection, and whether private work may go
-there: named (``HOST:PORT``, ``$HEARTH_GATEWAY``, a ``GatewayInfo``) or found over mDNS."""
+there: named (``HOST:PORT``, ``$HEARTH_GATEWAY``, a ``GatewayInfo``) or found over mDNS.
+
+A connection lost, or a gateway gone offline, costs the calls in flight latency, not errors:
+each waits (``when_usable``) for the link to be usable again, on one named thread for all of
+them, and is sent again under its job id; the gateway's journal answers a job it has seen
+with its one answer. Replies go to one reply topic for the link's whole life, so an answer on
+its way when the connection broke still finds the connection that replaced it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
 import os
 import threading
 import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
 
 from hearth._connection import Connection
-from hearth._identity import identity_for
+from hearth._futures import running
 from hearth._lan import on_lan
+from hearth._trust import Target, changed_identity, secure_identity
 from hearth.discovery import GatewayInfo, discover
-from hearth.errors import GatewayUnavailable
+from hearth.errors import GatewayUnavailable, NotPaired
 from hearth.placement import Placement
 from hearth.transport import BrokerAddress
 
@@ -21,11 +35,13 @@ ENV_GATEWAY = "HEARTH_GATEWAY"  # HOST:PORT: skip discovery
 ENV_INTERFACE = "HEARTH_INTERFACE"  # IP: discover only on this interface
 
 _RECONNECT_BACKOFF_S = 2.0  # after a failed connect, run locally this long before retrying
+_WAIT_POLL_S = 0.05  # how often the waiting calls' thread looks at the link
 
 
 class GatewayLink:
     """Connects on first use and again after a loss, but not more often than every
-    ``_RECONNECT_BACKOFF_S``: meanwhile calls fail fast (and ``auto`` runs them here)."""
+    ``_RECONNECT_BACKOFF_S``: meanwhile calls fail fast (and ``auto`` runs them here), and the
+    calls in flight wait for it (``when_usable``)."""
 
     def __init__(
         self,
@@ -46,59 +62,117 @@ class GatewayLink:
         self._lock = threading.Lock()
         self.current: Connection | None = None
         self._failed_at = -1e9
-        self.last_failure = ""
+        self._failure: GatewayUnavailable | None = None
+        # One reply topic suffix for the link's life: see the module's docstring.
+        self._reply_suffix = uuid.uuid4().hex[:8]
+        self._waiting = _Waiting(self._usable_now)
+
+    @property
+    def pairing_needed(self) -> NotPaired | None:
+        """Why the last attempt to connect failed, when it failed for want of a (current)
+        pairing."""
+        return self._failure if isinstance(self._failure, NotPaired) else None
+
+    @property
+    def last_failure(self) -> str:
+        return str(self._failure) if self._failure is not None else ""
 
     def _named(self) -> GatewayInfo | str | None:
         return self._gateway or os.environ.get(ENV_GATEWAY) or None
 
-    def _resolve(self) -> tuple[BrokerAddress, str | None]:
+    def _resolve(self) -> Target:
         gateway = self._named()
         if isinstance(gateway, GatewayInfo):
-            return gateway.broker, gateway.gateway_id
+            return _target(gateway)
         if isinstance(gateway, str):
-            return BrokerAddress.parse(gateway), None
+            return Target(BrokerAddress.parse(gateway))
         found = discover(self._discover_timeout_s, interface=self._interface, measure=True)
         if not found:
             raise GatewayUnavailable("no gateway found over mDNS")
+        # Only gateways this device may talk to: plain ones, and TLS ones it is paired with.
+        usable = [g for g in found if not g.tls or (g.paired and not g.ca_changed)]
+        if not usable:
+            return _target(found[0])  # connecting explains: pair first, or its CA changed
         # Measured round trip first, then load: discover() sorts by RTT; prefer an idle one
         # among those within a millisecond of the fastest.
-        reachable = [g for g in found if g.rtt_ms is not None] or found
+        reachable = [g for g in usable if g.rtt_ms is not None] or usable
         fastest = reachable[0].rtt_ms or 0.0
         near = [g for g in reachable if (g.rtt_ms or 0.0) <= fastest + 1.0]
-        best = min(near, key=lambda g: g.load)
-        return best.broker, best.gateway_id
+        return _target(min(near, key=lambda g: g.load))
 
     def connection(self) -> Connection:
         """The live connection, connecting (or reconnecting) if needed. Raises
-        GatewayUnavailable, quickly when a recent attempt failed."""
+        GatewayUnavailable, quickly when a recent attempt failed (NotPaired when this device
+        must pair first, GatewayIdentityChanged when the gateway's CA is not the pinned one)."""
         with self._lock:
             conn = self.current
             if conn is not None and conn.usable:
                 return conn
-            if conn is not None and conn.connected.is_set():
+            if conn is not None and conn.connected.is_set() and not conn.closed:
                 # Connected but the gateway is offline: wait for it to come back, not reconnect.
-                raise GatewayUnavailable(f"gateway {conn.gateway_id} is offline")
+                raise GatewayUnavailable(conn.lost or f"gateway {conn.gateway_id} is offline")
             if time.monotonic() - self._failed_at < _RECONNECT_BACKOFF_S:
-                raise GatewayUnavailable(self.last_failure)
+                raise self._again()
             if conn is not None:
                 conn.close()
                 self.current = None
             try:
-                address, gateway_id = self._resolve()
-                tls, self.client_id = identity_for(address, gateway_id, self.client_id)
-                self.current = Connection(
-                    address,
-                    gateway_id,
-                    self.client_id,
-                    timeout_s=self._timeout_s,
-                    qos=self._qos,
-                    tls=tls,
-                )
+                self.current = self._connect()
             except (GatewayUnavailable, ValueError, OSError) as exc:
                 self._failed_at = time.monotonic()
-                self.last_failure = str(exc)
-                raise GatewayUnavailable(str(exc)) from None
+                self._failure = (
+                    exc
+                    if isinstance(exc, GatewayUnavailable)
+                    else (GatewayUnavailable(str(exc) or type(exc).__name__))
+                )
+                raise self._again() from None
             return self.current
+
+    def _again(self) -> GatewayUnavailable:
+        """The last failure again, as the same kind of exception (a NotPaired stays one)."""
+        failure = self._failure or GatewayUnavailable("no gateway reachable")
+        if isinstance(failure, NotPaired):
+            return failure
+        return GatewayUnavailable(str(failure) or "no gateway reachable")
+
+    def _connect(self) -> Connection:
+        target = self._resolve()
+        tls, self.client_id = secure_identity(target, self.client_id, self._timeout_s)
+        try:
+            return Connection(
+                target.address,
+                target.gateway_id,
+                self.client_id,
+                timeout_s=self._timeout_s,
+                qos=self._qos,
+                tls=tls,
+                reply_suffix=self._reply_suffix,
+            )
+        except GatewayUnavailable as exc:
+            changed = changed_identity(target, exc, self._timeout_s) if tls else None
+            if changed is not None:
+                raise changed from None
+            raise
+
+    def _usable_now(self) -> Connection | None:
+        """For the waiting calls: a usable connection, or None (and why, in last_failure)."""
+        try:
+            return self.connection()
+        except NotPaired:
+            raise
+        except GatewayUnavailable:
+            return None
+
+    def when_usable(self, until: float) -> Future[Connection]:
+        """The link's connection once it is usable again; GatewayUnavailable (saying why) if it
+        is not by ``until`` (monotonic), NotPaired at once if it never will be."""
+        return self._waiting.add(until)
+
+    def why_unusable(self) -> str:
+        conn = self.current
+        if conn is not None and conn.lost:
+            return conn.lost
+        return self.last_failure or "no gateway reachable"
 
     def reachable(self) -> bool:
         try:
@@ -140,7 +214,94 @@ class GatewayLink:
         return None if on_lan(address.host) else str(address)
 
     def close(self) -> None:
+        self._waiting.close()
         with self._lock:
             if self.current is not None:
                 self.current.close()
                 self.current = None
+
+
+def _target(gateway: GatewayInfo) -> Target:
+    return Target(
+        gateway.broker,
+        gateway.gateway_id,
+        tls=gateway.tls,
+        pairing_port=gateway.pairing_port,
+        ca_fingerprint=gateway.ca_fingerprint,
+    )
+
+
+class _Waiting:
+    """Calls waiting for the link to be usable again, each until its own deadline, watched by
+    one named thread (started when the first one waits, ended by ``close``): a call that waits
+    holds no thread of its own."""
+
+    def __init__(self, usable_now: Callable[[], Connection | None]) -> None:
+        self._usable_now = usable_now
+        self._heap: list[tuple[float, int, Future[Connection]]] = []
+        self._order = itertools.count()  # ties: never compare futures
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def add(self, until: float) -> Future[Connection]:
+        future: Future[Connection] = running()
+        with self._cond:
+            if self._closed:
+                future.set_exception(GatewayUnavailable("client closed"))
+                return future
+            heapq.heappush(self._heap, (until, next(self._order), future))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="hearth-reconnect", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            try:
+                conn = self._usable_now()
+            except GatewayUnavailable as exc:  # never usable (NotPaired): tell them all now
+                self._settle(exc, everyone=True)
+                continue
+            if conn is not None:
+                self._settle(conn, everyone=True)
+                continue
+            self._settle(GatewayUnavailable("not back in time"))
+            with self._cond:
+                if not self._closed:
+                    self._cond.wait(_WAIT_POLL_S)
+
+    def _settle(self, outcome: Connection | BaseException, *, everyone: bool = False) -> None:
+        """Complete the waiting futures: every one, or those whose deadline passed."""
+        now = time.monotonic()
+        with self._cond:
+            done = []
+            while self._heap and (everyone or self._heap[0][0] <= now):
+                done.append(heapq.heappop(self._heap)[2])
+        for future in done:
+            with contextlib.suppress(InvalidStateError):
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            waiting = [entry[2] for entry in self._heap]
+            self._heap.clear()
+            self._cond.notify()
+            thread = self._thread
+        for future in waiting:
+            with contextlib.suppress(InvalidStateError):
+                future.set_exception(GatewayUnavailable("client closed"))
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()

@@ -48,6 +48,7 @@ class Pairing:
     port: int
     ca_fingerprint: str
     directory: str
+    pairing_port: int = 0  # where it was paired (0: a pairing stored before this was kept)
 
     @property
     def address(self) -> BrokerAddress:

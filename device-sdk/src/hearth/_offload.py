@@ -1,68 +1,129 @@
-"""Sending one job to the gateway until it is answered: retried after a timeout under the same
-job id (the gateway runs it at most once), its module or model uploaded when the gateway asks.
-Each step is started by the previous one's reply, so a job in flight holds no thread."""
+"""Sending one job to the gateway until it is answered or its deadline passes: retried after a
+timeout under the same job id (the gateway runs it at most once), its module or model uploaded
+when the gateway asks, and sent again under the same job id when the connection broke or the
+gateway went offline and came back (the gateway's journal answers a job it has seen with its
+one answer). Each step is started by the previous one's reply, or by the link being usable
+again, so a job in flight holds no thread.
+
+A call's deadline is ``timeout_s`` for each of its ``1 + retries`` attempts, counted from the
+start: a wait for a lost gateway spends it. ``patience_s`` shortens the wait for a call that
+has somewhere else to go (``auto``: this device).
+"""
 
 from __future__ import annotations
 
 import time
 from concurrent.futures import Future
+from typing import Protocol
 
 from hearth._blobs import Blob, Uploads
 from hearth._connection import Connection
 from hearth._futures import running
 from hearth._results import Stats
-from hearth.errors import JobError
+from hearth.errors import GatewayUnavailable, JobError, NotPaired
 from hearth.protocol import Error, NeedBlob, OnnxJob, PipelineJob, Reply, TaskInstall, WasmJob
 
-__all__ = ["Job", "Offloader"]
+__all__ = ["Job", "Link", "Offloader", "Sent"]
 
 Job = WasmJob | OnnxJob | PipelineJob | TaskInstall
 
 _MAX_UPLOADS = 2  # need_blob answers per job: a third means the gateway cannot keep it
 
 
+class Link(Protocol):
+    """The gateway link as a job needs it (``hearth._gateway.GatewayLink``)."""
+
+    def connection(self) -> Connection: ...
+
+    def when_usable(self, until: float) -> Future[Connection]: ...
+
+    def why_unusable(self) -> str: ...
+
+
 class Offloader:
-    def __init__(self, stats: Stats, timeout_s: float, retries: int) -> None:
+    def __init__(self, stats: Stats, link: Link, timeout_s: float, retries: int) -> None:
         self.stats = stats
+        self.link = link
         self.timeout_s = timeout_s  # per attempt
         self.retries = retries
+        self.deadline_s = timeout_s * (1 + retries)  # per call, from its start
         self.uploads = Uploads(stats, timeout_s)
 
     def submit(
-        self, conn: Connection, job: Job, blob: Blob, correlation: bytes | None = None
-    ) -> Future[Reply]:
-        """The job's final reply: a result, or JobError for the gateway's error answer,
-        TimeoutError, GatewayUnavailable."""
-        submission = _Submission(self, conn, job, blob, correlation)
-        submission.send()
-        return submission.outcome
+        self,
+        conn: Connection | None,
+        job: Job,
+        blob: Blob,
+        correlation: bytes | None = None,
+        *,
+        patience_s: float | None = None,
+    ) -> Sent:
+        """Send ``job`` (on ``conn``, or the link's connection). ``Sent.outcome`` is its final
+        reply: a result, or JobError for the gateway's error answer, TimeoutError (no answer
+        to any attempt), GatewayUnavailable (the gateway was gone and not back in time)."""
+        sent = Sent(self, conn, job, blob, correlation=correlation, patience_s=patience_s)
+        sent.start()
+        return sent
 
 
-class _Submission:
-    """One job's way through its attempts and uploads."""
+class Sent:
+    """One job's way through its attempts, uploads and re-sends."""
 
     def __init__(
         self,
         offloader: Offloader,
-        conn: Connection,
+        conn: Connection | None,
         job: Job,
         blob: Blob,
+        *,
         correlation: bytes | None,
+        patience_s: float | None,
     ) -> None:
         self.offloader = offloader
-        self.conn = conn
+        self.conn = conn  # the connection that carried the last attempt (and the answer)
         self.job = job
         self.blob = blob
         self.correlation = correlation or job.job_id.encode()  # type: ignore[union-attr]
         self.outcome: Future[Reply] = running()
+        self.started = time.monotonic()
+        self.deadline = self.started + offloader.deadline_s
+        self.patience_s = patience_s  # after a loss, how long to wait (None: the deadline)
         self.attempt = 0
         self.uploads = 0
+        self.resent = 0  # times sent again after the gateway came back
         self.sent_at = 0.0
+        self._lost_at: float | None = None
+        self._lost_why = ""
+
+    @property
+    def gateway_id(self) -> str | None:
+        return self.conn.gateway_id if self.conn is not None else None
+
+    def start(self) -> None:
+        conn = self.conn
+        if conn is None or not conn.usable:
+            try:
+                conn = self.offloader.link.connection()
+            except GatewayUnavailable as exc:
+                self._lost(exc)
+                return
+        self.conn = conn
+        self.send()
 
     def send(self) -> None:
-        self.sent_at = time.monotonic()
+        assert self.conn is not None
+        now = time.monotonic()
+        self.sent_at = now
+        timeout_s = min(self.offloader.timeout_s, self.deadline - now)
         try:
-            reply = self.conn.send(self.job, self.correlation, self.offloader.timeout_s)
+            if timeout_s <= 0:
+                raise TimeoutError(
+                    f"the call's deadline ({self.offloader.deadline_s:.3g} s) passed"
+                )
+            reply = self.conn.send(self.job, self.correlation, timeout_s)
+        except GatewayUnavailable as exc:
+            self._lost(exc)
+            return
         except Exception as exc:  # noqa: BLE001 - handed to whoever waits on the job
             self.outcome.set_exception(exc)
             return
@@ -72,17 +133,15 @@ class _Submission:
         try:
             reply = reply_future.result()
         except TimeoutError as exc:
-            if self.attempt >= self.offloader.retries:
-                self.outcome.set_exception(exc)
-                return
-            self.attempt += 1
-            self.offloader.stats.retries += 1
-            self.send()  # same job id: the gateway runs it at most once
+            self._timed_out(exc)
+            return
+        except GatewayUnavailable as exc:
+            self._lost(exc)
             return
         except Exception as exc:  # noqa: BLE001 - handed to whoever waits on the job
             self.outcome.set_exception(exc)
             return
-        if isinstance(reply, NeedBlob) and self.uploads < _MAX_UPLOADS:
+        if isinstance(reply, NeedBlob) and self.uploads < _MAX_UPLOADS and self.conn is not None:
             self.uploads += 1
             uploaded = self.offloader.uploads.ensure(
                 self.conn, self.blob, reply.max_chunk, self.job.data_class, self.sent_at
@@ -96,9 +155,65 @@ class _Submission:
             return
         self.outcome.set_result(reply)
 
+    def _timed_out(self, exc: TimeoutError) -> None:
+        attempts = self.attempt + 1
+        if self.attempt >= self.offloader.retries or time.monotonic() >= self.deadline:
+            what = "1 attempt" if attempts == 1 else f"{attempts} attempts"
+            self.outcome.set_exception(TimeoutError(f"{exc} ({what} under one job id)"))
+            return
+        self.attempt += 1
+        self.offloader.stats.retries += 1
+        self.send()  # same job id: the gateway runs it at most once
+
     def _uploaded(self, upload: Future[None]) -> None:
         exc = upload.exception()
-        if exc is not None:
+        if isinstance(exc, GatewayUnavailable):
+            self.uploads -= 1  # cut off, not refused: it does not count against the job
+            self._lost(exc)
+        elif exc is not None:
             self.outcome.set_exception(exc)
         else:
             self.send()
+
+    # -- the gateway went away -------------------------------------------------------------
+
+    def _lost(self, exc: GatewayUnavailable) -> None:
+        """Wait for the link to be usable again, then send again under the same job id; give
+        up at the deadline (or when patience runs out)."""
+        if isinstance(exc, NotPaired):  # pairing is needed: waiting will not bring it
+            self.outcome.set_exception(exc)
+            return
+        now = time.monotonic()
+        if self._lost_at is None:
+            self._lost_at, self._lost_why = now, str(exc) or self.offloader.link.why_unusable()
+        until = self.deadline
+        if self.patience_s is not None:
+            until = min(until, self._lost_at + self.patience_s)
+        if until <= now:
+            self.outcome.set_exception(self._gave_up())
+            return
+        self.offloader.link.when_usable(until).add_done_callback(self._back)
+
+    def _back(self, usable: Future[Connection]) -> None:
+        exc = usable.exception()
+        if isinstance(exc, NotPaired):
+            self.outcome.set_exception(exc)
+            return
+        if exc is not None:
+            self.outcome.set_exception(self._gave_up())
+            return
+        self.conn = usable.result()
+        self._lost_at = None
+        self.resent += 1
+        self.offloader.stats.resent += 1
+        self.send()
+
+    def _gave_up(self) -> GatewayUnavailable:
+        waited = time.monotonic() - (self._lost_at or self.started)
+        if self.patience_s is not None and self.patience_s < self.deadline - (
+            self._lost_at or self.started
+        ):
+            within = f"within {waited:.1f} s"
+        else:
+            within = f"before the call's deadline ({self.offloader.deadline_s:.3g} s)"
+        return GatewayUnavailable(f"{self._lost_why}; the gateway was not back {within}")

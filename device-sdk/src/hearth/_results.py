@@ -46,6 +46,7 @@ class Stats:
     fallbacks: int = 0
     blob_uploads: int = 0
     blob_bytes_sent: int = 0
-    retries: int = 0
+    retries: int = 0  # attempts after a timeout, under the same job id
+    resent: int = 0  # jobs sent again after the gateway came back from a loss
     hedged: int = 0  # calls run on both sides at once (placement="hedge")
     hedge_local_wins: int = 0  # of those, the ones this device answered first

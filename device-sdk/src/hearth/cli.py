@@ -34,8 +34,9 @@ from hearth._runs_cli import (
     run_migratable,
 )
 from hearth._tasks_cli import add_task_commands, install_options, print_result
+from hearth._trust import pair_command
 from hearth.client import Client
-from hearth.discovery import discover
+from hearth.discovery import GatewayInfo, discover
 from hearth.errors import HearthError, JobError
 
 __all__ = ["main"]
@@ -300,14 +301,37 @@ def _discover(args: argparse.Namespace) -> int:
     if not gateways:
         print("no gateways found", file=sys.stderr)
         return 1
-    print(f"{'GATEWAY':<20} {'BROKER':<22} {'RTT':>8}  {'LOAD':>5}  RUNNERS / ACCELERATORS")
+    header = f"{'GATEWAY':<20} {'BROKER':<22} {'RTT':>8}  {'LOAD':>5}  {'PAIRING':<10}"
+    print(f"{header}  RUNNERS / ACCELERATORS")
     for g in gateways:
         rtt = "-" if g.rtt_ms is None else f"{g.rtt_ms:.2f}ms"
         print(
-            f"{g.gateway_id:<20} {g.broker!s:<22} {rtt:>8}  {g.load:>5.2f}  "
+            f"{g.gateway_id:<20} {g.broker!s:<22} {rtt:>8}  {g.load:>5.2f}  {_pairing(g):<10}  "
             f"{','.join(g.runners)} / {','.join(g.accelerators)}"
         )
+    for g in gateways:
+        if g.ca_changed:
+            print(_ca_warning(g), file=sys.stderr)
     return 0
+
+
+def _pairing(gateway: GatewayInfo) -> str:
+    if not gateway.tls:
+        return "-"  # a plain listener: no pairing involved
+    if gateway.ca_changed:
+        return "CA CHANGED"
+    return "paired" if gateway.paired else "unpaired"
+
+
+def _ca_warning(gateway: GatewayInfo) -> str:
+    command = pair_command(gateway.broker.host, gateway.pairing_port, gateway.ca_fingerprint)
+    return (
+        f"hearth: warning: gateway {gateway.gateway_id} advertises a CA with fingerprint "
+        f"{gateway.ca_fingerprint}, not the one this device pinned when it paired "
+        f"({gateway.pinned_ca_fingerprint}): its identity changed (its state directory was lost "
+        "or replaced) or another machine uses its name. This device will not connect to it. If "
+        f"the gateway was reinstalled, pair again: {command}"
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -318,6 +342,7 @@ def _run(args: argparse.Namespace) -> int:
     stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     with _client(args) as client:
         run = client.run_wasm(args.module, stdin=stdin, args=args.args, where=args.where)
+        _pairing_note(client)
     sys.stdout.buffer.write(run.stdout)
     sys.stdout.flush()
     sys.stderr.buffer.write(run.stderr)
@@ -328,6 +353,14 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return run.exit_code
+
+
+def _pairing_note(client: Client) -> None:
+    """Said whenever a gateway was found that this device must pair with first, even when the
+    call ran here instead."""
+    needed = client.pairing_needed
+    if needed is not None:
+        print(f"hearth: {needed}", file=sys.stderr)
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -345,6 +378,7 @@ def _infer(args: argparse.Namespace) -> int:
         inputs[name] = np.load(file, allow_pickle=False)
     with _client(args) as client:
         result = client.infer(args.model, inputs, where=args.where)
+        _pairing_note(client)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, value in result.outputs.items():
         np.save(args.out / f"{name}.npy", value, allow_pickle=False)

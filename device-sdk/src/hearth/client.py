@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from hearth._blobs import Blob
-from hearth._futures import chain, failed, race, running, then
+from hearth._futures import chain, race, running, then
 from hearth._local import LocalRuntimes, local_runtimes_installed
 from hearth._results import Inference, WasmRun
 from hearth._tasks import TaskCalls
@@ -40,6 +40,10 @@ from hearth.vision import VisionCalls
 __all__ = ["Client", "Inference", "WasmRun"]
 
 T = TypeVar("T", WasmRun, Inference)
+
+# Seconds an ``auto`` call whose gateway went away waits for it before it runs here: a managed
+# broker restarts in about 0.5 s, and the link reconnects within 2 s of a loss.
+FALLBACK_PATIENCE_S = 4.0
 R = TypeVar("R", WasmResult, OnnxResult)
 
 
@@ -51,6 +55,12 @@ class _Plan:
     reason: str
     fallback_ok: bool = False  # an edge call may still run here if the gateway fails it
     estimates: Estimates | None = None  # None: the call is not timed (not a placement choice)
+
+    @property
+    def patience_s(self) -> float | None:
+        """How long a call cut off from its gateway waits for it to come back: one that may
+        run here waits a broker restart's worth; one that may not, until its deadline."""
+        return FALLBACK_PATIENCE_S if self.fallback_ok else None
 
 
 class Client(VisionCalls, TaskCalls):
@@ -321,7 +331,7 @@ class Client(VisionCalls, TaskCalls):
         plan = self._plan(f"wasm:{blob.sha256}", where, private=data_class == "private")
         return (
             plan,
-            lambda: self._send(job, blob, WasmResult, _wasm_run),
+            lambda: self._send(job, blob, WasmResult, _wasm_run, plan.patience_s),
             lambda reason: self._local.run_wasm(job, blob, reason),
         )
 
@@ -348,7 +358,7 @@ class Client(VisionCalls, TaskCalls):
         plan = self._plan(f"onnx:{blob.sha256}", where, private=data_class == "private")
         return (
             plan,
-            lambda: self._send(job, blob, OnnxResult, _inference),
+            lambda: self._send(job, blob, OnnxResult, _inference, plan.patience_s),
             lambda reason: self._local.run_onnx(job, blob, reason),
         )
 
@@ -358,21 +368,21 @@ class Client(VisionCalls, TaskCalls):
         blob: Blob,
         expected: type[R],
         result: Callable[[R, WasmJob | OnnxJob, float, str | None], T],
+        patience_s: float | None,
     ) -> Future[T]:
-        """Offload ``job``: its result, completed when the gateway's answer arrives."""
-        try:
-            conn = self.connection()
-        except GatewayUnavailable as exc:
-            return failed(exc)
+        """Offload ``job``: its result, completed when the gateway's answer arrives. A gateway
+        that goes away (or is away when the call starts) is waited for until the call's
+        deadline, or ``patience_s`` when the call may run here instead."""
         started = time.perf_counter()
+        sent = self._offload.submit(None, job, blob, patience_s=patience_s)
 
         def answered(reply: Reply) -> T:
             ms = (time.perf_counter() - started) * 1e3
             if not isinstance(reply, expected):
                 raise JobError(ErrorCode.MALFORMED, f"unexpected reply {type(reply).__name__}")
-            return result(reply, job, ms, conn.gateway_id)
+            return result(reply, job, ms, sent.gateway_id)
 
-        return then(self._offload.submit(conn, job, blob), answered)
+        return then(sent.outcome, answered)
 
     # -- placement ----------------------------------------------------------------------------
 
@@ -400,7 +410,11 @@ class Client(VisionCalls, TaskCalls):
         decision: Decision = decide(
             mode, gateway=gateway_ok, local=self._local_available(), estimates=estimates
         )
-        return _Plan(decision.where, decision.reason, decision.fallback_ok, estimates)
+        reason = decision.reason
+        needed = self.pairing_needed
+        if decision.where == "local" and not gateway_ok and needed is not None:
+            reason = f"{reason}: {needed}"  # say what to do about it, not only that it failed
+        return _Plan(decision.where, reason, decision.fallback_ok, estimates)
 
     def _local_available(self) -> bool:
         return local_runtimes_installed()
@@ -500,19 +514,27 @@ class Client(VisionCalls, TaskCalls):
         return dataclasses.replace(result, reason=plan.reason)
 
     def _fallback(self, plan: _Plan, exc: Exception) -> str:
-        """Why an edge call that failed with ``exc`` runs here instead; raises when it may not."""
-        if isinstance(exc, GatewayUnavailable | TimeoutError):
+        """Why an edge call that failed with ``exc`` runs here instead (every reason says what
+        happened); raises when it may not."""
+        if isinstance(exc, TimeoutError):
+            why = f"gateway timed out: {exc}" if str(exc) else "gateway timed out"
             if not plan.fallback_ok:
-                raise GatewayUnavailable(str(exc) or "gateway timed out") from None
+                raise GatewayUnavailable(why) from None
             self.stats.fallbacks += 1
-            return f"fallback: {str(exc) or 'gateway timed out'}"
+            return f"fallback: {why}"
+        if isinstance(exc, GatewayUnavailable):
+            if not plan.fallback_ok:
+                raise exc
+            self.stats.fallbacks += 1
+            return f"fallback: {str(exc) or type(exc).__name__}"
         if isinstance(exc, JobError):
             # policy_denied: private work this gateway may not run; this device may.
             local_ok = exc.code.retryable or exc.code is ErrorCode.POLICY_DENIED
             if not (plan.fallback_ok and local_ok):
                 raise exc
             self.stats.fallbacks += 1
-            return f"fallback: gateway answered {exc.code}"
+            said = f": {exc.message}" if exc.message else ""
+            return f"fallback: gateway answered {exc.code}{said}"
         raise exc
 
 

@@ -1,5 +1,10 @@
 """Finding gateways: mDNS/DNS-SD browse for ``_hearth._tcp.local.``, then a round-trip probe
-of each one over MQTT so callers can pick by measured latency (R3, R4)."""
+of each one so callers can pick by measured latency (R3, R4): an MQTT ping where this device
+may speak MQTT (a plain listener, or a TLS one it is paired with), else a TCP connect, which
+sends no byte (an unpaired device never sends its MQTT CONNECT to a TLS listener).
+
+Each gateway found is compared with this device's pairings: ``paired``, and ``ca_changed``
+when the CA it advertises is not the one pinned at pairing (``hearth discover`` warns)."""
 
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ from dataclasses import dataclass, field
 from zeroconf import IPVersion, ServiceBrowser, ServiceListener, Zeroconf
 
 from hearth._connection import Connection
-from hearth._identity import ENV_CLIENT_ID, default_client_id, identity_for
+from hearth._identity import ENV_CLIENT_ID, default_client_id, find_pairing, identity_for
+from hearth._tls_probe import connect_ms
 from hearth.errors import HearthError
 from hearth.protocol import SERVICE_TYPE
 from hearth.transport import BrokerAddress
@@ -34,6 +40,22 @@ class GatewayInfo:
     rtt_ms: float | None = None  # median MQTT round trip, when measured
     ca_fingerprint: str = ""  # the gateway CA's SHA-256, hex: what pairing pins (tls only)
     pairing_port: int | None = None  # where `hearth pair` talks to it (tls only)
+    pinned_ca_fingerprint: str = ""  # what this device pinned when it paired with it, if it did
+    rtt_probe: str = ""  # how rtt_ms was measured: "mqtt" (a ping) or "tcp" (a connect)
+
+    @property
+    def paired(self) -> bool:
+        """This device holds a pairing with this gateway (by id)."""
+        return bool(self.pinned_ca_fingerprint)
+
+    @property
+    def ca_changed(self) -> bool:
+        """It advertises another CA than the one this device pinned when it paired."""
+        return (
+            self.paired
+            and bool(self.ca_fingerprint)
+            and (self.ca_fingerprint != self.pinned_ca_fingerprint)
+        )
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -49,6 +71,10 @@ class GatewayInfo:
             "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
             "ca_fingerprint": self.ca_fingerprint,
             "pairing_port": self.pairing_port,
+            "paired": self.paired,
+            "pinned_ca_fingerprint": self.pinned_ca_fingerprint,
+            "ca_changed": self.ca_changed,
+            "rtt_probe": self.rtt_probe,
         }
 
 
@@ -146,6 +172,9 @@ def discover(
     finally:
         zc.close()
     gateways = list({g.gateway_id: g for g in found.values()}.values())
+    for gw in gateways:
+        paired = find_pairing(gw.gateway_id)
+        gw.pinned_ca_fingerprint = paired.ca_fingerprint if paired is not None else ""
     if measure:
         for gw in gateways:
             gw.rtt_ms = measure_rtt(gw, probes)
@@ -154,10 +183,21 @@ def discover(
 
 
 def measure_rtt(gateway: GatewayInfo, probes: int = 3, timeout_s: float = 2.0) -> float | None:
-    """Median MQTT ping round trip to the gateway in ms, or None if it does not answer."""
+    """Median round trip to the gateway in ms, or None if it does not answer: an MQTT ping, or
+    a TCP connect to a TLS listener this device may not speak MQTT to (unpaired, or its CA is
+    not the pinned one). ``gateway.rtt_probe`` says which."""
     client_id = os.environ.get(ENV_CLIENT_ID) or default_client_id()
+    if gateway.tls and (not gateway.paired or gateway.ca_changed):
+        gateway.rtt_probe = "tcp"
+        try:
+            return statistics.median(connect_ms(gateway.broker, timeout_s) for _ in range(probes))
+        except OSError:
+            return None
+    gateway.rtt_probe = "mqtt"
     try:
         tls, client_id = identity_for(gateway.broker, gateway.gateway_id, client_id)
+        if gateway.tls and tls is None:
+            return None  # paired by address only, not by this id: never plaintext to TLS
         conn = Connection(
             gateway.broker, gateway.gateway_id, client_id, timeout_s=timeout_s, tls=tls
         )

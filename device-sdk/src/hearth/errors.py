@@ -5,7 +5,11 @@ The tree::
     HearthError                     root: catch this to catch everything the SDK raises
     ├── ProtocolError               a message could not be encoded or decoded
     ├── JobError                    a job failed; ``code`` is the wire ErrorCode
-    ├── GatewayUnavailable          no gateway could be reached (or it went away mid-job)
+    ├── GatewayUnavailable          no gateway could be reached (or it went away mid-job and
+    │   │                           did not come back within the call's deadline)
+    │   └── NotPaired               the gateway serves paired devices only (TLS) and this
+    │       │                       device is not paired with it: ``command`` says how to pair
+    │       └── GatewayIdentityChanged  its CA is not the one pinned at pairing (``old``, ``new``)
     └── LocalRuntimeUnavailable     local placement asked for, but wasmtime/onnxruntime missing
 
 ``ErrorCode`` is the enum that travels in ``Error`` replies; docs/protocol.md lists the same
@@ -18,10 +22,12 @@ import enum
 
 __all__ = [
     "ErrorCode",
+    "GatewayIdentityChanged",
     "GatewayUnavailable",
     "HearthError",
     "JobError",
     "LocalRuntimeUnavailable",
+    "NotPaired",
     "ProtocolError",
 ]
 
@@ -59,6 +65,9 @@ class ErrorCode(enum.StrEnum):
     WORKER_CRASHED = "worker_crashed"
     OVERLOADED = "overloaded"
     QUOTA_EXCEEDED = "quota_exceeded"
+    # The gateway's disk (or its configured reserve) is full: nothing was stored; send again
+    # later, or run the work elsewhere.
+    STORAGE_FULL = "storage_full"
     # Placement refused the job for its data label: private work that cannot run on this
     # gateway (it never leaves the LAN), or any private work sent to a cloud-tier gateway.
     POLICY_DENIED = "policy_denied"
@@ -77,6 +86,7 @@ _RETRYABLE = frozenset(
         ErrorCode.WORKER_CRASHED,
         ErrorCode.OVERLOADED,
         ErrorCode.QUOTA_EXCEEDED,
+        ErrorCode.STORAGE_FULL,
         ErrorCode.SHUTTING_DOWN,
         ErrorCode.INTERNAL,
     }
@@ -110,7 +120,30 @@ class JobError(HearthError):
 
 
 class GatewayUnavailable(HearthError):
-    """No gateway answered, the connection broke, or the gateway's Last Will fired mid-job."""
+    """No gateway answered, or the connection broke (or the gateway's Last Will fired) mid-job
+    and the gateway was not back before the call's deadline."""
+
+
+class NotPaired(GatewayUnavailable):
+    """The gateway serves paired devices only (mutual TLS) and this device has no pairing with
+    it: nothing was sent to it. ``command`` is what to run here (after ``hearth-gateway pair``
+    on the gateway printed a code)."""
+
+    def __init__(self, message: str, command: str) -> None:
+        super().__init__(f"{message}; pair first: {command}")
+        self.command = command
+
+
+class GatewayIdentityChanged(NotPaired):
+    """The gateway presents a CA other than the one this device pinned when it paired: its state
+    directory was lost or replaced, or another machine answers at its address. ``old`` and
+    ``new`` are the SHA-256 fingerprints (hex) of the pinned and the presented CA (``new`` is
+    empty when the gateway's certificates could not be read)."""
+
+    def __init__(self, message: str, command: str, *, old: str, new: str) -> None:
+        super().__init__(message, command)
+        self.old = old
+        self.new = new
 
 
 class LocalRuntimeUnavailable(HearthError):

@@ -142,6 +142,7 @@ def pair(
             port=result.port,
             ca_fingerprint=expected,
             directory=str(final),
+            pairing_port=address.port,
         )
         _private(staging / "pairing.json", json.dumps(asdict(pairing), indent=2).encode())
         if final.exists():

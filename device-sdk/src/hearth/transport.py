@@ -197,7 +197,9 @@ def connect(
             properties=props,
         )
     except OSError as exc:
-        raise GatewayUnavailable(f"cannot reach broker {address}: {exc}") from None
+        # The cause stays attached: a failed certificate check is worth explaining (the SDK
+        # compares the gateway's CA with the one it pinned at pairing).
+        raise GatewayUnavailable(f"cannot reach broker {address}: {exc}") from exc
     client.loop_start()
     if not accepted.wait(timeout_s) or refused:
         client.loop_stop()
