@@ -12,10 +12,12 @@ from hearth.client import Client, Inference, WasmRun
 from hearth.discovery import GatewayInfo, discover
 from hearth.errors import (
     ErrorCode,
+    GatewayIdentityChanged,
     GatewayUnavailable,
     HearthError,
     JobError,
     LocalRuntimeUnavailable,
+    NotPaired,
     ProtocolError,
 )
 from hearth.placement import Placement
@@ -29,12 +31,14 @@ __all__ = [
     "Client",
     "Dropped",
     "ErrorCode",
+    "GatewayIdentityChanged",
     "GatewayInfo",
     "GatewayUnavailable",
     "HearthError",
     "Inference",
     "JobError",
     "LocalRuntimeUnavailable",
+    "NotPaired",
     "OdometrySession",
     "PipelineRun",
     "Placement",
