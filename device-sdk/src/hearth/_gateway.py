@@ -126,6 +126,7 @@ class GatewayLink:
                     else (GatewayUnavailable(str(exc) or type(exc).__name__))
                 )
                 raise self._again() from None
+            self._failure = None
             return self.current
 
     def _again(self) -> GatewayUnavailable:
