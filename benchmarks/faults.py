@@ -438,17 +438,15 @@ def disk_full(tmp: Path, sizes: Sizes, module: bytes) -> Row:
 
 
 def _fill(path: Path) -> None:
-    """Fill the filesystem of ``path`` to its last byte."""
-    chunk = b"\0" * MIB
-    with path.open("wb") as out:
-        with contextlib.suppress(OSError):
-            while True:
-                out.write(chunk)
-                out.flush()
-        with contextlib.suppress(OSError):
-            while True:
-                out.write(b"\0" * 4096)
-                out.flush()
+    """Fill the filesystem of ``path`` to its last byte (unbuffered: nothing left to flush)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (MIB, 4096, 1):
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\0" * size):
+                    pass
+    finally:
+        os.close(fd)
 
 
 def _one(stream: Stream, client: Client, module: bytes) -> bool:
