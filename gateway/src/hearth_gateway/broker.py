@@ -23,9 +23,10 @@ in ``$SYS/broker/publish/messages/dropped``, which the daemon reads (``BrokerEve
 status. Mosquitto 2.0 does not bound QoS 0 messages to a connected client: the SDK asks at
 QoS 1, and replies go at the request's QoS.
 
-Mosquitto logs to stderr and to ``$SYS/broker/log/<severity>`` as well: the daemon reads the
-notices there for the source address of each connection (``BrokerEvents.address_of``), which
-pairing audits (its requests arrive as MQTT messages, without an address).
+With a pairing listener, Mosquitto logs its notices to stderr and to
+``$SYS/broker/log/<severity>`` as well: the daemon reads the connection notices there for the
+source address of each connection (``BrokerEvents.address_of``), which pairing audits (its
+requests arrive as MQTT messages, without an address).
 
 Its lifetime: Mosquitto runs under a small watcher (``_pdeathsig``), and neither outlives the
 daemon, whichever of the three is killed. The kernel does most of it (parent-death signals: see
@@ -116,13 +117,14 @@ def mosquitto_config(
         f"max_queued_bytes {QUEUED_BYTES}",
         f"sys_interval {SYS_INTERVAL_S}",
         "log_dest stderr",
-        "log_dest topic",
         "log_type error",
         "log_type warning",
-        "log_type notice",
-        "connection_messages true",
         f"log_timestamp {'true' if timestamps else 'false'}",
     ]
+    if security is not None and security.pairing is not None:
+        # Connection notices, for pairing's audit (BrokerEvents): on stderr too, since
+        # Mosquitto 2.0 has one log_type for every destination.
+        common += ["log_dest topic", "log_type notice", "connection_messages true"]
     head = "# Written by hearth-gateway on every start; edits are lost."
     if security is None:
         return "\n".join(
