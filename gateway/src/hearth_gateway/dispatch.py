@@ -650,8 +650,9 @@ class Dispatcher:
         self, reply_to: ReplyTo, code: ErrorCode, message: str, job_id: str | None = None
     ) -> None:
         self.counters.refused += 1
-        self._peer_log.warning(
-            str(code), "refused request from %s: %s: %s", reply_to.client_id, code, message
-        )
+        if code is not ErrorCode.STORAGE_FULL:  # said once by the storage guard, not per peer
+            self._peer_log.warning(
+                str(code), "refused request from %s: %s: %s", reply_to.client_id, code, message
+            )
         error = Error(code=code, message=message, job_id=job_id)
         self._publish(reply_to, encode(error))

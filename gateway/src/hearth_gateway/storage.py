@@ -86,16 +86,21 @@ class StorageGuard:
         if now - self._looked_at < _CACHE_S:
             return
         self._looked_at = now
+        if not self._stat():
+            self._set_full(True)
+            return
+        self._hit = False
+        self._set_full(self._free < self.reserve)
+
+    def _stat(self) -> bool:
         try:
             st = os.statvfs(self._path)
         except OSError as exc:  # the directory went away: nothing we can store either
             log.warning("cannot look at free space in %s: %s", self._path, exc.strerror)
-            self._set_full(True)
-            return
+            return False
         self._free = st.f_bavail * st.f_frsize
         self._total = st.f_blocks * st.f_frsize
-        self._hit = False
-        self._set_full(self._free < self.reserve)
+        return True
 
     @property
     def reserve(self) -> int:
@@ -132,6 +137,7 @@ class StorageGuard:
         """A write failed with ``exc`` (is_storage_full): full until the next look says not."""
         self._hit = True
         self._looked_at = self._clock()  # the next look is due in _CACHE_S, not now
+        self._stat()  # for the figures in the log line
         self._set_full(True)
         log.debug("write failed for space: %s", exc)
 
