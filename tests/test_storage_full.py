@@ -19,6 +19,7 @@ import pytest
 
 from hearth.errors import ErrorCode, JobError
 from hearth.protocol import BlobChunk, Error, WasmJob
+from hearth_gateway.doctor import check_storage
 from helpers import RawDevice
 from testkit.gateway import GatewayProcess
 from testkit.wait import wait_until
@@ -97,7 +98,7 @@ def _echo_back(client: object, wasm: dict[str, Path]) -> concurrent.futures.Futu
 
 
 def test_a_full_disk_is_answered_storage_full_at_once_and_recovers(
-    small_disk: GatewayProcess, wasm: dict[str, Path]
+    small_disk: GatewayProcess, wasm: dict[str, Path], examples: Path
 ) -> None:
     gw = small_disk
     echo = wasm["echo"].read_bytes()
@@ -136,6 +137,13 @@ def test_a_full_disk_is_answered_storage_full_at_once_and_recovers(
             reply = raw.request(job, timeout_s=5)
             assert isinstance(reply, Error)
             assert reply.code is ErrorCode.STORAGE_FULL
+        # A task install too, and doctor says why.
+        with pytest.raises(JobError) as install:
+            client.install_task(examples / "tasks" / "counter.wasm", "full", on=["test/full/in"])
+        assert install.value.code is ErrorCode.STORAGE_FULL
+        verdict = check_storage(gw.state_dir, gw.snapshot())
+        assert verdict.status == "fail"
+        assert "storage_full" in verdict.detail
         print(f"storage_full: job in {job_s * 1e3:.0f} ms, 3 MB upload in {upload_s * 1e3:.0f} ms")
         assert job_s < 2.0
         assert upload_s < 2.0
