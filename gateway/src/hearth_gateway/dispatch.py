@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 
 RESERVED_CLIENT_ID = "admin"  # the owner of tasks installed through the control socket
 _FULL = "the gateway's storage is full; retry later or elsewhere"
+_UNJOURNALED_KEPT = 1024  # answers kept in memory while the journal cannot take them
 
 
 def _blob_of(job: Job) -> str | None:
@@ -163,6 +164,9 @@ class Dispatcher:
     ) -> None:
         self._gateway_id = gateway_id
         self._storage = storage  # None: no free-space check (journal errors still map)
+        # Answers published while the disk was too full to journal them, for a re-sent job id
+        # (its entry still says accepted: without this it would hear nothing until a restart).
+        self._unjournaled: dict[tuple[str, str], bytes] = {}
         self._limits = policy.limits
         self._store = store
         self._blobs = blobs
@@ -359,6 +363,9 @@ class Dispatcher:
             self.counters.duplicates += 1
             if state == "done" and reply is not None:
                 self._publish(reply_to, reply)
+            elif (kept := self._unjournaled.pop((client_id, job.job_id), None)) is not None:
+                self._publish(reply_to, kept)
+                self._store.finish(client_id, job.job_id, kept)  # there is room again
             # else: still queued or running; its one answer is on its way.
             return
         if decision.action is Action.UPSTREAM and self._upstream is not None:
@@ -571,22 +578,31 @@ class Dispatcher:
             self._check_blob(item, reply)
         client_id = item.reply_to.client_id
         try:
-            try:
-                if item.journaled and final:
-                    self._store.finish(client_id, job.job_id, reply)
-                elif item.journaled:
-                    self._store.forget(client_id, job.job_id)
-            except Exception as exc:
-                if not is_storage_full(exc):
-                    raise
-                # Still journaled as accepted: answered now, and run again after a restart
-                # (jobs are safe to re-run), so the device has its answer either way.
-                self._storage_hit(exc)
+            if item.journaled:
+                self._journal_answer(client_id, job.job_id, reply, final)
             self._publish(item.reply_to, reply)
         finally:
             if item.admitted:
                 self._admission.release(client_id)
             self.counters.completed += 1
+
+    def _journal_answer(self, client_id: str, job_id: str, reply: bytes, final: bool) -> None:
+        """Store a journaled job's answer (or forget the job, for a retry to run it again)."""
+        try:
+            if final:
+                self._store.finish(client_id, job_id, reply)
+            else:
+                self._store.forget(client_id, job_id)
+        except Exception as exc:
+            if not is_storage_full(exc):
+                raise
+            # Still journaled as accepted: answered now (and again from memory to a re-send),
+            # run again after a restart (jobs are safe to re-run).
+            self._storage_hit(exc)
+            if final:
+                self._unjournaled[(client_id, job_id)] = reply
+                if len(self._unjournaled) > _UNJOURNALED_KEPT:
+                    del self._unjournaled[next(iter(self._unjournaled))]
 
     def _storage_hit(self, exc: BaseException) -> None:
         if self._storage is not None:
