@@ -31,6 +31,7 @@ CHECKS = [
     "worker network",
     "at-rest key",
     "broker listeners",
+    "storage",
 ]
 
 # What `systemctl show` prints for the shipped unit (systemd expands the keywords).

@@ -65,8 +65,8 @@ class ErrorCode(enum.StrEnum):
     WORKER_CRASHED = "worker_crashed"
     OVERLOADED = "overloaded"
     QUOTA_EXCEEDED = "quota_exceeded"
-    # The gateway's disk (or its configured reserve) is full: nothing was stored; send again
-    # later, or run the work elsewhere.
+    # The gateway's disk (or the reserve its policy keeps free) is full: nothing that would
+    # store bytes (an upload, a job, a task, a snapshot) is taken until space returns.
     STORAGE_FULL = "storage_full"
     # Placement refused the job for its data label: private work that cannot run on this
     # gateway (it never leaves the LAN), or any private work sent to a cloud-tier gateway.

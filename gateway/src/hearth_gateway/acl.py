@@ -82,6 +82,8 @@ def local_acl(gateway_id: str, known: Iterable[str]) -> str:
         "topic write hearth/v1/dev/#",
         "topic read hearth/v1/pair/req/+",
         "topic write hearth/v1/pair/reply/+",
+        "topic read $SYS/broker/log/N",  # connections' source addresses (broker.BrokerEvents)
+        "topic read $SYS/broker/publish/messages/dropped",
         "# Everyone: nothing else under hearth/, anything outside it.",
         "pattern deny hearth/#",
         "pattern readwrite #",

@@ -2,7 +2,11 @@
 uploads in progress. A blob is only ever visible under its hash after its bytes were checked.
 
 Each stored blob has a data label, that of its first complete upload (``BlobChunk.data_class``);
-only a public blob may be forwarded to an upstream gateway (placement.py)."""
+only a public blob may be forwarded to an upstream gateway (placement.py).
+
+Bytes are only taken while the state directory has room above its reserve (storage.py): a
+chunk that would not fit, or whose write fails for space, ends its upload with
+``storage_full``, and the device uploads again from offset 0 later."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from pathlib import Path
 from hearth.errors import ErrorCode
 from hearth.protocol import BlobChunk, DataClass
 from hearth_gateway.policy import LimitsPolicy
+from hearth_gateway.storage import StorageGuard, is_storage_full
 from hearth_gateway.store import Store
 
 __all__ = ["BlobStore", "UploadRefused"]
@@ -33,6 +38,10 @@ class UploadRefused(Exception):
         self.message = message
 
 
+def _storage_full() -> UploadRefused:
+    return UploadRefused(ErrorCode.STORAGE_FULL, "the gateway's storage is full; upload later")
+
+
 @dataclass
 class _Upload:
     size: int
@@ -44,13 +53,18 @@ class _Upload:
 
 
 class BlobStore:
-    def __init__(self, root: Path, store: Store, limits: LimitsPolicy) -> None:
+    def __init__(
+        self, root: Path, store: Store, limits: LimitsPolicy, storage: StorageGuard | None = None
+    ) -> None:
         self._root = root
+        self._storage = storage
         self._incoming = root / ".incoming"
         self._incoming.mkdir(parents=True, exist_ok=True)
         self._store = store
         self._limits = limits
         self._uploads: dict[tuple[str, str], _Upload] = {}
+        # Uploads ended for want of space, and when: their later chunks hear storage_full too.
+        self._refused_full: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
         for stale in self._incoming.iterdir():  # half uploads from a previous run
             stale.unlink(missing_ok=True)
@@ -95,51 +109,105 @@ class BlobStore:
                 # of bytes someone stored as private must not make them forwardable.
                 self._drop(key)
                 return chunk.offset + len(chunk.data) == chunk.size
-            upload = self._uploads.get(key)
-            if chunk.offset == 0:
-                self._drop(key)  # a fresh start replaces any earlier attempt
-                upload = _Upload(chunk.size, self._incoming / f"{client_id}-{chunk.sha256}")
-                upload.path.write_bytes(b"")
-                self._uploads[key] = upload
-            elif (
-                upload is not None
-                and upload.size == chunk.size
-                and chunk.offset + len(chunk.data) <= upload.received
-            ):
+            upload = self._upload_for(key, chunk)
+            if upload is None:
                 return False  # a QoS 1 redelivery of a chunk we already have
-            elif upload is None or upload.received != chunk.offset or upload.size != chunk.size:
-                expected = 0 if upload is None else upload.received
-                self._drop(key)
-                raise UploadRefused(
-                    ErrorCode.BLOB_INCOMPLETE,
-                    f"chunk at offset {chunk.offset}, expected {expected}: upload again from 0",
-                )
-            assert upload is not None
             upload.public = upload.public and chunk.data_class == "public"
-            with upload.path.open("ab") as f:
-                f.write(chunk.data)
+            self._write(key, upload, chunk.data, "ab")
             upload.hasher.update(chunk.data)
             upload.received += len(chunk.data)
             upload.touched = time.monotonic()
             if upload.received < upload.size:
                 return False
             del self._uploads[key]
-            if upload.hasher.hexdigest() != chunk.sha256:
-                upload.path.unlink(missing_ok=True)
-                raise UploadRefused(
-                    ErrorCode.HASH_MISMATCH, "uploaded bytes do not match the named sha256"
-                )
-            final = self.path(chunk.sha256)
-            final.parent.mkdir(exist_ok=True)
-            os.replace(upload.path, final)
-            label: DataClass = "public" if upload.public else "private"
-            if upload.public:
-                self._public.add(chunk.sha256)
-            self._known.add(chunk.sha256)
-        self._store.add_blob(chunk.sha256, chunk.size, label)
-        log.info("stored %s blob %s (%d bytes) from %s", label, chunk.sha256[:12], chunk.size,
-                 client_id)  # fmt: skip
+            label = self._complete(upload, chunk.sha256)
+        try:
+            self._store.add_blob(chunk.sha256, chunk.size, label)
+        except Exception as exc:
+            if not is_storage_full(exc):
+                raise
+            # The bytes are stored; without its row the blob reads as private after a restart,
+            # the safe reading, and its count in the status is short by one until then.
+            self._full(exc)
+        log.info(
+            "stored %s blob %s (%d bytes) from %s", label, chunk.sha256[:12], chunk.size, client_id
+        )
         return True
+
+    def _upload_for(self, key: tuple[str, str], chunk: BlobChunk) -> _Upload | None:
+        """The upload ``chunk`` continues (a new one at offset 0); None for a redelivery."""
+        upload = self._uploads.get(key)
+        if chunk.offset == 0:
+            self._drop(key)  # a fresh start replaces any earlier attempt
+            self._check_room(key, chunk.size)
+            upload = _Upload(chunk.size, self._incoming / f"{key[0]}-{chunk.sha256}")
+            self._uploads[key] = upload
+            self._write(key, upload, b"", "wb")
+            return upload
+        if (
+            upload is not None
+            and upload.size == chunk.size
+            and chunk.offset + len(chunk.data) <= upload.received
+        ):
+            return None
+        if upload is None and key in self._refused_full:
+            # The rest of an upload refused for space: the same reason, not a riddle.
+            raise _storage_full()
+        if upload is None or upload.received != chunk.offset or upload.size != chunk.size:
+            expected = 0 if upload is None else upload.received
+            self._drop(key)
+            raise UploadRefused(
+                ErrorCode.BLOB_INCOMPLETE,
+                f"chunk at offset {chunk.offset}, expected {expected}: upload again from 0",
+            )
+        # Room was there for the whole blob at offset 0; someone else may have taken it since.
+        self._check_room(key, len(chunk.data))
+        return upload
+
+    def _complete(self, upload: _Upload, sha256: str) -> DataClass:
+        """Check the whole upload's hash and move it under its name; returns its label."""
+        if upload.hasher.hexdigest() != sha256:
+            upload.path.unlink(missing_ok=True)
+            raise UploadRefused(
+                ErrorCode.HASH_MISMATCH, "uploaded bytes do not match the named sha256"
+            )
+        final = self.path(sha256)
+        try:
+            final.parent.mkdir(exist_ok=True)
+        except OSError as exc:
+            upload.path.unlink(missing_ok=True)
+            if not is_storage_full(exc):
+                raise
+            self._full(exc)
+            raise _storage_full() from None
+        os.replace(upload.path, final)
+        if upload.public:
+            self._public.add(sha256)
+        self._known.add(sha256)
+        return "public" if upload.public else "private"
+
+    def _check_room(self, key: tuple[str, str], nbytes: int) -> None:
+        self._refused_full.pop(key, None)
+        if self._storage is not None and not self._storage.room_for(nbytes):
+            self._drop(key)
+            self._refused_full[key] = time.monotonic()
+            raise _storage_full()
+
+    def _write(self, key: tuple[str, str], upload: _Upload, data: bytes, mode: str) -> None:
+        try:
+            with upload.path.open(mode) as f:
+                f.write(data)
+        except OSError as exc:
+            if not is_storage_full(exc):
+                raise
+            self._full(exc)
+            self._drop(key)
+            self._refused_full[key] = time.monotonic()
+            raise _storage_full() from None
+
+    def _full(self, exc: BaseException) -> None:
+        if self._storage is not None:
+            self._storage.hit(exc)
 
     def _drop(self, key: tuple[str, str]) -> None:
         upload = self._uploads.pop(key, None)
@@ -153,6 +221,9 @@ class BlobStore:
             stale = [key for key, up in self._uploads.items() if up.touched < deadline]
             for key in stale:
                 self._drop(key)
+            for key, at in list(self._refused_full.items()):
+                if at < deadline:
+                    del self._refused_full[key]
         return len(stale)
 
     def discard(self, sha256: str) -> None:

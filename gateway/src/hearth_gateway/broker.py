@@ -16,6 +16,18 @@ Its listeners (docs/security.md), each with its own ACL file (``per_listener_set
 The ACLs and the CRL are rewritten and the broker reloaded (SIGHUP) whenever a device pairs or
 is revoked; connected clients are held to the new ACLs at once.
 
+Memory per client is bounded: a client that does not read (a device asleep mid-job, a stuck
+consumer) holds at most ``max_inflight_bytes`` in flight and ``max_queued_bytes`` queued of
+QoS 1 and 2 messages (and ``max_queued_messages``); Mosquitto drops what is beyond and counts it
+in ``$SYS/broker/publish/messages/dropped``, which the daemon reads (``BrokerEvents``) into its
+status. Mosquitto 2.0 does not bound QoS 0 messages to a connected client: the SDK asks at
+QoS 1, and replies go at the request's QoS.
+
+With a pairing listener, Mosquitto logs its notices to stderr and to
+``$SYS/broker/log/<severity>`` as well: the daemon reads the connection notices there for the
+source address of each connection (``BrokerEvents.address_of``), which pairing audits (its
+requests arrive as MQTT messages, without an address).
+
 Its lifetime: Mosquitto runs under a small watcher (``_pdeathsig``), and neither outlives the
 daemon, whichever of the three is killed. The kernel does most of it (parent-death signals: see
 _pdeathsig.py for why the watcher, not Mosquitto, changes user). Behind that, the daemon holds
@@ -31,6 +43,7 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -52,13 +65,18 @@ from hearth_gateway.acl import (
 )
 from hearth_gateway.errors import BrokerError
 
-__all__ = ["ManagedBroker", "find_mosquitto", "mosquitto_config"]
+__all__ = ["BrokerEvents", "ManagedBroker", "find_mosquitto", "mosquitto_config"]
 
 log = logging.getLogger(__name__)
 
 _MAX_RESTARTS = 5  # within _RESTART_WINDOW_S; past that the daemon gives up (systemd restarts it)
 _RESTART_WINDOW_S = 60.0
 _STOP_S = 7.0  # the watcher SIGKILLs a broker still running 5 s after SIGTERM (_pdeathsig)
+# Per client (see the module's docstring). A single larger message still goes through alone.
+INFLIGHT_BYTES = 8 * 1024 * 1024
+QUEUED_BYTES = 16 * 1024 * 1024
+QUEUED_MESSAGES = 10000  # small requests queued for the daemon while it restarts
+SYS_INTERVAL_S = 5  # how often Mosquitto publishes its $SYS counters
 
 
 def find_mosquitto() -> str:
@@ -81,9 +99,11 @@ def mosquitto_config(
     security: BrokerSecurity | None = None,
     *,
     keep_root: bool = False,
+    timestamps: bool = True,
 ) -> str:
     """The broker's configuration. Without ``security`` (tests' stand-alone broker): one
-    anonymous listener, no ACL. ``keep_root``: started as root, do not drop privileges."""
+    anonymous listener, no ACL. ``keep_root``: started as root, do not drop privileges.
+    ``timestamps``: False under the journal, which has its own."""
     common = [
         *(["user root"] if keep_root else []),
         # Small QoS 1 round trips stall ~40-90 ms on Nagle + delayed ACK without this.
@@ -92,11 +112,19 @@ def mosquitto_config(
         "persistence true",
         f"persistence_location {data_dir}/",
         "autosave_interval 30",
-        "max_queued_messages 10000",
+        f"max_inflight_bytes {INFLIGHT_BYTES}",
+        f"max_queued_messages {QUEUED_MESSAGES}",
+        f"max_queued_bytes {QUEUED_BYTES}",
+        f"sys_interval {SYS_INTERVAL_S}",
         "log_dest stderr",
         "log_type error",
         "log_type warning",
+        f"log_timestamp {'true' if timestamps else 'false'}",
     ]
+    if security is not None and security.pairing is not None:
+        # Connection notices, for pairing's audit (BrokerEvents): on stderr too, since
+        # Mosquitto 2.0 has one log_type for every destination.
+        common += ["log_dest topic", "log_type notice", "connection_messages true"]
     head = "# Written by hearth-gateway on every start; edits are lost."
     if security is None:
         return "\n".join(
@@ -149,6 +177,45 @@ def mosquitto_config(
     return "\n".join([*lines, ""])
 
 
+LOG_NOTICES = "$SYS/broker/log/N"
+DROPPED = "$SYS/broker/publish/messages/dropped"
+_CONNECTED = re.compile(r"New client connected from (\S+):(\d+) as (\S+) ")
+_PEERS_KEPT = 1024  # connections whose address is remembered, the newest
+
+
+class BrokerEvents:
+    """What the daemon learns from the managed broker's $SYS topics (it subscribes to
+    ``LOG_NOTICES`` and ``DROPPED``): each client's source address, and the messages dropped
+    for clients that do not read."""
+
+    filters = (LOG_NOTICES, DROPPED)
+
+    def __init__(self) -> None:
+        self._peers: dict[str, str] = {}  # client id -> "address:port", oldest first
+        self.dropped = 0  # since the broker (re)started
+
+    @staticmethod
+    def owns(topic: str) -> bool:
+        return topic.startswith("$SYS/")
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        text = payload.decode(errors="replace")
+        if topic == DROPPED:
+            if text.strip().isdigit():
+                self.dropped = int(text)
+            return
+        if topic == LOG_NOTICES and (match := _CONNECTED.search(text)):
+            address, port, client_id = match.groups()
+            self._peers.pop(client_id, None)
+            self._peers[client_id] = f"{address}:{port}"
+            if len(self._peers) > _PEERS_KEPT:
+                del self._peers[next(iter(self._peers))]
+
+    def address_of(self, client_id: str) -> str | None:
+        """Where ``client_id``'s latest connection came from, if the broker said."""
+        return self._peers.get(client_id)
+
+
 def _traversable(directory: Path, user: pwd.struct_passwd) -> bool:
     st = directory.stat()
     if st.st_uid == user.pw_uid:
@@ -189,8 +256,11 @@ class ManagedBroker:
         listen: BrokerAddress,
         max_packet_bytes: int,
         security: BrokerSecurity | None = None,
+        *,
+        timestamps: bool = True,
     ) -> None:
         self.address = listen
+        self._timestamps = timestamps
         self._dir = state_dir / "mosquitto"
         self._conf = self._dir / "mosquitto.conf"
         self._pid_file = self._dir / "mosquitto.pid"  # written by the watcher's child
@@ -213,7 +283,12 @@ class ManagedBroker:
         keep_root = os.geteuid() == 0 and not self._give_data_dir_to_mosquitto_user()
         # Through _install: mosquitto re-reads it on SIGHUP, as its own user.
         config = mosquitto_config(
-            self.address, self._dir, self._max_packet_bytes, self._security, keep_root=keep_root
+            self.address,
+            self._dir,
+            self._max_packet_bytes,
+            self._security,
+            keep_root=keep_root,
+            timestamps=self._timestamps,
         )
         self._install(self._conf.name, config.encode())
         if self._security is not None:

@@ -11,6 +11,7 @@ import msgspec
 
 from hearth._task_options import task_install_request
 from hearth._tasks_cli import add_task_commands, install_options, print_result
+from hearth_gateway._logging import configure_logging
 from hearth_gateway.config import default_state_dir, load_config
 from hearth_gateway.errors import GatewayError
 from hearth_gateway.status import format_status, read_snapshot
@@ -79,6 +80,18 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--state-dir", help="the daemon's state directory")
     audit.add_argument("--json", action="store_true", help="one JSON object per line")
     audit.add_argument("--limit", type=int, default=100, help="newest N entries (default 100)")
+    audit.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="entries since a time ago (30s, 10m, 2h, 7d) or a local date/time (2026-12-03 21:00)",
+    )
+    audit.add_argument(
+        "--kind",
+        action="append",
+        metavar="ACTION",
+        help="only this action (pair, device_revoke, job, task_install...); a prefix before _ "
+        "takes its family (task: every task_*); repeatable",
+    )
     pair = sub.add_parser("pair", help="print a one-time code for `hearth pair` on a device")
     pair.add_argument("--state-dir", help="the daemon's state directory")
     pair.add_argument("--ttl", type=float, metavar="S", help="valid this long (default 300 s)")
@@ -171,13 +184,30 @@ def _audit(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"no gateway state in {state_dir}", file=sys.stderr)
         return 1
+    try:
+        since = _since(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"hearth-gateway: --since: {exc}", file=sys.stderr)
+        return 2
+    where: list[str] = ["1"]
+    params: list[float | str] = []
+    if since is not None:
+        where.append("at >= ?")
+        params.append(since)
+    if args.kind:
+        # task matches task and task_*: LIKE's _ is a wildcard, so escaped.
+        kinds = " OR ".join("action = ? OR action LIKE ? ESCAPE '\\'" for _ in args.kind)
+        where.append(f"({kinds})")
+        for kind in args.kind:
+            params += [kind, kind.replace("_", "\\_") + "\\_%"]
     # Read-only: the daemon is the only writer.
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-        cursor = db.execute(
-            "SELECT at, actor, action, target, decision, reason FROM audit"
-            " ORDER BY id DESC LIMIT ?",
-            (args.limit,),
+        # The WHERE is built of fixed text only; the values are parameters.
+        query = (
+            "SELECT at, actor, action, target, decision, reason FROM audit"  # noqa: S608
+            f" WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?"
         )
+        cursor = db.execute(query, (*params, args.limit))
         columns = [column[0] for column in cursor.description]
         rows = cursor.fetchall()
     for row in reversed(rows):
@@ -189,6 +219,23 @@ def _audit(args: argparse.Namespace) -> int:
         because = f"  ({reason})" if reason else ""
         print(f"{when}  {decision:<8} {actor:<16} {action:<16} {target}{because}")
     return 0
+
+
+_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _since(text: str) -> float:
+    """Unix seconds from ``10m``-style ages or an ISO date/time (local time)."""
+    import datetime as dt
+    import time
+
+    text = text.strip()
+    if text[-1:] in _UNITS_S and text[:-1].replace(".", "", 1).isdigit():
+        return time.time() - float(text[:-1]) * _UNITS_S[text[-1]]
+    try:
+        return dt.datetime.fromisoformat(text).astimezone().timestamp()
+    except ValueError:
+        raise ValueError(f"{text!r} is neither an age (30s, 10m, 2h, 7d) nor a date") from None
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -225,10 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(format_status(snapshot))
         return 0 if snapshot.state == "online" else 3
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(verbose=args.verbose)  # for the journal under systemd (_logging.py)
     from hearth_gateway.daemon import Gateway  # heavy imports only for `run`
 
     try:

@@ -20,10 +20,11 @@ from hearth.protocol.pairing import pair_request_filter
 from hearth.runtime.limits import WasmLimits
 from hearth.transport import BrokerAddress
 from hearth_gateway import __version__, _systemd
+from hearth_gateway._logging import journal_stream
 from hearth_gateway.accelerators import accelerator_names, available_providers
 from hearth_gateway.acl import GATEWAY_USER, BrokerSecurity
 from hearth_gateway.blobs import BlobStore
-from hearth_gateway.broker import ManagedBroker
+from hearth_gateway.broker import BrokerEvents, ManagedBroker
 from hearth_gateway.config import Config, default_gateway_id, default_state_dir
 from hearth_gateway.control import ControlServer
 from hearth_gateway.crypto import Sealer
@@ -39,6 +40,7 @@ from hearth_gateway.reply_to import ReplyTo
 from hearth_gateway.runners import REGISTRY, TaskEvent, WorkerSettings
 from hearth_gateway.runs import REASON_STOPPING
 from hearth_gateway.status import StatusSnapshot, write_snapshot
+from hearth_gateway.storage import StorageGuard, is_storage_full
 from hearth_gateway.store import Store
 from hearth_gateway.streams import StreamCounters
 from hearth_gateway.tasks import TaskManager
@@ -79,6 +81,9 @@ class Gateway:
         self.worker_network = "unknown"
         self.advertiser: Advertiser | None = None
         self.loop = Loop()
+        # Any write on the loop that fails for space marks the directory full instead of
+        # logging a traceback (the paths that answer a device map it to storage_full first).
+        self.loop.on_error = self._storage_error
         self._last_status = b""
         self._last_gc = 0.0
         self._watchdog_s = _systemd.watchdog_interval_s()
@@ -86,12 +91,19 @@ class Gateway:
         # Everything the daemon writes (journal, blobs, keys later) is private to it.
         os.umask(0o077)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.storage = StorageGuard(
+            self.state_dir,
+            reserve_percent=self.policy.limits.storage_reserve_percent,
+            reserve_bytes=self.policy.limits.storage_reserve_bytes,
+        )
         self.store = Store(
             self.state_dir / "hearth.sqlite3",
             Sealer.for_state_dir(self.state_dir),
             self.policy.limits,
         )
-        self.blobs = BlobStore(self.state_dir / "blobs", self.store, self.policy.limits)
+        self.blobs = BlobStore(
+            self.state_dir / "blobs", self.store, self.policy.limits, self.storage
+        )
         self.admission = Admission(self.policy.limits)
         self.streams = StreamCounters(self.policy.vision.max_streams)  # in status from the start
         workers = config.workers or os.cpu_count() or 1
@@ -171,7 +183,10 @@ class Gateway:
                 max_chunk=self.policy.limits.max_chunk_bytes,
                 publish=self.link.publish_plain,
                 subscribe=self.link.subscribe,
+                storage=self.storage,
             )
+        # The managed broker's $SYS: source addresses (for pairing's audit), drops.
+        self.broker_events = BrokerEvents()  # subscribed in start(), with a managed broker
         self.pairing: PairingService | None = pairing_for(
             config,
             gateway_id=self.gateway_id,
@@ -180,6 +195,7 @@ class Gateway:
             loop=self.loop,
             publish=self.link.publish_reply,
             on_change=self._security_changed,
+            peer=self.broker_events.address_of,
         )
         if self.pairing is not None:
             self.link.subscribe(pair_request_filter(), True)
@@ -197,6 +213,7 @@ class Gateway:
             tasks=self.tasks,
             streams=self.streams,
             locked=self.pairing.locked if self.pairing is not None else frozenset(),
+            storage=self.storage,
         )
         self.control: ControlServer | None = None
 
@@ -204,10 +221,14 @@ class Gateway:
     # does: they reach it through the daemon.
 
     def _handle(self, topic: str, payload: bytes, reply_to: ReplyTo) -> None:
-        if self.pairing is not None and self.pairing.owns(topic):
-            self.pairing.handle(topic, payload, reply_to)
-            return
-        self.dispatcher.handle(topic, payload, reply_to)
+        try:
+            if self.pairing is not None and self.pairing.owns(topic):
+                self.pairing.handle(topic, payload, reply_to)
+                return
+            self.dispatcher.handle(topic, payload, reply_to)
+        except Exception as exc:
+            if not self._storage_error(exc):
+                raise
 
     def _completed(self, item: QueuedJob, reply: bytes, final: bool) -> None:
         if isinstance(item.job, TaskEvent):
@@ -215,6 +236,14 @@ class Gateway:
                 self.tasks.completed(item, reply, final)
             return
         self.dispatcher.completed(item, reply, final)
+
+    def _storage_error(self, exc: BaseException) -> bool:
+        """True when ``exc`` says the disk is full: noted (the guard logs it once), no
+        traceback. Anything else is left to the caller's handler."""
+        if not is_storage_full(exc):
+            return False
+        self.storage.hit(exc)
+        return True
 
     def _progress(self, item: QueuedJob, frame: bytes) -> None:
         self.dispatcher.progress(item, frame)
@@ -234,15 +263,26 @@ class Gateway:
         return BrokerSecurity(gateway_id=self.gateway_id, password=self._broker_password)
 
     def _security_changed(self) -> None:
-        """A device paired or was revoked: the dispatcher and the broker's ACLs follow now."""
+        """A device paired or was revoked: the dispatcher, the broker's ACLs and the device's
+        tasks (suspended) follow now, before the owner's command returns."""
         if self.pairing is not None:
             self.dispatcher.locked = self.pairing.locked
+            if self.tasks is not None:
+                self.tasks.owners_revoked(self.pairing.locked)
         if self.broker is not None:
             self.broker.update_security(self._broker_security())
 
     def _other(self, topic: str, payload: bytes) -> None:
-        if self.tasks is not None:
+        if BrokerEvents.owns(topic):
+            self.broker_events.on_message(topic, payload)
+            return
+        if self.tasks is None:
+            return
+        try:
             self.tasks.on_message(topic, payload)
+        except Exception as exc:
+            if not self._storage_error(exc):
+                raise
 
     def _load(self) -> Load:
         return Load(workers=self.pool.size, busy=self.pool.busy, waiting=len(self.pool.queue))
@@ -287,6 +327,8 @@ class Gateway:
             "runners": ",".join(status.runners),
             "acc": ",".join(accelerator_names(self.providers)),
             "load": f"{status.load:.2f}",
+            # Full: every upload, job and task install is refused (storage_full) for now.
+            "storage": "full" if self.storage.state().full else "ok",
             # Names only: a TXT string holds 255 bytes; versions are in the retained status.
             "caps": ",".join(
                 f"{name}@{version.split(' ', 1)[0]}"
@@ -301,8 +343,11 @@ class Gateway:
                 self.listen,
                 self.policy.limits.max_message_bytes + 64 * 1024,
                 self._broker_security(),
+                timestamps=not journal_stream(),
             )
             self.broker.start()
+            for topic_filter in BrokerEvents.filters:
+                self.link.subscribe(topic_filter, True)
         info = self.pool.start()
         if "providers" in info and isinstance(info["providers"], list):
             self.providers = [str(p) for p in info["providers"]]
@@ -318,6 +363,8 @@ class Gateway:
         if self.tasks is not None:
             began = time.perf_counter()
             restored = self.tasks.start()
+            if self.pairing is not None:  # revoked while the daemon was down: still suspended
+                self.tasks.owners_revoked(self.pairing.locked)
             log.info(
                 "restored %d persistent tasks in %.3f s", restored, time.perf_counter() - began
             )
@@ -357,12 +404,17 @@ class Gateway:
             self._last_status = status
         if self.advertiser is not None:
             self.advertiser.update(self._txt())
+        self.storage.refresh()  # space coming back is noticed without a request
         self.blobs.expire_uploads()
         self.dispatcher.expire_sessions()
         if time.monotonic() - self._last_gc > 600:
-            self.store.expire()
             self._last_gc = time.monotonic()
-        self._write_snapshot("online")
+            self.store.expire()
+        try:
+            self._write_snapshot("online")
+        except Exception as exc:  # the status must not stop the watchdog below
+            if not self._storage_error(exc):
+                raise
         if self.broker is not None and self.broker.failed.is_set():
             log.error("the managed broker keeps dying; stopping")
             self._stopping = True
@@ -372,6 +424,7 @@ class Gateway:
 
     def _write_snapshot(self, state: str) -> None:
         count, size = self.store.blob_totals()
+        storage = self.storage.state()
         counters = self.dispatcher.counters
         write_snapshot(
             self.state_dir,
@@ -411,6 +464,12 @@ class Gateway:
                 upstream_connected=self.upstream is not None and self.upstream.link.ready,
                 jobs_forwarded=counters.forwarded,
                 jobs_fell_back=self.upstream.fell_back if self.upstream is not None else 0,
+                storage_full=storage.full,
+                storage_free_bytes=storage.free_bytes,
+                storage_total_bytes=storage.total_bytes,
+                storage_reserve_bytes=storage.reserve_bytes,
+                storage_refused=storage.refused,
+                broker_dropped=self.broker_events.dropped,
                 started_at=self.started_at,
                 updated_at=time.time(),
             ),

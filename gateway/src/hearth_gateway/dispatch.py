@@ -55,6 +55,7 @@ from hearth_gateway.policy import Admission, Policy
 from hearth_gateway.reply_to import PublishReply, ReplyTo
 from hearth_gateway.runners import Job, TaskEvent, VisionClose, runner_for
 from hearth_gateway.runs import REASON_OVERLOADED, Runs
+from hearth_gateway.storage import StorageGuard, is_storage_full
 from hearth_gateway.store import JournalEntry, Store
 from hearth_gateway.streams import Sessions, StreamCounters
 from hearth_gateway.upstream import Forwarded, Forwarder
@@ -66,6 +67,8 @@ __all__ = ["Dispatcher", "PeerLog"]
 log = logging.getLogger(__name__)
 
 RESERVED_CLIENT_ID = "admin"  # the owner of tasks installed through the control socket
+_FULL = "the gateway's storage is full; retry later or elsewhere"
+_UNJOURNALED_KEPT = 1024  # answers kept in memory while the journal cannot take them
 
 
 def _blob_of(job: Job) -> str | None:
@@ -157,8 +160,13 @@ class Dispatcher:
         tasks: TaskRequests | None = None,
         streams: StreamCounters | None = None,
         locked: frozenset[str] = frozenset(),
+        storage: StorageGuard | None = None,
     ) -> None:
         self._gateway_id = gateway_id
+        self._storage = storage  # None: no free-space check (journal errors still map)
+        # Answers published while the disk was too full to journal them, for a re-sent job id
+        # (its entry still says accepted: without this it would hear nothing until a restart).
+        self._unjournaled: dict[tuple[str, str], bytes] = {}
         self._limits = policy.limits
         self._store = store
         self._blobs = blobs
@@ -330,6 +338,10 @@ class Dispatcher:
         if refusal is not None:
             self._refuse(reply_to, refusal.code, refusal.message, job.job_id)
             return
+        if self._storage is not None and not self._storage.room_for(len(payload)):
+            # Before need_blob too: an upload would only be refused in turn.
+            self._refuse(reply_to, ErrorCode.STORAGE_FULL, _FULL, job.job_id)
+            return
         missing = next((sha for sha in _blobs_needed(job) if not self._blobs.has(sha)), None)
         if missing is not None:
             max_chunk = self._limits.max_chunk_bytes
@@ -338,12 +350,22 @@ class Dispatcher:
             return
         entry = JournalEntry(client_id, job.job_id, payload, reply_to.topic, reply_to.correlation)
         audit = Placer.entry(client_id, job.data_class, f"job {job.job_id}", decision)
-        known = self._store.accept(entry, audit)
+        try:
+            known = self._store.accept(entry, audit)
+        except Exception as exc:
+            if not is_storage_full(exc):
+                raise
+            self._storage_hit(exc)  # rolled back: not accepted, so nothing is lost
+            self._refuse(reply_to, ErrorCode.STORAGE_FULL, _FULL, job.job_id)
+            return
         if known is not None:
             state, reply = known
             self.counters.duplicates += 1
             if state == "done" and reply is not None:
                 self._publish(reply_to, reply)
+            elif (kept := self._unjournaled.pop((client_id, job.job_id), None)) is not None:
+                self._publish(reply_to, kept)
+                self._store.finish(client_id, job.job_id, kept)  # there is room again
             # else: still queued or running; its one answer is on its way.
             return
         if decision.action is Action.UPSTREAM and self._upstream is not None:
@@ -556,15 +578,35 @@ class Dispatcher:
             self._check_blob(item, reply)
         client_id = item.reply_to.client_id
         try:
-            if item.journaled and final:
-                self._store.finish(client_id, job.job_id, reply)
-            elif item.journaled:
-                self._store.forget(client_id, job.job_id)
+            if item.journaled:
+                self._journal_answer(client_id, job.job_id, reply, final)
             self._publish(item.reply_to, reply)
         finally:
             if item.admitted:
                 self._admission.release(client_id)
             self.counters.completed += 1
+
+    def _journal_answer(self, client_id: str, job_id: str, reply: bytes, final: bool) -> None:
+        """Store a journaled job's answer (or forget the job, for a retry to run it again)."""
+        try:
+            if final:
+                self._store.finish(client_id, job_id, reply)
+            else:
+                self._store.forget(client_id, job_id)
+        except Exception as exc:
+            if not is_storage_full(exc):
+                raise
+            # Still journaled as accepted: answered now (and again from memory to a re-send),
+            # run again after a restart (jobs are safe to re-run).
+            self._storage_hit(exc)
+            if final:
+                self._unjournaled[(client_id, job_id)] = reply
+                if len(self._unjournaled) > _UNJOURNALED_KEPT:
+                    del self._unjournaled[next(iter(self._unjournaled))]
+
+    def _storage_hit(self, exc: BaseException) -> None:
+        if self._storage is not None:
+            self._storage.hit(exc)
 
     def _too_large(self, job: Job, size: int) -> bytes:
         """The error that answers a job whose result (of ``size`` bytes) is over the limit."""
@@ -624,8 +666,9 @@ class Dispatcher:
         self, reply_to: ReplyTo, code: ErrorCode, message: str, job_id: str | None = None
     ) -> None:
         self.counters.refused += 1
-        self._peer_log.warning(
-            str(code), "refused request from %s: %s: %s", reply_to.client_id, code, message
-        )
+        if code is not ErrorCode.STORAGE_FULL:  # said once by the storage guard, not per peer
+            self._peer_log.warning(
+                str(code), "refused request from %s: %s: %s", reply_to.client_id, code, message
+            )
         error = Error(code=code, message=message, job_id=job_id)
         self._publish(reply_to, encode(error))

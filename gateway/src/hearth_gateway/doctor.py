@@ -38,6 +38,7 @@ from hearth_gateway._cgroup_bpf import (
     prog_query,
 )
 from hearth_gateway.config import default_state_dir
+from hearth_gateway.policy import LimitsPolicy
 from hearth_gateway.status import StatusSnapshot, read_snapshot
 
 __all__ = ["UNIT", "Check", "UnitInfo", "doctor_command", "format_checks", "run_checks"]
@@ -387,6 +388,36 @@ def check_broker(state_dir: Path, snapshot: StatusSnapshot | None) -> Check:
     return Check(name, "ok", "; ".join(_describe(x) for x in listeners))
 
 
+def check_storage(state_dir: Path, snapshot: StatusSnapshot | None) -> Check:
+    """Free space where the state lives, against the reserve the daemon keeps (its snapshot
+    says which; the policy's default otherwise). Below it the daemon refuses work with
+    storage_full: a fail here, since devices then run everything themselves."""
+    name = "storage"
+    try:
+        st = os.statvfs(state_dir)
+    except OSError as exc:
+        return Check(name, "warn", f"cannot look at {state_dir}: {exc.strerror}")
+    free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    if snapshot is not None and snapshot.storage_reserve_bytes:
+        reserve = snapshot.storage_reserve_bytes
+    else:
+        limits = LimitsPolicy()
+        reserve = max(
+            limits.storage_reserve_bytes, int(total * limits.storage_reserve_percent / 100)
+        )
+    detail = f"{free / 1e6:.1f} MB free of {total / 1e6:.1f} MB, {reserve / 1e6:.1f} MB reserve"
+    refused = snapshot.storage_refused if snapshot is not None else 0
+    if refused:
+        detail += f"; {refused} requests refused for space since the daemon started"
+    if free < reserve:
+        return Check(
+            name, "fail", f"full: uploads, jobs and task installs get storage_full ({detail})"
+        )
+    if free < 2 * reserve:
+        return Check(name, "warn", f"nearly full ({detail})")
+    return Check(name, "ok", detail)
+
+
 # -- the command ----------------------------------------------------------------------------------
 
 
@@ -399,6 +430,7 @@ def run_checks(state_dir: Path, unit: UnitInfo | None, cgroup2: Path | None) -> 
         check_workers(snapshot, state_dir),
         check_key(state_dir),
         check_broker(state_dir, snapshot),
+        check_storage(state_dir, snapshot),
     ]
 
 

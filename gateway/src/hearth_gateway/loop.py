@@ -49,6 +49,9 @@ class Loop:
         os.set_blocking(self._wake_w, False)
         self.add_reader(self._wake_r, self._drain_wakeups)
         self._closed = False
+        # Consulted before an exception from a callback is logged as unexpected: True when it
+        # was an expected condition, handled (the daemon's: a full disk, said once).
+        self.on_error: Callable[[BaseException], bool] | None = None
 
     # -- file descriptors --------------------------------------------------------------------
 
@@ -135,12 +138,12 @@ class Loop:
             if not timer.cancelled:
                 self._run(timer.callback)
 
-    @staticmethod
-    def _run(callback: Callback) -> None:
+    def _run(self, callback: Callback) -> None:
         try:
             callback()
-        except Exception:  # one failing callback must not stop the daemon
-            log.exception("unexpected error in %r", callback)
+        except Exception as exc:  # one failing callback must not stop the daemon
+            if self.on_error is None or not self.on_error(exc):
+                log.exception("unexpected error in %r", callback)
 
     def run_until(self, done: Callable[[], bool], timeout_s: float | None = None) -> bool:
         """Run until ``done()`` is true (returns True) or ``timeout_s`` passes (False)."""

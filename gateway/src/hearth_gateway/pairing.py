@@ -10,6 +10,10 @@ apart from a proof for another code, so each failure counts against every pendin
 code is dropped after ``max_failures`` of them; attempts beyond a global rate are refused
 unchecked. Together an online attacker gets a handful of guesses per code against 2**60.
 
+Audit: each attempt's row names the pairing connection and where it came from. Requests arrive
+as MQTT messages, without an address: ``peer`` (the daemon's BrokerEvents) looks the client id
+up in the broker's connection notices, which reach the daemon before the request does.
+
 Revocation (``hearth-gateway devices revoke``) marks the device's certificates revoked, and
 ``on_change`` (the daemon) regenerates the broker's ACL files and CRL and reloads it: an open
 connection of the device can no longer publish or receive, and a new one fails the TLS handshake.
@@ -170,8 +174,10 @@ class PairingService:
         code_ttl_s: float,
         max_failures: int,
         on_change: Callable[[], None],
+        peer: Callable[[str], str | None] = lambda _client_id: None,
     ) -> None:
         self._gateway_id = gateway_id
+        self._peer = peer
         self._ca = ca
         self._store = store
         self._loop = loop
@@ -238,7 +244,8 @@ class PairingService:
         connection = parse_pair_request_topic(topic)
         if connection is None or reply_to.topic != pair_reply_topic(connection):
             return  # the listener's ACL makes this unreachable; nowhere safe to answer anyway
-        actor = f"pairing:{connection}"
+        # The pairing connection's client id is "pair-" + random: the address says who.
+        actor = f"pairing:{connection} from {self._peer(connection) or 'an unknown address'}"
 
         def reply(message: msgspec.Struct) -> None:
             self._publish(reply_to, encode(message))
@@ -391,6 +398,7 @@ def pairing_for(
     loop: Loop,
     publish: PublishReply,
     on_change: Callable[[], None],
+    peer: Callable[[str], str | None] = lambda _client_id: None,
 ) -> PairingService | None:
     """The pairing service the configuration asks for: None without ``lan_listen``."""
     if not config.lan_listen:
@@ -432,6 +440,7 @@ def pairing_for(
         code_ttl_s=config.pairing_code_ttl_s,
         max_failures=config.pairing_max_failures,
         on_change=on_change,
+        peer=peer,
     )
 
 

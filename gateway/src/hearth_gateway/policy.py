@@ -75,6 +75,10 @@ class LimitsPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     journal_inline_bytes: int = 64 * KiB
     audit_retention_s: float = 30 * 24 * 3600.0  # audit rows (decisions, refusals) kept
     audit_bytes: int = 64 * MiB  # the audit table on disk; past it the oldest rows go first
+    # Free space kept in the state directory's file system (storage.py): below the larger of
+    # the two, uploads, jobs and task installs are refused with storage_full.
+    storage_reserve_percent: float = 5.0
+    storage_reserve_bytes: int = 64 * MiB
 
 
 class TasksPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -3,6 +3,7 @@ state directory (atomically), so the command needs neither the broker nor the da
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from hearth_gateway.store import JournalStats
 __all__ = ["StatusSnapshot", "format_status", "read_snapshot", "write_snapshot"]
 
 _FILE = "status.json"
+_PAGE = 4096  # the snapshot's text is padded to whole pages (write_snapshot)
 
 
 class StatusSnapshot(msgspec.Struct, kw_only=True):
@@ -52,20 +54,48 @@ class StatusSnapshot(msgspec.Struct, kw_only=True):
     upstream_connected: bool = False  # connected, and its gateway online
     jobs_forwarded: int = 0  # public jobs sent upstream (since start)
     jobs_fell_back: int = 0  # of those, run here after all (no answer, upstream refused...)
+    storage_full: bool = False  # uploads, jobs and task installs refused with storage_full
+    storage_free_bytes: int = 0  # in the state directory's file system
+    storage_total_bytes: int = 0
+    storage_reserve_bytes: int = 0  # kept free (policy limits.storage_reserve_*)
+    storage_refused: int = 0  # requests answered storage_full (since start)
+    broker_dropped: int = 0  # messages the managed broker dropped for clients that do not read
     started_at: float
     updated_at: float
 
 
 def write_snapshot(state_dir: Path, snapshot: StatusSnapshot) -> None:
+    """Atomically (a new file, renamed). On a full disk there is no room for the new file: the
+    old one is overwritten in place instead, which needs no new blocks as long as the text
+    fits in its size; that is why the text is padded (with spaces, which JSON ignores) to
+    whole pages. A reader may then catch a torn file: read_snapshot tries again."""
+    data = msgspec.json.format(msgspec.json.encode(snapshot))
+    data += b" " * (-len(data) % _PAGE)
     tmp = state_dir / f".{_FILE}.tmp"
-    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(snapshot)))
-    os.replace(tmp, state_dir / _FILE)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, state_dir / _FILE)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        path = state_dir / _FILE
+        if not path.exists() or path.stat().st_size < len(data):
+            raise
+        with path.open("r+b") as f:
+            f.write(data.ljust(path.stat().st_size))
 
 
 def read_snapshot(state_dir: Path) -> StatusSnapshot | None:
-    try:
-        snapshot = msgspec.json.decode((state_dir / _FILE).read_bytes(), type=StatusSnapshot)
-    except (OSError, msgspec.DecodeError):
+    for _attempt in range(3):  # a torn in-place write (see write_snapshot) is retried
+        try:
+            snapshot = msgspec.json.decode((state_dir / _FILE).read_bytes(), type=StatusSnapshot)
+            break
+        except OSError:
+            return None
+        except msgspec.DecodeError:
+            time.sleep(0.05)
+    else:
         return None
     if snapshot.state == "online" and not _alive(snapshot.pid):
         snapshot.state = "dead"  # killed without a chance to say so
@@ -100,6 +130,7 @@ def format_status(s: StatusSnapshot) -> str:
         f"jobs        {s.jobs_completed} completed, {s.jobs_refused} refused, "
         f"{s.jobs_duplicate} duplicates answered from the journal (since start)",
         f"blobs       {s.blobs} stored, {_size(s.blob_bytes)}",
+        *_storage_lines(s),
         *_journal_lines(s.journal),
         f"tasks       {s.tasks} persistent tasks (hearth-gateway tasks list)",
         f"vision      {', '.join(s.capabilities) or '-'}",
@@ -107,6 +138,11 @@ def format_status(s: StatusSnapshot) -> str:
         f"wins), {s.sessions} open sessions",
         f"tier        {s.tier}" + (" (private jobs refused)" if s.tier == "cloud" else ""),
     ]
+    if s.managed_broker:
+        lines.append(
+            f"dropped     {s.broker_dropped} messages the broker dropped for clients that do "
+            "not read (per-client queue full; since the broker started)"
+        )
     if s.upstream:
         lines.append(
             f"upstream    {s.upstream} ({'connected' if s.upstream_connected else 'not connected'}"
@@ -119,6 +155,19 @@ def _memory_lines(resident: list[int]) -> list[str]:
     if not resident:  # no /proc, or a snapshot from before it was reported
         return []
     return [f"memory      workers resident: {', '.join(_size(n) for n in resident)}"]
+
+
+def _storage_lines(s: StatusSnapshot) -> list[str]:
+    if not s.storage_total_bytes:  # a snapshot from before storage was reported
+        return []
+    state = "ok"
+    if s.storage_full:
+        state = "FULL: uploads, jobs and task installs refused (storage_full)"
+    return [
+        f"storage     {state}; {_size(s.storage_free_bytes)} free of "
+        f"{_size(s.storage_total_bytes)}, {_size(s.storage_reserve_bytes)} kept in reserve; "
+        f"{s.storage_refused} requests refused for space (since start)"
+    ]
 
 
 def _journal_lines(j: JournalStats | None) -> list[str]:

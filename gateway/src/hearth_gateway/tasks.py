@@ -10,6 +10,13 @@ last checkpoint and the inbox events after it are delivered again.
 Grants are enforced here (the worker's answer to the guest is a courtesy): a task publishes only
 to topics its ``publish`` grants match, and receives only messages its ``read`` grants match.
 Every refusal is audited.
+
+A task whose owner's pairing is revoked is suspended at once (``owners_revoked``), and what an
+event already running produces is dropped: nothing it does reaches the broker. Its state stays;
+the owner paired again under the same id may resume it, and the box owner may cancel it.
+
+With the state directory full (storage.py) installs are refused with ``storage_full``; events
+that cannot be written to the inbox are dropped and counted, and checkpoints wait for room.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from hearth_gateway.loop import Loop, Timer
 from hearth_gateway.policy import TasksPolicy, filter_covers, task_topic_error, topic_matches
 from hearth_gateway.reply_to import ReplyTo
 from hearth_gateway.runners import TaskEvent, TaskOutcome
+from hearth_gateway.storage import StorageGuard, is_storage_full
 from hearth_gateway.store import Store
 from hearth_gateway.workers import QueuedJob, WorkerPool
 
@@ -103,8 +111,11 @@ class TaskManager:
         max_chunk: int,
         publish: Publish,
         subscribe: Subscribe,
+        storage: StorageGuard | None = None,
     ) -> None:
         self._loop = loop
+        self._storage = storage
+        self._revoked: frozenset[str] = frozenset()  # owners whose pairing was revoked
         self._store = store
         self._blobs = blobs
         self._pool = pool
@@ -191,6 +202,8 @@ class TaskManager:
         if refusal is not None:
             self._store.audit(owner, "task_install", request.name, "refused", refusal)
             return Error(code=ErrorCode.FORBIDDEN, message=refusal)
+        if self._storage is not None and not self._storage.room_for(len(encode(request))):
+            return Error(code=ErrorCode.STORAGE_FULL, message="the gateway's storage is full")
         if not self._blobs.has(request.module):
             return NeedBlob(job_id=request.name, sha256=request.module, max_chunk=self._max_chunk)
         task_id = f"t-{secrets.token_hex(6)}"
@@ -210,8 +223,9 @@ class TaskManager:
         task = _Task(
             task_id, owner, request, info, kv={k: v.encode() for k, v in request.config.items()}
         )
+        if not self._persist(task):
+            return Error(code=ErrorCode.STORAGE_FULL, message="the gateway's storage is full")
         self._tasks[task_id] = task
-        self._persist(task)
         self._store.audit(owner, "task_install", task_id, "allowed", request.name)
         self._arm(task)
         log.info("task %s (%s) installed by %s", task_id, request.name, owner)
@@ -252,6 +266,13 @@ class TaskManager:
             return Error(code=ErrorCode.FORBIDDEN, message=f"no task {request.task_id} of yours")
         if request.action == "pause" and task.info.state == "running":
             self._set(task, state="paused", reason=f"paused by {client_id}")
+        elif request.action == "resume" and task.owner in self._revoked:
+            message = (
+                f"task {task.task_id}'s owner {task.owner} is revoked: pair it again to "
+                "resume the task, or cancel it"
+            )
+            self._store.audit(client_id, "task_resume", task.task_id, "refused", message)
+            return Error(code=ErrorCode.FORBIDDEN, message=message)
         elif request.action == "resume" and task.info.state in ("paused", "suspended"):
             task.consecutive_failures = 0
             self._set(task, state="running", reason="")
@@ -302,7 +323,15 @@ class TaskManager:
         for task in targets:
             if task not in accepted:
                 self._count(task, dropped=1)
-        ids = self._store.add_inbox_many([(t.task_id, topic, payload) for t in accepted])
+        try:
+            ids = self._store.add_inbox_many([(t.task_id, topic, payload) for t in accepted])
+        except Exception as exc:
+            if not is_storage_full(exc):
+                raise
+            self._storage_hit(exc)  # not written, so not taken: dropped and counted
+            for task in accepted:
+                self._count(task, dropped=1)
+            return
         for task, inbox_id in zip(accepted, ids, strict=True):
             task.pending.append((inbox_id, topic, payload))
             self._dispatch(task)
@@ -356,6 +385,15 @@ class TaskManager:
 
     def _succeeded(self, task: _Task, outcome: TaskOutcome) -> None:
         publishes = refused = 0
+        if task.owner in self._revoked:
+            # An event that was running when its owner was revoked: its state is kept, what
+            # it would have said is not.
+            dropped = len(outcome.actions)
+            outcome = msgspec.structs.replace(outcome, actions=[])
+            if dropped:
+                self._store.audit(
+                    task.task_id, "publish", "", "refused", f"owner revoked ({dropped} dropped)"
+                )
         for action in outcome.actions:
             if action.kind in ("publish", "refused"):
                 # The worker already told the guest; the decision that counts is this one.
@@ -474,9 +512,15 @@ class TaskManager:
             ):
                 self._persist(task)
         if self._owners_dirty and time.monotonic() - self._owners_flushed >= _OWNER_FLUSH_S:
-            self._store.put_owners(self._owners_dirty)
-            self._owners_dirty = {}
             self._owners_flushed = time.monotonic()
+            try:
+                self._store.put_owners(self._owners_dirty)
+            except Exception as exc:
+                if not is_storage_full(exc):
+                    raise
+                self._storage_hit(exc)  # kept dirty: written when there is room
+                return
+            self._owners_dirty = {}
 
     def _remove(self, task: _Task, state: str, reason: str) -> None:
         """Cancel, expiry and idle cleanup: the task and all its stored state go."""
@@ -510,19 +554,51 @@ class TaskManager:
         if dropped:
             task.info = msgspec.structs.replace(task.info, dropped=task.info.dropped + dropped)
 
-    def _persist(self, task: _Task) -> None:
-        self._store.put_task(
-            task.task_id,
-            task.owner,
-            spec=encode(task.spec),
-            info=msgspec.msgpack.encode(task.info),
-            checkpoint=task.checkpoint,
-            kv=msgspec.msgpack.encode(task.kv),
-            done_inbox=task.covered,
-        )
+    def _persist(self, task: _Task) -> bool:
+        """Store the task's state; False when there was no room (it stays due: the next
+        checkpoint, or close(), tries again, and the inbox still covers its events)."""
+        try:
+            self._store.put_task(
+                task.task_id,
+                task.owner,
+                spec=encode(task.spec),
+                info=msgspec.msgpack.encode(task.info),
+                checkpoint=task.checkpoint,
+                kv=msgspec.msgpack.encode(task.kv),
+                done_inbox=task.covered,
+            )
+        except Exception as exc:
+            if not is_storage_full(exc):
+                raise
+            self._storage_hit(exc)
+            task.since_checkpoint = max(1, task.since_checkpoint)
+            return False
         task.covered = []
         task.since_checkpoint = 0
         task.checkpointed_at = time.monotonic()
+        return True
+
+    def _storage_hit(self, exc: BaseException) -> None:
+        if self._storage is not None:
+            self._storage.hit(exc)
+
+    # -- revocation -----------------------------------------------------------------------------
+
+    def owners_revoked(self, revoked: frozenset[str]) -> int:
+        """The device ids whose pairing is revoked now (pairing.py): their running and paused
+        tasks are suspended at once, audited; returns how many. Called on every change and at
+        start; an id paired again leaves the set, and its tasks wait for a resume."""
+        self._revoked = revoked
+        suspended = 0
+        for task in self._tasks.values():
+            if task.owner not in revoked or task.info.state not in ("running", "paused"):
+                continue
+            reason = f"owner {task.owner}'s pairing was revoked"
+            self._set(task, state="suspended", reason=reason)
+            self._store.audit("admin", "task_suspend", task.task_id, "allowed", reason)
+            log.info("task %s (%s) suspended: %s", task.task_id, task.spec.name, reason)
+            suspended += 1
+        return suspended
 
     def close(self) -> None:
         """Store what has not been checkpointed yet (the inbox still covers it otherwise)."""
