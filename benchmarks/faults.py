@@ -369,8 +369,9 @@ def disk_full(tmp: Path, sizes: Sizes, module: bytes) -> Row:
     work = tmp / "disk-full"
     state = work / "state"
     state.mkdir(parents=True)
+    # 256 MiB: room above the default reserve (64 MiB kept free), which the filler then takes.
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=48m", "hearth-faults", str(state)],
+        ["mount", "-t", "tmpfs", "-o", "size=256m", "hearth-faults", str(state)],
         capture_output=True,
         text=True,
         check=False,
