@@ -33,7 +33,8 @@ import gen_asyncapi  # noqa: E402  (a script, not a package)
 
 @pytest.fixture(scope="module")
 def document() -> dict[str, Any]:
-    return gen_asyncapi.build(gen_asyncapi.DOC.read_text(encoding="utf-8"))
+    built: dict[str, Any] = gen_asyncapi.build(gen_asyncapi.DOC.read_text(encoding="utf-8"))
+    return built
 
 
 def test_checked_in_document_is_what_the_generator_makes_now() -> None:
