@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -285,3 +286,25 @@ def test_a_module_larger_than_a_chunk_goes_up_in_order(
     assert run.returncode == 0, run.stderr.decode()
     assert summary(run)["uploaded"] == "1"
     assert run.stdout.startswith(b"P5\n16 8\n255\n")  # a PGM picture
+
+
+def test_a_gateway_that_dies_mid_job_ends_the_wait_at_once(
+    c_build: Path,
+    make_gateway: Callable[..., GatewayProcess],
+    tmp_path: Path,
+    wasm: dict[str, Path],
+) -> None:
+    policy = tmp_path / "long-jobs.toml"  # spin runs until the gateway dies
+    policy.write_text("[wasm]\nfuel = 1_000_000_000_000_000\nwall_timeout_s = 300.0\n")
+    gateway = make_gateway("--policy", str(policy))
+    argv = [str(c_build / "hearth-offload"), "--host", gateway.listen.host]
+    argv += ["--port", str(gateway.listen.port), "--gateway", gateway.gateway_id]
+    argv += ["--client", "cam-die", "--timeout-ms", "60000", "wasm", str(wasm["spin"])]
+    with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+        assert wait_until(lambda: gateway.snapshot().jobs_accepted >= 1, timeout_s=30)
+        gateway.kill()  # SIGKILL: the broker publishes its Last Will
+        started = time.monotonic()
+        _, stderr = proc.communicate(timeout=30)
+    assert time.monotonic() - started < 10  # the Last Will, not the 60 s timeout
+    assert proc.returncode == 3, stderr
+    assert b"offline" in stderr

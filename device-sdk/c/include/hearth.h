@@ -27,7 +27,8 @@
  * protocol's error code (docs/protocol.md §11), e.g. "trap", "hash_mismatch", "overloaded";
  * hearth_retryable() says whether the same request may succeed later. Re-sending a job under
  * the same job id after a timeout is safe: the gateway runs it at most once and sends its
- * stored answer again (docs/protocol.md §8).
+ * stored answer again (docs/protocol.md §8). A wait ends early, HEARTH_E_CONNECT, when the
+ * gateway's status goes offline (its Last Will when it dies) or the connection is lost.
  */
 #ifndef HEARTH_H
 #define HEARTH_H
@@ -82,7 +83,7 @@ hearth_options hearth_default_options(void);
 /* Connect, subscribe to this device's reply topics, learn the gateway id if not given. */
 hearth_status hearth_connect(const hearth_options *opts, hearth_client **out, hearth_error *err);
 
-/* Disconnect and free. NULL and repeated calls on the same pointer's NULL are harmless. */
+/* Disconnect and free; NULL is harmless. */
 void hearth_close(hearth_client *client);
 
 /* The gateway id in use (given, or learned from its status). */

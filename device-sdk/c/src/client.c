@@ -3,8 +3,8 @@
  *
  * One thread, no callbacks into user code: each call publishes its request and then drives
  * libmosquitto's network loop itself (mosquitto_loop) until the reply with its Correlation
- * Data arrives. libmosquitto's callbacks only queue what arrives; the calling function reads
- * the queue. A device that offloads one thing at a time needs nothing more, and a small board
+ * Data arrives. libmosquitto's callbacks only record what arrives; the calling function reads
+ * it. A device that offloads one thing at a time needs nothing more, and a small board
  * keeps one stack.
  */
 #include "internal.h"
@@ -24,6 +24,7 @@
 #define CORR_LEN 16
 #define KEEPALIVE_S 30
 #define LOOP_SLICE_MS 50
+#define UPLOAD_WINDOW 2 /* blob chunks in flight at once */
 
 struct reply {
     uint8_t corr[CORR_LEN];
@@ -47,6 +48,9 @@ struct hearth_client {
     int suback_mid;     /* the SUBSCRIBE we wait for, then 0 when acknowledged */
     int suback_refused; /* its granted QoS was a failure (>= 0x80) */
     int refused_reason; /* a PUBACK with a failure reason code (0x87: not authorized) */
+    int inflight;       /* QoS 1 publishes not yet acknowledged */
+    int gateway_offline; /* its status says offline: its Last Will, or a clean shutdown */
+    char status_topic[TOPIC_MAX];
     struct reply *head, *tail;
     uint8_t corr_prefix[8];
     uint64_t counter;
@@ -181,11 +185,15 @@ static void on_publish(struct mosquitto *m, void *obj, int mid, int reason,
                        const mosquitto_property *props)
 {
     (void)m, (void)mid, (void)props;
+    hearth_client *c = obj;
+    c->inflight--;
     if (reason >= 0x80) /* e.g. 0x87 Not authorized: the broker's ACL refused a request */
-        ((hearth_client *)obj)->refused_reason = reason;
+        c->refused_reason = reason;
 }
 
-static void learn_gateway(hearth_client *c, const struct mosquitto_message *msg)
+/* A gateway's retained status: learn the first online gateway's id when we have none; follow
+ * ours going offline (its Last Will) and back online. */
+static void read_status(hearth_client *c, const struct mosquitto_message *msg)
 {
     msgpack_unpacked u;
     msgpack_unpacked_init(&u);
@@ -193,9 +201,14 @@ static void learn_gateway(hearth_client *c, const struct mosquitto_message *msg)
         MSGPACK_UNPACK_SUCCESS) {
         const msgpack_object *map = &u.data;
         char id[HEARTH_ID_MAX + 1];
-        if (mp_is_str(mp_get(map, "type"), "status") && mp_is_str(mp_get(map, "state"), "online") &&
-            mp_copy_str(mp_get(map, "gateway_id"), id, sizeof id) && hearth_valid_id(id))
-            snprintf(c->gateway_id, sizeof c->gateway_id, "%s", id);
+        int online = mp_is_str(mp_get(map, "state"), "online");
+        if (mp_is_str(mp_get(map, "type"), "status") &&
+            mp_copy_str(mp_get(map, "gateway_id"), id, sizeof id) && hearth_valid_id(id)) {
+            if (c->gateway_id[0] == '\0' && online)
+                snprintf(c->gateway_id, sizeof c->gateway_id, "%s", id);
+            if (strcmp(id, c->gateway_id) == 0)
+                c->gateway_offline = !online;
+        }
     }
     msgpack_unpacked_destroy(&u);
 }
@@ -205,13 +218,11 @@ static void on_message(struct mosquitto *m, void *obj, const struct mosquitto_me
 {
     (void)m;
     hearth_client *c = obj;
-    if (c->gateway_id[0] == '\0') {
-        bool is_status = false;
-        mosquitto_topic_matches_sub("hearth/v1/gw/+/status", msg->topic, &is_status);
-        if (is_status) {
-            learn_gateway(c, msg);
-            return;
-        }
+    bool is_status = false;
+    mosquitto_topic_matches_sub("hearth/v1/gw/+/status", msg->topic, &is_status);
+    if (is_status) {
+        read_status(c, msg);
+        return;
     }
     if (strcmp(msg->topic, c->reply_topic) != 0)
         return; /* notifications and anything else under our prefix: not ours to answer */
@@ -296,6 +307,8 @@ static hearth_status publish_request(hearth_client *c, const msgpack_sbuffer *bo
         rc = mosquitto_publish_v5(c->mosq, NULL, c->request_topic, (int)body->size, body->data, 1,
                                   false, props);
     mosquitto_property_free_all(&props);
+    if (rc == MOSQ_ERR_SUCCESS)
+        c->inflight++;
     if (rc == MOSQ_ERR_NOMEM)
         return hearth_fail(err, HEARTH_E_NOMEM, NULL, "out of memory publishing a request");
     if (rc == MOSQ_ERR_OVERSIZE_PACKET)
@@ -331,6 +344,10 @@ static hearth_status wait_reply(hearth_client *c, const uint8_t *corr, size_t co
             return hearth_fail(err, HEARTH_E_JOB, "forbidden",
                                "the broker refused the request (reason 0x%02x)", reason);
         }
+        if (c->gateway_offline)
+            return hearth_fail(err, HEARTH_E_CONNECT, NULL,
+                               "gateway %s is offline (its status, or its Last Will)",
+                               c->gateway_id);
         if (now_ms() >= deadline)
             return hearth_fail(err, HEARTH_E_TIMEOUT, NULL,
                                "no answer from gateway %s within %d ms", c->gateway_id,
@@ -502,6 +519,13 @@ hearth_status hearth_connect(const hearth_options *opts, hearth_client **out, he
         if (st == HEARTH_OK)
             mosquitto_unsubscribe(c->mosq, NULL, "hearth/v1/gw/+/status");
     }
+    if (st == HEARTH_OK) {
+        /* Ours alone from now on: its Last Will ends a wait at once instead of at the timeout.
+         * A gateway whose retained status is offline fails requests the same way. */
+        snprintf(c->status_topic, sizeof c->status_topic, "hearth/v1/gw/%s/status",
+                 c->gateway_id);
+        st = subscribe(c, c->status_topic, deadline, err);
+    }
     if (st != HEARTH_OK) {
         hearth_close(c);
         return st;
@@ -594,6 +618,36 @@ hearth_status hearth_ping(hearth_client *c, double *rtt_ms, int *queue_depth, in
 
 /* --- blobs (§6) ----------------------------------------------------------------------------- */
 
+/* Whether a reply with this correlation is waiting (an upload's early error). */
+static int has_reply(const hearth_client *c, const uint8_t *corr, size_t corr_len)
+{
+    for (const struct reply *r = c->head; r != NULL; r = r->next)
+        if (r->corr_len == corr_len && memcmp(r->corr, corr, corr_len) == 0)
+            return 1;
+    return 0;
+}
+
+/* Let the chunks already sent be acknowledged before the next: a board then holds a few
+ * chunks in memory, not the whole blob in libmosquitto's queue, and the timeout applies to
+ * each chunk rather than to the whole upload over a slow link. */
+static hearth_status await_window(hearth_client *c, const uint8_t *corr, size_t corr_len,
+                                  hearth_error *err)
+{
+    long long deadline = now_ms() + c->timeout_ms;
+    while (c->inflight > UPLOAD_WINDOW && !has_reply(c, corr, corr_len)) {
+        if (c->gateway_offline)
+            return hearth_fail(err, HEARTH_E_CONNECT, NULL, "gateway %s went offline",
+                               c->gateway_id);
+        if (now_ms() >= deadline)
+            return hearth_fail(err, HEARTH_E_TIMEOUT, NULL, "a blob chunk was not acknowledged "
+                                                            "within %d ms", c->timeout_ms);
+        hearth_status st = pump(c, remaining(deadline), err);
+        if (st != HEARTH_OK)
+            return st;
+    }
+    return HEARTH_OK;
+}
+
 static void pack_chunk(msgpack_packer *pk, const char *sha, size_t size, size_t offset,
                        const uint8_t *data, size_t len, const char *data_class)
 {
@@ -642,7 +696,9 @@ hearth_status hearth_upload(hearth_client *c, const void *data, size_t len, cons
         st = publish_request(c, &buf, corr, corr_len, err);
         msgpack_sbuffer_destroy(&buf);
         offset += n;
-    } while (st == HEARTH_OK && offset < len);
+        if (st == HEARTH_OK && offset < len)
+            st = await_window(c, corr, corr_len, err);
+    } while (st == HEARTH_OK && offset < len && !has_reply(c, corr, corr_len));
     struct reply *r = NULL;
     if (st == HEARTH_OK)
         st = wait_reply(c, corr, corr_len, now_ms() + c->timeout_ms, &r, err);
