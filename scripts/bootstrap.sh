@@ -16,6 +16,11 @@ command -v wasm-opt >/dev/null 2>&1 || missing="$missing binaryen"
 if [ "$(id -u)" = 0 ]; then
     command -v tcpdump >/dev/null 2>&1 || [ -x /usr/bin/tcpdump ] || missing="$missing tcpdump"
     command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || missing="$missing iproute2"
+    # The C device client (device-sdk/c) and its test (which skips without them when not root).
+    command -v cc >/dev/null 2>&1 || missing="$missing gcc libc6-dev"
+    command -v pkg-config >/dev/null 2>&1 || missing="$missing pkg-config"
+    [ -f /usr/include/mosquitto.h ] || missing="$missing libmosquitto-dev"
+    [ -f /usr/include/msgpack.h ] || missing="$missing libmsgpack-dev"
 fi
 if [ -n "$missing" ]; then
     if [ "$(id -u)" = 0 ]; then
