@@ -20,7 +20,7 @@ from hearth.protocol.pairing import pair_request_filter
 from hearth.runtime.limits import WasmLimits
 from hearth.transport import BrokerAddress
 from hearth_gateway import __version__, _systemd
-from hearth_gateway.accelerators import accelerator_names, available_providers
+from hearth_gateway.accelerators import ChoiceCache, accelerator_names, available_providers
 from hearth_gateway.acl import GATEWAY_USER, BrokerSecurity
 from hearth_gateway.blobs import BlobStore
 from hearth_gateway.broker import ManagedBroker
@@ -70,6 +70,8 @@ class Gateway:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.providers = available_providers() if {"onnx", "vision"} & set(config.runners) else []
+        # Which provider each model got (the workers decide; status shows it).
+        self.choices = ChoiceCache.for_box(self.state_dir / "cache") if self.providers else None
         # What the workers report they provide (name -> version), for status and mDNS.
         self.capabilities: dict[str, str] = {}
         self.started_at = time.time()
@@ -386,6 +388,7 @@ class Gateway:
                 mdns=self.advertiser is not None,
                 runners=list(self.config.runners),
                 providers=self.providers,
+                models=self.choices.choices() if self.choices is not None else {},
                 workers=self.pool.size,
                 worker_pids=self.pool.pids(),
                 worker_restarts=self.pool.restarts,

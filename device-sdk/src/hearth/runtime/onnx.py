@@ -125,6 +125,17 @@ def _warm_up(session: Any, inputs: dict[str, tuple[str, list[int | str | None]]]
         log.debug("warm-up run skipped: %s", str(exc).splitlines()[0][:200] if str(exc) else exc)
 
 
+def _load_error(exc: Exception) -> str:
+    """One line on why a session could not be made. Accelerator providers put a C++ signature
+    on the first line and the reason on the last ("CPU plug-in doesn't support ..."): keep
+    the first line when it is short, else the last."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return repr(exc)
+    line = lines[0] if len(lines[0]) <= 200 or len(lines) == 1 else lines[-1]
+    return line[:300]
+
+
 @dataclass(frozen=True, slots=True)
 class _Loaded:
     session: Any  # ort.InferenceSession
@@ -142,6 +153,7 @@ class OnnxRuntime:
         providers: Sequence[str] | None = None,
         intra_op_threads: int = 0,
         max_cached: int = 16,
+        provider_options: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         if ort is None:
             raise LocalRuntimeUnavailable(
@@ -149,6 +161,8 @@ class OnnxRuntime:
             )
         self.providers = list(providers or select_providers(ort.get_available_providers()))
         self._intra_op_threads = intra_op_threads
+        # Per provider, e.g. {"OpenVINOExecutionProvider": {"device_type": "GPU"}}.
+        self._provider_options = {k: dict(v) for k, v in (provider_options or {}).items()}
         self._max_cached = max_cached
         self._sessions: OrderedDict[str, _Loaded] = OrderedDict()
         self._lock = threading.Lock()
@@ -186,10 +200,15 @@ class OnnxRuntime:
         for index, provider in enumerate(self.providers):
             try:
                 session = ort.InferenceSession(
-                    model, sess_options=options, providers=self.providers[index:]
+                    model,
+                    sess_options=options,
+                    providers=self.providers[index:],
+                    provider_options=[
+                        self._provider_options.get(p, {}) for p in self.providers[index:]
+                    ],
                 )
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises many unrelated types
-                last_error = str(exc).strip().splitlines()[0][:300] if str(exc) else repr(exc)
+                last_error = _load_error(exc)
                 if "INVALID_PROTOBUF" in last_error or "INVALID_GRAPH" in last_error:
                     break  # the model itself is bad: no provider will help
                 log.info("provider %s could not load model: %s", provider, last_error)
@@ -295,6 +314,11 @@ class OnnxRuntime:
         if missing:
             raise JobError(ErrorCode.BAD_TENSOR, f"missing inputs {sorted(missing)}")
         return feeds
+
+    def forget(self, sha256: str) -> None:
+        """Drop ``sha256``'s session (it is made again on next use)."""
+        with self._lock:
+            self._sessions.pop(sha256, None)
 
     def close(self) -> None:
         with self._lock:
