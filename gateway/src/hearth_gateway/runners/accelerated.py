@@ -171,10 +171,16 @@ class AcceleratedRuntime(OnnxRuntime):
                 continue
             try:
                 with self._cache.attempt(sha256, provider):
-                    rt.load(sha256, model, path)
+                    actual = rt.load(sha256, model, path)
             except JobError as exc:
                 refused[provider] = f"refused the model: {exc.message}"
                 log.info("%s refused model %s: %s", provider, sha256[:12], exc.message)
+                continue
+            if actual != provider:
+                # onnxruntime drops a provider whose device is missing (OpenVINO asked for a
+                # GPU the box does not have) and quietly runs the session on the CPU.
+                refused[provider] = f"not active for the model (its device missing?): {actual}"
+                rt.forget(sha256)
                 continue
             candidates.append(provider)
         self._probed[sha256] = (candidates, refused)
@@ -195,7 +201,10 @@ class AcceleratedRuntime(OnnxRuntime):
             return call(self._cpu)
         try:
             with self._cache.attempt(sha256, provider):
-                return call(self._accels[provider])
+                result = call(self._accels[provider])
+            if result[1] != provider:  # its device went away since the decision
+                self._demote(sha256, provider, f"not active for the model any more: {result[1]}")
+            return result
         except JobError as exc:
             if exc.code not in _PROVIDER_FAILURES:
                 raise
