@@ -313,3 +313,25 @@ def test_a_provider_that_fails_mid_run_hands_the_job_to_the_cpu(
     assert gw.proc.pid == pid
     assert wait_until(lambda: gw.snapshot().models.get(sha) == CPU, 10.0)
 
+
+def test_doctor_on_the_openvino_build_lists_its_devices(
+    openvino_python: str, tmp_path: Path
+) -> None:
+    done = subprocess.run(
+        [openvino_python, "-m", "hearth_gateway.cli", "doctor", "--json", "--state-dir", tmp_path],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={
+            **os.environ,
+            "PYTHONPATH": f"{ROOT / 'device-sdk' / 'src'}:{ROOT / 'gateway' / 'src'}",
+        },
+    )
+    checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    detail = checks["accelerators"]["detail"]
+    assert "onnxruntime-openvino 1.24.1 runs openvino, cpu" in detail
+    assert "OpenVINO devices: CPU" in detail
+    if not Path("/dev/dri").exists():  # this VM: no iGPU for OpenVINO to use
+        assert checks["accelerators"]["status"] == "ok"
+        assert "no GPU or NPU found: models run on the CPU" in detail
