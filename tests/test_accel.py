@@ -33,6 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 OPENVINO = "OpenVINOExecutionProvider"
 CPU = "CPUExecutionProvider"
 _VENV_INPUTS = ("constraints.txt", "constraints-openvino.txt", "scripts/accel_venv.sh")
+# A model's first job carries its trial: an OpenVINO compile and a dozen timed runs, which on
+# this 2-core VM under other work takes longer than the client's usual 20 s.
+_FIRST_JOB_S = 120.0
 
 
 # -- the pure parts -------------------------------------------------------------------------------
@@ -160,10 +163,16 @@ def test_openvino_gateway_runs_plates_there_and_digits_on_the_cpu(
 ) -> None:
     gw = make_ov_gateway("--mdns-interface", "127.0.0.1")
     rng = np.random.default_rng(15)
-    scenes = [render_plate(random_plate_text(rng), rng) for _ in range(6)]
     import cv2
 
-    with gw.client() as client:
+    # Camera-sized frames (640x960, the detector's input as is): on the synthetic 320x480
+    # scenes the two providers run the detector within a few per cent of each other, and the
+    # trial rightly takes either; on a frame this size OpenVINO is clearly faster (0.5-0.7x).
+    scenes = [
+        cv2.resize(render_plate(random_plate_text(rng), rng), None, fx=2, fy=2) for _ in range(6)
+    ]
+
+    with gw.client(timeout_s=_FIRST_JOB_S) as client:
         for scene in scenes:
             jpeg = cv2.imencode(".png", scene)[1].tobytes()
             run = client.plate(jpeg)
@@ -224,7 +233,7 @@ def test_an_openvino_device_that_is_not_there_leaves_the_cpu(
     import cv2
 
     jpeg = cv2.imencode(".png", scene)[1].tobytes()
-    with gw.client() as client:
+    with gw.client(timeout_s=_FIRST_JOB_S) as client:
         first = client.plate(jpeg)
         second = client.plate(jpeg)
     assert first.provider == second.provider == CPU
@@ -249,7 +258,7 @@ def test_a_provider_that_killed_a_worker_is_not_used_for_that_model_again(
     jpeg = cv2.imencode(".png", scene)[1].tobytes()
     work = tmp_path / "crash"
     gw = make_ov_gateway(work=work)
-    with gw.client() as client:
+    with gw.client(timeout_s=_FIRST_JOB_S) as client:
         assert OPENVINO in client.plate(jpeg).provider
     gw.close()
     # What a worker that segfaulted inside the OpenVINO provider leaves behind.
@@ -260,7 +269,7 @@ def test_a_provider_that_killed_a_worker_is_not_used_for_that_model_again(
     ][:1]
     detector.with_name(f"{detector.stem}.{OPENVINO}.trying").write_text(str(_dead_pid()))
     gw = make_ov_gateway(work=work)
-    with gw.client() as client:
+    with gw.client(timeout_s=_FIRST_JOB_S) as client:
         run = client.plate(jpeg)
     assert CPU in run.provider.split(",")
     assert run.result.text == cpu_reader.read(scene, PlateParams()).text
@@ -336,7 +345,7 @@ def test_a_provider_that_fails_mid_run_hands_the_job_to_the_cpu(
     local.close()
 
     gw = make_ov_gateway()
-    with gw.client() as client:
+    with gw.client(timeout_s=_FIRST_JOB_S) as client:
         first = client.infer(rec, strips)
         assert first.provider == OPENVINO  # its trial: it agrees with the CPU and is faster
         assert _decisions(gw)[sha].provider == OPENVINO
