@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hearth-installed
 
-.PHONY: demo test lint bench examples clean lock
+.PHONY: demo test lint bench examples clean lock openvino bench-accel
 
 demo: $(STAMP) examples
 	$(PY) examples/demo.py
@@ -20,6 +20,21 @@ lint: $(STAMP)
 
 bench: $(STAMP) examples
 	$(PY) benchmarks/offload_overhead.py
+
+# The gateway with onnxruntime-openvino (Intel CPU, iGPU, NPU) in a virtualenv of its own: the
+# OpenVINO build replaces `import onnxruntime`, so it cannot sit beside the plain one in .venv.
+# Run the gateway from it: .venv-openvino/bin/hearth-gateway run (docs/accelerators.md).
+OPENVINO_VENV ?= .venv-openvino
+openvino: $(OPENVINO_VENV)/.hearth-installed
+
+$(OPENVINO_VENV)/.hearth-installed: scripts/accel_venv.sh constraints.txt constraints-openvino.txt \
+		device-sdk/pyproject.toml gateway/pyproject.toml
+	sh scripts/accel_venv.sh $(OPENVINO_VENV) onnxruntime-openvino constraints-openvino.txt
+	touch $@
+
+# Every execution provider the OpenVINO venv has, against the CPU provider, per model.
+bench-accel: openvino examples
+	$(OPENVINO_VENV)/bin/python benchmarks/accel.py
 
 examples: $(STAMP)
 	$(PY) scripts/build_examples.py
@@ -42,4 +57,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) build
+	rm -rf $(VENV) $(OPENVINO_VENV) build

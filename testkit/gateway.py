@@ -54,6 +54,7 @@ class GatewayProcess:
         workers: int | None = None,
         extra_args: Sequence[str] = (),
         supervised: bool = True,
+        python: str | None = None,
     ) -> None:
         self.listen = listen
         self.gateway_id = gateway_id or f"gw-{uuid.uuid4().hex[:8]}"
@@ -63,6 +64,7 @@ class GatewayProcess:
         self.extra = list(extra_args)
         self._workers = workers
         self._supervised = supervised
+        self._python = python or sys.executable  # another virtualenv's (an accelerated build)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -77,7 +79,7 @@ class GatewayProcess:
         return self.proc.pid if self.proc is not None else None
 
     def _argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "hearth_gateway.cli", "run"]
+        argv = [self._python, "-m", "hearth_gateway.cli", "run"]
         argv += ["--gateway-id", self.gateway_id, "--state-dir", str(self.state_dir)]
         if self._workers is not None:
             argv += ["--workers", str(self._workers)]

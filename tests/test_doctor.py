@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 
 from hearth_gateway._cgroup_bpf import INET_INGRESS, cgroup2_mount, prog_query
+from hearth_gateway.accelerators import box_devices
 from hearth_gateway.doctor import (
     UnitInfo,
+    check_accelerators,
     check_attached,
     check_broker,
     check_unit_filters,
@@ -32,6 +34,7 @@ CHECKS = [
     "at-rest key",
     "broker listeners",
     "storage",
+    "accelerators",
 ]
 
 # What `systemctl show` prints for the shipped unit (systemd expands the keywords).
@@ -127,6 +130,22 @@ def test_doctor_here_gives_a_verdict_per_check(tmp_path: Path) -> None:
     print("\n" + text.stdout)
 
 
+def test_doctor_names_this_boxs_accelerators_or_gives_the_cpu_only_advice(tmp_path: Path) -> None:
+    """Here, with the plain onnxruntime build; the OpenVINO build's doctor is in test_accel."""
+    _, checks = _report(tmp_path)
+    check = checks["accelerators"]
+    assert check["detail"].startswith("onnxruntime ") or "GPU" in check["detail"]
+    assert "runs cpu" in check["detail"]
+    devices = box_devices()
+    if not (devices["intel_gpu"] or devices["npu"] or devices["nvidia"]):  # this VM
+        assert check["status"] == "ok"
+        assert "no GPU or NPU found: models run on the CPU" in check["detail"]
+        assert "`make openvino`" in check["detail"]
+    else:  # a lent GPU machine: the hardware is named, with the package that would use it
+        assert check["status"] == "warn"
+        assert "found: install" in check["detail"]
+
+
 def test_a_key_file_others_can_read_fails(tmp_path: Path) -> None:
     key = tmp_path / "keys" / "at-rest.key"
     key.parent.mkdir(mode=0o700)
@@ -179,6 +198,46 @@ def test_an_external_broker_is_judged_by_its_address(tmp_path: Path) -> None:
     assert local.status == "ok"
     lan = check_broker(tmp_path, _snapshot(managed_broker=False, broker="192.168.1.5:1883"))
     assert lan.status == "warn"
+
+
+def test_accelerator_advice_names_the_package_that_would_use_the_hardware() -> None:
+    none = {"intel_gpu": [], "npu": [], "nvidia": [], "openvino": []}
+    plain = ["CPUExecutionProvider"]
+    igpu = {**none, "intel_gpu": ["/dev/dri/renderD128"]}
+    check = check_accelerators(igpu, plain, "onnxruntime 1.32.0", {})
+    assert check.status == "warn"
+    assert "Intel iGPU /dev/dri/renderD128" in check.detail
+    assert "Intel iGPU found: install the OpenVINO build: `make openvino`" in check.detail
+
+    npu = {**none, "npu": ["/dev/accel/accel0"]}
+    assert "NPU found: install the OpenVINO build" in check_accelerators(npu, plain, "x", {}).detail
+
+    nvidia = {**none, "nvidia": ["NVIDIA GeForce RTX 3060"]}
+    check = check_accelerators(nvidia, plain, "onnxruntime 1.32.0", {})
+    assert check.status == "warn"
+    assert "NVIDIA GPU found: install onnxruntime-gpu" in check.detail
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    check = check_accelerators(nvidia, cuda, "onnxruntime-gpu 1.24.1", {})
+    assert check.status == "ok"
+    assert "runs cuda, cpu" in check.detail
+
+    openvino = ["OpenVINOExecutionProvider", "CPUExecutionProvider"]
+    sees_gpu = {**igpu, "openvino": ["CPU", "GPU"]}
+    package = "onnxruntime-openvino 1.24.1"
+    idle = check_accelerators(sees_gpu, openvino, package, {})
+    assert idle.status == "warn"  # OpenVINO runs on the CPU while the iGPU waits
+    assert "(OpenVINO devices: CPU, GPU)" in idle.detail
+    assert "HEARTH_OPENVINO_DEVICE=GPU" in idle.detail
+    used = check_accelerators(sees_gpu, openvino, package, {"HEARTH_OPENVINO_DEVICE": "GPU"})
+    assert used.status == "ok", used
+    blind = check_accelerators({**igpu, "openvino": ["CPU"]}, openvino, package, {})
+    assert blind.status == "warn"
+    assert "OpenVINO does not see the GPU at /dev/dri/renderD128" in blind.detail
+
+    cpu_only = check_accelerators(none, plain, "onnxruntime 1.32.0", {})
+    assert cpu_only.status == "ok"
+    assert "`make openvino`" in cpu_only.detail
+    assert check_accelerators(none, [], "none", {}).status == "warn"
 
 
 def test_unit_filters_verdicts() -> None:

@@ -123,6 +123,7 @@ class Call(Generic[T]):
     timing: Timing
     dropped: int = 0  # frames of this call's stream the gateway dropped so far
     where: str = "edge"
+    provider: str = ""  # the execution provider(s) that ran its models ("" for none)
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ def _call_from(reply: Reply, job: CallJob, started: float, gateway_id: str | Non
         gateway_id=gateway_id,
         timing=reply.timing,
         dropped=reply.dropped,
+        provider=reply.provider,
     )
 
 

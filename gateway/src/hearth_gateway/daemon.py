@@ -21,7 +21,7 @@ from hearth.runtime.limits import WasmLimits
 from hearth.transport import BrokerAddress
 from hearth_gateway import __version__, _systemd
 from hearth_gateway._logging import journal_stream
-from hearth_gateway.accelerators import accelerator_names, available_providers
+from hearth_gateway.accelerators import ChoiceCache, accelerator_names, available_providers
 from hearth_gateway.acl import GATEWAY_USER, BrokerSecurity
 from hearth_gateway.blobs import BlobStore
 from hearth_gateway.broker import BrokerEvents, ManagedBroker
@@ -72,6 +72,8 @@ class Gateway:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.providers = available_providers() if {"onnx", "vision"} & set(config.runners) else []
+        # Which provider each model got (the workers decide; status shows it).
+        self.choices = ChoiceCache.for_box(self.state_dir / "cache") if self.providers else None
         # What the workers report they provide (name -> version), for status and mDNS.
         self.capabilities: dict[str, str] = {}
         self.started_at = time.time()
@@ -107,26 +109,7 @@ class Gateway:
         self.admission = Admission(self.policy.limits)
         self.streams = StreamCounters(self.policy.vision.max_streams)  # in status from the start
         workers = config.workers or os.cpu_count() or 1
-        # onnxruntime threads: share the cores between the workers instead of each grabbing all.
-        onnx_threads = max(1, (os.cpu_count() or 1) // workers)
-        settings = WorkerSettings(
-            runners=list(config.runners),
-            cache_dir=str(self.state_dir / "cache"),
-            wasm_limits=self.policy.wasm.limits(),
-            task_limits=WasmLimits(
-                fuel=self.policy.tasks.fuel_per_event,
-                memory_bytes=self.policy.tasks.memory_bytes,
-                output_bytes=0,
-            ),
-            task_max_actions=self.policy.tasks.max_actions_per_event,
-            task_max_payload=self.policy.tasks.max_payload_bytes,
-            onnx_threads=onnx_threads,
-            providers=self.providers,
-            max_megapixels=self.policy.vision.max_megapixels,
-            max_streams=self.policy.vision.max_streams,
-            gateway_id=self.gateway_id,
-            checkpoint_every_s=self.policy.migration.checkpoint_every_s,
-        )
+        settings = self._worker_settings(workers)
         self.pool = WorkerPool(
             self.loop,
             settings,
@@ -336,6 +319,30 @@ class Gateway:
             ),
         }
 
+    def _worker_settings(self, workers: int) -> WorkerSettings:
+        """What each worker is started with: runners, limits and the cores it may use."""
+        config = self.config
+        # onnxruntime threads: share the cores between the workers instead of each grabbing all.
+        onnx_threads = max(1, (os.cpu_count() or 1) // workers)
+        return WorkerSettings(
+            runners=list(config.runners),
+            cache_dir=str(self.state_dir / "cache"),
+            wasm_limits=self.policy.wasm.limits(),
+            task_limits=WasmLimits(
+                fuel=self.policy.tasks.fuel_per_event,
+                memory_bytes=self.policy.tasks.memory_bytes,
+                output_bytes=0,
+            ),
+            task_max_actions=self.policy.tasks.max_actions_per_event,
+            task_max_payload=self.policy.tasks.max_payload_bytes,
+            onnx_threads=onnx_threads,
+            providers=self.providers,
+            max_megapixels=self.policy.vision.max_megapixels,
+            max_streams=self.policy.vision.max_streams,
+            gateway_id=self.gateway_id,
+            checkpoint_every_s=self.policy.migration.checkpoint_every_s,
+        )
+
     def start(self) -> None:
         if not self.config.broker:
             self.broker = ManagedBroker(
@@ -439,6 +446,7 @@ class Gateway:
                 mdns=self.advertiser is not None,
                 runners=list(self.config.runners),
                 providers=self.providers,
+                models=self.choices.choices() if self.choices is not None else {},
                 workers=self.pool.size,
                 worker_pids=self.pool.pids(),
                 worker_restarts=self.pool.restarts,

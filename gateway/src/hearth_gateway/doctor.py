@@ -6,6 +6,8 @@ them. So the doctor looks, and only looks: it reads /proc, /sys, the unit's prop
 (``systemctl show``), the programs attached to the service's cgroup (``bpftool`` if installed,
 else the read-only ``BPF_PROG_QUERY`` call), the daemon's status snapshot, the at-rest key's mode
 and the broker configuration the daemon wrote. It sends no traffic anywhere and changes nothing.
+It also lists the accelerators the box shows (GPUs, NPUs, the devices OpenVINO sees) and says
+which onnxruntime build would use those the installed one does not (docs/accelerators.md).
 
 Each check is ok, warn or fail with one line of explanation; the command exits 1 if any check
 failed, else 0. Example::
@@ -24,6 +26,7 @@ import os
 import shutil
 import stat
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -37,11 +40,25 @@ from hearth_gateway._cgroup_bpf import (
     kernel_config,
     prog_query,
 )
+from hearth_gateway.accelerators import (
+    accelerator_names,
+    available_providers,
+    box_devices,
+    provider_package,
+)
 from hearth_gateway.config import default_state_dir
 from hearth_gateway.policy import LimitsPolicy
 from hearth_gateway.status import StatusSnapshot, read_snapshot
 
-__all__ = ["UNIT", "Check", "UnitInfo", "doctor_command", "format_checks", "run_checks"]
+__all__ = [
+    "UNIT",
+    "Check",
+    "UnitInfo",
+    "check_accelerators",
+    "doctor_command",
+    "format_checks",
+    "run_checks",
+]
 
 UNIT = "hearth-gateway.service"
 Status = Literal["ok", "warn", "fail"]
@@ -418,6 +435,74 @@ def check_storage(state_dir: Path, snapshot: StatusSnapshot | None) -> Check:
     return Check(name, "ok", detail)
 
 
+# -- accelerators ---------------------------------------------------------------------------------
+
+_GUIDE = "see docs/accelerators.md"
+
+
+def check_accelerators(
+    devices: Mapping[str, list[str]],
+    providers: list[str],
+    package: str,
+    env: Mapping[str, str],
+) -> Check:
+    """Which accelerators this box has (``accelerators.box_devices()``), and whether the
+    installed onnxruntime build (``package``, offering ``providers``) uses them."""
+    name = "accelerators"
+    if package == "none":
+        return Check(name, "warn", "onnxruntime is not installed: ONNX jobs and vision.plate fail")
+    found = [
+        *(f"NVIDIA GPU {d}" for d in devices.get("nvidia", [])),
+        *(f"Intel iGPU {d}" for d in devices.get("intel_gpu", [])),
+        *(f"NPU {d}" for d in devices.get("npu", [])),
+    ]
+    seen = devices.get("openvino", [])
+    installed = f"{package} runs {', '.join(accelerator_names(providers))}"
+    if seen:
+        installed += f" (OpenVINO devices: {', '.join(seen)})"
+    advice: list[str] = []
+    unused = False
+    if devices.get("nvidia") and "CUDAExecutionProvider" not in providers:
+        unused = True
+        advice.append(
+            "NVIDIA GPU found: install onnxruntime-gpu in a virtualenv of its own "
+            f"(scripts/accel_venv.sh), {_GUIDE}"
+        )
+    intel = {"GPU": devices.get("intel_gpu", []), "NPU": devices.get("npu", [])}
+    if any(intel.values()) and "OpenVINOExecutionProvider" not in providers:
+        unused = True
+        kinds = " and ".join("Intel iGPU" if k == "GPU" else "NPU" for k, v in intel.items() if v)
+        advice.append(f"{kinds} found: install the OpenVINO build: `make openvino` / {_GUIDE}")
+    elif "OpenVINOExecutionProvider" in providers:
+        wanted = env.get("HEARTH_OPENVINO_DEVICE", "").strip() or "CPU"
+        for kind, nodes in intel.items():
+            if not nodes:
+                continue
+            if not any(d.startswith(kind) for d in seen):
+                unused = True
+                advice.append(
+                    f"OpenVINO does not see the {kind} at {nodes[0]}: its driver's user-space "
+                    f"runtime is missing or the service may not open the node, {_GUIDE}"
+                )
+            elif kind not in wanted:
+                unused = True
+                advice.append(
+                    f"OpenVINO uses the {wanted}: set HEARTH_OPENVINO_DEVICE={kind} "
+                    f"in the service's environment for the {kind}"
+                )
+    if not found:
+        advice.append(
+            "no GPU or NPU found: models run on the CPU"
+            + (
+                ""
+                if "OpenVINOExecutionProvider" in providers
+                else "; on an Intel CPU the OpenVINO build can run them faster "
+                f"(`make openvino`, {_GUIDE})"
+            )
+        )
+    return Check(name, "warn" if unused else "ok", "; ".join([*found, installed, *advice]))
+
+
 # -- the command ----------------------------------------------------------------------------------
 
 
@@ -431,6 +516,7 @@ def run_checks(state_dir: Path, unit: UnitInfo | None, cgroup2: Path | None) -> 
         check_key(state_dir),
         check_broker(state_dir, snapshot),
         check_storage(state_dir, snapshot),
+        check_accelerators(box_devices(), available_providers(), provider_package(), os.environ),
     ]
 
 

@@ -29,6 +29,7 @@ class StatusSnapshot(msgspec.Struct, kw_only=True):
     mdns: bool
     runners: list[str]
     providers: list[str]
+    models: dict[str, str] = {}  # model sha256 -> the execution provider decided for it
     workers: int
     worker_pids: list[int]
     worker_restarts: int
@@ -123,6 +124,7 @@ def format_status(s: StatusSnapshot) -> str:
         f"mDNS        {'advertising _hearth._tcp' if s.mdns else 'off'}",
         f"runners     {', '.join(s.runners)}",
         f"onnx on     {', '.join(s.providers) or '-'}",
+        *_model_lines(s.models),
         f"workers     {s.workers} ({s.busy_workers} busy, {s.worker_restarts} restarted, "
         f"{s.workers_recycled} recycled; network: {network})",
         *_memory_lines(s.worker_rss_bytes),
@@ -149,6 +151,15 @@ def format_status(s: StatusSnapshot) -> str:
             f"): {s.jobs_forwarded} public jobs forwarded, {s.jobs_fell_back} ran here instead"
         )
     return "\n".join(lines)
+
+
+def _model_lines(models: dict[str, str]) -> list[str]:
+    if not models:
+        return []
+    shown = ", ".join(
+        f"{sha[:12]} {p.removesuffix('ExecutionProvider')}" for sha, p in models.items()
+    )
+    return [f"models      {shown}"]
 
 
 def _memory_lines(resident: list[int]) -> list[str]:

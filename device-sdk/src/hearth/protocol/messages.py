@@ -326,6 +326,10 @@ class CallResult(_Message, frozen=True, tag="call_result"):
     result: dict[str, Any]
     timing: Timing = Timing()
     dropped: int = 0
+    # The execution providers that ran the capability's ONNX models, comma-separated when they
+    # differ (vision.plate: detector first); "" for a capability without a model, or from a
+    # gateway older than this field.
+    provider: str = ""
 
 
 class FrameDropped(_Message, frozen=True, tag="frame_dropped"):

@@ -47,6 +47,7 @@ PROVIDER_PREFERENCE: tuple[str, ...] = (
     "DmlExecutionProvider",
     "CPUExecutionProvider",
 )
+_CPU = "CPUExecutionProvider"
 
 # ONNX tensor element types (as onnxruntime names them) to protocol dtypes.
 _ORT_TO_DTYPE = {
@@ -110,11 +111,11 @@ def array_to_tensor(name: str, array: Any) -> Tensor:
     )
 
 
-def _warm_up(session: Any, inputs: dict[str, tuple[str, list[int | str | None]]]) -> None:
+def _warm_up(session: Any, inputs: dict[str, tuple[str, list[int | str | None]]]) -> bool:
     """Run the model once on zeros (free dimensions as 1), so that the first real job does not
     pay for onnxruntime's lazy initialisation (kernel selection, arena growth; on a GPU the
     CUDA context and cuDNN autotuning). Best effort: a model that cannot run on such an input
-    (a minimum image size, say) is simply not warmed."""
+    (a minimum image size, say) is simply not warmed; returns whether the run succeeded."""
     try:
         feeds = {
             name: np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in shape], dtype)
@@ -123,6 +124,19 @@ def _warm_up(session: Any, inputs: dict[str, tuple[str, list[int | str | None]]]
         session.run(None, feeds)
     except Exception as exc:  # noqa: BLE001 - any failure only means "not warmed"
         log.debug("warm-up run skipped: %s", str(exc).splitlines()[0][:200] if str(exc) else exc)
+        return False
+    return True
+
+
+def _load_error(exc: Exception) -> str:
+    """One line on why a session could not be made. Accelerator providers put a C++ signature
+    on the first line and the reason on the last ("CPU plug-in doesn't support ..."): keep
+    the first line when it is short, else the last."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return repr(exc)
+    line = lines[0] if len(lines[0]) <= 200 or len(lines) == 1 else lines[-1]
+    return line[:300]
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +156,7 @@ class OnnxRuntime:
         providers: Sequence[str] | None = None,
         intra_op_threads: int = 0,
         max_cached: int = 16,
+        provider_options: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         if ort is None:
             raise LocalRuntimeUnavailable(
@@ -149,6 +164,8 @@ class OnnxRuntime:
             )
         self.providers = list(providers or select_providers(ort.get_available_providers()))
         self._intra_op_threads = intra_op_threads
+        # Per provider, e.g. {"OpenVINOExecutionProvider": {"device_type": "GPU"}}.
+        self._provider_options = {k: dict(v) for k, v in (provider_options or {}).items()}
         self._max_cached = max_cached
         self._sessions: OrderedDict[str, _Loaded] = OrderedDict()
         self._lock = threading.Lock()
@@ -184,12 +201,11 @@ class OnnxRuntime:
         # Try providers best-first: a CUDA or TensorRT provider that cannot load (missing
         # libraries, unsupported operator) must not take the model down with it.
         for index, provider in enumerate(self.providers):
+            providers = self.providers[index:]
             try:
-                session = ort.InferenceSession(
-                    model, sess_options=options, providers=self.providers[index:]
-                )
+                session = self._session(model, options, providers)
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises many unrelated types
-                last_error = str(exc).strip().splitlines()[0][:300] if str(exc) else repr(exc)
+                last_error = _load_error(exc)
                 if "INVALID_PROTOBUF" in last_error or "INVALID_GRAPH" in last_error:
                     break  # the model itself is bad: no provider will help
                 log.info("provider %s could not load model: %s", provider, last_error)
@@ -200,9 +216,32 @@ class OnnxRuntime:
                 for i in session.get_inputs()
             }
             outputs = tuple(o.name for o in session.get_outputs())
-            _warm_up(session, inputs)
+            if not _warm_up(session, inputs) and actual != _CPU:
+                # A failed run can leave an accelerator's session broken: onnxruntime-openvino
+                # 1.24 then returns all-NaN outputs (or errors) for every later input, one
+                # session in three for PP-OCRv4's recogniser, whose pooling refuses the warm-up's
+                # 1-pixel image. So that session is not kept; a fresh one starts cold.
+                session = self._session(model, options, providers)
             return _Loaded(session, actual, inputs, outputs)
         raise JobError(ErrorCode.INVALID_MODEL, last_error)
+
+    def _session(self, model: bytes, options: Any, providers: list[str]) -> Any:
+        return ort.InferenceSession(
+            model,
+            sess_options=options,
+            providers=providers,
+            provider_options=[self._provider_options.get(p, {}) for p in providers],
+        )
+
+    def _failed(self, sha256: str, loaded: _Loaded, exc: Exception) -> JobError:
+        """The job's error for a run that raised; an accelerator's session is dropped (made
+        again on next use), as after a failed warm-up (see _create_session)."""
+        if loaded.provider != _CPU:
+            with self._lock:
+                if self._sessions.get(sha256) is loaded:
+                    del self._sessions[sha256]
+        message = str(exc).strip().splitlines()[0][:300] if str(exc) else repr(exc)
+        return JobError(ErrorCode.BAD_TENSOR, message)
 
     def run(
         self,
@@ -224,8 +263,7 @@ class OnnxRuntime:
         try:
             results = loaded.session.run(wanted, feeds)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
-            message = str(exc).strip().splitlines()[0][:300] if str(exc) else repr(exc)
-            raise JobError(ErrorCode.BAD_TENSOR, message) from None
+            raise self._failed(sha256, loaded, exc) from None
         tensors = [
             array_to_tensor(name, value) for name, value in zip(wanted, results, strict=True)
         ]
@@ -248,8 +286,7 @@ class OnnxRuntime:
         try:
             results = loaded.session.run(wanted, dict(feeds))
         except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
-            message = str(exc).strip().splitlines()[0][:300] if str(exc) else repr(exc)
-            raise JobError(ErrorCode.BAD_TENSOR, message) from None
+            raise self._failed(sha256, loaded, exc) from None
         return list(results), loaded.provider
 
     def metadata(
@@ -295,6 +332,11 @@ class OnnxRuntime:
         if missing:
             raise JobError(ErrorCode.BAD_TENSOR, f"missing inputs {sorted(missing)}")
         return feeds
+
+    def forget(self, sha256: str) -> None:
+        """Drop ``sha256``'s session (it is made again on next use)."""
+        with self._lock:
+            self._sessions.pop(sha256, None)
 
     def close(self) -> None:
         with self._lock:

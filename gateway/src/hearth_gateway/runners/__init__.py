@@ -7,6 +7,7 @@ To add one: write a module with a class implementing ``Runner``, and add it to `
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import msgspec
@@ -142,10 +143,24 @@ def onnx_runtime(settings: WorkerSettings) -> OnnxRuntime:
     global _onnx_runtime  # noqa: PLW0603 - one per process, like the process's runners
     if _onnx_runtime is None:
         from hearth.runtime.onnx import OnnxRuntime
+        from hearth_gateway import accelerators
 
-        _onnx_runtime = OnnxRuntime(
-            providers=settings.providers or None, intra_op_threads=settings.onnx_threads
-        )
+        providers = settings.providers or accelerators.available_providers()
+        if any(p != accelerators.CPU for p in providers):
+            # An accelerator: decide per model which provider runs it (runners/accelerated.py).
+            from hearth_gateway.runners.accelerated import AcceleratedRuntime
+
+            options = accelerators.provider_options()
+            cache = accelerators.ChoiceCache(
+                Path(settings.cache_dir), accelerators.provider_package(), options
+            )
+            _onnx_runtime = AcceleratedRuntime(
+                providers, cache, intra_op_threads=settings.onnx_threads, options=options
+            )
+        else:
+            _onnx_runtime = OnnxRuntime(
+                providers=providers or None, intra_op_threads=settings.onnx_threads
+            )
     return _onnx_runtime
 
 

@@ -91,12 +91,14 @@ class VisionRunner:
         handler = self._handlers.get(job.capability)
         if handler is None:
             raise JobError(ErrorCode.UNKNOWN_CAPABILITY, f"no capability {job.capability!r} here")
+        # bytes stay bytes (MessagePack bin), as everywhere in the protocol.
+        result = msgspec.to_builtins(handler(job, item), builtin_types=(bytes,))
         return CallResult(
             job_id=job.job_id,
             capability=job.capability,
             version=self._versions[job.capability],
-            # bytes stay bytes (MessagePack bin), as everywhere in the protocol.
-            result=msgspec.to_builtins(handler(job, item), builtin_types=(bytes,)),
+            result=result,
+            provider=self._plate.provider if job.capability == "vision.plate" else "",
         )
 
     def _image(self, job: CallJob | PipelineJob) -> Any:

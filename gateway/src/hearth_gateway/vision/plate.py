@@ -170,6 +170,14 @@ class PlateReader:
             raise JobError(ErrorCode.INTERNAL, f"{path.name}: {exc.message}") from None
         return _Model(sha256, path)
 
+    @property
+    def provider(self) -> str:
+        """The execution providers that run the detector and the recogniser, comma-separated
+        when they differ (what a call_result reports)."""
+        det = self._runtime.load(self._det.sha256, path=self._det.path)
+        rec = self._runtime.load(self._rec.sha256, path=self._rec.path)
+        return det if det == rec else f"{det},{rec}"
+
     def read(self, bgr: Array, params: PlateParams | None = None) -> PlateResult:
         """Every text line in ``bgr`` (H x W x 3 uint8; grey and BGRA are accepted too), and the
         best plate-like reading among them. Raises JobError(BAD_IMAGE) for non-images,
