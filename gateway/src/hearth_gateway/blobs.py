@@ -2,7 +2,11 @@
 uploads in progress. A blob is only ever visible under its hash after its bytes were checked.
 
 Each stored blob has a data label, that of its first complete upload (``BlobChunk.data_class``);
-only a public blob may be forwarded to an upstream gateway (placement.py)."""
+only a public blob may be forwarded to an upstream gateway (placement.py).
+
+A migratable run's snapshot (its first bytes are the snapshot magic) is sealed as it is
+written, with a key of its own (sealed_file.py): modules and models are stored as they came,
+a run's memory and data never are."""
 
 from __future__ import annotations
 
@@ -16,7 +20,10 @@ from pathlib import Path
 
 from hearth.errors import ErrorCode
 from hearth.protocol import BlobChunk, DataClass
+from hearth.runtime.snapshot import SNAPSHOT_MAGIC
+from hearth_gateway.crypto import Sealer
 from hearth_gateway.policy import LimitsPolicy
+from hearth_gateway.sealed_file import SealedWriter
 from hearth_gateway.store import Store
 
 __all__ = ["BlobStore", "UploadRefused"]
@@ -41,11 +48,15 @@ class _Upload:
     hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
     touched: float = field(default_factory=time.monotonic)
     public: bool = True  # until a chunk says private: one private chunk makes the blob private
+    sealer: SealedWriter | None = None  # a snapshot: its chunks are sealed as they arrive
 
 
 class BlobStore:
-    def __init__(self, root: Path, store: Store, limits: LimitsPolicy) -> None:
+    def __init__(
+        self, root: Path, store: Store, limits: LimitsPolicy, sealer: Sealer | None = None
+    ) -> None:
         self._root = root
+        self._sealer = sealer  # None: snapshots are stored as they came (tests of other parts)
         self._incoming = root / ".incoming"
         self._incoming.mkdir(parents=True, exist_ok=True)
         self._store = store
@@ -62,6 +73,12 @@ class BlobStore:
 
     def path(self, sha256: str) -> Path:
         return self._root / sha256[:2] / sha256
+
+    def snapshot_key(self, sha256: str) -> bytes:
+        """The key a stored snapshot was sealed with (b"": stored unsealed)."""
+        if self._sealer is None:
+            return b""
+        return self._sealer.derive(b"hearth snapshot blob " + sha256.encode())
 
     def has(self, sha256: str) -> bool:
         return sha256 in self._known
@@ -99,7 +116,9 @@ class BlobStore:
             if chunk.offset == 0:
                 self._drop(key)  # a fresh start replaces any earlier attempt
                 upload = _Upload(chunk.size, self._incoming / f"{client_id}-{chunk.sha256}")
-                upload.path.write_bytes(b"")
+                if chunk.data.startswith(SNAPSHOT_MAGIC) and self._sealer is not None:
+                    upload.sealer = SealedWriter(self.snapshot_key(chunk.sha256))
+                upload.path.write_bytes(upload.sealer.header() if upload.sealer else b"")
                 self._uploads[key] = upload
             elif (
                 upload is not None
@@ -117,7 +136,7 @@ class BlobStore:
             assert upload is not None
             upload.public = upload.public and chunk.data_class == "public"
             with upload.path.open("ab") as f:
-                f.write(chunk.data)
+                f.write(upload.sealer.record(chunk.data) if upload.sealer else chunk.data)
             upload.hasher.update(chunk.data)
             upload.received += len(chunk.data)
             upload.touched = time.monotonic()

@@ -86,12 +86,9 @@ class Gateway:
         # Everything the daemon writes (journal, blobs, keys later) is private to it.
         os.umask(0o077)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.store = Store(
-            self.state_dir / "hearth.sqlite3",
-            Sealer.for_state_dir(self.state_dir),
-            self.policy.limits,
-        )
-        self.blobs = BlobStore(self.state_dir / "blobs", self.store, self.policy.limits)
+        sealer = Sealer.for_state_dir(self.state_dir)
+        self.store = Store(self.state_dir / "hearth.sqlite3", sealer, self.policy.limits)
+        self.blobs = BlobStore(self.state_dir / "blobs", self.store, self.policy.limits, sealer)
         self.admission = Admission(self.policy.limits)
         self.streams = StreamCounters(self.policy.vision.max_streams)  # in status from the start
         workers = config.workers or os.cpu_count() or 1

@@ -385,8 +385,12 @@ class Dispatcher:
             return
         sha = _blob_of(job)
         blob_path = str(self._blobs.path(sha)) if sha else ""
-        snapshot = str(self._blobs.path(job.snapshot)) if isinstance(job, RunResume) else ""
-        queued = QueuedJob(reply_to=reply_to, job=job, blob_path=blob_path, snapshot_path=snapshot)
+        snapshot, key = "", b""
+        if isinstance(job, RunResume):
+            snapshot = str(self._blobs.path(job.snapshot))
+            key = self._blobs.snapshot_key(job.snapshot)  # sealed at rest (blobs.py)
+        queued = QueuedJob(reply_to=reply_to, job=job, blob_path=blob_path)
+        queued.snapshot_path, queued.snapshot_key = snapshot, key
         if isinstance(job, RunStart | RunResume):
             self.runs.accepted(queued)
         self._pool.submit(queued)

@@ -101,6 +101,7 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True, tag="work"):
     job: Job
     blob_path: str
     snapshot_path: str = ""  # a resumed run's snapshot blob (run_resume)
+    snapshot_key: bytes = b""  # its own key, when it is sealed at rest (sealed_file.py)
     queue_ms: float
     scope: str = ""  # the submitting device: streams and sessions are named per device
     session_new: bool = False  # first frame of a session: the worker opens it

@@ -26,6 +26,7 @@ from hearth.runtime.snapshot import Snapshot, decode_snapshot, encode_snapshot
 from hearth.runtime.wasm import WasmRuntime
 from hearth_gateway._frames import read_frame
 from hearth_gateway.runners import RunSignal, ToWorker, WorkerSettings, WorkItem
+from hearth_gateway.sealed_file import is_sealed, open_sealed
 
 __all__ = ["MigrateRunner"]
 
@@ -77,9 +78,10 @@ class MigrateRunner:
             )
         else:
             snapshot_path = Path(item.snapshot_path)
-            snapshot = decode_snapshot(
-                snapshot_path.read_bytes(), sha256=job.snapshot, module=job.module
-            )
+            stored = snapshot_path.read_bytes()
+            if is_sealed(stored):  # as every snapshot the daemon stored (blobs.py)
+                stored = open_sealed(snapshot_path, item.snapshot_key)
+            snapshot = decode_snapshot(stored, sha256=job.snapshot, module=job.module)
             if snapshot.run_id != job.run_id:
                 raise JobError(ErrorCode.SNAPSHOT_MISMATCH, "snapshot of another run")
             run = self._runtime.resume(
