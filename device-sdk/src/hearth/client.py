@@ -189,6 +189,7 @@ class Client(VisionCalls, TaskCalls):
         where: str | None = None,
         data_class: DataClass = "private",
         checkpoint_every_s: float = 0.0,
+        checkpoint_every_mib: float = 0.0,
         deadline_s: float = 600.0,
         run_id: str | None = None,
         limits: WasmLimits | None = None,
@@ -199,8 +200,10 @@ class Client(VisionCalls, TaskCalls):
         The module is instrumented here if it is not already (Binaryen's wasm-opt, see
         docs/migration.md). ``where``: "local" or "edge"; None: the gateway when one is
         reachable and may take the run's data, else this device. ``checkpoint_every_s``: how
-        often a gateway sends the run's state back here (0: its policy); ``deadline_s``: how
-        long one hop on a gateway may go without an answer before the run comes back.
+        often a gateway sends the run's state back here, ``checkpoint_every_mib``: after how
+        much of the run's I/O (MiB read and written), whichever first (0: its policy);
+        ``deadline_s``: how long one hop on a gateway may go without an answer before the run
+        comes back.
         ``limits``: fuel, memory and output for its hops on this device (the run's fuel counts
         across hops; a gateway applies its own policy's)."""
         if not migratable:
@@ -216,6 +219,7 @@ class Client(VisionCalls, TaskCalls):
             where=place,
             reason=reason,
             checkpoint_every_s=checkpoint_every_s,
+            checkpoint_every_mib=checkpoint_every_mib,
             deadline_s=deadline_s,
             run_id=run_id,
             limits=limits,
@@ -230,6 +234,7 @@ class Client(VisionCalls, TaskCalls):
         *,
         where: str | None = None,
         checkpoint_every_s: float = 0.0,
+        checkpoint_every_mib: float = 0.0,
         deadline_s: float = 600.0,
         limits: WasmLimits | None = None,
     ) -> MigratableRun:
@@ -252,6 +257,7 @@ class Client(VisionCalls, TaskCalls):
             where=place,
             reason=f"resumed from a snapshot ({reason})",
             checkpoint_every_s=checkpoint_every_s,
+            checkpoint_every_mib=checkpoint_every_mib,
             deadline_s=deadline_s,
             run_id=state.run_id,
             snapshot=data,

@@ -114,6 +114,7 @@ class MigratableRun:
         reason: str,
         checkpoint_every_s: float,
         deadline_s: float,
+        checkpoint_every_mib: float = 0.0,
         run_id: str | None = None,
         snapshot: bytes | None = None,
         limits: WasmLimits | None = None,
@@ -128,6 +129,7 @@ class MigratableRun:
         self.stdin = stdin
         self.data_class = data_class
         self.checkpoint_every_s = checkpoint_every_s
+        self.checkpoint_every_mib = checkpoint_every_mib  # 0: the gateway's policy
         self.deadline_s = deadline_s
         self.limits = limits  # for its hops on this device; a gateway applies its own policy
         self._lock = threading.Lock()
@@ -422,6 +424,7 @@ class MigratableRun:
                 snapshot=sha,
                 data_class=self.data_class,
                 checkpoint_every_s=self.checkpoint_every_s,
+                checkpoint_every_mib=self.checkpoint_every_mib,
             )
         else:
             message = RunStart(
@@ -432,6 +435,7 @@ class MigratableRun:
                 stdin=self.stdin,
                 data_class=self.data_class,
                 checkpoint_every_s=self.checkpoint_every_s,
+                checkpoint_every_mib=self.checkpoint_every_mib,
             )
         for attempt in range(_NEED_BLOB_ROUNDS):
             reply = self._hop_request(conn, message, correlation, reason if attempt == 0 else "")

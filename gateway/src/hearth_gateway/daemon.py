@@ -111,6 +111,7 @@ class Gateway:
             max_streams=self.policy.vision.max_streams,
             gateway_id=self.gateway_id,
             checkpoint_every_s=self.policy.migration.checkpoint_every_s,
+            checkpoint_every_mib=self.policy.migration.checkpoint_every_mib,
         )
         self.pool = WorkerPool(
             self.loop,

@@ -236,7 +236,8 @@ class RunStart(_Message, frozen=True, tag="run_start"):
     """Start a migratable run of an instrumented WASI command module (docs/migration.md).
 
     Answered, on the same correlation, by ``run_checkpoint`` messages while it runs (every
-    ``checkpoint_every_s``; 0: the gateway's policy) and then by exactly one of ``run_result``
+    ``checkpoint_every_s`` or ``checkpoint_every_mib`` of I/O progress, whichever first; 0: the
+    gateway's policy) and then by exactly one of ``run_result``
     (it finished here), ``run_moved`` (it stopped here and its snapshot is in the reply: the
     device continues it) or ``error``. ``run_id`` names the run wherever it goes; ``job_id``
     names this hop of it (a new one each time the run arrives), with a job's idempotency."""
@@ -248,6 +249,7 @@ class RunStart(_Message, frozen=True, tag="run_start"):
     stdin: bytes = b""
     data_class: DataClass = "private"
     checkpoint_every_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    checkpoint_every_mib: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
 class RunResume(_Message, frozen=True, tag="run_resume"):
@@ -261,6 +263,7 @@ class RunResume(_Message, frozen=True, tag="run_resume"):
     snapshot: Sha256
     data_class: DataClass = "private"
     checkpoint_every_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    checkpoint_every_mib: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
 class RunControl(_Message, frozen=True, tag="run_control"):

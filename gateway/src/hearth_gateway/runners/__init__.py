@@ -93,6 +93,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_streams: int = 64  # background models kept per worker
     gateway_id: str = ""  # names this gateway in a migratable run's hops
     checkpoint_every_s: float = 5.0  # a migratable run's checkpoints, unless it asks otherwise
+    checkpoint_every_mib: float = 64.0  # ... or by MiB of I/O progress, whichever first
 
 
 class WorkItem(msgspec.Struct, frozen=True, kw_only=True, tag="work"):

@@ -39,6 +39,7 @@ class MigrateRunner:
         self._limits = settings.wasm_limits
         self._gateway = settings.gateway_id or "edge"
         self._checkpoint_every_s = settings.checkpoint_every_s
+        self._checkpoint_every_mib = settings.checkpoint_every_mib
         self._wasm = WasmRuntime(cache_dir=Path(settings.cache_dir) / "wasm", wasi_nn=None)
         self._runtime = MigratableRuntime(self._wasm)
         self._lock = threading.Lock()
@@ -88,6 +89,8 @@ class MigrateRunner:
                 snapshot, limits=self._limits, where=self._gateway, path=module_path
             )
         run.checkpoint_every_s = job.checkpoint_every_s or self._checkpoint_every_s or None
+        every_mib = job.checkpoint_every_mib or self._checkpoint_every_mib
+        run.checkpoint_every_bytes = int(every_mib * 2**20) or None
         run.on_checkpoint = lambda snap: self._checkpointed(job, snap)
         with self._lock:
             self._active = (job.job_id, run)
