@@ -26,6 +26,7 @@ from typing import Any, Literal, TypeVar
 
 from hearth._blobs import Blob
 from hearth._futures import chain, failed, race, running, then
+from hearth._hedge import Hedger
 from hearth._local import LocalRuntimes, local_runtimes_installed
 from hearth._results import Inference, WasmRun
 from hearth._tasks import TaskCalls
@@ -51,6 +52,9 @@ class _Plan:
     reason: str
     fallback_ok: bool = False  # an edge call may still run here if the gateway fails it
     estimates: Estimates | None = None  # None: the call is not timed (not a placement choice)
+    # A hedge whose loser is cancelled (hearth._hedge): both halves, started; None: hedge the
+    # plain way (edge and local, the slower one's answer dropped).
+    hedged: Callable[[], Future[Any]] | None = None
 
 
 class Client(VisionCalls, TaskCalls):
@@ -94,6 +98,7 @@ class Client(VisionCalls, TaskCalls):
         self._local = LocalRuntimes(self.stats, max_workers)
         self._in_flight: set[Future[Any]] = set()  # async calls, for close() to wait on
         self._runs: set[MigratableRun] = set()  # migratable runs still going
+        self._hedger = Hedger(self, self.stats, self._track)
 
     def close(self) -> None:
         if self._closed:
@@ -325,6 +330,8 @@ class Client(VisionCalls, TaskCalls):
             data_class=data_class,
         )
         plan = self._plan(f"wasm:{blob.sha256}", where, private=data_class == "private")
+        if plan.where == "hedge" and (migratable := self._hedger.migratable(blob.data)):
+            plan = dataclasses.replace(plan, hedged=lambda: self._hedger.start(job, migratable))
         return (
             plan,
             lambda: self._send(job, blob, WasmResult, _wasm_run),
@@ -461,10 +468,13 @@ class Client(VisionCalls, TaskCalls):
     def _hedged(
         self, plan: _Plan, edge: Callable[[], Future[T]], local: Callable[[str], T]
     ) -> Future[T]:
-        """Both sides at once; the first answer wins. The other is not interrupted (neither
-        wasmtime nor a gateway's worker can stop one job safely): its answer is dropped, and
-        the CPU it costs is what benchmarks/hedge.py reports."""
+        """Both sides at once; the first answer wins. A WASM call whose module can migrate
+        runs as two migratable runs and the loser is cancelled (hearth._hedge); otherwise the
+        other is not interrupted (neither wasmtime nor a gateway's worker can stop a plain job
+        safely): its answer is dropped. benchmarks/hedge.py reports the CPU both cost."""
         self.stats.hedged += 1
+        if plan.hedged is not None:
+            return plan.hedged()
         there = edge()
         here = self._local.submit(lambda: local(plan.reason))
 

@@ -179,6 +179,10 @@ class MigratableRun:
     def done(self) -> bool:
         return self._future.done()
 
+    def future(self) -> Future[RunOutcome]:
+        """The run's outcome as a Future (``result()`` is its blocking form)."""
+        return self._future
+
     def result(self, timeout_s: float | None = None) -> RunOutcome:
         """Wait for the run to finish, wherever it does. Raises JobError for the program's
         own failure (trap, limits), GatewayUnavailable never: a lost gateway is a move."""
