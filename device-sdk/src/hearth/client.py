@@ -32,7 +32,7 @@ from hearth._results import Inference, WasmRun
 from hearth._tasks import TaskCalls
 from hearth.discovery import GatewayInfo
 from hearth.errors import ErrorCode, GatewayUnavailable, JobError
-from hearth.migration import MigratableRun, load_module
+from hearth.migration import LinkPolicy, MigratableRun, load_module
 from hearth.placement import Decision, Estimates, Placement, decide
 from hearth.protocol import DataClass, OnnxJob, OnnxResult, Reply, WasmJob, WasmResult
 from hearth.runtime.limits import WasmLimits
@@ -99,6 +99,9 @@ class Client(VisionCalls, TaskCalls):
         self._in_flight: set[Future[Any]] = set()  # async calls, for close() to wait on
         self._runs: set[MigratableRun] = set()  # migratable runs still going
         self._hedger = Hedger(self, self.stats, self._track)
+        # False: a hedge's loser runs to its end and its answer is dropped (the cheaper path
+        # for a module that has no migration point to stop at: hearth._hedge).
+        self.hedge_cancels = True
 
     def close(self) -> None:
         if self._closed:
@@ -196,6 +199,7 @@ class Client(VisionCalls, TaskCalls):
         checkpoint_every_s: float = 0.0,
         checkpoint_every_mib: float = 0.0,
         deadline_s: float = 600.0,
+        link: LinkPolicy | None = None,
         run_id: str | None = None,
         limits: WasmLimits | None = None,
     ) -> MigratableRun:
@@ -208,7 +212,7 @@ class Client(VisionCalls, TaskCalls):
         often a gateway sends the run's state back here, ``checkpoint_every_mib``: after how
         much of the run's I/O (MiB read and written), whichever first (0: its policy);
         ``deadline_s``: how long one hop on a gateway may go without an answer before the run
-        comes back.
+        comes back; ``link``: when a degraded link to the gateway brings it back (LinkPolicy).
         ``limits``: fuel, memory and output for its hops on this device (the run's fuel counts
         across hops; a gateway applies its own policy's)."""
         if not migratable:
@@ -226,6 +230,7 @@ class Client(VisionCalls, TaskCalls):
             checkpoint_every_s=checkpoint_every_s,
             checkpoint_every_mib=checkpoint_every_mib,
             deadline_s=deadline_s,
+            link=link,
             run_id=run_id,
             limits=limits,
         )
@@ -241,6 +246,7 @@ class Client(VisionCalls, TaskCalls):
         checkpoint_every_s: float = 0.0,
         checkpoint_every_mib: float = 0.0,
         deadline_s: float = 600.0,
+        link: LinkPolicy | None = None,
         limits: WasmLimits | None = None,
     ) -> MigratableRun:
         """Continue a run from a snapshot file (``run.snapshot()``, a checkpoint) with its
@@ -264,6 +270,7 @@ class Client(VisionCalls, TaskCalls):
             checkpoint_every_s=checkpoint_every_s,
             checkpoint_every_mib=checkpoint_every_mib,
             deadline_s=deadline_s,
+            link=link,
             run_id=state.run_id,
             snapshot=data,
             limits=limits,
@@ -330,7 +337,8 @@ class Client(VisionCalls, TaskCalls):
             data_class=data_class,
         )
         plan = self._plan(f"wasm:{blob.sha256}", where, private=data_class == "private")
-        if plan.where == "hedge" and (migratable := self._hedger.migratable(blob.data)):
+        hedge = plan.where == "hedge" and self.hedge_cancels
+        if hedge and (migratable := self._hedger.migratable(blob.data)):
             plan = dataclasses.replace(plan, hedged=lambda: self._hedger.start(job, migratable))
         return (
             plan,

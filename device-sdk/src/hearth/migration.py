@@ -7,6 +7,8 @@ a snapshot (docs/migration.md). What moves it:
 
 - the application: ``run.migrate(to="edge" | "local" | other_client)``;
 - the gateway: ``run_moved`` when it stops (SIGTERM) or is overloaded: the run comes back here;
+- the link: while the run is on a gateway its driver pings it (``LinkPolicy``); when the round
+  trips grow past the policy's limit, or too many pings go unanswered, the run comes back here;
 - a dead gateway (Last Will, lost connection, no answer by the deadline): the run resumes here
   from the last ``run_checkpoint``, or from its start if none came; output already produced is
   part of the snapshot, so nothing is repeated or lost.
@@ -46,7 +48,7 @@ from hearth.runtime.limits import WasmLimits
 if TYPE_CHECKING:
     from hearth._connection import Connection
 
-__all__ = ["Hop", "MigratableRun", "RunOutcome"]
+__all__ = ["Hop", "LinkPolicy", "LinkWatch", "MigratableRun", "RunOutcome"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,46 @@ class RunHost(Protocol):
     def upload_blob(
         self, conn: Any, data: bytes, max_chunk: int, data_class: Literal["private", "public"]
     ) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LinkPolicy:
+    """When a run on a gateway comes back because the link to it degraded (docs/migration.md
+    §8.1). While a hop is on a gateway, the device pings it (``ping``/``pong``, one small MQTT
+    round trip through the broker) every ``every_s``; over the last ``window`` pings, a median
+    round trip above ``max_rtt_ms``, or more than ``max_loss`` of them unanswered within
+    ``timeout_s``, is a degraded link, and the run is moved back to this device."""
+
+    every_s: float = 2.0  # 0: the link is not watched
+    window: int = 5
+    max_rtt_ms: float = 500.0
+    max_loss: float = 0.5
+    timeout_s: float = 2.0
+
+
+class LinkWatch:
+    """The verdict over a window of pings (pure: the pings are the driver's)."""
+
+    def __init__(self, policy: LinkPolicy) -> None:
+        self._policy = policy
+        self._samples: list[float | None] = []  # round trips in ms; None: unanswered
+
+    def add(self, rtt_ms: float | None) -> str | None:
+        """Record one ping; the reason the link counts as degraded, once it does."""
+        self._samples = [*self._samples, rtt_ms][-self._policy.window :]
+        if len(self._samples) < self._policy.window:
+            return None
+        answered = sorted(s for s in self._samples if s is not None)
+        lost = len(self._samples) - len(answered)
+        if not answered or lost > self._policy.max_loss * len(self._samples):
+            return f"link degraded: {lost} of the last {len(self._samples)} pings unanswered"
+        median = answered[len(answered) // 2]
+        if median > self._policy.max_rtt_ms:
+            return (
+                f"link degraded: median round trip {median:.0f} ms over the last "
+                f"{len(self._samples)} pings, over {self._policy.max_rtt_ms:.0f} ms"
+            )
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +157,7 @@ class MigratableRun:
         checkpoint_every_s: float,
         deadline_s: float,
         checkpoint_every_mib: float = 0.0,
+        link: LinkPolicy | None = None,
         run_id: str | None = None,
         snapshot: bytes | None = None,
         limits: WasmLimits | None = None,
@@ -130,6 +173,7 @@ class MigratableRun:
         self.data_class = data_class
         self.checkpoint_every_s = checkpoint_every_s
         self.checkpoint_every_mib = checkpoint_every_mib  # 0: the gateway's policy
+        self.link = link or LinkPolicy()
         self.deadline_s = deadline_s
         self.limits = limits  # for its hops on this device; a gateway applies its own policy
         self._lock = threading.Lock()
@@ -475,8 +519,17 @@ class MigratableRun:
             return False
 
         future = conn.expect(correlation, interim=interim)
+        watching = threading.Event()
         try:
             conn.publish(message, correlation)
+            if self.link.every_s > 0:
+                watcher = threading.Thread(
+                    target=self._watch_link,
+                    args=(conn, watching),
+                    name=f"hearth-link-{self.run_id}",
+                    daemon=True,  # a ping in flight ends by its own timeout
+                )
+                watcher.start()
             with self._lock:
                 self._edge = (conn, message.job_id)
                 target = self._target
@@ -490,10 +543,29 @@ class MigratableRun:
         except FutureTimeout:
             raise TimeoutError(f"no answer from the gateway in {self.deadline_s} s") from None
         finally:
+            watching.set()
             conn.forget(correlation)
             with self._lock:
                 self._edge = None
         return reply
+
+    def _watch_link(self, conn: Any, done: threading.Event) -> None:
+        """Ping the gateway while this hop is on it; move the run home once the link counts as
+        degraded (LinkPolicy). Ends with the hop."""
+        watch = LinkWatch(self.link)
+        while not done.wait(self.link.every_s):
+            try:
+                rtt: float | None = conn.ping_ms(self.link.timeout_s)
+            except (HearthError, TimeoutError, FutureTimeout):
+                rtt = None
+            if done.is_set():
+                return
+            why = watch.add(rtt)
+            if why is not None:
+                log.info("run %s: %s; moving it back to this device", self.run_id, why)
+                with contextlib.suppress(TimeoutError):
+                    self.migrate("local", reason=why, wait_s=None)
+                return
 
     def _control(self, conn: Any, action: str) -> None:
         correlation = uuid.uuid4().bytes
