@@ -102,6 +102,7 @@ class Client(VisionCalls, TaskCalls):
         # False: a hedge's loser runs to its end and its answer is dropped (the cheaper path
         # for a module that has no migration point to stop at: hearth._hedge).
         self.hedge_cancels = True
+        self._peers: dict[str, Client] = {}  # gateways runs were sent on to, by address
 
     def close(self) -> None:
         if self._closed:
@@ -112,6 +113,10 @@ class Client(VisionCalls, TaskCalls):
         for run in runs:
             run.close()
         wait(in_flight)
+        with self._lock:
+            peers, self._peers = list(self._peers.values()), {}
+        for peer in peers:
+            peer.close()
         self._local.close()
         super().close()
 
@@ -304,6 +309,17 @@ class Client(VisionCalls, TaskCalls):
     def migratable_runtime(self) -> Any:
         """This device's runtime for migratable runs (shared by all of them)."""
         return self._local.migratable_runtime()
+
+    def peer(self, address: str) -> Client:
+        """A client for the gateway at ``address`` ("HOST:PORT"), where a saturated gateway
+        sent one of this client's runs (``run_moved`` ``to``); made once, closed with this
+        one. Its own LAN rule holds: a private run is not sent to it off the LAN."""
+        with self._lock:
+            peer = self._peers.get(address)
+            if peer is None:
+                peer = Client(address, placement="edge", timeout_s=self.timeout_s)
+                self._peers[address] = peer
+            return peer
 
     def private_refusal(self, private: bool) -> str | None:
         """Why private work may not go to the connected gateway (off the LAN, a cloud tier)."""

@@ -64,6 +64,7 @@ class RunHost(Protocol):
 
     def connection(self) -> Connection: ...
     def migratable_runtime(self) -> Any: ...
+    def peer(self, address: str) -> RunHost: ...
     def private_refusal(self, private: bool) -> str | None: ...
     def upload_blob(
         self, conn: Any, data: bytes, max_chunk: int, data_class: Literal["private", "public"]
@@ -138,6 +139,7 @@ class RunOutcome:
 class _Moved:
     snapshot: bytes
     reason: str
+    to: str = ""  # the gateway placement sent it to (a broker address); "": this device
 
 
 class MigratableRun:
@@ -369,7 +371,10 @@ class MigratableRun:
                 target, self._target = self._target, None
                 self._snapshot = outcome.snapshot or self._snapshot
                 served = self._asked
-            if target is None:
+            if target is None and outcome.to:
+                # A saturated gateway's placement sent it on to its upstream (run_moved `to`).
+                where, client, reason = "edge", self._client.peer(outcome.to), outcome.reason
+            elif target is None:
                 where, client, reason = "local", None, outcome.reason or "back to the device"
             else:
                 where, client = target[0], target[1]
@@ -494,7 +499,7 @@ class MigratableRun:
             raise JobError(reply.code, reply.message, job_id=job_id, where="edge")
         if isinstance(reply, RunMoved):
             self._checkpointed(reply.snapshot)
-            return _Moved(reply.snapshot, reply.reason)
+            return _Moved(reply.snapshot, reply.reason, reply.to)
         if isinstance(reply, RunResult):
             return RunOutcome(
                 self.run_id,

@@ -435,7 +435,15 @@ class Dispatcher:
         if active.cancelled:
             message = f"run {decoded.run_id} cancelled by its device"
             return encode(Error(code=ErrorCode.CANCELLED, message=message, job_id=decoded.job_id))
-        return encode(msgspec.structs.replace(decoded, reason=active.reason))
+        reason, to = active.reason, ""
+        if reason == REASON_OVERLOADED:  # placement says where it goes (placement.py)
+            job = item.job
+            assert isinstance(job, RunStart | RunResume)
+            decision = self._placer.place_run_move(job)
+            self._audit(item.reply_to.client_id, job, decision)
+            if decision.action is Action.UPSTREAM:
+                reason, to = f"{reason}: to its upstream {decision.target}", decision.target
+        return encode(msgspec.structs.replace(decoded, reason=reason, to=to))
 
     def _admit(self, job: PlacedJob, reply_to: ReplyTo) -> bool:
         refusal = self._admission.admit(reply_to.client_id)

@@ -392,12 +392,14 @@ class RunResult(_Message, frozen=True, tag="run_result"):
 class RunMoved(_Message, frozen=True, tag="run_moved"):
     """The run stopped on this gateway and goes on elsewhere: ``snapshot`` is the snapshot
     file (docs/migration.md); ``reason`` says why (asked by the device, gateway stopping,
-    gateway overloaded)."""
+    gateway overloaded). ``to``: where the gateway's placement sends it next, the broker
+    address of its upstream gateway (a saturated gateway, a public run); "": its device."""
 
     job_id: str
     run_id: str
     snapshot: bytes
     reason: str
+    to: str = ""
 
 
 class RunCheckpoint(_Message, frozen=True, tag="run_checkpoint"):
