@@ -101,3 +101,74 @@ def test_a_sealed_file_opens_only_whole_in_order_and_with_its_key(tmp_path: Path
     path.write_bytes(writer.header() + b"".join(records))
     with pytest.raises(JobError):
         open_sealed(path, other)
+
+
+# -- snapshots larger than one message leave a gateway in pieces ------------------------------
+
+
+def test_a_snapshot_larger_than_a_message_leaves_the_gateway_in_run_chunk_pieces(
+    make_gateway: Callable[..., GatewayProcess], modules: tuple[bytes, bytes], tmp_path: Path
+) -> None:
+    """With messages limited to 1 MiB, a run holding 3 MiB of input moves to the gateway (the
+    snapshot is uploaded as a blob), sends checkpoints and comes back (both larger than a
+    message: run_chunk pieces), and ends with the output of a run that never moved."""
+    plain, migratable = modules
+    policy = tmp_path / "small-messages.toml"
+    policy.write_text(
+        f"[wasm]\nfuel = {FUEL}\n[limits]\nmax_message_bytes = 1048576\nmax_chunk_bytes = 262144\n"
+    )
+    gw = make_gateway("--policy", str(policy), managed=True)
+    stdin = random.Random(12).randbytes(3 << 20)
+    rounds = "200"  # ~3 s of work here: it is still running when it is moved back
+    expected = WasmRuntime(wasi_nn=None).run(
+        hashlib.sha256(plain).hexdigest(), stdin=stdin, args=[rounds], wasm=plain, limits=LIMITS
+    )
+    sizes: list[int] = []
+    with gw.client(placement="auto") as device:
+        run = device.start_wasm(
+            migratable,
+            stdin=stdin,
+            args=[rounds],
+            where="local",
+            limits=LIMITS,
+            checkpoint_every_s=0.2,
+        )
+        run.on_snapshot = lambda blob: sizes.append(len(blob))
+        assert wait_until(lambda: run.where == "local", timeout_s=20)
+        assert run.migrate("edge") == gw.gateway_id
+        came = run.checkpoints
+        assert wait_until(lambda: run.checkpoints >= came + 2 or run.done(), timeout_s=30)
+        assert run.migrate("local") == "local"
+        outcome = run.result(120)
+    assert (outcome.exit_code, outcome.stdout) == (expected.exit_code, expected.stdout)
+    assert [h.where for h in outcome.hops] == ["local", gw.gateway_id, "local"]
+    assert outcome.hops[-1].reason == "moved by the application to local"
+    # Every snapshot the device got from the gateway was larger than one message.
+    assert len(sizes) >= 3
+    assert min(sizes[1:]) > 1 << 20
+
+
+def test_pieces_of_a_snapshot_come_back_whole_and_only_whole() -> None:
+    from hearth.migration import SnapshotPieces
+    from hearth.protocol import RunChunk, RunMoved, decode_reply, encode
+    from hearth_gateway.runs import in_pieces
+
+    snapshot = random.Random(13).randbytes(10_000)
+    moved = encode(RunMoved(job_id="r.2", run_id="r", snapshot=snapshot, reason="x"))
+    assert in_pieces(moved, max_message=len(moved), max_chunk=4096) is None  # it fits
+    pieces = [decode_reply(p) for p in in_pieces(moved, max_message=1024, max_chunk=4096) or []]
+    *chunks, last = pieces
+    assert [len(c.data) for c in chunks if isinstance(c, RunChunk)] == [4096, 4096, 1808]
+    assert isinstance(last, RunMoved)
+    assert last.snapshot == b""
+    assert last.snapshot_sha256 == hashlib.sha256(snapshot).hexdigest()
+    whole = SnapshotPieces()
+    for chunk in chunks:
+        assert isinstance(chunk, RunChunk)
+        whole.add(chunk)
+    assert whole.take(last.snapshot_sha256) == snapshot
+    gap = SnapshotPieces()
+    for chunk in (chunks[0], chunks[2]):  # one lost on the way
+        assert isinstance(chunk, RunChunk)
+        gap.add(chunk)
+    assert gap.take(last.snapshot_sha256) == b""

@@ -118,6 +118,7 @@ EXPECTED_TAGS = {
     "run_result",
     "run_moved",
     "run_checkpoint",
+    "run_chunk",
     "run_ack",
     "status",
     "notify",

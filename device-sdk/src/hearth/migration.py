@@ -37,6 +37,7 @@ from hearth.protocol import (
     Reply,
     RunAck,
     RunCheckpoint,
+    RunChunk,
     RunControl,
     RunMoved,
     RunResult,
@@ -48,7 +49,7 @@ from hearth.runtime.limits import WasmLimits
 if TYPE_CHECKING:
     from hearth._connection import Connection
 
-__all__ = ["Hop", "LinkPolicy", "LinkWatch", "MigratableRun", "RunOutcome"]
+__all__ = ["Hop", "LinkPolicy", "LinkWatch", "MigratableRun", "RunOutcome", "SnapshotPieces"]
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,33 @@ class RunOutcome:
         return self.hops[-1].where
 
 
+class SnapshotPieces:
+    """A snapshot arriving as ``run_chunk`` messages (one too large for a message), put back
+    together: pieces in order from offset 0, checked against their sha256 (pure)."""
+
+    def __init__(self) -> None:
+        self._sha = ""
+        self._data = bytearray()
+        self._size = 0
+
+    def add(self, chunk: RunChunk) -> None:
+        if chunk.offset == 0:
+            self._sha, self._data, self._size = chunk.sha256, bytearray(), chunk.size
+        if chunk.sha256 != self._sha or chunk.offset != len(self._data):
+            self._sha = ""  # out of order, or another snapshot's: this one is lost
+            return
+        self._data += chunk.data
+
+    def take(self, sha256: str) -> bytes:
+        """The snapshot named ``sha256``; b"" when it did not arrive whole."""
+        import hashlib
+
+        data, self._data = bytes(self._data), bytearray()
+        whole = sha256 == self._sha and len(data) == self._size
+        self._sha = ""
+        return data if whole and hashlib.sha256(data).hexdigest() == sha256 else b""
+
+
 @dataclass(slots=True)
 class _Moved:
     snapshot: bytes
@@ -193,6 +221,7 @@ class MigratableRun:
         self._local_run: Any = None
         self._edge: tuple[Any, str] | None = None  # (connection, job id) of the current hop
         self._hop_count = 0
+        self._pieces = SnapshotPieces()  # a snapshot arriving in run_chunk pieces
         self._closed = False
         self._pausing = False  # closed by pause(): a gateway is asked to move it, not end it
         # Called with every snapshot this handle gets (checkpoints, and the final one of a
@@ -498,8 +527,11 @@ class MigratableRun:
         if isinstance(reply, Error):
             raise JobError(reply.code, reply.message, job_id=job_id, where="edge")
         if isinstance(reply, RunMoved):
-            self._checkpointed(reply.snapshot)
-            return _Moved(reply.snapshot, reply.reason, reply.to)
+            snapshot = reply.snapshot or self._pieces.take(reply.snapshot_sha256)
+            if not snapshot:  # it did not arrive whole: the last checkpoint will do
+                return _Moved(self._snapshot or b"", f"{reply.reason} (snapshot lost on the way)")
+            self._checkpointed(snapshot)
+            return _Moved(snapshot, reply.reason, reply.to)
         if isinstance(reply, RunResult):
             return RunOutcome(
                 self.run_id,
@@ -518,8 +550,13 @@ class MigratableRun:
         kept). ``arrival``: the hop's reason, on its first request ("" on a re-send)."""
 
         def interim(reply: Reply) -> bool:
+            if isinstance(reply, RunChunk) and reply.run_id == self.run_id:
+                self._pieces.add(reply)
+                return True
             if isinstance(reply, RunCheckpoint) and reply.run_id == self.run_id:
-                self._checkpointed(reply.snapshot)
+                snapshot = reply.snapshot or self._pieces.take(reply.snapshot_sha256)
+                if snapshot:
+                    self._checkpointed(snapshot)
                 return True
             return False
 

@@ -54,7 +54,7 @@ from hearth_gateway.placement import Action, Decision, PlacedJob, Placer
 from hearth_gateway.policy import Admission, Policy
 from hearth_gateway.reply_to import PublishReply, ReplyTo
 from hearth_gateway.runners import Job, TaskEvent, VisionClose, runner_for
-from hearth_gateway.runs import REASON_OVERLOADED, Runs
+from hearth_gateway.runs import REASON_OVERLOADED, Runs, in_pieces
 from hearth_gateway.store import JournalEntry, Store
 from hearth_gateway.streams import Sessions, StreamCounters
 from hearth_gateway.upstream import Forwarded, Forwarder
@@ -416,10 +416,12 @@ class Dispatcher:
         self.runs.started(item)
 
     def progress(self, item: QueuedJob, frame: bytes) -> None:
-        """Worker pool callback: a run's checkpoint, to its device (too large: dropped, and
-        the device keeps the previous one)."""
-        if len(frame) <= self._limits.max_message_bytes:
-            self._publish(item.reply_to, frame)
+        """Worker pool callback: a run's checkpoint, to its device (too large for one message:
+        in run_chunk pieces, runs.in_pieces)."""
+        limits = self._limits
+        pieces = in_pieces(frame, limits.max_message_bytes, limits.max_chunk_bytes)
+        for piece in pieces or ([frame] if len(frame) <= limits.max_message_bytes else []):
+            self._publish(item.reply_to, piece)
 
     def _run_answer(self, item: QueuedJob, reply: bytes) -> bytes:
         """A run's answer, with why it moved (the worker only knows that it was asked to)."""
@@ -559,9 +561,12 @@ class Dispatcher:
             return
         if item.latest is not None:
             reply = self._with_dropped(reply, self.streams.get(item.latest))
+        pieces = None
         if isinstance(job, RunStart | RunResume):
             reply = self._run_answer(item, reply)
-        if len(reply) > self._limits.max_message_bytes:
+            limits = self._limits
+            pieces = in_pieces(reply, limits.max_message_bytes, limits.max_chunk_bytes)
+        if pieces is None and len(reply) > self._limits.max_message_bytes:
             # The broker would drop us for a packet over its limit: answer with the reason.
             reply = self._too_large(job, len(reply))
         elif len(reply) < 1024:  # errors are small; results rarely are
@@ -572,7 +577,8 @@ class Dispatcher:
                 self._store.finish(client_id, job.job_id, reply)
             elif item.journaled:
                 self._store.forget(client_id, job.job_id)
-            self._publish(item.reply_to, reply)
+            for piece in pieces or [reply]:
+                self._publish(item.reply_to, piece)
         finally:
             if item.admitted:
                 self._admission.release(client_id)

@@ -400,6 +400,20 @@ class RunMoved(_Message, frozen=True, tag="run_moved"):
     snapshot: bytes
     reason: str
     to: str = ""
+    snapshot_sha256: str = ""  # set, with ``snapshot`` empty: it came as run_chunk messages
+
+
+class RunChunk(_Message, frozen=True, tag="run_chunk"):
+    """One piece of a snapshot too large for one message, on the hop's correlation before the
+    ``run_moved`` or ``run_checkpoint`` that names it (``snapshot_sha256``); in order, from
+    offset 0, like a blob's chunks."""
+
+    job_id: str
+    run_id: str
+    sha256: Sha256
+    size: NonNegative
+    offset: NonNegative
+    data: bytes
 
 
 class RunCheckpoint(_Message, frozen=True, tag="run_checkpoint"):
@@ -410,6 +424,7 @@ class RunCheckpoint(_Message, frozen=True, tag="run_checkpoint"):
     run_id: str
     seq: int
     snapshot: bytes
+    snapshot_sha256: str = ""  # as in run_moved
 
 
 class RunAck(_Message, frozen=True, tag="run_ack"):
@@ -468,6 +483,7 @@ Reply = (
     | RunResult
     | RunMoved
     | RunCheckpoint
+    | RunChunk
     | RunAck
 )
 
