@@ -119,6 +119,7 @@ EXPECTED_TAGS = {
     "run_moved",
     "run_checkpoint",
     "run_chunk",
+    "run_round",
     "run_ack",
     "status",
     "notify",

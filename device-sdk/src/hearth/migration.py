@@ -42,6 +42,7 @@ from hearth.protocol import (
     RunMoved,
     RunResult,
     RunResume,
+    RunRound,
     RunStart,
 )
 from hearth.runtime.limits import WasmLimits
@@ -82,7 +83,7 @@ class LinkPolicy:
 
     every_s: float = 2.0  # 0: the link is not watched
     window: int = 5
-    max_rtt_ms: float = 500.0
+    max_rtt_ms: float = 1000.0
     max_loss: float = 0.5
     timeout_s: float = 2.0
 
@@ -168,6 +169,7 @@ class _Moved:
     snapshot: bytes
     reason: str
     to: str = ""  # the gateway placement sent it to (a broker address); "": this device
+    delta: Any = None  # a pre-copy's final delta (a Snapshot), against the rounds received
 
 
 class MigratableRun:
@@ -222,6 +224,14 @@ class MigratableRun:
         self._edge: tuple[Any, str] | None = None  # (connection, job id) of the current hop
         self._hop_count = 0
         self._pieces = SnapshotPieces()  # a snapshot arriving in run_chunk pieces
+        # A pre-copy from a gateway (docs/migration.md §8.4): the instance its rounds fill,
+        # and the delta that ends it, resumed on that instance by the next hop here.
+        self._incoming: Any = None
+        self._delta: Any = None
+        self.precopy_rounds = 0  # rounds received, all hops together
+        self.precopy_bytes = 0
+        self.paused_at = 0.0  # the source's time.monotonic() when the last move stopped it
+        self.resumed_at = 0.0  # this device's, when it ran again here (downtime, one host)
         self._closed = False
         self._pausing = False  # closed by pause(): a gateway is asked to move it, not end it
         # Called with every snapshot this handle gets (checkpoints, and the final one of a
@@ -400,17 +410,24 @@ class MigratableRun:
                 target, self._target = self._target, None
                 self._snapshot = outcome.snapshot or self._snapshot
                 served = self._asked
-            if target is None and outcome.to:
-                # A saturated gateway's placement sent it on to its upstream (run_moved `to`).
-                where, client, reason = "edge", self._client.peer(outcome.to), outcome.reason
-            elif target is None:
-                where, client, reason = "local", None, outcome.reason or "back to the device"
-            else:
-                where, client = target[0], target[1]
-                reason = self._target_reason
+            where, client, reason = self._next_place(outcome, target)
             self._serving = served
             if self._closed:
                 raise JobError(ErrorCode.CANCELLED, f"run {self.run_id} cancelled", where=where)
+
+    def _next_place(
+        self, outcome: _Moved, target: tuple[str, RunHost | None] | None
+    ) -> tuple[str, RunHost | None, str]:
+        """Where the run goes after a hop that moved it, with whose gateway and why."""
+        if outcome.delta is not None:
+            home = (target is None and not outcome.to) or (target or ("",))[0] == "local"
+            outcome = self._after_precopy(outcome, home)
+        if target is not None:
+            return target[0], target[1], self._target_reason
+        if outcome.to:
+            # A saturated gateway's placement sent it on to its upstream (run_moved `to`).
+            return "edge", self._client.peer(outcome.to), outcome.reason
+        return "local", None, outcome.reason or "back to the device"
 
     def _arrived(self, where: str, reason: str) -> None:
         with self._moved:
@@ -441,7 +458,11 @@ class MigratableRun:
         from hearth.runtime.snapshot import decode_snapshot, encode_snapshot
 
         runtime = self._client.migratable_runtime()
-        if self._snapshot:
+        if self._delta is not None and self._incoming is not None:
+            # The end of a pre-copy: the delta goes on in the instance the rounds filled.
+            delta, incoming, self._delta, self._incoming = self._delta, self._incoming, None, None
+            run = incoming.resume(delta, where="local")
+        elif self._snapshot:
             snap = decode_snapshot(self._snapshot, module=self.module_sha256)
             run = runtime.resume(snap, where="local", wasm=self.module, limits=self.limits)
         else:
@@ -468,6 +489,7 @@ class MigratableRun:
         finally:
             with self._lock:
                 self._local_run = None
+            self.resumed_at = run.resumed_at or self.resumed_at
         if isinstance(outcome, Paused):
             data = encode_snapshot(outcome.snapshot)
             self._checkpointed(data)
@@ -530,9 +552,15 @@ class MigratableRun:
             snapshot = reply.snapshot or self._pieces.take(reply.snapshot_sha256)
             if not snapshot:  # it did not arrive whole: the last checkpoint will do
                 return _Moved(self._snapshot or b"", f"{reply.reason} (snapshot lost on the way)")
+            self.paused_at = reply.paused_at
+            state = decode_snapshot(snapshot, module=self.module_sha256)
+            if state.precopy_rounds:  # not a whole snapshot: resumed with its rounds
+                return _Moved(b"", reply.reason, reply.to, delta=state)
+            self._drop_incoming()  # rounds of a pre-copy that did not end in this move
             self._checkpointed(snapshot)
             return _Moved(snapshot, reply.reason, reply.to)
         if isinstance(reply, RunResult):
+            self._drop_incoming()
             return RunOutcome(
                 self.run_id,
                 reply.exit_code,
@@ -552,6 +580,9 @@ class MigratableRun:
         def interim(reply: Reply) -> bool:
             if isinstance(reply, RunChunk) and reply.run_id == self.run_id:
                 self._pieces.add(reply)
+                return True
+            if isinstance(reply, RunRound) and reply.run_id == self.run_id:
+                self._received_round(reply.round or self._pieces.take(reply.round_sha256))
                 return True
             if isinstance(reply, RunCheckpoint) and reply.run_id == self.run_id:
                 snapshot = reply.snapshot or self._pieces.take(reply.snapshot_sha256)
@@ -590,6 +621,55 @@ class MigratableRun:
             with self._lock:
                 self._edge = None
         return reply
+
+    # -- pre-copy from a gateway ---------------------------------------------------------------
+
+    def _received_round(self, data: bytes) -> None:
+        """Apply one pre-copy round (on the connection's thread, in order) to the instance
+        held ready for the run; a round that does not fit drops the pre-copy (the delta that
+        ends it is then useless, and the run goes on from its last checkpoint)."""
+        from hearth.runtime.snapshot import decode_round
+
+        try:
+            memory_round = decode_round(data)
+            if memory_round.number == 0:
+                self._drop_incoming()
+                runtime = self._client.migratable_runtime()
+                self._incoming = runtime.receive(
+                    self.module_sha256, self.run_id, wasm=self.module, limits=self.limits
+                )
+            if self._incoming is None:
+                return
+            self._incoming.apply(memory_round)
+            self.precopy_rounds += 1
+            self.precopy_bytes += len(data)
+        except HearthError as exc:
+            log.warning("run %s: pre-copy round dropped (%s)", self.run_id, exc)
+            self._drop_incoming()
+
+    def _drop_incoming(self) -> None:
+        incoming, self._incoming, self._delta = self._incoming, None, None
+        if incoming is not None:
+            incoming.close()
+
+    def _after_precopy(self, moved: _Moved, home: bool) -> _Moved:
+        """A hop that ended with a pre-copy's delta: kept for the next hop if that is here
+        (it resumes on the instance the rounds filled), else made whole (a snapshot that can
+        go anywhere); without its rounds, the last checkpoint."""
+        from hearth.runtime.snapshot import encode_snapshot
+
+        incoming, delta = self._incoming, moved.delta
+        if incoming is None or incoming.rounds != delta.precopy_rounds:
+            self._drop_incoming()
+            reason = f"{moved.reason} (pre-copy incomplete: from the last checkpoint)"
+            return _Moved(self._snapshot or b"", reason)
+        if home and not self._closed:
+            self._delta = delta
+            return _Moved(b"", moved.reason)
+        self._incoming = None
+        whole = encode_snapshot(incoming.complete(delta))
+        self._checkpointed(whole)
+        return _Moved(whole, moved.reason, moved.to)
 
     def _watch_link(self, conn: Any, done: threading.Event) -> None:
         """Ping the gateway while this hop is on it; move the run home once the link counts as

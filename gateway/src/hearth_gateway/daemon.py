@@ -112,6 +112,7 @@ class Gateway:
             gateway_id=self.gateway_id,
             checkpoint_every_s=self.policy.migration.checkpoint_every_s,
             checkpoint_every_mib=self.policy.migration.checkpoint_every_mib,
+            precopy_over_mib=self.policy.migration.precopy_over_mib,
         )
         self.pool = WorkerPool(
             self.loop,

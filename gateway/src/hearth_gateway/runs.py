@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 import msgspec
 
 from hearth.errors import ErrorCode, ProtocolError
-from hearth.protocol import RunCheckpoint, RunChunk, RunMoved, RunResume, RunStart, decode_reply
+from hearth.protocol import (
+    RunCheckpoint,
+    RunChunk,
+    RunMoved,
+    RunResume,
+    RunRound,
+    RunStart,
+    decode_reply,
+)
 from hearth.protocol import encode as encode_message
 from hearth_gateway.workers import QueuedJob
 
@@ -126,19 +134,24 @@ class Runs:
 
 
 def in_pieces(reply: bytes, max_message: int, max_chunk: int) -> list[bytes] | None:
-    """A run's answer or checkpoint too large for one message, as the messages that carry it
-    (docs/protocol.md, ``run_chunk``): its snapshot in ``run_chunk`` pieces of ``max_chunk``
-    bytes, then the answer itself naming it by its sha256. None: it fits, or it is not a
-    snapshot's carrier (the caller answers ``too_large``)."""
+    """A run's answer, checkpoint or pre-copy round too large for one message, as the messages
+    that carry it (docs/protocol.md, ``run_chunk``): its snapshot (or round) in ``run_chunk``
+    pieces of ``max_chunk`` bytes, then the message itself naming it by its sha256. None: it
+    fits, or it carries no snapshot (the caller answers ``too_large``)."""
     if len(reply) <= max_message:
         return None
     try:
         decoded = decode_reply(reply)
     except ProtocolError:
         return None
-    if not isinstance(decoded, RunMoved | RunCheckpoint) or not decoded.snapshot:
+    if isinstance(decoded, RunMoved | RunCheckpoint):
+        data, fields = decoded.snapshot, ("snapshot", "snapshot_sha256")
+    elif isinstance(decoded, RunRound):
+        data, fields = decoded.round, ("round", "round_sha256")
+    else:
         return None
-    data = decoded.snapshot
+    if not data:
+        return None
     sha = hashlib.sha256(data).hexdigest()
     pieces = [
         encode_message(
@@ -153,7 +166,6 @@ def in_pieces(reply: bytes, max_message: int, max_chunk: int) -> list[bytes] | N
         )
         for offset in range(0, len(data), max_chunk)
     ]
-    pieces.append(
-        encode_message(msgspec.structs.replace(decoded, snapshot=b"", snapshot_sha256=sha))
-    )
+    emptied: dict[str, object] = {fields[0]: b"", fields[1]: sha}
+    pieces.append(encode_message(msgspec.structs.replace(decoded, **emptied)))
     return pieces

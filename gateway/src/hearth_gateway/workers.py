@@ -91,7 +91,7 @@ class _Kind(msgspec.Struct):
 
 
 _kind = msgspec.msgpack.Decoder(_Kind)
-_INTERIM = frozenset({"run_checkpoint"})
+_INTERIM = frozenset({"run_checkpoint", "run_round"})
 
 
 class _State(enum.Enum):

@@ -401,6 +401,20 @@ class RunMoved(_Message, frozen=True, tag="run_moved"):
     reason: str
     to: str = ""
     snapshot_sha256: str = ""  # set, with ``snapshot`` empty: it came as run_chunk messages
+    # The source's time.monotonic() when the run stopped (downtime, measured on one machine).
+    paused_at: float = 0.0
+
+
+class RunRound(_Message, frozen=True, tag="run_round"):
+    """A pre-copy round of a run about to leave the gateway (docs/migration.md §7, §8.4): its
+    memory, or what changed of it since the previous round, sent while the run goes on. The
+    device applies rounds in order to an instance it holds ready; the ``run_moved`` that ends
+    the hop then carries a delta against them (``precopy_rounds`` > 0 in the snapshot)."""
+
+    job_id: str
+    run_id: str
+    round: bytes  # a pre-copy round file (docs/migration.md §4.6)
+    round_sha256: str = ""  # set, with ``round`` empty: it came as run_chunk messages
 
 
 class RunChunk(_Message, frozen=True, tag="run_chunk"):
@@ -484,6 +498,7 @@ Reply = (
     | RunMoved
     | RunCheckpoint
     | RunChunk
+    | RunRound
     | RunAck
 )
 

@@ -266,6 +266,16 @@ class Run:
         self.pause(against=image)
         return sent
 
+    def memory_size(self, wait_s: float = 2.0) -> int:
+        """Linear memory's size in bytes as of the run's latest migration point (from another
+        thread, this waits up to ``wait_s`` for the next one: a checkpoint being encoded, or a
+        long computation, may hold it up); 0 when none came."""
+        self._track_size()
+        # The size read when execution began is stale: wait for one a migration point read.
+        if not self._size_seen.wait(wait_s):
+            return 0
+        return max(self._live_size, self.host.known_size)
+
     def _track_size(self) -> None:
         """Make sure the memory size pre-copy reads is current. Only the executing thread can
         ask the store, at a migration point; from the first round on it does so at each."""

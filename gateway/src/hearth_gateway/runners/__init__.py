@@ -94,6 +94,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     gateway_id: str = ""  # names this gateway in a migratable run's hops
     checkpoint_every_s: float = 5.0  # a migratable run's checkpoints, unless it asks otherwise
     checkpoint_every_mib: float = 64.0  # ... or by MiB of I/O progress, whichever first
+    precopy_over_mib: float = 16.0  # a run this large leaving is pre-copied; 0: never
 
 
 class WorkItem(msgspec.Struct, frozen=True, kw_only=True, tag="work"):
