@@ -442,7 +442,8 @@ class Dispatcher:
             job = item.job
             assert isinstance(job, RunStart | RunResume)
             decision = self._placer.place_run_move(job)
-            self._audit(item.reply_to.client_id, job, decision)
+            if decision.action in (Action.UPSTREAM, Action.DENY):  # not plain "home"
+                self._audit(item.reply_to.client_id, job, decision)
             if decision.action is Action.UPSTREAM:
                 reason, to = f"{reason}: to its upstream {decision.target}", decision.target
         return encode(msgspec.structs.replace(decoded, reason=reason, to=to))
