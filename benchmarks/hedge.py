@@ -37,13 +37,16 @@ from _common import (
     verdict,
 )
 from hearth import Client
+from hearth.errors import ErrorCode, JobError
 from hearth.transport import BrokerAddress
 from testkit.net import LOOPBACK, free_port
 
 STALL_EVERY = 20
 STALL_S = 0.2
 TARGET_P99_RATIO = 0.5
-MODES = ("edge", "hedge")
+# hedge: the loser is cancelled (both halves are migratable runs, hearth._hedge);
+# hedge-nocancel: the loser runs to its end and its answer is dropped (Client.hedge_cancels).
+MODES = ("edge", "hedge", "hedge-nocancel")
 
 
 @dataclass
@@ -61,25 +64,38 @@ def _stall(pid: int) -> threading.Timer:
 
 def _series(
     client: Client, module: Path, stdin: bytes, mode: str, indices: range, pid: int
-) -> tuple[list[float], float, float, int]:
+) -> tuple[list[float], float, float, int, int]:
     """Latencies (ms) of the calls at ``indices``, CPU s of this process and of the gateway's
-    tree, and how many the device answered first."""
+    tree, how many the device answered first, and how many losers were cancelled (the others
+    finished before their cancel took effect)."""
     latencies: list[float] = []
+    losers = []
     local_wins = client.stats.hedge_local_wins
+    client.hedge_cancels = mode != "hedge-nocancel"
+    where = "edge" if mode == "edge" else "hedge"
     cpu_here, cpu_there = time.process_time(), tree_cpu_s(pid)
     for i in indices:
         timer = _stall(pid) if i % STALL_EVERY == STALL_EVERY - 1 else None
         started = time.perf_counter()
-        run = client.run_wasm(module, stdin, ["edges"], where=mode)
+        run = client.run_wasm(module, stdin, ["edges"], where=where)
         latencies.append((time.perf_counter() - started) * 1e3)
         assert run.exit_code == 0
+        if mode == "hedge":
+            losers.append(client._hedger.losers[-1])
         if timer is not None:
             timer.join()  # the next call starts on a gateway that runs again
-    # Let the losing halves of hedged calls finish before their CPU is counted.
+    # Let the losing halves of hedged calls end before their CPU is counted.
+    cancelled = 0
+    for loser in losers:
+        try:
+            loser.result(30)
+        except JobError as exc:
+            cancelled += exc.code is ErrorCode.CANCELLED
     time.sleep(0.3)
     cpu_here = time.process_time() - cpu_here
     cpu_there = tree_cpu_s(pid) - cpu_there
-    return latencies, cpu_here, cpu_there, client.stats.hedge_local_wins - local_wins
+    wins = client.stats.hedge_local_wins - local_wins
+    return latencies, cpu_here, cpu_there, wins, cancelled
 
 
 def run(work: Path, n: int, block: int) -> Outcome:
@@ -88,18 +104,19 @@ def run(work: Path, n: int, block: int) -> Outcome:
     listen = BrokerAddress(LOOPBACK, free_port())
     latencies: dict[str, list[float]] = {m: [] for m in MODES}
     cpu: dict[str, list[float]] = {m: [0.0, 0.0] for m in MODES}
-    wins = 0
+    wins = cancelled = 0
     with (
         GatewayProcess(listen, work / "gw", managed=True, workers=2) as gateway,
         Client(gateway.address, timeout_s=20, max_workers=4) as client,
     ):
         pid = gateway.daemon_pid()
         for mode in MODES:  # warm-up: upload, compile, first runs on both sides
+            client.hedge_cancels = mode != "hedge-nocancel"
             for _ in range(5):
-                client.run_wasm(wasm, stdin, ["edges"], where=mode)
+                client.run_wasm(wasm, stdin, ["edges"], where="edge" if mode == "edge" else "hedge")
         for start in range(0, n, block):
             for mode in MODES:
-                lat, here, there, won = _series(
+                lat, here, there, won, stopped = _series(
                     client, wasm, stdin, mode, range(start, min(n, start + block)), pid
                 )
                 latencies[mode] += lat
@@ -107,6 +124,7 @@ def run(work: Path, n: int, block: int) -> Outcome:
                 cpu[mode][1] += there
                 if mode == "hedge":
                     wins += won
+                    cancelled += stopped
     out = Outcome()
     summaries = {m: Summary.of(latencies[m]) for m in MODES}
     for mode in MODES:
@@ -122,6 +140,9 @@ def run(work: Path, n: int, block: int) -> Outcome:
     out.figures["p99_ratio_target"] = TARGET_P99_RATIO
     out.figures["p99_ratio_verdict"] = verdict(ratio, TARGET_P99_RATIO, at_most=True)
     out.figures["hedge_device_first"] = wins
+    out.figures["hedge_losers_cancelled"] = cancelled
+    nocancel = summaries["hedge-nocancel"].p99 / summaries["edge"].p99
+    out.figures["p99_ratio_hedge_nocancel_over_edge"] = nocancel
     out.figures["calls_per_mode"] = n
     out.figures["stalls_per_mode"] = n // STALL_EVERY
     return out
@@ -160,7 +181,19 @@ def report(out: Outcome) -> None:
                 f"<= {TARGET_P99_RATIO}",
                 f["p99_ratio_verdict"],
             ],
+            [
+                "p99 hedge-nocancel / p99 edge",
+                f["p99_ratio_hedge_nocancel_over_edge"],
+                "",
+                "",
+            ],
             ["hedged calls the device answered first", f["hedge_device_first"], "", ""],
+            [
+                "hedge losers cancelled (the rest had finished)",
+                f["hedge_losers_cancelled"],
+                "",
+                "",
+            ],
         ],
     )
 

@@ -151,6 +151,31 @@ def test_sigkill_mid_run_resumes_from_the_last_checkpoint(
     assert killed_at - last_checkpoint_at <= interval_s + 0.25
 
 
+def test_a_gateway_checkpoints_by_mib_of_progress_and_a_killed_run_resumes_from_one(
+    make_gateway: Callable[..., GatewayProcess], modules: tuple[bytes, bytes], tmp_path: Path
+) -> None:
+    """The policy's [migration] checkpoint_every_mib: with the seconds an hour apart, the run's
+    I/O progress alone brings its checkpoints, and after a SIGKILL the device goes on from the
+    last of them with the output of a run that never stopped."""
+    plain, migratable = modules
+    policy = tmp_path / "by-progress.toml"
+    policy.write_text(
+        f"[wasm]\nfuel = {FUEL}\n[migration]\ncheckpoint_every_s = 3600\n"
+        "checkpoint_every_mib = 0.0625\n"
+    )
+    gw = make_gateway("--policy", str(policy), managed=True)
+    stdin = random.Random(6).randbytes(STDIN_BYTES * 2)
+    expected = _reference(plain, stdin, [ROUNDS])
+    with gw.client(placement="auto", timeout_s=5) as device:
+        run = device.start_wasm(migratable, stdin=stdin, args=[ROUNDS], where="edge", limits=LIMITS)
+        assert wait_until(lambda: run.checkpoints >= 2, timeout_s=30), "no checkpoints came"
+        gw.kill()
+        outcome = run.result(120)
+    assert (outcome.exit_code, outcome.stdout) == expected
+    assert outcome.hops[-1].where == "local"
+    assert outcome.hops[-1].reason.startswith("gateway lost")
+
+
 def test_a_private_run_never_goes_to_a_cloud_tier_and_a_public_one_may(
     make_gateway: Callable[..., GatewayProcess], modules: tuple[bytes, bytes]
 ) -> None:

@@ -6,6 +6,7 @@ format. The modules are the examples and their Asyncify-instrumented twins
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 import struct
 import subprocess
@@ -317,6 +318,35 @@ def test_checkpoint_every_so_many_seconds_then_resume_from_the_last(
     # is done again is at most one interval plus the last gap between two points.
     assert run.paused_at - taken[-1][0] < interval_s + (run.paused_at - point_times[-2])
     assert_same(hop(mig, taken[-1][1], "peer", limits=BIG_FUEL).execute(), ref)
+
+
+def test_checkpoint_every_so_many_bytes_of_progress_whichever_first_then_resume(
+    plain: WasmRuntime, mig: MigratableRuntime, examples: dict[str, Example]
+) -> None:
+    """Progress is the run's I/O: bytes read (stdin, /scratch) plus bytes written (stdout,
+    stderr, /scratch). With a seconds interval far away, the bytes one decides alone."""
+    example = examples["hashchain"]
+    stdin = random.Random(19).randbytes(400_000)
+    ref = reference(plain, example, ("2",), stdin)
+    total = count_points(mig, example, ("2",), stdin)
+    every = 64 * 1024
+    crash = random.Random(20).randrange(total // 2, total - 5)
+    run = pause_at(mig.start(example.sha, args=("2",), stdin=stdin), crash)
+    run.checkpoint_every_bytes = every
+    run.checkpoint_every_s = 3600.0
+    taken: list[tuple[int, Snapshot]] = []
+    run.on_checkpoint = lambda snap: taken.append((run.host.progress_bytes, snap))
+    assert isinstance(run.execute(), Paused)
+    at_crash = run.host.progress_bytes
+    assert len(taken) >= 2
+    # One is taken at the first migration point past each interval: a call moves at most one
+    # 4 KiB read (and hashchain's progress line) past it.
+    done = [0] + [progress for progress, _ in taken]
+    for before, after in itertools.pairwise(done):
+        assert every <= after - before < every + 4096 + 256
+    # What is done again after resuming the last: less than one interval of progress more.
+    assert at_crash - taken[-1][0] < every + 4096 + 256
+    assert_same(hop(mig, taken[-1][1], "gateway").execute(), ref)
 
 
 def test_a_checkpoint_asked_for_is_taken_at_the_next_point_and_the_run_goes_on(

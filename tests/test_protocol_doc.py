@@ -118,6 +118,8 @@ EXPECTED_TAGS = {
     "run_result",
     "run_moved",
     "run_checkpoint",
+    "run_chunk",
+    "run_round",
     "run_ack",
     "status",
     "notify",

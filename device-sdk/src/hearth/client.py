@@ -26,12 +26,13 @@ from typing import Any, Literal, TypeVar
 
 from hearth._blobs import Blob
 from hearth._futures import chain, race, running, then
+from hearth._hedge import Hedger
 from hearth._local import LocalRuntimes, local_runtimes_installed
 from hearth._results import Inference, WasmRun
 from hearth._tasks import TaskCalls
 from hearth.discovery import GatewayInfo
 from hearth.errors import ErrorCode, GatewayUnavailable, JobError
-from hearth.migration import MigratableRun, load_module
+from hearth.migration import LinkPolicy, MigratableRun, load_module
 from hearth.placement import Decision, Estimates, Placement, decide
 from hearth.protocol import DataClass, OnnxJob, OnnxResult, Reply, WasmJob, WasmResult
 from hearth.runtime.limits import WasmLimits
@@ -55,6 +56,9 @@ class _Plan:
     reason: str
     fallback_ok: bool = False  # an edge call may still run here if the gateway fails it
     estimates: Estimates | None = None  # None: the call is not timed (not a placement choice)
+    # A hedge whose loser is cancelled (hearth._hedge): both halves, started; None: hedge the
+    # plain way (edge and local, the slower one's answer dropped).
+    hedged: Callable[[], Future[Any]] | None = None
 
     @property
     def patience_s(self) -> float | None:
@@ -104,6 +108,11 @@ class Client(VisionCalls, TaskCalls):
         self._local = LocalRuntimes(self.stats, max_workers)
         self._in_flight: set[Future[Any]] = set()  # async calls, for close() to wait on
         self._runs: set[MigratableRun] = set()  # migratable runs still going
+        self._hedger = Hedger(self, self.stats, self._track)
+        # False: a hedge's loser runs to its end and its answer is dropped (the cheaper path
+        # for a module that has no migration point to stop at: hearth._hedge).
+        self.hedge_cancels = True
+        self._peers: dict[str, Client] = {}  # gateways runs were sent on to, by address
 
     def close(self) -> None:
         if self._closed:
@@ -114,6 +123,10 @@ class Client(VisionCalls, TaskCalls):
         for run in runs:
             run.close()
         wait(in_flight)
+        with self._lock:
+            peers, self._peers = list(self._peers.values()), {}
+        for peer in peers:
+            peer.close()
         self._local.close()
         super().close()
 
@@ -199,7 +212,9 @@ class Client(VisionCalls, TaskCalls):
         where: str | None = None,
         data_class: DataClass = "private",
         checkpoint_every_s: float = 0.0,
+        checkpoint_every_mib: float = 0.0,
         deadline_s: float = 600.0,
+        link: LinkPolicy | None = None,
         run_id: str | None = None,
         limits: WasmLimits | None = None,
     ) -> MigratableRun:
@@ -209,8 +224,10 @@ class Client(VisionCalls, TaskCalls):
         The module is instrumented here if it is not already (Binaryen's wasm-opt, see
         docs/migration.md). ``where``: "local" or "edge"; None: the gateway when one is
         reachable and may take the run's data, else this device. ``checkpoint_every_s``: how
-        often a gateway sends the run's state back here (0: its policy); ``deadline_s``: how
-        long one hop on a gateway may go without an answer before the run comes back.
+        often a gateway sends the run's state back here, ``checkpoint_every_mib``: after how
+        much of the run's I/O (MiB read and written), whichever first (0: its policy);
+        ``deadline_s``: how long one hop on a gateway may go without an answer before the run
+        comes back; ``link``: when a degraded link to the gateway brings it back (LinkPolicy).
         ``limits``: fuel, memory and output for its hops on this device (the run's fuel counts
         across hops; a gateway applies its own policy's)."""
         if not migratable:
@@ -226,7 +243,9 @@ class Client(VisionCalls, TaskCalls):
             where=place,
             reason=reason,
             checkpoint_every_s=checkpoint_every_s,
+            checkpoint_every_mib=checkpoint_every_mib,
             deadline_s=deadline_s,
+            link=link,
             run_id=run_id,
             limits=limits,
         )
@@ -240,7 +259,9 @@ class Client(VisionCalls, TaskCalls):
         *,
         where: str | None = None,
         checkpoint_every_s: float = 0.0,
+        checkpoint_every_mib: float = 0.0,
         deadline_s: float = 600.0,
+        link: LinkPolicy | None = None,
         limits: WasmLimits | None = None,
     ) -> MigratableRun:
         """Continue a run from a snapshot file (``run.snapshot()``, a checkpoint) with its
@@ -262,7 +283,9 @@ class Client(VisionCalls, TaskCalls):
             where=place,
             reason=f"resumed from a snapshot ({reason})",
             checkpoint_every_s=checkpoint_every_s,
+            checkpoint_every_mib=checkpoint_every_mib,
             deadline_s=deadline_s,
+            link=link,
             run_id=state.run_id,
             snapshot=data,
             limits=limits,
@@ -297,6 +320,17 @@ class Client(VisionCalls, TaskCalls):
         """This device's runtime for migratable runs (shared by all of them)."""
         return self._local.migratable_runtime()
 
+    def peer(self, address: str) -> Client:
+        """A client for the gateway at ``address`` ("HOST:PORT"), where a saturated gateway
+        sent one of this client's runs (``run_moved`` ``to``); made once, closed with this
+        one. Its own LAN rule holds: a private run is not sent to it off the LAN."""
+        with self._lock:
+            peer = self._peers.get(address)
+            if peer is None:
+                peer = Client(address, placement="edge", timeout_s=self.timeout_s)
+                self._peers[address] = peer
+            return peer
+
     def private_refusal(self, private: bool) -> str | None:
         """Why private work may not go to the connected gateway (off the LAN, a cloud tier)."""
         return self._off_lan(private, Placement.EDGE)
@@ -329,6 +363,9 @@ class Client(VisionCalls, TaskCalls):
             data_class=data_class,
         )
         plan = self._plan(f"wasm:{blob.sha256}", where, private=data_class == "private")
+        hedge = plan.where == "hedge" and self.hedge_cancels
+        if hedge and (migratable := self._hedger.migratable(blob.data)):
+            plan = dataclasses.replace(plan, hedged=lambda: self._hedger.start(job, migratable))
         return (
             plan,
             lambda: self._send(job, blob, WasmResult, _wasm_run, plan.patience_s),
@@ -469,10 +506,13 @@ class Client(VisionCalls, TaskCalls):
     def _hedged(
         self, plan: _Plan, edge: Callable[[], Future[T]], local: Callable[[str], T]
     ) -> Future[T]:
-        """Both sides at once; the first answer wins. The other is not interrupted (neither
-        wasmtime nor a gateway's worker can stop one job safely): its answer is dropped, and
-        the CPU it costs is what benchmarks/hedge.py reports."""
+        """Both sides at once; the first answer wins. A WASM call whose module can migrate
+        runs as two migratable runs and the loser is cancelled (hearth._hedge); otherwise the
+        other is not interrupted (neither wasmtime nor a gateway's worker can stop a plain job
+        safely): its answer is dropped. benchmarks/hedge.py reports the CPU both cost."""
         self.stats.hedged += 1
+        if plan.hedged is not None:
+            return plan.hedged()
         there = edge()
         here = self._local.submit(lambda: local(plan.reason))
 

@@ -7,6 +7,8 @@ a snapshot (docs/migration.md). What moves it:
 
 - the application: ``run.migrate(to="edge" | "local" | other_client)``;
 - the gateway: ``run_moved`` when it stops (SIGTERM) or is overloaded: the run comes back here;
+- the link: while the run is on a gateway its driver pings it (``LinkPolicy``); when the round
+  trips grow past the policy's limit, or too many pings go unanswered, the run comes back here;
 - a dead gateway (Last Will, lost connection, no answer by the deadline): the run resumes here
   from the last ``run_checkpoint``, or from its start if none came; output already produced is
   part of the snapshot, so nothing is repeated or lost.
@@ -35,10 +37,12 @@ from hearth.protocol import (
     Reply,
     RunAck,
     RunCheckpoint,
+    RunChunk,
     RunControl,
     RunMoved,
     RunResult,
     RunResume,
+    RunRound,
     RunStart,
 )
 from hearth.runtime.limits import WasmLimits
@@ -46,7 +50,7 @@ from hearth.runtime.limits import WasmLimits
 if TYPE_CHECKING:
     from hearth._connection import Connection
 
-__all__ = ["Hop", "MigratableRun", "RunOutcome"]
+__all__ = ["Hop", "LinkPolicy", "LinkWatch", "MigratableRun", "RunOutcome", "SnapshotPieces"]
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +66,51 @@ class RunHost(Protocol):
 
     def connection(self) -> Connection: ...
     def migratable_runtime(self) -> Any: ...
+    def peer(self, address: str) -> RunHost: ...
     def private_refusal(self, private: bool) -> str | None: ...
     def upload_blob(
         self, conn: Any, data: bytes, max_chunk: int, data_class: Literal["private", "public"]
     ) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LinkPolicy:
+    """When a run on a gateway comes back because the link to it degraded (docs/migration.md
+    §8.1). While a hop is on a gateway, the device pings it (``ping``/``pong``, one small MQTT
+    round trip through the broker) every ``every_s``; over the last ``window`` pings, a median
+    round trip above ``max_rtt_ms``, or more than ``max_loss`` of them unanswered within
+    ``timeout_s``, is a degraded link, and the run is moved back to this device."""
+
+    every_s: float = 2.0  # 0: the link is not watched
+    window: int = 5
+    max_rtt_ms: float = 1000.0
+    max_loss: float = 0.5
+    timeout_s: float = 2.0
+
+
+class LinkWatch:
+    """The verdict over a window of pings (pure: the pings are the driver's)."""
+
+    def __init__(self, policy: LinkPolicy) -> None:
+        self._policy = policy
+        self._samples: list[float | None] = []  # round trips in ms; None: unanswered
+
+    def add(self, rtt_ms: float | None) -> str | None:
+        """Record one ping; the reason the link counts as degraded, once it does."""
+        self._samples = [*self._samples, rtt_ms][-self._policy.window :]
+        if len(self._samples) < self._policy.window:
+            return None
+        answered = sorted(s for s in self._samples if s is not None)
+        lost = len(self._samples) - len(answered)
+        if not answered or lost > self._policy.max_loss * len(self._samples):
+            return f"link degraded: {lost} of the last {len(self._samples)} pings unanswered"
+        median = answered[len(answered) // 2]
+        if median > self._policy.max_rtt_ms:
+            return (
+                f"link degraded: median round trip {median:.0f} ms over the last "
+                f"{len(self._samples)} pings, over {self._policy.max_rtt_ms:.0f} ms"
+            )
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,10 +137,39 @@ class RunOutcome:
         return self.hops[-1].where
 
 
+class SnapshotPieces:
+    """A snapshot arriving as ``run_chunk`` messages (one too large for a message), put back
+    together: pieces in order from offset 0, checked against their sha256 (pure)."""
+
+    def __init__(self) -> None:
+        self._sha = ""
+        self._data = bytearray()
+        self._size = 0
+
+    def add(self, chunk: RunChunk) -> None:
+        if chunk.offset == 0:
+            self._sha, self._data, self._size = chunk.sha256, bytearray(), chunk.size
+        if chunk.sha256 != self._sha or chunk.offset != len(self._data):
+            self._sha = ""  # out of order, or another snapshot's: this one is lost
+            return
+        self._data += chunk.data
+
+    def take(self, sha256: str) -> bytes:
+        """The snapshot named ``sha256``; b"" when it did not arrive whole."""
+        import hashlib
+
+        data, self._data = bytes(self._data), bytearray()
+        whole = sha256 == self._sha and len(data) == self._size
+        self._sha = ""
+        return data if whole and hashlib.sha256(data).hexdigest() == sha256 else b""
+
+
 @dataclass(slots=True)
 class _Moved:
     snapshot: bytes
     reason: str
+    to: str = ""  # the gateway placement sent it to (a broker address); "": this device
+    delta: Any = None  # a pre-copy's final delta (a Snapshot), against the rounds received
 
 
 class MigratableRun:
@@ -114,6 +188,8 @@ class MigratableRun:
         reason: str,
         checkpoint_every_s: float,
         deadline_s: float,
+        checkpoint_every_mib: float = 0.0,
+        link: LinkPolicy | None = None,
         run_id: str | None = None,
         snapshot: bytes | None = None,
         limits: WasmLimits | None = None,
@@ -128,6 +204,8 @@ class MigratableRun:
         self.stdin = stdin
         self.data_class = data_class
         self.checkpoint_every_s = checkpoint_every_s
+        self.checkpoint_every_mib = checkpoint_every_mib  # 0: the gateway's policy
+        self.link = link or LinkPolicy()
         self.deadline_s = deadline_s
         self.limits = limits  # for its hops on this device; a gateway applies its own policy
         self._lock = threading.Lock()
@@ -145,6 +223,15 @@ class MigratableRun:
         self._local_run: Any = None
         self._edge: tuple[Any, str] | None = None  # (connection, job id) of the current hop
         self._hop_count = 0
+        self._pieces = SnapshotPieces()  # a snapshot arriving in run_chunk pieces
+        # A pre-copy from a gateway (docs/migration.md §8.4): the instance its rounds fill,
+        # and the delta that ends it, resumed on that instance by the next hop here.
+        self._incoming: Any = None
+        self._delta: Any = None
+        self.precopy_rounds = 0  # rounds received, all hops together
+        self.precopy_bytes = 0
+        self.paused_at = 0.0  # the source's time.monotonic() when the last move stopped it
+        self.resumed_at = 0.0  # this device's, when it ran again here (downtime, one host)
         self._closed = False
         self._pausing = False  # closed by pause(): a gateway is asked to move it, not end it
         # Called with every snapshot this handle gets (checkpoints, and the final one of a
@@ -176,6 +263,10 @@ class MigratableRun:
 
     def done(self) -> bool:
         return self._future.done()
+
+    def future(self) -> Future[RunOutcome]:
+        """The run's outcome as a Future (``result()`` is its blocking form)."""
+        return self._future
 
     def result(self, timeout_s: float | None = None) -> RunOutcome:
         """Wait for the run to finish, wherever it does. Raises JobError for the program's
@@ -319,14 +410,24 @@ class MigratableRun:
                 target, self._target = self._target, None
                 self._snapshot = outcome.snapshot or self._snapshot
                 served = self._asked
-            if target is None:
-                where, client, reason = "local", None, outcome.reason or "back to the device"
-            else:
-                where, client = target[0], target[1]
-                reason = self._target_reason
+            where, client, reason = self._next_place(outcome, target)
             self._serving = served
             if self._closed:
                 raise JobError(ErrorCode.CANCELLED, f"run {self.run_id} cancelled", where=where)
+
+    def _next_place(
+        self, outcome: _Moved, target: tuple[str, RunHost | None] | None
+    ) -> tuple[str, RunHost | None, str]:
+        """Where the run goes after a hop that moved it, with whose gateway and why."""
+        if outcome.delta is not None:
+            home = (target is None and not outcome.to) or (target or ("",))[0] == "local"
+            outcome = self._after_precopy(outcome, home)
+        if target is not None:
+            return target[0], target[1], self._target_reason
+        if outcome.to:
+            # A saturated gateway's placement sent it on to its upstream (run_moved `to`).
+            return "edge", self._client.peer(outcome.to), outcome.reason
+        return "local", None, outcome.reason or "back to the device"
 
     def _arrived(self, where: str, reason: str) -> None:
         with self._moved:
@@ -357,7 +458,11 @@ class MigratableRun:
         from hearth.runtime.snapshot import decode_snapshot, encode_snapshot
 
         runtime = self._client.migratable_runtime()
-        if self._snapshot:
+        if self._delta is not None and self._incoming is not None:
+            # The end of a pre-copy: the delta goes on in the instance the rounds filled.
+            delta, incoming, self._delta, self._incoming = self._delta, self._incoming, None, None
+            run = incoming.resume(delta, where="local")
+        elif self._snapshot:
             snap = decode_snapshot(self._snapshot, module=self.module_sha256)
             run = runtime.resume(snap, where="local", wasm=self.module, limits=self.limits)
         else:
@@ -384,6 +489,7 @@ class MigratableRun:
         finally:
             with self._lock:
                 self._local_run = None
+            self.resumed_at = run.resumed_at or self.resumed_at
         if isinstance(outcome, Paused):
             data = encode_snapshot(outcome.snapshot)
             self._checkpointed(data)
@@ -422,6 +528,7 @@ class MigratableRun:
                 snapshot=sha,
                 data_class=self.data_class,
                 checkpoint_every_s=self.checkpoint_every_s,
+                checkpoint_every_mib=self.checkpoint_every_mib,
             )
         else:
             message = RunStart(
@@ -432,6 +539,7 @@ class MigratableRun:
                 stdin=self.stdin,
                 data_class=self.data_class,
                 checkpoint_every_s=self.checkpoint_every_s,
+                checkpoint_every_mib=self.checkpoint_every_mib,
             )
         for attempt in range(_NEED_BLOB_ROUNDS):
             reply = self._hop_request(conn, message, correlation, reason if attempt == 0 else "")
@@ -441,9 +549,18 @@ class MigratableRun:
         if isinstance(reply, Error):
             raise JobError(reply.code, reply.message, job_id=job_id, where="edge")
         if isinstance(reply, RunMoved):
-            self._checkpointed(reply.snapshot)
-            return _Moved(reply.snapshot, reply.reason)
+            snapshot = reply.snapshot or self._pieces.take(reply.snapshot_sha256)
+            if not snapshot:  # it did not arrive whole: the last checkpoint will do
+                return _Moved(self._snapshot or b"", f"{reply.reason} (snapshot lost on the way)")
+            self.paused_at = reply.paused_at
+            state = decode_snapshot(snapshot, module=self.module_sha256)
+            if state.precopy_rounds:  # not a whole snapshot: resumed with its rounds
+                return _Moved(b"", reply.reason, reply.to, delta=state)
+            self._drop_incoming()  # rounds of a pre-copy that did not end in this move
+            self._checkpointed(snapshot)
+            return _Moved(snapshot, reply.reason, reply.to)
         if isinstance(reply, RunResult):
+            self._drop_incoming()
             return RunOutcome(
                 self.run_id,
                 reply.exit_code,
@@ -461,14 +578,31 @@ class MigratableRun:
         kept). ``arrival``: the hop's reason, on its first request ("" on a re-send)."""
 
         def interim(reply: Reply) -> bool:
+            if isinstance(reply, RunChunk) and reply.run_id == self.run_id:
+                self._pieces.add(reply)
+                return True
+            if isinstance(reply, RunRound) and reply.run_id == self.run_id:
+                self._received_round(reply.round or self._pieces.take(reply.round_sha256))
+                return True
             if isinstance(reply, RunCheckpoint) and reply.run_id == self.run_id:
-                self._checkpointed(reply.snapshot)
+                snapshot = reply.snapshot or self._pieces.take(reply.snapshot_sha256)
+                if snapshot:
+                    self._checkpointed(snapshot)
                 return True
             return False
 
         future = conn.expect(correlation, interim=interim)
+        watching = threading.Event()
         try:
             conn.publish(message, correlation)
+            if self.link.every_s > 0:
+                watcher = threading.Thread(
+                    target=self._watch_link,
+                    args=(conn, watching),
+                    name=f"hearth-link-{self.run_id}",
+                    daemon=True,  # a ping in flight ends by its own timeout
+                )
+                watcher.start()
             with self._lock:
                 self._edge = (conn, message.job_id)
                 target = self._target
@@ -482,10 +616,78 @@ class MigratableRun:
         except FutureTimeout:
             raise TimeoutError(f"no answer from the gateway in {self.deadline_s} s") from None
         finally:
+            watching.set()
             conn.forget(correlation)
             with self._lock:
                 self._edge = None
         return reply
+
+    # -- pre-copy from a gateway ---------------------------------------------------------------
+
+    def _received_round(self, data: bytes) -> None:
+        """Apply one pre-copy round (on the connection's thread, in order) to the instance
+        held ready for the run; a round that does not fit drops the pre-copy (the delta that
+        ends it is then useless, and the run goes on from its last checkpoint)."""
+        from hearth.runtime.snapshot import decode_round
+
+        try:
+            memory_round = decode_round(data)
+            if memory_round.number == 0:
+                self._drop_incoming()
+                runtime = self._client.migratable_runtime()
+                self._incoming = runtime.receive(
+                    self.module_sha256, self.run_id, wasm=self.module, limits=self.limits
+                )
+            if self._incoming is None:
+                return
+            self._incoming.apply(memory_round)
+            self.precopy_rounds += 1
+            self.precopy_bytes += len(data)
+        except HearthError as exc:
+            log.warning("run %s: pre-copy round dropped (%s)", self.run_id, exc)
+            self._drop_incoming()
+
+    def _drop_incoming(self) -> None:
+        incoming, self._incoming, self._delta = self._incoming, None, None
+        if incoming is not None:
+            incoming.close()
+
+    def _after_precopy(self, moved: _Moved, home: bool) -> _Moved:
+        """A hop that ended with a pre-copy's delta: kept for the next hop if that is here
+        (it resumes on the instance the rounds filled), else made whole (a snapshot that can
+        go anywhere); without its rounds, the last checkpoint."""
+        from hearth.runtime.snapshot import encode_snapshot
+
+        incoming, delta = self._incoming, moved.delta
+        if incoming is None or incoming.rounds != delta.precopy_rounds:
+            self._drop_incoming()
+            reason = f"{moved.reason} (pre-copy incomplete: from the last checkpoint)"
+            return _Moved(self._snapshot or b"", reason)
+        if home and not self._closed:
+            self._delta = delta
+            return _Moved(b"", moved.reason)
+        self._incoming = None
+        whole = encode_snapshot(incoming.complete(delta))
+        self._checkpointed(whole)
+        return _Moved(whole, moved.reason, moved.to)
+
+    def _watch_link(self, conn: Any, done: threading.Event) -> None:
+        """Ping the gateway while this hop is on it; move the run home once the link counts as
+        degraded (LinkPolicy). Ends with the hop."""
+        watch = LinkWatch(self.link)
+        while not done.wait(self.link.every_s):
+            try:
+                rtt: float | None = conn.ping_ms(self.link.timeout_s)
+            except (HearthError, TimeoutError, FutureTimeout):
+                rtt = None
+            if done.is_set():
+                return
+            why = watch.add(rtt)
+            if why is not None:
+                log.info("run %s: %s; moving it back to this device", self.run_id, why)
+                with contextlib.suppress(TimeoutError):
+                    self.migrate("local", reason=why, wait_s=None)
+                return
 
     def _control(self, conn: Any, action: str) -> None:
         correlation = uuid.uuid4().bytes

@@ -6,7 +6,11 @@ only a public blob may be forwarded to an upstream gateway (placement.py).
 
 Bytes are only taken while the state directory has room above its reserve (storage.py): a
 chunk that would not fit, or whose write fails for space, ends its upload with
-``storage_full``, and the device uploads again from offset 0 later."""
+``storage_full``, and the device uploads again from offset 0 later.
+
+A migratable run's snapshot (its first bytes are the snapshot magic) is sealed as it is
+written, with a key of its own (sealed_file.py): modules and models are stored as they came,
+a run's memory and data never are."""
 
 from __future__ import annotations
 
@@ -20,7 +24,10 @@ from pathlib import Path
 
 from hearth.errors import ErrorCode
 from hearth.protocol import BlobChunk, DataClass
+from hearth.runtime.snapshot import SNAPSHOT_MAGIC
+from hearth_gateway.crypto import Sealer
 from hearth_gateway.policy import LimitsPolicy
+from hearth_gateway.sealed_file import SealedWriter
 from hearth_gateway.storage import StorageGuard, is_storage_full
 from hearth_gateway.store import Store
 
@@ -50,14 +57,22 @@ class _Upload:
     hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
     touched: float = field(default_factory=time.monotonic)
     public: bool = True  # until a chunk says private: one private chunk makes the blob private
+    sealer: SealedWriter | None = None  # a snapshot: its chunks are sealed as they arrive
 
 
 class BlobStore:
     def __init__(
-        self, root: Path, store: Store, limits: LimitsPolicy, storage: StorageGuard | None = None
+        self,
+        root: Path,
+        store: Store,
+        limits: LimitsPolicy,
+        *,
+        storage: StorageGuard | None = None,
+        sealer: Sealer | None = None,
     ) -> None:
         self._root = root
         self._storage = storage
+        self._sealer = sealer  # None: snapshots are stored as they came (tests of other parts)
         self._incoming = root / ".incoming"
         self._incoming.mkdir(parents=True, exist_ok=True)
         self._store = store
@@ -76,6 +91,12 @@ class BlobStore:
 
     def path(self, sha256: str) -> Path:
         return self._root / sha256[:2] / sha256
+
+    def snapshot_key(self, sha256: str) -> bytes:
+        """The key a stored snapshot was sealed with (b"": stored unsealed)."""
+        if self._sealer is None:
+            return b""
+        return self._sealer.derive(b"hearth snapshot blob " + sha256.encode())
 
     def has(self, sha256: str) -> bool:
         return sha256 in self._known
@@ -113,7 +134,9 @@ class BlobStore:
             if upload is None:
                 return False  # a QoS 1 redelivery of a chunk we already have
             upload.public = upload.public and chunk.data_class == "public"
-            self._write(key, upload, chunk.data, "ab")
+            self._write(
+                key, upload, upload.sealer.record(chunk.data) if upload.sealer else chunk.data, "ab"
+            )
             upload.hasher.update(chunk.data)
             upload.received += len(chunk.data)
             upload.touched = time.monotonic()
@@ -141,8 +164,10 @@ class BlobStore:
             self._drop(key)  # a fresh start replaces any earlier attempt
             self._check_room(key, chunk.size)
             upload = _Upload(chunk.size, self._incoming / f"{key[0]}-{chunk.sha256}")
+            if chunk.data.startswith(SNAPSHOT_MAGIC) and self._sealer is not None:
+                upload.sealer = SealedWriter(self.snapshot_key(chunk.sha256))
             self._uploads[key] = upload
-            self._write(key, upload, b"", "wb")
+            self._write(key, upload, upload.sealer.header() if upload.sealer else b"", "wb")
             return upload
         if (
             upload is not None

@@ -13,7 +13,9 @@ import os
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from hearth_gateway import _systemd
 from hearth_gateway.errors import GatewayError
@@ -34,6 +36,7 @@ class Sealer:
         if len(key) != 32:
             raise SealError("the at-rest key must be 32 bytes")
         self._aead = AESGCM(key)
+        self._key = key
 
     @classmethod
     def for_state_dir(cls, state_dir: Path) -> Sealer:
@@ -47,6 +50,11 @@ class Sealer:
             with os.fdopen(fd, "wb") as f:
                 f.write(os.urandom(32))
         return cls(path.read_bytes())
+
+    def derive(self, label: bytes) -> bytes:
+        """A 32-byte key of its own for ``label`` (HKDF-SHA256 of the at-rest key): handed to
+        a worker that must open one sealed file, it opens nothing else."""
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label).derive(self._key)
 
     def seal(self, data: bytes, where: bytes) -> bytes:
         if not data:

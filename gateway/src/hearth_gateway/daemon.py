@@ -98,21 +98,21 @@ class Gateway:
             reserve_percent=self.policy.limits.storage_reserve_percent,
             reserve_bytes=self.policy.limits.storage_reserve_bytes,
         )
-        self.store = Store(
-            self.state_dir / "hearth.sqlite3",
-            Sealer.for_state_dir(self.state_dir),
-            self.policy.limits,
-        )
+        sealer = Sealer.for_state_dir(self.state_dir)
+        self.store = Store(self.state_dir / "hearth.sqlite3", sealer, self.policy.limits)
         self.blobs = BlobStore(
-            self.state_dir / "blobs", self.store, self.policy.limits, self.storage
+            self.state_dir / "blobs",
+            self.store,
+            self.policy.limits,
+            storage=self.storage,
+            sealer=sealer,
         )
         self.admission = Admission(self.policy.limits)
         self.streams = StreamCounters(self.policy.vision.max_streams)  # in status from the start
         workers = config.workers or os.cpu_count() or 1
-        settings = self._worker_settings(workers)
         self.pool = WorkerPool(
             self.loop,
-            settings,
+            self._worker_settings(workers),
             workers,
             self._completed,
             wasm_timeout_s=self.policy.wasm.wall_timeout_s,
@@ -341,6 +341,8 @@ class Gateway:
             max_streams=self.policy.vision.max_streams,
             gateway_id=self.gateway_id,
             checkpoint_every_s=self.policy.migration.checkpoint_every_s,
+            checkpoint_every_mib=self.policy.migration.checkpoint_every_mib,
+            precopy_over_mib=self.policy.migration.precopy_over_mib,
         )
 
     def start(self) -> None:

@@ -54,7 +54,7 @@ from hearth_gateway.placement import Action, Decision, PlacedJob, Placer
 from hearth_gateway.policy import Admission, Policy
 from hearth_gateway.reply_to import PublishReply, ReplyTo
 from hearth_gateway.runners import Job, TaskEvent, VisionClose, runner_for
-from hearth_gateway.runs import REASON_OVERLOADED, Runs
+from hearth_gateway.runs import REASON_OVERLOADED, Runs, in_pieces
 from hearth_gateway.storage import StorageGuard, is_storage_full
 from hearth_gateway.store import JournalEntry, Store
 from hearth_gateway.streams import Sessions, StreamCounters
@@ -407,8 +407,12 @@ class Dispatcher:
             return
         sha = _blob_of(job)
         blob_path = str(self._blobs.path(sha)) if sha else ""
-        snapshot = str(self._blobs.path(job.snapshot)) if isinstance(job, RunResume) else ""
-        queued = QueuedJob(reply_to=reply_to, job=job, blob_path=blob_path, snapshot_path=snapshot)
+        snapshot, key = "", b""
+        if isinstance(job, RunResume):
+            snapshot = str(self._blobs.path(job.snapshot))
+            key = self._blobs.snapshot_key(job.snapshot)  # sealed at rest (blobs.py)
+        queued = QueuedJob(reply_to=reply_to, job=job, blob_path=blob_path)
+        queued.snapshot_path, queued.snapshot_key = snapshot, key
         if isinstance(job, RunStart | RunResume):
             self.runs.accepted(queued)
         self._pool.submit(queued)
@@ -434,10 +438,12 @@ class Dispatcher:
         self.runs.started(item)
 
     def progress(self, item: QueuedJob, frame: bytes) -> None:
-        """Worker pool callback: a run's checkpoint, to its device (too large: dropped, and
-        the device keeps the previous one)."""
-        if len(frame) <= self._limits.max_message_bytes:
-            self._publish(item.reply_to, frame)
+        """Worker pool callback: a run's checkpoint, to its device (too large for one message:
+        in run_chunk pieces, runs.in_pieces)."""
+        limits = self._limits
+        pieces = in_pieces(frame, limits.max_message_bytes, limits.max_chunk_bytes)
+        for piece in pieces or ([frame] if len(frame) <= limits.max_message_bytes else []):
+            self._publish(item.reply_to, piece)
 
     def _run_answer(self, item: QueuedJob, reply: bytes) -> bytes:
         """A run's answer, with why it moved (the worker only knows that it was asked to)."""
@@ -453,7 +459,16 @@ class Dispatcher:
         if active.cancelled:
             message = f"run {decoded.run_id} cancelled by its device"
             return encode(Error(code=ErrorCode.CANCELLED, message=message, job_id=decoded.job_id))
-        return encode(msgspec.structs.replace(decoded, reason=active.reason))
+        reason, to = active.reason, ""
+        if reason == REASON_OVERLOADED:  # placement says where it goes (placement.py)
+            job = item.job
+            assert isinstance(job, RunStart | RunResume)
+            decision = self._placer.place_run_move(job)
+            if decision.action in (Action.UPSTREAM, Action.DENY):  # not plain "home"
+                self._audit(item.reply_to.client_id, job, decision)
+            if decision.action is Action.UPSTREAM:
+                reason, to = f"{reason}: to its upstream {decision.target}", decision.target
+        return encode(msgspec.structs.replace(decoded, reason=reason, to=to))
 
     def _admit(self, job: PlacedJob, reply_to: ReplyTo) -> bool:
         refusal = self._admission.admit(reply_to.client_id)
@@ -569,9 +584,12 @@ class Dispatcher:
             return
         if item.latest is not None:
             reply = self._with_dropped(reply, self.streams.get(item.latest))
+        pieces = None
         if isinstance(job, RunStart | RunResume):
             reply = self._run_answer(item, reply)
-        if len(reply) > self._limits.max_message_bytes:
+            limits = self._limits
+            pieces = in_pieces(reply, limits.max_message_bytes, limits.max_chunk_bytes)
+        if pieces is None and len(reply) > self._limits.max_message_bytes:
             # The broker would drop us for a packet over its limit: answer with the reason.
             reply = self._too_large(job, len(reply))
         elif len(reply) < 1024:  # errors are small; results rarely are
@@ -580,7 +598,8 @@ class Dispatcher:
         try:
             if item.journaled:
                 self._journal_answer(client_id, job.job_id, reply, final)
-            self._publish(item.reply_to, reply)
+            for piece in pieces or [reply]:
+                self._publish(item.reply_to, piece)
         finally:
             if item.admitted:
                 self._admission.release(client_id)

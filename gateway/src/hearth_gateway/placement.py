@@ -18,6 +18,10 @@ The rules::
 Persistent tasks run where they are installed, never forwarded; a cloud tier installs only
 public ones. Peer gateways on the LAN are not considered: private work runs here or nowhere.
 
+A migratable run a saturated gateway sends away (``decide_run_move``) follows the same rules:
+a public one goes to the upstream when it is ready (through its device, which resumes it
+there), a private one goes back to its device, never upstream, and that refusal is audited.
+
 ``decide`` and ``egress_refusal`` are pure; ``Placer`` gathers their inputs from the running
 gateway and writes every decision and refusal to the audit table.
 """
@@ -58,6 +62,7 @@ __all__ = [
     "blob_of",
     "connection_refusal",
     "decide",
+    "decide_run_move",
     "decide_task",
     "egress_refusal",
     "forwardable",
@@ -195,6 +200,24 @@ def decide(  # noqa: PLR0911 - one return per rule reads best
     return _here(load, "public")
 
 
+def decide_run_move(*, data_class: DataClass, tier: Tier, upstream: UpstreamState) -> Decision:
+    """Where a run this gateway is too busy for goes next: UPSTREAM (``target``: the
+    upstream's address) for a public run when the upstream is ready; else back to its device,
+    DENY (``policy_denied``, audited) when it is a private run that an upstream could have
+    taken, were it public."""
+    if data_class == "public" and tier == "home" and upstream.ready:
+        return Decision(
+            Action.UPSTREAM, "public run, this gateway saturated: to the upstream", upstream.target
+        )
+    if data_class != "public" and upstream.target:
+        return Decision(
+            Action.DENY,
+            "private run, this gateway saturated: back to its device, never upstream",
+            code=ErrorCode.POLICY_DENIED,
+        )
+    return Decision(Action.QUEUE, "this gateway saturated: back to its device")
+
+
 def decide_task(*, data_class: DataClass, tier: Tier) -> Decision:
     """Where a persistent task may be installed: on the gateway it was sent to, never forwarded
     (its state lives there); a cloud tier takes only public ones, since a task's config, state
@@ -319,6 +342,10 @@ class Placer:
             policy=self._policy,
             blob_class=self._blob_class(sha) if sha is not None else None,
         )
+
+    def place_run_move(self, job: RunStart | RunResume) -> Decision:
+        upstream = self._upstream() if self._upstream is not None else UpstreamState()
+        return decide_run_move(data_class=job.data_class, tier=self.tier, upstream=upstream)
 
     def place_task(self, request: TaskInstall) -> Decision:
         return decide_task(data_class=request.data_class, tier=self.tier)

@@ -125,6 +125,12 @@ class MigrationPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     when the gateway sends them home, and how long one hop may hold a worker."""
 
     checkpoint_every_s: float = 5.0  # a run's checkpoints to its device (it may ask otherwise)
+    # ... or after this much I/O progress (MiB read plus written by the run), whichever first;
+    # 0: by time only. The device may ask otherwise.
+    checkpoint_every_mib: float = 64.0
+    # A run with at least this much memory leaving the gateway is pre-copied to its device
+    # (run_round messages while it goes on, then a short stop); 0: always stop and copy.
+    precopy_over_mib: float = 16.0
     # More jobs than this waiting, every worker busy: the longest-running run goes back to its
     # device, freeing a worker for work that cannot move. 0: never.
     evict_when_queue_over: int = 8

@@ -10,15 +10,34 @@ point. A run asked to stop while still queued stops as soon as a worker takes it
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hearth.errors import ErrorCode
-from hearth.protocol import RunResume, RunStart
+import msgspec
+
+from hearth.errors import ErrorCode, ProtocolError
+from hearth.protocol import (
+    RunCheckpoint,
+    RunChunk,
+    RunMoved,
+    RunResume,
+    RunRound,
+    RunStart,
+    decode_reply,
+)
+from hearth.protocol import encode as encode_message
 from hearth_gateway.workers import QueuedJob
 
-__all__ = ["REASON_DEVICE", "REASON_OVERLOADED", "REASON_STOPPING", "ActiveRun", "Runs"]
+__all__ = [
+    "REASON_DEVICE",
+    "REASON_OVERLOADED",
+    "REASON_STOPPING",
+    "ActiveRun",
+    "Runs",
+    "in_pieces",
+]
 
 REASON_DEVICE = "asked by the device"
 REASON_STOPPING = "gateway stopping"
@@ -112,3 +131,41 @@ class Runs:
             return None
         active = self._active.get(_key(item))
         return active if active is not None and active.item is item else None
+
+
+def in_pieces(reply: bytes, max_message: int, max_chunk: int) -> list[bytes] | None:
+    """A run's answer, checkpoint or pre-copy round too large for one message, as the messages
+    that carry it (docs/protocol.md, ``run_chunk``): its snapshot (or round) in ``run_chunk``
+    pieces of ``max_chunk`` bytes, then the message itself naming it by its sha256. None: it
+    fits, or it carries no snapshot (the caller answers ``too_large``)."""
+    if len(reply) <= max_message:
+        return None
+    try:
+        decoded = decode_reply(reply)
+    except ProtocolError:
+        return None
+    if isinstance(decoded, RunMoved | RunCheckpoint):
+        data, fields = decoded.snapshot, ("snapshot", "snapshot_sha256")
+    elif isinstance(decoded, RunRound):
+        data, fields = decoded.round, ("round", "round_sha256")
+    else:
+        return None
+    if not data:
+        return None
+    sha = hashlib.sha256(data).hexdigest()
+    pieces = [
+        encode_message(
+            RunChunk(
+                job_id=decoded.job_id,
+                run_id=decoded.run_id,
+                sha256=sha,
+                size=len(data),
+                offset=offset,
+                data=data[offset : offset + max_chunk],
+            )
+        )
+        for offset in range(0, len(data), max_chunk)
+    ]
+    emptied: dict[str, object] = {fields[0]: b"", fields[1]: sha}
+    pieces.append(encode_message(msgspec.structs.replace(decoded, **emptied)))
+    return pieces

@@ -64,6 +64,7 @@ class QueuedJob:
     job: Job
     blob_path: str
     snapshot_path: str = ""  # a resumed run's snapshot blob
+    snapshot_key: bytes = b""  # the key it is sealed with at rest (b"": not sealed)
     # Jobs with the same affinity run on the same worker (a stream's background model, an
     # odometry session's map live there).
     affinity: str | None = None
@@ -90,7 +91,7 @@ class _Kind(msgspec.Struct):
 
 
 _kind = msgspec.msgpack.Decoder(_Kind)
-_INTERIM = frozenset({"run_checkpoint"})
+_INTERIM = frozenset({"run_checkpoint", "run_round"})
 
 
 class _State(enum.Enum):
@@ -148,6 +149,7 @@ class _Worker:
                 job=job.job,
                 blob_path=job.blob_path,
                 snapshot_path=job.snapshot_path,
+                snapshot_key=job.snapshot_key,
                 queue_ms=(time.monotonic() - job.enqueued) * 1e3,
                 scope=job.reply_to.client_id,
                 session_new=job.session_new,

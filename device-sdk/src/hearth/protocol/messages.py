@@ -236,7 +236,8 @@ class RunStart(_Message, frozen=True, tag="run_start"):
     """Start a migratable run of an instrumented WASI command module (docs/migration.md).
 
     Answered, on the same correlation, by ``run_checkpoint`` messages while it runs (every
-    ``checkpoint_every_s``; 0: the gateway's policy) and then by exactly one of ``run_result``
+    ``checkpoint_every_s`` or ``checkpoint_every_mib`` of I/O progress, whichever first; 0: the
+    gateway's policy) and then by exactly one of ``run_result``
     (it finished here), ``run_moved`` (it stopped here and its snapshot is in the reply: the
     device continues it) or ``error``. ``run_id`` names the run wherever it goes; ``job_id``
     names this hop of it (a new one each time the run arrives), with a job's idempotency."""
@@ -248,6 +249,7 @@ class RunStart(_Message, frozen=True, tag="run_start"):
     stdin: bytes = b""
     data_class: DataClass = "private"
     checkpoint_every_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    checkpoint_every_mib: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
 class RunResume(_Message, frozen=True, tag="run_resume"):
@@ -261,6 +263,7 @@ class RunResume(_Message, frozen=True, tag="run_resume"):
     snapshot: Sha256
     data_class: DataClass = "private"
     checkpoint_every_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    checkpoint_every_mib: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
 class RunControl(_Message, frozen=True, tag="run_control"):
@@ -393,12 +396,42 @@ class RunResult(_Message, frozen=True, tag="run_result"):
 class RunMoved(_Message, frozen=True, tag="run_moved"):
     """The run stopped on this gateway and goes on elsewhere: ``snapshot`` is the snapshot
     file (docs/migration.md); ``reason`` says why (asked by the device, gateway stopping,
-    gateway overloaded)."""
+    gateway overloaded). ``to``: where the gateway's placement sends it next, the broker
+    address of its upstream gateway (a saturated gateway, a public run); "": its device."""
 
     job_id: str
     run_id: str
     snapshot: bytes
     reason: str
+    to: str = ""
+    snapshot_sha256: str = ""  # set, with ``snapshot`` empty: it came as run_chunk messages
+    # The source's time.monotonic() when the run stopped (downtime, measured on one machine).
+    paused_at: float = 0.0
+
+
+class RunRound(_Message, frozen=True, tag="run_round"):
+    """A pre-copy round of a run about to leave the gateway (docs/migration.md §7, §8.4): its
+    memory, or what changed of it since the previous round, sent while the run goes on. The
+    device applies rounds in order to an instance it holds ready; the ``run_moved`` that ends
+    the hop then carries a delta against them (``precopy_rounds`` > 0 in the snapshot)."""
+
+    job_id: str
+    run_id: str
+    round: bytes  # a pre-copy round file (docs/migration.md §4.6)
+    round_sha256: str = ""  # set, with ``round`` empty: it came as run_chunk messages
+
+
+class RunChunk(_Message, frozen=True, tag="run_chunk"):
+    """One piece of a snapshot too large for one message, on the hop's correlation before the
+    ``run_moved`` or ``run_checkpoint`` that names it (``snapshot_sha256``); in order, from
+    offset 0, like a blob's chunks."""
+
+    job_id: str
+    run_id: str
+    sha256: Sha256
+    size: NonNegative
+    offset: NonNegative
+    data: bytes
 
 
 class RunCheckpoint(_Message, frozen=True, tag="run_checkpoint"):
@@ -409,6 +442,7 @@ class RunCheckpoint(_Message, frozen=True, tag="run_checkpoint"):
     run_id: str
     seq: int
     snapshot: bytes
+    snapshot_sha256: str = ""  # as in run_moved
 
 
 class RunAck(_Message, frozen=True, tag="run_ack"):
@@ -467,6 +501,8 @@ Reply = (
     | RunResult
     | RunMoved
     | RunCheckpoint
+    | RunChunk
+    | RunRound
     | RunAck
 )
 

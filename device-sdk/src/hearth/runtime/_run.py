@@ -116,9 +116,11 @@ class Run:
     (:class:`Finished`) or is paused (:class:`Paused`); ``pause()``, ``checkpoint()`` and
     ``precopy_round()`` may be called from other threads meanwhile.
 
-    ``checkpoint_every_s`` / ``checkpoint_every_points``: take a checkpoint when that many
-    seconds / migration points have passed since the last one (or since the start), handing
-    each to ``on_checkpoint`` (on the executing thread, while the run waits).
+    ``checkpoint_every_s`` / ``checkpoint_every_points`` / ``checkpoint_every_bytes``: take a
+    checkpoint when that many seconds / migration points / bytes of I/O progress (read from
+    stdin or /scratch plus written to stdout, stderr or /scratch) have passed since the last
+    one (or since the start), whichever comes first, handing each to ``on_checkpoint`` (on the
+    executing thread, while the run waits).
     ``on_migration_point``: called with the run at each migration point, on the executing
     thread, before the run decides whether to stop there (a scheduler or a test may call
     ``pause()`` from it); ``migration_points`` counts them (the interrupted call a resumed
@@ -151,11 +153,13 @@ class Run:
         self._checkpoint_now = threading.Event()
         self.checkpoint_every_s: float | None = None
         self.checkpoint_every_points: int | None = None
+        self.checkpoint_every_bytes: int | None = None
         self.on_checkpoint: Callable[[Snapshot], None] | None = None
         self.on_migration_point: Callable[[Run], None] | None = None
         self.on_paused: Callable[[Snapshot], None] | None = None
         self._last_checkpoint = time.monotonic()
         self._points_at_checkpoint = 0
+        self._progress_at_checkpoint = 0
         self._unwound = False
         self._unwinding = False
         self._rewinding = False
@@ -261,6 +265,16 @@ class Run:
                     break
         self.pause(against=image)
         return sent
+
+    def memory_size(self, wait_s: float = 2.0) -> int:
+        """Linear memory's size in bytes as of the run's latest migration point (from another
+        thread, this waits up to ``wait_s`` for the next one: a checkpoint being encoded, or a
+        long computation, may hold it up); 0 when none came."""
+        self._track_size()
+        # The size read when execution began is stale: wait for one a migration point read.
+        if not self._size_seen.wait(wait_s):
+            return 0
+        return max(self._live_size, self.host.known_size)
 
     def _track_size(self) -> None:
         """Make sure the memory size pre-copy reads is current. Only the executing thread can
@@ -422,6 +436,11 @@ class Run:
             self.migration_points - self._points_at_checkpoint >= every_points
         ):
             return True
+        every_bytes = self.checkpoint_every_bytes
+        if every_bytes is not None and (
+            self.host.progress_bytes - self._progress_at_checkpoint >= every_bytes
+        ):
+            return True
         every_s = self.checkpoint_every_s
         return every_s is not None and time.monotonic() - self._last_checkpoint >= every_s
 
@@ -437,6 +456,7 @@ class Run:
     def _capture(self, instance: Instance, against: MemoryImage | None) -> Snapshot:
         self._last_checkpoint = time.monotonic()
         self._points_at_checkpoint = self.migration_points
+        self._progress_at_checkpoint = self.host.progress_bytes
         snap, store = self.snapshot, instance.store
         live = instance.view()
         if against is None:

@@ -345,6 +345,25 @@ class Incoming:
             prepared=instance,
         )
 
+    def complete(self, snapshot: Snapshot) -> Snapshot:
+        """The whole snapshot the rounds and the final delta make together, to go on anywhere
+        (not here: use :meth:`resume` for that); this Incoming is used up."""
+        instance = self._waiting()
+        if snapshot.module != self.module_sha256 or snapshot.run_id != self.run_id:
+            raise JobError(ErrorCode.SNAPSHOT_MISMATCH, "the snapshot of another run")
+        if snapshot.precopy_rounds != self.rounds:
+            raise JobError(ErrorCode.SNAPSHOT_MISMATCH, "a delta against other rounds")
+        try:
+            instance.grow_to(snapshot.memory_pages)
+            memory = instance.view()
+            _chunks.apply(memory, snapshot.chunk_index, snapshot.chunk_data)
+            chunk_index, chunk_data = _chunks.nonzero(memory)
+        finally:
+            self.close()
+        return msgspec.structs.replace(
+            snapshot, chunk_index=chunk_index, chunk_data=chunk_data, precopy_rounds=0
+        )
+
     def _waiting(self) -> Instance:
         if self._instance is None:
             raise JobError(ErrorCode.NO_RUN, "this migration has been resumed or closed")

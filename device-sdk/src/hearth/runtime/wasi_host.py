@@ -150,6 +150,9 @@ class WasiHost:
         self._stdout = bytearray(state.stdout)
         self._stderr = bytearray(state.stderr)
         self.dirty_fs = False
+        # Progress, for checkpoints by MiB (docs/migration.md §6): bytes the guest has read
+        # (stdin, /scratch) and written (stdout, stderr, /scratch) on this host.
+        self.progress_bytes = 0
 
     # -- memory --------------------------------------------------------------------------
 
@@ -341,6 +344,7 @@ class WasiHost:
             self.state.stdin_offset = offset
         else:
             self.state.fds[fd].offset = offset
+        self.progress_bytes += total
         self._put_u32(nread, total)
         return Errno.SUCCESS
 
@@ -364,6 +368,7 @@ class WasiHost:
             self.dirty_fs = True
         else:
             return Errno.BADF
+        self.progress_bytes += len(data)
         self._put_u32(nwritten, len(data))
         return Errno.SUCCESS
 

@@ -94,6 +94,8 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_streams: int = 64  # background models kept per worker
     gateway_id: str = ""  # names this gateway in a migratable run's hops
     checkpoint_every_s: float = 5.0  # a migratable run's checkpoints, unless it asks otherwise
+    checkpoint_every_mib: float = 64.0  # ... or by MiB of I/O progress, whichever first
+    precopy_over_mib: float = 16.0  # a run this large leaving is pre-copied; 0: never
 
 
 class WorkItem(msgspec.Struct, frozen=True, kw_only=True, tag="work"):
@@ -102,6 +104,7 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True, tag="work"):
     job: Job
     blob_path: str
     snapshot_path: str = ""  # a resumed run's snapshot blob (run_resume)
+    snapshot_key: bytes = b""  # its own key, when it is sealed at rest (sealed_file.py)
     queue_ms: float
     scope: str = ""  # the submitting device: streams and sessions are named per device
     session_new: bool = False  # first frame of a session: the worker opens it

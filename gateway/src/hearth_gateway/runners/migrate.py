@@ -5,6 +5,9 @@ A run occupies its worker until it finishes or is paused. The daemon steers it w
 the run executes on the main thread (between runs the worker's own loop reads them), and hands
 to :meth:`MigrateRunner.control`: ``pause`` stops it at its next migration point (its
 start is answered ``run_moved`` with the snapshot), ``checkpoint`` takes a checkpoint there.
+A run with at least ``precopy_over_mib`` of memory is pre-copied when asked to stop: a thread
+of this runner sends its memory in rounds (``run_round`` frames) while it goes on, then it
+stops and its ``run_moved`` carries a delta against those rounds (docs/migration.md §8.4).
 A signal names the run's job id, so one meant for a run that has just ended cannot stop the
 next. Checkpoints are written as frames of their own (``run_checkpoint``) before the final
 reply; the daemon forwards them to the device.
@@ -12,6 +15,7 @@ reply; the daemon forwards them to the device.
 
 from __future__ import annotations
 
+import logging
 import select
 import threading
 from collections.abc import Callable
@@ -20,14 +24,32 @@ from pathlib import Path
 import msgspec
 
 from hearth.errors import ErrorCode, JobError
-from hearth.protocol import Reply, RunCheckpoint, RunMoved, RunResult, RunResume, RunStart, encode
+from hearth.protocol import (
+    Reply,
+    RunCheckpoint,
+    RunMoved,
+    RunResult,
+    RunResume,
+    RunRound,
+    RunStart,
+    encode,
+)
 from hearth.runtime.migratable import MigratableRuntime, Paused, Run
-from hearth.runtime.snapshot import Snapshot, decode_snapshot, encode_snapshot
+from hearth.runtime.snapshot import (
+    MemoryRound,
+    Snapshot,
+    decode_snapshot,
+    encode_round,
+    encode_snapshot,
+)
 from hearth.runtime.wasm import WasmRuntime
 from hearth_gateway._frames import read_frame
 from hearth_gateway.runners import RunSignal, ToWorker, WorkerSettings, WorkItem
+from hearth_gateway.sealed_file import is_sealed, open_sealed
 
 __all__ = ["MigrateRunner"]
+
+log = logging.getLogger(__name__)
 
 # How often the signal listener looks at its stop flag: the delay a run's answer can take.
 _LISTEN_POLL_S = 0.02
@@ -38,6 +60,10 @@ class MigrateRunner:
         self._limits = settings.wasm_limits
         self._gateway = settings.gateway_id or "edge"
         self._checkpoint_every_s = settings.checkpoint_every_s
+        self._checkpoint_every_mib = settings.checkpoint_every_mib
+        self._precopy_over = int(settings.precopy_over_mib * 2**20)
+        self._precopy: threading.Thread | None = None  # sending rounds of the run now
+        self._emit_lock = threading.Lock()  # checkpoints and rounds come from two threads
         self._wasm = WasmRuntime(cache_dir=Path(settings.cache_dir) / "wasm", wasi_nn=None)
         self._runtime = MigratableRuntime(self._wasm)
         self._lock = threading.Lock()
@@ -58,7 +84,44 @@ class MigrateRunner:
             if active is None or active[0] != job_id:
                 self._early[job_id] = action
                 return
-        _apply(active[1], action)
+        self._apply(active[0], active[1], action)
+
+    def _apply(self, job_id: str, run: Run, action: str) -> None:
+        if action != "pause":
+            run.checkpoint()
+        elif self._precopy_over:
+            with self._lock:
+                if self._precopy is not None:
+                    return  # already leaving
+                self._precopy = threading.Thread(
+                    target=self._send_rounds, args=(job_id, run), name="run-precopy"
+                )
+            self._precopy.start()
+        else:
+            run.pause()
+
+    def _send_rounds(self, job_id: str, run: Run) -> None:
+        """Pre-copy: rounds to the daemon (and so to the device) while the run goes on, then
+        the pause against them (Run.precopy's policy)."""
+
+        def send(memory_round: MemoryRound) -> None:
+            data = encode_round(memory_round)
+            self._emit(encode(RunRound(job_id=job_id, run_id=run.run_id, round=data)))
+
+        try:
+            size = run.memory_size()  # 0: no migration point came to tell
+            log.info("run %s leaving with %d bytes of memory", run.run_id, size)
+            if 0 < size < self._precopy_over:
+                run.pause()  # small enough to stop and copy at once
+            else:
+                run.precopy(send)
+        except JobError as exc:  # it ended or stopped meanwhile: a plain pause does for the rest
+            log.info("run %s: pre-copy ended early (%s)", run.run_id, exc)
+            run.pause()
+
+    def _emit(self, frame: bytes) -> None:
+        with self._emit_lock:
+            self.emit(frame)
 
     def run(self, item: WorkItem) -> Reply:
         job = item.job
@@ -77,21 +140,24 @@ class MigrateRunner:
             )
         else:
             snapshot_path = Path(item.snapshot_path)
-            snapshot = decode_snapshot(
-                snapshot_path.read_bytes(), sha256=job.snapshot, module=job.module
-            )
+            stored = snapshot_path.read_bytes()
+            if is_sealed(stored):  # as every snapshot the daemon stored (blobs.py)
+                stored = open_sealed(snapshot_path, item.snapshot_key)
+            snapshot = decode_snapshot(stored, sha256=job.snapshot, module=job.module)
             if snapshot.run_id != job.run_id:
                 raise JobError(ErrorCode.SNAPSHOT_MISMATCH, "snapshot of another run")
             run = self._runtime.resume(
                 snapshot, limits=self._limits, where=self._gateway, path=module_path
             )
         run.checkpoint_every_s = job.checkpoint_every_s or self._checkpoint_every_s or None
+        every_mib = job.checkpoint_every_mib or self._checkpoint_every_mib
+        run.checkpoint_every_bytes = int(every_mib * 2**20) or None
         run.on_checkpoint = lambda snap: self._checkpointed(job, snap)
         with self._lock:
             self._active = (job.job_id, run)
             early = self._early.pop(job.job_id, None)
         if early is not None:
-            _apply(run, early)
+            self._apply(job.job_id, run, early)
         stop = threading.Event()
         listener = threading.Thread(target=self._listen, args=(stop,), name="run-signals")
         if self.control_fd >= 0:
@@ -107,9 +173,18 @@ class MigrateRunner:
             with self._lock:
                 self._active = None
                 self._early.clear()
+                precopy, self._precopy = self._precopy, None
+            if precopy is not None:
+                precopy.join()  # its rounds go out before the answer
         if isinstance(outcome, Paused):
             data = encode_snapshot(outcome.snapshot)
-            return RunMoved(job_id=job.job_id, run_id=job.run_id, snapshot=data, reason="")
+            return RunMoved(
+                job_id=job.job_id,
+                run_id=job.run_id,
+                snapshot=data,
+                reason="",
+                paused_at=run.paused_at or 0.0,
+            )
         return RunResult(
             job_id=job.job_id,
             run_id=job.run_id,
@@ -125,7 +200,7 @@ class MigrateRunner:
         message = RunCheckpoint(
             job_id=job.job_id, run_id=job.run_id, seq=snapshot.seq, snapshot=data
         )
-        self.emit(encode(message))
+        self._emit(encode(message))
 
     def _listen(self, stop: threading.Event) -> None:
         """Read the daemon's signals while a run executes (the daemon writes nothing else to a
@@ -147,10 +222,3 @@ class MigrateRunner:
 
     def close(self) -> None:
         self._wasm.close()
-
-
-def _apply(run: Run, action: str) -> None:
-    if action == "pause":
-        run.pause()
-    else:
-        run.checkpoint()
