@@ -22,6 +22,7 @@ class LoopDriven:
     _client: mqtt.Client
     _sock: socket.socket | None = None
     _fd: int = -1  # kept: paho may close the socket before we unregister it
+    _writing: bool = False  # watching for writability (paho had more than the socket took)
 
     def _lost(self) -> None:
         raise NotImplementedError
@@ -36,6 +37,7 @@ class LoopDriven:
         if self._sock is not None:
             self.loop.remove_reader(self._fd)
             self.loop.remove_writer(self._fd)
+            self._writing = False
             self._sock = None
             self._fd = -1
 
@@ -52,10 +54,14 @@ class LoopDriven:
         if self._client.want_write() and self._client.loop_write() != mqtt.MQTT_ERR_SUCCESS:
             self._lost()
             return
+        # Only a change of state touches the selector: most flushes write everything at once.
         if self._client.want_write():
-            self.loop.add_writer(self._fd, self._flush)
-        else:
+            if not self._writing:
+                self.loop.add_writer(self._fd, self._flush)
+                self._writing = True
+        elif self._writing:
             self.loop.remove_writer(self._fd)
+            self._writing = False
 
     def _misc(self) -> None:
         if self._sock is None:

@@ -39,7 +39,7 @@ from hearth_gateway.reply_to import ReplyTo
 from hearth_gateway.runners import REGISTRY, TaskEvent, WorkerSettings
 from hearth_gateway.runs import REASON_STOPPING
 from hearth_gateway.status import StatusSnapshot, write_snapshot
-from hearth_gateway.store import Store
+from hearth_gateway.store import Receipt, Store
 from hearth_gateway.streams import StreamCounters
 from hearth_gateway.tasks import TaskManager
 from hearth_gateway.upstream import Forwarded, forwarder_for
@@ -198,16 +198,20 @@ class Gateway:
             streams=self.streams,
             locked=self.pairing.locked if self.pairing is not None else frozenset(),
         )
+        # Each turn of the loop ends with the journal's commit, then the answers it stored,
+        # then the acknowledgements of the requests it covers.
+        self.loop.after(self.dispatcher.flush)
+        self.loop.after(self.link.release_acks)
         self.control: ControlServer | None = None
 
     # Callbacks of the link, the pool and the forwarder, which exist before the dispatcher
     # does: they reach it through the daemon.
 
-    def _handle(self, topic: str, payload: bytes, reply_to: ReplyTo) -> None:
+    def _handle(self, topic: str, payload: bytes, reply_to: ReplyTo) -> Receipt | None:
         if self.pairing is not None and self.pairing.owns(topic):
             self.pairing.handle(topic, payload, reply_to)
-            return
-        self.dispatcher.handle(topic, payload, reply_to)
+            return None
+        return self.dispatcher.handle(topic, payload, reply_to)
 
     def _completed(self, item: QueuedJob, reply: bytes, final: bool) -> None:
         if isinstance(item.job, TaskEvent):
@@ -467,6 +471,10 @@ class Gateway:
             self.control.close()
         if self.upstream is not None:
             self.upstream.close()
+        # Rows still held (jobs that did not finish) are written now; closing the link runs the
+        # loop, which acknowledges what they cover.
+        self.dispatcher.flush()
+        self.store.flush(everything=True)
         self.pool.close()
         self.link.close()  # retained status -> offline
         if self.broker is not None:

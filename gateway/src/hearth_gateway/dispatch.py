@@ -1,7 +1,10 @@
 """The protocol boundary: every MQTT message from a device passes here first.
 
 Size check, decode and validation (hearth.protocol), then routing: pings answered at once, blob
-chunks to the blob store, jobs through admission into the journal and the worker queue. Every
+chunks to the blob store, jobs through admission into the journal and the worker queue. A job's
+journal row is held a few milliseconds (store.py): ``handle`` returns its Receipt, and the link
+acknowledges the request once the receipt is durable. Answers of journaled jobs are stored, then
+published, at the end of the loop's turn (``flush``): one commit for all that finished. Every
 refusal goes back to the sender as an ``error`` reply with its ErrorCode and is logged once
 (rate-limited: a peer must not be able to flood the log).
 """
@@ -55,7 +58,7 @@ from hearth_gateway.policy import Admission, Policy
 from hearth_gateway.reply_to import PublishReply, ReplyTo
 from hearth_gateway.runners import Job, TaskEvent, VisionClose, runner_for
 from hearth_gateway.runs import REASON_OVERLOADED, Runs
-from hearth_gateway.store import JournalEntry, Store
+from hearth_gateway.store import JournalEntry, Receipt, Store
 from hearth_gateway.streams import Sessions, StreamCounters
 from hearth_gateway.upstream import Forwarded, Forwarder
 from hearth_gateway.vision import CAPABILITIES, STATEFUL
@@ -66,6 +69,13 @@ __all__ = ["Dispatcher", "PeerLog"]
 log = logging.getLogger(__name__)
 
 RESERVED_CLIENT_ID = "admin"  # the owner of tasks installed through the control socket
+# How long a job's accept row is held before it is written: a job answered within it is
+# journaled once, answered (a no-op job takes under a millisecond; a 1 MiB frame about ten).
+JOURNAL_DELAY_S = 0.01
+
+
+def _wake() -> None:
+    """A timer's callback that only ends the loop's wait: its turn then flushes the journal."""
 
 
 def _blob_of(job: Job) -> str | None:
@@ -182,19 +192,22 @@ class Dispatcher:
         self._evict_over = policy.migration.evict_when_queue_over
         self.draining = False  # set on shutdown: new jobs are refused, queued ones finish
         self.locked = locked  # revoked device ids; the daemon updates it (pairing.py)
+        self._answers: list[tuple[ReplyTo, bytes]] = []  # stored at the next flush, then sent
 
     # Called from the daemon's event loop for each request: everything here is short; jobs run
     # in the worker processes.
-    def handle(self, topic: str, payload: bytes, reply_to: ReplyTo) -> None:
+    def handle(self, topic: str, payload: bytes, reply_to: ReplyTo) -> Receipt | None:
+        """Route one request. Returns the Receipt of a job just journaled (its request is
+        acknowledged once the receipt is durable); None: acknowledge it now."""
         parsed = parse_request_topic(topic)
         # The link took the sender from the topic's last level: the protocol's parse has the
         # last word on it.
         if parsed is None or parsed[0] != self._gateway_id or parsed[1] != reply_to.client_id:
             self._peer_log.warning("topic", "ignoring message on unexpected topic %r", topic)
-            return
+            return None
         client_id = reply_to.client_id
         if self._identity_refused(topic, reply_to):
-            return
+            return None
         if self._tasks is not None:
             self._tasks.owner_seen(client_id)
         if not reply_to.topic.startswith(reply_prefix(client_id)):
@@ -207,7 +220,7 @@ class Dispatcher:
                 reply_prefix(client_id),
             )
             self.counters.refused += 1
-            return
+            return None
         if len(payload) > self._limits.max_message_bytes:
             self._refuse(
                 reply_to,
@@ -215,15 +228,15 @@ class Dispatcher:
                 f"message of {len(payload)} bytes over the limit of "
                 f"{self._limits.max_message_bytes}",
             )
-            return
+            return None
         try:
             request = decode_request(payload)
         except ProtocolError as exc:
             self._refuse(reply_to, exc.code, exc.message)
-            return
-        self._route(request, payload, reply_to)
+            return None
+        return self._route(request, payload, reply_to)
 
-    def _route(self, request: Request, payload: bytes, reply_to: ReplyTo) -> None:
+    def _route(self, request: Request, payload: bytes, reply_to: ReplyTo) -> Receipt | None:
         if isinstance(request, Ping):
             in_flight = self._admission.in_flight
             pong = Pong(
@@ -245,7 +258,8 @@ class Dispatcher:
         elif isinstance(request, CallJob) and (request.stream or request.session):
             self._frame(request, reply_to)
         else:
-            self._job(request, payload, reply_to)
+            return self._job(request, payload, reply_to)
+        return None
 
     def _device_task_request(
         self, client_id: str, request: TaskInstall | TaskControl | TaskList
@@ -324,35 +338,37 @@ class Dispatcher:
             return _call_refusal(job)
         return None
 
-    def _job(self, job: PlacedJob, payload: bytes, reply_to: ReplyTo) -> None:
+    def _job(self, job: PlacedJob, payload: bytes, reply_to: ReplyTo) -> Receipt | None:
         client_id = reply_to.client_id
         decision, refusal = self._placed(client_id, job)
         if refusal is not None:
             self._refuse(reply_to, refusal.code, refusal.message, job.job_id)
-            return
+            return None
         missing = next((sha for sha in _blobs_needed(job) if not self._blobs.has(sha)), None)
         if missing is not None:
             max_chunk = self._limits.max_chunk_bytes
             need = NeedBlob(job_id=job.job_id, sha256=missing, max_chunk=max_chunk)
             self._publish(reply_to, encode(need))
-            return
+            return None
         entry = JournalEntry(client_id, job.job_id, payload, reply_to.topic, reply_to.correlation)
         audit = Placer.entry(client_id, job.data_class, f"job {job.job_id}", decision)
-        known = self._store.accept(entry, audit)
-        if known is not None:
+        known = self._store.accept_later(entry, audit, JOURNAL_DELAY_S)
+        if not isinstance(known, Receipt):
             state, reply = known
             self.counters.duplicates += 1
             if state == "done" and reply is not None:
                 self._publish(reply_to, reply)
             # else: still queued or running; its one answer is on its way.
-            return
+            return None
+        self._pool.loop.call_later(JOURNAL_DELAY_S, _wake)  # its row is written by then
         if decision.action is Action.UPSTREAM and self._upstream is not None:
             # Never a run: runs are not forwardable (placement.py); they move through devices.
             assert not isinstance(job, RunStart | RunResume)
             self.counters.forwarded += 1
             self._upstream.forward(job, reply_to)
-            return
+            return known
         self.enqueue(job, reply_to)
+        return known
 
     # -- public jobs forwarded upstream (upstream.py) -----------------------------------------
 
@@ -557,14 +573,25 @@ class Dispatcher:
         client_id = item.reply_to.client_id
         try:
             if item.journaled and final:
-                self._store.finish(client_id, job.job_id, reply)
-            elif item.journaled:
+                # Stored with whatever else finished in this turn, then published (flush).
+                self._store.finish(client_id, job.job_id, reply, batch=True)
+                self._answers.append((item.reply_to, reply))
+                return
+            if item.journaled:
                 self._store.forget(client_id, job.job_id)
             self._publish(item.reply_to, reply)
         finally:
             if item.admitted:
                 self._admission.release(client_id)
             self.counters.completed += 1
+
+    def flush(self) -> None:
+        """At the end of each turn of the loop: commit the journal's writes of the turn, then
+        publish the answers they store. A failed commit keeps them for the next turn."""
+        self._store.flush()
+        answers, self._answers = self._answers, []
+        for reply_to, reply in answers:
+            self._publish(reply_to, reply)
 
     def _too_large(self, job: Job, size: int) -> bytes:
         """The error that answers a job whose result (of ``size`` bytes) is over the limit."""

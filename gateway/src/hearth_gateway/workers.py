@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import fcntl
 import logging
 import os
 import subprocess
@@ -47,6 +48,9 @@ _MAX_AFFINITIES = 4096  # streams and sessions remembered; the least recently us
 _EXIT_GRACE_S = 5.0  # a recycled worker still running after this is killed
 _REAP_POLL_S = 0.05
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+# Pipes to and from a worker hold a 1 MiB frame (the unprivileged maximum by default) instead of
+# 64 KiB: a camera frame crosses in one write and one wake-up, not sixteen.
+_PIPE_BYTES = 1 << 20
 
 
 def resident_bytes(pid: int) -> int | None:
@@ -114,6 +118,7 @@ class _Worker:
         self._reader = FrameReader()
         self._out = -1
         self._in = -1
+        self._statm = -1  # its /proc/PID/statm, kept open: read after every job (recycling)
 
     def spawn(self) -> None:
         self.proc = subprocess.Popen(
@@ -127,13 +132,33 @@ class _Worker:
         assert self.proc.stdout is not None
         self._in = self.proc.stdin.fileno()
         self._out = self.proc.stdout.fileno()
+        for fd in (self._in, self._out):
+            with contextlib.suppress(OSError):  # over this system's limit: 64 KiB it is
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
         os.set_blocking(self._out, False)
+        self._close_statm()
+        with contextlib.suppress(OSError):  # no /proc: no RSS limit
+            self._statm = os.open(f"/proc/{self.proc.pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
         self._reader = FrameReader()
         self.jobs = 0
         self.sessions.clear()
         self.state = _State.STARTING
         self.pool.loop.add_reader(self._out, self._readable)
         self.deadline = self.pool.loop.call_later(_READY_TIMEOUT_S, self._start_timeout)
+
+    def resident(self) -> int | None:
+        """This worker's resident memory (RSS) in bytes; None without /proc."""
+        if self._statm < 0:
+            return None
+        try:
+            return int(os.pread(self._statm, 128, 0).split()[1]) * _PAGE
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def _close_statm(self) -> None:
+        if self._statm >= 0:
+            os.close(self._statm)
+            self._statm = -1
 
     @property
     def pid(self) -> int | None:
@@ -258,6 +283,7 @@ class _Worker:
             return None
         self.state = _State.DEAD
         self.pool.loop.remove_reader(self._out)
+        self._close_statm()
         assert proc.stdin is not None
         assert proc.stdout is not None
         with contextlib.suppress(OSError):
@@ -275,6 +301,7 @@ class _Worker:
             return None
         self.state = _State.DEAD
         self.pool.loop.remove_reader(self._out)
+        self._close_statm()
         proc = self.proc
         if kill and proc.poll() is None:
             proc.kill()
@@ -490,7 +517,7 @@ class WorkerPool:
         if policy.max_jobs and worker.jobs >= policy.max_jobs:
             return f"it ran {worker.jobs} jobs"
         if policy.max_rss_bytes and worker.proc is not None:
-            rss = resident_bytes(worker.proc.pid)
+            rss = worker.resident()
             if rss is None or rss <= policy.max_rss_bytes:
                 return None
             if worker.jobs == 1 and not self._warned_limit:
