@@ -4,7 +4,9 @@ broker link (link.py) and the upstream link (upstream_link.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Iterator
 
 import paho.mqtt.client as mqtt
 
@@ -32,6 +34,26 @@ class LoopDriven:
         self._fd = sock.fileno()
         self.loop.add_reader(self._fd, self._readable)
         self._flush()
+
+    @contextlib.contextmanager
+    def corked(self) -> Iterator[None]:
+        """What paho writes inside goes out in as few TCP segments as fit (TCP_CORK): an
+        answer and the acknowledgements after it cost the broker one wake-up, not two."""
+        sock = self._sock
+        cork = getattr(socket, "TCP_CORK", None)
+        if sock is None or cork is None:
+            yield
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, cork, 1)
+        except OSError:
+            yield
+            return
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, cork, 0)
 
     def _unwatch(self) -> None:
         if self._sock is not None:

@@ -198,11 +198,20 @@ class Gateway:
             streams=self.streams,
             locked=self.pairing.locked if self.pairing is not None else frozenset(),
         )
-        # Each turn of the loop ends with the journal's commit, then the answers it stored,
-        # then the acknowledgements of the requests it covers.
-        self.loop.after(self.dispatcher.flush)
-        self.loop.after(self.link.release_acks)
+        self.loop.after(self._end_of_turn)
         self.control: ControlServer | None = None
+
+    def _end_of_turn(self) -> None:
+        """Each turn of the loop ends with the journal's commit, then the answers it stored,
+        then the acknowledgements of the requests it covers: together in one TCP segment
+        where they fit."""
+        if not self.dispatcher.answering:
+            self.dispatcher.flush()  # held rows that are due, if any
+            self.link.release_acks()
+            return
+        with self.link.corked():
+            self.dispatcher.flush()
+            self.link.release_acks()
 
     # Callbacks of the link, the pool and the forwarder, which exist before the dispatcher
     # does: they reach it through the daemon.

@@ -585,6 +585,11 @@ class Dispatcher:
                 self._admission.release(client_id)
             self.counters.completed += 1
 
+    @property
+    def answering(self) -> bool:
+        """Answers wait for this turn's commit (``flush`` publishes them)."""
+        return bool(self._answers)
+
     def flush(self) -> None:
         """At the end of each turn of the loop: commit the journal's writes of the turn, then
         publish the answers they store. A failed commit keeps them for the next turn."""
