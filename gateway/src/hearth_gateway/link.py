@@ -31,7 +31,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from hearth.errors import GatewayUnavailable
 from hearth.protocol import request_filter, status_topic
 from hearth.transport import BrokerAddress, make_client, properties, reply_properties
-from hearth_gateway._paho_io import LoopDriven
+from hearth_gateway._paho_io import LoopDriven, fast_publish_decoding
 from hearth_gateway.loop import Loop
 from hearth_gateway.reply_to import ReplyTo
 
@@ -89,6 +89,7 @@ class GatewayLink(LoopDriven):
             # The managed broker's loopback account: the only one with the gateway's rights.
             self._client.username_pw_set(*credentials)
         self._client.manual_ack_set(True)  # after the journal's commit (release_acks)
+        fast_publish_decoding(self._client)
         self._acks: deque[tuple[int, Pending | None]] = deque()  # QoS 1 requests, in order
         self._client.on_connect = self._connected
         self._client.on_message = self._message
