@@ -48,6 +48,10 @@ class FrameReader:
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> list[bytes]:
+        if not self._buffer and len(data) >= _HEADER.size:
+            (length,) = _HEADER.unpack_from(data)
+            if len(data) == _HEADER.size + length:  # the usual read: one whole frame
+                return [data[_HEADER.size :]]
         self._buffer += data
         frames: list[bytes] = []
         while len(self._buffer) >= _HEADER.size:
@@ -55,6 +59,7 @@ class FrameReader:
             end = _HEADER.size + length
             if len(self._buffer) < end:
                 break
-            frames.append(bytes(self._buffer[_HEADER.size : end]))
+            with memoryview(self._buffer) as view:  # one copy, not a slice and a copy
+                frames.append(bytes(view[_HEADER.size : end]))
             del self._buffer[:end]
         return frames
