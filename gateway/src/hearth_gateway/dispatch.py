@@ -53,6 +53,7 @@ from hearth.protocol import (
     reply_prefix,
 )
 from hearth_gateway.blobs import BlobStore, UploadRefused
+from hearth_gateway.loop import Timer
 from hearth_gateway.placement import Action, Decision, PlacedJob, Placer
 from hearth_gateway.policy import Admission, Policy
 from hearth_gateway.reply_to import PublishReply, ReplyTo
@@ -72,10 +73,6 @@ RESERVED_CLIENT_ID = "admin"  # the owner of tasks installed through the control
 # How long a job's accept row is held before it is written: a job answered within it is
 # journaled once, answered (a no-op job takes under a millisecond; a 1 MiB frame about ten).
 JOURNAL_DELAY_S = 0.01
-
-
-def _wake() -> None:
-    """A timer's callback that only ends the loop's wait: its turn then flushes the journal."""
 
 
 def _blob_of(job: Job) -> str | None:
@@ -193,6 +190,7 @@ class Dispatcher:
         self.draining = False  # set on shutdown: new jobs are refused, queued ones finish
         self.locked = locked  # revoked device ids; the daemon updates it (pairing.py)
         self._answers: list[tuple[ReplyTo, bytes]] = []  # stored at the next flush, then sent
+        self._held_timer: Timer | None = None  # when the oldest held journal row is due
 
     # Called from the daemon's event loop for each request: everything here is short; jobs run
     # in the worker processes.
@@ -360,7 +358,8 @@ class Dispatcher:
                 self._publish(reply_to, reply)
             # else: still queued or running; its one answer is on its way.
             return None
-        self._pool.loop.call_later(JOURNAL_DELAY_S, _wake)  # its row is written by then
+        if self._held_timer is None:
+            self._held_timer = self._pool.loop.call_later(JOURNAL_DELAY_S, self._held_due)
         if decision.action is Action.UPSTREAM and self._upstream is not None:
             # Never a run: runs are not forwardable (placement.py); they move through devices.
             assert not isinstance(job, RunStart | RunResume)
@@ -584,6 +583,20 @@ class Dispatcher:
             if item.admitted:
                 self._admission.release(client_id)
             self.counters.completed += 1
+
+    def _held_due(self) -> None:
+        """The oldest held journal row is due: written now (with any others due), and the
+        timer set again for the next one still held, if any (most are answered first)."""
+        self._held_timer = None
+        try:
+            self._store.flush()
+        finally:
+            due = self._store.next_due()
+            if due is not None:
+                # One due already and still held: the commit failed; try again a little later.
+                delay = due - time.monotonic()
+                delay = delay if delay > 0 else JOURNAL_DELAY_S
+                self._held_timer = self._pool.loop.call_later(delay, self._held_due)
 
     @property
     def answering(self) -> bool:
