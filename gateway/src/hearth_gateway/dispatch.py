@@ -70,6 +70,9 @@ __all__ = ["Dispatcher", "PeerLog"]
 log = logging.getLogger(__name__)
 
 RESERVED_CLIENT_ID = "admin"  # the owner of tasks installed through the control socket
+# An answer is decoded only when it may be this error (the code's bytes are in it): the daemon
+# passes the worker's encoded answer on as it is.
+_HASH_MISMATCH = str(ErrorCode.HASH_MISMATCH).encode()
 # How long a job's accept row is held before it is written: a job answered within it is
 # journaled once, answered (a no-op job takes under a millisecond; a 1 MiB frame about ten).
 JOURNAL_DELAY_S = 0.01
@@ -567,7 +570,7 @@ class Dispatcher:
         if len(reply) > self._limits.max_message_bytes:
             # The broker would drop us for a packet over its limit: answer with the reason.
             reply = self._too_large(job, len(reply))
-        elif len(reply) < 1024:  # errors are small; results rarely are
+        elif len(reply) < 1024 and _HASH_MISMATCH in reply:  # errors are small; results rarely are
             self._check_blob(item, reply)
         client_id = item.reply_to.client_id
         try:
