@@ -51,6 +51,9 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 # Pipes to and from a worker hold a 1 MiB frame (the unprivileged maximum by default) instead of
 # 64 KiB: a camera frame crosses in one write and one wake-up, not sixteen.
 _PIPE_BYTES = 1 << 20
+# In /proc/PID/stat, counted after the command name: the flags, and the resident pages.
+_STAT_FLAGS, _STAT_RSS = 6, 21
+_PF_EXITING = 0x4  # the kernel's flag for a process in exit (include/linux/sched.h)
 
 
 def resident_bytes(pid: int) -> int | None:
@@ -118,7 +121,7 @@ class _Worker:
         self._reader = FrameReader()
         self._out = -1
         self._in = -1
-        self._statm = -1  # its /proc/PID/statm, kept open: read after every job (recycling)
+        self._stat = -1  # its /proc/PID/stat, kept open: read around every job
 
     def spawn(self) -> None:
         self.proc = subprocess.Popen(
@@ -136,9 +139,9 @@ class _Worker:
             with contextlib.suppress(OSError):  # over this system's limit: 64 KiB it is
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
         os.set_blocking(self._out, False)
-        self._close_statm()
+        self._close_stat()
         with contextlib.suppress(OSError):  # no /proc: no RSS limit
-            self._statm = os.open(f"/proc/{self.proc.pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
+            self._stat = os.open(f"/proc/{self.proc.pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
         self._reader = FrameReader()
         self.jobs = 0
         self.sessions.clear()
@@ -146,19 +149,37 @@ class _Worker:
         self.pool.loop.add_reader(self._out, self._readable)
         self.deadline = self.pool.loop.call_later(_READY_TIMEOUT_S, self._start_timeout)
 
-    def resident(self) -> int | None:
-        """This worker's resident memory (RSS) in bytes; None without /proc."""
-        if self._statm < 0:
+    def _proc_stat(self) -> list[bytes] | None:
+        """The fields of /proc/PID/stat after the command name; None without /proc."""
+        if self._stat < 0:
             return None
         try:
-            return int(os.pread(self._statm, 128, 0).split()[1]) * _PAGE
-        except (OSError, IndexError, ValueError):
+            return os.pread(self._stat, 1024, 0).rpartition(b")")[2].split()
+        except OSError:
             return None
 
-    def _close_statm(self) -> None:
-        if self._statm >= 0:
-            os.close(self._statm)
-            self._statm = -1
+    def resident(self) -> int | None:
+        """This worker's resident memory (RSS) in bytes; None without /proc."""
+        fields = self._proc_stat()
+        try:
+            return None if fields is None else int(fields[_STAT_RSS]) * _PAGE
+        except (IndexError, ValueError):
+            return None
+
+    def exiting(self) -> bool:
+        """Whether the process is dying: killed, it keeps reading its pipe for as long as the
+        kernel takes to tear it down (tens of milliseconds for a large one), and a job handed
+        to it then would be lost with it."""
+        fields = self._proc_stat()
+        try:
+            return fields is not None and bool(int(fields[_STAT_FLAGS]) & _PF_EXITING)
+        except (IndexError, ValueError):
+            return False
+
+    def _close_stat(self) -> None:
+        if self._stat >= 0:
+            os.close(self._stat)
+            self._stat = -1
 
     @property
     def pid(self) -> int | None:
@@ -179,7 +200,7 @@ class _Worker:
             )
         )
         try:
-            if self.proc.poll() is not None:
+            if self.proc.poll() is not None or self.exiting():
                 raise BrokenPipeError
             write_frame(self._in, work)  # the idle worker is blocked reading: this drains
         except OSError:
@@ -283,7 +304,7 @@ class _Worker:
             return None
         self.state = _State.DEAD
         self.pool.loop.remove_reader(self._out)
-        self._close_statm()
+        self._close_stat()
         assert proc.stdin is not None
         assert proc.stdout is not None
         with contextlib.suppress(OSError):
@@ -301,7 +322,7 @@ class _Worker:
             return None
         self.state = _State.DEAD
         self.pool.loop.remove_reader(self._out)
-        self._close_statm()
+        self._close_stat()
         proc = self.proc
         if kill and proc.poll() is None:
             proc.kill()
