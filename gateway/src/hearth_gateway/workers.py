@@ -254,11 +254,16 @@ class _Worker:
         assert job is not None
         log.warning(
             "%s: job %s over its %.0f s wall-clock limit; killing the worker",
-            self.name, job.job.job_id, timeout_s,
-        )  # fmt: skip
+            self.name,
+            job.job.job_id,
+            timeout_s,
+        )
         self.stop(kill=True)
-        error = Error(code=ErrorCode.TIMEOUT, message=f"over the wall-clock limit of {timeout_s} s",
-                      job_id=job.job.job_id)  # fmt: skip
+        error = Error(
+            code=ErrorCode.TIMEOUT,
+            message=f"over the wall-clock limit of {timeout_s} s",
+            job_id=job.job.job_id,
+        )
         self.pool.finished(self, job, encode(error), final=True)  # it would overrun again
         self.pool.replace(self)
 
@@ -273,11 +278,17 @@ class _Worker:
         if job is None:
             log.warning("%s: exited with status %s while idle; replacing it", self.name, rc)
         else:
-            log.warning("%s: died (exit status %s) running job %s; replacing it",
-                        self.name, rc, job.job.job_id)  # fmt: skip
-            error = Error(code=ErrorCode.WORKER_CRASHED,
-                          message=f"worker process died (exit status {rc})",
-                          job_id=job.job.job_id)  # fmt: skip
+            log.warning(
+                "%s: died (exit status %s) running job %s; replacing it",
+                self.name,
+                rc,
+                job.job.job_id,
+            )
+            error = Error(
+                code=ErrorCode.WORKER_CRASHED,
+                message=f"worker process died (exit status {rc})",
+                job_id=job.job.job_id,
+            )
             # Not necessarily the job's fault (a runtime bug, an operator's kill): a retry with
             # the same job id runs it again rather than replaying this error.
             self.pool.finished(self, job, encode(error), final=False)
