@@ -10,6 +10,8 @@
 - ``EchoResponderProcess`` and ``EchoRequester``: the raw MQTT 5 request/response baseline. The
   responder is a process of its own (``python benchmarks/_common.py echo-responder ...``), as
   the gateway is, so the baseline does not share an interpreter (and its GIL) with the caller.
+- ``RoleCpu``: CPU time per role (this process, the broker, the daemon, its workers...), for
+  figures of what each process costs per request.
 - ``Summary``/``percentile``, ``print_table``, ``emit_json``, ``verdict``: the output.
 
 The process helpers are context managers with an idempotent ``close()``. Each child is started
@@ -64,6 +66,7 @@ __all__ = [
     "EchoResponderProcess",
     "GatewayProcess",
     "Mosquitto",
+    "RoleCpu",
     "Summary",
     "child_pids",
     "emit_json",
@@ -278,6 +281,13 @@ class EchoResponderProcess:
         self.log_path = work_dir / "echo-responder.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
+    @property
+    def pid(self) -> int:
+        """The responder's pid (its supervisor's child, as for Mosquitto)."""
+        assert self._proc is not None
+        children = child_pids(self._proc.pid)
+        return children[0] if children else self._proc.pid
+
     def start(self, timeout_s: float = 20.0) -> Self:
         argv = [sys.executable, str(Path(__file__).resolve()), "echo-responder"]
         argv += ["--broker", str(self.broker)]
@@ -322,6 +332,33 @@ class EchoResponderProcess:
 
 
 # -- figures ----------------------------------------------------------------------------------
+
+
+class RoleCpu:
+    """CPU seconds used by each of a benchmark's processes, by role. ``roles`` maps a name to
+    (pid, what): "self" the process alone (its children are other roles), "tree" it and its
+    descendants, "children" its descendants only (a daemon's workers). Take differences of
+    ``sample()`` over spans where the processes stay the same (a process that exits takes its
+    CPU time with it)."""
+
+    def __init__(self, roles: Mapping[str, tuple[int, str]]) -> None:
+        self.roles = dict(roles)
+
+    def sample(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, (pid, what) in self.roles.items():
+            children = sum(tree_cpu_s(child) for child in child_pids(pid))
+            if what == "children":
+                out[name] = children
+            elif what == "self":
+                out[name] = tree_cpu_s(pid) - children
+            else:
+                out[name] = tree_cpu_s(pid)
+        return out
+
+    @staticmethod
+    def since(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+        return {name: after[name] - before[name] for name in after}
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:

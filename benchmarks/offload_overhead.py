@@ -12,10 +12,14 @@ series alike:
 - in-process: the same module run here with ``WasmRuntime`` (what the job itself costs).
 
 Echo, ping and gateway at QoS 0 and QoS 1, N sequential round trips each after warm-ups; then
-throughput with K requests in flight, raw echo against gateway jobs (in interleaved halves).
-The job's median is also split into the SDK's own time, the queue wait and run time the gateway
-reports in its reply, and the rest (transport, dispatch, journal, worker hand-off). Targets:
-gateway/echo at p50 <= 1.5 and at p99 <= 2.0, gateway/echo throughput >= 50 %. A miss is
+throughput with K requests in flight, raw echo against gateway jobs (in interleaved halves),
+with the CPU time per request of each process (this client, the broker, the daemon, its
+workers, the echo responder); then a payload sweep at QoS 1: a WASI module that copies stdin to
+stdout (echo.wasm) with 100 B, 64 KiB and 1 MiB of stdin, against a raw echo of a message of
+the same size, and the same run in-process. The job's median is also split into the SDK's own
+time, the queue wait and run time the gateway reports in its reply, and the rest (transport,
+dispatch, journal, worker hand-off). Targets (issue 10): gateway/echo at p50 <= 1.8 and at
+p99 <= 2.0 (QoS 1), gateway/echo throughput >= 45 %, 1 MiB job/echo at p50 <= 2.0. A miss is
 reported (MISS), not an error.
 
     .venv/bin/python benchmarks/offload_overhead.py            # table
@@ -45,6 +49,7 @@ from _common import (
     EchoResponderProcess,
     GatewayProcess,
     Mosquitto,
+    RoleCpu,
     Summary,
     ensure_examples,
     print_table,
@@ -61,9 +66,14 @@ from hearth_gateway.policy import LimitsPolicy, Policy
 log = logging.getLogger("bench.offload")
 
 QOS_LEVELS = (0, 1)
-TARGET_P50_RATIO = 1.5  # gateway job / raw echo, at most
+TARGET_P50_RATIO = 1.8  # gateway job / raw echo, at most
 TARGET_P99_RATIO = 2.0
-TARGET_THROUGHPUT_RATIO = 0.5  # gateway jobs/s over echo requests/s, at least
+TARGET_THROUGHPUT_RATIO = 0.45  # gateway jobs/s over echo requests/s, at least
+TARGET_SWEEP_RATIO = 2.0  # the largest payload's job / echo p50, at most
+SWEEP_BYTES = (100, 64 * 1024, 1024 * 1024)  # stdin of echo.wasm (and its stdout)
+SWEEP_N = {100: 400, 64 * 1024: 200, 1024 * 1024: 60}  # round trips per series (--sweep-n)
+SWEEP_WARMUP = 10
+SWEEP_MODULE = "echo.wasm"
 
 DEFAULT_N_FAST = 2000  # echo and in-process round trips per series
 DEFAULT_N_GATEWAY = 1000  # gateway jobs (and pings) per series
@@ -92,11 +102,13 @@ def series(name: str, qos: int | None, call: Callable[[], object], n: int) -> Se
     return Series(name, qos, call, n, [], [])
 
 
-def measure_sequential(all_series: Sequence[Series], rounds: int = ROUNDS) -> None:
+def measure_sequential(
+    all_series: Sequence[Series], rounds: int = ROUNDS, warmup: int = WARMUP
+) -> None:
     """Warm every series up, then time its calls one after another, ``rounds`` blocks per
     series, the series taking turns block by block."""
     for s in all_series:
-        for _ in range(WARMUP):
+        for _ in range(warmup):
             s.call()
     for r in range(rounds):
         for s in all_series:
@@ -144,10 +156,11 @@ def measure_throughput(
 class Throughput:
     rps: float  # requests per second
     cpu_ms: float  # CPU time per request, all processes of this benchmark together
+    cpu_ms_by_role: dict[str, float]  # the same, per process (RoleCpu's roles)
 
 
 def compare_throughput(
-    submitters: dict[str, Callable[[], Future[Any]]], count: int, inflight: int
+    submitters: dict[str, Callable[[], Future[Any]]], count: int, inflight: int, roles: RoleCpu
 ) -> dict[str, Throughput]:
     """Throughput of each submitter, ``count`` requests each, run in interleaved halves (after
     a warm-up) so that a change in background load hits both alike. The CPU time per request
@@ -156,15 +169,25 @@ def compare_throughput(
     halves = (count // 2, count - count // 2)
     elapsed = dict.fromkeys(submitters, 0.0)
     cpu = dict.fromkeys(submitters, 0.0)
+    by_role: dict[str, dict[str, float]] = {name: {} for name in submitters}
     for submit in submitters.values():
         measure_throughput(submit, inflight * 10, inflight)
     for part in halves:
         for name, submit in submitters.items():
             if part:
-                cpu_before = tree_cpu_s()
+                cpu_before, roles_before = tree_cpu_s(), roles.sample()
                 elapsed[name] += measure_throughput(submit, part, inflight)
                 cpu[name] += tree_cpu_s() - cpu_before
-    return {name: Throughput(count / elapsed[name], cpu[name] * 1e3 / count) for name in submitters}
+                for role, used in RoleCpu.since(roles_before, roles.sample()).items():
+                    by_role[name][role] = by_role[name].get(role, 0.0) + used
+    return {
+        name: Throughput(
+            count / elapsed[name],
+            cpu[name] * 1e3 / count,
+            {role: used * 1e3 / count for role, used in by_role[name].items()},
+        )
+        for name in submitters
+    }
 
 
 def check_edge_runs(results: Sequence[object]) -> None:
@@ -187,12 +210,55 @@ class Options:
     inflight: int
     throughput_qos: int
     workers: int | None
+    sweep_n: int  # 0: SWEEP_N
 
 
 @dataclass(frozen=True)
 class Outcome:
     figures: Figures
     summaries: dict[SeriesKey, Summary]
+    roles: dict[str, dict[str, float]]  # CPU ms per request by process, echo and gateway
+    sweep: dict[int, dict[str, Summary]]  # payload bytes -> echo, gateway, in-process
+
+
+def payload_sweep(
+    client: Client, requester: EchoRequester, runtime: WasmRuntime, sizes: Sequence[int], n: int
+) -> dict[int, dict[str, Summary]]:
+    """For each stdin size: echo.wasm through the gateway (QoS 1) against a raw echo of a
+    message of the job's size and the same run in-process, interleaved as the main series."""
+    module_path = ensure_examples(f"wasm/{SWEEP_MODULE}") / "wasm" / SWEEP_MODULE
+    wasm = module_path.read_bytes()
+    sha = hashlib.sha256(wasm).hexdigest()
+    runtime.load(sha, wasm=wasm)
+    client.run_wasm(module_path)  # uploads the module
+    limits = Policy().wasm.limits()
+    out: dict[int, dict[str, Summary]] = {}
+    for size in sizes:
+        stdin = os.urandom(size)  # incompressible, as a camera frame nearly is
+        message = encode(WasmJob(job_id=uuid.uuid4().hex, module=sha, stdin=stdin))
+        count = n if n else SWEEP_N.get(size, 100)
+        job = series(
+            "gateway", 1, functools.partial(client.run_wasm, module_path, stdin=stdin), count
+        )
+        trio = [
+            series("echo", 1, functools.partial(requester.call, bytes(len(message))), count),
+            job,
+            series(
+                "in-process",
+                None,
+                functools.partial(runtime.run, sha, stdin=stdin, limits=limits),
+                count,
+            ),
+        ]
+        measure_sequential(trio, warmup=SWEEP_WARMUP)
+        for result in job.results:
+            if not isinstance(result, WasmRun) or result.where != "edge" or result.stdout != stdin:
+                raise RuntimeError(f"a {size} B echo job did not answer its stdin: {result!r}")
+        job.results.clear()  # 60 answers of 1 MiB need not stay
+        out[size] = {s.name: Summary.of(s.samples_ms) for s in trio}
+        trio_p50 = {name: summary.p50 for name, summary in out[size].items()}
+        log.info("sweep %d B: p50 (ms) %s", size, trio_p50)
+    return out
 
 
 def run(opts: Options, work_dir: Path) -> Outcome:
@@ -203,10 +269,22 @@ def run(opts: Options, work_dir: Path) -> Outcome:
     payload = bytes(len(encode(WasmJob(job_id=uuid.uuid4().hex, module=sha))))
     with contextlib.ExitStack() as stack:
         broker = stack.enter_context(Mosquitto(work_dir))
-        stack.enter_context(GatewayProcess(broker.address, work_dir, workers=opts.workers))
+        gateway = stack.enter_context(
+            GatewayProcess(broker.address, work_dir, workers=opts.workers)
+        )
         topics = {q: f"bench/echo/q{q}" for q in QOS_LEVELS}
         echo_topics = [(topic, q) for q, topic in topics.items()]
-        stack.enter_context(EchoResponderProcess(broker.address, work_dir, echo_topics))
+        responder = stack.enter_context(EchoResponderProcess(broker.address, work_dir, echo_topics))
+        daemon = gateway.daemon_pid()
+        roles = RoleCpu(
+            {
+                "client": (os.getpid(), "self"),
+                "broker": (broker.pid, "tree"),
+                "daemon": (daemon, "self"),
+                "workers": (daemon, "children"),
+                "echo_responder": (responder.pid, "tree"),
+            }
+        )
         requesters: dict[int, EchoRequester] = {}
         clients: dict[int, Client] = {}
         for q, topic in topics.items():
@@ -255,9 +333,11 @@ def run(opts: Options, work_dir: Path) -> Outcome:
             },
             opts.count,
             opts.inflight,
+            roles,
         )
         echo_tp, gateway_tp = throughput["echo"], throughput["gateway"]
         log.info("throughput: echo %.0f req/s, gateway %.0f jobs/s", echo_tp.rps, gateway_tp.rps)
+        sweep = payload_sweep(clients[1], requesters[1], runtime, SWEEP_BYTES, opts.sweep_n)
         fallbacks = sum(c.stats.fallbacks for c in clients.values())
         if fallbacks:
             raise RuntimeError(f"{fallbacks} gateway jobs fell back to local runs")
@@ -268,7 +348,19 @@ def run(opts: Options, work_dir: Path) -> Outcome:
     summaries = {key: Summary.of(s.samples_ms) for key, s in by_key.items()}
     figures = collect(opts, summaries, by_key, echo_tp, gateway_tp)
     figures["payload_bytes"] = len(payload)
-    return Outcome(figures, summaries)
+    for role, used in echo_tp.cpu_ms_by_role.items():
+        figures[f"cpu_ms_per_echo_{role}"] = used
+    for role, used in gateway_tp.cpu_ms_by_role.items():
+        figures[f"cpu_ms_per_job_{role}"] = used
+    for size, trio in sweep.items():
+        for name, key in (("echo", "echo"), ("gateway", "job"), ("in-process", "inproc")):
+            figures[f"sweep_{size}_{key}_p50_ms"] = trio[name].p50
+            figures[f"sweep_{size}_{key}_p99_ms"] = trio[name].p99
+        figures[f"sweep_{size}_ratio_p50"] = trio["gateway"].p50 / trio["echo"].p50
+    largest = max(sweep)
+    figures["pass_sweep"] = float(figures[f"sweep_{largest}_ratio_p50"]) <= TARGET_SWEEP_RATIO
+    by_role = {"echo": echo_tp.cpu_ms_by_role, "gateway": gateway_tp.cpu_ms_by_role}
+    return Outcome(figures, summaries, by_role, sweep)
 
 
 def collect(
@@ -368,6 +460,34 @@ def print_report(outcome: Outcome) -> None:
         "round trip; queue, run: as the gateway reports them; rest: job - ping - sdk - queue - "
         "run, i.e. dispatch, journal and worker hand-offs)",
     )
+    roles = list(outcome.roles["gateway"])
+    print_table(
+        ["CPU ms per request", *roles, "total"],
+        [
+            ["raw echo", *outcome.roles["echo"].values(), f["cpu_ms_per_echo"]],
+            ["gateway no-op job", *outcome.roles["gateway"].values(), f["cpu_ms_per_job"]],
+        ],
+        title="CPU time per request by process, in the throughput runs (client: this process; "
+        "workers: the gateway's worker processes together)",
+    )
+    print_table(
+        ["stdin", "n", "echo p50", "job p50", "job/echo", "in-process p50", "echo p99", "job p99"],
+        [
+            [
+                _size(size),
+                trio["gateway"].n,
+                trio["echo"].p50,
+                trio["gateway"].p50,
+                trio["gateway"].p50 / trio["echo"].p50,
+                trio["in-process"].p50,
+                trio["echo"].p99,
+                trio["gateway"].p99,
+            ]
+            for size, trio in outcome.sweep.items()
+        ],
+        title=f"Payload sweep (QoS 1, {SWEEP_MODULE}: stdin copied to stdout; echo: a raw MQTT "
+        "echo of a message of the job's size; ms)",
+    )
     targets: list[list[object]] = []
     for q in QOS_LEVELS:
         for pct, target in (("p50", TARGET_P50_RATIO), ("p99", TARGET_P99_RATIO)):
@@ -389,7 +509,24 @@ def print_report(outcome: Outcome) -> None:
             verdict(ratio, TARGET_THROUGHPUT_RATIO, at_most=False),
         ]
     )
+    largest = max(outcome.sweep)
+    ratio = float(f[f"sweep_{largest}_ratio_p50"])
+    targets.append(
+        [
+            f"{_size(largest)} job/echo p50",
+            ratio,
+            f"<= {TARGET_SWEEP_RATIO}",
+            verdict(ratio, TARGET_SWEEP_RATIO, at_most=True),
+        ]
+    )
     print_table(["figure", "value", "target", "verdict"], targets, title="Targets")
+
+
+def _size(size: int) -> str:
+    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale} {unit}"
+    return f"{size} B"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -418,6 +555,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--throughput-qos", type=int, choices=QOS_LEVELS, default=1, help="default 1"
     )
     parser.add_argument("--workers", type=int, help="gateway worker processes (default: its own)")
+    parser.add_argument(
+        "--sweep-n",
+        type=int,
+        default=0,
+        help="round trips per payload-sweep series (default: 400, 200, 60 by size)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     quota = LimitsPolicy().max_inflight_per_client
@@ -437,6 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         inflight=args.inflight,
         throughput_qos=args.throughput_qos,
         workers=args.workers,
+        sweep_n=args.sweep_n,
     )
     return run_and_report(lambda tmp: run(opts, tmp), args.json, print_report)
 

@@ -50,6 +50,15 @@ SOCK_OPEN = """
   (func (export "_start") (drop (call $sock_open (i32.const 1) (i32.const 1) (i32.const 0)))))
 """
 
+# Could open files in /scratch (it imports path_open) but never does.
+FINDS_SCRATCH = """
+(module
+  (import "wasi_snapshot_preview1" "path_open"
+    (func (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "_start")))
+"""
+
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -128,14 +137,17 @@ def test_an_untouched_scratch_is_reused_and_a_used_one_is_not(
     runtime: WasmRuntime, scratch_root: Path, wasm: dict[str, Path]
 ) -> None:
     noop = wasm["noop"].read_bytes()
+    runtime.run(_sha(noop), wasm=noop)
+    assert list(scratch_root.iterdir()) == []  # imports nothing that could reach one: none
+    idle = wasmtime.wat2wasm(FINDS_SCRATCH)
     for _ in range(3):
-        runtime.run(_sha(noop), wasm=noop)
+        runtime.run(_sha(idle), wasm=idle)
     (kept,) = scratch_root.iterdir()  # one directory for all three: nothing was written
     assert list(kept.iterdir()) == []
     data = wasm["scratch"].read_bytes()
     assert _report(runtime.run(_sha(data), wasm=data).stdout) == REPORT
     assert not kept.exists()  # written to: removed with what the run left there
-    runtime.run(_sha(noop), wasm=noop)
+    runtime.run(_sha(idle), wasm=idle)
     runtime.close()
     assert list(scratch_root.iterdir()) == []
 

@@ -14,7 +14,7 @@ import pytest
 
 from hearth_gateway.crypto import Sealer
 from hearth_gateway.policy import LimitsPolicy
-from hearth_gateway.store import AuditEntry, DeviceRecord, JournalEntry, Store
+from hearth_gateway.store import AuditEntry, DeviceRecord, JournalEntry, Receipt, Store
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -279,3 +279,81 @@ def test_a_database_from_before_the_bounds_is_migrated(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental, from now on
     conn.close()
+
+
+# -- one write per quick job (accept_later, finish(batch=True), flush) -------------------------
+
+
+def _rows(store_path: Path) -> list[tuple[str, str, bool]]:
+    """(job id, state, whether a request is stored) of every row, read from the file."""
+    conn = sqlite3.connect(store_path)
+    try:
+        rows = conn.execute("SELECT job_id, state, request IS NOT NULL FROM jobs ORDER BY job_id")
+        return [(str(j), str(s), bool(r)) for j, s, r in rows]
+    finally:
+        conn.close()
+
+
+def test_a_job_answered_within_its_delay_is_written_once_answered(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    receipt = store.accept_later(_entry("quick"), AuditEntry(CLIENT, "job", "q", "allowed", ""), 60)
+    assert not isinstance(receipt, tuple)
+    assert store.accept_later(_entry("quick"), None, 60) == ("accepted", None)  # held: known
+    store.flush()
+    assert _rows(tmp_path / "db.sqlite3") == []  # not due, not answered: nothing written yet
+    assert not receipt.durable  # so its request is not acknowledged yet
+    store.finish(CLIENT, "quick", b"answer", batch=True)
+    assert not receipt.durable
+    store.flush()
+    assert receipt.durable
+    assert _rows(tmp_path / "db.sqlite3") == [("quick", "done", False)]  # one row, no request
+    assert store.accept_later(_entry("quick"), None, 60) == ("done", b"answer")
+    assert store.stats().audit_rows == 1
+    store.close()
+
+
+def test_a_held_row_past_its_delay_is_written_as_accepted_and_survives(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    receipt = store.accept_later(_entry("slow", b"stdin"), None, 0.0)
+    assert not isinstance(receipt, tuple)
+    store.flush()
+    assert receipt.durable
+    assert _rows(tmp_path / "db.sqlite3") == [("slow", "accepted", True)]
+    store.close()
+    reopened = _store_with_same_key(tmp_path, store)
+    assert [(e.job_id, e.request) for e in reopened.unfinished()] == [("slow", b"stdin")]
+    reopened.finish(CLIENT, "slow", b"answer", batch=True)
+    reopened.flush()
+    assert _rows(tmp_path / "db.sqlite3") == [("slow", "done", False)]
+    reopened.close()
+
+
+def _store_with_same_key(tmp_path: Path, store: Store) -> Store:
+    return Store(tmp_path / "db.sqlite3", store._sealer, LimitsPolicy())
+
+
+def test_a_large_request_answered_within_its_delay_is_never_written(tmp_path: Path) -> None:
+    store = _store(tmp_path, journal_inline_bytes=64 * KiB)
+    receipt = store.accept_later(_entry("frame", os.urandom(MiB)), None, 60)
+    assert not isinstance(receipt, tuple)
+    store.finish(CLIENT, "frame", os.urandom(MiB), batch=True)  # too large to keep
+    assert receipt.durable  # nothing about it is left to write
+    store.flush()
+    assert _rows(tmp_path / "db.sqlite3") == []
+    spool = tmp_path / "requests"
+    assert not spool.exists() or list(spool.iterdir()) == []  # no spooled request either
+    assert store.stats().unkept == 1
+    assert isinstance(store.accept_later(_entry("frame"), None, 60), Receipt)  # runs again
+    store.close()
+
+
+def test_closing_writes_what_is_held(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.accept_later(_entry("running"), None, 60)
+    store.accept_later(_entry("answered"), None, 60)
+    store.finish(CLIENT, "answered", b"answer", batch=True)
+    store.close()
+    assert _rows(tmp_path / "db.sqlite3") == [
+        ("answered", "done", False),
+        ("running", "accepted", True),
+    ]

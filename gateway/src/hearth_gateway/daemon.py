@@ -41,7 +41,7 @@ from hearth_gateway.runners import REGISTRY, TaskEvent, WorkerSettings
 from hearth_gateway.runs import REASON_STOPPING
 from hearth_gateway.status import StatusSnapshot, write_snapshot
 from hearth_gateway.storage import StorageGuard, is_storage_full
-from hearth_gateway.store import Store
+from hearth_gateway.store import Receipt, Store
 from hearth_gateway.streams import StreamCounters
 from hearth_gateway.tasks import TaskManager
 from hearth_gateway.upstream import Forwarded, forwarder_for
@@ -93,20 +93,7 @@ class Gateway:
         # Everything the daemon writes (journal, blobs, keys later) is private to it.
         os.umask(0o077)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.storage = StorageGuard(
-            self.state_dir,
-            reserve_percent=self.policy.limits.storage_reserve_percent,
-            reserve_bytes=self.policy.limits.storage_reserve_bytes,
-        )
-        sealer = Sealer.for_state_dir(self.state_dir)
-        self.store = Store(self.state_dir / "hearth.sqlite3", sealer, self.policy.limits)
-        self.blobs = BlobStore(
-            self.state_dir / "blobs",
-            self.store,
-            self.policy.limits,
-            storage=self.storage,
-            sealer=sealer,
-        )
+        self.storage, self.store, self.blobs = self._open_state()
         self.admission = Admission(self.policy.limits)
         self.streams = StreamCounters(self.policy.vision.max_streams)  # in status from the start
         workers = config.workers or os.cpu_count() or 1
@@ -198,20 +185,34 @@ class Gateway:
             locked=self.pairing.locked if self.pairing is not None else frozenset(),
             storage=self.storage,
         )
+        self.loop.after(self._end_of_turn)
         self.control: ControlServer | None = None
+
+    def _end_of_turn(self) -> None:
+        """Each turn of the loop ends with the journal's commit, then the answers it stored,
+        then the acknowledgements of the requests it covers: together in one TCP segment
+        where they fit."""
+        if not self.dispatcher.answering:
+            self.dispatcher.flush()  # held rows that are due, if any
+            self.link.release_acks()
+            return
+        with self.link.corked():
+            self.dispatcher.flush()
+            self.link.release_acks()
 
     # Callbacks of the link, the pool and the forwarder, which exist before the dispatcher
     # does: they reach it through the daemon.
 
-    def _handle(self, topic: str, payload: bytes, reply_to: ReplyTo) -> None:
+    def _handle(self, topic: str, payload: bytes, reply_to: ReplyTo) -> Receipt | None:
         try:
             if self.pairing is not None and self.pairing.owns(topic):
                 self.pairing.handle(topic, payload, reply_to)
-                return
-            self.dispatcher.handle(topic, payload, reply_to)
+                return None
+            return self.dispatcher.handle(topic, payload, reply_to)
         except Exception as exc:
             if not self._storage_error(exc):
                 raise
+            return None
 
     def _completed(self, item: QueuedJob, reply: bytes, final: bool) -> None:
         if isinstance(item.job, TaskEvent):
@@ -318,6 +319,19 @@ class Gateway:
                 for name, version in status.capabilities.items()
             ),
         }
+
+    def _open_state(self) -> tuple[StorageGuard, Store, BlobStore]:
+        """The state directory's free-space guard, journal and blob store (one sealing key)."""
+        limits = self.policy.limits
+        storage = StorageGuard(
+            self.state_dir,
+            reserve_percent=limits.storage_reserve_percent,
+            reserve_bytes=limits.storage_reserve_bytes,
+        )
+        sealer = Sealer.for_state_dir(self.state_dir)
+        store = Store(self.state_dir / "hearth.sqlite3", sealer, limits)
+        blobs = BlobStore(self.state_dir / "blobs", store, limits, storage=storage, sealer=sealer)
+        return storage, store, blobs
 
     def _worker_settings(self, workers: int) -> WorkerSettings:
         """What each worker is started with: runners, limits and the cores it may use."""
@@ -536,6 +550,10 @@ class Gateway:
             self.control.close()
         if self.upstream is not None:
             self.upstream.close()
+        # Rows still held (jobs that did not finish) are written now; closing the link runs the
+        # loop, which acknowledges what they cover.
+        self.dispatcher.flush()
+        self.store.flush(everything=True)
         self.pool.close()
         self.link.close()  # retained status -> offline
         if self.broker is not None:

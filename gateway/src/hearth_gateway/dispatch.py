@@ -1,7 +1,10 @@
 """The protocol boundary: every MQTT message from a device passes here first.
 
 Size check, decode and validation (hearth.protocol), then routing: pings answered at once, blob
-chunks to the blob store, jobs through admission into the journal and the worker queue. Every
+chunks to the blob store, jobs through admission into the journal and the worker queue. A job's
+journal row is held a few milliseconds (store.py): ``handle`` returns its Receipt, and the link
+acknowledges the request once the receipt is durable. Answers of journaled jobs are stored, then
+published, at the end of the loop's turn (``flush``): one commit for all that finished. Every
 refusal goes back to the sender as an ``error`` reply with its ErrorCode and is logged once
 (rate-limited: a peer must not be able to flood the log).
 """
@@ -50,13 +53,14 @@ from hearth.protocol import (
     reply_prefix,
 )
 from hearth_gateway.blobs import BlobStore, UploadRefused
+from hearth_gateway.loop import Timer
 from hearth_gateway.placement import Action, Decision, PlacedJob, Placer
 from hearth_gateway.policy import Admission, Policy
 from hearth_gateway.reply_to import PublishReply, ReplyTo
 from hearth_gateway.runners import Job, TaskEvent, VisionClose, runner_for
 from hearth_gateway.runs import REASON_OVERLOADED, Runs, in_pieces
 from hearth_gateway.storage import StorageGuard, is_storage_full
-from hearth_gateway.store import JournalEntry, Store
+from hearth_gateway.store import JournalEntry, Receipt, Store
 from hearth_gateway.streams import Sessions, StreamCounters
 from hearth_gateway.upstream import Forwarded, Forwarder
 from hearth_gateway.vision import CAPABILITIES, STATEFUL
@@ -69,6 +73,12 @@ log = logging.getLogger(__name__)
 RESERVED_CLIENT_ID = "admin"  # the owner of tasks installed through the control socket
 _FULL = "the gateway's storage is full; retry later or elsewhere"
 _UNJOURNALED_KEPT = 1024  # answers kept in memory while the journal cannot take them
+# An answer is decoded only when it may be this error (the code's bytes are in it): the daemon
+# passes the worker's encoded answer on as it is.
+_HASH_MISMATCH = str(ErrorCode.HASH_MISMATCH).encode()
+# How long a job's accept row is held before it is written: a job answered within it is
+# journaled once, answered (a no-op job takes under a millisecond; a 1 MiB frame about ten).
+JOURNAL_DELAY_S = 0.01
 
 
 def _blob_of(job: Job) -> str | None:
@@ -190,19 +200,23 @@ class Dispatcher:
         self._evict_over = policy.migration.evict_when_queue_over
         self.draining = False  # set on shutdown: new jobs are refused, queued ones finish
         self.locked = locked  # revoked device ids; the daemon updates it (pairing.py)
+        self._answers: list[tuple[ReplyTo, bytes]] = []  # stored at the next flush, then sent
+        self._held_timer: Timer | None = None  # when the oldest held journal row is due
 
     # Called from the daemon's event loop for each request: everything here is short; jobs run
     # in the worker processes.
-    def handle(self, topic: str, payload: bytes, reply_to: ReplyTo) -> None:
+    def handle(self, topic: str, payload: bytes, reply_to: ReplyTo) -> Receipt | None:
+        """Route one request. Returns the Receipt of a job just journaled (its request is
+        acknowledged once the receipt is durable); None: acknowledge it now."""
         parsed = parse_request_topic(topic)
         # The link took the sender from the topic's last level: the protocol's parse has the
         # last word on it.
         if parsed is None or parsed[0] != self._gateway_id or parsed[1] != reply_to.client_id:
             self._peer_log.warning("topic", "ignoring message on unexpected topic %r", topic)
-            return
+            return None
         client_id = reply_to.client_id
         if self._identity_refused(topic, reply_to):
-            return
+            return None
         if self._tasks is not None:
             self._tasks.owner_seen(client_id)
         if not reply_to.topic.startswith(reply_prefix(client_id)):
@@ -215,7 +229,7 @@ class Dispatcher:
                 reply_prefix(client_id),
             )
             self.counters.refused += 1
-            return
+            return None
         if len(payload) > self._limits.max_message_bytes:
             self._refuse(
                 reply_to,
@@ -223,15 +237,15 @@ class Dispatcher:
                 f"message of {len(payload)} bytes over the limit of "
                 f"{self._limits.max_message_bytes}",
             )
-            return
+            return None
         try:
             request = decode_request(payload)
         except ProtocolError as exc:
             self._refuse(reply_to, exc.code, exc.message)
-            return
-        self._route(request, payload, reply_to)
+            return None
+        return self._route(request, payload, reply_to)
 
-    def _route(self, request: Request, payload: bytes, reply_to: ReplyTo) -> None:
+    def _route(self, request: Request, payload: bytes, reply_to: ReplyTo) -> Receipt | None:
         if isinstance(request, Ping):
             in_flight = self._admission.in_flight
             pong = Pong(
@@ -253,7 +267,8 @@ class Dispatcher:
         elif isinstance(request, CallJob) and (request.stream or request.session):
             self._frame(request, reply_to)
         else:
-            self._job(request, payload, reply_to)
+            return self._job(request, payload, reply_to)
+        return None
 
     def _device_task_request(
         self, client_id: str, request: TaskInstall | TaskControl | TaskList
@@ -332,33 +347,26 @@ class Dispatcher:
             return _call_refusal(job)
         return None
 
-    def _job(self, job: PlacedJob, payload: bytes, reply_to: ReplyTo) -> None:
+    def _job(self, job: PlacedJob, payload: bytes, reply_to: ReplyTo) -> Receipt | None:
         client_id = reply_to.client_id
         decision, refusal = self._placed(client_id, job)
         if refusal is not None:
             self._refuse(reply_to, refusal.code, refusal.message, job.job_id)
-            return
+            return None
         if self._storage is not None and not self._storage.room_for(len(payload)):
             # Before need_blob too: an upload would only be refused in turn.
             self._refuse(reply_to, ErrorCode.STORAGE_FULL, _FULL, job.job_id)
-            return
+            return None
         missing = next((sha for sha in _blobs_needed(job) if not self._blobs.has(sha)), None)
         if missing is not None:
             max_chunk = self._limits.max_chunk_bytes
             need = NeedBlob(job_id=job.job_id, sha256=missing, max_chunk=max_chunk)
             self._publish(reply_to, encode(need))
-            return
+            return None
         entry = JournalEntry(client_id, job.job_id, payload, reply_to.topic, reply_to.correlation)
         audit = Placer.entry(client_id, job.data_class, f"job {job.job_id}", decision)
-        try:
-            known = self._store.accept(entry, audit)
-        except Exception as exc:
-            if not is_storage_full(exc):
-                raise
-            self._storage_hit(exc)  # rolled back: not accepted, so nothing is lost
-            self._refuse(reply_to, ErrorCode.STORAGE_FULL, _FULL, job.job_id)
-            return
-        if known is not None:
+        known = self._store.accept_later(entry, audit, JOURNAL_DELAY_S)
+        if not isinstance(known, Receipt):
             state, reply = known
             self.counters.duplicates += 1
             if state == "done" and reply is not None:
@@ -367,14 +375,17 @@ class Dispatcher:
                 self._publish(reply_to, kept)
                 self._store.finish(client_id, job.job_id, kept)  # there is room again
             # else: still queued or running; its one answer is on its way.
-            return
+            return None
+        if self._held_timer is None:
+            self._held_timer = self._pool.loop.call_later(JOURNAL_DELAY_S, self._held_due)
         if decision.action is Action.UPSTREAM and self._upstream is not None:
             # Never a run: runs are not forwardable (placement.py); they move through devices.
             assert not isinstance(job, RunStart | RunResume)
             self.counters.forwarded += 1
             self._upstream.forward(job, reply_to)
-            return
+            return known
         self.enqueue(job, reply_to)
+        return known
 
     # -- public jobs forwarded upstream (upstream.py) -----------------------------------------
 
@@ -592,10 +603,15 @@ class Dispatcher:
         if pieces is None and len(reply) > self._limits.max_message_bytes:
             # The broker would drop us for a packet over its limit: answer with the reason.
             reply = self._too_large(job, len(reply))
-        elif len(reply) < 1024:  # errors are small; results rarely are
+        elif len(reply) < 1024 and _HASH_MISMATCH in reply:  # errors are small; results rarely are
             self._check_blob(item, reply)
         client_id = item.reply_to.client_id
         try:
+            if item.journaled and final and pieces is None:
+                # Stored with whatever else finished in this turn, then published (flush).
+                self._store.finish(client_id, job.job_id, reply, batch=True)
+                self._answers.append((item.reply_to, reply))
+                return
             if item.journaled:
                 self._journal_answer(client_id, job.job_id, reply, final)
             for piece in pieces or [reply]:
@@ -619,13 +635,56 @@ class Dispatcher:
             # run again after a restart (jobs are safe to re-run).
             self._storage_hit(exc)
             if final:
-                self._unjournaled[(client_id, job_id)] = reply
-                if len(self._unjournaled) > _UNJOURNALED_KEPT:
-                    del self._unjournaled[next(iter(self._unjournaled))]
+                self._keep_unjournaled(client_id, job_id, reply)
+
+    def _keep_unjournaled(self, client_id: str, job_id: str, reply: bytes) -> None:
+        self._unjournaled[(client_id, job_id)] = reply
+        if len(self._unjournaled) > _UNJOURNALED_KEPT:
+            del self._unjournaled[next(iter(self._unjournaled))]
 
     def _storage_hit(self, exc: BaseException) -> None:
         if self._storage is not None:
             self._storage.hit(exc)
+
+    def _held_due(self) -> None:
+        """The oldest held journal row is due: written now (with any others due), and the
+        timer set again for the next one still held, if any (most are answered first)."""
+        self._held_timer = None
+        try:
+            self._commit()
+        finally:
+            due = self._store.next_due()
+            if due is not None:
+                # One due already and still held: the commit failed; try again a little later.
+                delay = due - time.monotonic()
+                delay = delay if delay > 0 else JOURNAL_DELAY_S
+                self._held_timer = self._pool.loop.call_later(delay, self._held_due)
+
+    @property
+    def answering(self) -> bool:
+        """Answers wait for this turn's commit (``flush`` publishes them)."""
+        return bool(self._answers)
+
+    def flush(self) -> None:
+        """At the end of each turn of the loop: commit the journal's writes of the turn, then
+        publish the answers they store. A failed commit keeps them for the next turn."""
+        self._commit()
+        answers, self._answers = self._answers, []
+        for reply_to, reply in answers:
+            self._publish(reply_to, reply)
+
+    def _commit(self) -> None:
+        try:
+            self._store.flush()
+        except Exception as exc:
+            if not is_storage_full(exc):
+                raise
+            # The disk is full: what the journal could not take is given up rather than held
+            # (and its requests acknowledged): the answers go out all the same and are kept in
+            # memory for a re-send; a job still running is answered when it ends.
+            self._storage_hit(exc)
+            for client_id, job_id, reply in self._store.abandon_pending():
+                self._keep_unjournaled(client_id, job_id, reply)
 
     def _too_large(self, job: Job, size: int) -> bytes:
         """The error that answers a job whose result (of ``size`` bytes) is over the limit."""

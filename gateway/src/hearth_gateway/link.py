@@ -9,6 +9,10 @@ The Last Will is the retained ``offline`` status, so devices learn within one br
 gateway died (SIGKILL included: the broker sees the socket close). The session is persistent
 (clean_start false, one hour expiry) so requests sent during a short disconnect are delivered
 afterwards; durability itself rests on the journal, not on the broker.
+
+Requests are acknowledged (PUBACK) by us, not by paho: in the order they came, each once the
+handler's receipt says the journal row covering it is committed (store.py), or at once when it
+returned none. ``release_acks`` runs at the end of each turn of the loop, after the commit.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -26,7 +31,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from hearth.errors import GatewayUnavailable
 from hearth.protocol import request_filter, status_topic
 from hearth.transport import BrokerAddress, make_client, properties, reply_properties
-from hearth_gateway._paho_io import LoopDriven
+from hearth_gateway._paho_io import LoopDriven, fast_publish_decoding
 from hearth_gateway.loop import Loop
 from hearth_gateway.reply_to import ReplyTo
 
@@ -34,8 +39,17 @@ __all__ = ["GatewayLink", "RequestHandler"]
 
 log = logging.getLogger(__name__)
 
-# (request topic, payload, who sent it and where the answer goes)
-RequestHandler = Callable[[str, bytes, ReplyTo], None]
+
+class Pending(Protocol):
+    """What a handler returns for a request whose acknowledgement must wait (a journaled
+    job): acknowledged once ``durable``."""
+
+    @property
+    def durable(self) -> bool: ...
+
+
+# (request topic, payload, who sent it and where the answer goes) -> what its ack waits for
+RequestHandler = Callable[[str, bytes, ReplyTo], Pending | None]
 
 _SESSION_EXPIRY_S = 3600
 _PROTOCOL_PREFIX = "hearth/"
@@ -74,6 +88,9 @@ class GatewayLink(LoopDriven):
         if credentials is not None:
             # The managed broker's loopback account: the only one with the gateway's rights.
             self._client.username_pw_set(*credentials)
+        self._client.manual_ack_set(True)  # after the journal's commit (release_acks)
+        fast_publish_decoding(self._client)
+        self._acks: deque[tuple[int, Pending | None]] = deque()  # QoS 1 requests, in order
         self._client.on_connect = self._connected
         self._client.on_message = self._message
         self._client.on_disconnect = self._disconnected
@@ -118,6 +135,9 @@ class GatewayLink(LoopDriven):
         if reason.is_failure:
             self.refused = str(reason)
             return
+        # Message ids of the old connection mean nothing now: the broker sends again what we
+        # had not acknowledged (the journal answers a job it has seen from its row).
+        self._acks.clear()
         # On every (re)connect: after a broker restart the subscription and the retained
         # online status must be put back.
         self._client.subscribe(request_filter(self._gateway_id), qos=1)
@@ -168,6 +188,24 @@ class GatewayLink(LoopDriven):
         self._flush()
 
     def _message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        pending: Pending | None = None
+        try:
+            pending = self._handle(msg)
+        finally:
+            if msg.qos:
+                self._acks.append((msg.mid, pending))
+
+    def release_acks(self) -> None:
+        """Acknowledge, in order, the requests whose journal rows are committed (called at the
+        end of each turn of the loop)."""
+        acks = self._acks
+        if not acks:
+            return
+        while acks and (acks[0][1] is None or acks[0][1].durable):
+            self._client.ack(acks.popleft()[0], 1)
+        self._flush()
+
+    def _handle(self, msg: mqtt.MQTTMessage) -> Pending | None:
         topic = msg.topic  # paho decodes it on each access
         if not topic.startswith(_PROTOCOL_PREFIX):
             if self._on_other is not None:
@@ -175,7 +213,7 @@ class GatewayLink(LoopDriven):
                     self._on_other(topic, bytes(msg.payload))
                 except Exception:
                     log.exception("unexpected error handling a message on %s", topic)
-            return
+            return None
         props = msg.properties
         reply_to = ReplyTo(
             # Each request filter subscribed ends in "+", the sender's id.
@@ -186,9 +224,10 @@ class GatewayLink(LoopDriven):
             msg.qos,
         )
         try:
-            self._on_request(topic, bytes(msg.payload), reply_to)
+            return self._on_request(topic, bytes(msg.payload), reply_to)
         except Exception:  # a handler's bug must not take the connection down
             log.exception("unexpected error handling a message on %s", topic)
+            return None
 
     def publish_reply(self, reply_to: ReplyTo, payload: bytes) -> None:
         """An answer: on the request's Response Topic, with its Correlation Data, at the QoS

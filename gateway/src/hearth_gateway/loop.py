@@ -4,6 +4,10 @@ The MQTT socket, the worker processes' pipes, timers and a self-pipe for signals
 loop in the main thread. Decoding, admission, journaling and publishing happen there, in order,
 without locks or thread hand-offs; the heavy work runs in worker processes in parallel. (A
 design with a network thread plus one thread per worker paid two GIL hand-offs per job.)
+
+Callbacks registered with ``after`` run at the end of each turn, once the ready descriptors and
+due timers are handled: the journal commits there what the turn wrote (one transaction for
+however many jobs arrived or finished together), then answers and acknowledgements go out.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class Loop:
         self._readers: dict[int, Callback] = {}
         self._writers: dict[int, Callback] = {}
         self._timers: list[Timer] = []
+        self._after: list[Callback] = []
         self._seq = itertools.count()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -85,6 +90,10 @@ class Loop:
     def remove_writer(self, fd: int) -> None:
         self._writers.pop(fd, None)
         self._update(fd)
+
+    def after(self, callback: Callback) -> None:
+        """Run ``callback`` at the end of every turn of the loop, after those added before."""
+        self._after.append(callback)
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -137,6 +146,8 @@ class Loop:
             timer = heapq.heappop(self._timers)
             if not timer.cancelled:
                 self._run(timer.callback)
+        for callback in self._after:
+            self._run(callback)
 
     def _run(self, callback: Callback) -> None:
         try:

@@ -18,6 +18,15 @@ The journal and the audit table are bounded by time and by bytes (policy ``limit
   and the job id sent again runs the job again (``finish`` says why that is safe).
 - Audit rows are kept for ``audit_retention_s``; past ``audit_bytes`` the oldest go first.
 
+One write per job, where the job is quick (``accept_later``, ``finish(batch=True)``, ``flush``):
+a job's accept row is held in memory for a few milliseconds; when the job is answered first, its
+row is written once, already answered, and its request is never sealed or written at all. A row
+still held past its delay is written as accepted. Held rows and answers are written together,
+one transaction per ``flush`` (the daemon flushes once per turn of its loop: a group commit).
+Durability for QoS 1 holds because the broker's PUBACK for a job waits until the row covering it
+is committed (``Receipt.durable``; link.py): a gateway that dies first has acknowledged nothing,
+and the broker delivers the request again when it reconnects.
+
 A row's size is estimated as it is written (its values, whole overflow pages for large ones, its
 index entries) and the totals are kept in memory, so checking a bound costs nothing per job.
 """
@@ -43,7 +52,7 @@ from hearth_gateway._spool import Spool
 from hearth_gateway.crypto import Sealer, SealError
 from hearth_gateway.policy import LimitsPolicy
 
-__all__ = ["AuditEntry", "DeviceRecord", "JournalEntry", "JournalStats", "Store"]
+__all__ = ["AuditEntry", "DeviceRecord", "JournalEntry", "JournalStats", "Receipt", "Store"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +65,9 @@ _AUDIT_OVERHEAD = 40
 _WAL_LIMIT = 8 * 1024 * 1024  # the WAL is truncated back to this after a checkpoint
 _FREE_SLACK = 8 * 1024 * 1024  # free pages kept in the file for reuse; more go back (expire)
 _EVICT_BATCH = 256  # rows read per query while making room
+# Accept rows held in memory at most: past this many, a flush writes them all (each one holds a
+# PUBACK, and the broker sends a client only so many unacknowledged messages: 20 by default).
+_MAX_HELD = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +118,23 @@ class JournalStats:
     unkept: int  # answers too large to keep, not journaled (since start)
 
 
+class Receipt:
+    """A job accepted with ``accept_later``: ``durable`` once a committed row covers it (its
+    accept row, or its answer), or once nothing about it is left to write."""
+
+    __slots__ = ("audit", "due", "durable", "entry", "reply")
+
+    def __init__(self, entry: JournalEntry, audit: AuditEntry | None, due: float) -> None:
+        self.entry = entry
+        self.audit = audit
+        self.due = due  # time.monotonic(): written as accepted at the first flush after this
+        self.reply: bytes | None = None  # answered before its row was written
+        self.durable = False
+
+
+Known = tuple[str, bytes | None]  # a job id seen before: its state and stored answer
+
+
 @dataclass(slots=True)
 class _Totals:
     """Running totals of the bounded tables. Copied when a transaction begins and put back if
@@ -139,6 +168,9 @@ class Store:
         self._depth = 0  # open transaction levels (savepoints past the first)
         self._closed = False
         self._totals = _Totals()
+        # Accept rows not written yet, oldest first, and answers to write to rows that are.
+        self._held: dict[tuple[str, str], Receipt] = {}
+        self._answers: list[tuple[str, str, bytes]] = []
         self._incremental_vacuum()
         # WAL + synchronous=NORMAL: commits survive a process crash (SIGKILL), and a power loss
         # can only drop the last transactions, never corrupt the file.
@@ -358,6 +390,100 @@ class Store:
                 self._spool.remove([name])
             raise
 
+    def accept_later(
+        self, entry: JournalEntry, audit: AuditEntry | None, delay_s: float
+    ) -> Known | Receipt:
+        """``accept``, with the row held in memory for ``delay_s``: a job answered meanwhile
+        gets one row, its answer (see the module's docstring). Returns the known job's
+        (state, answer) as ``accept`` does, or the new job's Receipt."""
+        key = (entry.client_id, entry.job_id)
+        with self._lock:
+            if key in self._held:
+                return "accepted", None  # running: its one answer is on its way
+            row = self._conn.execute(
+                "SELECT state, reply FROM jobs WHERE client_id=? AND job_id=?", key
+            ).fetchone()
+            if row is not None:
+                where = _where("jobs.reply", entry.client_id, entry.job_id)
+                return str(row[0]), self._sealer.open(row[1], where) or None
+            receipt = Receipt(entry, audit, time.monotonic() + delay_s)
+            self._held[key] = receipt
+            return receipt
+
+    def next_due(self) -> float | None:
+        """When the oldest held accept row is due (time.monotonic()), or None."""
+        with self._lock:
+            first = next(iter(self._held.values()), None)
+            return None if first is None else first.due
+
+    def flush(self, *, everything: bool = False) -> None:
+        """Write, in one transaction, the held rows that are due (all of them with
+        ``everything``, or past ``_MAX_HELD``) and every batched answer."""
+        with self._lock:
+            if not self._held and not self._answers:
+                return
+            now = time.monotonic()
+            everything = everything or len(self._held) > _MAX_HELD
+            due = [
+                r for r in self._held.values() if r.reply is not None or everything or r.due <= now
+            ]
+            if not due and not self._answers:
+                return
+            answers, self._answers = self._answers, []
+            spooled: list[str] = []
+            try:
+                with self.transaction():
+                    for receipt in due:
+                        self._write_held(receipt)
+                    for client_id, job_id, reply in answers:
+                        if self._finish_row(client_id, job_id, reply):
+                            spooled.append(Spool.name(client_id, job_id))
+            except BaseException:
+                self._answers = answers + self._answers
+                raise
+            for receipt in due:
+                entry = receipt.entry
+                del self._held[entry.client_id, entry.job_id]
+                receipt.durable = True
+        if spooled:  # once committed: a crash before this leaves files the next start sweeps
+            self._spool.remove(spooled)
+
+    def abandon_pending(self) -> list[tuple[str, str, bytes]]:
+        """The disk is full and ``flush`` failed: give up the held rows (their requests are
+        acknowledged all the same: each device has its answer or will re-send) and return the
+        batched answers that were not stored, (client, job id, answer) each."""
+        with self._lock:
+            answers, self._answers = self._answers, []
+            for receipt in self._held.values():
+                receipt.durable = True
+            self._held.clear()
+        return answers
+
+    def _write_held(self, receipt: Receipt) -> None:
+        entry = receipt.entry
+        if receipt.reply is None:  # still running: its accept row, as ``accept`` writes it
+            big = len(entry.request) > self._limits.journal_inline_bytes
+            file = Spool.name(entry.client_id, entry.job_id) if big else None
+            self._insert_job(entry, file, receipt.audit)
+            return
+        # Answered already: one row, done (its request never written).
+        now = time.time()
+        sealed = self._sealer.seal(
+            receipt.reply, _where("jobs.reply", entry.client_id, entry.job_id)
+        )
+        size = _job_bytes(self._page, entry.client_id, entry.job_id, sealed)
+        self._conn.execute(
+            "INSERT INTO jobs (client_id, job_id, state, request, request_file, response_topic,"
+            " correlation, accepted_at, reply, finished_at, bytes)"
+            " VALUES (?, ?, 'done', NULL, 0, '', x'', ?, ?, ?, ?)",
+            (entry.client_id, entry.job_id, now, sealed, now, size),
+        )
+        self._totals.answers += 1
+        self._totals.journal_bytes += size
+        if receipt.audit is not None:
+            self._insert_audit(now, receipt.audit)
+        self._bound_journal()
+
     def _insert_job(self, entry: JournalEntry, file: str | None, audit: AuditEntry | None) -> None:
         request = self._sealer.seal(
             entry.request, _where("jobs.request", entry.client_id, entry.job_id)
@@ -393,8 +519,9 @@ class Store:
             self._insert_audit(now, audit)
         self._bound_journal()
 
-    def finish(self, client_id: str, job_id: str, reply: bytes) -> None:
-        """Store a job's answer and drop its request.
+    def finish(self, client_id: str, job_id: str, reply: bytes, *, batch: bool = False) -> None:
+        """Store a job's answer and drop its request; with ``batch``, at the next ``flush``
+        (a job whose row is still held then gets one row, answered).
 
         An answer larger than ``journal_inline_bytes`` is not kept: the job's entry goes, so
         the same job id sent again runs the job again rather than getting this answer. That
@@ -404,39 +531,68 @@ class Store:
         and nothing else, and each request still gets one answer. (A hash of the answer would
         not tell a re-run's answer from a different one: answers carry their timing.)"""
         keep = len(reply) <= self._limits.journal_inline_bytes
-        with self.transaction():
-            row = self._conn.execute(
-                "SELECT rowid, bytes, request_file FROM jobs"
-                " WHERE client_id=? AND job_id=? AND state='accepted'",
-                (client_id, job_id),
-            ).fetchone()
-            if row is None:
-                return  # forgotten meanwhile: nothing to answer for
-            totals = self._totals
-            totals.waiting -= 1
-            totals.journal_bytes -= int(row[1])
-            if not keep:
-                self._conn.execute("DELETE FROM jobs WHERE rowid=?", (row[0],))
-                totals.unkept += 1
-            else:
-                sealed = self._sealer.seal(reply, _where("jobs.reply", client_id, job_id))
-                size = _job_bytes(self._page, client_id, job_id, sealed)
-                # The reply goes to the request's own topic; a re-send brings its own.
-                self._conn.execute(
-                    "UPDATE jobs SET state='done', request=NULL, request_file=0,"
-                    " response_topic='', correlation=x'', reply=?, finished_at=?, bytes=?"
-                    " WHERE rowid=?",
-                    (sealed, time.time(), size, row[0]),
-                )
-                totals.answers += 1
-                totals.journal_bytes += size
-                self._bound_journal()
-        if row[2]:  # once committed: a crash before this leaves a file the next start sweeps
+        with self._lock:
+            receipt = self._held.get((client_id, job_id))
+            if receipt is not None:
+                if keep:
+                    receipt.reply = reply
+                    if batch:
+                        return
+                    self.flush()
+                    return
+                # Nothing to write: neither its request nor its answer is kept.
+                del self._held[client_id, job_id]
+                receipt.durable = True
+                self._totals.unkept += 1
+                return
+            if batch:
+                self._answers.append((client_id, job_id, reply))
+                return
+            with self.transaction():
+                spooled = self._finish_row(client_id, job_id, reply)
+        if spooled:  # once committed: a crash before this leaves a file the next start sweeps
             self._spool.remove([Spool.name(client_id, job_id)])
+
+    def _finish_row(self, client_id: str, job_id: str, reply: bytes) -> bool:
+        """The answer to a written accept row (inside a transaction); returns whether its
+        request was in a file of its own (to remove once committed)."""
+        keep = len(reply) <= self._limits.journal_inline_bytes
+        row = self._conn.execute(
+            "SELECT rowid, bytes, request_file FROM jobs"
+            " WHERE client_id=? AND job_id=? AND state='accepted'",
+            (client_id, job_id),
+        ).fetchone()
+        if row is None:
+            return False  # forgotten meanwhile: nothing to answer for
+        totals = self._totals
+        totals.waiting -= 1
+        totals.journal_bytes -= int(row[1])
+        if not keep:
+            self._conn.execute("DELETE FROM jobs WHERE rowid=?", (row[0],))
+            totals.unkept += 1
+        else:
+            sealed = self._sealer.seal(reply, _where("jobs.reply", client_id, job_id))
+            size = _job_bytes(self._page, client_id, job_id, sealed)
+            # The reply goes to the request's own topic; a re-send brings its own.
+            self._conn.execute(
+                "UPDATE jobs SET state='done', request=NULL, request_file=0,"
+                " response_topic='', correlation=x'', reply=?, finished_at=?, bytes=?"
+                " WHERE rowid=?",
+                (sealed, time.time(), size, row[0]),
+            )
+            totals.answers += 1
+            totals.journal_bytes += size
+            self._bound_journal()
+        return bool(row[2])
 
     def forget(self, client_id: str, job_id: str) -> None:
         """Drop a journal entry whose job was refused or failed through no fault of its own,
         so that the same job id sent again runs."""
+        with self._lock:
+            receipt = self._held.pop((client_id, job_id), None)
+        if receipt is not None:
+            receipt.durable = True  # nothing of it to write
+            return
         with self.transaction():
             rows = self._conn.execute(
                 "DELETE FROM jobs WHERE client_id=? AND job_id=? AND state='accepted'"
@@ -784,9 +940,14 @@ class Store:
         ]
 
     def close(self) -> None:
+        """Write what is held (accept rows, batched answers), then close. Idempotent."""
         with self._lock:
             if self._closed:
                 return
+            try:
+                self.flush(everything=True)
+            except sqlite3.Error:
+                log.exception("could not write the held journal rows")
             self._closed = True
             self._conn.close()
 

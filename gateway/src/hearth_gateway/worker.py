@@ -88,8 +88,11 @@ def _run(runner: Runner, item: WorkItem) -> Reply | TaskOutcome:
     except JobError as exc:
         return Error(code=exc.code, message=exc.message, job_id=item.job.job_id)
     except OSError as exc:  # its blob vanished from the store under us
-        return Error(code=ErrorCode.INTERNAL, message=f"blob unreadable: {exc.strerror}",
-                     job_id=item.job.job_id)  # fmt: skip
+        return Error(
+            code=ErrorCode.INTERNAL,
+            message=f"blob unreadable: {exc.strerror}",
+            job_id=item.job.job_id,
+        )
     if isinstance(reply, TIMED):
         timing = Timing(queue_ms=item.queue_ms, run_ms=(time.perf_counter() - started) * 1e3)
         reply = msgspec.structs.replace(reply, timing=timing)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import fcntl
 import logging
 import os
 import subprocess
@@ -47,6 +48,12 @@ _MAX_AFFINITIES = 4096  # streams and sessions remembered; the least recently us
 _EXIT_GRACE_S = 5.0  # a recycled worker still running after this is killed
 _REAP_POLL_S = 0.05
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+# Pipes to and from a worker hold a 1 MiB frame (the unprivileged maximum by default) instead of
+# 64 KiB: a camera frame crosses in one write and one wake-up, not sixteen.
+_PIPE_BYTES = 1 << 20
+# In /proc/PID/stat, counted after the command name: the flags, and the resident pages.
+_STAT_FLAGS, _STAT_RSS = 6, 21
+_PF_EXITING = 0x4  # the kernel's flag for a process in exit (include/linux/sched.h)
 
 
 def resident_bytes(pid: int) -> int | None:
@@ -115,6 +122,7 @@ class _Worker:
         self._reader = FrameReader()
         self._out = -1
         self._in = -1
+        self._stat = -1  # its /proc/PID/stat, kept open: read around every job
 
     def spawn(self) -> None:
         self.proc = subprocess.Popen(
@@ -128,13 +136,51 @@ class _Worker:
         assert self.proc.stdout is not None
         self._in = self.proc.stdin.fileno()
         self._out = self.proc.stdout.fileno()
+        for fd in (self._in, self._out):
+            with contextlib.suppress(OSError):  # over this system's limit: 64 KiB it is
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
         os.set_blocking(self._out, False)
+        self._close_stat()
+        with contextlib.suppress(OSError):  # no /proc: no RSS limit
+            self._stat = os.open(f"/proc/{self.proc.pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
         self._reader = FrameReader()
         self.jobs = 0
         self.sessions.clear()
         self.state = _State.STARTING
         self.pool.loop.add_reader(self._out, self._readable)
         self.deadline = self.pool.loop.call_later(_READY_TIMEOUT_S, self._start_timeout)
+
+    def _proc_stat(self) -> list[bytes] | None:
+        """The fields of /proc/PID/stat after the command name; None without /proc."""
+        if self._stat < 0:
+            return None
+        try:
+            return os.pread(self._stat, 1024, 0).rpartition(b")")[2].split()
+        except OSError:
+            return None
+
+    def resident(self) -> int | None:
+        """This worker's resident memory (RSS) in bytes; None without /proc."""
+        fields = self._proc_stat()
+        try:
+            return None if fields is None else int(fields[_STAT_RSS]) * _PAGE
+        except (IndexError, ValueError):
+            return None
+
+    def exiting(self) -> bool:
+        """Whether the process is dying: killed, it keeps reading its pipe for as long as the
+        kernel takes to tear it down (tens of milliseconds for a large one), and a job handed
+        to it then would be lost with it."""
+        fields = self._proc_stat()
+        try:
+            return fields is not None and bool(int(fields[_STAT_FLAGS]) & _PF_EXITING)
+        except (IndexError, ValueError):
+            return False
+
+    def _close_stat(self) -> None:
+        if self._stat >= 0:
+            os.close(self._stat)
+            self._stat = -1
 
     @property
     def pid(self) -> int | None:
@@ -156,7 +202,7 @@ class _Worker:
             )
         )
         try:
-            if self.proc.poll() is not None:
+            if self.proc.poll() is not None or self.exiting():
                 raise BrokenPipeError
             write_frame(self._in, work)  # the idle worker is blocked reading: this drains
         except OSError:
@@ -210,11 +256,16 @@ class _Worker:
         assert job is not None
         log.warning(
             "%s: job %s over its %.0f s wall-clock limit; killing the worker",
-            self.name, job.job.job_id, timeout_s,
-        )  # fmt: skip
+            self.name,
+            job.job.job_id,
+            timeout_s,
+        )
         self.stop(kill=True)
-        error = Error(code=ErrorCode.TIMEOUT, message=f"over the wall-clock limit of {timeout_s} s",
-                      job_id=job.job.job_id)  # fmt: skip
+        error = Error(
+            code=ErrorCode.TIMEOUT,
+            message=f"over the wall-clock limit of {timeout_s} s",
+            job_id=job.job.job_id,
+        )
         self.pool.finished(self, job, encode(error), final=True)  # it would overrun again
         self.pool.replace(self)
 
@@ -229,11 +280,17 @@ class _Worker:
         if job is None:
             log.warning("%s: exited with status %s while idle; replacing it", self.name, rc)
         else:
-            log.warning("%s: died (exit status %s) running job %s; replacing it",
-                        self.name, rc, job.job.job_id)  # fmt: skip
-            error = Error(code=ErrorCode.WORKER_CRASHED,
-                          message=f"worker process died (exit status {rc})",
-                          job_id=job.job.job_id)  # fmt: skip
+            log.warning(
+                "%s: died (exit status %s) running job %s; replacing it",
+                self.name,
+                rc,
+                job.job.job_id,
+            )
+            error = Error(
+                code=ErrorCode.WORKER_CRASHED,
+                message=f"worker process died (exit status {rc})",
+                job_id=job.job.job_id,
+            )
             # Not necessarily the job's fault (a runtime bug, an operator's kill): a retry with
             # the same job id runs it again rather than replaying this error.
             self.pool.finished(self, job, encode(error), final=False)
@@ -260,6 +317,7 @@ class _Worker:
             return None
         self.state = _State.DEAD
         self.pool.loop.remove_reader(self._out)
+        self._close_stat()
         assert proc.stdin is not None
         assert proc.stdout is not None
         with contextlib.suppress(OSError):
@@ -277,6 +335,7 @@ class _Worker:
             return None
         self.state = _State.DEAD
         self.pool.loop.remove_reader(self._out)
+        self._close_stat()
         proc = self.proc
         if kill and proc.poll() is None:
             proc.kill()
@@ -492,7 +551,7 @@ class WorkerPool:
         if policy.max_jobs and worker.jobs >= policy.max_jobs:
             return f"it ran {worker.jobs} jobs"
         if policy.max_rss_bytes and worker.proc is not None:
-            rss = resident_bytes(worker.proc.pid)
+            rss = worker.resident()
             if rss is None or rss <= policy.max_rss_bytes:
                 return None
             if worker.jobs == 1 and not self._warned_limit:

@@ -1,10 +1,15 @@
 """WASI command modules under wasmtime: args and stdin in; stdout, stderr and exit code out.
 
 The sandbox is what WASI gives when almost nothing is granted: one fresh, empty directory per
-run preopened as ``/scratch`` (what the run leaves there is removed when it ends, whatever
-happens) and nothing else of the filesystem, no sockets (preview 1 cannot create any and none
-are preopened), an empty environment. Limits are explicit (fuel, memory, output, scratch
-bytes) and each failure maps to one ErrorCode.
+run preopened as ``/scratch`` for modules that import a call able to reach it (what the run
+leaves there is removed when it ends, whatever happens) and nothing else of the filesystem, no
+sockets (preview 1 cannot create any and none are preopened), an empty environment. Limits are
+explicit (fuel, memory, output, scratch bytes) and each failure maps to one ErrorCode.
+
+What every run of a module needs is worked out once, when it is compiled (``_Prepared``): its
+imports resolved (a wasmtime ``InstancePre``), whether it gets wasi-nn and a ``/scratch``. Stdin
+is handed to wasmtime as bytes (no file), and a module without ``/scratch`` writes its stdout and
+stderr through our own ``fd_write``: one copy from its memory per call.
 
 Where onnxruntime is installed, modules may also import wasi-nn (``wasi_ephemeral_nn``, see
 hearth.runtime.wasi_nn): they keep pre- and post-processing in WebAssembly and run the model
@@ -14,14 +19,17 @@ on the box's execution provider.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +50,30 @@ log = logging.getLogger(__name__)
 
 _WASM_PAGE = 64 * 1024  # bytes
 SCRATCH_GUEST_PATH = "/scratch"
+_WASI = "wasi_snapshot_preview1"
+# WASI errnos (preview 1) our fd_write returns.
+_WASI_EBADF, _WASI_EFAULT, _WASI_EFBIG = 8, 21, 22
+_IOVEC = struct.Struct("<II")
+_U32 = struct.Struct("<I")
+
+
+def _reaches_directories(name: str) -> bool:
+    """Whether a WASI import lets a module find or use a preopened directory: the
+    ``path_*`` calls act inside one, ``fd_prestat_*`` is how programs discover it and
+    ``fd_readdir`` lists it. A module importing none of them cannot see ``/scratch``."""
+    return name.startswith(("path_", "fd_prestat_")) or name == "fd_readdir"
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A compiled module with what each run of it needs worked out once: its imports
+    resolved against the run linker (``pre``; None when they cannot be, and then
+    instantiating reports why), and whether it gets wasi-nn and a ``/scratch``."""
+
+    module: wasmtime.Module
+    pre: wasmtime.InstancePre | None
+    nn: bool
+    scratch: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,13 +148,28 @@ class WasmRuntime:
         self._wasi_nn = WasiNn.if_available() if wasi_nn == "auto" else wasi_nn
         if self._wasi_nn is not None:
             self._wasi_nn.define(self._linker)
+        # What ``run`` instantiates a module without /scratch from: the same imports, but the
+        # guest's writes to stdout and stderr go straight from its memory into the run's
+        # buffers (``_fd_write``). wasmtime's own custom-output streams call back into Python
+        # for every 4 KiB, which made a 1 MiB answer cost twice its run. Hosts that use
+        # ``linker`` are not affected.
+        self._run_linker = wasmtime.Linker(self._engine)
+        self._run_linker.define_wasi()
+        self._run_linker.allow_shadowing = True
+        i32 = wasmtime.ValType.i32()
+        write_type = wasmtime.FuncType([i32] * 4, [i32])
+        self._run_linker.define_func(_WASI, "fd_write", write_type, self._fd_write, True)
+        self._run_linker.define_func("hearth", "yield", wasmtime.FuncType([], []), _stay)
+        if self._wasi_nn is not None:
+            self._wasi_nn.define(self._run_linker)
+        self._local = threading.local()  # the run on this thread: its outputs
         self._cache_dir = cache_dir
         self._scratch_root = scratch_root
         if scratch_root is not None:
             scratch_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._idle_scratch: list[tuple[str, os.stat_result]] = []  # untouched, reusable
         self._max_cached = max_cached
-        self._modules: OrderedDict[str, wasmtime.Module] = OrderedDict()
+        self._modules: OrderedDict[str, _Prepared] = OrderedDict()
         self._lock = threading.Lock()
         self._closed = False
         version = getattr(wasmtime, "__version__", "unknown")
@@ -158,14 +205,14 @@ class WasmRuntime:
         self, sha256: str, wasm: bytes | None = None, path: Path | None = None
     ) -> wasmtime.Module:
         """The compiled module for ``sha256`` (cached; bytes checked against the hash)."""
-        return self._module(sha256, wasm, path)
+        return self._module(sha256, wasm, path).module
 
-    def _module(self, sha256: str, wasm: bytes | None, path: Path | None) -> wasmtime.Module:
+    def _module(self, sha256: str, wasm: bytes | None, path: Path | None) -> _Prepared:
         with self._lock:
-            module = self._modules.get(sha256)
-            if module is not None:
+            prepared = self._modules.get(sha256)
+            if prepared is not None:
                 self._modules.move_to_end(sha256)
-                return module
+                return prepared
         module = self._from_disk_cache(sha256)
         if module is None:
             wasm = verified_bytes(
@@ -176,11 +223,32 @@ class WasmRuntime:
             except wasmtime.WasmtimeError as exc:
                 raise JobError(ErrorCode.INVALID_MODULE, _headline(exc)) from None
             self._to_disk_cache(sha256, module)
+        prepared = self._prepare(module)
         with self._lock:
-            self._modules[sha256] = module
+            self._modules[sha256] = prepared
             while len(self._modules) > self._max_cached:
                 self._modules.popitem(last=False)
-        return module
+        return prepared
+
+    def _prepare(self, module: wasmtime.Module) -> _Prepared:
+        imports = [(i.module, i.name or "") for i in module.imports]
+        scratch = any(m == _WASI and _reaches_directories(n) for m, n in imports)
+        try:
+            pre: wasmtime.InstancePre | None = self._linker_for(scratch).instantiate_pre(module)
+        except wasmtime.WasmtimeError:
+            pre = None  # an import we do not grant: each run reports it as it instantiates
+        return _Prepared(
+            module=module,
+            pre=pre,
+            nn=any(m == "wasi_ephemeral_nn" for m, _ in imports),
+            scratch=scratch,
+        )
+
+    def _linker_for(self, scratch: bool) -> wasmtime.Linker:
+        """A module with a /scratch writes its files through wasmtime's own fd_write, which
+        cannot be called from ours (it needs its caller's memory): it gets the plain linker,
+        and its stdout and stderr go through wasmtime's output callbacks."""
+        return self._linker if scratch else self._run_linker
 
     def _cache_path(self, sha256: str) -> Path | None:
         if self._cache_dir is None:
@@ -232,51 +300,77 @@ class WasmRuntime:
         if self._closed:
             raise JobError(ErrorCode.SHUTTING_DOWN, "runtime closed")
         limits = limits or WasmLimits()
-        module = self._module(sha256, wasm, path)
+        prepared = self._module(sha256, wasm, path)
         store = wasmtime.Store(self._engine)
+        # This run's graphs and contexts; the ONNX sessions stay cached across runs. Only for
+        # modules that import wasi-nn: binding costs a run that cannot use it.
+        nn = self._wasi_nn.bind(store) if self._wasi_nn is not None and prepared.nn else None
+        # Only a module that can reach a directory gets one (the untouched one of an earlier
+        # run when there is one).
+        scratch = self._take_scratch() if prepared.scratch else None
+        budget = [limits.output_bytes]
+        out, err = _Output(budget, store), _Output(budget, store)
         handles: list[int | None] = []
-        # This run's graphs and contexts; the ONNX sessions stay cached across runs.
-        nn = self._wasi_nn.bind(store) if self._wasi_nn is not None else None
-        scratch, scratch_stat = self._take_scratch()
         try:
             store.set_fuel(limits.fuel)
             store.set_limits(memory_size=limits.memory_bytes)
-            budget = [limits.output_bytes]
-            out, err = _Output(budget, store), _Output(budget, store)
             wasi = wasmtime.WasiConfig()
             wasi.argv = ["module", *args]
-            handles.append(_set_output(wasi, "stdout", out.write))
-            handles.append(_set_output(wasi, "stderr", err.write))
-            wasi.preopen_dir(scratch, SCRATCH_GUEST_PATH)
-            if not stdin:
-                # Without a configured stdin, WASI reads see end-of-file: no temp file needed.
-                store.set_wasi(wasi)
-                exit_code = self._instantiate_and_start(store, module, limits, out, err)
+            if scratch is not None:
+                wasi.preopen_dir(scratch[0], SCRATCH_GUEST_PATH)
+                handles.append(_set_output(wasi, "stdout", out.write))
+                handles.append(_set_output(wasi, "stderr", err.write))
             else:
-                # WASI reads stdin from a file; a temp file unlinked on exit keeps it private.
-                with tempfile.NamedTemporaryFile(prefix="hearth-stdin-") as stdin_file:
-                    stdin_file.write(stdin)
-                    stdin_file.flush()
-                    wasi.stdin_file = stdin_file.name
-                    store.set_wasi(wasi)
-                    exit_code = self._instantiate_and_start(store, module, limits, out, err)
+                self._local.outputs = (out, err)
+            with _stdin(wasi, stdin):
+                store.set_wasi(wasi)
+                exit_code = self._instantiate_and_start(store, prepared, limits, out, err)
             fuel_used = limits.fuel - store.get_fuel()
-            # Checked afterwards rather than enforced while the run writes: cheap, and fuel and
-            # the wall timeout bound how much a run can write meanwhile.
-            if _tree_bytes(scratch) > limits.scratch_bytes:
-                raise JobError(
-                    ErrorCode.OUTPUT_LIMIT, f"/scratch over {limits.scratch_bytes} bytes"
-                )
         finally:
             # Dropped now, on this thread, while Python is alive: a store left to the garbage
             # collector can be torn down by wasmtime's runtime threads at interpreter exit,
             # calling back into a finalizing Python and aborting the process.
+            self._local.outputs = None
             if nn is not None:
                 nn.close()
             store.close()
             _release_outputs(handles)
-            self._return_scratch(scratch, scratch_stat)
+            # Checked afterwards rather than enforced while the run writes: cheap, and fuel and
+            # the wall timeout bound how much a run can write meanwhile. A directory the run
+            # did not touch holds nothing: no walk.
+            over = scratch is not None and self._return_scratch(*scratch, limits.scratch_bytes)
+        if over:
+            raise JobError(ErrorCode.OUTPUT_LIMIT, f"/scratch over {limits.scratch_bytes} bytes")
         return WasmOutcome(exit_code, out.value(), err.value(), fuel_used)
+
+    def _fd_write(
+        self, caller: wasmtime.Caller, fd: int, iovs: int, count: int, written: int
+    ) -> int:
+        """WASI fd_write for modules without /scratch: stdout and stderr copied from the
+        guest's memory into the run's buffers, one copy per call. Such a run has no other
+        descriptor to write to (no preopens, no sockets)."""
+        outputs = getattr(self._local, "outputs", None)
+        if fd not in {1, 2} or outputs is None:
+            return _WASI_EBADF
+        memory = caller.get("memory")
+        if not isinstance(memory, wasmtime.Memory):
+            return _WASI_EBADF
+        base = ctypes.addressof(memory.data_ptr(caller).contents)
+        size = memory.data_len(caller)
+        iovs, count, written = iovs & 0xFFFFFFFF, count & 0xFFFFFFFF, written & 0xFFFFFFFF
+        if iovs + count * _IOVEC.size > size or written + _U32.size > size:
+            return _WASI_EFAULT
+        parts: list[bytes] = []
+        for ptr, length in _IOVEC.iter_unpack(ctypes.string_at(base + iovs, count * _IOVEC.size)):
+            if ptr + length > size:
+                return _WASI_EFAULT
+            if length:
+                parts.append(ctypes.string_at(base + ptr, length))
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        if outputs[fd - 1].write(data) < 0:
+            return _WASI_EFBIG
+        ctypes.memmove(base + written, _U32.pack(len(data)), _U32.size)
+        return 0
 
     def _take_scratch(self) -> tuple[str, os.stat_result]:
         with self._lock:
@@ -286,8 +380,9 @@ class WasmRuntime:
         path = tempfile.mkdtemp(prefix="hearth-scratch-", dir=self._scratch_root)
         return path, os.stat(path)
 
-    def _return_scratch(self, path: str, before: os.stat_result) -> None:
-        """Keep a directory the run did not touch for the next run, remove any other.
+    def _return_scratch(self, path: str, before: os.stat_result, limit: int) -> bool:
+        """Keep a directory the run did not touch for the next run, remove any other; returns
+        whether what the run left there was over ``limit`` bytes.
 
         Still empty with the same change and modification times, it cannot be told from a new
         one, and keeping it saves a mkdir and an rmdir per run: milliseconds on some disks,
@@ -306,21 +401,27 @@ class WasmRuntime:
             with self._lock:
                 if not self._closed:
                     self._idle_scratch.append((path, before))
-                    return
+                    return False
+        over = not untouched and _tree_bytes(path) > limit
         remove_tree(path)
+        return over
 
     def _instantiate_and_start(
         self,
         store: wasmtime.Store,
-        module: wasmtime.Module,
+        prepared: _Prepared,
         limits: WasmLimits,
         out: _Output,
         err: _Output,
     ) -> int:
         instance = None
         try:
-            instance = self._linker.instantiate(store, module)
-            start = instance.exports(store).get("_start")
+            if prepared.pre is not None:
+                instance = prepared.pre.instantiate(store)
+            else:
+                linker = self._linker_for(prepared.scratch)
+                instance = linker.instantiate(store, prepared.module)
+            start = _export(store, instance, "_start")
             if not isinstance(start, wasmtime.Func):
                 raise JobError(ErrorCode.INVALID_MODULE, "not a WASI command: no _start export")
             start(store)
@@ -379,6 +480,57 @@ class WasmRuntime:
 
 def _stay() -> None:
     """hearth.yield on a runtime that does not migrate runs: nothing to do."""
+
+
+def _export(store: wasmtime.Store, instance: wasmtime.Instance, name: str) -> object:
+    """One export of ``instance`` (None if absent), looked up alone: wasmtime-py's
+    ``exports()`` wraps every export of the module first, a third of a small run's host time.
+    Falls back to it where this wasmtime-py's internals differ."""
+    try:
+        from wasmtime import _bindings as ffi
+        from wasmtime._extern import wrap_extern
+
+        raw_instance = instance._instance
+        context = store._context()
+    except (ImportError, AttributeError):
+        return instance.exports(store).get(name)
+    item = ffi.wasmtime_extern_t()
+    encoded = name.encode()
+    found = ffi.wasmtime_instance_export_get(
+        context, ctypes.byref(raw_instance), encoded, len(encoded), ctypes.byref(item)
+    )
+    return wrap_extern(item) if found else None
+
+
+@contextlib.contextmanager
+def _stdin(wasi: wasmtime.WasiConfig, data: bytes) -> Iterator[None]:
+    """Give the run ``data`` as its stdin: copied once into wasmtime, where this wasmtime-py
+    has the C API's ``wasi_config_set_stdin_bytes``, else through a temporary file (unlinked
+    when the run ends). Without stdin, WASI reads see end-of-file."""
+    if not data:
+        yield
+        return
+    try:
+        from wasmtime import _bindings as ffi
+
+        set_bytes = ffi.wasi_config_set_stdin_bytes
+        vec_new = ffi.wasm_byte_vec_new
+    except (ImportError, AttributeError):
+        with tempfile.NamedTemporaryFile(prefix="hearth-stdin-") as stdin_file:
+            stdin_file.write(data)
+            stdin_file.flush()
+            wasi.stdin_file = stdin_file.name
+            yield
+        return
+    vec = ffi.wasm_byte_vec_t()
+    # wasm_byte_vec_new copies the bytes; the config then owns the vector (and frees it).
+    vec_new(
+        ctypes.byref(vec),
+        len(data),
+        ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ffi.wasm_byte_t)),
+    )
+    set_bytes(wasi.ptr(), ctypes.byref(vec))
+    yield
 
 
 def _set_output(wasi: wasmtime.WasiConfig, stream: str, callback: Any) -> int | None:

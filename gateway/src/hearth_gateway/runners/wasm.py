@@ -2,9 +2,9 @@
 runs locally), with compiled modules cached on disk by hash. Modules that import wasi-nn run
 their models on this box's execution providers, chosen as for ONNX jobs.
 
-Each job gets a fresh ``/scratch`` directory under ``<state>/scratch/<worker pid>/``; what the
-job leaves there is removed when it ends, and what a crashed worker left behind is removed by
-the next worker to start.
+Each job whose module can reach a directory (hearth.runtime.wasm) gets a fresh ``/scratch``
+directory under ``<state>/scratch/<worker pid>/``; what the job leaves there is removed when it
+ends, and what a crashed worker left behind is removed by the next worker to start.
 """
 
 from __future__ import annotations
