@@ -26,7 +26,7 @@ PRIVATE_STATE = Path("/var/lib/private/hearth")
 DYNAMIC_UID = 61184  # the first UID of systemd's DynamicUser= range
 LAN = "127.0.0.1:8883"
 PAIRING = "127.0.0.1:8884"
-DEVICE_DIR = Path("/tmp/device")
+DEVICE_DIR = Path("/tmp/device")  # noqa: S108 - a fresh tmpfs of our own, nobody else's
 # The device SDK's CLI, which the gateway's venv holds too (the gateway depends on the SDK).
 HEARTH = "/opt/hearth/venv/bin/hearth"
 # A WASI module that writes one line: made binary below with the packaged wasmtime.
@@ -97,8 +97,12 @@ def main() -> None:  # noqa: PLR0915 - one scenario, told in order
     deb = sys.argv[1]
     started = time.monotonic()
     installed = run("dpkg", "-i", deb, timeout=600)
-    step("install", installed.returncode == 0,
-         f"{time.monotonic() - started:.1f} s" if installed.returncode == 0 else installed.stderr)  # fmt: skip
+    took = f"{time.monotonic() - started:.1f} s"
+    step(
+        "install",
+        installed.returncode == 0,
+        took if installed.returncode == 0 else installed.stderr,
+    )
     version = run("hearth-gateway", "--version")
     step("version", version.returncode == 0, version.stdout.strip() or version.stderr)
     # What an admin does to start it at boot: links that purge must remove again.
@@ -118,7 +122,7 @@ def main() -> None:  # noqa: PLR0915 - one scenario, told in order
     notify_path = "/run/hearth-notify"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(notify_path)
-    os.chmod(notify_path, 0o777)
+    os.chmod(notify_path, 0o777)  # noqa: S103 - as systemd's: the dynamic UID must send to it
     argv, unit_env = unit_settings()
     # A drop-in an admin would add: devices on the LAN (here: loopback) over mutual TLS.
     unit_env["HEARTH_GATEWAY_OPTS"] = f"--lan-listen {LAN} --no-mdns"
@@ -133,8 +137,16 @@ def main() -> None:  # noqa: PLR0915 - one scenario, told in order
     command = expand(argv, env)
     step("exec_start", True, shlex.join(command))
     gateway = subprocess.Popen(
-        ["setpriv", f"--reuid={DYNAMIC_UID}", f"--regid={DYNAMIC_UID}", "--clear-groups",
-         "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", *command],  # fmt: skip
+        [
+            "setpriv",
+            f"--reuid={DYNAMIC_UID}",
+            f"--regid={DYNAMIC_UID}",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+            *command,
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -157,8 +169,7 @@ def main() -> None:  # noqa: PLR0915 - one scenario, told in order
         if status.returncode == 0 or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    step("status", status.returncode == 0,
-         (status.stdout + status.stderr).strip().splitlines()[:4])  # fmt: skip
+    step("status", status.returncode == 0, (status.stdout + status.stderr).strip().splitlines()[:4])
     doctor = run("hearth-gateway", "doctor", "--state-dir", str(STATE), "--json")
     checks = {c["name"]: c for c in json.loads(doctor.stdout or "{}").get("checks", [])}
     step("doctor", bool(checks), {k: c["status"] for k, c in checks.items()})
@@ -168,19 +179,45 @@ def main() -> None:  # noqa: PLR0915 - one scenario, told in order
     step("pair_code", code.returncode == 0, code.stderr.strip())
     issued = json.loads(code.stdout)
     DEVICE_DIR.mkdir()
-    device_env = {"PATH": env["PATH"], "HOME": str(DEVICE_DIR), "LANG": "C.UTF-8",
-                  "HEARTH_CONFIG_DIR": str(DEVICE_DIR / "config")}  # fmt: skip
-    paired = run(HEARTH, "pair", issued["code"], "--gateway", PAIRING, "--ca-fingerprint",
-                 issued["ca_fingerprint"], "--id", "cam-a", env=device_env)  # fmt: skip
+    device_env = {
+        "PATH": env["PATH"],
+        "HOME": str(DEVICE_DIR),
+        "LANG": "C.UTF-8",
+        "HEARTH_CONFIG_DIR": str(DEVICE_DIR / "config"),
+    }
+    paired = run(
+        HEARTH,
+        "pair",
+        issued["code"],
+        "--gateway",
+        PAIRING,
+        "--ca-fingerprint",
+        issued["ca_fingerprint"],
+        "--id",
+        "cam-a",
+        env=device_env,
+    )
     step("pair", paired.returncode == 0, (paired.stdout + paired.stderr).strip())
     module = DEVICE_DIR / "hello.wasm"
-    made = run("/opt/hearth/venv/bin/python", "-c",
-               f"import wasmtime; open({str(module)!r}, 'wb').write(wasmtime.wat2wasm({HELLO_WAT!r}))")  # fmt: skip
+    script = f"import wasmtime; open({str(module)!r}, 'wb').write(wasmtime.wat2wasm({HELLO_WAT!r}))"
+    made = run("/opt/hearth/venv/bin/python", "-c", script)
     step("module", made.returncode == 0, made.stderr.strip())
-    job = run(HEARTH, "run", "--where", "edge", "--gateway", LAN, str(module),
-              env=device_env, stdin=subprocess.DEVNULL)  # fmt: skip
-    step("job", job.returncode == 0 and job.stdout == "hello from a packaged gateway\n",
-         (job.stdout + job.stderr).strip())  # fmt: skip
+    job = run(
+        HEARTH,
+        "run",
+        "--where",
+        "edge",
+        "--gateway",
+        LAN,
+        str(module),
+        env=device_env,
+        stdin=subprocess.DEVNULL,
+    )
+    step(
+        "job",
+        job.returncode == 0 and job.stdout == "hello from a packaged gateway\n",
+        (job.stdout + job.stderr).strip(),
+    )
 
     # systemctl stop: SIGTERM to the main process, TimeoutStopSec=30.
     gateway.send_signal(signal.SIGTERM)
@@ -192,17 +229,27 @@ def main() -> None:  # noqa: PLR0915 - one scenario, told in order
         step("stop", False, "still running 30 s after SIGTERM")
     left = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and int(p.name) > 2]
     left = [p for p in left if int(p) != os.getpid()]
-    step("stop", gateway.returncode == 0 and not left,
-         {"exit": gateway.returncode, "processes_left": left, "log_tail": log[-400:]})  # fmt: skip
+    step(
+        "stop",
+        gateway.returncode == 0 and not left,
+        {"exit": gateway.returncode, "processes_left": left, "log_tail": log[-400:]},
+    )
 
     started = time.monotonic()
     purged = run("dpkg", "--purge", "hearth-gateway", timeout=300)
-    step("purge", purged.returncode == 0,
-         f"{time.monotonic() - started:.1f} s" if purged.returncode == 0 else purged.stderr)  # fmt: skip
+    took = f"{time.monotonic() - started:.1f} s"
+    step("purge", purged.returncode == 0, took if purged.returncode == 0 else purged.stderr)
     remaining = [
         str(p)
-        for p in (Path("/opt/hearth"), Path("/etc/hearth"), STATE, PRIVATE_STATE, wants,
-                  Path("/lib/systemd/system") / UNIT, Path("/usr/bin/hearth-gateway"))  # fmt: skip
+        for p in (
+            Path("/opt/hearth"),
+            Path("/etc/hearth"),
+            STATE,
+            PRIVATE_STATE,
+            wants,
+            Path("/lib/systemd/system") / UNIT,
+            Path("/usr/bin/hearth-gateway"),
+        )
         if p.exists() or p.is_symlink()
     ]
     step("purged_paths", not remaining, remaining)
