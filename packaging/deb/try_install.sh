@@ -15,9 +15,10 @@
 # After purge the overlay's upper directory holds exactly what the whole episode changed:
 # printed as "LEFTOVER <type> <path>" lines (type as find -printf %y; "whiteout" = deleted).
 set -eu
+#   packaging/deb/try_install.sh --probe    exit 0 if this machine allows all that, else say why
 if [ "${1:-}" != --inside ]; then
     [ "$(id -u)" = 0 ] || { echo "try_install: needs root (namespaces, overlay, dpkg)" >&2; exit 1; }
-    deb=$(readlink -f "$1")
+    if [ "$1" = --probe ]; then deb=--probe; else deb=$(readlink -f "$1"); fi
     exec unshare --mount --pid --net --fork --propagation private sh "$0" --inside "$deb"
 fi
 deb=$2
@@ -34,6 +35,9 @@ mount -t tmpfs tmpfs "$t/root/dev/shm"
 mount -t tmpfs -o mode=1777 tmpfs "$t/root/tmp"
 mount -t tmpfs -o mode=0755 tmpfs "$t/root/run"
 ip link set lo up
+if [ "$deb" = --probe ]; then
+    exit 0
+fi
 
 cp "$deb" "$t/root/tmp/hearth-gateway.deb"
 cp "$here/smoke.py" "$t/root/tmp/smoke.py"
