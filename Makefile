@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hearth-installed
 
-.PHONY: demo test lint bench examples clean lock openvino bench-accel
+.PHONY: demo test lint bench examples clean lock openvino bench-accel dist deb
 
 demo: $(STAMP) examples
 	$(PY) examples/demo.py
@@ -38,6 +38,15 @@ bench-accel: openvino examples
 
 examples: $(STAMP)
 	$(PY) scripts/build_examples.py
+
+# Wheels of both packages in build/dist, pure Python (docs/install.md). CI builds them.
+dist: $(STAMP)
+	sh packaging/build_wheels.sh $(PY)
+
+# The gateway's Debian package in build/deb, for the architecture of this machine: a venv from
+# constraints.txt's pins under /opt/hearth, the systemd unit, /etc/hearth (docs/install.md).
+deb:
+	sh packaging/deb/build.sh
 
 $(STAMP): scripts/bootstrap.sh device-sdk/pyproject.toml gateway/pyproject.toml requirements-dev.txt \
 		constraints.txt

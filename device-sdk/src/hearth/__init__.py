@@ -8,6 +8,8 @@ the same jobs on the device when it is out of reach.
 ...     print(run.where, run.reason, f"{run.latency_ms:.1f} ms")
 """
 
+from importlib import metadata as _metadata
+
 from hearth.client import Client, Inference, WasmRun
 from hearth.discovery import GatewayInfo, discover
 from hearth.errors import (
@@ -23,7 +25,10 @@ from hearth.errors import (
 from hearth.placement import Placement
 from hearth.vision import Call, CameraStream, Dropped, OdometrySession, PipelineRun
 
-__version__ = "0.1.0"
+try:  # one place for the version: device-sdk/pyproject.toml, read from the installed metadata
+    __version__ = _metadata.version("hearth-device-sdk")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Call",

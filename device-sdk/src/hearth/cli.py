@@ -23,6 +23,7 @@ import os
 import sys
 from pathlib import Path
 
+from hearth import __version__
 from hearth._gateway import ENV_GATEWAY, ENV_INTERFACE
 from hearth._identity import ENV_CLIENT_ID
 from hearth._runs_cli import (
@@ -91,6 +92,7 @@ examples:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hearth", description="Hearth device SDK")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("discover", help="list gateways on the LAN with measured round trips")

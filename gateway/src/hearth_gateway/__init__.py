@@ -12,5 +12,10 @@ The flow of a job, one module per step::
 discovery.py advertises the gateway over mDNS; daemon.py wires it all together.
 """
 
-__version__ = "0.1.0"
+from importlib import metadata as _metadata
+
+try:  # one place for the version: gateway/pyproject.toml, read from the installed metadata
+    __version__ = _metadata.version("hearth-gateway")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 __all__ = ["__version__"]

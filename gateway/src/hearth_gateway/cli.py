@@ -11,6 +11,7 @@ import msgspec
 
 from hearth._task_options import task_install_request
 from hearth._tasks_cli import add_task_commands, install_options, print_result
+from hearth_gateway import __version__
 from hearth_gateway._logging import configure_logging
 from hearth_gateway.config import default_state_dir, load_config
 from hearth_gateway.errors import GatewayError
@@ -21,6 +22,7 @@ __all__ = ["main"]
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hearth-gateway", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the gateway daemon in the foreground")
     run.add_argument("--config", type=Path, help="TOML configuration file")
