@@ -101,7 +101,6 @@ def test_a_hedge_cancels_the_gateway_half_when_the_device_answers_first_and_free
     gw = make_gateway("--workers", "1")
     with gw.client(placement="hedge") as client:
         client.run_wasm(module, b"warm", ["1"])  # migratable form made, uploaded, compiled
-        whole = client.run_wasm(module, stdin, [HASHCHAIN_ROUNDS], where="edge").latency_ms
         (worker,) = gw.snapshot().worker_pids
         # The gateway's only worker stops: the device's half answers first.
         os.kill(worker, signal.SIGSTOP)
@@ -110,14 +109,12 @@ def test_a_hedge_cancels_the_gateway_half_when_the_device_answers_first_and_free
             loser = client._hedger.losers[-1]
         finally:
             os.kill(worker, signal.SIGCONT)
-        resumed = time.monotonic()
         assert run.where == "local"
         assert run.stdout == expected
-        # The gateway answers its half "cancelled" (its word, not the device's), and does so
-        # once its worker has let go of it: the worker is free for the next job ...
+        # The gateway answers its half "cancelled" (its word, not the device's: a half that ran
+        # to its end would be answered run_result), once its worker has let go of it ...
         assert _cancelled(loser).where == "edge"
-        # ... before the half could have finished had it run on (it had not begun).
-        assert (time.monotonic() - resumed) * 1e3 < whole * 0.75
+        # ... so the worker, the gateway's only one, takes the next job.
         assert client.run_wasm(module, b"next", ["1"], where="edge").where == "edge"
 
 
