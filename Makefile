@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hearth-installed
 
-.PHONY: demo test lint bench examples clean lock openvino bench-accel dist deb
+.PHONY: demo test lint bench examples clean lock openvino bench-accel dist deb deb-openvino
 
 demo: $(STAMP) examples
 	$(PY) examples/demo.py
@@ -47,6 +47,11 @@ dist: $(STAMP)
 # constraints.txt's pins under /opt/hearth, the systemd unit, /etc/hearth (docs/install.md).
 deb:
 	sh packaging/deb/build.sh
+
+# The same for Intel boxes: hearth-gateway-openvino, onnxruntime-openvino in its venv
+# (docs/accelerators.md).
+deb-openvino:
+	DEB_ACCEL=openvino sh packaging/deb/build.sh
 
 $(STAMP): scripts/bootstrap.sh device-sdk/pyproject.toml gateway/pyproject.toml requirements-dev.txt \
 		constraints.txt

@@ -42,6 +42,39 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
+def _control(accel: str) -> dict[str, str]:
+    """The control file packaging/deb/build.sh writes for the build ``accel`` ("" or
+    "openvino"), as fields (its DEB_CONTROL_ONLY mode: no venv, no wheels)."""
+    result = subprocess.run(
+        ["sh", str(ROOT / "packaging" / "deb" / "build.sh")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DEB_ACCEL": accel, "DEB_CONTROL_ONLY": "1"},
+        timeout=60,
+        check=True,
+    )
+    fields = dict(re.findall(r"^([A-Za-z-]+): (.*)$", result.stdout, flags=re.M))
+    assert not re.search(r"@[A-Z_]+@", result.stdout), result.stdout  # every placeholder filled
+    return fields
+
+
+def test_the_openvino_build_is_a_package_that_recommends_the_igpu_driver() -> None:
+    plain, openvino = _control(""), _control("openvino")
+    assert plain["Package"] == "hearth-gateway"
+    assert "hearth-gateway-openvino" in plain["Suggests"]
+    assert openvino["Package"] == "hearth-gateway-openvino"
+    # OpenVINO's GPU plugin drives an Intel iGPU through Intel's OpenCL driver.
+    assert openvino["Recommends"] == "intel-opencl-icd"
+    # The two ship the same files: one replaces the other.
+    for field in ("Provides", "Conflicts", "Replaces"):
+        assert openvino[field] == "hearth-gateway"
+    assert openvino["Depends"] == plain["Depends"]
+    build = (ROOT / "packaging" / "deb" / "build.sh").read_text()
+    # Its venv swaps the onnxruntime build the way `make openvino` does, pinned alike.
+    assert "constraints-openvino.txt" in build
+    assert "accel_venv.sh" in build
+
+
 @pytest.mark.parametrize(
     ("module", "prog", "package"),
     [("hearth.cli", "hearth", "device-sdk"), ("hearth_gateway.cli", "hearth-gateway", "gateway")],

@@ -19,7 +19,11 @@
 # the first time and reused offline afterwards; delete it to refresh after `make lock`.
 # Environment: PYTHON (the target's interpreter, default /usr/bin/python3), DEB_COMPRESS
 # (dpkg-deb -Z: zstd, the default, which dpkg reads since 1.21.18, i.e. Debian 12; xz takes
-# ten minutes on two cores), DEB_LEVEL (dpkg-deb -z, default 9).
+# ten minutes on two cores), DEB_LEVEL (dpkg-deb -z, default 9), DEB_ACCEL (empty: the plain
+# CPU build of onnxruntime; "openvino": the package hearth-gateway-openvino, whose venv has
+# onnxruntime-openvino instead (constraints-openvino.txt), which recommends Intel's OpenCL
+# driver so OpenVINO can use the iGPU, and which replaces the plain package: both ship the
+# same files). DEB_CONTROL_ONLY=1 prints the control file and stops (the tests read it).
 set -eu
 started=$(date +%s)
 step() { echo "build_deb: [$(( $(date +%s) - started ))s] $*"; }
@@ -42,9 +46,45 @@ SDK_VERSION=$("$PYTHON" -c 'import tomllib; print(tomllib.load(open("device-sdk/
 ARCH=$(dpkg --print-architecture)
 # No project address exists yet; set DEB_MAINTAINER to whoever publishes the package.
 MAINTAINER=${DEB_MAINTAINER:-Hearth developers <hearth@invalid>}
-DEB=$OUT/hearth-gateway_${VERSION}_${ARCH}.deb
+ACCEL=${DEB_ACCEL:-}
+case $ACCEL in
+    "")
+        PACKAGE=hearth-gateway
+        # The accelerated build for Intel boxes is a package of its own (docs/accelerators.md).
+        RELATIONS="Suggests: bpftool, hearth-gateway-openvino"
+        ACCEL_DESCRIPTION=" .
+ This build runs models with onnxruntime's CPU provider; on an Intel box,
+ hearth-gateway-openvino runs them on the CPU, iGPU or NPU with OpenVINO." ;;
+    openvino)
+        PACKAGE=hearth-gateway-openvino
+        # OpenVINO's GPU plugin drives an Intel iGPU through its OpenCL driver; without it
+        # OpenVINO still runs on the CPU (and the NPU has its own kernel driver).
+        RELATIONS="Recommends: intel-opencl-icd
+Suggests: bpftool
+Provides: hearth-gateway
+Conflicts: hearth-gateway
+Replaces: hearth-gateway"
+        ACCEL_DESCRIPTION=" .
+ This build has onnxruntime-openvino in place of onnxruntime: each model runs
+ on OpenVINO (CPU, iGPU or NPU) where it loads, agrees with the CPU provider
+ and is faster, and on the CPU provider otherwise (hearth-gateway doctor)." ;;
+    *) echo "build_deb: DEB_ACCEL must be empty or openvino, not $ACCEL" >&2; exit 2 ;;
+esac
+DEB=$OUT/${PACKAGE}_${VERSION}_${ARCH}.deb
 # Must match what bootstrap.sh installs beside the gateway (vision.plate's models).
 RAPIDOCR="rapidocr-onnxruntime==1.4.4"
+
+control() {
+    # $1: the installed size in KiB.
+    sed -e "s|@VERSION@|$VERSION|" -e "s|@ARCH@|$ARCH|" -e "s|@MAINTAINER@|$MAINTAINER|" \
+        -e "s|@PYVER@|$PYVER|" -e "s|@INSTALLED_SIZE@|$1|" -e "s|@PACKAGE@|$PACKAGE|" \
+        "$HERE/control.in" | awk -v rel="$RELATIONS" -v desc="$ACCEL_DESCRIPTION" \
+        '$0 == "@RELATIONS@" { print rel; next } $0 == "@ACCEL_DESCRIPTION@" { print desc; next } { print }'
+}
+if [ "${DEB_CONTROL_ONLY:-}" = 1 ]; then
+    control 0
+    exit 0
+fi
 
 STAGE=$OUT/stage
 VENV_DIR=/opt/hearth/venv
@@ -74,6 +114,19 @@ if ! install_offline 2>/dev/null; then
     # Our own wheels live in build/dist, not in the cache of other people's.
     rm -f "$WHEELHOUSE"/hearth_device_sdk-*.whl "$WHEELHOUSE"/hearth_gateway-*.whl
     install_offline
+fi
+if [ "$ACCEL" = openvino ]; then
+    # Both builds install `import onnxruntime`: the plain one out, the accelerated one in, as
+    # scripts/accel_venv.sh does for `make openvino`.
+    step "onnxruntime-openvino in place of onnxruntime"
+    $PIP uninstall -y onnxruntime
+    # shellcheck disable=SC2086
+    $PIP install --no-index --no-compile --find-links "$WHEELHOUSE" -c constraints-openvino.txt \
+        onnxruntime-openvino 2>/dev/null || {
+        $PIP download --no-deps -d "$WHEELHOUSE" -c constraints-openvino.txt onnxruntime-openvino
+        $PIP install --no-index --no-compile --find-links "$WHEELHOUSE" \
+            -c constraints-openvino.txt onnxruntime-openvino
+    }
 fi
 # The package manages this venv; nobody should pip-install into it, so pip does not ship.
 "$VENV/bin/python" -m pip uninstall -q -y pip setuptools >/dev/null 2>&1 || true
@@ -130,8 +183,7 @@ for script in postinst prerm postrm; do
 done
 echo /etc/hearth/gateway.toml > "$STAGE/DEBIAN/conffiles"
 installed_kb=$(du -sk --exclude=DEBIAN "$STAGE" | cut -f1)
-sed -e "s|@VERSION@|$VERSION|" -e "s|@ARCH@|$ARCH|" -e "s|@MAINTAINER@|$MAINTAINER|" -e "s|@PYVER@|$PYVER|" \
-    -e "s|@INSTALLED_SIZE@|$installed_kb|" "$HERE/control.in" > "$STAGE/DEBIAN/control"
+control "$installed_kb" > "$STAGE/DEBIAN/control"
 (cd "$STAGE" && find . -path ./DEBIAN -prune -o -type f -print0 | sort -z |
     xargs -0 md5sum | sed 's|  \./|  |') > "$STAGE/DEBIAN/md5sums"
 chmod -R u+rwX,go+rX,go-w "$STAGE"
