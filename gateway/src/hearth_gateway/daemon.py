@@ -12,6 +12,7 @@ import os
 import secrets
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -320,6 +321,17 @@ class Gateway:
             ),
         }
 
+    def _save_at_exit(self, what: str, save: Callable[[], None]) -> None:
+        """A write at shutdown that a full disk refuses: said once, and the shutdown goes on
+        (what the journal already holds is re-run or restored on the next start)."""
+        try:
+            save()
+        except Exception as exc:
+            if not is_storage_full(exc):
+                raise
+            self.storage.hit(exc)
+            log.warning("the disk is full: %s not saved at shutdown", what)
+
     def _open_state(self) -> tuple[StorageGuard, Store, BlobStore]:
         """The state directory's free-space guard, journal and blob store (one sealing key)."""
         limits = self.policy.limits
@@ -545,7 +557,7 @@ class Gateway:
                 drain_timeout_s,
             )
         if self.tasks is not None:
-            self.tasks.close()
+            self._save_at_exit("the tasks' last checkpoints", self.tasks.close)
         if self.control is not None:
             self.control.close()
         if self.upstream is not None:
@@ -553,7 +565,7 @@ class Gateway:
         # Rows still held (jobs that did not finish) are written now; closing the link runs the
         # loop, which acknowledges what they cover.
         self.dispatcher.flush()
-        self.store.flush(everything=True)
+        self._save_at_exit("jobs still running", lambda: self.store.flush(everything=True))
         self.pool.close()
         self.link.close()  # retained status -> offline
         if self.broker is not None:
