@@ -25,6 +25,9 @@
 # driver so OpenVINO can use the iGPU, and which replaces the plain package: both ship the
 # same files). DEB_CONTROL_ONLY=1 prints the control file and stops (the tests read it).
 set -eu
+# pip would take packages on a PYTHONPATH (a checkout's sources) for installed ones and leave
+# them out of the venv.
+unset PYTHONPATH
 started=$(date +%s)
 step() { echo "build_deb: [$(( $(date +%s) - started ))s] $*"; }
 cd "$(dirname "$0")/../.."
