@@ -107,8 +107,13 @@ def test_truncated_upload(device: RawDevice, gateway, wasm) -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [b"\x00asm\x01\x00\x00\x00\xff\xff", b"MZ not wasm", b"\x00asm"],
-    ids=["corrupt", "not-wasm", "header-only"],
+    [
+        b"\x00asm\x01\x00\x00\x00\xff\xff",
+        b"MZ not wasm",
+        b"\x00asm",
+        b'(module (func (export "_start")))',
+    ],
+    ids=["corrupt", "not-wasm", "header-only", "text"],
 )
 def test_invalid_wasm(device: RawDevice, gateway, wasm, payload: bytes) -> None:
     sha = _upload(device, payload)

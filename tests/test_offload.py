@@ -288,3 +288,17 @@ def test_on_lan() -> None:
         assert on_lan(host), host
     for host in ("198.51.100.7", "8.8.8.8", "100.64.0.1", "2001:db8::1"):
         assert not on_lan(host), host
+
+
+@pytest.mark.parametrize("where", ["edge", "local"])
+def test_a_webassembly_text_module_is_refused_on_both_sides(
+    gateway: GatewayProcess, tmp_path: Path, where: str
+) -> None:
+    # wasmtime would compile it; the protocol says binary only, on the gateway and the device.
+    wat = tmp_path / "start.wat"
+    wat.write_bytes(b'(module (func (export "_start")) (memory (export "memory") 1))')
+    with gateway.client() as client, pytest.raises(hearth.JobError) as info:
+        client.run_wasm(wat, where=where)
+    assert info.value.code == hearth.ErrorCode.INVALID_MODULE
+    assert info.value.where == where
+    assert "WebAssembly text" in info.value.message
