@@ -127,6 +127,24 @@ def test_a_job_id_seen_twice_returns_the_stored_answer(gateway: GatewayProcess, 
     assert gateway.snapshot().jobs_completed == 1  # it ran once
 
 
+def test_a_job_id_re_used_with_other_content_is_a_conflict(gateway: GatewayProcess, wasm) -> None:
+    with gateway.client() as client:
+        first = client.run_wasm(wasm["echo"], stdin=b"one", job_id="re-used", where="edge")
+        with pytest.raises(hearth.JobError) as info:
+            client.run_wasm(wasm["echo"], stdin=b"two", job_id="re-used", where="edge")
+        again = client.run_wasm(wasm["echo"], stdin=b"one", job_id="re-used", where="edge")
+        # The device's local runtime keeps no journal: a job id only labels its result there.
+        local = client.run_wasm(wasm["echo"], stdin=b"two", job_id="re-used", where="local")
+    assert info.value.code == hearth.ErrorCode.CONFLICT
+    assert not info.value.code.retryable
+    assert "re-used" in info.value.message
+    assert first.stdout == again.stdout == b"one"
+    assert again.timing == first.timing  # the stored answer, with its first timing
+    assert local.stdout == b"two"
+    assert wait_until(lambda: gateway.snapshot().jobs_duplicate >= 1, timeout_s=10)
+    assert gateway.snapshot().jobs_completed == 1  # the job ran once
+
+
 def test_gateway_status_is_retained_with_a_last_will(gateway: GatewayProcess, broker) -> None:
     states: list[str] = []
     watcher = make_client(f"watch-{uuid.uuid4().hex[:6]}")

@@ -11,6 +11,7 @@ refusal goes back to the sender as an ``error`` reply with its ErrorCode and is 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ from hearth_gateway.reply_to import PublishReply, ReplyTo
 from hearth_gateway.runners import Job, TaskEvent, VisionClose, runner_for
 from hearth_gateway.runs import REASON_OVERLOADED, Runs, in_pieces
 from hearth_gateway.storage import StorageGuard, is_storage_full
-from hearth_gateway.store import JournalEntry, Receipt, Store
+from hearth_gateway.store import CONFLICT, JournalEntry, Receipt, Store
 from hearth_gateway.streams import Sessions, StreamCounters
 from hearth_gateway.upstream import Forwarded, Forwarder
 from hearth_gateway.vision import CAPABILITIES, STATEFUL
@@ -363,18 +364,16 @@ class Dispatcher:
             need = NeedBlob(job_id=job.job_id, sha256=missing, max_chunk=max_chunk)
             self._publish(reply_to, encode(need))
             return None
-        entry = JournalEntry(client_id, job.job_id, payload, reply_to.topic, reply_to.correlation)
+        # The digest of the decoded job, encoded again: the same content however a client
+        # encoded it (key order, defaults left out). The SDK re-sends the same job.
+        digest = hashlib.sha256(encode(job)).digest()
+        entry = JournalEntry(
+            client_id, job.job_id, payload, reply_to.topic, reply_to.correlation, digest
+        )
         audit = Placer.entry(client_id, job.data_class, f"job {job.job_id}", decision)
         known = self._store.accept_later(entry, audit, JOURNAL_DELAY_S)
         if not isinstance(known, Receipt):
-            state, reply = known
-            self.counters.duplicates += 1
-            if state == "done" and reply is not None:
-                self._publish(reply_to, reply)
-            elif (kept := self._unjournaled.pop((client_id, job.job_id), None)) is not None:
-                self._publish(reply_to, kept)
-                self._store.finish(client_id, job.job_id, kept)  # there is room again
-            # else: still queued or running; its one answer is on its way.
+            self._seen_again(job, known, reply_to)
             return None
         if self._held_timer is None:
             self._held_timer = self._pool.loop.call_later(JOURNAL_DELAY_S, self._held_due)
@@ -386,6 +385,28 @@ class Dispatcher:
             return known
         self.enqueue(job, reply_to)
         return known
+
+    def _seen_again(
+        self, job: PlacedJob, known: tuple[str, bytes | None], reply_to: ReplyTo
+    ) -> None:
+        """A job id already journaled: its stored answer, or nothing while it runs; refused
+        when that id was used for a job with other content."""
+        state, reply = known
+        client_id = reply_to.client_id
+        if state == CONFLICT:
+            message = (
+                f"job id {job.job_id} was used for a job with other content;"
+                " use a new job id for a new job"
+            )
+            self._refuse(reply_to, ErrorCode.CONFLICT, message, job.job_id)
+            return
+        self.counters.duplicates += 1
+        if state == "done" and reply is not None:
+            self._publish(reply_to, reply)
+        elif (kept := self._unjournaled.pop((client_id, job.job_id), None)) is not None:
+            self._publish(reply_to, kept)
+            self._store.finish(client_id, job.job_id, kept)  # there is room again
+        # else: still queued or running; its one answer is on its way.
 
     # -- public jobs forwarded upstream (upstream.py) -----------------------------------------
 
