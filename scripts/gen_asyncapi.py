@@ -80,6 +80,7 @@ ANSWERS: dict[str, tuple[str, ...]] = {
         "need_blob",
     ),
     "run_control": ("run_ack",),
+    "describe": ("described", "need_blob"),
     "pair_hello": ("pair_ca",),
     "pair_request": ("pair_result",),
 }

@@ -14,7 +14,21 @@ import paho.mqtt.client as mqtt
 import pytest
 
 import hearth
-from hearth.protocol import BlobChunk, WasmJob, WasmResult, decode_request, decode_status
+from hearth.errors import ErrorCode
+from hearth.protocol import (
+    BlobChunk,
+    Describe,
+    Described,
+    Error,
+    NeedBlob,
+    TensorInfo,
+    WasmExport,
+    WasmImport,
+    WasmJob,
+    WasmResult,
+    decode_request,
+    decode_status,
+)
 from hearth.runtime.wasm import WasmRuntime
 from hearth.transport import connect, make_client
 from helpers import RawDevice
@@ -320,3 +334,41 @@ def test_a_webassembly_text_module_is_refused_on_both_sides(
     assert info.value.code == hearth.ErrorCode.INVALID_MODULE
     assert info.value.where == where
     assert "WebAssembly text" in info.value.message
+
+
+def test_describe_tells_a_model_s_inputs_and_outputs_and_a_module_s_imports_and_exports(
+    gateway: GatewayProcess, examples: Path, wasm
+) -> None:
+    model = (examples / "models" / "digits.onnx").read_bytes()
+    module = wasm["echo"].read_bytes()
+    sha_model, sha_module = (hashlib.sha256(b).hexdigest() for b in (model, module))
+    with RawDevice(gateway.listen, gateway.gateway_id) as dev:
+        asked = dev.request(Describe(job_id="d1", blob=sha_model))
+        assert isinstance(asked, NeedBlob)
+        assert asked.sha256 == sha_model
+        dev.upload(model)
+        dev.upload(module)
+        described_model = dev.request(Describe(job_id="d2", blob=sha_model))
+        described_module = dev.request(Describe(job_id="d3", blob=sha_module))
+        dev.upload(b"neither a model nor a module")
+        unknown = hashlib.sha256(b"neither a model nor a module").hexdigest()
+        refused = dev.request(Describe(job_id="d4", blob=unknown))
+    # What onnxruntime itself says of the model.
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    assert isinstance(described_model, Described)
+    assert (described_model.job_id, described_model.kind) == ("d2", "onnx")
+    assert described_model.inputs == [
+        TensorInfo(i.name, "float32", [d if d is not None else "" for d in i.shape])
+        for i in session.get_inputs()
+    ]
+    assert described_model.inputs[0].name == "input"
+    assert [o.name for o in described_model.outputs] == ["label", "probabilities"]
+    assert described_model.imports == described_model.exports == []
+    assert isinstance(described_module, Described)
+    assert described_module.kind == "wasm"
+    assert WasmExport("_start", "func") in described_module.exports
+    assert WasmExport("memory", "memory") in described_module.exports
+    assert WasmImport("wasi_snapshot_preview1", "fd_write", "func") in described_module.imports
+    assert described_module.inputs == described_module.outputs == []
+    assert isinstance(refused, Error)
+    assert refused.code == ErrorCode.INVALID_MODEL  # not binary WebAssembly: read as a model

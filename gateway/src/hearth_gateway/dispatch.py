@@ -25,6 +25,7 @@ from hearth.protocol import (
     BlobStored,
     CallJob,
     CallResult,
+    Describe,
     Error,
     FrameDropped,
     NeedBlob,
@@ -53,12 +54,13 @@ from hearth.protocol import (
     parse_request_topic,
     reply_prefix,
 )
+from hearth.runtime._blob import WASM_MAGIC
 from hearth_gateway.blobs import BlobStore, UploadRefused
 from hearth_gateway.loop import Timer
 from hearth_gateway.placement import Action, Decision, PlacedJob, Placer
 from hearth_gateway.policy import Admission, Policy
 from hearth_gateway.reply_to import PublishReply, ReplyTo
-from hearth_gateway.runners import Job, TaskEvent, VisionClose, runner_for
+from hearth_gateway.runners import Inspect, Job, TaskEvent, VisionClose, runner_for
 from hearth_gateway.runs import REASON_OVERLOADED, Runs, in_pieces
 from hearth_gateway.storage import StorageGuard, is_storage_full
 from hearth_gateway.store import CONFLICT, JournalEntry, Receipt, Store
@@ -267,6 +269,8 @@ class Dispatcher:
             self._run_control(request, reply_to)
         elif isinstance(request, CallJob) and (request.stream or request.session):
             self._frame(request, reply_to)
+        elif isinstance(request, Describe):
+            self._describe(request, reply_to)
         else:
             return self._job(request, payload, reply_to)
         return None
@@ -317,6 +321,41 @@ class Dispatcher:
             return
         if complete:
             self._publish(reply_to, encode(BlobStored(sha256=chunk.sha256, size=chunk.size)))
+
+    def _describe(self, request: Describe, reply_to: ReplyTo) -> None:
+        """A stored blob's inputs and outputs (a model) or imports and exports (a module), from
+        the runner of its kind in a worker: the daemon reads four bytes of it, nothing more."""
+        if self.draining:
+            self._refuse(reply_to, ErrorCode.SHUTTING_DOWN, "the gateway is shutting down")
+            return
+        if not self._blobs.has(request.blob):
+            max_chunk = self._limits.max_chunk_bytes
+            need = NeedBlob(job_id=request.job_id, sha256=request.blob, max_chunk=max_chunk)
+            self._publish(reply_to, encode(need))
+            return
+        path = self._blobs.path(request.blob)
+        try:
+            with path.open("rb") as blob:
+                runner = "wasm" if blob.read(4) == WASM_MAGIC else "onnx"
+        except OSError as exc:
+            self._refuse(reply_to, ErrorCode.INTERNAL, f"blob unreadable: {exc.strerror}")
+            return
+        if runner not in self._runners:
+            message = f"runner {runner!r} is not enabled on this gateway"
+            self._refuse(reply_to, ErrorCode.UNSUPPORTED, message, request.job_id)
+            return
+        job = Inspect(job_id=request.job_id, blob=request.blob, runner=runner)
+        # Like a job, but neither journaled (it is answered afresh each time) nor admitted
+        # against the device's quota (it is brief, and holds no slot of its own).
+        self._pool.submit(
+            QueuedJob(
+                reply_to=reply_to,
+                job=job,
+                blob_path=str(path),
+                journaled=False,
+                admitted=False,
+            )
+        )
 
     def _placed(self, client_id: str, job: PlacedJob) -> tuple[Decision, JobError | None]:
         """Placement's decision and why the job is refused, if it is; a refusal of

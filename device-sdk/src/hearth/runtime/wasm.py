@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hearth.errors import ErrorCode, JobError, LocalRuntimeUnavailable
-from hearth.runtime._blob import verified_bytes
+from hearth.runtime._blob import WASM_MAGIC, verified_bytes
 from hearth.runtime.limits import WasmLimits
 from hearth.runtime.wasi_nn import WasiNn
 
@@ -57,7 +57,6 @@ log = logging.getLogger(__name__)
 
 _WASM_PAGE = 64 * 1024  # bytes
 SCRATCH_GUEST_PATH = "/scratch"
-WASM_MAGIC = b"\0asm"  # how every binary module begins (then its version, checked by wasmtime)
 _WASI = "wasi_snapshot_preview1"
 # WASI errnos (preview 1) our fd_write returns.
 _WASI_EBADF, _WASI_EFAULT, _WASI_EFBIG = 8, 21, 22
