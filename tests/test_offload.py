@@ -8,6 +8,7 @@ import threading
 import uuid
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import onnxruntime as ort
 import paho.mqtt.client as mqtt
@@ -157,6 +158,22 @@ def test_a_job_id_re_used_with_other_content_is_a_conflict(gateway: GatewayProce
     assert local.stdout == b"two"
     assert wait_until(lambda: gateway.snapshot().jobs_duplicate >= 1, timeout_s=10)
     assert gateway.snapshot().jobs_completed == 1  # the job ran once
+
+
+def test_a_re_sent_job_is_the_same_job_however_it_is_encoded(gateway: GatewayProcess, wasm) -> None:
+    module = wasm["echo"].read_bytes()
+    sha = hashlib.sha256(module).hexdigest()
+    with RawDevice(gateway.listen, gateway.gateway_id) as dev:
+        dev.upload(module)
+        first = dev.request(WasmJob(job_id="encoded", module=sha, stdin=b"x"))
+        # Keys in another order, defaults left out: the same job, so its stored answer.
+        same = {"stdin": b"x", "module": sha, "job_id": "encoded", "type": "wasm"}
+        again = dev.request(msgspec.msgpack.encode(same))
+        refused = dev.request(msgspec.msgpack.encode({**same, "args": ["y"]}))
+    assert isinstance(first, WasmResult)
+    assert again == first
+    assert isinstance(refused, Error)
+    assert (refused.code, refused.job_id) == (ErrorCode.CONFLICT, "encoded")
 
 
 def test_gateway_status_is_retained_with_a_last_will(gateway: GatewayProcess, broker) -> None:
