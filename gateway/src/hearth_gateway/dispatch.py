@@ -87,6 +87,8 @@ JOURNAL_DELAY_S = 0.01
 def _blob_of(job: Job) -> str | None:
     if isinstance(job, WasmJob | TaskEvent | RunStart | RunResume):
         return job.module
+    if isinstance(job, Inspect):
+        return job.blob
     if isinstance(job, OnnxJob | PipelineJob):
         return job.model
     return None
