@@ -20,6 +20,7 @@ from hearth.errors import ErrorCode
 from hearth.protocol import (
     BlobChunk,
     BlobStored,
+    Describe,
     Error,
     OnnxJob,
     Tensor,
@@ -107,8 +108,13 @@ def test_truncated_upload(device: RawDevice, gateway, wasm) -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [b"\x00asm\x01\x00\x00\x00\xff\xff", b"MZ not wasm", b"\x00asm"],
-    ids=["corrupt", "not-wasm", "header-only"],
+    [
+        b"\x00asm\x01\x00\x00\x00\xff\xff",
+        b"MZ not wasm",
+        b"\x00asm",
+        b'(module (func (export "_start")))',
+    ],
+    ids=["corrupt", "not-wasm", "header-only", "text"],
 )
 def test_invalid_wasm(device: RawDevice, gateway, wasm, payload: bytes) -> None:
     sha = _upload(device, payload)
@@ -218,6 +224,19 @@ def test_a_stored_blob_that_fails_its_hash_is_refused_and_asked_for_again(
     assert type(reply).__name__ == "NeedBlob"  # removed: the device re-uploads it
     _good_job_still_works(device, wasm, gateway)
     assert ("blob", sha, "refused") in _audit(gateway)
+
+
+def test_describe_of_a_tampered_blob_is_refused_and_the_blob_asked_for_again(
+    device: RawDevice, gateway, wasm
+) -> None:
+    data = wasm["echo"].read_bytes()
+    sha = _upload(device, data)
+    stored = gateway.state_dir / "blobs" / sha[:2] / sha
+    stored.write_bytes(data[:-10] + b"tampered!!")
+    _error(device.request(Describe(job_id="d1", blob=sha)), ErrorCode.HASH_MISMATCH)
+    reply = device.request(Describe(job_id="d2", blob=sha))
+    assert type(reply).__name__ == "NeedBlob"
+    _good_job_still_works(device, wasm, gateway)
 
 
 def _audit(gateway: GatewayProcess) -> list[tuple[str, str, str]]:

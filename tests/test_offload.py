@@ -8,13 +8,28 @@ import threading
 import uuid
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import onnxruntime as ort
 import paho.mqtt.client as mqtt
 import pytest
 
 import hearth
-from hearth.protocol import BlobChunk, WasmJob, WasmResult, decode_request, decode_status
+from hearth.errors import ErrorCode
+from hearth.protocol import (
+    BlobChunk,
+    Describe,
+    Described,
+    Error,
+    NeedBlob,
+    TensorInfo,
+    WasmExport,
+    WasmImport,
+    WasmJob,
+    WasmResult,
+    decode_request,
+    decode_status,
+)
 from hearth.runtime.wasm import WasmRuntime
 from hearth.transport import connect, make_client
 from helpers import RawDevice
@@ -125,6 +140,40 @@ def test_a_job_id_seen_twice_returns_the_stored_answer(gateway: GatewayProcess, 
     assert first == second  # byte-identical answer, including the original timing
     assert wait_until(lambda: gateway.snapshot().jobs_duplicate >= 1, timeout_s=10)
     assert gateway.snapshot().jobs_completed == 1  # it ran once
+
+
+def test_a_job_id_re_used_with_other_content_is_a_conflict(gateway: GatewayProcess, wasm) -> None:
+    with gateway.client() as client:
+        first = client.run_wasm(wasm["echo"], stdin=b"one", job_id="re-used", where="edge")
+        with pytest.raises(hearth.JobError) as info:
+            client.run_wasm(wasm["echo"], stdin=b"two", job_id="re-used", where="edge")
+        again = client.run_wasm(wasm["echo"], stdin=b"one", job_id="re-used", where="edge")
+        # The device's local runtime keeps no journal: a job id only labels its result there.
+        local = client.run_wasm(wasm["echo"], stdin=b"two", job_id="re-used", where="local")
+    assert info.value.code == hearth.ErrorCode.CONFLICT
+    assert not info.value.code.retryable
+    assert "re-used" in info.value.message
+    assert first.stdout == again.stdout == b"one"
+    assert again.timing == first.timing  # the stored answer, with its first timing
+    assert local.stdout == b"two"
+    assert wait_until(lambda: gateway.snapshot().jobs_duplicate >= 1, timeout_s=10)
+    assert gateway.snapshot().jobs_completed == 1  # the job ran once
+
+
+def test_a_re_sent_job_is_the_same_job_however_it_is_encoded(gateway: GatewayProcess, wasm) -> None:
+    module = wasm["echo"].read_bytes()
+    sha = hashlib.sha256(module).hexdigest()
+    with RawDevice(gateway.listen, gateway.gateway_id) as dev:
+        dev.upload(module)
+        first = dev.request(WasmJob(job_id="encoded", module=sha, stdin=b"x"))
+        # Keys in another order, defaults left out: the same job, so its stored answer.
+        same = {"stdin": b"x", "module": sha, "job_id": "encoded", "type": "wasm"}
+        again = dev.request(msgspec.msgpack.encode(same))
+        refused = dev.request(msgspec.msgpack.encode({**same, "args": ["y"]}))
+    assert isinstance(first, WasmResult)
+    assert again == first
+    assert isinstance(refused, Error)
+    assert (refused.code, refused.job_id) == (ErrorCode.CONFLICT, "encoded")
 
 
 def test_gateway_status_is_retained_with_a_last_will(gateway: GatewayProcess, broker) -> None:
@@ -288,3 +337,55 @@ def test_on_lan() -> None:
         assert on_lan(host), host
     for host in ("198.51.100.7", "8.8.8.8", "100.64.0.1", "2001:db8::1"):
         assert not on_lan(host), host
+
+
+@pytest.mark.parametrize("where", ["edge", "local"])
+def test_a_webassembly_text_module_is_refused_on_both_sides(
+    gateway: GatewayProcess, tmp_path: Path, where: str
+) -> None:
+    # wasmtime would compile it; the protocol says binary only, on the gateway and the device.
+    wat = tmp_path / "start.wat"
+    wat.write_bytes(b'(module (func (export "_start")) (memory (export "memory") 1))')
+    with gateway.client() as client, pytest.raises(hearth.JobError) as info:
+        client.run_wasm(wat, where=where)
+    assert info.value.code == hearth.ErrorCode.INVALID_MODULE
+    assert info.value.where == where
+    assert "WebAssembly text" in info.value.message
+
+
+def test_describe_tells_a_model_s_inputs_and_outputs_and_a_module_s_imports_and_exports(
+    gateway: GatewayProcess, examples: Path, wasm
+) -> None:
+    model = (examples / "models" / "digits.onnx").read_bytes()
+    module = wasm["echo"].read_bytes()
+    sha_model, sha_module = (hashlib.sha256(b).hexdigest() for b in (model, module))
+    with RawDevice(gateway.listen, gateway.gateway_id) as dev:
+        asked = dev.request(Describe(job_id="d1", blob=sha_model))
+        assert isinstance(asked, NeedBlob)
+        assert asked.sha256 == sha_model
+        dev.upload(model)
+        dev.upload(module)
+        described_model = dev.request(Describe(job_id="d2", blob=sha_model))
+        described_module = dev.request(Describe(job_id="d3", blob=sha_module))
+        dev.upload(b"neither a model nor a module")
+        unknown = hashlib.sha256(b"neither a model nor a module").hexdigest()
+        refused = dev.request(Describe(job_id="d4", blob=unknown))
+    # What onnxruntime itself says of the model.
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    assert isinstance(described_model, Described)
+    assert (described_model.job_id, described_model.kind) == ("d2", "onnx")
+    assert described_model.inputs == [
+        TensorInfo(i.name, "float32", [d if d is not None else "" for d in i.shape])
+        for i in session.get_inputs()
+    ]
+    assert described_model.inputs[0].name == "input"
+    assert [o.name for o in described_model.outputs] == ["label", "probabilities"]
+    assert described_model.imports == described_model.exports == []
+    assert isinstance(described_module, Described)
+    assert described_module.kind == "wasm"
+    assert WasmExport("_start", "func") in described_module.exports
+    assert WasmExport("memory", "memory") in described_module.exports
+    assert WasmImport("wasi_snapshot_preview1", "fd_write", "func") in described_module.imports
+    assert described_module.inputs == described_module.outputs == []
+    assert isinstance(refused, Error)
+    assert refused.code == ErrorCode.INVALID_MODEL  # not binary WebAssembly: read as a model

@@ -11,6 +11,7 @@ import pytest
 from hearth.errors import ErrorCode, JobError
 from hearth.protocol import Tensor
 from hearth.runtime.limits import WasmLimits
+from hearth.runtime.migratable import MigratableRuntime
 from hearth.runtime.onnx import OnnxRuntime, array_to_tensor, select_providers, tensor_to_array
 from hearth.runtime.wasm import WasmRuntime
 
@@ -158,3 +159,21 @@ def test_a_model_that_cannot_run_on_zeros_still_loads() -> None:
             raise RuntimeError("input too small")
 
     _warm_up(Picky(), {"x": ("float32", [1, 3, None, None])})  # no exception: just not warmed
+
+
+# A complete WASI command in the text format: wasmtime's Module() alone would compile and run it.
+_WAT = b'(module (func (export "_start")) (memory (export "memory") 1))'
+
+
+def test_webassembly_text_is_refused_before_it_compiles(runtime: WasmRuntime):
+    with pytest.raises(JobError) as info:
+        runtime.run(_sha(_WAT), wasm=_WAT)
+    assert info.value.code == ErrorCode.INVALID_MODULE
+    assert "WebAssembly text" in info.value.message
+
+
+def test_the_migratable_runtime_refuses_webassembly_text_too(runtime: WasmRuntime):
+    with pytest.raises(JobError) as info:
+        MigratableRuntime(runtime).module(_sha(_WAT), _WAT)
+    assert info.value.code == ErrorCode.INVALID_MODULE
+    assert "WebAssembly text" in info.value.message

@@ -14,7 +14,14 @@ import pytest
 
 from hearth_gateway.crypto import Sealer
 from hearth_gateway.policy import LimitsPolicy
-from hearth_gateway.store import AuditEntry, DeviceRecord, JournalEntry, Receipt, Store
+from hearth_gateway.store import (
+    CONFLICT,
+    AuditEntry,
+    DeviceRecord,
+    JournalEntry,
+    Receipt,
+    Store,
+)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -26,8 +33,10 @@ def _store(tmp_path: Path, **limits: float) -> Store:
     return Store(tmp_path / "db.sqlite3", Sealer(os.urandom(32)), LimitsPolicy(**limits))  # type: ignore[arg-type]
 
 
-def _entry(job_id: str, request: bytes = b"request", topic: str = TOPIC) -> JournalEntry:
-    return JournalEntry(CLIENT, job_id, request, topic, b"corr-" + job_id.encode())
+def _entry(
+    job_id: str, request: bytes = b"request", topic: str = TOPIC, digest: bytes = b""
+) -> JournalEntry:
+    return JournalEntry(CLIENT, job_id, request, topic, b"corr-" + job_id.encode(), digest)
 
 
 def _device(serial: str, device_id: str = "cam-1") -> DeviceRecord:
@@ -273,6 +282,8 @@ def test_a_database_from_before_the_bounds_is_migrated(tmp_path: Path) -> None:
     assert stats.journal_bytes > len(reply)
     assert stats.audit_bytes > 0
     assert store.accept(_entry("old")) == ("done", b"old answer")
+    # Its row has no digest (written before them): any content matches it, as before.
+    assert store.accept(_entry("old", digest=b"d" * 32)) == ("done", b"old answer")
     store.accept(_entry("new"))
     store.finish(CLIENT, "new", b"new answer")
     store.close()
@@ -357,3 +368,45 @@ def test_closing_writes_what_is_held(tmp_path: Path) -> None:
         ("answered", "done", False),
         ("running", "accepted", True),
     ]
+
+
+# -- a job id re-used for other content (the digest) ------------------------------------------
+
+A, B = b"a" * 32, b"b" * 32  # two jobs' content digests
+
+
+def test_a_journaled_job_id_with_other_content_is_a_conflict(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    assert store.accept(_entry("j", digest=A)) is None
+    assert store.accept(_entry("j", digest=B)) == (CONFLICT, None)  # waiting
+    assert store.accept(_entry("j", digest=A)) == ("accepted", None)
+    store.finish(CLIENT, "j", b"answer")
+    assert store.accept(_entry("j", digest=B)) == (CONFLICT, None)  # answered
+    assert store.accept(_entry("j", digest=A)) == ("done", b"answer")
+    store.close()
+    reopened = _store_with_same_key(tmp_path, store)  # the digest is in the row, not in memory
+    assert reopened.accept(_entry("j", digest=B)) == (CONFLICT, None)
+    assert reopened.accept(_entry("j", digest=A)) == ("done", b"answer")
+    reopened.close()
+
+
+def test_held_and_late_written_rows_keep_their_digest(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    quick = store.accept_later(_entry("quick", digest=A), None, 60)
+    slow = store.accept_later(_entry("slow", digest=A), None, 0.0)
+    assert isinstance(quick, Receipt)
+    assert isinstance(slow, Receipt)
+    # Held in memory, not written yet: still a conflict.
+    assert store.accept_later(_entry("quick", digest=B), None, 60) == (CONFLICT, None)
+    assert store.accept_later(_entry("quick", digest=A), None, 60) == ("accepted", None)
+    store.finish(CLIENT, "quick", b"answer", batch=True)
+    store.flush()  # quick: one row, answered; slow: past its delay, written as accepted
+    assert (quick.durable, slow.durable) == (True, True)
+    for job_id in ("quick", "slow"):
+        assert store.accept_later(_entry(job_id, digest=B), None, 60) == (CONFLICT, None)
+    assert store.accept_later(_entry("quick", digest=A), None, 60) == ("done", b"answer")
+    store.finish(CLIENT, "slow", b"late answer", batch=True)
+    store.flush()
+    assert store.accept_later(_entry("slow", digest=B), None, 60) == (CONFLICT, None)
+    assert store.accept_later(_entry("slow", digest=A), None, 60) == ("done", b"late answer")
+    store.close()

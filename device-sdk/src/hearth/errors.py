@@ -50,6 +50,9 @@ class ErrorCode(enum.StrEnum):
     BAD_PARAMS = "bad_params"
     UNKNOWN_CAPABILITY = "unknown_capability"
     NO_SESSION = "no_session"
+    # A job id this device used before for a job with other content: the gateway refuses it
+    # rather than answer it with the other job's result (docs/protocol.md §8).
+    CONFLICT = "conflict"
     # Migratable runs (docs/migration.md): a snapshot that is corrupt or truncated, one made
     # for another module, a resume or migrate of a run that has already finished, and a run
     # id that this gateway does not hold.

@@ -11,6 +11,7 @@ refusal goes back to the sender as an ``error`` reply with its ErrorCode and is 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from hearth.protocol import (
     BlobStored,
     CallJob,
     CallResult,
+    Describe,
     Error,
     FrameDropped,
     NeedBlob,
@@ -52,15 +54,16 @@ from hearth.protocol import (
     parse_request_topic,
     reply_prefix,
 )
+from hearth.runtime._blob import WASM_MAGIC
 from hearth_gateway.blobs import BlobStore, UploadRefused
 from hearth_gateway.loop import Timer
 from hearth_gateway.placement import Action, Decision, PlacedJob, Placer
 from hearth_gateway.policy import Admission, Policy
 from hearth_gateway.reply_to import PublishReply, ReplyTo
-from hearth_gateway.runners import Job, TaskEvent, VisionClose, runner_for
+from hearth_gateway.runners import Inspect, Job, TaskEvent, VisionClose, runner_for
 from hearth_gateway.runs import REASON_OVERLOADED, Runs, in_pieces
 from hearth_gateway.storage import StorageGuard, is_storage_full
-from hearth_gateway.store import JournalEntry, Receipt, Store
+from hearth_gateway.store import CONFLICT, JournalEntry, Receipt, Store
 from hearth_gateway.streams import Sessions, StreamCounters
 from hearth_gateway.upstream import Forwarded, Forwarder
 from hearth_gateway.vision import CAPABILITIES, STATEFUL
@@ -84,6 +87,8 @@ JOURNAL_DELAY_S = 0.01
 def _blob_of(job: Job) -> str | None:
     if isinstance(job, WasmJob | TaskEvent | RunStart | RunResume):
         return job.module
+    if isinstance(job, Inspect):
+        return job.blob
     if isinstance(job, OnnxJob | PipelineJob):
         return job.model
     return None
@@ -266,6 +271,8 @@ class Dispatcher:
             self._run_control(request, reply_to)
         elif isinstance(request, CallJob) and (request.stream or request.session):
             self._frame(request, reply_to)
+        elif isinstance(request, Describe):
+            self._describe(request, reply_to)
         else:
             return self._job(request, payload, reply_to)
         return None
@@ -317,6 +324,41 @@ class Dispatcher:
         if complete:
             self._publish(reply_to, encode(BlobStored(sha256=chunk.sha256, size=chunk.size)))
 
+    def _describe(self, request: Describe, reply_to: ReplyTo) -> None:
+        """A stored blob's inputs and outputs (a model) or imports and exports (a module), from
+        the runner of its kind in a worker: the daemon reads four bytes of it, nothing more."""
+        if self.draining:
+            self._refuse(reply_to, ErrorCode.SHUTTING_DOWN, "the gateway is shutting down")
+            return
+        if not self._blobs.has(request.blob):
+            max_chunk = self._limits.max_chunk_bytes
+            need = NeedBlob(job_id=request.job_id, sha256=request.blob, max_chunk=max_chunk)
+            self._publish(reply_to, encode(need))
+            return
+        path = self._blobs.path(request.blob)
+        try:
+            with path.open("rb") as blob:
+                runner = "wasm" if blob.read(4) == WASM_MAGIC else "onnx"
+        except OSError as exc:
+            self._refuse(reply_to, ErrorCode.INTERNAL, f"blob unreadable: {exc.strerror}")
+            return
+        if runner not in self._runners:
+            message = f"runner {runner!r} is not enabled on this gateway"
+            self._refuse(reply_to, ErrorCode.UNSUPPORTED, message, request.job_id)
+            return
+        job = Inspect(job_id=request.job_id, blob=request.blob, runner=runner)
+        # Like a job, but neither journaled (it is answered afresh each time) nor admitted
+        # against the device's quota (it is brief, and holds no slot of its own).
+        self._pool.submit(
+            QueuedJob(
+                reply_to=reply_to,
+                job=job,
+                blob_path=str(path),
+                journaled=False,
+                admitted=False,
+            )
+        )
+
     def _placed(self, client_id: str, job: PlacedJob) -> tuple[Decision, JobError | None]:
         """Placement's decision and why the job is refused, if it is; a refusal of
         placement's own is audited here."""
@@ -363,18 +405,16 @@ class Dispatcher:
             need = NeedBlob(job_id=job.job_id, sha256=missing, max_chunk=max_chunk)
             self._publish(reply_to, encode(need))
             return None
-        entry = JournalEntry(client_id, job.job_id, payload, reply_to.topic, reply_to.correlation)
+        # The digest of the decoded job, encoded again: the same content however a client
+        # encoded it (key order, defaults left out). The SDK re-sends the same job.
+        digest = hashlib.sha256(encode(job)).digest()
+        entry = JournalEntry(
+            client_id, job.job_id, payload, reply_to.topic, reply_to.correlation, digest
+        )
         audit = Placer.entry(client_id, job.data_class, f"job {job.job_id}", decision)
         known = self._store.accept_later(entry, audit, JOURNAL_DELAY_S)
         if not isinstance(known, Receipt):
-            state, reply = known
-            self.counters.duplicates += 1
-            if state == "done" and reply is not None:
-                self._publish(reply_to, reply)
-            elif (kept := self._unjournaled.pop((client_id, job.job_id), None)) is not None:
-                self._publish(reply_to, kept)
-                self._store.finish(client_id, job.job_id, kept)  # there is room again
-            # else: still queued or running; its one answer is on its way.
+            self._seen_again(job, known, reply_to)
             return None
         if self._held_timer is None:
             self._held_timer = self._pool.loop.call_later(JOURNAL_DELAY_S, self._held_due)
@@ -386,6 +426,28 @@ class Dispatcher:
             return known
         self.enqueue(job, reply_to)
         return known
+
+    def _seen_again(
+        self, job: PlacedJob, known: tuple[str, bytes | None], reply_to: ReplyTo
+    ) -> None:
+        """A job id already journaled: its stored answer, or nothing while it runs; refused
+        when that id was used for a job with other content."""
+        state, reply = known
+        client_id = reply_to.client_id
+        if state == CONFLICT:
+            message = (
+                f"job id {job.job_id} was used for a job with other content;"
+                " use a new job id for a new job"
+            )
+            self._refuse(reply_to, ErrorCode.CONFLICT, message, job.job_id)
+            return
+        self.counters.duplicates += 1
+        if state == "done" and reply is not None:
+            self._publish(reply_to, reply)
+        elif (kept := self._unjournaled.pop((client_id, job.job_id), None)) is not None:
+            self._publish(reply_to, kept)
+            self._store.finish(client_id, job.job_id, kept)  # there is room again
+        # else: still queued or running; its one answer is on its way.
 
     # -- public jobs forwarded upstream (upstream.py) -----------------------------------------
 

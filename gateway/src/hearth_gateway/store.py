@@ -3,6 +3,8 @@ index (with each blob's data label), persistent tasks and paired devices.
 
 Durability does not rest on the broker: a job is journaled when accepted, its answer is stored
 before it is published, and a job id seen again is answered from here instead of running twice.
+Each row keeps a digest of its job's content: the same id sent with other content is a conflict
+(refused), never answered with the first job's result.
 Accepted jobs that were never answered (the gateway died) are run again on start: jobs have no
 side effects outside their sandbox, so a re-run is safe, and the device gets its answer.
 
@@ -52,7 +54,15 @@ from hearth_gateway._spool import Spool
 from hearth_gateway.crypto import Sealer, SealError
 from hearth_gateway.policy import LimitsPolicy
 
-__all__ = ["AuditEntry", "DeviceRecord", "JournalEntry", "JournalStats", "Receipt", "Store"]
+__all__ = [
+    "CONFLICT",
+    "AuditEntry",
+    "DeviceRecord",
+    "JournalEntry",
+    "JournalStats",
+    "Receipt",
+    "Store",
+]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +100,9 @@ class JournalEntry:
     request: bytes
     response_topic: str
     correlation: bytes
+    # sha256 of the job's content (dispatch.py): the same job id sent again with other content
+    # is a conflict, not a re-send. Empty: not known (rows written before it was kept).
+    digest: bytes = b""
 
 
 class AuditEntry(NamedTuple):
@@ -132,7 +145,16 @@ class Receipt:
         self.durable = False
 
 
-Known = tuple[str, bytes | None]  # a job id seen before: its state and stored answer
+# A job id seen before: its state and stored answer. State "conflict": the id is journaled
+# for a job with other content (nothing is written, and the stored answer is not returned).
+Known = tuple[str, bytes | None]
+CONFLICT = "conflict"
+
+
+def _conflicts(stored: bytes | None, sent: bytes) -> bool:
+    """Whether a job id's stored digest and a re-sent job's differ; a row written before
+    digests were kept (empty) matches anything, as before."""
+    return bool(stored) and bool(sent) and stored != sent
 
 
 @dataclass(slots=True)
@@ -230,6 +252,10 @@ class Store:
         if "request_file" not in jobs:
             # 1: the request is in a file of its own (_spool.py), not in the row.
             self._db.table("jobs").add_column("request_file", int, not_null_default=0)
+        if "digest" not in jobs:
+            # The job's content digest (JournalEntry.digest), for new and older databases
+            # alike; NULL in rows written before it, which then match any re-send.
+            self._db.table("jobs").add_column("digest", bytes)
         # The oldest answers go first, by time or for room; waiting jobs are not in it. Queries
         # name it (INDEXED BY): without statistics the planner would take the index on state
         # and sort every answer to find the oldest.
@@ -370,19 +396,19 @@ class Store:
     ) -> tuple[str, bytes | None] | None:
         """Journal a new job (and its audit entry, in the same transaction: one commit per job
         instead of two). Returns None if it is new, else (state, stored reply or None) of the
-        job already known under that id; then nothing is written."""
+        job already known under that id, or (CONFLICT, None) when that job's content differs;
+        then nothing is written."""
         spooled = len(entry.request) > self._limits.journal_inline_bytes
         name = Spool.name(entry.client_id, entry.job_id)
         try:
             with self.transaction():
                 row = self._conn.execute(
-                    "SELECT state, reply FROM jobs WHERE client_id=? AND job_id=?",
+                    "SELECT state, reply, digest FROM jobs WHERE client_id=? AND job_id=?",
                     (entry.client_id, entry.job_id),
                 ).fetchone()
                 if row is not None:
                     spooled = False  # nothing was written
-                    where = _where("jobs.reply", entry.client_id, entry.job_id)
-                    return str(row[0]), self._sealer.open(row[1], where) or None
+                    return self._known(entry, row)
                 self._insert_job(entry, name if spooled else None, audit)
                 return None
         except BaseException:
@@ -398,17 +424,26 @@ class Store:
         (state, answer) as ``accept`` does, or the new job's Receipt."""
         key = (entry.client_id, entry.job_id)
         with self._lock:
-            if key in self._held:
+            held = self._held.get(key)
+            if held is not None:
+                if _conflicts(held.entry.digest, entry.digest):
+                    return CONFLICT, None
                 return "accepted", None  # running: its one answer is on its way
             row = self._conn.execute(
-                "SELECT state, reply FROM jobs WHERE client_id=? AND job_id=?", key
+                "SELECT state, reply, digest FROM jobs WHERE client_id=? AND job_id=?", key
             ).fetchone()
             if row is not None:
-                where = _where("jobs.reply", entry.client_id, entry.job_id)
-                return str(row[0]), self._sealer.open(row[1], where) or None
+                return self._known(entry, row)
             receipt = Receipt(entry, audit, time.monotonic() + delay_s)
             self._held[key] = receipt
             return receipt
+
+    def _known(self, entry: JournalEntry, row: tuple[str, bytes | None, bytes | None]) -> Known:
+        """A journaled job id sent again: its (state, stored answer), or a conflict."""
+        if _conflicts(row[2], entry.digest):
+            return CONFLICT, None
+        where = _where("jobs.reply", entry.client_id, entry.job_id)
+        return str(row[0]), self._sealer.open(row[1], where) or None
 
     def next_due(self) -> float | None:
         """When the oldest held accept row is due (time.monotonic()), or None."""
@@ -471,12 +506,12 @@ class Store:
         sealed = self._sealer.seal(
             receipt.reply, _where("jobs.reply", entry.client_id, entry.job_id)
         )
-        size = _job_bytes(self._page, entry.client_id, entry.job_id, sealed)
+        size = _job_bytes(self._page, entry.client_id, entry.job_id, sealed, entry.digest)
         self._conn.execute(
             "INSERT INTO jobs (client_id, job_id, state, request, request_file, response_topic,"
-            " correlation, accepted_at, reply, finished_at, bytes)"
-            " VALUES (?, ?, 'done', NULL, 0, '', x'', ?, ?, ?, ?)",
-            (entry.client_id, entry.job_id, now, sealed, now, size),
+            " correlation, accepted_at, reply, finished_at, bytes, digest)"
+            " VALUES (?, ?, 'done', NULL, 0, '', x'', ?, ?, ?, ?, ?)",
+            (entry.client_id, entry.job_id, now, sealed, now, size, entry.digest or None),
         )
         self._totals.answers += 1
         self._totals.journal_bytes += size
@@ -492,16 +527,23 @@ class Store:
         if file is not None:
             on_disk = self._spool.write(file, request)
             size = on_disk + _job_bytes(
-                self._page, entry.client_id, entry.job_id, topic, entry.correlation
+                self._page, entry.client_id, entry.job_id, topic, entry.correlation, entry.digest
             )
         else:
             size = _job_bytes(
-                self._page, entry.client_id, entry.job_id, request, topic, entry.correlation
+                self._page,
+                entry.client_id,
+                entry.job_id,
+                request,
+                topic,
+                entry.correlation,
+                entry.digest,
             )
         now = time.time()
         self._conn.execute(
             "INSERT INTO jobs (client_id, job_id, state, request, request_file, response_topic,"
-            " correlation, accepted_at, bytes) VALUES (?, ?, 'accepted', ?, ?, ?, ?, ?, ?)",
+            " correlation, accepted_at, bytes, digest)"
+            " VALUES (?, ?, 'accepted', ?, ?, ?, ?, ?, ?, ?)",
             (
                 entry.client_id,
                 entry.job_id,
@@ -511,6 +553,7 @@ class Store:
                 entry.correlation,
                 now,
                 size,
+                entry.digest or None,
             ),
         )
         self._totals.waiting += 1
@@ -558,7 +601,7 @@ class Store:
         request was in a file of its own (to remove once committed)."""
         keep = len(reply) <= self._limits.journal_inline_bytes
         row = self._conn.execute(
-            "SELECT rowid, bytes, request_file FROM jobs"
+            "SELECT rowid, bytes, request_file, digest FROM jobs"
             " WHERE client_id=? AND job_id=? AND state='accepted'",
             (client_id, job_id),
         ).fetchone()
@@ -572,7 +615,7 @@ class Store:
             totals.unkept += 1
         else:
             sealed = self._sealer.seal(reply, _where("jobs.reply", client_id, job_id))
-            size = _job_bytes(self._page, client_id, job_id, sealed)
+            size = _job_bytes(self._page, client_id, job_id, sealed, row[3] or b"")
             # The reply goes to the request's own topic; a re-send brings its own.
             self._conn.execute(
                 "UPDATE jobs SET state='done', request=NULL, request_file=0,"

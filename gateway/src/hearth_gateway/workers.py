@@ -36,7 +36,7 @@ from hearth_gateway._frames import FrameReader, write_frame
 from hearth_gateway.loop import Loop, Timer
 from hearth_gateway.policy import WorkersPolicy
 from hearth_gateway.reply_to import ReplyTo
-from hearth_gateway.runners import Job, RunSignal, TaskEvent, WorkerSettings, WorkItem
+from hearth_gateway.runners import Inspect, Job, RunSignal, TaskEvent, WorkerSettings, WorkItem
 
 __all__ = ["QueuedJob", "WorkerPool"]
 
@@ -421,6 +421,8 @@ class WorkerPool:
             return self.vision_timeout_s
         if isinstance(job, RunStart | RunResume):
             return self.run_timeout_s
+        if isinstance(job, Inspect) and job.runner == "onnx":  # a describe loads the model
+            return self.onnx_timeout_s
         return self.wasm_timeout_s
 
     def steer(self, job: QueuedJob, action: str) -> bool:

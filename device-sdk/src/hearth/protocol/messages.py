@@ -23,6 +23,8 @@ __all__ = [
     "CallJob",
     "CallResult",
     "DataClass",
+    "Describe",
+    "Described",
     "Dtype",
     "Error",
     "FrameDropped",
@@ -53,8 +55,11 @@ __all__ = [
     "TaskList",
     "TaskListResult",
     "Tensor",
+    "TensorInfo",
     "Timing",
     "Trigger",
+    "WasmExport",
+    "WasmImport",
     "WasmJob",
     "WasmResult",
 ]
@@ -266,6 +271,15 @@ class RunResume(_Message, frozen=True, tag="run_resume"):
     checkpoint_every_mib: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
+class Describe(_Message, frozen=True, tag="describe"):
+    """What a stored blob offers: an ONNX model's inputs and outputs, a WebAssembly module's
+    imports and exports. Answered with ``described`` (or ``need_blob`` / ``error``); nothing
+    is journaled, and the blob is opened in a worker, as a job's would be."""
+
+    job_id: JobId  # labels the answer (and a need_blob); not journaled
+    blob: Sha256
+
+
 class RunControl(_Message, frozen=True, tag="run_control"):
     """Act on a run of this device that is running on the gateway: ``migrate`` stops it at
     its next migration point and answers its start with ``run_moved``; ``checkpoint`` sends
@@ -290,6 +304,7 @@ Request = (
     | RunStart
     | RunResume
     | RunControl
+    | Describe
 )
 
 
@@ -450,6 +465,38 @@ class RunAck(_Message, frozen=True, tag="run_ack"):
     action: str
 
 
+class TensorInfo(msgspec.Struct, frozen=True):
+    """An ONNX model's input or output as onnxruntime reports it."""
+
+    name: str
+    dtype: str  # a Dtype name; another onnxruntime type as it names it, e.g. "seq(tensor(float))"
+    shape: list[int | str]  # a dimension's size, or its symbolic name ("" when it has none)
+
+
+class WasmImport(msgspec.Struct, frozen=True):
+    module: str
+    name: str
+    kind: str  # "func", "memory", "table" or "global"
+
+
+class WasmExport(msgspec.Struct, frozen=True):
+    name: str
+    kind: str  # "func", "memory", "table" or "global"
+
+
+class Described(_Message, frozen=True, tag="described"):
+    """The answer to ``describe``: ``kind`` says which fields are filled (``inputs`` and
+    ``outputs`` for a model, ``imports`` and ``exports`` for a module)."""
+
+    job_id: str
+    blob: str
+    kind: Literal["onnx", "wasm"]
+    inputs: list[TensorInfo] = []
+    outputs: list[TensorInfo] = []
+    imports: list[WasmImport] = []
+    exports: list[WasmExport] = []
+
+
 class TaskInfo(msgspec.Struct, frozen=True, kw_only=True):
     """A task as ``show`` and ``list`` report it."""
 
@@ -504,6 +551,7 @@ Reply = (
     | RunChunk
     | RunRound
     | RunAck
+    | Described
 )
 
 

@@ -8,7 +8,12 @@ from pathlib import Path
 
 from hearth.errors import ErrorCode, JobError
 
-__all__ = ["verified_bytes"]
+__all__ = ["WASM_MAGIC", "verified_bytes"]
+
+# How every binary WebAssembly module begins (then its version, checked by wasmtime). Modules
+# are binary only (docs/protocol.md §7.1); the gateway's daemon reads this much of a blob to
+# tell a module from a model, without importing wasmtime.
+WASM_MAGIC = b"\0asm"
 
 
 def verified_bytes(

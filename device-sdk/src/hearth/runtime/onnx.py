@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - exercised only without the `local` ext
 __all__ = [
     "PROVIDER_PREFERENCE",
     "OnnxRuntime",
+    "Signature",
     "array_to_tensor",
     "select_providers",
     "tensor_to_array",
@@ -139,6 +140,16 @@ def _load_error(exc: Exception) -> str:
     return line[:300]
 
 
+Signature = tuple[str, str, list[int | str]]  # name, dtype, shape
+
+
+def _signature(args: Any) -> list[Signature]:
+    return [
+        (a.name, _ORT_TO_DTYPE.get(a.type, a.type), [d if d is not None else "" for d in a.shape])
+        for a in args
+    ]
+
+
 @dataclass(frozen=True, slots=True)
 class _Loaded:
     session: Any  # ort.InferenceSession
@@ -177,6 +188,14 @@ class OnnxRuntime:
     def load(self, sha256: str, model: bytes | None = None, path: Path | None = None) -> str:
         """Make ``sha256`` runnable; returns the provider that will run it."""
         return self._loaded(sha256, model, path).provider
+
+    def signature(
+        self, sha256: str, model: bytes | None = None, path: Path | None = None
+    ) -> tuple[list[Signature], list[Signature]]:
+        """The model's inputs and outputs, (name, dtype, shape) each, as its session reports
+        them: a Dtype name where there is one, a symbolic dimension by its name ("" if none)."""
+        session = self._loaded(sha256, model, path).session
+        return _signature(session.get_inputs()), _signature(session.get_outputs())
 
     def _loaded(self, sha256: str, model: bytes | None, path: Path | None) -> _Loaded:
         with self._lock:

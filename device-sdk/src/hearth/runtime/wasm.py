@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hearth.errors import ErrorCode, JobError, LocalRuntimeUnavailable
-from hearth.runtime._blob import verified_bytes
+from hearth.runtime._blob import WASM_MAGIC, verified_bytes
 from hearth.runtime.limits import WasmLimits
 from hearth.runtime.wasi_nn import WasiNn
 
@@ -44,7 +44,14 @@ try:
 except ImportError:  # pragma: no cover - exercised only without the `local` extra
     wasmtime = None  # type: ignore[assignment]
 
-__all__ = ["SCRATCH_GUEST_PATH", "WasmOutcome", "WasmRuntime", "remove_tree"]
+__all__ = [
+    "SCRATCH_GUEST_PATH",
+    "WASM_MAGIC",
+    "WasmOutcome",
+    "WasmRuntime",
+    "refuse_text",
+    "remove_tree",
+]
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +180,9 @@ class WasmRuntime:
         self._lock = threading.Lock()
         self._closed = False
         version = getattr(wasmtime, "__version__", "unknown")
-        self._cache_tag = f"wasmtime-{version}"
+        # "-bin": entries written before text modules were refused may hold a module that
+        # wasmtime compiled from text; they are not read again.
+        self._cache_tag = f"wasmtime-{version}-bin"
 
     # -- compilation -------------------------------------------------------------------------
 
@@ -218,6 +227,7 @@ class WasmRuntime:
             wasm = verified_bytes(
                 sha256, wasm, path, what="module", missing=ErrorCode.INVALID_MODULE
             )
+            refuse_text(wasm)
             try:
                 module = wasmtime.Module(self._engine, wasm)
             except wasmtime.WasmtimeError as exc:
@@ -601,6 +611,19 @@ def remove_tree(path: str | Path) -> None:
                        stdin=subprocess.DEVNULL, capture_output=True, timeout=60)  # fmt: skip
     if os.path.lexists(path):
         log.warning("could not remove scratch directory %s", path)
+
+
+def refuse_text(wasm: bytes) -> None:
+    """Modules are binary WebAssembly only (docs/protocol.md). wasmtime's Module() also
+    compiles the text format (.wat), which a device's fallback runtime or another gateway need
+    not accept: the same bytes must mean the same thing wherever they run, so text is refused
+    before anything compiles it."""
+    if not wasm.startswith(WASM_MAGIC):
+        what = "WebAssembly text" if wasm.lstrip()[:1] == b"(" else "not WebAssembly"
+        raise JobError(
+            ErrorCode.INVALID_MODULE,
+            f"{what}: modules are binary WebAssembly (starting with \\0asm)",
+        )
 
 
 def _headline(exc: BaseException) -> str:

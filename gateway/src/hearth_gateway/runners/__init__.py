@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # onnxruntime is imported only by the runners that need it
 
 __all__ = [
     "REGISTRY",
+    "Inspect",
     "Job",
     "RunSignal",
     "Runner",
@@ -76,7 +77,27 @@ class VisionClose(msgspec.Struct, frozen=True, kw_only=True, tag="vision_close")
     session: str  # scoped: "{client}/{session}"
 
 
-Job = WasmJob | OnnxJob | TaskEvent | CallJob | PipelineJob | VisionClose | RunStart | RunResume
+class Inspect(msgspec.Struct, frozen=True, kw_only=True, tag="inspect"):
+    """A ``describe`` request, for the runner of its blob's kind: the daemon only reads the
+    blob's first bytes (binary WebAssembly goes to ``wasm``, anything else to ``onnx``); the
+    runner opens it, so no module is compiled and no model loaded in the daemon."""
+
+    job_id: str
+    blob: str  # sha256
+    runner: str  # "wasm" | "onnx"
+
+
+Job = (
+    WasmJob
+    | OnnxJob
+    | TaskEvent
+    | CallJob
+    | PipelineJob
+    | VisionClose
+    | RunStart
+    | RunResume
+    | Inspect
+)
 
 
 class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -229,4 +250,6 @@ _JOB_RUNNER: dict[type, str] = {
 
 
 def runner_for(job: Job) -> str:
+    if isinstance(job, Inspect):
+        return job.runner
     return _JOB_RUNNER[type(job)]

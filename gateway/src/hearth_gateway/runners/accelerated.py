@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from hearth.errors import ErrorCode, JobError
 from hearth.protocol.messages import Tensor
-from hearth.runtime.onnx import OnnxRuntime, tensor_to_array
+from hearth.runtime.onnx import OnnxRuntime, Signature, tensor_to_array
 from hearth_gateway.accelerators import CPU, ChoiceCache, Decision, outputs_disagree
 
 __all__ = ["AcceleratedRuntime"]
@@ -84,6 +84,13 @@ class AcceleratedRuntime(OnnxRuntime):
         if not candidates:
             return self._cpu.load(sha256, model, path)
         return candidates[0]
+
+    def signature(
+        self, sha256: str, model: bytes | None = None, path: Path | None = None
+    ) -> tuple[list[Signature], list[Signature]]:
+        """The model's inputs and outputs (OnnxRuntime.signature), read from a CPU session:
+        describing a model does not start an accelerator's trial of it."""
+        return self._cpu.signature(sha256, model, path)
 
     def run(
         self,

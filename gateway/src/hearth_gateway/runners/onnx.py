@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hearth.protocol import OnnxJob, OnnxResult, Reply
-from hearth_gateway.runners import WorkerSettings, WorkItem, onnx_runtime
+from hearth.protocol import Described, OnnxJob, OnnxResult, Reply, TensorInfo
+from hearth_gateway.runners import Inspect, WorkerSettings, WorkItem, onnx_runtime
 
 __all__ = ["OnnxRunner"]
 
@@ -17,6 +17,15 @@ class OnnxRunner:
 
     def run(self, item: WorkItem) -> Reply:
         job = item.job
+        if isinstance(job, Inspect):
+            ins, outs = self._runtime.signature(job.blob, path=Path(item.blob_path))
+            return Described(
+                job_id=job.job_id,
+                blob=job.blob,
+                kind="onnx",
+                inputs=[TensorInfo(*info) for info in ins],
+                outputs=[TensorInfo(*info) for info in outs],
+            )
         assert isinstance(job, OnnxJob)
         outputs, provider = self._runtime.run(
             job.model, job.inputs, job.outputs, path=Path(item.blob_path)

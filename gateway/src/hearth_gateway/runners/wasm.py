@@ -13,10 +13,10 @@ import contextlib
 import os
 from pathlib import Path
 
-from hearth.protocol import Reply, WasmJob, WasmResult
+from hearth.protocol import Described, Reply, WasmExport, WasmImport, WasmJob, WasmResult
 from hearth.runtime.wasi_nn import WasiNn
 from hearth.runtime.wasm import WasmRuntime, remove_tree
-from hearth_gateway.runners import WorkerSettings, WorkItem, onnx_runtime
+from hearth_gateway.runners import Inspect, WorkerSettings, WorkItem, onnx_runtime
 
 __all__ = ["WasmRunner"]
 
@@ -37,6 +37,8 @@ class WasmRunner:
 
     def run(self, item: WorkItem) -> Reply:
         job = item.job
+        if isinstance(job, Inspect):
+            return self._describe(job, Path(item.blob_path))
         assert isinstance(job, WasmJob)
         outcome = self._runtime.run(
             job.module,
@@ -52,12 +54,32 @@ class WasmRunner:
             stderr=outcome.stderr,
         )
 
+    def _describe(self, job: Inspect, path: Path) -> Described:
+        """A module's imports and exports, from the module as a job would compile it (the
+        compiled module stays cached for the jobs that follow)."""
+        module = self._runtime.module(job.blob, path=path)
+        return Described(
+            job_id=job.job_id,
+            blob=job.blob,
+            kind="wasm",
+            imports=[
+                WasmImport(module=i.module, name=i.name or "", kind=_kind(i.type))
+                for i in module.imports
+            ],
+            exports=[WasmExport(name=e.name, kind=_kind(e.type)) for e in module.exports],
+        )
+
     def describe(self) -> dict[str, list[str]]:
         return {}
 
     def close(self) -> None:
         self._runtime.close()
         remove_tree(self._scratch)
+
+
+def _kind(extern_type: object) -> str:
+    """wasmtime's FuncType, MemoryType, TableType, GlobalType: "func", "memory", ..."""
+    return type(extern_type).__name__.removesuffix("Type").lower()
 
 
 def sweep_scratch(root: Path) -> None:
