@@ -5,12 +5,15 @@ their blanks filled in, and a progress bar on a large upload (only on a terminal
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import pty
 import re
 import select
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -158,6 +161,8 @@ def test_a_large_upload_shows_a_bar_on_a_terminal_only(gateway, wasm, tmp_path: 
 
     again = _module_of(9 << 20, wasm["echo"], tmp_path)  # new bytes: uploaded again
     leader, follower = pty.openpty()
+    # A new pty is 0 columns wide, where tqdm draws nothing; a terminal has a size.
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     with subprocess.Popen(
         [sys.executable, "-m", "hearth.cli", *args[:-1], str(again)],
         stdin=subprocess.DEVNULL,
