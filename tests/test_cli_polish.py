@@ -191,3 +191,36 @@ def test_a_large_upload_shows_a_bar_on_a_terminal_only(gateway, wasm, tmp_path: 
     assert "upload" in text
     assert "100%" in text
     assert "MB" in text or "M/" in text or "MiB" in text, text
+
+
+@pytest.mark.parametrize(
+    ("module", "prog", "line", "expected"),
+    [
+        ("hearth.cli", "hearth", "hearth pa", "pair"),
+        (
+            "hearth_gateway.cli",
+            "hearth-gateway",
+            "hearth-gateway devices revoke --st",
+            "--state-dir",
+        ),
+    ],
+)
+def test_shell_completion_registers_and_completes(
+    module: str, prog: str, line: str, expected: str, tmp_path: Path
+) -> None:
+    pytest.importorskip("argcomplete")
+    code = _run(module, "completion", "bash")
+    assert code.returncode == 0, code.stderr
+    assert f"-F _python_argcomplete {prog}\n" in code.stdout.decode()
+    out = tmp_path / "completions"
+    asked = _run(
+        module,
+        env={
+            "_ARGCOMPLETE": "1",
+            "COMP_LINE": line,
+            "COMP_POINT": str(len(line)),
+            "_ARGCOMPLETE_STDOUT_FILENAME": str(out),
+        },
+    )
+    assert asked.returncode == 0, asked.stderr
+    assert expected in [word.strip() for word in out.read_text().split("\013")]

@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK (argcomplete: this command completes itself; hearth._completion)
 """``hearth``: the device-side command line.
 
     hearth discover [--json] [--interface IP] [--timeout S]
@@ -25,6 +26,7 @@ import textwrap
 from pathlib import Path
 
 from hearth import __version__
+from hearth._completion import add_completion_command, autocomplete, print_shellcode
 from hearth._gateway import ENV_GATEWAY, ENV_INTERFACE
 from hearth._identity import ENV_CLIENT_ID
 from hearth._progress import UploadBars
@@ -293,6 +295,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds to wait for the gateway (default 10)",
     )
+    add_completion_command(sub, "hearth")
     return parser
 
 
@@ -519,7 +522,11 @@ def _infer(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 - one return per exit code
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    autocomplete(parser)
+    args = parser.parse_args(argv)
+    if args.command == "completion":
+        return print_shellcode("hearth", args.shell)
     commands = {
         "discover": _discover,
         "run": _run,

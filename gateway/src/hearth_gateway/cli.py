@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK (argcomplete: this command completes itself; hearth._completion)
 """``hearth-gateway``: run the daemon, or look at it."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import msgspec
 
+from hearth._completion import add_completion_command, autocomplete, print_shellcode
 from hearth._task_options import task_install_request
 from hearth._tasks_cli import add_task_commands, install_options, print_result
 from hearth_gateway import __version__
@@ -195,6 +197,7 @@ def _parser() -> argparse.ArgumentParser:
     status = _command(sub, "status", "show the gateway's state", "hearth-gateway status --json")
     _state_dir(status)
     status.add_argument("--json", action="store_true", help="print JSON")
+    add_completion_command(sub, "hearth-gateway")
     return parser
 
 
@@ -333,7 +336,11 @@ def _pairing(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    autocomplete(parser)
+    args = parser.parse_args(argv)
+    if args.command == "completion":
+        return print_shellcode("hearth-gateway", args.shell)
     commands = {
         "audit": _audit,
         "tasks": _tasks,
