@@ -11,6 +11,7 @@
     hearth notifications [--for S] [--json]
     hearth call CAPABILITY [--image FILE] [--param KEY=VALUE ...] [--json]
     hearth pair CODE [--gateway HOST:PORT] [--ca-fingerprint HEX] [--id DEVICE_ID]
+    hearth completion bash|zsh|fish                 (tab completion, with argcomplete)
 
 Every command that looks for a gateway takes --gateway HOST:PORT (no discovery) and
 --interface IP (discover only there); $HEARTH_GATEWAY and $HEARTH_INTERFACE do the same.
