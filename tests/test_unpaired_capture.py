@@ -130,7 +130,7 @@ def test_an_unpaired_device_sends_no_mqtt_plaintext_to_the_tls_listener(
         edge = _hearth(
             "run", "--gateway", str(gw.lan), "--where", "edge", str(wasm["echo"]), env=env
         )
-        assert edge.returncode == 125
+        assert edge.returncode == 4  # pairing needed (README.md, Exit codes)
         assert b"serves paired devices only (TLS)" in edge.stderr, edge.stderr
         assert b"pair first: hearth pair CODE --gateway 127.0.0.1:8884" in edge.stderr
         # 4. The library itself.

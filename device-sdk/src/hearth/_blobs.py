@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,11 @@ from hearth._results import Stats
 from hearth.errors import ErrorCode, JobError
 from hearth.protocol import BlobChunk, BlobStored, DataClass, Error, Reply
 
-__all__ = ["Blob", "BlobCache", "Uploads"]
+__all__ = ["Blob", "BlobCache", "UploadProgress", "Uploads"]
+
+# Called as chunks of an upload reach the broker: (sha256, bytes so far, size). From the MQTT
+# network thread: it must be quick and must not call back into the client.
+UploadProgress = Callable[[str, int, int], None]
 
 _MAX_CHUNK = 1 << 20  # bytes: whatever larger chunk a gateway would accept
 _UPLOAD_RATE = 5e6  # bytes/s: the slowest upload we wait for before giving up
@@ -60,6 +65,7 @@ class Uploads:
         self._timeout_s = timeout_s
         self._lock = threading.Lock()
         self._uploads: dict[tuple[str | None, str], _Upload] = {}
+        self.progress: UploadProgress | None = None  # None: no per-chunk work at all
 
     def ensure(
         self,
@@ -89,13 +95,18 @@ class Uploads:
         size = len(blob.data)
         stored = conn.expect(correlation, self._timeout_s + size / _UPLOAD_RATE)
         chunk = max(1, min(max_chunk, _MAX_CHUNK))
+        progress = self.progress
+        acked = _Acked(blob.sha256, size, progress) if progress is not None else None
         try:
             for offset in range(0, max(size, 1), chunk):
                 data = blob.data[offset : offset + chunk]
                 part = BlobChunk(
                     sha256=blob.sha256, size=size, offset=offset, data=data, data_class=data_class
                 )
-                conn.publish(part, correlation)
+                if acked is None:
+                    conn.publish(part, correlation)
+                else:
+                    conn.publish(part, correlation, acked.chunk(len(data)))
                 self._stats.blob_bytes_sent += len(data)
         except Exception as exc:  # noqa: BLE001 - handed to whoever waits on the upload
             conn.forget(correlation, stored)
@@ -122,3 +133,24 @@ class Uploads:
         else:
             upload.finished_at = time.monotonic()
             upload.done.set_result(None)
+
+
+class _Acked:
+    """An upload's progress as the broker acknowledges its chunks (a publish returns once the
+    chunk is queued, long before a slow link has carried it)."""
+
+    def __init__(self, sha256: str, size: int, progress: UploadProgress) -> None:
+        self._sha256 = sha256
+        self._size = size
+        self._progress = progress
+        self._lock = threading.Lock()  # acks come from the network thread, maybe out of order
+        self._done = 0
+
+    def chunk(self, nbytes: int) -> Callable[[], None]:
+        def acked() -> None:
+            with self._lock:
+                self._done += nbytes
+                done = self._done
+            self._progress(self._sha256, done, self._size)
+
+        return acked

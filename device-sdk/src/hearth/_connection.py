@@ -138,6 +138,8 @@ class Connection:
         # MQTT message id -> correlation, and acks that came before publish() returned.
         self._mids: dict[int, bytes] = {}
         self._early_acks: dict[int, Any] = {}
+        # MQTT message id -> what to call when the broker acknowledged it (upload progress).
+        self._on_acked: dict[int, Callable[[], None]] = {}
         self._lock = threading.Lock()
         self._deadlines = _Deadlines(self._expire)
         self.online = threading.Event()  # the gateway's retained status says online
@@ -215,9 +217,12 @@ class Connection:
     def _published(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
         with self._lock:
             correlation = self._mids.pop(mid, None)
+            acked = self._on_acked.pop(mid, None) if self._on_acked else None
             if correlation is None:
                 self._early_acks[mid] = reason
                 return
+        if acked is not None:
+            acked()
         if reason.is_failure:
             self._refused(correlation, reason)
 
@@ -242,6 +247,7 @@ class Connection:
             self._interim.clear()
             self._mids.clear()
             self._early_acks.clear()
+            self._on_acked.clear()
         for future in pending.values():
             _fail(future, exc)
 
@@ -292,8 +298,14 @@ class Connection:
                 self._pending.pop(correlation, None)
                 self._interim.pop(correlation, None)
 
-    def publish(self, message: msgspec.Struct, correlation: bytes) -> int:
-        """Publish a request (or a blob chunk); returns its size in bytes."""
+    def publish(
+        self,
+        message: msgspec.Struct,
+        correlation: bytes,
+        on_acked: Callable[[], None] | None = None,
+    ) -> int:
+        """Publish a request (or a blob chunk); returns its size in bytes. ``on_acked``: called
+        once the broker has it (its PUBACK; at once with QoS 0), e.g. for a progress bar."""
         if not self.usable or self.gateway_id is None:
             raise GatewayUnavailable(self.lost or f"gateway at {self.address} is not online")
         payload = encode(message)
@@ -308,8 +320,14 @@ class Connection:
                 early = self._early_acks.pop(info.mid, None)
                 if early is None:
                     self._mids[info.mid] = correlation
+                    if on_acked is not None:
+                        self._on_acked[info.mid] = on_acked
             if early is not None and early.is_failure:
                 self._refused(correlation, early)
+            elif early is not None and on_acked is not None:
+                on_acked()
+        elif on_acked is not None:
+            on_acked()  # QoS 0: handed to the network, the most there is to know
         return len(payload)
 
     def send(

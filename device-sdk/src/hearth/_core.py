@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Self
 
-from hearth._blobs import Blob, BlobCache
+from hearth._blobs import Blob, BlobCache, UploadProgress
 from hearth._connection import Connection
 from hearth._gateway import GatewayLink
 from hearth._identity import ENV_CLIENT_ID, default_client_id
@@ -58,6 +58,16 @@ class ClientCore:
         """This device's id: it owns the device's tasks and names its reply topics (once
         connected to a gateway it is paired with, the paired id)."""
         return self._link.client_id
+
+    @property
+    def upload_progress(self) -> UploadProgress | None:
+        """Called as an upload's chunks reach the broker: ``(sha256, bytes_acked, size)``, from
+        the MQTT network thread (so: quick, and no calls back into the client). None: off."""
+        return self._offload.uploads.progress
+
+    @upload_progress.setter
+    def upload_progress(self, progress: UploadProgress | None) -> None:
+        self._offload.uploads.progress = progress
 
     def __enter__(self) -> Self:
         return self

@@ -137,7 +137,12 @@ def add_resume_command(
         help="the run's module (its .migratable.wasm, or the plain module: it is instrumented "
         "again here, which gives the same bytes with the same Binaryen)",
     )
-    r.add_argument("--where", choices=["auto", "edge", "local"], default="auto")
+    r.add_argument(
+        "--where",
+        choices=["auto", "edge", "local"],
+        default="auto",
+        help="edge: on the gateway; local: on this device; auto (default): where it is quicker",
+    )
     r.add_argument("--explain", action="store_true", help="print the run's hops to stderr")
     _snapshot_options(r)
 
@@ -150,7 +155,12 @@ def add_migrate_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     m.add_argument("run_id", help="the run's id, as `hearth run --migratable` printed it")
-    m.add_argument("--to", choices=["edge", "local"], required=True)
+    m.add_argument(
+        "--to",
+        choices=["edge", "local"],
+        required=True,
+        help="edge: to the gateway; local: back to this device",
+    )
 
 
 # -- the commands ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import re
+import textwrap
 import time
 from collections.abc import Callable
 
@@ -24,14 +25,31 @@ __all__ = [
 
 
 def add_task_commands(
-    parser: argparse.ArgumentParser, common: Callable[[argparse.ArgumentParser], object]
+    parser: argparse.ArgumentParser,
+    common: Callable[[argparse.ArgumentParser], object],
+    prog: str = "hearth",
 ) -> None:
     """Add the task verbs as sub-commands of ``parser`` (dest ``task_command``); ``common`` adds
-    the options every verb takes (how to reach the gateway)."""
-    sub = parser.add_subparsers(dest="task_command", required=True)
-    install = sub.add_parser("install", help="install a persistent task (a WASM reactor)")
+    the options every verb takes (how to reach the gateway); ``prog`` names the command in the
+    examples."""
+    sub = parser.add_subparsers(dest="task_command", required=True, metavar="VERB")
+
+    def verb(name: str, help_: str, example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help_,
+            description=textwrap.fill(help_[:1].upper() + help_[1:] + "."),
+            epilog=f"example:\n  {prog} tasks {example}\n",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    install = verb(
+        "install",
+        "install a persistent task (a WASM reactor)",
+        "install indexer.wasm --name primes --every 60 --set limit=100000 --expires 7d",
+    )
     install.add_argument("module", help="the task's .wasm file")
-    install.add_argument("--name", required=True)
+    install.add_argument("--name", required=True, help="a name for people (in lists and notes)")
     install.add_argument(
         "--on",
         action="append",
@@ -77,7 +95,12 @@ def add_task_commands(
         metavar="N",
         help="store the task's state every N events (default 1)",
     )
-    install.add_argument("--checkpoint-every-s", type=float, metavar="S")
+    install.add_argument(
+        "--checkpoint-every-s",
+        type=float,
+        metavar="S",
+        help="also store the task's state at least every S seconds",
+    )
     install.add_argument(
         "--public",
         action="store_true",
@@ -85,13 +108,13 @@ def add_task_commands(
         "public tasks (default: private)",
     )
     common(install)
-    listing = sub.add_parser("list", help="list tasks")
-    listing.add_argument("--json", action="store_true")
+    listing = verb("list", "list tasks", "list --json")
+    listing.add_argument("--json", action="store_true", help="print JSON")
     common(listing)
-    for verb in ("show", "pause", "resume", "cancel"):
-        one = sub.add_parser(verb, help=f"{verb} a task")
-        one.add_argument("task_id")
-        one.add_argument("--json", action="store_true")
+    for name in ("show", "pause", "resume", "cancel"):
+        one = verb(name, f"{name} a task", f"{name} t-5c1e2f3a9b7d")
+        one.add_argument("task_id", help="the task's id, as install and list print it")
+        one.add_argument("--json", action="store_true", help="print JSON")
         common(one)
 
 

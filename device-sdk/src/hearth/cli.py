@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK (argcomplete: this command completes itself; hearth._completion)
 """``hearth``: the device-side command line.
 
     hearth discover [--json] [--interface IP] [--timeout S]
@@ -10,6 +11,7 @@
     hearth notifications [--for S] [--json]
     hearth call CAPABILITY [--image FILE] [--param KEY=VALUE ...] [--json]
     hearth pair CODE [--gateway HOST:PORT] [--ca-fingerprint HEX] [--id DEVICE_ID]
+    hearth completion bash|zsh|fish                 (tab completion, with argcomplete)
 
 Every command that looks for a gateway takes --gateway HOST:PORT (no discovery) and
 --interface IP (discover only there); $HEARTH_GATEWAY and $HEARTH_INTERFACE do the same.
@@ -21,11 +23,14 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 from hearth import __version__
+from hearth._completion import add_completion_command, autocomplete, print_shellcode
 from hearth._gateway import ENV_GATEWAY, ENV_INTERFACE
 from hearth._identity import ENV_CLIENT_ID
+from hearth._progress import UploadBars
 from hearth._runs_cli import (
     add_migrate_command,
     add_resume_command,
@@ -38,9 +43,57 @@ from hearth._tasks_cli import add_task_commands, install_options, print_result
 from hearth._trust import pair_command
 from hearth.client import Client
 from hearth.discovery import GatewayInfo, discover
-from hearth.errors import HearthError, JobError
+from hearth.errors import GatewayUnavailable, HearthError, JobError, NotPaired
+from hearth.pairing import PairingError
 
-__all__ = ["main"]
+__all__ = ["EXIT_JOB_FAILED", "EXIT_NO_GATEWAY", "EXIT_PAIRING", "EXIT_USAGE", "main"]
+
+# The exit codes (README.md, "Exit codes"): `hearth run` and `hearth resume` otherwise exit
+# with the module's own code, as `wasmtime run` does; 125 follows `docker run` for "the
+# command failed, not the program it ran".
+EXIT_USAGE = 2
+EXIT_NO_GATEWAY = 3
+EXIT_PAIRING = 4
+EXIT_JOB_FAILED = 125
+
+_DESCRIPTION = """\
+Hearth device SDK: find home-edge gateways, run WebAssembly modules and ONNX models on them
+(or here), pair with them.
+
+Every command that looks for a gateway takes --gateway HOST:PORT (no discovery) and
+--interface IP (discover only there); $HEARTH_GATEWAY and $HEARTH_INTERFACE do the same.
+"""
+
+_EXIT_CODES = """\
+examples:
+  hearth discover
+  hearth run filter.wasm edges < frame.pgm > edges.pgm
+  hearth pair xajc ver7 xaz3
+
+exit codes:
+  0    success (hearth run / resume: the module's own exit code instead)
+  2    usage error (a bad option or argument)
+  3    no gateway reachable (or none found by hearth discover)
+  4    pairing failed, or this device must pair with the gateway first
+  125  the job failed (a trap, a bad module, a refusal), or hearth itself did
+  130  interrupted (Ctrl-C)
+"""
+
+
+def _command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help_: str,
+    example: str,
+) -> argparse.ArgumentParser:
+    """A sub-command whose --help ends with its example(s), kept as written."""
+    return sub.add_parser(
+        name,
+        help=help_,
+        description=textwrap.fill(help_[:1].upper() + help_[1:] + "."),
+        epilog=example,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def _gateway_options(parser: argparse.ArgumentParser) -> None:
@@ -66,19 +119,25 @@ def _gateway_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--client-id",
         default=os.environ.get(ENV_CLIENT_ID),
+        metavar="ID",
         help=f"this device's id (${ENV_CLIENT_ID}; default dev-HOSTNAME)",
     )
 
 
 def _client(args: argparse.Namespace, placement: str = "auto") -> Client:
-    """A client as the gateway options (``_gateway_options``) say."""
-    return Client(
+    """A client as the gateway options (``_gateway_options``) say, drawing progress bars for
+    large uploads when stderr is a terminal."""
+    client = Client(
         args.gateway,
         interface=args.interface,
         timeout_s=args.timeout,
         client_id=args.client_id,
         placement=placement,
     )
+    bars = UploadBars.for_terminal()
+    if bars is not None:
+        client.upload_progress = bars.callback
+    return client
 
 
 _RUN_EPILOG = """\
@@ -91,13 +150,28 @@ examples:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hearth", description="Hearth device SDK")
+    parser = argparse.ArgumentParser(
+        prog="hearth",
+        description=_DESCRIPTION,
+        epilog=_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("discover", help="list gateways on the LAN with measured round trips")
-    d.add_argument("--json", action="store_true")
-    d.add_argument("--interface", metavar="IP", default=os.environ.get(ENV_INTERFACE))
+    d = _command(
+        sub,
+        "discover",
+        "list gateways on the LAN with measured round trips",
+        "example:\n  hearth discover --interface 192.168.1.10 --json\n",
+    )
+    d.add_argument("--json", action="store_true", help="print a JSON list")
+    d.add_argument(
+        "--interface",
+        metavar="IP",
+        default=os.environ.get(ENV_INTERFACE),
+        help=f"discover on this interface only (${ENV_INTERFACE})",
+    )
     d.add_argument(
         "--timeout",
         type=float,
@@ -106,35 +180,50 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to listen for answers (default 1.5)",
     )
 
-    r = sub.add_parser(
-        "run",
-        help="run a WASI module here or on a gateway, like `wasmtime run`",
-        epilog=_RUN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    r = _command(
+        sub, "run", "run a WASI module here or on a gateway, like `wasmtime run`", _RUN_EPILOG
     )
     _gateway_options(r)
-    r.add_argument("--where", choices=["auto", "edge", "local"], default="auto")
-    r.add_argument("--explain", action="store_true", help="print where it ran and why to stderr")
+    _where_options(r)
     add_run_options(r)
-    r.add_argument("module", type=Path)
-    r.add_argument("args", nargs=argparse.REMAINDER)
+    r.add_argument("module", type=Path, help="the WebAssembly module (.wasm)")
+    r.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the module")
     add_migrate_command(sub)
     add_resume_command(sub, _gateway_options)
 
-    i = sub.add_parser("infer", help="run an ONNX model on .npy inputs")
+    i = _command(
+        sub,
+        "infer",
+        "run an ONNX model on .npy inputs",
+        "example:\n  hearth infer digits.onnx --input input=x.npy --out results/\n",
+    )
     _gateway_options(i)
-    i.add_argument("--where", choices=["auto", "edge", "local"], default="auto")
-    i.add_argument("--explain", action="store_true")
-    i.add_argument("model", type=Path)
-    i.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", required=True)
+    _where_options(i)
+    i.add_argument("model", type=Path, help="the ONNX model (.onnx)")
+    i.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=FILE.npy",
+        required=True,
+        help="the model input NAME from a NumPy file (repeatable)",
+    )
     i.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="writes NAME.npy per output"
     )
-    t = sub.add_parser("tasks", help="persistent tasks on the gateway, owned by this device")
-    add_task_commands(t, _gateway_options)
-    n = sub.add_parser(
+    t = _command(
+        sub,
+        "tasks",
+        "persistent tasks on the gateway, owned by this device",
+        "example:\n  hearth tasks install indexer.wasm --name primes --every 60\n"
+        "  hearth tasks list\n",
+    )
+    add_task_commands(t, _gateway_options, prog="hearth")
+    n = _command(
+        sub,
         "notifications",
-        help="print this device's task notifications, including those sent while it was away",
+        "print this device's task notifications, including those sent while it was away",
+        "example:\n  hearth notifications --for 60\n",
     )
     _gateway_options(n)
     n.add_argument(
@@ -144,8 +233,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="stop after S seconds (default: until Ctrl-C)",
     )
-    n.add_argument("--json", action="store_true")
-    c = sub.add_parser("call", help="call a gateway capability (vision.faces, vision.plate...)")
+    n.add_argument("--json", action="store_true", help="one JSON object per line")
+    c = _command(
+        sub,
+        "call",
+        "call a gateway capability (vision.faces, vision.plate...)",
+        "example:\n  hearth call vision.faces --image door.jpg --param min_size=40\n",
+    )
     _gateway_options(c)
     c.add_argument("capability", help="e.g. vision.faces (hearth discover lists them)")
     c.add_argument("--image", type=Path, metavar="FILE", help="a JPEG or PNG file")
@@ -157,15 +251,24 @@ def _parser() -> argparse.ArgumentParser:
         help="a capability parameter; numbers, true/false and comma-separated number lists "
         "are typed",
     )
-    c.add_argument("--stream", help="the frame belongs to this camera stream")
-    c.add_argument("--session", help="the frame belongs to this session (vision.odometry)")
-    c.add_argument("--json", action="store_true", help="print the whole result as JSON")
-    p = sub.add_parser(
-        "pair",
-        help="pair with a gateway using the code `hearth-gateway pair` "
-        "printed; stores this device's certificate",
+    c.add_argument("--stream", metavar="ID", help="the frame belongs to this camera stream")
+    c.add_argument(
+        "--session", metavar="ID", help="the frame belongs to this session (vision.odometry)"
     )
-    p.add_argument("code", help="the one-time code, e.g. 7KQ2-M9XD-3FHA")
+    c.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    p = _command(
+        sub,
+        "pair",
+        "pair with a gateway using the code `hearth-gateway pair` printed; stores this "
+        "device's certificate",
+        "examples:\n  hearth pair XAJC-VER7-XAZ3\n"
+        "  hearth pair xajc ver7 xaz3 --gateway 192.168.1.20:8884 --ca-fingerprint 3f1c...\n",
+    )
+    p.add_argument(
+        "code",
+        nargs="+",
+        help="the one-time code, as printed: with dashes or spaces, in any case",
+    )
     p.add_argument(
         "--gateway",
         metavar="HOST:PORT",
@@ -180,16 +283,41 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get(ENV_CLIENT_ID),
         help=f"pair as this device id (${ENV_CLIENT_ID}; default dev-HOSTNAME)",
     )
-    p.add_argument("--interface", metavar="IP", default=os.environ.get(ENV_INTERFACE))
-    p.add_argument("--timeout", type=float, default=10.0, metavar="S")
+    p.add_argument(
+        "--interface",
+        metavar="IP",
+        default=os.environ.get(ENV_INTERFACE),
+        help=f"discover on this interface only (${ENV_INTERFACE})",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for the gateway (default 10)",
+    )
+    add_completion_command(sub, "hearth")
     return parser
+
+
+def _where_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--where",
+        choices=["auto", "edge", "local"],
+        default="auto",
+        help="edge: on the gateway; local: on this device; auto (default): where it is "
+        "quicker, here when no gateway answers",
+    )
+    parser.add_argument(
+        "--explain", action="store_true", help="print where it ran and why to stderr"
+    )
 
 
 def _pair(args: argparse.Namespace) -> int:
     from hearth.pairing import pair
 
     paired = pair(
-        args.code,
+        " ".join(args.code),  # as printed, in groups: normalize_code drops spaces and dashes
         args.gateway,
         ca_fingerprint=args.ca_fingerprint,
         device_id=args.device_id,
@@ -302,7 +430,7 @@ def _discover(args: argparse.Namespace) -> int:
         return 0
     if not gateways:
         print("no gateways found", file=sys.stderr)
-        return 1
+        return EXIT_NO_GATEWAY
     header = f"{'GATEWAY':<20} {'BROKER':<22} {'RTT':>8}  {'LOAD':>5}  {'PAIRING':<10}"
     print(f"{header}  RUNNERS / ACCELERATORS")
     for g in gateways:
@@ -394,8 +522,12 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 - one return per exit code
+    parser = _parser()
+    autocomplete(parser)
+    args = parser.parse_args(argv)
+    if args.command == "completion":
+        return print_shellcode("hearth", args.shell)
     commands = {
         "discover": _discover,
         "run": _run,
@@ -409,12 +541,25 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return commands[args.command](args)
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        print(exc.code, file=sys.stderr)  # a value the parser could not check: a usage error
+        return EXIT_USAGE
     except JobError as exc:
         print(f"hearth: job failed ({exc.where}): {exc.code}: {exc.message}", file=sys.stderr)
-        return 125
+        return EXIT_JOB_FAILED
+    except (PairingError, NotPaired) as exc:
+        print(f"hearth: {exc}", file=sys.stderr)
+        return EXIT_PAIRING
+    except GatewayUnavailable as exc:
+        print(f"hearth: {exc}", file=sys.stderr)
+        return EXIT_NO_GATEWAY
     except (HearthError, OSError) as exc:
         print(f"hearth: {exc}", file=sys.stderr)
-        return 125
+        return EXIT_JOB_FAILED
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 import msgspec
 
 from hearth.protocol import Error
+from hearth.transport import BrokerAddress
 from hearth_gateway.config import default_state_dir
 from hearth_gateway.control import call_admin
 from hearth_gateway.owner import (
@@ -33,12 +34,12 @@ def _when(at: float | None) -> str:
     return dt.datetime.fromtimestamp(at).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
-def pairing_command(args: argparse.Namespace) -> int:
+def pairing_command(args: argparse.Namespace) -> int:  # noqa: PLR0912 - one branch per reply
     state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
     sock = state_dir / "control.sock"
     if not sock.exists():
         print(f"no running gateway with state dir {state_dir}", file=sys.stderr)
-        return 1
+        return 3  # as `hearth-gateway`'s other commands: no gateway
     request: AdminRequest
     if args.command == "pair":
         request = CodeRequest(ttl_s=args.ttl)
@@ -59,11 +60,14 @@ def pairing_command(args: argparse.Namespace) -> int:
         print(f"Pairing code:    {reply.code}")
         print(f"Valid for:       {minutes:.0f} min, once")
         print(f"CA fingerprint:  {reply.ca_fingerprint}")
-        print(
-            f"On the device:   hearth pair {reply.code} --gateway HOST:{reply.pairing_port} "
-            f"--ca-fingerprint {reply.ca_fingerprint}"
-        )
-        print("                 (or just `hearth pair CODE` where mDNS finds the gateway)")
+        # One line per address the listener is reachable at (a box on two networks has two).
+        for n, host in enumerate(reply.addresses or ["HOST"]):
+            where = BrokerAddress(host, reply.pairing_port)
+            print(
+                f"{'On the device:' if n == 0 else 'or:':<17}hearth pair {reply.code} "
+                f"--gateway {where} --ca-fingerprint {reply.ca_fingerprint}"
+            )
+        print(f"                 (or just `hearth pair {reply.code}` where mDNS finds the gateway)")
     elif isinstance(reply, DeviceList):
         if json_out:
             for device in reply.devices:

@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK (argcomplete: this command completes itself; hearth._completion)
 """``hearth-gateway``: run the daemon, or look at it."""
 
 from __future__ import annotations
@@ -5,10 +6,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 from pathlib import Path
 
 import msgspec
 
+from hearth._completion import add_completion_command, autocomplete, print_shellcode
 from hearth._task_options import task_install_request
 from hearth._tasks_cli import add_task_commands, install_options, print_result
 from hearth_gateway import __version__
@@ -19,16 +22,61 @@ from hearth_gateway.status import format_status, read_snapshot
 
 __all__ = ["main"]
 
+_DESCRIPTION = "hearth-gateway: run the Hearth gateway daemon, or look at it."
+
+_EPILOG = """\
+examples:
+  hearth-gateway run --lan-listen 0.0.0.0:8883
+  hearth-gateway status
+  hearth-gateway pair
+
+exit codes:
+  0    success (status: the gateway is online)
+  1    the gateway refused the request, or a doctor check failed
+  2    usage or configuration error
+  3    no running gateway with this state directory (status: not online)
+"""
+
+EXIT_NO_GATEWAY = 3  # as `hearth`'s code for "no gateway reachable"
+_STATE_DIR_HELP = (
+    "the daemon's state directory (default: $STATE_DIRECTORY or ~/.local/state/hearth)"
+)
+
+
+def _command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_: str, example: str
+) -> argparse.ArgumentParser:
+    """A sub-command whose --help ends with its example(s), kept as written."""
+    return sub.add_parser(
+        name,
+        help=help_,
+        description=textwrap.fill(help_[:1].upper() + help_[1:] + "."),
+        epilog=f"example:\n  {example}\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _state_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", metavar="DIR", help=_STATE_DIR_HELP)
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hearth-gateway", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the gateway daemon in the foreground")
-    run.add_argument("--config", type=Path, help="TOML configuration file")
-    run.add_argument(
-        "--state-dir", help="where state lives (default: $STATE_DIRECTORY or ~/.local/state/hearth)"
+    parser = argparse.ArgumentParser(
+        prog="hearth-gateway",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = _command(
+        sub,
+        "run",
+        "run the gateway daemon in the foreground",
+        "hearth-gateway run --config /etc/hearth/gateway.toml --lan-listen 0.0.0.0:8883",
+    )
+    run.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
+    _state_dir(run)
     run.add_argument(
         "--listen", metavar="HOST:PORT", help="managed broker listener (default 127.0.0.1:1883)"
     )
@@ -45,8 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--mdns-interface", metavar="IP", help="advertise on this interface only")
     run.add_argument("--no-mdns", action="store_true", help="do not advertise over mDNS")
-    run.add_argument("--gateway-id", help="gateway id (default: the host name)")
-    run.add_argument("--workers", type=int, help="worker processes (default: one per core)")
+    run.add_argument("--gateway-id", metavar="ID", help="gateway id (default: the host name)")
+    run.add_argument(
+        "--workers", type=int, metavar="N", help="worker processes (default: one per core)"
+    )
     run.add_argument(
         "--tier",
         choices=["home", "cloud"],
@@ -73,15 +123,25 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="policy TOML merged over the defaults (repeatable)",
     )
-    run.add_argument("-v", "--verbose", action="store_true")
-    tasks = sub.add_parser("tasks", help="persistent tasks (all of them: for the box's owner)")
-    add_task_commands(
-        tasks, lambda p: p.add_argument("--state-dir", help="the daemon's state directory")
+    run.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    tasks = _command(
+        sub,
+        "tasks",
+        "persistent tasks (all of them: for the box's owner)",
+        "hearth-gateway tasks list",
     )
-    audit = sub.add_parser("audit", help="decisions and refusals: grants, installs, removals")
-    audit.add_argument("--state-dir", help="the daemon's state directory")
+    add_task_commands(tasks, _state_dir, prog="hearth-gateway")
+    audit = _command(
+        sub,
+        "audit",
+        "decisions and refusals: grants, installs, removals",
+        "hearth-gateway audit --since 2h --kind task",
+    )
+    _state_dir(audit)
     audit.add_argument("--json", action="store_true", help="one JSON object per line")
-    audit.add_argument("--limit", type=int, default=100, help="newest N entries (default 100)")
+    audit.add_argument(
+        "--limit", type=int, default=100, metavar="N", help="newest N entries (default 100)"
+    )
     audit.add_argument(
         "--since",
         metavar="WHEN",
@@ -94,27 +154,50 @@ def _parser() -> argparse.ArgumentParser:
         help="only this action (pair, device_revoke, job, task_install...); a prefix before _ "
         "takes its family (task: every task_*); repeatable",
     )
-    pair = sub.add_parser("pair", help="print a one-time code for `hearth pair` on a device")
-    pair.add_argument("--state-dir", help="the daemon's state directory")
+    pair = _command(
+        sub,
+        "pair",
+        "print a one-time code for `hearth pair` on a device",
+        "hearth-gateway pair --ttl 600",
+    )
+    _state_dir(pair)
     pair.add_argument("--ttl", type=float, metavar="S", help="valid this long (default 300 s)")
     pair.add_argument("--json", action="store_true", help="print JSON")
-    devices = sub.add_parser("devices", help="paired devices: list, revoke")
-    verbs = devices.add_subparsers(dest="devices_command", required=True)
-    listing = verbs.add_parser("list", help="every certificate issued, revoked ones too")
-    listing.add_argument("--state-dir", help="the daemon's state directory")
-    listing.add_argument("--json", action="store_true", help="one JSON object per line")
-    revoke = verbs.add_parser("revoke", help="lock a device out now (no restart)")
-    revoke.add_argument("device_id")
-    revoke.add_argument("--state-dir", help="the daemon's state directory")
-    doctor = sub.add_parser(
-        "doctor", help="check what this box enforces (IP filters, sandbox, key, listeners)"
+    devices = _command(
+        sub, "devices", "paired devices: list, revoke", "hearth-gateway devices revoke cam-1"
     )
-    doctor.add_argument("--state-dir", help="the daemon's state directory")
-    doctor.add_argument("--unit", default="hearth-gateway.service", help="the systemd service")
+    verbs = devices.add_subparsers(dest="devices_command", required=True, metavar="VERB")
+    listing = _command(
+        verbs,
+        "list",
+        "every certificate issued, revoked ones too",
+        "hearth-gateway devices list --json",
+    )
+    _state_dir(listing)
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    revoke = _command(
+        verbs, "revoke", "lock a device out now (no restart)", "hearth-gateway devices revoke cam-1"
+    )
+    revoke.add_argument("device_id", help="the device's id, as devices list shows it")
+    _state_dir(revoke)
+    doctor = _command(
+        sub,
+        "doctor",
+        "check what this box enforces (IP filters, sandbox, key, listeners)",
+        "sudo hearth-gateway doctor --json",
+    )
+    _state_dir(doctor)
+    doctor.add_argument(
+        "--unit",
+        default="hearth-gateway.service",
+        metavar="UNIT",
+        help="the systemd service (default hearth-gateway.service)",
+    )
     doctor.add_argument("--json", action="store_true", help="print JSON")
-    status = sub.add_parser("status", help="show the gateway's state")
-    status.add_argument("--state-dir", help="the daemon's state directory")
+    status = _command(sub, "status", "show the gateway's state", "hearth-gateway status --json")
+    _state_dir(status)
     status.add_argument("--json", action="store_true", help="print JSON")
+    add_completion_command(sub, "hearth-gateway")
     return parser
 
 
@@ -137,7 +220,7 @@ def _tasks(args: argparse.Namespace) -> int:
     sock = state_dir / "control.sock"
     if not sock.exists():
         print(f"no running gateway with state dir {state_dir}", file=sys.stderr)
-        return 1
+        return EXIT_NO_GATEWAY
     verb = args.task_command
     if verb == "install":
         options = install_options(args)
@@ -253,7 +336,11 @@ def _pairing(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    autocomplete(parser)
+    args = parser.parse_args(argv)
+    if args.command == "completion":
+        return print_shellcode("hearth-gateway", args.shell)
     commands = {
         "audit": _audit,
         "tasks": _tasks,
@@ -268,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         snapshot = read_snapshot(state_dir)
         if snapshot is None:
             print(f"no gateway has run with state dir {state_dir}", file=sys.stderr)
-            return 1
+            return EXIT_NO_GATEWAY
         if args.json:
             print(msgspec.json.encode(snapshot).decode())
         else:

@@ -38,6 +38,8 @@ class CodeIssued(_Admin, frozen=True, tag="pair_code_issued"):
     gateway_id: str
     ca_fingerprint: str
     pairing_port: int
+    # Where devices reach the pairing listener (advertised_addresses): the CLI's hint names them.
+    addresses: list[str] = []
 
 
 class DeviceListRequest(_Admin, frozen=True, tag="devices_list"):

@@ -172,6 +172,7 @@ class PairingService:
         pairing: BrokerAddress,
         server_hosts: Iterable[str],
         code_ttl_s: float,
+        addresses: Iterable[str] = (),
         max_failures: int,
         on_change: Callable[[], None],
         peer: Callable[[str], str | None] = lambda _client_id: None,
@@ -186,6 +187,7 @@ class PairingService:
         self.pairing = pairing
         self._device_port = lan.port
         self._pairing_port = pairing.port
+        self._addresses = list(addresses)  # the pairing listener's, for the owner's hint
         self._server_hosts = sorted({*server_hosts, lan.host, pairing.host})
         self._ttl_s = code_ttl_s
         self._codes = _Codes(max_failures)
@@ -354,6 +356,7 @@ class PairingService:
                 gateway_id=self._gateway_id,
                 ca_fingerprint=self._ca.fingerprint,
                 pairing_port=self._pairing_port,
+                addresses=self._addresses,
             )
         if isinstance(request, DeviceListRequest):
             return DeviceList(
@@ -438,6 +441,7 @@ def pairing_for(
         pairing=pairing,
         server_hosts=hosts,
         code_ttl_s=config.pairing_code_ttl_s,
+        addresses=advertised_addresses(pairing, config.mdns_interface or None),
         max_failures=config.pairing_max_failures,
         on_change=on_change,
         peer=peer,
