@@ -23,6 +23,7 @@ import pytest
 import hearth
 from hearth.runtime.onnx import OnnxRuntime
 from hearth_gateway.accelerators import ChoiceCache, Decision, outputs_disagree, provider_options
+from hearth_gateway.runners import accelerated
 from hearth_gateway.status import format_status
 from hearth_gateway.vision.plate import REC_MODEL, PlateParams, PlateReader, default_models_dir
 from testkit.gateway import GatewayProcess
@@ -51,6 +52,15 @@ def test_outputs_agree_within_float_noise_and_not_beyond() -> None:
     assert "shape" in str(outputs_disagree(cpu, [cpu[0][:1], cpu[1]]))
     # A classifier's ZipMap output (a list of dicts) is not compared.
     assert outputs_disagree([[{0: 0.5}]], [[{0: 0.7}]]) is None
+
+
+def test_an_accelerator_is_kept_when_faster_or_tied_and_the_cpu_otherwise() -> None:
+    fastest = accelerated._fastest
+    assert fastest({CPU: 10.0, OPENVINO: 6.0}) == OPENVINO
+    assert fastest({CPU: 10.0, OPENVINO: 10.9}) == OPENVINO  # a tie: within TIE of the CPU
+    assert fastest({CPU: 10.0, OPENVINO: 11.5}) == CPU
+    assert fastest({CPU: 10.0}) == CPU
+    assert fastest({OPENVINO: 3.0}) == OPENVINO  # the CPU provider failed its run
 
 
 def test_decisions_are_retried_after_the_provider_package_changes(tmp_path: Path) -> None:

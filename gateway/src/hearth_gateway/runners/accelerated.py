@@ -3,8 +3,12 @@ model routed to the provider decided for it (hearth_gateway.accelerators).
 
 A model's first run is its trial: every accelerator that loaded it runs that very input, and so
 does the CPU provider; an accelerator is kept for the model only if its outputs agree with the
-CPU's and its median time, over runs taken in turns with the CPU provider's, beats the CPU's (the
-CPU's answer is the job's, so a wrong accelerator never answers). The decision is written to
+CPU's and its median time, over runs taken in turns with the CPU provider's, beats the CPU's or
+ties with it (the CPU's answer is the job's, so a wrong accelerator never answers). A tie is
+within ``TIE`` of the CPU's time: five runs on a busy box move a median by that much, and a
+model the accelerator runs about as fast as the CPU (a recogniser on a few small strips) should
+not flip between providers from one trial to the next; on a tie the accelerator is kept, since
+it is what the box's owner installed it for. The decision is written to
 disk and every later run, in any worker, goes straight to that provider. An accelerator that
 fails a model later (its device vanished, a run error the CPU provider does not have) is refused
 for it and the job runs on the CPU provider.
@@ -266,7 +270,7 @@ class AcceleratedRuntime(OnnxRuntime):
                     continue
                 times[provider].append((time.perf_counter() - started) * 1e3)
         timings = {p: sorted(ts)[len(ts) // 2] for p, ts in times.items()}
-        best = min(timings, key=timings.__getitem__)
+        best = _fastest(timings)
         for provider in candidates:
             if provider != best:
                 self._accels[provider].forget(sha256)
@@ -312,3 +316,18 @@ class AcceleratedRuntime(OnnxRuntime):
         self._accels[provider].forget(sha256)
         log.warning("%s dropped for model %s: %s", provider, sha256[:12], why)
         self._decide(sha256, CPU, refused, timings)
+
+
+TIE = 0.10  # an accelerator within 10 % of the CPU provider's median is kept (see the docstring)
+
+
+def _fastest(timings: Mapping[str, float]) -> str:
+    """The provider a model gets: the fastest accelerator if it is faster than the CPU provider
+    or within ``TIE`` of it, else the CPU provider."""
+    accels = {p: ms for p, ms in timings.items() if p != CPU}
+    if not accels:
+        return CPU
+    best = min(accels, key=accels.__getitem__)
+    if CPU not in timings or accels[best] <= timings[CPU] * (1 + TIE):
+        return best
+    return CPU
