@@ -25,10 +25,11 @@ LIMITS = WasmLimits(fuel=FUEL)
 ARGS = ["24", "3000"]  # dirtymem: 24 MiB of incompressible data, then 3000 steps dirtying it
 
 
-# Known regression, issue 9 stays open: passed on its branch, fails since it was merged with the
-# one-write journal and the broker's per-client bounds (the device hears no checkpoint of a run
-# with 24 MiB of state); left running so that it shows when it passes again.
-@pytest.mark.xfail(reason="large checkpoints over MQTT regressed in the merge (issue 9)")
+# Known failure, issue 9 stays open: the device hears no checkpoint of a run with 24 MiB of state
+# within 60 s. Reported passing where it was written; on this machine it fails at that branch's
+# own tip too, so not (only) a merge regression; the cause is not found yet. Left running, so
+# that it shows when it passes again.
+@pytest.mark.xfail(reason="no checkpoint of a 24 MiB run reaches the device (issue 9, open)")
 @pytest.mark.parametrize("precopy", [True, False], ids=["precopy", "stop-and-copy"])
 def test_a_large_run_leaves_the_gateway_by_precopy_over_mqtt_byte_identical(
     make_gateway: Callable[..., GatewayProcess], examples: Path, tmp_path: Path, precopy: bool
