@@ -127,19 +127,34 @@ def _gateway_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _ShellClient(Client):
+    """A client that draws progress bars on a terminal: uploads of modules and models, and
+    downloads of results and snapshots, over ``PROGRESS_MIN_BYTES`` (hearth._progress)."""
+
+    _download: DownloadBar | None = None
+
+    def show_progress(self) -> None:
+        self.upload_progress = UploadBars().callback
+        self._download = DownloadBar(self.receiving)
+
+    def close(self) -> None:
+        super().close()
+        if self._download is not None:
+            self._download.close()
+
+
 def _client(args: argparse.Namespace, placement: str = "auto") -> Client:
     """A client as the gateway options (``_gateway_options``) say, drawing progress bars for
-    large uploads when stderr is a terminal."""
-    client = Client(
+    large uploads and downloads when stderr is a terminal."""
+    client = _ShellClient(
         args.gateway,
         interface=args.interface,
         timeout_s=args.timeout,
         client_id=args.client_id,
         placement=placement,
     )
-    bars = UploadBars.for_terminal()
-    if bars is not None:
-        client.upload_progress = bars.callback
+    if on_terminal():
+        client.show_progress()
     return client
 
 
