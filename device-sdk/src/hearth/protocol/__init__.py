@@ -11,6 +11,7 @@ from hearth.protocol.codec import (
 )
 from hearth.protocol.messages import (
     PROTOCOL_VERSION,
+    Accepted,
     BlobChunk,
     BlobStored,
     CallJob,
@@ -61,6 +62,7 @@ from hearth.protocol.topics import (
     SERVICE_TYPE,
     notify_topic,
     parse_request_topic,
+    pool_filter,
     reply_prefix,
     reply_topic,
     request_filter,
@@ -72,6 +74,7 @@ __all__ = [
     "CONTENT_TYPE",
     "PROTOCOL_VERSION",
     "SERVICE_TYPE",
+    "Accepted",
     "BlobChunk",
     "BlobStored",
     "CallJob",
@@ -124,6 +127,7 @@ __all__ = [
     "encode",
     "notify_topic",
     "parse_request_topic",
+    "pool_filter",
     "reply_prefix",
     "reply_topic",
     "request_filter",
