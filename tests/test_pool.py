@@ -13,6 +13,7 @@ import hashlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -25,17 +26,25 @@ from hearth.protocol import (
     Error,
     GatewayStatus,
     NeedBlob,
+    Timing,
     WasmJob,
     WasmResult,
+    decode_reply,
     decode_status,
     encode,
     request_topic,
 )
 from hearth.protocol.topics import pool_filter
+from hearth.transport import BrokerAddress
 from hearth_gateway.config import Config
 from hearth_gateway.errors import ConfigError
+from hearth_gateway.loop import Loop
 from hearth_gateway.placement import egress_refusal
+from hearth_gateway.policy import PlacementPolicy
 from hearth_gateway.pool import pool_link_options
+from hearth_gateway.reply_to import ReplyTo
+from hearth_gateway.upstream import Forwarder
+from hearth_gateway.upstream_link import UpstreamTarget
 from helpers import RawDevice
 from testkit.gateway import GatewayProcess
 from testkit.mosquitto import Mosquitto
@@ -221,3 +230,88 @@ def test_egress_allows_a_members_topic_only_once_the_pool_named_that_member() ->
         msgspec.structs.replace(msgspec.msgpack.decode(job, type=WasmJob), data_class="private")
     )
     assert egress_refusal(member_topic, private, members={"m1"}, **kwargs) is not None  # type: ignore[arg-type]
+
+
+class _Link:
+    """Stands in for UpstreamLink: records what the forwarder sends, and to whom."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Any, bytes, str]] = []
+        self.ready = True
+        self.upstream_id = "pool"
+        self.members: set[str] = set()
+        self.client_id = "gw-home"
+        self.target = UpstreamTarget(BrokerAddress("10.0.0.2", 1883))
+
+    def send(self, message: Any, correlation: bytes, to: str = "") -> None:
+        self.sent.append((message, correlation, to))
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_forwarder_follows_the_member_that_took_a_job_and_resubmits_on_its_will(
+    tmp_path: Path,
+) -> None:
+    module = b"\0asm-module"
+    sha = hashlib.sha256(module).hexdigest()
+    (tmp_path / sha).write_bytes(module)
+    blobs = type(
+        "Blobs",
+        (),
+        {"path": lambda _self, s: tmp_path / s, "data_class": lambda _self, _s: "public"},
+    )()
+    relayed: list[tuple[str, bytes]] = []
+    home: list[str] = []
+    loop = Loop()
+    forwarder = Forwarder(
+        loop,
+        UpstreamTarget(BrokerAddress("10.0.0.2", 1883)),
+        "home",
+        policy=PlacementPolicy(),
+        blobs=blobs,  # type: ignore[arg-type]
+        audit=lambda *_: None,
+        relay=lambda item, reply: relayed.append((item.job.job_id, reply)),
+        fallback=lambda item, _why: home.append(item.job.job_id),
+    )
+    link = _Link()
+    forwarder.link = link  # type: ignore[assignment]
+
+    def forward(job_id: str) -> bytes:
+        job = WasmJob(job_id=job_id, module=sha, stdin=job_id.encode(), data_class="public")
+        forwarder.forward(job, ReplyTo("dev-7", "hearth/v1/dev/dev-7/reply", b"c", 1))
+        assert link.sent[-1][2] == "", "a first submission goes to the pool"
+        return link.sent[-1][1]
+
+    try:
+        a, b, c = forward("a"), forward("b"), forward("c")
+        # a: taken by m1, which lacks the module: the upload and the job again go to m1.
+        forwarder._reply(a, encode(Accepted(job_id="x", gateway_id="m1")))
+        forwarder._reply(a, encode(NeedBlob(job_id="x", sha256=sha, max_chunk=5, gateway_id="m1")))
+        chunks = [(m, to) for m, _, to in link.sent if isinstance(m, BlobChunk)]
+        assert chunks
+        assert {to for _, to in chunks} == {"m1"}
+        forwarder._reply(b"blob:m1:" + sha.encode(), encode(BlobStored(sha256=sha, size=11)))
+        assert isinstance(link.sent[-1][0], WasmJob)
+        assert link.sent[-1][1:] == (a, "m1"), "re-sent to the member that took it"
+        assert link.members == {"m1"}
+        # b: taken by m2; c: taken by nobody yet.
+        forwarder._reply(b, encode(Accepted(job_id="x", gateway_id="m2")))
+        sent_before = len(link.sent)
+        forwarder._member_lost("m1")  # its Last Will
+        again = {(token, to) for _, token, to in link.sent[sent_before:]}
+        assert again == {(a, ""), (c, "")}, "what m1 held and what nobody took, to the pool"
+        assert forwarder.resubmitted == 2
+        # a runs on m3; m1's late answer (had it come) is dropped: one answer per job.
+        forwarder._reply(a, encode(Accepted(job_id="x", gateway_id="m3")))
+        done = WasmResult(job_id="x", exit_code=0, stdout=b"a", stderr=b"", timing=Timing(1, 2))
+        forwarder._reply(a, encode(done))
+        forwarder._reply(a, encode(done))
+        assert [job_id for job_id, _ in relayed] == ["a"]
+        answer = decode_reply(relayed[0][1])
+        assert isinstance(answer, WasmResult)
+        assert answer.timing.upstream == "m3", "the answer names the member that ran it"
+        assert home == [], "nothing fell back: the pool ran everything"
+    finally:
+        forwarder.close()
+        loop.close()
