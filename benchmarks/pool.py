@@ -205,7 +205,8 @@ def report(outcome: Outcome) -> None:
         f"{f['answered_twice_differently']} "
         f"{verdict(-(f['lost'] + f['answered_twice_differently']), 0, at_most=False)}"
     )
-    print("(the killed row's CPU time leaves out the killed member's: it is not compared)")
+    print("(the killed row counts the killed member's CPU time until its death; it is not")
+    print(" compared: the jobs it held run again elsewhere)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
