@@ -53,10 +53,10 @@ PAIRING_REPLIES: tuple[type[msgspec.Struct], ...] = (PairCa, PairResult)
 # is added to each. A tag missing here fails the generator, so a new request is not forgotten.
 ANSWERS: dict[str, tuple[str, ...]] = {
     "ping": ("pong",),
-    "wasm": ("wasm_result", "need_blob"),
-    "onnx": ("onnx_result", "need_blob"),
-    "call": ("call_result", "frame_dropped"),
-    "pipeline": ("pipeline_result", "need_blob"),
+    "wasm": ("wasm_result", "need_blob", "accepted"),
+    "onnx": ("onnx_result", "need_blob", "accepted"),
+    "call": ("call_result", "frame_dropped", "accepted"),
+    "pipeline": ("pipeline_result", "need_blob", "accepted"),
     "session_close": ("session_closed",),
     "blob": ("blob_stored",),
     "task_install": ("task", "need_blob"),

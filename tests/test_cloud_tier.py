@@ -591,8 +591,9 @@ class _FakeLink:
         self.ready = True
         self.upstream_id = UP
         self.target = UpstreamTarget(BrokerAddress("10.0.0.2", 1883))
+        self.members: set[str] = set()  # pool members named by the upstream (test_pool.py)
 
-    def send(self, message: Any, correlation: bytes) -> None:
+    def send(self, message: Any, correlation: bytes, to: str = "") -> None:
         self.sent.append((message, correlation))
 
     def close(self) -> None:

@@ -116,6 +116,7 @@ EXPECTED_TAGS = {
     "need_blob",
     "blob_stored",
     "error",
+    "accepted",
     "task",
     "task_list_result",
     "run_start",

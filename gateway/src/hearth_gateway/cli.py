@@ -60,7 +60,7 @@ def _state_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", metavar="DIR", help=_STATE_DIR_HELP)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per option
     parser = argparse.ArgumentParser(
         prog="hearth-gateway",
         description=_DESCRIPTION,
@@ -101,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
         "--tier",
         choices=["home", "cloud"],
         help="cloud: serve public work only, refuse private jobs (default home)",
+    )
+    run.add_argument(
+        "--pool",
+        metavar="ID",
+        help="cloud tier: serve the pool ID with the other members on this broker",
     )
     run.add_argument(
         "--upstream",
@@ -376,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             "pairing_listen": args.pairing_listen,
             "workers": args.workers,
             "tier": args.tier,
+            "pool": args.pool,
             "upstream": args.upstream,
             "upstream_gateway_id": args.upstream_gateway_id,
             "upstream_ca": args.upstream_ca,

@@ -40,6 +40,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     policies: list[str] = []  # TOML files merged over the embedded default policy
     # "cloud": this gateway serves public work only and refuses private jobs (policy_denied).
     tier: Literal["home", "cloud"] = "home"
+    # A cloud-tier gateway's pool: the id it serves together with the other members, through
+    # the broker's shared subscription (docs/protocol.md §19). Empty: none.
+    pool: str = ""
     # A cloud-tier gateway's broker (mqtt://host:port, or mqtts:// for TLS): public jobs go
     # there when this one is saturated or lacks their runner (placement.py). Empty: none.
     upstream: str = ""

@@ -37,6 +37,7 @@ from hearth_gateway.loop import Loop
 from hearth_gateway.pairing import PairingService, pairing_for
 from hearth_gateway.placement import Load, Placer
 from hearth_gateway.policy import Admission, Policy, load_policy
+from hearth_gateway.pool import pool_link_options
 from hearth_gateway.reply_to import ReplyTo
 from hearth_gateway.runners import REGISTRY, TaskEvent, WorkerSettings
 from hearth_gateway.runs import REASON_STOPPING
@@ -122,6 +123,7 @@ class Gateway:
             offline_status=encode(self._status("offline")),
             on_other=self._other,
             credentials=None if config.broker else (GATEWAY_USER, self._broker_password),
+            **pool_link_options(config, self.gateway_id, self._status("online")),
         )
         # The upstream that may take public jobs, and placement, which decides where jobs run.
         self.upstream = forwarder_for(
@@ -185,6 +187,7 @@ class Gateway:
             streams=self.streams,
             locked=self.pairing.locked if self.pairing is not None else frozenset(),
             storage=self.storage,
+            pool_id=config.pool,
         )
         self.loop.after(self._end_of_turn)
         self.control: ControlServer | None = None

@@ -20,6 +20,7 @@ import msgspec
 
 from hearth.errors import ErrorCode, JobError, ProtocolError
 from hearth.protocol import (
+    Accepted,
     BlobChunk,
     BlobStored,
     CallJob,
@@ -57,7 +58,7 @@ from hearth.protocol import (
 from hearth.runtime._blob import WASM_MAGIC
 from hearth_gateway.blobs import BlobStore, UploadRefused
 from hearth_gateway.loop import Timer
-from hearth_gateway.placement import Action, Decision, PlacedJob, Placer
+from hearth_gateway.placement import Action, Decision, PlacedJob, Placer, forwardable
 from hearth_gateway.policy import Admission, Policy
 from hearth_gateway.reply_to import PublishReply, ReplyTo
 from hearth_gateway.runners import Inspect, Job, TaskEvent, VisionClose, runner_for
@@ -176,8 +177,11 @@ class Dispatcher:
         streams: StreamCounters | None = None,
         locked: frozenset[str] = frozenset(),
         storage: StorageGuard | None = None,
+        pool_id: str = "",
     ) -> None:
         self._gateway_id = gateway_id
+        # The cloud-tier pool this gateway is a member of (docs/protocol.md §19); "": none.
+        self._pool_id = pool_id or gateway_id
         self._storage = storage  # None: no free-space check (journal errors still map)
         # Answers published while the disk was too full to journal them, for a re-sent job id
         # (its entry still says accepted: without this it would hear nothing until a restart).
@@ -216,7 +220,8 @@ class Dispatcher:
         parsed = parse_request_topic(topic)
         # The link took the sender from the topic's last level: the protocol's parse has the
         # last word on it.
-        if parsed is None or parsed[0] != self._gateway_id or parsed[1] != reply_to.client_id:
+        to = parsed[0] if parsed is not None and parsed[1] == reply_to.client_id else None
+        if to is None or to not in (self._gateway_id, self._pool_id):
             self._peer_log.warning("topic", "ignoring message on unexpected topic %r", topic)
             return None
         client_id = reply_to.client_id
@@ -248,9 +253,23 @@ class Dispatcher:
         except ProtocolError as exc:
             self._refuse(reply_to, exc.code, exc.message)
             return None
-        return self._route(request, payload, reply_to)
+        # The pool's topic: the broker gave this request to this member.
+        route = self._route if to == self._gateway_id else self._pooled
+        return route(request, payload, reply_to)
 
-    def _route(self, request: Request, payload: bytes, reply_to: ReplyTo) -> Receipt | None:
+    def _pooled(self, request: Request, payload: bytes, reply_to: ReplyTo) -> Receipt | None:
+        """A request sent to the pool. Only jobs (and pings) are shared: anything that leaves
+        state on the member that gets it (a blob, a task, a session) must be sent to one
+        member's own id, named by ``accepted`` or ``need_blob``."""
+        if isinstance(request, Ping) or forwardable(request):
+            return self._route(request, payload, reply_to, pooled=True)
+        message = f"a {type(request).__name__} goes to a member's own id, not to the pool"
+        self._refuse(reply_to, ErrorCode.UNSUPPORTED, message, getattr(request, "job_id", None))
+        return None
+
+    def _route(
+        self, request: Request, payload: bytes, reply_to: ReplyTo, *, pooled: bool = False
+    ) -> Receipt | None:
         if isinstance(request, Ping):
             in_flight = self._admission.in_flight
             pong = Pong(
@@ -274,7 +293,7 @@ class Dispatcher:
         elif isinstance(request, Describe):
             self._describe(request, reply_to)
         else:
-            return self._job(request, payload, reply_to)
+            return self._job(request, payload, reply_to, pooled=pooled)
         return None
 
     def _device_task_request(
@@ -389,7 +408,9 @@ class Dispatcher:
             return _call_refusal(job)
         return None
 
-    def _job(self, job: PlacedJob, payload: bytes, reply_to: ReplyTo) -> Receipt | None:
+    def _job(
+        self, job: PlacedJob, payload: bytes, reply_to: ReplyTo, *, pooled: bool = False
+    ) -> Receipt | None:
         client_id = reply_to.client_id
         decision, refusal = self._placed(client_id, job)
         if refusal is not None:
@@ -403,6 +424,8 @@ class Dispatcher:
         if missing is not None:
             max_chunk = self._limits.max_chunk_bytes
             need = NeedBlob(job_id=job.job_id, sha256=missing, max_chunk=max_chunk)
+            if pooled:  # the upload and the job again come to this member, not to the pool
+                need = msgspec.structs.replace(need, gateway_id=self._gateway_id)
             self._publish(reply_to, encode(need))
             return None
         digest = job_digest(job)  # the SDK re-sends the same job: the same digest
@@ -411,6 +434,11 @@ class Dispatcher:
         )
         audit = Placer.entry(client_id, job.data_class, f"job {job.job_id}", decision)
         known = self._store.accept_later(entry, audit, JOURNAL_DELAY_S)
+        if pooled and (isinstance(known, Receipt) or known[0] != CONFLICT):
+            # The submitter sends any re-send of this job id here (docs/protocol.md §19).
+            self._publish(
+                reply_to, encode(Accepted(job_id=job.job_id, gateway_id=self._gateway_id))
+            )
         if not isinstance(known, Receipt):
             self._seen_again(job, known, reply_to)
             return None

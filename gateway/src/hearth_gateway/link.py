@@ -74,6 +74,9 @@ class GatewayLink(LoopDriven):
         offline_status: bytes,
         on_other: Callable[[str, bytes], None] | None = None,
         credentials: tuple[str, str] | None = None,
+        session_expiry_s: int = _SESSION_EXPIRY_S,
+        extra_status: tuple[str, bytes] | None = None,
+        shared_filter: str = "",
     ) -> None:
         self.loop = loop
         self.address = address
@@ -98,6 +101,11 @@ class GatewayLink(LoopDriven):
         self._online_status: bytes | None = None
         self._closed = False
         self._backoff_s = 0.5
+        # 0 for a pool member: a broker keeps a persistent session's shared subscription and
+        # would queue a dead member's share of the pool's requests (docs/protocol.md §19).
+        self._session_expiry_s = session_expiry_s
+        self._extra_status = extra_status  # (topic, payload): the pool's, retained, each connect
+        self._shared_filter = shared_filter  # a pool member's share of the pool's requests
         self.connected = False
         self.refused: str | None = None
 
@@ -115,7 +123,7 @@ class GatewayLink(LoopDriven):
 
     def _open(self) -> None:
         props = properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = _SESSION_EXPIRY_S
+        props.SessionExpiryInterval = self._session_expiry_s
         self._client.connect(
             self.address.host,
             self.address.port,
@@ -141,10 +149,16 @@ class GatewayLink(LoopDriven):
         # On every (re)connect: after a broker restart the subscription and the retained
         # online status must be put back.
         self._client.subscribe(request_filter(self._gateway_id), qos=1)
+        if self._shared_filter:
+            self._client.subscribe(self._shared_filter, qos=1)
         for topic_filter in self._filters:
             self._client.subscribe(topic_filter, options=_trigger_options())
         if self._online_status is not None:
             self.publish_status(self._online_status)
+            if self._extra_status is not None:
+                topic, payload = self._extra_status
+                props = properties(PacketTypes.PUBLISH, content_type=True)
+                self._client.publish(topic, payload, qos=1, retain=True, properties=props)
         self.connected = True
         self._backoff_s = 0.5
         log.info("connected to broker %s", self.address)

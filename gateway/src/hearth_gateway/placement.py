@@ -45,6 +45,7 @@ from hearth.protocol import (
     TaskInstall,
     WasmJob,
     decode_request,
+    parse_request_topic,
     request_topic,
 )
 from hearth_gateway.policy import PlacementPolicy
@@ -268,12 +269,15 @@ def egress_refusal(  # noqa: PLR0911 - one return per refusal
     upstream_id: str,
     client_id: str,
     blobs: Mapping[str, DataClass],
+    members: Container[str] = (),
 ) -> str | None:
     """Why this message must not be published to the upstream, or None if it may.
 
     Reads the exact bytes about to leave, not the object they were made from. Allowed: a
     forwardable job labelled ``public``, or a chunk labelled ``public`` of a blob that ``blobs``
-    lists as public, on this gateway's request topic at the upstream. ``blobs``: the blobs named
+    lists as public, on this gateway's request topic at the upstream (or at one of ``members``,
+    the gateways of the upstream's pool that took a job or asked for a blob: docs/protocol.md
+    §19). ``blobs``: the blobs named
     by public jobs in flight upstream, each with the label this gateway recorded for it (so a
     chunk of a private blob is refused whatever label the chunk itself carries). Everything
     else is refused: any other topic, any other message, anything private.
@@ -282,7 +286,9 @@ def egress_refusal(  # noqa: PLR0911 - one return per refusal
         expected = request_topic(upstream_id, client_id)
     except ValueError:
         return "the upstream gateway is not known yet"
-    if topic != expected:
+    parsed = parse_request_topic(topic)
+    pooled = parsed is not None and parsed[1] == client_id and parsed[0] in members
+    if topic != expected and not pooled:
         return f"topic {topic!r} is not this gateway's request topic at the upstream"
     try:
         message = decode_request(payload)

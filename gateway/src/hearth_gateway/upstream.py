@@ -7,7 +7,13 @@ its own job id; the answer comes back to the device with its own job id, on its 
 Topic and correlation, and with ``timing.upstream`` naming the gateway that ran it. When the
 upstream asks for the module or model (``need_blob``), this gateway uploads it from its blob
 store if it is labelled public (placement keeps a public job naming a private blob here; this
-checks again). Whatever goes wrong upstream (no answer in time, a lost connection,
+checks again).
+
+The upstream may be a pool of cloud-tier gateways (docs/protocol.md §19): a job goes to the
+pool's id, the member that takes it answers ``accepted`` (or a ``need_blob`` naming itself),
+and from then on the blob and any re-send go to that member. A member's Last Will sends its
+unanswered jobs, and those no member has taken yet, to the pool again. Whatever goes wrong
+upstream (no answer in time, a lost connection,
 ``overloaded`` or another refusal) the job falls back to this gateway: it is public, it may
 run here.
 
@@ -26,6 +32,7 @@ import msgspec
 
 from hearth.errors import ErrorCode, ProtocolError
 from hearth.protocol import (
+    Accepted,
     BlobChunk,
     BlobStored,
     CallJob,
@@ -42,6 +49,7 @@ from hearth.protocol import (
     WasmResult,
     decode_reply,
     encode,
+    request_topic,
 )
 from hearth_gateway.blobs import BlobStore
 from hearth_gateway.config import Config
@@ -102,6 +110,7 @@ class Forwarded:
     token: bytes  # our Correlation Data upstream
     timer: Timer | None = None
     uploads: int = 0
+    member: str = ""  # the pool member that took it (accepted / need_blob); "": the pool
 
 
 class Forwarder:
@@ -123,8 +132,11 @@ class Forwarder:
         self._relay = relay
         self._fallback = fallback
         self._pending: dict[bytes, Forwarded] = {}
-        self._uploads: dict[str, list[bytes]] = {}  # sha256 -> tokens of jobs waiting on it
+        # sha256 (at the upstream) or "member:sha256" (at a pool member) -> tokens of the jobs
+        # waiting on its upload there
+        self._uploads: dict[str, list[bytes]] = {}
         self.forwarded = 0
+        self.resubmitted = 0  # jobs sent to the pool again after a member's Last Will
         self.answered = 0
         self.fell_back = 0
         self.link = UpstreamLink(
@@ -137,6 +149,7 @@ class Forwarder:
             on_reply=self._reply,
             on_refused=self._refused,
             on_lost=self._lost,
+            on_member_lost=self._member_lost,
         )
 
     def start(self) -> None:
@@ -185,7 +198,7 @@ class Forwarder:
             item.job, job_id=upstream_job_id(item.reply_to.client_id, item.job.job_id)
         )
         try:
-            self.link.send(job, item.token)
+            self.link.send(job, item.token, to=item.member)
         except (EgressRefused, UpstreamUnavailable) as exc:
             self._give_up(item.token, str(exc))
 
@@ -209,6 +222,21 @@ class Forwarder:
         for token in list(self._pending):
             self._give_up(token, "lost the upstream")
 
+    def _member_lost(self, member: str) -> None:
+        """A pool member's Last Will: what it took, and what no member has taken yet (it may
+        have been on its way to that member), goes to the pool again. A job run twice this way
+        is answered once here: the first answer wins (docs/protocol.md §19)."""
+        for key in [k for k in self._uploads if k.startswith(f"{member}:")]:
+            del self._uploads[key]
+        again = [t for t, item in self._pending.items() if item.member in ("", member)]
+        if again:
+            log.warning("pool member %s is gone: %d jobs go to the pool again", member, len(again))
+        for token in again:
+            item = self._pending[token]
+            item.member, item.uploads = "", 0
+            self.resubmitted += 1
+            self._send(item)
+
     def _refused(self, correlation: bytes, why: str) -> None:
         if correlation.startswith(_BLOB):
             self._upload_done(correlation[len(_BLOB) :].decode(errors="replace"), None, why)
@@ -231,6 +259,8 @@ class Forwarder:
             return  # late: the job already fell back
         if reply is None:
             self._give_up(correlation, why)
+        elif isinstance(reply, Accepted):
+            self._taken(item, reply.gateway_id)
         elif isinstance(reply, NeedBlob):
             self._need_blob(item, reply)
         elif isinstance(reply, Error):
@@ -240,12 +270,23 @@ class Forwarder:
                 self._give_up(correlation, f"it answered {reply.code}: {reply.message}")
         elif isinstance(reply, _RESULT[type(item.job)]):
             result: WasmResult | OnnxResult | CallResult | PipelineReply = reply  # type: ignore[assignment]
-            timing = msgspec.structs.replace(result.timing, upstream=self.link.upstream_id)
+            ran = item.member or self.link.upstream_id
+            timing = msgspec.structs.replace(result.timing, upstream=ran)
             self._answer(
                 item, msgspec.structs.replace(result, job_id=item.job.job_id, timing=timing)
             )
         else:
             self._give_up(correlation, f"an unexpected {type(reply).__name__}")
+
+    def _taken(self, item: Forwarded, member: str) -> None:
+        """A pool member took the job (or asked for its blob): re-sends go there."""
+        try:
+            request_topic(member, self.link.client_id)  # an id fit for a topic level
+        except ValueError:
+            self._give_up(item.token, f"it named an invalid pool member {member[:64]!r}")
+            return
+        item.member = member
+        self.link.members.add(member)
 
     def _answer(self, item: Forwarded, reply: msgspec.Struct) -> None:
         del self._pending[item.token]
@@ -257,6 +298,10 @@ class Forwarder:
     # -- blobs ----------------------------------------------------------------------------------
 
     def _need_blob(self, item: Forwarded, need: NeedBlob) -> None:
+        if need.gateway_id:  # a pool member: the upload and the job again go to it
+            self._taken(item, need.gateway_id)
+            if item.token not in self._pending:
+                return
         sha = blob_of(item.job)
         if need.sha256 != sha or item.uploads >= 2:
             self._give_up(item.token, f"it asked for blob {need.sha256[:12]} again or instead")
@@ -267,7 +312,8 @@ class Forwarder:
             self._give_up(item.token, f"blob {sha[:12]} is private; it is never uploaded")
             return
         item.uploads += 1
-        waiting = self._uploads.get(sha)
+        key = f"{item.member}:{sha}" if item.member else sha
+        waiting = self._uploads.get(key)
         if waiting is not None:
             waiting.append(item.token)  # one upload serves every job naming the blob
             return
@@ -279,9 +325,9 @@ class Forwarder:
         if hashlib.sha256(data).hexdigest() != sha:
             self._give_up(item.token, f"stored blob {sha[:12]} failed its hash check")
             return
-        self._uploads[sha] = [item.token]
+        self._uploads[key] = [item.token]
         chunk = max(1, min(need.max_chunk, _MAX_CHUNK))
-        correlation = _BLOB + sha.encode()
+        correlation = _BLOB + key.encode()
         try:
             for offset in range(0, max(len(data), 1), chunk):
                 part = BlobChunk(
@@ -291,12 +337,13 @@ class Forwarder:
                     data=data[offset : offset + chunk],
                     data_class="public",
                 )
-                self.link.send(part, correlation)
+                self.link.send(part, correlation, to=item.member)
         except (EgressRefused, UpstreamUnavailable) as exc:
-            self._upload_done(sha, None, str(exc))
+            self._upload_done(key, None, str(exc))
 
-    def _upload_done(self, sha: str, reply: Reply | None, why: str) -> None:
-        tokens = self._uploads.pop(sha, [])
+    def _upload_done(self, key: str, reply: Reply | None, why: str) -> None:
+        tokens = self._uploads.pop(key, [])
+        sha = key.rpartition(":")[2]
         stored = isinstance(reply, BlobStored) and reply.sha256 == sha
         if not stored and not why:
             why = f"blob upload answered {reply.code if isinstance(reply, Error) else reply}"

@@ -85,7 +85,8 @@ class UpstreamTarget:
             )
         except ValueError as exc:
             raise ConfigError(f"upstream: {exc}") from None
-        if any(tls_files.values()) and not tls:
+        # gateway_id travels with the TLS files but is no TLS setting.
+        if any(v for k, v in tls_files.items() if k != "gateway_id") and not tls:
             raise ConfigError("upstream TLS files given for a plain mqtt:// upstream")
         return cls(address, tls, **tls_files)
 
@@ -107,6 +108,8 @@ class UpstreamLink(LoopDriven):
         on_reply: Callable[[bytes, bytes], None],  # correlation, payload
         on_refused: Callable[[bytes, str], None],  # correlation, why (a PUBACK failure)
         on_lost: Callable[[], None],  # nothing in flight will be answered
+        # A pool member's Last Will (docs/protocol.md §19): its jobs go to the pool again.
+        on_member_lost: Callable[[str], None] = lambda _member: None,
     ) -> None:
         self.loop = loop
         self.target = target
@@ -119,6 +122,10 @@ class UpstreamLink(LoopDriven):
         self._on_reply = on_reply
         self._on_refused = on_refused
         self._on_lost = on_lost
+        self._on_member_lost = on_member_lost
+        # Members of the upstream's pool that took a job or asked for a blob: their own
+        # request topics are allowed too (egress check).
+        self.members: set[str] = set()
         self._reply_topic = reply_topic(self.client_id)
         self._client = make_client(self.client_id)  # no will: see connection_refusal
         if target.tls:
@@ -147,17 +154,19 @@ class UpstreamLink(LoopDriven):
 
     # -- sending: the only way out ----------------------------------------------------------
 
-    def send(self, message: Request, correlation: bytes) -> None:
-        """Publish one request to the upstream gateway (QoS 1), after the egress check.
-        Raises EgressRefused (audited) or UpstreamUnavailable."""
+    def send(self, message: Request, correlation: bytes, to: str = "") -> None:
+        """Publish one request to the upstream gateway (QoS 1), or to ``to``, a member of its
+        pool, after the egress check. Raises EgressRefused (audited) or UpstreamUnavailable."""
         payload = encode(message)
-        topic = request_topic(self.upstream_id, self.client_id) if self.upstream_id else ""
+        gateway = to or self.upstream_id
+        topic = request_topic(gateway, self.client_id) if gateway else ""
         why = egress_refusal(
             topic,
             payload,
             upstream_id=self.upstream_id,
             client_id=self.client_id,
             blobs=self._cleared_blobs(),
+            members=self.members,
         )
         if why is not None:
             self._audit(self._gateway_id, "egress", topic or str(self.target), "refused", why)
@@ -259,8 +268,12 @@ class UpstreamLink(LoopDriven):
         if reason.is_failure:
             log.warning("upstream %s refused us: %s", self.target, reason)
             return  # the broker closes the socket: _lost retries
+        # Every gateway's status, not only the upstream's: a pool member's Last Will says
+        # which jobs to send to the pool again.
         status = f"hearth/v1/gw/{self.upstream_id or '+'}/status"
-        self._client.subscribe([(self._reply_topic, 1), (status, 1)])
+        every = "hearth/v1/gw/+/status"
+        topics = [(self._reply_topic, 1), (status, 1)] + ([(every, 1)] if status != every else [])
+        self._client.subscribe(topics)
         self.connected = True
         self._backoff_s = 0.5
         self._audit(
@@ -296,6 +309,9 @@ class UpstreamLink(LoopDriven):
         try:
             status = decode_status(msg.payload)
         except HearthError:
+            return
+        if status.state == "offline" and status.gateway_id in self.members:
+            self._on_member_lost(status.gateway_id)
             return
         if self.target.gateway_id and status.gateway_id != self.target.gateway_id:
             return

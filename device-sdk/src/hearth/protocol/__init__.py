@@ -12,6 +12,7 @@ from hearth.protocol.codec import (
 )
 from hearth.protocol.messages import (
     PROTOCOL_VERSION,
+    Accepted,
     BlobChunk,
     BlobStored,
     CallJob,
@@ -62,6 +63,7 @@ from hearth.protocol.topics import (
     SERVICE_TYPE,
     notify_topic,
     parse_request_topic,
+    pool_filter,
     reply_prefix,
     reply_topic,
     request_filter,
@@ -73,6 +75,7 @@ __all__ = [
     "CONTENT_TYPE",
     "PROTOCOL_VERSION",
     "SERVICE_TYPE",
+    "Accepted",
     "BlobChunk",
     "BlobStored",
     "CallJob",
@@ -126,6 +129,7 @@ __all__ = [
     "job_digest",
     "notify_topic",
     "parse_request_topic",
+    "pool_filter",
     "reply_prefix",
     "reply_topic",
     "request_filter",

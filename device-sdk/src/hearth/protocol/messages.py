@@ -18,6 +18,7 @@ from hearth.protocol.vision import Image, PipelineResult, Postprocess, Preproces
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "Accepted",
     "BlobChunk",
     "BlobStored",
     "CallJob",
@@ -381,6 +382,20 @@ class NeedBlob(_Message, frozen=True, tag="need_blob"):
     job_id: str
     sha256: str
     max_chunk: int  # bytes of ``data`` per BlobChunk the gateway accepts
+    # A pool member answering a job sent to its pool: upload the blob to this gateway's own
+    # request topic, and send the job again there (a chunk sent to the pool would reach any
+    # member). Empty: the gateway the request was sent to.
+    gateway_id: str = ""
+
+
+class Accepted(_Message, frozen=True, tag="accepted"):
+    """A pool member took a job sent to its pool (``hearth/v1/gw/{pool}/req/{client}``) and
+    journaled it: the job's answer follows from ``gateway_id``, and any re-send of ``job_id``
+    goes to that member's own request topic, whose journal answers it at most once. Sent only
+    for jobs that came through a pool."""
+
+    job_id: str
+    gateway_id: str  # the member that holds the job
 
 
 class BlobStored(_Message, frozen=True, tag="blob_stored"):
@@ -543,6 +558,7 @@ Reply = (
     | NeedBlob
     | BlobStored
     | Error
+    | Accepted
     | Task
     | TaskListResult
     | RunResult

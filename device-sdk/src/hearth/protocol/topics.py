@@ -10,6 +10,7 @@ __all__ = [
     "SERVICE_TYPE",
     "notify_topic",
     "parse_request_topic",
+    "pool_filter",
     "reply_prefix",
     "reply_topic",
     "request_filter",
@@ -40,6 +41,13 @@ def request_topic(gateway_id: str, client_id: str) -> str:
 
 def request_filter(gateway_id: str) -> str:
     return f"{PREFIX}/gw/{_check_id('gateway', gateway_id)}/req/+"
+
+
+def pool_filter(pool_id: str) -> str:
+    """A pool member's shared subscription (MQTT 5, ``$share/{group}/{filter}``): the broker
+    gives each request sent to the pool's id to one member of the group. The group is named
+    after the pool, so two pools on one broker never share work."""
+    return f"$share/{_check_id('pool', pool_id)}/{request_filter(pool_id)}"
 
 
 def reply_prefix(client_id: str) -> str:
