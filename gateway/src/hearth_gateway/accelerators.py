@@ -117,9 +117,6 @@ class Decision(msgspec.Struct, kw_only=True):
     package: str
     refused: dict[str, str] = {}  # provider -> why it is not used for this model
     p50_ms: dict[str, float] = {}  # provider -> measured on the model's first input
-    # provider -> its fastest timed run in the trial: what the choice compares (other work on
-    # the box only ever adds to a run's time, so the fastest run is the steadiest figure).
-    min_ms: dict[str, float] = {}
     decided_at: float = 0.0
 
 

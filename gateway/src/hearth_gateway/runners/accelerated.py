@@ -3,17 +3,14 @@ model routed to the provider decided for it (hearth_gateway.accelerators).
 
 A model's first run is its trial: every accelerator that loaded it runs that very input, and so
 does the CPU provider; an accelerator is kept for the model only if its outputs agree with the
-CPU's and its fastest run, over runs taken in turns with the CPU provider's, beats the CPU's
-or ties with it (the CPU's answer is the job's, so a wrong accelerator never answers). The
-fastest run, not the median: other work on a busy box only ever adds to a run's time, so the
-fastest of five is the figure that other work disturbs least, while a median of five moves with
-a burst that met three of one provider's runs (on a shared 2-core CI box the plate models'
-choice flipped between providers from one trial to the next on medians). A tie is within
-``TIE`` of the CPU's time, so that a model the accelerator runs about as fast as the CPU does
-not flip either; on a tie the accelerator is kept, since it is what the box's owner installed
-it for. The decision, with both figures (medians and fastest runs), is written to disk and
-every later run, in any worker, goes straight to that provider. An accelerator that fails a
-model later (its device vanished, a run error the CPU provider does not have) is refused
+CPU's and its median time, over runs taken in turns with the CPU provider's, beats the CPU's or
+ties with it (the CPU's answer is the job's, so a wrong accelerator never answers). A tie is
+within ``TIE`` of the CPU's time: five runs on a busy box move a median by that much, and a
+model the accelerator runs about as fast as the CPU (a recogniser on a few small strips) should
+not flip between providers from one trial to the next; on a tie the accelerator is kept, since
+it is what the box's owner installed it for. The decision is written to
+disk and every later run, in any worker, goes straight to that provider. An accelerator that
+fails a model later (its device vanished, a run error the CPU provider does not have) is refused
 for it and the job runs on the CPU provider.
 
 The ONNX, vision and wasi-nn runners share this object (``runners.onnx_runtime``), so a
@@ -273,14 +270,13 @@ class AcceleratedRuntime(OnnxRuntime):
                     continue
                 times[provider].append((time.perf_counter() - started) * 1e3)
         timings = {p: sorted(ts)[len(ts) // 2] for p, ts in times.items()}
-        fastest_runs = {p: min(ts) for p, ts in times.items()}
-        best = _fastest(fastest_runs)
+        best = _fastest(timings)
         for provider in candidates:
             if provider != best:
                 self._accels[provider].forget(sha256)
         if best != CPU:
             self._cpu.forget(sha256)
-        self._decide(sha256, best, refused, timings, fastest_runs)
+        self._decide(sha256, best, refused, timings)
         return reference[0], best  # the CPU's answer: equal to best's, or best is the CPU
 
     def _try(
@@ -291,19 +287,13 @@ class AcceleratedRuntime(OnnxRuntime):
             return call(self._accels[provider])
 
     def _decide(
-        self,
-        sha256: str,
-        provider: str,
-        refused: dict[str, str],
-        timings: dict[str, float],
-        fastest_runs: dict[str, float],
+        self, sha256: str, provider: str, refused: dict[str, str], timings: dict[str, float]
     ) -> None:
         decision = Decision(
             provider=provider,
             package=self._cache.package,
             refused=refused,
             p50_ms={p: round(ms, 3) for p, ms in timings.items()},
-            min_ms={p: round(ms, 3) for p, ms in fastest_runs.items()},
             decided_at=time.time(),
         )
         self._cache.put(sha256, decision)
@@ -313,10 +303,7 @@ class AcceleratedRuntime(OnnxRuntime):
             "model %s runs on %s (%s)",
             sha256[:12],
             provider,
-            ", ".join(
-                f"{p} {ms:.2f} ms (fastest {fastest_runs.get(p, ms):.2f})"
-                for p, ms in timings.items()
-            )
+            ", ".join(f"{p} {ms:.2f} ms" for p, ms in timings.items())
             + "".join(f"; {p}: {why}" for p, why in refused.items()),
         )
 
@@ -324,22 +311,19 @@ class AcceleratedRuntime(OnnxRuntime):
         decision = self._cache.get(sha256)
         refused = dict(decision.refused) if decision is not None else {}
         timings = dict(decision.p50_ms) if decision is not None else {}
-        fastest_runs = dict(decision.min_ms) if decision is not None else {}
         refused[provider] = why
         timings.pop(provider, None)
-        fastest_runs.pop(provider, None)
         self._accels[provider].forget(sha256)
         log.warning("%s dropped for model %s: %s", provider, sha256[:12], why)
-        self._decide(sha256, CPU, refused, timings, fastest_runs)
+        self._decide(sha256, CPU, refused, timings)
 
 
-TIE = 0.10  # an accelerator within 10 % of the CPU provider's time is kept (see the docstring)
+TIE = 0.10  # an accelerator within 10 % of the CPU provider's median is kept (see the docstring)
 
 
 def _fastest(timings: Mapping[str, float]) -> str:
-    """The provider a model gets, from each provider's time (its fastest trial run): the
-    fastest accelerator if it is faster than the CPU provider or within ``TIE`` of it, else the
-    CPU provider."""
+    """The provider a model gets: the fastest accelerator if it is faster than the CPU provider
+    or within ``TIE`` of it, else the CPU provider."""
     accels = {p: ms for p, ms in timings.items() if p != CPU}
     if not accels:
         return CPU
