@@ -13,7 +13,9 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import numpy as np
 import pytest
 
 import hearth
+from hearth.errors import ErrorCode, JobError
 from hearth.runtime.onnx import OnnxRuntime
 from hearth_gateway.accelerators import ChoiceCache, Decision, outputs_disagree, provider_options
 from hearth_gateway.runners import accelerated
@@ -304,6 +307,66 @@ def test_a_provider_that_killed_a_worker_is_not_used_for_that_model_again(
     decision = _decisions(gw)[detector.stem]
     assert decision.provider == CPU
     assert "died" in decision.refused[OPENVINO]
+
+
+@pytest.mark.slow
+def test_a_provider_that_crashes_the_worker_mid_run_costs_only_that_job(
+    make_ov_gateway: Callable[..., GatewayProcess], cpu_reader: PlateReader
+) -> None:
+    """A worker that dies in the middle of a run on OpenVINO, as a fault in the provider's
+    native code would kill it: SIGKILL while it runs the detector there (a SIGSEGV sent from
+    outside does not do: the worker runs on after it, a handler in the OpenVINO runtime takes
+    it). That job is answered ``worker_crashed``, the worker is replaced, the daemon stays up,
+    and the next job runs the detector on the CPU provider, OpenVINO dropped for it."""
+    rng = np.random.default_rng(19)
+    import cv2
+
+    scene = cv2.resize(render_plate(random_plate_text(rng), rng), None, fx=2, fy=2)
+    jpeg = cv2.imencode(".png", scene)[1].tobytes()
+    folder = default_models_dir()
+    assert folder is not None  # cpu_reader skips the test otherwise
+    det = _sha(folder / DET_MODEL)
+    gw = make_ov_gateway()
+    with gw.client(timeout_s=_FIRST_JOB_S) as client:
+        assert client.plate(jpeg).provider.split(",")[0] == OPENVINO  # its trial decided so
+        (marker,) = [
+            p.with_name(f"{det}.{OPENVINO}.trying")
+            for p in (gw.state_dir / "cache" / "providers").glob(f"*/{det}.json")
+        ]
+        crashed: list[int] = []
+
+        def crash_mid_run() -> None:
+            # The marker is there only while the detector runs on OpenVINO.
+            def running() -> bool:
+                try:
+                    crashed.append(int(marker.read_text()))
+                except (OSError, ValueError):
+                    return False
+                return True
+
+            if wait_until(running, _FIRST_JOB_S, step_s=0.001):
+                os.kill(crashed[-1], signal.SIGKILL)
+
+        killer = threading.Thread(target=crash_mid_run)
+        killer.start()
+        with pytest.raises(JobError) as failed:
+            client.plate(jpeg)
+        killer.join()
+        assert crashed
+        assert failed.value.code == ErrorCode.WORKER_CRASHED
+
+        run = client.plate(jpeg)  # a fresh worker: it finds the marker the dead one left
+    assert run.provider.split(",")[0] == CPU, run.provider
+    assert run.result.text == cpu_reader.read(scene, PlateParams()).text
+    decision = _decisions(gw)[det]
+    assert decision.provider == CPU
+    assert "died" in decision.refused[OPENVINO]
+    assert gw.proc is not None
+    assert gw.proc.poll() is None  # the daemon stayed up
+    # Replaced: a live worker, not the one killed (the snapshot is rewritten every 2 s).
+    assert wait_until(lambda: len(gw.snapshot().worker_pids) == 1, 10.0)
+    assert crashed[-1] not in gw.snapshot().worker_pids
+    assert "died (exit status -9) running job" in gw.log()
 
 
 _FRESH_SESSIONS = """
