@@ -13,7 +13,9 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,11 +23,18 @@ import numpy as np
 import pytest
 
 import hearth
+from hearth.errors import ErrorCode, JobError
 from hearth.runtime.onnx import OnnxRuntime
 from hearth_gateway.accelerators import ChoiceCache, Decision, outputs_disagree, provider_options
 from hearth_gateway.runners import accelerated
 from hearth_gateway.status import format_status
-from hearth_gateway.vision.plate import REC_MODEL, PlateParams, PlateReader, default_models_dir
+from hearth_gateway.vision.plate import (
+    DET_MODEL,
+    REC_MODEL,
+    PlateParams,
+    PlateReader,
+    default_models_dir,
+)
 from testkit.gateway import GatewayProcess
 from testkit.plates_synth import random_plate_text, render_plate
 from testkit.wait import wait_until
@@ -164,9 +173,6 @@ def _decisions(gw: GatewayProcess) -> dict[str, Decision]:
     }
 
 
-# Known flaky, issue 15 stays open: on a fresh clone in CI the plate reply named the CPU provider
-# for one of its two models in one run of three (the timing trial), though it passes alone.
-@pytest.mark.xfail(reason="the plate models' trial is not yet stable on a 2-core CI box (#15)")
 @pytest.mark.slow
 def test_openvino_gateway_runs_plates_there_and_digits_on_the_cpu(
     make_ov_gateway: Callable[..., GatewayProcess],
@@ -186,13 +192,16 @@ def test_openvino_gateway_runs_plates_there_and_digits_on_the_cpu(
     ]
 
     with gw.client(timeout_s=_FIRST_JOB_S) as client:
+        replies = []
         for scene in scenes:
             jpeg = cv2.imencode(".png", scene)[1].tobytes()
             run = client.plate(jpeg)
-            # Both its models, the detector and the recogniser, on OpenVINO: each agreed with
-            # the CPU provider in its trial and beat it (about 0.5x here, docs/accelerators.md).
-            assert run.provider == OPENVINO, run.provider
+            # The detector, most of a plate's work, on OpenVINO: it agreed with the CPU
+            # provider in its trial and beat it clearly (0.5-0.75x here, docs/accelerators.md).
+            # The reply names the detector's provider first, then the recogniser's if other.
+            assert run.provider.split(",")[0] == OPENVINO, run.provider
             assert run.result.text == cpu_reader.read(scene, PlateParams()).text
+            replies.append(run.provider)
 
         # wasi-nn meets the same decision as an ONNX job: the WebAssembly module loads the
         # digits model first, so it is wasi-nn that finds OpenVINO refusing it.
@@ -212,18 +221,27 @@ def test_openvino_gateway_runs_plates_there_and_digits_on_the_cpu(
     decisions = _decisions(gw)
     assert decisions[digits].provider == CPU
     assert "dynamic rank" in decisions[digits].refused[OPENVINO]
-    plate_models = [d for sha, d in decisions.items() if sha != digits]
-    assert len(plate_models) == 2
-    for d in plate_models:  # kept because measured faster than the CPU provider
-        assert d.provider == OPENVINO, d
-        assert d.p50_ms[OPENVINO] < d.p50_ms[CPU]
-        assert d.refused == {}
+    assert len(decisions) == 3
+    folder = default_models_dir()
+    assert folder is not None  # cpu_reader skips the test otherwise
+    det, rec = decisions[_sha(folder / DET_MODEL)], decisions[_sha(folder / REC_MODEL)]
+    # Both agreed with the CPU provider; the detector is kept for being measured faster.
+    assert det.refused == rec.refused == {}
+    assert det.provider == OPENVINO, det
+    assert det.p50_ms[OPENVINO] < det.p50_ms[CPU], det
+    # The recogniser, on a strip or two per plate, runs about as fast on both providers: its
+    # trial's own figures decide, by the rule (a tie within 10 % keeps OpenVINO), and every
+    # reply named what was decided.
+    assert rec.provider == accelerated._fastest(rec.p50_ms), rec
+    named = OPENVINO if rec.provider == OPENVINO else f"{OPENVINO},{rec.provider}"
+    assert replies == [named] * len(scenes)
 
     # Status and mDNS say so.
     assert wait_until(lambda: digits in gw.snapshot().models, 10.0)
     snap = gw.snapshot()
     assert snap.providers == [OPENVINO, CPU]
     assert snap.models[digits] == CPU
+    assert snap.models[_sha(folder / DET_MODEL)] == OPENVINO
     assert "OpenVINO" in format_status(snap)
     found = [
         g for g in hearth.discover(3.0, interface="127.0.0.1") if g.gateway_id == gw.gateway_id
@@ -258,9 +276,6 @@ def test_an_openvino_device_that_is_not_there_leaves_the_cpu(
     assert gw.proc.poll() is None
 
 
-# Known failure, issue 15 stays open: on a fresh clone the plate call after the planted crash
-# marker went unanswered for 120 s in two runs of three; the cause is not found yet.
-@pytest.mark.xfail(reason="the call after a remembered provider crash can go unanswered (#15)")
 @pytest.mark.slow
 def test_a_provider_that_killed_a_worker_is_not_used_for_that_model_again(
     make_ov_gateway: Callable[..., GatewayProcess], cpu_reader: PlateReader, tmp_path: Path
@@ -292,6 +307,66 @@ def test_a_provider_that_killed_a_worker_is_not_used_for_that_model_again(
     decision = _decisions(gw)[detector.stem]
     assert decision.provider == CPU
     assert "died" in decision.refused[OPENVINO]
+
+
+@pytest.mark.slow
+def test_a_provider_that_crashes_the_worker_mid_run_costs_only_that_job(
+    make_ov_gateway: Callable[..., GatewayProcess], cpu_reader: PlateReader
+) -> None:
+    """A worker that dies in the middle of a run on OpenVINO, as a fault in the provider's
+    native code would kill it: SIGKILL while it runs the detector there (a SIGSEGV sent from
+    outside does not do: the worker runs on after it, a handler in the OpenVINO runtime takes
+    it). That job is answered ``worker_crashed``, the worker is replaced, the daemon stays up,
+    and the next job runs the detector on the CPU provider, OpenVINO dropped for it."""
+    rng = np.random.default_rng(19)
+    import cv2
+
+    scene = cv2.resize(render_plate(random_plate_text(rng), rng), None, fx=2, fy=2)
+    jpeg = cv2.imencode(".png", scene)[1].tobytes()
+    folder = default_models_dir()
+    assert folder is not None  # cpu_reader skips the test otherwise
+    det = _sha(folder / DET_MODEL)
+    gw = make_ov_gateway()
+    with gw.client(timeout_s=_FIRST_JOB_S) as client:
+        assert client.plate(jpeg).provider.split(",")[0] == OPENVINO  # its trial decided so
+        (marker,) = [
+            p.with_name(f"{det}.{OPENVINO}.trying")
+            for p in (gw.state_dir / "cache" / "providers").glob(f"*/{det}.json")
+        ]
+        crashed: list[int] = []
+
+        def crash_mid_run() -> None:
+            # The marker is there only while the detector runs on OpenVINO.
+            def running() -> bool:
+                try:
+                    crashed.append(int(marker.read_text()))
+                except (OSError, ValueError):
+                    return False
+                return True
+
+            if wait_until(running, _FIRST_JOB_S, step_s=0.001):
+                os.kill(crashed[-1], signal.SIGKILL)
+
+        killer = threading.Thread(target=crash_mid_run)
+        killer.start()
+        with pytest.raises(JobError) as failed:
+            client.plate(jpeg)
+        killer.join()
+        assert crashed
+        assert failed.value.code == ErrorCode.WORKER_CRASHED
+
+        run = client.plate(jpeg)  # a fresh worker: it finds the marker the dead one left
+    assert run.provider.split(",")[0] == CPU, run.provider
+    assert run.result.text == cpu_reader.read(scene, PlateParams()).text
+    decision = _decisions(gw)[det]
+    assert decision.provider == CPU
+    assert "died" in decision.refused[OPENVINO]
+    assert gw.proc is not None
+    assert gw.proc.poll() is None  # the daemon stayed up
+    # Replaced: a live worker, not the one killed (the snapshot is rewritten every 2 s).
+    assert wait_until(lambda: len(gw.snapshot().worker_pids) == 1, 10.0)
+    assert crashed[-1] not in gw.snapshot().worker_pids
+    assert "died (exit status -9) running job" in gw.log()
 
 
 _FRESH_SESSIONS = """

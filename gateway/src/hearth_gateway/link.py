@@ -260,6 +260,13 @@ class GatewayLink(LoopDriven):
         self._flush()
 
     def publish_status(self, payload: bytes) -> None:
+        if self._closed:
+            # The offline status close() published is the last word: close() runs the loop
+            # while it waits for that PUBACK, and a housekeeping tick there (the status
+            # changed as the pool stopped) would publish "online" after it; the clean
+            # DISCONNECT that follows sends no Last Will, so the broker would keep the stopped
+            # gateway "online" and devices would send it jobs nobody answers.
+            return
         props = properties(PacketTypes.PUBLISH, content_type=True)
         self._client.publish(self._status_topic, payload, qos=1, retain=True, properties=props)
         self._flush()
