@@ -185,16 +185,23 @@ class Run:
         # Seconds the run sleeps at each migration point while a pre-copy slows it down so
         # that its rounds converge (auto-converge); 0: never.
         self.throttle_s = 0.0
+        # When paused, leave the instance for close() to free rather than free it before
+        # execute returns: tearing down a large memory takes tens of milliseconds, downtime
+        # when the snapshot is sent after execute returns (the gateway's answer).
+        self.keep_on_pause = False
+        self._kept: Instance | None = None
 
     @property
     def run_id(self) -> str:
         return self.snapshot.run_id
 
     def close(self) -> None:
-        """Drop the instance made ready for this run if it never executes (idempotent)."""
-        instance, self._prepared = self._prepared, None
-        if instance is not None:
-            instance.close()
+        """Drop the instance made ready for this run if it never executes, or the one a
+        pause left open (``keep_on_pause``); idempotent."""
+        for instance in (self._prepared, self._kept):
+            if instance is not None:
+                instance.close()
+        self._prepared = self._kept = None
 
     def pause(self, *, against: MemoryImage | None = None) -> None:
         """Stop at the next migration point; ``execute`` then returns Paused. With
@@ -337,7 +344,9 @@ class Run:
             with self._live_lock:
                 self._instance = None
             self.host.unbind()
-            if instance is not None:
+            if instance is not None and self.keep_on_pause and self._pause.is_set():
+                self._kept = instance  # freed by close()
+            elif instance is not None:
                 instance.close()
 
     def _loop(self, instance: Instance) -> Finished | Paused:

@@ -64,6 +64,7 @@ _LISTEN_POLL_S = 0.02
 # more time than it saves, downtime included.
 _PRECOPY_LEVEL = 0
 _PRECOPY_MAX_ROUNDS = 30
+_FREE_AFTER_S = 0.5  # after a run's answer, before its memory is freed
 
 
 class MigrateRunner:
@@ -75,6 +76,9 @@ class MigrateRunner:
         self._precopy_over = int(settings.precopy_over_mib * 2**20)
         self._piece_bytes = max(1, settings.max_chunk_bytes)
         self._window = SendWindow(0)  # the current hop's (run_start window_bytes)
+        # Frees the memory of the run that last left, shortly after its answer is out
+        # (Run.keep_on_pause): not while the answer is on its way (downtime).
+        self._freeing: threading.Timer | None = None
         self._precopy: threading.Thread | None = None  # sending rounds of the run now
         self._emit_lock = threading.Lock()  # checkpoints and rounds come from two threads
         self._wasm = WasmRuntime(cache_dir=Path(settings.cache_dir) / "wasm", wasi_nn=None)
@@ -92,6 +96,8 @@ class MigrateRunner:
 
     def control(self, job_id: str, action: str) -> None:
         """Steer the run of ``job_id`` (called from the worker's reader thread)."""
+        if action == "received":
+            return  # an acknowledgement that came after its run ended
         with self._lock:
             active = self._active
             if active is None or active[0] != job_id:
@@ -205,7 +211,9 @@ class MigrateRunner:
     def run(self, item: WorkItem) -> Reply:
         job = item.job
         assert isinstance(job, RunStart | RunResume)
+        self._free_left()
         run = self._make_run(item, job)
+        run.keep_on_pause = True
         run.checkpoint_every_s = job.checkpoint_every_s or self._checkpoint_every_s or None
         every_mib = job.checkpoint_every_mib or self._checkpoint_every_mib
         run.checkpoint_every_bytes = int(every_mib * 2**20) or None
@@ -231,7 +239,12 @@ class MigrateRunner:
                 if precopy is not None:
                     precopy.join()
                 moved = self._moved(job, run, outcome.snapshot)
+                self._freeing = threading.Timer(_FREE_AFTER_S, run.close)
+                self._freeing.name = "run-free"
+                self._freeing.start()
         finally:
+            if moved is None:
+                run.close()  # an instance a pause kept, if it ended otherwise after all
             self._window.close()  # nothing waits for acknowledgements from here on
             # The listener stops before the answer goes out: after it, the daemon may write
             # the next job, which is the worker loop's to read.
@@ -345,8 +358,17 @@ class MigrateRunner:
             elif isinstance(message, RunSignal):
                 self.control(message.job_id, message.action)
 
+    def _free_left(self) -> None:
+        """Free the memory of the run that left last, now if not yet (idempotent)."""
+        freeing, self._freeing = self._freeing, None
+        if freeing is not None:
+            freeing.cancel()
+            freeing.join()
+            freeing.function()  # Run.close is idempotent
+
     def describe(self) -> dict[str, list[str]]:
         return {}
 
     def close(self) -> None:
+        self._free_left()
         self._wasm.close()
