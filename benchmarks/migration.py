@@ -1,7 +1,7 @@
 """What migrating running WebAssembly costs: instrumentation overhead, snapshot sizes, downtime.
 
-No broker, no gateway: the runtime itself (hearth.runtime.migratable, docs/migration.md). Three
-parts, in one run:
+Parts 1-3 use no broker and no gateway: the runtime itself (hearth.runtime.migratable,
+docs/migration.md); part 4 goes through a real gateway and broker. In one run:
 
 1. overhead: each example's Asyncify-instrumented twin (build/examples/wasm/NAME.migratable.wasm)
    under MigratableRuntime, against the plain module under WasmRuntime (wasmtime's own WASI),
@@ -19,7 +19,12 @@ parts, in one run:
    on, then a delta) against stop-and-copy (pause, the whole snapshot, resume), trials taken in
    turn; memory travels uncompressed (zlib level 0) in both, as on loopback or a fast LAN.
    Each migrated run finishes at the target and its output is checked against a plain run's.
-   Target: pre-copy downtime <= 50 ms.
+   Target: pre-copy downtime <= 50 ms;
+4. mqtt: the same program, 64 MiB, moved from a real gateway to its device (an SDK client in
+   this process) over MQTT on 127.0.0.1 (benchmarks/_migration_mqtt.py): pre-copy rounds with
+   flow control then a delta, against a gateway that stops and copies, trials taken in turn;
+   each run finishes on the device with a plain run's output. Target: pre-copy downtime
+   <= 50 ms.
 
     .venv/bin/python benchmarks/migration.py            # tables
     .venv/bin/python benchmarks/migration.py --json     # one JSON line on stdout
@@ -54,6 +59,7 @@ from _common import (
     setup_logging,
     verdict,
 )
+from _migration_mqtt import MQTT_ARGS, MqttTrial, measure_mqtt
 from hearth.runtime.asyncify import wasm_opt_path
 from hearth.runtime.limits import WasmLimits
 from hearth.runtime.migratable import Finished, MigratableRuntime, Paused
@@ -81,7 +87,7 @@ DIRTY_ARGS = ("64", "12000", "4", "32")
 DIRTY_WARM_POINTS = 200  # steps run at the source before it migrates
 TARGET_POINTS = 200  # steps run at the target before it stops and reports its output
 TRIAL_TIMEOUT_S = 120.0
-PARTS = ("overhead", "downtime")  # overhead includes the snapshot sizes
+PARTS = ("overhead", "downtime", "mqtt")  # overhead includes the snapshot sizes
 
 
 @dataclass(frozen=True)
@@ -444,6 +450,7 @@ class Outcome:
     overhead: dict[str, Overhead] = field(default_factory=dict)
     snapshots: dict[str, SnapshotSize] = field(default_factory=dict)
     downtime: dict[str, list[Trial]] = field(default_factory=dict)
+    mqtt: dict[str, list[MqttTrial]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -463,7 +470,8 @@ def run(opts: Options, work_dir: Path) -> Outcome:
             "migration benchmark: needs Binaryen's wasm-opt (apt-get install binaryen)"
         )
     names = [w.name for w in workloads()] + ["dirtymem"]
-    directory = ensure_examples(*(f"{n}.migratable.wasm" for n in names))
+    # Paths relative to build/examples (the modules are in its wasm/).
+    directory = ensure_examples(*(f"wasm/{n}.migratable.wasm" for n in names)) / "wasm"
     plain = WasmRuntime(wasi_nn=None)
     mig = MigratableRuntime(plain)
     outcome = Outcome({})
@@ -494,7 +502,25 @@ def run(opts: Options, work_dir: Path) -> Outcome:
         plain.close()
     if outcome.downtime:
         downtime_figures(outcome)
+    if "mqtt" in opts.parts:
+        outcome.mqtt = measure_mqtt(opts.trials, work_dir)
+        mqtt_figures(outcome)
     return outcome
+
+
+def mqtt_figures(outcome: Outcome) -> None:
+    f = outcome.figures
+    for mode, key in (("precopy", "mqtt_precopy"), ("stop", "mqtt_stop_copy")):
+        trials = outcome.mqtt[mode]
+        f[f"{key}_downtime_ms"] = float(statistics.median(t.downtime_ms for t in trials))
+        f[f"{key}_downtime_max_ms"] = max(t.downtime_ms for t in trials)
+        f[f"{key}_migration_ms"] = float(statistics.median(t.migration_ms for t in trials))
+    pre = outcome.mqtt["precopy"]
+    f["mqtt_precopy_rounds"] = int(statistics.median(t.rounds for t in pre))
+    f["mqtt_precopy_round_bytes"] = int(statistics.median(t.round_bytes for t in pre))
+    f["mqtt_downtime_ratio"] = f["mqtt_precopy_downtime_ms"] / f["mqtt_stop_copy_downtime_ms"]
+    f["mqtt_precopy_ok"] = f["mqtt_precopy_downtime_ms"] <= TARGET_DOWNTIME_MS
+    f["mqtt_state_bytes"] = int(MQTT_ARGS[0]) << 20
 
 
 def downtime_figures(outcome: Outcome) -> None:
@@ -592,6 +618,25 @@ def print_report(outcome: Outcome) -> None:
         targets.append(
             ["stop-and-copy downtime ms, median", float(f["stop_copy_downtime_ms"]), "-", "-"]
         )
+    if outcome.mqtt:
+        print_table(
+            ("mode", "downtime ms", "rounds", "round bytes", "in all ms"),
+            [
+                [mode, t.downtime_ms, t.rounds, t.round_bytes, t.migration_ms]
+                for mode, trials in outcome.mqtt.items()
+                for t in trials
+            ],
+            title=f"Moving dirtymem ({f['mqtt_state_bytes'] >> 20} MiB) from a gateway to its "
+            "device over MQTT on loopback (ms, bytes)",
+        )
+        down = float(f["mqtt_precopy_downtime_ms"])
+        verdict_text = verdict(down, TARGET_DOWNTIME_MS, at_most=True)
+        targets.append(
+            ["MQTT pre-copy downtime ms, median", down, f"<= {TARGET_DOWNTIME_MS:g}", verdict_text]
+        )
+        targets.append(
+            ["MQTT stop-and-copy downtime ms, median", f["mqtt_stop_copy_downtime_ms"], "-", "-"]
+        )
     print_table(["figure", "value", "target", "verdict"], targets, title="Targets")
 
 
@@ -613,7 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--parts",
         default=",".join(PARTS),
-        help="what to measure, comma-separated: overhead (with snapshot sizes), downtime",
+        help="what to measure, comma-separated: overhead (with snapshot sizes), downtime, mqtt",
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)

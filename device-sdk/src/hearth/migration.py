@@ -56,6 +56,10 @@ log = logging.getLogger(__name__)
 
 Target = Literal["local", "edge"]
 _NEED_BLOB_ROUNDS = 3
+# Flow control (docs/migration.md §8.4): the bytes of a hop's rounds, checkpoints and snapshot
+# pieces a gateway may have sent that this device has not yet acknowledged. Two 4 MiB pieces:
+# within the managed broker's in-flight bound per client (8 MiB), so it never has to drop.
+WINDOW_BYTES = 8 << 20
 
 
 class RunHost(Protocol):
@@ -120,6 +124,12 @@ class Hop:
 
     where: str
     reason: str
+    # How the run got here when a pre-copy brought it (docs/migration.md §8.4): the rounds and
+    # their bytes, and the downtime (stopped at the source to running here, one clock);
+    # filled in when this hop ends.
+    precopy_rounds: int = 0
+    precopy_bytes: int = 0
+    downtime_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +240,7 @@ class MigratableRun:
         self._delta: Any = None
         self.precopy_rounds = 0  # rounds received, all hops together
         self.precopy_bytes = 0
+        self._hop_precopy_bytes = 0  # those of the pre-copy under way
         self.paused_at = 0.0  # the source's time.monotonic() when the last move stopped it
         self.resumed_at = 0.0  # this device's, when it ran again here (downtime, one host)
         self._closed = False
@@ -458,9 +469,11 @@ class MigratableRun:
         from hearth.runtime.snapshot import decode_snapshot, encode_snapshot
 
         runtime = self._client.migratable_runtime()
+        arrival: tuple[int, int] | None = None  # this hop's pre-copy: rounds, bytes
         if self._delta is not None and self._incoming is not None:
             # The end of a pre-copy: the delta goes on in the instance the rounds filled.
             delta, incoming, self._delta, self._incoming = self._delta, self._incoming, None, None
+            arrival = (incoming.rounds, self._hop_precopy_bytes)
             run = incoming.resume(delta, where="local")
         elif self._snapshot:
             snap = decode_snapshot(self._snapshot, module=self.module_sha256)
@@ -490,6 +503,8 @@ class MigratableRun:
             with self._lock:
                 self._local_run = None
             self.resumed_at = run.resumed_at or self.resumed_at
+            if arrival is not None:
+                self._hop_figures(arrival, run.resumed_at)
         if isinstance(outcome, Paused):
             data = encode_snapshot(outcome.snapshot)
             self._checkpointed(data)
@@ -529,6 +544,7 @@ class MigratableRun:
                 data_class=self.data_class,
                 checkpoint_every_s=self.checkpoint_every_s,
                 checkpoint_every_mib=self.checkpoint_every_mib,
+                window_bytes=WINDOW_BYTES,
             )
         else:
             message = RunStart(
@@ -540,6 +556,7 @@ class MigratableRun:
                 data_class=self.data_class,
                 checkpoint_every_s=self.checkpoint_every_s,
                 checkpoint_every_mib=self.checkpoint_every_mib,
+                window_bytes=WINDOW_BYTES,
             )
         for attempt in range(_NEED_BLOB_ROUNDS):
             reply = self._hop_request(conn, message, correlation, reason if attempt == 0 else "")
@@ -577,19 +594,23 @@ class MigratableRun:
         """Send the hop's request and wait for its final answer (checkpoints on the way are
         kept). ``arrival``: the hop's reason, on its first request ("" on a re-send)."""
 
+        handled = 0  # interim messages of this hop: what flow control acknowledges
+
         def interim(reply: Reply) -> bool:
+            nonlocal handled
             if isinstance(reply, RunChunk) and reply.run_id == self.run_id:
                 self._pieces.add(reply)
-                return True
-            if isinstance(reply, RunRound) and reply.run_id == self.run_id:
+            elif isinstance(reply, RunRound) and reply.run_id == self.run_id:
                 self._received_round(reply.round or self._pieces.take(reply.round_sha256))
-                return True
-            if isinstance(reply, RunCheckpoint) and reply.run_id == self.run_id:
+            elif isinstance(reply, RunCheckpoint) and reply.run_id == self.run_id:
                 snapshot = reply.snapshot or self._pieces.take(reply.snapshot_sha256)
                 if snapshot:
                     self._checkpointed(snapshot)
-                return True
-            return False
+            else:
+                return False
+            handled += 1
+            self._acknowledge(conn, handled)
+            return True
 
         future = conn.expect(correlation, interim=interim)
         watching = threading.Event()
@@ -634,6 +655,7 @@ class MigratableRun:
             memory_round = decode_round(data)
             if memory_round.number == 0:
                 self._drop_incoming()
+                self._hop_precopy_bytes = 0
                 runtime = self._client.migratable_runtime()
                 self._incoming = runtime.receive(
                     self.module_sha256, self.run_id, wasm=self.module, limits=self.limits
@@ -643,9 +665,17 @@ class MigratableRun:
             self._incoming.apply(memory_round)
             self.precopy_rounds += 1
             self.precopy_bytes += len(data)
+            self._hop_precopy_bytes += len(data)
         except HearthError as exc:
             log.warning("run %s: pre-copy round dropped (%s)", self.run_id, exc)
             self._drop_incoming()
+
+    def _hop_figures(self, arrival: tuple[int, int], resumed_at: float | None) -> None:
+        """Put the pre-copy that brought the current hop here into its Hop."""
+        downtime = (resumed_at - self.paused_at) * 1e3 if resumed_at and self.paused_at else 0.0
+        with self._lock:
+            last = self._hops[-1]
+            self._hops[-1] = Hop(last.where, last.reason, arrival[0], arrival[1], downtime)
 
     def _drop_incoming(self) -> None:
         incoming, self._incoming, self._delta = self._incoming, None, None
@@ -688,6 +718,16 @@ class MigratableRun:
                 with contextlib.suppress(TimeoutError):
                     self.migrate("local", reason=why, wait_s=None)
                 return
+
+    def _acknowledge(self, conn: Any, handled: int) -> None:
+        """Tell the gateway this hop's first ``handled`` interim messages are taken in (a
+        round: applied), on the connection's thread: publishing does not wait, and nothing
+        answers it."""
+        with contextlib.suppress(HearthError):
+            conn.publish(
+                RunControl(run_id=self.run_id, action="received", received=handled),
+                uuid.uuid4().bytes,
+            )
 
     def _control(self, conn: Any, action: str) -> None:
         correlation = uuid.uuid4().bytes

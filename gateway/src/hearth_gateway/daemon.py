@@ -372,6 +372,7 @@ class Gateway:
             checkpoint_every_s=self.policy.migration.checkpoint_every_s,
             checkpoint_every_mib=self.policy.migration.checkpoint_every_mib,
             precopy_over_mib=self.policy.migration.precopy_over_mib,
+            max_chunk_bytes=self.policy.limits.max_chunk_bytes,
         )
 
     def start(self) -> None:

@@ -522,15 +522,19 @@ class Dispatcher:
     # -- migratable runs (runs.py, docs/migration.md) ----------------------------------------
 
     def _run_control(self, request: RunControl, reply_to: ReplyTo) -> None:
-        refusal = self.runs.control(reply_to.client_id, request.run_id, request.action)
+        refusal = self.runs.control(
+            reply_to.client_id, request.run_id, request.action, request.received
+        )
+        if request.action == "received":
+            return  # flow control's acknowledgement: never answered (docs/protocol.md §18)
         if refusal is not None:
             message = f"no run {request.run_id} of yours is in flight here"
             self._refuse(reply_to, refusal, message, request.run_id)
             return
         self._publish(reply_to, encode(RunAck(run_id=request.run_id, action=request.action)))
 
-    def _steer(self, item: QueuedJob, action: str) -> bool:
-        return self._pool.steer(item, action)
+    def _steer(self, item: QueuedJob, action: str, received: int = 0) -> bool:
+        return self._pool.steer(item, action, received)
 
     def started(self, item: QueuedJob) -> None:
         """Worker pool callback: a worker took ``item``."""

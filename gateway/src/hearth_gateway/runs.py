@@ -43,8 +43,9 @@ REASON_DEVICE = "asked by the device"
 REASON_STOPPING = "gateway stopping"
 REASON_OVERLOADED = "gateway overloaded"
 
-# Hands an action ("pause", "checkpoint") to the worker running a job: False if none does.
-Steer = Callable[[QueuedJob, str], bool]
+# Hands an action ("pause", "checkpoint", "received" with its byte count) to the worker running
+# a job: False if none does.
+Steer = Callable[[QueuedJob, str, int], bool]
 
 
 @dataclass(slots=True)
@@ -81,7 +82,7 @@ class Runs:
             return
         active.running = True
         if active.reason:
-            self._steer(item, "pause")
+            self._steer(item, "pause", 0)
 
     def ended(self, item: QueuedJob) -> ActiveRun | None:
         """The run's hop is over (answered, or its worker died)."""
@@ -90,14 +91,17 @@ class Runs:
             del self._active[_key(item)]
         return active
 
-    def control(self, client_id: str, run_id: str, action: str) -> ErrorCode | None:
-        """Steer a device's own run; ``no_run`` when it has no such run here."""
+    def control(
+        self, client_id: str, run_id: str, action: str, received: int = 0
+    ) -> ErrorCode | None:
+        """Steer a device's own run; ``no_run`` when it has no such run here. ``received``
+        (flow control's acknowledgement) goes to its worker as it is."""
         active = self._active.get((client_id, run_id))
         if active is None:
             return ErrorCode.NO_RUN
-        if action == "checkpoint":
+        if action in ("checkpoint", "received"):
             if active.running:
-                self._steer(active.item, "checkpoint")
+                self._steer(active.item, action, received)
             return None
         active.cancelled = active.cancelled or action == "cancel"
         self._stop(active, REASON_DEVICE)
@@ -124,7 +128,7 @@ class Runs:
             return
         active.reason = reason
         if active.running:
-            self._steer(active.item, "pause")
+            self._steer(active.item, "pause", 0)
 
     def _get(self, item: QueuedJob) -> ActiveRun | None:
         if not isinstance(item.job, RunStart | RunResume):

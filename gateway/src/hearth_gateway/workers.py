@@ -98,7 +98,7 @@ class _Kind(msgspec.Struct):
 
 
 _kind = msgspec.msgpack.Decoder(_Kind)
-_INTERIM = frozenset({"run_checkpoint", "run_round"})
+_INTERIM = frozenset({"run_checkpoint", "run_round", "run_chunk"})
 
 
 class _State(enum.Enum):
@@ -296,14 +296,17 @@ class _Worker:
             self.pool.finished(self, job, encode(error), final=False)
         self.pool.replace(self, delay_s=_RESPAWN_BACKOFF_S if job is None else 0.0)
 
-    def signal(self, job: QueuedJob, action: str) -> bool:
+    def signal(self, job: QueuedJob, action: str, received: int = 0) -> bool:
         """Tell the worker about the job it runs (a migratable run's pause or checkpoint)."""
         if self.job is not job or self.state is not _State.BUSY:
             return False
         assert isinstance(job.job, RunStart | RunResume)
         try:
             write_frame(
-                self._in, msgspec.msgpack.encode(RunSignal(job_id=job.job.job_id, action=action))
+                self._in,
+                msgspec.msgpack.encode(
+                    RunSignal(job_id=job.job.job_id, action=action, received=received)
+                ),
             )
         except OSError:
             return False  # it died: its death answers the run
@@ -425,9 +428,9 @@ class WorkerPool:
             return self.onnx_timeout_s
         return self.wasm_timeout_s
 
-    def steer(self, job: QueuedJob, action: str) -> bool:
+    def steer(self, job: QueuedJob, action: str, received: int = 0) -> bool:
         """Signal the worker running ``job`` (a migratable run); False if none runs it."""
-        return any(worker.signal(job, action) for worker in self._workers)
+        return any(worker.signal(job, action, received) for worker in self._workers)
 
     @property
     def size(self) -> int:

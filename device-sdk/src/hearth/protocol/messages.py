@@ -256,6 +256,10 @@ class RunStart(_Message, frozen=True, tag="run_start"):
     data_class: DataClass = "private"
     checkpoint_every_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     checkpoint_every_mib: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    # Flow control of what the hop sends before its answer (docs/migration.md §8.4): at most
+    # this many bytes of run_round, run_chunk and run_checkpoint payload not yet acknowledged
+    # by run_control "received"; 0: the device does not acknowledge, nothing waits.
+    window_bytes: NonNegative = 0
 
 
 class RunResume(_Message, frozen=True, tag="run_resume"):
@@ -270,6 +274,7 @@ class RunResume(_Message, frozen=True, tag="run_resume"):
     data_class: DataClass = "private"
     checkpoint_every_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     checkpoint_every_mib: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    window_bytes: NonNegative = 0  # as in RunStart
 
 
 class Describe(_Message, frozen=True, tag="describe"):
@@ -285,10 +290,14 @@ class RunControl(_Message, frozen=True, tag="run_control"):
     """Act on a run of this device that is running on the gateway: ``migrate`` stops it at
     its next migration point and answers its start with ``run_moved``; ``checkpoint`` sends
     a ``run_checkpoint`` at once; ``cancel`` ends it (its start is answered ``cancelled``).
-    Answered with ``run_ack``, or ``no_run`` when the gateway holds no such running run."""
+    Answered with ``run_ack``, or ``no_run`` when the gateway holds no such running run.
+    ``received`` (not answered): the device has taken in ``received`` bytes of the hop's
+    run_round, run_chunk and run_checkpoint payloads (a round counts once applied): the
+    acknowledgement that flow control (``window_bytes``) waits for."""
 
     run_id: JobId
-    action: Literal["migrate", "checkpoint", "cancel"]
+    action: Literal["migrate", "checkpoint", "cancel", "received"]
+    received: NonNegative = 0  # with "received": bytes, all the hop's so far
 
 
 Request = (

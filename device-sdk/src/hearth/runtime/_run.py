@@ -51,6 +51,10 @@ _UNWIND_HEADER = struct.Struct("<II")  # current position, end: what Asyncify re
 _SIZE_WAIT_S = 0.2
 # A pre-copy round makes progress when it is under this fraction of the smallest before it.
 _PRECOPY_PROGRESS = 0.75
+# Auto-converge (Run.precopy(throttle=True)): the pause at each migration point after the first
+# round that made no progress, doubled after each further one, up to the most.
+_THROTTLE_FIRST_S = 0.0005
+_THROTTLE_MAX_S = 0.016
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,16 +182,26 @@ class Run:
         self._host_error: BaseException | None = None
         self.paused_at: float | None = None
         self.resumed_at: float | None = None
+        # Seconds the run sleeps at each migration point while a pre-copy slows it down so
+        # that its rounds converge (auto-converge); 0: never.
+        self.throttle_s = 0.0
+        # When paused, leave the instance for close() to free rather than free it before
+        # execute returns: tearing down a large memory takes tens of milliseconds, downtime
+        # when the snapshot is sent after execute returns (the gateway's answer).
+        self.keep_on_pause = False
+        self._kept: Instance | None = None
 
     @property
     def run_id(self) -> str:
         return self.snapshot.run_id
 
     def close(self) -> None:
-        """Drop the instance made ready for this run if it never executes (idempotent)."""
-        instance, self._prepared = self._prepared, None
-        if instance is not None:
-            instance.close()
+        """Drop the instance made ready for this run if it never executes, or the one a
+        pause left open (``keep_on_pause``); idempotent."""
+        for instance in (self._prepared, self._kept):
+            if instance is not None:
+                instance.close()
+        self._prepared = self._kept = None
 
     def pause(self, *, against: MemoryImage | None = None) -> None:
         """Stop at the next migration point; ``execute`` then returns Paused. With
@@ -238,32 +252,44 @@ class Run:
         *,
         max_rounds: int = 10,
         small_bytes: int = 256 * 1024,
+        throttle: bool = False,
     ) -> list[int]:
         """Live migration's source side, from another thread while the run executes: send
         rounds (``send`` delivers each to the target, in order, and returns once it is there)
         until one is small (``small_bytes`` of chunk data), or two in a row are not clearly
         smaller than the smallest so far (the run dirties memory as fast as rounds carry it), or
         ``max_rounds``; then pause against the image they built, so that ``execute()`` returns
-        the final delta. Returns the bytes of each round."""
+        the final delta. Returns the bytes of each round.
+
+        ``throttle`` (auto-converge, for a link slower than the run dirties memory): a round
+        without progress slows the run instead of ending the rounds: from then on it sleeps
+        at each migration point (0.5 ms, doubled after each further such round, up to 16 ms),
+        until a round is small or ``max_rounds``; the run goes at full speed again where it
+        resumes."""
         image: MemoryImage | None = None
         sent: list[int] = []
         smallest, stalled = None, 0
-        while len(sent) < max_rounds:
-            message, image = self.precopy_round(image)
-            send(message)
-            size = len(message.chunk_data)
-            sent.append(size)
-            if size <= small_bytes:
-                break
-            if len(sent) == 1:  # round 0 is the whole memory: nothing to compare it with
-                continue
-            if smallest is None or size < smallest * _PRECOPY_PROGRESS:
-                smallest, stalled = size, 0
-            else:
-                stalled += 1
-                if stalled == 2:
+        try:
+            while len(sent) < max_rounds:
+                message, image = self.precopy_round(image)
+                send(message)
+                size = len(message.chunk_data)
+                sent.append(size)
+                if size <= small_bytes:
                     break
-        self.pause(against=image)
+                if len(sent) == 1:  # round 0 is the whole memory: nothing to compare it with
+                    continue
+                if smallest is None or size < smallest * _PRECOPY_PROGRESS:
+                    smallest, stalled = size, 0
+                    continue
+                stalled += 1
+                if throttle:
+                    self.throttle_s = min(_THROTTLE_MAX_S, self.throttle_s * 2 or _THROTTLE_FIRST_S)
+                elif stalled == 2:
+                    break
+            self.pause(against=image)
+        finally:
+            self.throttle_s = 0.0
         return sent
 
     def memory_size(self, wait_s: float = 2.0) -> int:
@@ -318,7 +344,9 @@ class Run:
             with self._live_lock:
                 self._instance = None
             self.host.unbind()
-            if instance is not None:
+            if instance is not None and self.keep_on_pause and self._pause.is_set():
+                self._kept = instance  # freed by close()
+            elif instance is not None:
                 instance.close()
 
     def _loop(self, instance: Instance) -> Finished | Paused:
@@ -418,6 +446,8 @@ class Run:
         if self.on_migration_point is not None:
             self.on_migration_point(self)
         if not (self._pause.is_set() or self._checkpoint_now.is_set() or self._checkpoint_due()):
+            if self.throttle_s:
+                time.sleep(self.throttle_s)  # auto-converge (precopy): the rounds catch up
             return False
         self._checkpoint_now.clear()
         if self._pause.is_set():

@@ -117,6 +117,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     checkpoint_every_s: float = 5.0  # a migratable run's checkpoints, unless it asks otherwise
     checkpoint_every_mib: float = 64.0  # ... or by MiB of I/O progress, whichever first
     precopy_over_mib: float = 16.0  # a run this large leaving is pre-copied; 0: never
+    # A run's snapshots and rounds larger than this go to a device that acknowledges them
+    # (run_start window_bytes) in run_chunk pieces of this size, sent by the worker itself.
+    max_chunk_bytes: int = 4 * 2**20
 
 
 class WorkItem(msgspec.Struct, frozen=True, kw_only=True, tag="work"):
@@ -137,7 +140,8 @@ class RunSignal(msgspec.Struct, frozen=True, kw_only=True, tag="signal"):
     so a signal that arrives after its run ended cannot touch the next one."""
 
     job_id: str
-    action: str  # "pause" | "checkpoint"
+    action: str  # "pause" | "checkpoint" | "received"
+    received: int = 0  # with "received": the device's acknowledgement (flow control), bytes
 
 
 # What the daemon writes to a worker: a job, or a signal about the job it runs.
