@@ -122,6 +122,13 @@ def _gateway_options(parser: argparse.ArgumentParser) -> None:
         metavar="ID",
         help=f"this device's id (${ENV_CLIENT_ID}; default dev-HOSTNAME)",
     )
+    parser.add_argument(
+        "--app",
+        default=os.environ.get("HEARTH_APP"),
+        metavar="NAME",
+        help="the application this is for: its quotas on the gateway ($HEARTH_APP; "
+        "default: the device's id)",
+    )
 
 
 def _client(args: argparse.Namespace, placement: str = "auto") -> Client:
@@ -133,6 +140,7 @@ def _client(args: argparse.Namespace, placement: str = "auto") -> Client:
         timeout_s=args.timeout,
         client_id=args.client_id,
         placement=placement,
+        app=args.app,
     )
     bars = UploadBars.for_terminal()
     if bars is not None:
@@ -296,8 +304,39 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds to wait for the gateway (default 10)",
     )
-    add_completion_command(sub, "hearth")
+    add_completion_command(_usage_command(sub), "hearth")
     return parser
+
+
+def _usage_command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """``usage``; returns ``sub`` for the next command."""
+    u = _command(
+        sub,
+        "usage",
+        "this device's usage of the gateway today (UTC), by application: what quotas count",
+        "example:\n  hearth usage --json\n",
+    )
+    _gateway_options(u)
+    u.add_argument("--json", action="store_true", help="one JSON object per line")
+    return sub
+
+
+def _usage(args: argparse.Namespace) -> int:
+    import msgspec
+
+    with _client(args, placement="edge") as client:
+        rows = client.usage()
+    for row in rows:
+        if args.json:
+            print(msgspec.json.encode(row).decode())
+        else:
+            print(
+                f"{row.app:<16} {row.cpu_s:>10.3f} cpu-s  {row.jobs:>6} jobs  "
+                f"{row.stored_bytes:>12} bytes  {row.tasks:>4} tasks  ({row.day} UTC)"
+            )
+    return 0
 
 
 def _where_options(parser: argparse.ArgumentParser) -> None:
@@ -538,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 - one return pe
         "pair": _pair,
         "migrate": migrate,
         "resume": _resume,
+        "usage": _usage,
     }
     try:
         return commands[args.command](args)
