@@ -55,9 +55,9 @@ def test_a_requirement_no_place_meets_fails_unsatisfiable_naming_every_place(
     two_gateways: tuple[GatewayProcess, GatewayProcess], wasm: dict[str, Path]
 ) -> None:
     a, b = two_gateways
-    with hearth.Client(a.address, gateways=[b.address], client_id=_device()) as client:
-        with pytest.raises(JobError) as caught:
-            client.run_wasm(wasm["echo"], b"", requires={"accelerator": "npu"})
+    client = hearth.Client(a.address, gateways=[b.address], client_id=_device())
+    with client, pytest.raises(JobError) as caught:
+        client.run_wasm(wasm["echo"], b"", requires={"accelerator": "npu"})
     assert caught.value.code is ErrorCode.UNSATISFIABLE
     for name in (f"gateway {a.gateway_id}", f"gateway {b.gateway_id}", "this device"):
         assert f"{name}: no npu accelerator" in caught.value.message
