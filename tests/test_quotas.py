@@ -5,6 +5,7 @@ the gateway at start."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 
 import hearth
 from hearth.errors import ErrorCode, QuotaExceeded
-from hearth.protocol import Error, TaskInstall, Trigger
+from hearth.protocol import Error, TaskInstall, Trigger, WasmJob, WasmResult
 from hearth_gateway.errors import ConfigError
 from hearth_gateway.policy import QuotaLimits, QuotasPolicy, load_policy
 from hearth_gateway.quota import next_reset
@@ -182,3 +183,23 @@ def test_an_applications_limits_fall_back_to_the_defaults_key_by_key() -> None:
     )
     merged = policy.apps["doorcam"].over(policy.app)
     assert merged == QuotaLimits(cpu_s_per_day=600.0, concurrent_jobs=2)
+
+
+def test_a_job_over_an_apps_concurrent_jobs_is_refused_and_another_app_is_admitted(
+    make_gateway: Callable[..., GatewayProcess], tmp_path: Path, wasm: dict[str, Path]
+) -> None:
+    gw = _gateway_with(make_gateway, tmp_path, "[quotas.apps.doorcam]\nconcurrent_jobs = 1\n")
+    module = wasm["primes"].read_bytes()
+    sha = hashlib.sha256(module).hexdigest()
+    with RawDevice(gw.listen, gw.gateway_id) as device:
+        device.upload(module)
+        # The first runs for about half a second: the second arrives while it does.
+        long = WasmJob(job_id="long", module=sha, args=["1000000"], app="doorcam")
+        first = device.send(long)
+        second = device.request(WasmJob(job_id="next", module=sha, args=["10"], app="doorcam"))
+        other = device.request(WasmJob(job_id="other", module=sha, args=["10"], app="thermo"))
+        assert isinstance(device.reply(first, timeout_s=60), WasmResult)
+    assert isinstance(second, Error)
+    assert (second.code, second.quota) == (ErrorCode.QUOTA_EXCEEDED, "concurrent_jobs")
+    assert second.resets_at is msgspec.UNSET
+    assert isinstance(other, WasmResult)

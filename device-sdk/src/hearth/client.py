@@ -145,6 +145,7 @@ class Client(VisionCalls, TaskCalls):
             qos=qos,
         )
         self.placement = Placement(placement)
+        self._client_id_arg = client_id  # for peers: the id this client was asked to use
         self.app = app_name(app)
         self._offload.uploads.app = self._wire_app()
         # Every call's requirements unless it states its own (validated now: a bad one fails
@@ -419,7 +420,14 @@ class Client(VisionCalls, TaskCalls):
         with self._lock:
             peer = self._peers.get(address)
             if peer is None:
-                peer = Client(address, placement="edge", timeout_s=self.timeout_s)
+                # The same device and application there (a paired gateway may rename it).
+                peer = Client(
+                    address,
+                    client_id=self._client_id_arg,
+                    placement="edge",
+                    timeout_s=self.timeout_s,
+                    app=self.app,
+                )
                 self._peers[address] = peer
             return peer
 
