@@ -51,6 +51,20 @@ def test_a_requirement_only_gateway_b_meets_runs_on_b_and_says_why_a_was_skipped
     assert run.stdout == b"hi\nx\n"
 
 
+def test_without_a_named_gateway_the_gateways_found_over_mdns_are_the_candidates(
+    make_gateway: Callable[..., GatewayProcess], tmp_path: Path, wasm: dict[str, Path]
+) -> None:
+    config = tmp_path / "gpu.toml"
+    config.write_text(GPU_CONFIG)
+    mdns = ("--mdns-interface", "127.0.0.1")
+    make_gateway(*mdns, managed=True)
+    b = make_gateway("--config", str(config), *mdns, managed=True)
+    with hearth.Client(interface="127.0.0.1", client_id=_device()) as client:
+        run = client.run_wasm(wasm["echo"], b"", ["m"], requires={"accelerator": "gpu"})
+    assert (run.where, run.gateway_id) == ("edge", b.gateway_id)
+    assert run.stdout == b"m\n"
+
+
 def test_a_requirement_no_place_meets_fails_unsatisfiable_naming_every_place(
     two_gateways: tuple[GatewayProcess, GatewayProcess], wasm: dict[str, Path]
 ) -> None:

@@ -34,7 +34,7 @@ from hearth._local import LocalRuntimes, local_runtimes_installed
 from hearth._needs import choose, send_first
 from hearth._results import Inference, WasmRun
 from hearth._tasks import TaskCalls
-from hearth.discovery import GatewayInfo
+from hearth.discovery import GatewayInfo, discover
 from hearth.errors import ErrorCode, GatewayUnavailable, JobError, QuotaExceeded
 from hearth.migration import LinkPolicy, MigratableRun, load_module
 from hearth.placement import Decision, Estimates, Placement, decide
@@ -59,6 +59,7 @@ T = TypeVar("T", WasmRun, Inference)
 # Seconds an ``auto`` call whose gateway went away waits for it before it runs here: a managed
 # broker restarts in about 0.5 s, and the link reconnects within 2 s of a loss.
 FALLBACK_PATIENCE_S = 4.0
+_REDISCOVER_S = 60.0  # how long the gateways found for a call's requirements are reused
 R = TypeVar("R", WasmResult, OnnxResult)
 
 
@@ -153,7 +154,8 @@ class Client(VisionCalls, TaskCalls):
         self.requires = requirements(requires)
         self.local = local
         # Other gateways for calls whose requirements the first one does not meet.
-        self._gateways = [str(g.broker) if isinstance(g, GatewayInfo) else g for g in gateways]
+        self._gateways = list(gateways)
+        self._discovered: tuple[float, list[GatewayInfo]] = (-1e9, [])  # (when, what)
         # Gateways that refused this device's jobs for a daily quota: skipped until it resets.
         self._quota_until: dict[str, tuple[float, str]] = {}
         self._estimates: dict[str, Estimates] = {}
@@ -413,12 +415,14 @@ class Client(VisionCalls, TaskCalls):
         """This device's runtime for migratable runs (shared by all of them)."""
         return self._local.migratable_runtime()
 
-    def peer(self, address: str) -> Client:
-        """A client for the gateway at ``address`` ("HOST:PORT"), where a saturated gateway
-        sent one of this client's runs (``run_moved`` ``to``); made once, closed with this
-        one. Its own LAN rule holds: a private run is not sent to it off the LAN."""
+    def peer(self, address: str | GatewayInfo) -> Client:
+        """A client for the gateway at ``address`` ("HOST:PORT", or as discovered), where a
+        saturated gateway sent one of this client's runs (``run_moved`` ``to``) or a call's
+        requirements send it; made once, closed with this one. Its own LAN rule holds: a
+        private run is not sent to it off the LAN."""
+        key = str(address.broker) if isinstance(address, GatewayInfo) else address
         with self._lock:
-            peer = self._peers.get(address)
+            peer = self._peers.get(key)
             if peer is None:
                 # The same device and application there (a paired gateway may rename it).
                 peer = Client(
@@ -428,7 +432,7 @@ class Client(VisionCalls, TaskCalls):
                     timeout_s=self.timeout_s,
                     app=self.app,
                 )
-                self._peers[address] = peer
+                self._peers[key] = peer
             return peer
 
     def private_refusal(self, private: bool) -> str | None:
@@ -563,7 +567,28 @@ class Client(VisionCalls, TaskCalls):
 
     def _places(self) -> list[Client]:
         """The gateways a call with requirements may go to: this client's, then the others."""
-        return [self, *(self.peer(address) for address in self._gateways)]
+        others = self._gateways or self._discover_others()
+        return [self, *(self.peer(address) for address in others)]
+
+    def _discover_others(self) -> list[GatewayInfo]:
+        """Without ``gateways=``, a client that found its gateway over mDNS considers the
+        others found with it (looked for again at most once a minute)."""
+        if self._link.named is not None:
+            return []
+        with self._lock:
+            at, found = self._discovered
+        if time.monotonic() - at > _REDISCOVER_S:
+            found = discover(self._link.discover_timeout_s, interface=self._link.interface)
+            with self._lock:
+                self._discovered = (time.monotonic(), found)
+        conn = self._link.current
+        mine = conn.gateway_id if conn is not None else None
+        # Those it may talk to: plain ones, and TLS ones it is paired with (as the link picks).
+        return [
+            g
+            for g in found
+            if g.gateway_id != mine and (not g.tls or (g.paired and not g.ca_changed))
+        ]
 
     def _needs_plan(
         self,
