@@ -6,6 +6,7 @@ the gateway at start."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ import msgspec
 import pytest
 
 import hearth
+from hearth.cli import main as cli_main
 from hearth.errors import ErrorCode, QuotaExceeded
 from hearth.protocol import Error, TaskInstall, Trigger, WasmJob, WasmResult
 from hearth_gateway.errors import ConfigError
@@ -203,3 +205,19 @@ def test_a_job_over_an_apps_concurrent_jobs_is_refused_and_another_app_is_admitt
     assert (second.code, second.quota) == (ErrorCode.QUOTA_EXCEEDED, "concurrent_jobs")
     assert second.resets_at is msgspec.UNSET
     assert isinstance(other, WasmResult)
+
+
+def test_hearth_usage_shows_this_devices_applications(
+    gateway: GatewayProcess,
+    wasm: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    device = f"dev-{uuid.uuid4().hex[:8]}"
+    base = ["--gateway", gateway.address, "--client-id", device, "--app", "doorcam"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))  # no stdin
+    assert cli_main(["run", *base, "--where", "edge", str(wasm["echo"]), "u"]) == 0
+    capsys.readouterr()
+    assert cli_main(["usage", *base, "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["client_id"], r["app"], r["jobs"]) for r in rows] == [(device, "doorcam", 1)]

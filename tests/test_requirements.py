@@ -6,6 +6,8 @@ when sent raw). Real Mosquitto, real gateways, real wasmtime."""
 from __future__ import annotations
 
 import hashlib
+import io
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +16,7 @@ import msgspec
 import pytest
 
 import hearth
+from hearth.cli import main as cli_main
 from hearth.errors import ErrorCode, JobError, RequirementsError
 from hearth.protocol import Error, NeedBlob, Requirements, WasmJob, WasmResult, encode
 from hearth.requirements import Offer, requirements, unmet
@@ -209,3 +212,22 @@ def test_unmet_lists_every_requirement_a_place_misses() -> None:
 
 def _device() -> str:
     return f"dev-{uuid.uuid4().hex[:8]}"
+
+
+def test_the_cli_takes_requires_and_refuses_a_bad_one_as_a_usage_error(
+    gateway: GatewayProcess,
+    wasm: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    base = ["run", "--gateway", gateway.address, "--client-id", _device(), "--explain"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))  # no stdin
+    bad = cli_main([*base, "--requires", "accelerator=tpu", str(wasm["echo"])])
+    assert bad == 2
+    assert "Invalid enum value 'tpu'" in capsys.readouterr().err
+    ran = cli_main([*base, "--requires", "memory_mb=1024", str(wasm["echo"]), "w"])
+    out, err = capsys.readouterr()
+    assert ran == 0
+    assert out == "w\n"
+    assert "ran on local" in err
+    assert "1024 MiB wanted, 384 MiB per job there" in err

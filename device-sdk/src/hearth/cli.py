@@ -43,7 +43,13 @@ from hearth._tasks_cli import add_task_commands, install_options, print_result
 from hearth._trust import pair_command
 from hearth.client import Client
 from hearth.discovery import GatewayInfo, discover
-from hearth.errors import GatewayUnavailable, HearthError, JobError, NotPaired
+from hearth.errors import (
+    GatewayUnavailable,
+    HearthError,
+    JobError,
+    NotPaired,
+    RequirementsError,
+)
 from hearth.pairing import PairingError
 
 __all__ = ["EXIT_JOB_FAILED", "EXIT_NO_GATEWAY", "EXIT_PAIRING", "EXIT_USAGE", "main"]
@@ -141,6 +147,8 @@ def _client(args: argparse.Namespace, placement: str = "auto") -> Client:
         client_id=args.client_id,
         placement=placement,
         app=args.app,
+        requires=_requires(getattr(args, "requires", [])),
+        local=not getattr(args, "no_local", False),
     )
     bars = UploadBars.for_terminal()
     if bars is not None:
@@ -350,6 +358,40 @@ def _where_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--explain", action="store_true", help="print where it ran and why to stderr"
     )
+    parser.add_argument(
+        "--requires",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="what it needs of wherever it runs (repeatable): accelerator=gpu, memory_mb=512, "
+        "capability=vision.plate, max_latency_ms=50 (docs/quotas.md)",
+    )
+    parser.add_argument(
+        "--no-local",
+        action="store_true",
+        help="never on this device: wait for a gateway that qualifies, else fail unsatisfiable",
+    )
+
+
+def _requires(pairs: list[str]) -> dict[str, object] | None:
+    """``--requires KEY=VALUE`` as a ``requires`` mapping (numbers as numbers); the SDK
+    checks keys and values."""
+    if not pairs:
+        return None
+    needs: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"hearth: --requires {pair!r}: expected KEY=VALUE")
+        value: object = text
+        for kind in (int, float):
+            try:
+                value = kind(text)
+                break
+            except ValueError:
+                continue
+        needs[key.strip()] = value
+    return needs
 
 
 def _pair(args: argparse.Namespace) -> int:
@@ -585,6 +627,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 - one return pe
         if not isinstance(exc.code, str):
             raise
         print(exc.code, file=sys.stderr)  # a value the parser could not check: a usage error
+        return EXIT_USAGE
+    except RequirementsError as exc:
+        print(f"hearth: {exc}", file=sys.stderr)  # bad --requires or --app: nothing was sent
         return EXIT_USAGE
     except JobError as exc:
         print(f"hearth: job failed ({exc.where}): {exc.code}: {exc.message}", file=sys.stderr)
