@@ -780,6 +780,7 @@ class Dispatcher:
     def flush(self) -> None:
         """At the end of each turn of the loop: commit the journal's writes of the turn, then
         publish the answers they store. A failed commit keeps them for the next turn."""
+        self.quotas.flush()
         self._commit()
         answers, self._answers = self._answers, []
         for reply_to, reply in answers:

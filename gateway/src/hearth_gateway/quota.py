@@ -33,6 +33,7 @@ import msgspec
 from hearth.errors import ErrorCode
 from hearth.protocol import AppUsage, Error, Timing
 from hearth_gateway.policy import QuotaLimits, QuotasPolicy
+from hearth_gateway.storage import is_storage_full
 from hearth_gateway.store import STORED_SQL, TASK_APPS_SQL, USAGE_SQL, Store
 
 __all__ = [
@@ -117,6 +118,9 @@ class Quotas:
         # Today's CPU-seconds, from the store (a restart keeps them).
         self._cpu: dict[Key, float] = {}
         self._load_day()
+        # Run time not written yet: the loop turn's, written together at its end (flush).
+        self._pending: dict[tuple[str, str, str], tuple[float, int]] = {}
+        self._enabled = self.enabled
 
     @property
     def enabled(self) -> bool:
@@ -143,6 +147,8 @@ class Quotas:
 
     def job_refusal(self, client_id: str, app: str) -> QuotaRefusal | None:
         """Why this device's application may not start a job now, or None."""
+        if not self._enabled:
+            return None
         self._today()
         device, application = self.limits(client_id, app)
         cpu_device = sum(s for (c, _), s in self._cpu.items() if c == client_id)
@@ -181,7 +187,24 @@ class Quotas:
             return
         self._today()
         self._cpu[key] = self._cpu.get(key, 0.0) + seconds
-        self._store.add_usage(self._day, client_id, app, seconds)
+        row = (self._day, client_id, app)
+        cpu_s, jobs = self._pending.get(row, (0.0, 0))
+        self._pending[row] = (cpu_s + seconds, jobs + 1)
+
+    def flush(self) -> None:
+        """Write the run time accounted since the last flush (one transaction); kept for the
+        next one if the disk refuses it."""
+        if not self._pending:
+            return
+        rows = [(*row, cpu_s, jobs) for row, (cpu_s, jobs) in self._pending.items()]
+        try:
+            self._store.add_usage(rows)
+        except Exception as exc:
+            if not is_storage_full(exc):
+                raise
+            log.debug("usage not written (storage full); kept for the next turn")
+            return
+        self._pending.clear()
 
     # -- stored bytes and tasks ------------------------------------------------------------
 

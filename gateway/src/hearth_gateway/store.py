@@ -857,14 +857,15 @@ class Store:
 
     # -- quota accounting (quota.py) ---------------------------------------------------------
 
-    def add_usage(self, day: str, client_id: str, app: str, cpu_s: float) -> None:
-        """One job's run time, added to its day's row (autocommit: the WAL makes it cheap)."""
-        with self._lock:
-            self._conn.execute(
-                "INSERT INTO usage (day, client_id, app, cpu_s, jobs) VALUES (?, ?, ?, ?, 1)"
+    def add_usage(self, rows: list[tuple[str, str, str, float, int]]) -> None:
+        """Run time and jobs (day, client_id, app, cpu_s, jobs) added to their days' rows, in
+        one transaction (quota.py writes a loop turn's at once)."""
+        with self.transaction():
+            self._conn.executemany(
+                "INSERT INTO usage (day, client_id, app, cpu_s, jobs) VALUES (?, ?, ?, ?, ?)"
                 " ON CONFLICT (day, client_id, app) DO UPDATE SET"
-                " cpu_s = cpu_s + excluded.cpu_s, jobs = jobs + 1",
-                (day, client_id, app, cpu_s),
+                " cpu_s = cpu_s + excluded.cpu_s, jobs = jobs + excluded.jobs",
+                rows,
             )
 
     def usage(self, day: str) -> list[tuple[str, str, float, int]]:
