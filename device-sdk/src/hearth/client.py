@@ -30,6 +30,7 @@ import msgspec
 from hearth._blobs import Blob
 from hearth._futures import chain, race, running, then
 from hearth._hedge import Hedger
+from hearth._job_ids import JobIds
 from hearth._local import LocalRuntimes, local_runtimes_installed
 from hearth._needs import choose, send_first
 from hearth._results import Inference, WasmRun
@@ -40,6 +41,8 @@ from hearth.migration import LinkPolicy, MigratableRun, load_module
 from hearth.placement import Decision, Estimates, Placement, decide
 from hearth.protocol import (
     DataClass,
+    Describe,
+    Described,
     GatewayStatus,
     OnnxJob,
     OnnxResult,
@@ -168,6 +171,7 @@ class Client(VisionCalls, TaskCalls):
         # for a module that has no migration point to stop at: hearth._hedge).
         self.hedge_cancels = True
         self._peers: dict[str, Client] = {}  # gateways runs were sent on to, by address
+        self._job_ids = JobIds()  # ids the caller chose: one id, one job, on either side
 
     def close(self) -> None:
         if self._closed:
@@ -294,6 +298,22 @@ class Client(VisionCalls, TaskCalls):
                 needs=Needs(requires, local),
             )
         )
+
+    def describe(self, blob: bytes | str | Path) -> Described:
+        """What a model or module offers, as the gateway reads it: an ONNX model's inputs and
+        outputs (names, dtypes, shapes), a WebAssembly module's imports and exports
+        (``Described.kind`` says which). The gateway is asked (the device may have no
+        runtimes), and the file is uploaded first if it lacks it. Raises JobError
+        (``invalid_model``, ``invalid_module``...) or GatewayUnavailable."""
+        data = self._blob(blob)
+        # What a file holds is private until labelled otherwise: only a LAN gateway sees it.
+        if (why := self.private_refusal(True)) is not None:
+            raise JobError(ErrorCode.POLICY_DENIED, why)
+        request = Describe(job_id=uuid.uuid4().hex, blob=data.sha256)
+        reply = self._offload.submit(None, request, data).outcome.result()
+        if not isinstance(reply, Described):
+            raise JobError(ErrorCode.MALFORMED, f"unexpected reply {type(reply).__name__}")
+        return reply
 
     # -- migratable runs (hearth.migration, docs/migration.md) ------------------------------
 
@@ -474,6 +494,8 @@ class Client(VisionCalls, TaskCalls):
         local_ok = self.local if needs.local is None else needs.local
         if required is not None or not local_ok:
             plan, targets = self._needs_plan(key, where, private, required, local_ok)
+            if job_id is not None:
+                self._job_ids.check(job_id, job, plan.where)
             return (
                 plan,
                 lambda: send_first(
@@ -482,6 +504,8 @@ class Client(VisionCalls, TaskCalls):
                 lambda reason: self._local.run_wasm(job, blob, reason),
             )
         plan = self._plan(key, where, private=private)
+        if job_id is not None:
+            self._job_ids.check(job_id, job, plan.where)
         hedge = plan.where == "hedge" and self.hedge_cancels
         if hedge and (migratable := self._hedger.migratable(blob.data)):
             plan = dataclasses.replace(plan, hedged=lambda: self._hedger.start(job, migratable))
@@ -519,6 +543,8 @@ class Client(VisionCalls, TaskCalls):
         local_ok = self.local if needs.local is None else needs.local
         if required is not None or not local_ok:
             plan, targets = self._needs_plan(key, where, private, required, local_ok)
+            if job_id is not None:
+                self._job_ids.check(job_id, job, plan.where)
             return (
                 plan,
                 lambda: send_first(
@@ -527,6 +553,8 @@ class Client(VisionCalls, TaskCalls):
                 lambda reason: self._local.run_onnx(job, blob, reason),
             )
         plan = self._plan(key, where, private=private)
+        if job_id is not None:
+            self._job_ids.check(job_id, job, plan.where)
         return (
             plan,
             lambda: self._send(job, blob, OnnxResult, _inference, plan.patience_s),
