@@ -81,6 +81,7 @@ ANSWERS: dict[str, tuple[str, ...]] = {
     ),
     "run_control": ("run_ack",),
     "describe": ("described", "need_blob"),
+    "usage": ("usage_result",),
     "pair_hello": ("pair_ca",),
     "pair_request": ("pair_result",),
 }

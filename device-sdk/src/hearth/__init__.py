@@ -21,6 +21,8 @@ from hearth.errors import (
     LocalRuntimeUnavailable,
     NotPaired,
     ProtocolError,
+    QuotaExceeded,
+    RequirementsError,
 )
 from hearth.placement import Placement
 from hearth.vision import Call, CameraStream, Dropped, OdometrySession, PipelineRun
@@ -48,6 +50,8 @@ __all__ = [
     "PipelineRun",
     "Placement",
     "ProtocolError",
+    "QuotaExceeded",
+    "RequirementsError",
     "WasmRun",
     "__version__",
     "discover",

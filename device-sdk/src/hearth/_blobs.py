@@ -11,6 +11,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
+
 from hearth._connection import Connection
 from hearth._futures import running
 from hearth._results import Stats
@@ -66,6 +68,9 @@ class Uploads:
         self._lock = threading.Lock()
         self._uploads: dict[tuple[str | None, str], _Upload] = {}
         self.progress: UploadProgress | None = None  # None: no per-chunk work at all
+        # The application uploads are for (the client's ``app``): quotas count stored bytes
+        # per application. UNSET: the device's own.
+        self.app: str | msgspec.UnsetType = msgspec.UNSET
 
     def ensure(
         self,
@@ -101,7 +106,12 @@ class Uploads:
             for offset in range(0, max(size, 1), chunk):
                 data = blob.data[offset : offset + chunk]
                 part = BlobChunk(
-                    sha256=blob.sha256, size=size, offset=offset, data=data, data_class=data_class
+                    sha256=blob.sha256,
+                    size=size,
+                    offset=offset,
+                    data=data,
+                    data_class=data_class,
+                    app=self.app,
                 )
                 if acked is None:
                     conn.publish(part, correlation)

@@ -24,6 +24,7 @@ import paho.mqtt.client as mqtt
 
 from hearth.errors import ErrorCode, GatewayUnavailable, HearthError, JobError
 from hearth.protocol import (
+    GatewayStatus,
     Ping,
     Pong,
     Reply,
@@ -144,6 +145,7 @@ class Connection:
         self._deadlines = _Deadlines(self._expire)
         self.online = threading.Event()  # the gateway's retained status says online
         self.tier = "home"  # from that status: a cloud tier is never sent private work
+        self.status: GatewayStatus | None = None  # the last online status (what it offers)
         self.connected = threading.Event()
         self._subscribed = threading.Event()
         self._closed = False
@@ -221,6 +223,7 @@ class Connection:
             return
         if status.state == "online":
             self.tier = status.tier
+            self.status = status
             self.lost = ""
             self.online.set()
         else:

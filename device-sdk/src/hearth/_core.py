@@ -6,8 +6,11 @@ calls with their placement (``hearth.client``)."""
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Self
+
+import msgspec
 
 from hearth._blobs import Blob, BlobCache, UploadProgress
 from hearth._connection import Connection
@@ -16,14 +19,16 @@ from hearth._identity import ENV_CLIENT_ID, default_client_id
 from hearth._offload import Job, Offloader
 from hearth._results import Stats
 from hearth.discovery import GatewayInfo
-from hearth.errors import NotPaired
+from hearth.errors import ErrorCode, JobError, NotPaired
 from hearth.placement import Placement
-from hearth.protocol import Reply
+from hearth.protocol import AppUsage, Error, Reply, Usage, UsageResult
 
 __all__ = ["ClientCore"]
 
 
 class ClientCore:
+    app: str | None = None  # the application calls are for (Client's ``app``; quotas)
+
     def __init__(
         self,
         gateway: GatewayInfo | str | None,
@@ -105,6 +110,19 @@ class ClientCore:
     def ping(self) -> float:
         """One round trip to the gateway, in ms."""
         return self.connection().ping_ms(self.timeout_s)
+
+    def _wire_app(self) -> str | msgspec.UnsetType:
+        """``app`` as job messages carry it: left out when not set (the device's id)."""
+        return self.app or msgspec.UNSET
+
+    def usage(self) -> list[AppUsage]:
+        """This device's usage of the gateway today (UTC), by application (docs/quotas.md)."""
+        reply = self.connection().request(Usage(), uuid.uuid4().bytes, self.timeout_s)
+        if isinstance(reply, Error):
+            raise JobError(reply.code, reply.message)
+        if not isinstance(reply, UsageResult):
+            raise JobError(ErrorCode.MALFORMED, f"unexpected reply {type(reply).__name__}")
+        return list(reply.usage)
 
     def _off_lan(self, private: bool, mode: Placement) -> str | None:
         """Why this call must not be offloaded for its data class, or None."""

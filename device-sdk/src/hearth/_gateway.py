@@ -80,6 +80,19 @@ class GatewayLink:
     def _named(self) -> GatewayInfo | str | None:
         return self._gateway or os.environ.get(ENV_GATEWAY) or None
 
+    @property
+    def named(self) -> GatewayInfo | str | None:
+        """The gateway this link was given (argument or $HEARTH_GATEWAY); None: discovered."""
+        return self._named()
+
+    @property
+    def discover_timeout_s(self) -> float:
+        return self._discover_timeout_s
+
+    @property
+    def interface(self) -> str | None:
+        return self._interface
+
     def _resolve(self) -> Target:
         gateway = self._named()
         if isinstance(gateway, GatewayInfo):

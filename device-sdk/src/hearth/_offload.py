@@ -20,7 +20,7 @@ from hearth._blobs import Blob, Uploads
 from hearth._connection import Connection
 from hearth._futures import running
 from hearth._results import Stats
-from hearth.errors import GatewayUnavailable, JobError, NotPaired
+from hearth.errors import ErrorCode, GatewayUnavailable, JobError, NotPaired, QuotaExceeded
 from hearth.protocol import (
     DataClass,
     Describe,
@@ -33,7 +33,7 @@ from hearth.protocol import (
     WasmJob,
 )
 
-__all__ = ["Job", "Link", "Offloader", "Sent"]
+__all__ = ["Job", "Link", "Offloader", "Sent", "job_error"]
 
 Job = WasmJob | OnnxJob | PipelineJob | TaskInstall | Describe
 
@@ -162,9 +162,7 @@ class Sent:
             uploaded.add_done_callback(self._uploaded)
             return
         if isinstance(reply, Error):
-            job_id = getattr(self.job, "job_id", None)
-            error = JobError(reply.code, reply.message, job_id=job_id, where="edge")
-            self.outcome.set_exception(error)
+            self.outcome.set_exception(job_error(reply, getattr(self.job, "job_id", None)))
             return
         self.outcome.set_result(reply)
 
@@ -230,3 +228,12 @@ class Sent:
         else:
             within = f"before the call's deadline ({self.offloader.deadline_s:.3g} s)"
         return GatewayUnavailable(f"{self._lost_why}; the gateway was not back {within}")
+
+
+def job_error(reply: Error, job_id: str | None) -> JobError:
+    """The exception for a gateway's error answer: a QuotaExceeded saying which quota and
+    until when, or a plain JobError."""
+    if reply.code is ErrorCode.QUOTA_EXCEEDED and isinstance(reply.quota, str):
+        resets_at = reply.resets_at if isinstance(reply.resets_at, float) else None
+        return QuotaExceeded(reply.message, quota=reply.quota, resets_at=resets_at, job_id=job_id)
+    return JobError(reply.code, reply.message, job_id=job_id, where="edge")

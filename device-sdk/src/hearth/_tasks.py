@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Unpack
 
+import msgspec
 import paho.mqtt.client as mqtt
 
 from hearth._core import ClientCore
@@ -56,6 +57,7 @@ class TaskCalls(ClientCore):
         if why is not None:
             raise JobError(ErrorCode.FORBIDDEN, why)
         request = task_install_request(blob.sha256, name, **options)
+        request = msgspec.structs.replace(request, app=self._wire_app())
         reply = self._submit(conn, request, blob, uuid.uuid4().bytes)
         return _task_info(reply)
 

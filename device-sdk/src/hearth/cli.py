@@ -46,7 +46,13 @@ from hearth._tasks_cli import add_task_commands, install_options, print_result
 from hearth._trust import pair_command
 from hearth.client import Client
 from hearth.discovery import GatewayInfo, discover
-from hearth.errors import GatewayUnavailable, HearthError, JobError, NotPaired
+from hearth.errors import (
+    GatewayUnavailable,
+    HearthError,
+    JobError,
+    NotPaired,
+    RequirementsError,
+)
 from hearth.pairing import PairingError
 
 __all__ = ["EXIT_JOB_FAILED", "EXIT_NO_GATEWAY", "EXIT_PAIRING", "EXIT_USAGE", "main"]
@@ -125,6 +131,13 @@ def _gateway_options(parser: argparse.ArgumentParser) -> None:
         metavar="ID",
         help=f"this device's id (${ENV_CLIENT_ID}; default dev-HOSTNAME)",
     )
+    parser.add_argument(
+        "--app",
+        default=os.environ.get("HEARTH_APP"),
+        metavar="NAME",
+        help="the application this is for: its quotas on the gateway ($HEARTH_APP; "
+        "default: the device's id)",
+    )
 
 
 class _ShellClient(Client):
@@ -152,6 +165,9 @@ def _client(args: argparse.Namespace, placement: str = "auto") -> Client:
         timeout_s=args.timeout,
         client_id=args.client_id,
         placement=placement,
+        app=args.app,
+        requires=_requires(getattr(args, "requires", [])),
+        local=not getattr(args, "no_local", False),
     )
     if on_terminal():
         client.show_progress()
@@ -324,8 +340,39 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds to wait for the gateway (default 10)",
     )
-    add_completion_command(sub, "hearth")
+    add_completion_command(_usage_command(sub), "hearth")
     return parser
+
+
+def _usage_command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """``usage``; returns ``sub`` for the next command."""
+    u = _command(
+        sub,
+        "usage",
+        "this device's usage of the gateway today (UTC), by application: what quotas count",
+        "example:\n  hearth usage --json\n",
+    )
+    _gateway_options(u)
+    u.add_argument("--json", action="store_true", help="one JSON object per line")
+    return sub
+
+
+def _usage(args: argparse.Namespace) -> int:
+    import msgspec
+
+    with _client(args, placement="edge") as client:
+        rows = client.usage()
+    for row in rows:
+        if args.json:
+            print(msgspec.json.encode(row).decode())
+        else:
+            print(
+                f"{row.app:<16} {row.cpu_s:>10.3f} cpu-s  {row.jobs:>6} jobs  "
+                f"{row.stored_bytes:>12} bytes  {row.tasks:>4} tasks  ({row.day} UTC)"
+            )
+    return 0
 
 
 def _where_options(parser: argparse.ArgumentParser) -> None:
@@ -339,6 +386,40 @@ def _where_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--explain", action="store_true", help="print where it ran and why to stderr"
     )
+    parser.add_argument(
+        "--requires",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="what it needs of wherever it runs (repeatable): accelerator=gpu, memory_mb=512, "
+        "capability=vision.plate, max_latency_ms=50 (docs/quotas.md)",
+    )
+    parser.add_argument(
+        "--no-local",
+        action="store_true",
+        help="never on this device: wait for a gateway that qualifies, else fail unsatisfiable",
+    )
+
+
+def _requires(pairs: list[str]) -> dict[str, object] | None:
+    """``--requires KEY=VALUE`` as a ``requires`` mapping (numbers as numbers); the SDK
+    checks keys and values."""
+    if not pairs:
+        return None
+    needs: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"hearth: --requires {pair!r}: expected KEY=VALUE")
+        value: object = text
+        for kind in (int, float):
+            try:
+                value = kind(text)
+                break
+            except ValueError:
+                continue
+        needs[key.strip()] = value
+    return needs
 
 
 def _pair(args: argparse.Namespace) -> int:
@@ -589,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 - one return pe
         "pair": _pair,
         "migrate": migrate,
         "resume": _resume,
+        "usage": _usage,
     }
     try:
         return commands[args.command](args)
@@ -596,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 - one return pe
         if not isinstance(exc.code, str):
             raise
         print(exc.code, file=sys.stderr)  # a value the parser could not check: a usage error
+        return EXIT_USAGE
+    except RequirementsError as exc:
+        print(f"hearth: {exc}", file=sys.stderr)  # bad --requires or --app: nothing was sent
         return EXIT_USAGE
     except JobError as exc:
         print(f"hearth: job failed ({exc.where}): {exc.code}: {exc.message}", file=sys.stderr)

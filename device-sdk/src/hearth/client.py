@@ -15,6 +15,7 @@ from ``hearth.vision`` and ``hearth._tasks``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 import time
 import uuid
@@ -22,29 +23,35 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
+
+import msgspec
 
 from hearth._blobs import Blob
 from hearth._futures import chain, race, running, then
 from hearth._hedge import Hedger
 from hearth._job_ids import JobIds
 from hearth._local import LocalRuntimes, local_runtimes_installed
+from hearth._needs import choose, send_first
 from hearth._results import Inference, WasmRun
 from hearth._tasks import TaskCalls
-from hearth.discovery import GatewayInfo
-from hearth.errors import ErrorCode, GatewayUnavailable, JobError
+from hearth.discovery import GatewayInfo, discover
+from hearth.errors import ErrorCode, GatewayUnavailable, JobError, QuotaExceeded
 from hearth.migration import LinkPolicy, MigratableRun, load_module
 from hearth.placement import Decision, Estimates, Placement, decide
 from hearth.protocol import (
     DataClass,
     Describe,
     Described,
+    GatewayStatus,
     OnnxJob,
     OnnxResult,
     Reply,
+    Requirements,
     WasmJob,
     WasmResult,
 )
+from hearth.requirements import app_name, requirements
 from hearth.runtime.limits import WasmLimits
 from hearth.vision import VisionCalls
 
@@ -55,7 +62,25 @@ T = TypeVar("T", WasmRun, Inference)
 # Seconds an ``auto`` call whose gateway went away waits for it before it runs here: a managed
 # broker restarts in about 0.5 s, and the link reconnects within 2 s of a loss.
 FALLBACK_PATIENCE_S = 4.0
+_REDISCOVER_S = 60.0  # how long the gateways found for a call's requirements are reused
 R = TypeVar("R", WasmResult, OnnxResult)
+
+
+class Needs(NamedTuple):
+    """A call's own ``requires`` and ``local`` (None: the client's)."""
+
+    requires: Requirements | Mapping[str, Any] | None
+    local: bool | None
+
+
+@functools.cache
+def _local_providers() -> tuple[str, ...]:
+    """This device's onnxruntime providers (what a local ONNX run may use)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return ()
+    return tuple(ort.get_available_providers())
 
 
 @dataclass(frozen=True)
@@ -88,6 +113,13 @@ class Client(VisionCalls, TaskCalls):
     ``gateway``: a GatewayInfo from ``discover()``, "HOST:PORT", or None to use
     $HEARTH_GATEWAY or else mDNS discovery (on $HEARTH_INTERFACE / ``interface`` if set).
     ``max_workers``: how many async calls may run on this device at once.
+    ``app``: the application the calls are for (its quotas on the gateway, docs/quotas.md;
+    default: this device's id). ``requires``: what every call needs of wherever it runs
+    (``{"accelerator": "gpu", "memory_mb": 512, "capability": "vision.plate",
+    "max_latency_ms": 50}``; a call may state its own). ``local=False``: never run on this
+    device; calls wait for a gateway that qualifies up to their deadline, then fail
+    ``unsatisfiable``. ``gateways``: other gateways ("HOST:PORT") for calls whose requirements
+    the first does not meet.
     """
 
     def __init__(
@@ -102,6 +134,10 @@ class Client(VisionCalls, TaskCalls):
         discover_timeout_s: float = 1.5,
         max_workers: int = 8,
         qos: int = 1,
+        app: str | None = None,
+        requires: Requirements | Mapping[str, Any] | None = None,
+        local: bool = True,
+        gateways: Sequence[GatewayInfo | str] = (),
     ) -> None:
         super().__init__(
             gateway,
@@ -113,6 +149,18 @@ class Client(VisionCalls, TaskCalls):
             qos=qos,
         )
         self.placement = Placement(placement)
+        self._client_id_arg = client_id  # for peers: the id this client was asked to use
+        self.app = app_name(app)
+        self._offload.uploads.app = self._wire_app()
+        # Every call's requirements unless it states its own (validated now: a bad one fails
+        # here, not at the first call); local=False: calls are never run on this device.
+        self.requires = requirements(requires)
+        self.local = local
+        # Other gateways for calls whose requirements the first one does not meet.
+        self._gateways = list(gateways)
+        self._discovered: tuple[float, list[GatewayInfo]] = (-1e9, [])  # (when, what)
+        # Gateways that refused this device's jobs for a daily quota: skipped until it resets.
+        self._quota_until: dict[str, tuple[float, str]] = {}
         self._estimates: dict[str, Estimates] = {}
         self._lock = threading.Lock()  # the estimates and the async calls in flight
         self._local = LocalRuntimes(self.stats, max_workers)
@@ -152,13 +200,25 @@ class Client(VisionCalls, TaskCalls):
         where: Placement | str | None = None,
         job_id: str | None = None,
         data_class: DataClass = "private",
+        requires: Requirements | Mapping[str, Any] | None = None,
+        local: bool | None = None,
     ) -> WasmRun:
         """Run a WASI command module: args and stdin in; stdout, stderr, exit code out.
 
         ``data_class``: "private" (the default) work is only ever offloaded to a gateway on the
-        LAN. Raises JobError when the module fails (trap, limits...), wherever it ran."""
+        LAN. ``requires``, ``local``: as the Client's, for this call. Raises JobError when the
+        module fails (trap, limits...), wherever it ran; RequirementsError (a ValueError) for
+        a bad ``requires``, before anything is sent."""
         return self._call(
-            *self._wasm(module, stdin, args, where=where, job_id=job_id, data_class=data_class)
+            *self._wasm(
+                module,
+                stdin,
+                args,
+                where=where,
+                job_id=job_id,
+                data_class=data_class,
+                needs=Needs(requires, local),
+            )
         )
 
     def run_wasm_async(
@@ -170,12 +230,21 @@ class Client(VisionCalls, TaskCalls):
         where: Placement | str | None = None,
         job_id: str | None = None,
         data_class: DataClass = "private",
+        requires: Requirements | Mapping[str, Any] | None = None,
+        local: bool | None = None,
     ) -> Future[WasmRun]:
         """Like run_wasm, without blocking: returns a concurrent.futures.Future, completed on
-        paho's thread (an edge run) or the local pool's (a run here)."""
+        paho's thread (an edge run) or the local pool's (a run here). A call that must wait
+        for a gateway that meets its requirements (``local=False``) waits here first."""
         return self._call_async(
             lambda: self._wasm(
-                module, stdin, args, where=where, job_id=job_id, data_class=data_class
+                module,
+                stdin,
+                args,
+                where=where,
+                job_id=job_id,
+                data_class=data_class,
+                needs=Needs(requires, local),
             )
         )
 
@@ -188,10 +257,21 @@ class Client(VisionCalls, TaskCalls):
         where: Placement | str | None = None,
         job_id: str | None = None,
         data_class: DataClass = "private",
+        requires: Requirements | Mapping[str, Any] | None = None,
+        local: bool | None = None,
     ) -> Inference:
-        """Run an ONNX model on named numpy arrays; returns named numpy arrays."""
+        """Run an ONNX model on named numpy arrays; returns named numpy arrays. ``requires``,
+        ``local``: as for run_wasm."""
         return self._call(
-            *self._onnx(model, inputs, outputs, where=where, job_id=job_id, data_class=data_class)
+            *self._onnx(
+                model,
+                inputs,
+                outputs,
+                where=where,
+                job_id=job_id,
+                data_class=data_class,
+                needs=Needs(requires, local),
+            )
         )
 
     def infer_async(
@@ -203,11 +283,19 @@ class Client(VisionCalls, TaskCalls):
         where: Placement | str | None = None,
         job_id: str | None = None,
         data_class: DataClass = "private",
+        requires: Requirements | Mapping[str, Any] | None = None,
+        local: bool | None = None,
     ) -> Future[Inference]:
         """Like infer, without blocking: returns a concurrent.futures.Future."""
         return self._call_async(
             lambda: self._onnx(
-                model, inputs, outputs, where=where, job_id=job_id, data_class=data_class
+                model,
+                inputs,
+                outputs,
+                where=where,
+                job_id=job_id,
+                data_class=data_class,
+                needs=Needs(requires, local),
             )
         )
 
@@ -347,15 +435,24 @@ class Client(VisionCalls, TaskCalls):
         """This device's runtime for migratable runs (shared by all of them)."""
         return self._local.migratable_runtime()
 
-    def peer(self, address: str) -> Client:
-        """A client for the gateway at ``address`` ("HOST:PORT"), where a saturated gateway
-        sent one of this client's runs (``run_moved`` ``to``); made once, closed with this
-        one. Its own LAN rule holds: a private run is not sent to it off the LAN."""
+    def peer(self, address: str | GatewayInfo) -> Client:
+        """A client for the gateway at ``address`` ("HOST:PORT", or as discovered), where a
+        saturated gateway sent one of this client's runs (``run_moved`` ``to``) or a call's
+        requirements send it; made once, closed with this one. Its own LAN rule holds: a
+        private run is not sent to it off the LAN."""
+        key = str(address.broker) if isinstance(address, GatewayInfo) else address
         with self._lock:
-            peer = self._peers.get(address)
+            peer = self._peers.get(key)
             if peer is None:
-                peer = Client(address, placement="edge", timeout_s=self.timeout_s)
-                self._peers[address] = peer
+                # The same device and application there (a paired gateway may rename it).
+                peer = Client(
+                    address,
+                    client_id=self._client_id_arg,
+                    placement="edge",
+                    timeout_s=self.timeout_s,
+                    app=self.app,
+                )
+                self._peers[key] = peer
             return peer
 
     def private_refusal(self, private: bool) -> str | None:
@@ -379,17 +476,34 @@ class Client(VisionCalls, TaskCalls):
         where: Placement | str | None,
         job_id: str | None,
         data_class: DataClass,
+        needs: Needs,
     ) -> tuple[_Plan, Callable[[], Future[WasmRun]], Callable[[str], WasmRun]]:
         """(where it goes, how to send it, how to run it here)."""
         blob = self._blob(module)
+        required = requirements(needs.requires) if needs.requires is not None else self.requires
         job = WasmJob(
             job_id=job_id or uuid.uuid4().hex,
             module=blob.sha256,
             args=list(args),
             stdin=stdin,
             data_class=data_class,
+            requires=required or msgspec.UNSET,
+            app=self.app or msgspec.UNSET,
         )
-        plan = self._plan(f"wasm:{blob.sha256}", where, private=data_class == "private")
+        key, private = f"wasm:{blob.sha256}", data_class == "private"
+        local_ok = self.local if needs.local is None else needs.local
+        if required is not None or not local_ok:
+            plan, targets = self._needs_plan(key, where, private, required, local_ok)
+            if job_id is not None:
+                self._job_ids.check(job_id, job, plan.where)
+            return (
+                plan,
+                lambda: send_first(
+                    targets, lambda c: c._send(job, blob, WasmResult, _wasm_run, plan.patience_s)
+                ),
+                lambda reason: self._local.run_wasm(job, blob, reason),
+            )
+        plan = self._plan(key, where, private=private)
         if job_id is not None:
             self._job_ids.check(job_id, job, plan.where)
         hedge = plan.where == "hedge" and self.hedge_cancels
@@ -410,18 +524,35 @@ class Client(VisionCalls, TaskCalls):
         where: Placement | str | None,
         job_id: str | None,
         data_class: DataClass,
+        needs: Needs,
     ) -> tuple[_Plan, Callable[[], Future[Inference]], Callable[[str], Inference]]:
         from hearth.runtime.onnx import array_to_tensor
 
         blob = self._blob(model)
+        required = requirements(needs.requires) if needs.requires is not None else self.requires
         job = OnnxJob(
             job_id=job_id or uuid.uuid4().hex,
             model=blob.sha256,
             inputs=[array_to_tensor(name, value) for name, value in inputs.items()],
             outputs=list(outputs),
             data_class=data_class,
+            requires=required or msgspec.UNSET,
+            app=self.app or msgspec.UNSET,
         )
-        plan = self._plan(f"onnx:{blob.sha256}", where, private=data_class == "private")
+        key, private = f"onnx:{blob.sha256}", data_class == "private"
+        local_ok = self.local if needs.local is None else needs.local
+        if required is not None or not local_ok:
+            plan, targets = self._needs_plan(key, where, private, required, local_ok)
+            if job_id is not None:
+                self._job_ids.check(job_id, job, plan.where)
+            return (
+                plan,
+                lambda: send_first(
+                    targets, lambda c: c._send(job, blob, OnnxResult, _inference, plan.patience_s)
+                ),
+                lambda reason: self._local.run_onnx(job, blob, reason),
+            )
+        plan = self._plan(key, where, private=private)
         if job_id is not None:
             self._job_ids.check(job_id, job, plan.where)
         return (
@@ -454,6 +585,81 @@ class Client(VisionCalls, TaskCalls):
 
     # -- placement ----------------------------------------------------------------------------
 
+    def gateway_status(self) -> GatewayStatus | None:
+        """The connected gateway's last status (what it offers), if connected."""
+        conn = self._link.current
+        return conn.status if conn is not None else None
+
+    def why_unreachable(self) -> str:
+        return self._link.why_unusable()
+
+    def _places(self) -> list[Client]:
+        """The gateways a call with requirements may go to: this client's, then the others."""
+        others = self._gateways or self._discover_others()
+        return [self, *(self.peer(address) for address in others)]
+
+    def _discover_others(self) -> list[GatewayInfo]:
+        """Without ``gateways=``, a client that found its gateway over mDNS considers the
+        others found with it (looked for again at most once a minute)."""
+        if self._link.named is not None:
+            return []
+        with self._lock:
+            at, found = self._discovered
+        if time.monotonic() - at > _REDISCOVER_S:
+            found = discover(self._link.discover_timeout_s, interface=self._link.interface)
+            with self._lock:
+                self._discovered = (time.monotonic(), found)
+        conn = self._link.current
+        mine = conn.gateway_id if conn is not None else None
+        # Those it may talk to: plain ones, and TLS ones it is paired with (as the link picks).
+        return [
+            g
+            for g in found
+            if g.gateway_id != mine and (not g.tls or (g.paired and not g.ca_changed))
+        ]
+
+    def _needs_plan(
+        self,
+        key: str,
+        where: Placement | str | None,
+        private: bool,
+        needs: Requirements | None,
+        local_ok: bool,
+    ) -> tuple[_Plan, list[Client]]:
+        """Where a call with requirements (or one that may not run here) goes: the places
+        that qualify (hearth._needs), and why the others were skipped."""
+        mode = Placement(where) if where is not None else self.placement
+        conn = self._link.current
+        primary = self._estimates.get(f"{conn.gateway_id if conn else '-'}:{key}")
+        choice = choose(
+            self._places(),
+            needs,
+            mode=mode,
+            private=private,
+            local=(
+                local_ok and self._local_available(),
+                _local_providers() if key.startswith("onnx:") else (),
+                primary.local_ms if primary is not None else None,
+            ),
+            estimates=lambda gateway_id: self._estimates.get(f"{gateway_id}:{key}"),
+            deadline_s=self._offload.deadline_s,
+        )
+        skipped = choice.why_skipped()
+        if not choice.targets:
+            return _Plan("local", f"requires met by this device only{skipped}"), []
+        first = choice.targets[0]
+        status = first.gateway_status()
+        gateway_id = status.gateway_id if status is not None else "-"
+        if first is self and choice.local and mode is not Placement.EDGE:
+            plan = self._plan(key, where, private=private)  # both qualify: time them as usual
+            if plan.where in ("local", "edge"):
+                return dataclasses.replace(plan, reason=f"{plan.reason}{skipped}"), [self]
+        with self._lock:
+            estimates = self._estimates.setdefault(f"{gateway_id}:{key}", Estimates())
+        met = "requires met by" if needs is not None else "offload is mandatory (local=False):"
+        reason = f"{met} gateway {gateway_id}{skipped}"
+        return _Plan("edge", reason, choice.local, estimates), choice.targets
+
     def _plan(self, key: str, where: Placement | str | None, *, private: bool) -> _Plan:
         mode = Placement(where) if where is not None else self.placement
         # Private data never goes to a gateway off the LAN: checked before connecting to a
@@ -475,6 +681,10 @@ class Client(VisionCalls, TaskCalls):
         with self._lock:
             estimates = self._estimates.setdefault(key, Estimates())
             estimates.calls += 1
+        quota = self._quota_refused(conn.gateway_id if conn else None)
+        auto = mode in (Placement.AUTO, Placement.HEDGE)
+        if quota is not None and auto and self._local_available():
+            return _Plan("local", quota, estimates=estimates)
         decision: Decision = decide(
             mode, gateway=gateway_ok, local=self._local_available(), estimates=estimates
         )
@@ -486,6 +696,15 @@ class Client(VisionCalls, TaskCalls):
 
     def _local_available(self) -> bool:
         return local_runtimes_installed()
+
+    def _quota_refused(self, gateway_id: str | None) -> str | None:
+        """Why an ``auto`` call skips this gateway: it refused this device's application
+        for a daily quota that has not reset yet."""
+        if gateway_id is None:
+            return None
+        with self._lock:
+            until, why = self._quota_until.get(gateway_id, (0.0, ""))
+        return why if time.time() < until else None
 
     def _call(self, plan: _Plan, edge: Callable[[], Future[T]], local: Callable[[str], T]) -> T:
         """A blocking call: the async one's steps, waited for on this thread."""
@@ -598,9 +817,20 @@ class Client(VisionCalls, TaskCalls):
                 raise exc
             self.stats.fallbacks += 1
             return f"fallback: {str(exc) or type(exc).__name__}"
+        if isinstance(exc, QuotaExceeded) and exc.resets_at is not None and plan.fallback_ok:
+            # Not worth asking again before it resets: auto calls run here until then.
+            conn = self._link.current
+            if conn is not None and conn.gateway_id:
+                why = f"gateway {conn.gateway_id} refused: {exc.message}"
+                with self._lock:
+                    self._quota_until[conn.gateway_id] = (exc.resets_at, why)
         if isinstance(exc, JobError):
             # policy_denied: private work this gateway may not run; this device may.
-            local_ok = exc.code.retryable or exc.code is ErrorCode.POLICY_DENIED
+            # unsatisfiable: the gateways that qualified by their status refused after all.
+            local_ok = exc.code.retryable or exc.code in (
+                ErrorCode.POLICY_DENIED,
+                ErrorCode.UNSATISFIABLE,
+            )
             if not (plan.fallback_ok and local_ok):
                 raise exc
             self.stats.fallbacks += 1

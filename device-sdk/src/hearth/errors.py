@@ -5,12 +5,15 @@ The tree::
     HearthError                     root: catch this to catch everything the SDK raises
     ├── ProtocolError               a message could not be encoded or decoded
     ├── JobError                    a job failed; ``code`` is the wire ErrorCode
+    │   └── QuotaExceeded           quota_exceeded: ``quota`` says which, ``resets_at`` when
     ├── GatewayUnavailable          no gateway could be reached (or it went away mid-job and
     │   │                           did not come back within the call's deadline)
     │   └── NotPaired               the gateway serves paired devices only (TLS) and this
     │       │                       device is not paired with it: ``command`` says how to pair
     │       └── GatewayIdentityChanged  its CA is not the one pinned at pairing (``old``, ``new``)
-    └── LocalRuntimeUnavailable     local placement asked for, but wasmtime/onnxruntime missing
+    ├── LocalRuntimeUnavailable     local placement asked for, but wasmtime/onnxruntime missing
+    └── RequirementsError           a call's ``requires=`` is not valid (also a ValueError);
+                                    nothing was sent
 
 ``ErrorCode`` is the enum that travels in ``Error`` replies; docs/protocol.md lists the same
 values, and a test holds the two together.
@@ -29,6 +32,8 @@ __all__ = [
     "LocalRuntimeUnavailable",
     "NotPaired",
     "ProtocolError",
+    "QuotaExceeded",
+    "RequirementsError",
 ]
 
 
@@ -68,6 +73,9 @@ class ErrorCode(enum.StrEnum):
     WORKER_CRASHED = "worker_crashed"
     OVERLOADED = "overloaded"
     QUOTA_EXCEEDED = "quota_exceeded"
+    # The job's ``requires`` cannot be met here (no such accelerator, too little memory, no
+    # such capability, too slow now): the device tries another gateway or runs it itself.
+    UNSATISFIABLE = "unsatisfiable"
     # The gateway's disk (or the reserve its policy keeps free) is full: nothing that would
     # store bytes (an upload, a job, a task, a snapshot) is taken until space returns.
     STORAGE_FULL = "storage_full"
@@ -120,6 +128,23 @@ class JobError(HearthError):
         self.message = message
         self.job_id = job_id
         self.where = where
+
+
+class QuotaExceeded(JobError):
+    """The gateway refused the job: this device or application is at one of its quotas
+    (docs/quotas.md). ``quota`` names it ("cpu_s_per_day"...); ``resets_at`` is when it resets
+    (unix seconds), None when usage falls by itself (a job of this app ending)."""
+
+    def __init__(
+        self, message: str, *, quota: str, resets_at: float | None, job_id: str | None = None
+    ) -> None:
+        super().__init__(ErrorCode.QUOTA_EXCEEDED, message, job_id=job_id, where="edge")
+        self.quota = quota
+        self.resets_at = resets_at
+
+
+class RequirementsError(HearthError, ValueError):
+    """A call's ``requires=`` has unknown keys, wrong types or absurd values."""
 
 
 class GatewayUnavailable(HearthError):

@@ -205,6 +205,7 @@ class VisionCalls(ClientCore):
             stream=stream,
             session=session,
             data_class=data_class,
+            app=self._wire_app(),
         )
         conn = self._vision_connection(data_class)
         started = time.perf_counter()
@@ -285,6 +286,7 @@ class VisionCalls(ClientCore):
             post=post or Postprocess(),
             input=input,
             data_class=data_class,
+            app=self._wire_app(),
         )
         conn = self._vision_connection(data_class)
         started = time.perf_counter()
@@ -361,6 +363,7 @@ class CameraStream:
             params=self.params,
             stream=self.name,
             data_class=self.data_class,
+            app=self.client._wire_app(),
         )
         conn = self.client._vision_connection(self.data_class)
         outcome: Future[Call[Any] | Dropped] = Future()

@@ -60,6 +60,22 @@ def _state_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", metavar="DIR", help=_STATE_DIR_HELP)
 
 
+def _usage_command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """``usage``; returns ``sub`` for the next command."""
+    usage = _command(
+        sub,
+        "usage",
+        "quota usage per device and application: today's run time, stored bytes, tasks",
+        "hearth-gateway usage --json",
+    )
+    _state_dir(usage)
+    usage.add_argument("--json", action="store_true", help="one JSON object per line")
+    usage.add_argument("--day", metavar="YYYY-MM-DD", help="another UTC day's run time")
+    return sub
+
+
 def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per option
     parser = argparse.ArgumentParser(
         prog="hearth-gateway",
@@ -202,7 +218,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per o
     status = _command(sub, "status", "show the gateway's state", "hearth-gateway status --json")
     _state_dir(status)
     status.add_argument("--json", action="store_true", help="print JSON")
-    add_completion_command(sub, "hearth-gateway")
+    add_completion_command(_usage_command(sub), "hearth-gateway")
     return parser
 
 
@@ -328,6 +344,32 @@ def _since(text: str) -> float:
         raise ValueError(f"{text!r} is neither an age (30s, 10m, 2h, 7d) nor a date") from None
 
 
+def _usage(args: argparse.Namespace) -> int:
+    import time
+
+    from hearth_gateway.quota import UsageFile, usage_rows, utc_day
+
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
+    path = state_dir / "hearth.sqlite3"
+    if not path.exists():
+        print(f"no gateway state in {state_dir}", file=sys.stderr)
+        return 1
+    source = UsageFile(path)
+    try:
+        rows = usage_rows(source, args.day or utc_day(time.time()))
+    finally:
+        source.close()
+    for row in rows:
+        if args.json:
+            print(msgspec.json.encode(row).decode())
+        else:
+            print(
+                f"{row.client_id:<20} {row.app:<16} {row.cpu_s:>10.3f} cpu-s  {row.jobs:>6} jobs"
+                f"  {row.stored_bytes:>12} bytes  {row.tasks:>4} tasks  ({row.day} UTC)"
+            )
+    return 0
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from hearth_gateway.doctor import doctor_command
 
@@ -352,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         "pair": _pairing,
         "devices": _pairing,
         "doctor": _doctor,
+        "usage": _usage,
     }
     if args.command in commands:
         return commands[args.command](args)

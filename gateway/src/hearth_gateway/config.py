@@ -38,6 +38,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         default_factory=lambda: ["wasm", "onnx", "task", "vision", "migrate"]
     )
     policies: list[str] = []  # TOML files merged over the embedded default policy
+    # Accelerator classes this box has beyond what onnxruntime reports (a job's
+    # requires.accelerator, docs/quotas.md): e.g. ["npu"] for a device a runner uses itself.
+    accelerators: list[Literal["cpu", "gpu", "npu"]] = []
     # "cloud": this gateway serves public work only and refuses private jobs (policy_denied).
     tier: Literal["home", "cloud"] = "home"
     # A cloud-tier gateway's pool: the id it serves together with the other members, through

@@ -32,6 +32,7 @@ from hearth_gateway.crypto import Sealer
 from hearth_gateway.discovery import Advertiser, advertised_addresses
 from hearth_gateway.dispatch import Dispatcher
 from hearth_gateway.errors import ConfigError
+from hearth_gateway.fit import Resources
 from hearth_gateway.link import GatewayLink
 from hearth_gateway.loop import Loop
 from hearth_gateway.pairing import PairingService, pairing_for
@@ -188,6 +189,7 @@ class Gateway:
             locked=self.pairing.locked if self.pairing is not None else frozenset(),
             storage=self.storage,
             pool_id=config.pool,
+            resources=self._resources,
         )
         self.loop.after(self._end_of_turn)
         self.control: ControlServer | None = None
@@ -275,9 +277,20 @@ class Gateway:
     def _load(self) -> Load:
         return Load(workers=self.pool.size, busy=self.pool.busy, waiting=len(self.pool.queue))
 
+    def _resources(self) -> Resources:
+        """What a job's ``requires`` may ask of this box (fit.py)."""
+        return Resources(
+            providers=tuple(self.providers),
+            declared=tuple(self.config.accelerators),
+            capabilities=frozenset(self.capabilities),
+            job_memory_bytes=self.policy.workers.max_rss_bytes,
+            wasm_memory_bytes=self.policy.wasm.memory_bytes,
+        )
+
     def _status(self, state: str) -> GatewayStatus:
         in_flight = self.admission.in_flight
         size = self.pool.size
+        resources = self._resources()
         return GatewayStatus(
             gateway_id=self.gateway_id,
             state="online" if state == "online" else "offline",
@@ -285,6 +298,8 @@ class Gateway:
             tier=self.config.tier,
             runners=list(self.config.runners),
             providers=self.providers,
+            accelerators=list(resources.accelerators),
+            memory_mb=resources.memory_mb,
             capabilities=self.capabilities,
             workers=size,
             queue_depth=in_flight,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,6 +36,7 @@ from hearth.protocol import (
     Pong,
     Reply,
     Request,
+    Requirements,
     RunAck,
     RunControl,
     RunMoved,
@@ -47,6 +49,8 @@ from hearth.protocol import (
     TaskInstall,
     TaskList,
     TaskListResult,
+    Usage,
+    UsageResult,
     WasmJob,
     decode_reply,
     decode_request,
@@ -57,9 +61,11 @@ from hearth.protocol import (
 )
 from hearth.runtime._blob import WASM_MAGIC
 from hearth_gateway.blobs import BlobStore, UploadRefused
+from hearth_gateway.fit import Fit, Resources
 from hearth_gateway.loop import Timer
 from hearth_gateway.placement import Action, Decision, PlacedJob, Placer, forwardable
 from hearth_gateway.policy import Admission, Policy
+from hearth_gateway.quota import QuotaRefusal, Quotas, app_of, run_seconds
 from hearth_gateway.reply_to import PublishReply, ReplyTo
 from hearth_gateway.runners import Inspect, Job, TaskEvent, VisionClose, runner_for
 from hearth_gateway.runs import REASON_OVERLOADED, Runs, in_pieces
@@ -178,6 +184,7 @@ class Dispatcher:
         locked: frozenset[str] = frozenset(),
         storage: StorageGuard | None = None,
         pool_id: str = "",
+        resources: Callable[[], Resources] | None = None,
     ) -> None:
         self._gateway_id = gateway_id
         # The cloud-tier pool this gateway is a member of (docs/protocol.md §19); "": none.
@@ -211,6 +218,13 @@ class Dispatcher:
         self.locked = locked  # revoked device ids; the daemon updates it (pairing.py)
         self._answers: list[tuple[ReplyTo, bytes]] = []  # stored at the next flush, then sent
         self._held_timer: Timer | None = None  # when the oldest held journal row is due
+        # Per-device and per-application quotas (quota.py), and whether a job's requires fit
+        # here (fit.py); the daemon says what this box has.
+        self.quotas = Quotas(policy.quotas, store)
+        self.fit = Fit(resources or Resources, self._waiting_per_worker)
+
+    def _waiting_per_worker(self) -> float:
+        return len(self._pool.queue) / max(1, self._pool.size)
 
     # Called from the daemon's event loop for each request: everything here is short; jobs run
     # in the worker processes.
@@ -292,6 +306,9 @@ class Dispatcher:
             self._frame(request, reply_to)
         elif isinstance(request, Describe):
             self._describe(request, reply_to)
+        elif isinstance(request, Usage):
+            usage = UsageResult(usage=self.quotas.usage(reply_to.client_id))
+            self._publish(reply_to, encode(usage))
         else:
             return self._job(request, payload, reply_to, pooled=pooled)
         return None
@@ -309,9 +326,15 @@ class Dispatcher:
             self._placer.audit(client_id, request.data_class, what, decision)
             self.counters.refused += 1
             return Error(code=decision.code, message=decision.reason)
+        app = app_of(client_id, request.app)
+        over = self.quotas.task_refusal(client_id, app)
+        if over is not None:
+            self.counters.refused += 1
+            return over.error()
         reply = self.task_request(client_id, request)
         if isinstance(reply, Task):
             self._placer.audit(client_id, request.data_class, what, decision)
+            self.quotas.installed(reply.task.task_id, client_id, app)
         return reply
 
     def task_request(self, client_id: str, request: TaskInstall | TaskControl | TaskList) -> Reply:
@@ -333,6 +356,12 @@ class Dispatcher:
             self._store.audit(client_id, "blob", chunk.sha256, "refused", reason)
             self._refuse(reply_to, ErrorCode.POLICY_DENIED, reason)
             return
+        app = app_of(client_id, chunk.app)
+        if chunk.offset == 0 and not self._blobs.has(chunk.sha256):
+            over = self.quotas.store_refusal(client_id, app, chunk.size)
+            if over is not None:
+                self._refuse_quota(reply_to, over)
+                return
         try:
             complete = self._blobs.receive(client_id, chunk)
         except UploadRefused as exc:
@@ -341,6 +370,7 @@ class Dispatcher:
             self._refuse(reply_to, exc.code, exc.message)
             return
         if complete:
+            self.quotas.stored(chunk.sha256, client_id, app, chunk.size)
             self._publish(reply_to, encode(BlobStored(sha256=chunk.sha256, size=chunk.size)))
 
     def _describe(self, request: Describe, reply_to: ReplyTo) -> None:
@@ -405,8 +435,18 @@ class Dispatcher:
                 ErrorCode.UNSUPPORTED, f"runner {runner!r} is not enabled on this gateway"
             )
         if isinstance(job, CallJob):
-            return _call_refusal(job)
-        return None
+            return _call_refusal(job) or self._unfit(job)
+        return self._unfit(job)
+
+    def _unfit(self, job: PlacedJob) -> JobError | None:
+        """A job whose ``requires`` this gateway cannot meet (fit.py)."""
+        needs = getattr(job, "requires", None)
+        if not isinstance(needs, Requirements):
+            return None
+        why = self.fit.refusal(needs, wasm=isinstance(job, WasmJob))
+        if why is None:
+            return None
+        return JobError(ErrorCode.UNSATISFIABLE, f"gateway {self._gateway_id}: {why}")
 
     def _job(
         self, job: PlacedJob, payload: bytes, reply_to: ReplyTo, *, pooled: bool = False
@@ -574,6 +614,11 @@ class Dispatcher:
         return encode(msgspec.structs.replace(decoded, reason=reason, to=to))
 
     def _admit(self, job: PlacedJob, reply_to: ReplyTo) -> bool:
+        app = app_of(reply_to.client_id, job.app)
+        over = self.quotas.job_refusal(reply_to.client_id, app)
+        if over is not None:
+            self._refuse_quota(reply_to, over, job.job_id)
+            return False
         refusal = self._admission.admit(reply_to.client_id)
         if refusal is not None:
             reason = (
@@ -583,6 +628,7 @@ class Dispatcher:
             )
             self._refuse(reply_to, refusal, reason, job.job_id)
             return False
+        self.quotas.started(reply_to.client_id, app)
         self.counters.accepted += 1
         return True
 
@@ -711,6 +757,10 @@ class Dispatcher:
         finally:
             if item.admitted:
                 self._admission.release(client_id)
+                seconds = run_seconds(reply) if final else 0.0
+                self.quotas.ended(client_id, app_of(client_id, getattr(job, "app", None)), seconds)
+                if seconds:
+                    self.fit.ran(seconds)
             self.counters.completed += 1
 
     def _journal_answer(self, client_id: str, job_id: str, reply: bytes, final: bool) -> None:
@@ -760,6 +810,7 @@ class Dispatcher:
     def flush(self) -> None:
         """At the end of each turn of the loop: commit the journal's writes of the turn, then
         publish the answers they store. A failed commit keeps them for the next turn."""
+        self.quotas.flush()
         self._commit()
         answers, self._answers = self._answers, []
         for reply_to, reply in answers:
@@ -842,3 +893,16 @@ class Dispatcher:
             )
         error = Error(code=code, message=message, job_id=job_id)
         self._publish(reply_to, encode(error))
+
+    def _refuse_quota(
+        self, reply_to: ReplyTo, refusal: QuotaRefusal, job_id: str | None = None
+    ) -> None:
+        """quota_exceeded, saying which quota and when it resets (quota.py)."""
+        self.counters.refused += 1
+        self._peer_log.warning(
+            f"quota-{refusal.quota}",
+            "refused request from %s: %s",
+            reply_to.client_id,
+            refusal.message,
+        )
+        self._publish(reply_to, encode(refusal.error(job_id)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -25,6 +25,8 @@ __all__ = [
     "OnnxPolicy",
     "PlacementPolicy",
     "Policy",
+    "QuotaLimits",
+    "QuotasPolicy",
     "TasksPolicy",
     "VisionPolicy",
     "WasmPolicy",
@@ -137,6 +139,35 @@ class MigrationPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     wall_timeout_s: float = 3600.0  # one hop on this gateway; the run goes on at its device
 
 
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class QuotaLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One device's or application's quotas (quota.py enforces them); unset: no limit."""
+
+    cpu_s_per_day: NonNegativeFloat | None = None  # job run time per UTC day, seconds
+    concurrent_jobs: NonNegativeInt | None = None  # jobs queued or running at once
+    stored_bytes: NonNegativeInt | None = None  # blobs and snapshots uploaded and still held
+    tasks: NonNegativeInt | None = None  # persistent tasks installed
+
+    def over(self, other: QuotaLimits) -> QuotaLimits:
+        """These limits, with ``other``'s where these set none."""
+        mine = msgspec.structs.asdict(self)
+        theirs = msgspec.structs.asdict(other)
+        return QuotaLimits(**{k: theirs[k] if v is None else v for k, v in mine.items()})
+
+
+class QuotasPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Per-device and per-application quotas (docs/quotas.md). A device's quotas cover all its
+    applications together; an application's cover its use on one device."""
+
+    device: QuotaLimits = QuotaLimits()  # every device
+    app: QuotaLimits = QuotaLimits()  # every application (of each device)
+    devices: dict[str, QuotaLimits] = {}  # by device id, over ``device`` key by key
+    apps: dict[str, QuotaLimits] = {}  # by application name, over ``app`` key by key
+
+
 class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     wasm: WasmPolicy = WasmPolicy()
     onnx: OnnxPolicy = OnnxPolicy()
@@ -146,6 +177,7 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     placement: PlacementPolicy = PlacementPolicy()
     workers: WorkersPolicy = WorkersPolicy()
     migration: MigrationPolicy = MigrationPolicy()
+    quotas: QuotasPolicy = QuotasPolicy()
 
 
 def load_policy(paths: Iterable[Path]) -> Policy:

@@ -66,6 +66,17 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# Quota accounting's reads, shared with ``hearth-gateway usage`` (quota.py), which opens the
+# file read-only while the daemon runs.
+USAGE_SQL = "SELECT client_id, app, cpu_s, jobs FROM usage WHERE day=? ORDER BY 1, 2"
+STORED_SQL = (
+    "SELECT o.client_id, o.app, sum(o.size) FROM blob_owners o"
+    " JOIN blobs b ON b.sha256 = o.sha256 GROUP BY 1, 2"
+)
+TASK_APPS_SQL = (
+    "SELECT a.task_id, a.client_id, a.app FROM task_apps a JOIN tasks t ON t.task_id = a.task_id"
+)
+
 # Estimated bytes a row takes on disk beyond its values: record header, rowid, cell pointer and
 # the unused part of its page; for a job, also its entries in the three indexes (job id, state,
 # answered time), filled about two-thirds by random inserts. Measured with SQLite's dbstat
@@ -331,6 +342,25 @@ class Store:
                 pk="serial",
             )
             self._db.table("devices").create_index(["device_id"])
+        self._migrate_usage()
+
+    def _migrate_usage(self) -> None:
+        """Quota accounting (quota.py): run time per UTC day, device and application; who
+        uploaded which stored blob; which application installed each task."""
+        if "usage" not in self._db.table_names():
+            self._db.table("usage").create(
+                {"day": str, "client_id": str, "app": str, "cpu_s": float, "jobs": int},
+                pk=("day", "client_id", "app"),
+            )
+        if "blob_owners" not in self._db.table_names():
+            self._db.table("blob_owners").create(
+                {"sha256": str, "client_id": str, "app": str, "size": int},
+                pk=("sha256", "client_id", "app"),
+            )
+        if "task_apps" not in self._db.table_names():
+            self._db.table("task_apps").create(
+                {"task_id": str, "client_id": str, "app": str}, pk="task_id"
+            )
 
     def _count(self) -> None:
         """The running totals, read once at start."""
@@ -824,6 +854,52 @@ class Store:
                 "SELECT count(*), coalesce(sum(size), 0) FROM blobs"
             ).fetchone()
         return int(count), int(size)
+
+    # -- quota accounting (quota.py) ---------------------------------------------------------
+
+    def add_usage(self, rows: list[tuple[str, str, str, float, int]]) -> None:
+        """Run time and jobs (day, client_id, app, cpu_s, jobs) added to their days' rows, in
+        one transaction (quota.py writes a loop turn's at once)."""
+        with self.transaction():
+            self._conn.executemany(
+                "INSERT INTO usage (day, client_id, app, cpu_s, jobs) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (day, client_id, app) DO UPDATE SET"
+                " cpu_s = cpu_s + excluded.cpu_s, jobs = jobs + excluded.jobs",
+                rows,
+            )
+
+    def usage(self, day: str) -> list[tuple[str, str, float, int]]:
+        """(client_id, app, cpu_s, jobs) of one UTC day ("2026-12-04")."""
+        with self._lock:
+            rows = self._conn.execute(USAGE_SQL, (day,)).fetchall()
+        return [(str(c), str(a), float(s), int(j)) for c, a, s, j in rows]
+
+    def add_blob_owner(self, sha256: str, client_id: str, app: str, size: int) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT OR IGNORE INTO blob_owners (sha256, client_id, app, size)"
+                " VALUES (?, ?, ?, ?)",
+                (sha256, client_id, app, size),
+            )
+
+    def stored_bytes(self) -> list[tuple[str, str, int]]:
+        """(client_id, app, bytes) of the blobs each uploaded that are still stored."""
+        with self._lock:
+            rows = self._conn.execute(STORED_SQL).fetchall()
+        return [(str(c), str(a), int(n)) for c, a, n in rows]
+
+    def set_task_app(self, task_id: str, client_id: str, app: str) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO task_apps (task_id, client_id, app) VALUES (?, ?, ?)",
+                (task_id, client_id, app),
+            )
+
+    def task_apps(self) -> dict[str, tuple[str, str]]:
+        """task id -> (client_id, app) of the tasks still stored."""
+        with self._lock:
+            rows = self._conn.execute(TASK_APPS_SQL).fetchall()
+        return {str(t): (str(c), str(a)) for t, c, a in rows}
 
     # -- persistent tasks ------------------------------------------------------------------
 

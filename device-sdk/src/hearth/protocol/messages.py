@@ -19,6 +19,7 @@ from hearth.protocol.vision import Image, PipelineResult, Postprocess, Preproces
 __all__ = [
     "PROTOCOL_VERSION",
     "Accepted",
+    "AppUsage",
     "BlobChunk",
     "BlobStored",
     "CallJob",
@@ -40,6 +41,7 @@ __all__ = [
     "Pong",
     "Reply",
     "Request",
+    "Requirements",
     "RunAck",
     "RunCheckpoint",
     "RunControl",
@@ -59,6 +61,8 @@ __all__ = [
     "TensorInfo",
     "Timing",
     "Trigger",
+    "Usage",
+    "UsageResult",
     "WasmExport",
     "WasmImport",
     "WasmJob",
@@ -79,6 +83,30 @@ Dtype = Literal[
     "uint8", "uint16", "uint32", "uint64", "bool",
 ]  # fmt: skip
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+
+
+# Capability names ("vision.faces"); stream and session names chosen by the device.
+Capability = Annotated[str, msgspec.Meta(pattern="^[a-z][a-z0-9_]*(\\.[a-z][a-z0-9_]*){1,3}$")]
+# The application a job is for (docs/quotas.md): quotas are kept per device and per application.
+AppName = Annotated[str, msgspec.Meta(pattern="^[A-Za-z0-9_.-]{1,64}$")]
+Accelerator = Literal["cpu", "gpu", "npu"]
+
+
+class Requirements(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What a job needs of wherever it runs (docs/quotas.md). A gateway that cannot meet it
+    refuses the job with ``unsatisfiable`` before anything is stored, so the device tries
+    elsewhere. Unknown keys and absurd values are ``malformed``."""
+
+    accelerator: Accelerator | None = None  # "cpu" is met everywhere
+    memory_mb: Annotated[int, msgspec.Meta(ge=1, le=1_048_576)] | None = None  # MiB per job
+    capability: Capability | None = None  # a capability the gateway provides ("vision.plate")
+    max_latency_ms: Annotated[float, msgspec.Meta(ge=1, le=3_600_000)] | None = None
+
+
+# Optional job fields: left out of the message when not set (msgspec.UNSET), so a job that
+# states neither encodes exactly as before they existed.
+Requires = Requirements | msgspec.UnsetType
+App = AppName | msgspec.UnsetType
 
 
 class _Message(msgspec.Struct, kw_only=True, frozen=True, tag_field="type"):
@@ -119,6 +147,8 @@ class WasmJob(_Message, frozen=True, tag="wasm"):
     args: list[str] = []
     stdin: bytes = b""
     data_class: DataClass = "private"
+    requires: Requires = msgspec.UNSET
+    app: App = msgspec.UNSET
 
 
 class OnnxJob(_Message, frozen=True, tag="onnx"):
@@ -129,10 +159,10 @@ class OnnxJob(_Message, frozen=True, tag="onnx"):
     inputs: list[Tensor]
     outputs: list[str] = []  # empty: all of the model's outputs
     data_class: DataClass = "private"
+    requires: Requires = msgspec.UNSET
+    app: App = msgspec.UNSET
 
 
-# Capability names ("vision.faces"); stream and session names chosen by the device.
-Capability = Annotated[str, msgspec.Meta(pattern="^[a-z][a-z0-9_]*(\\.[a-z][a-z0-9_]*){1,3}$")]
 StreamName = Annotated[str, msgspec.Meta(pattern="^[A-Za-z0-9_.-]{1,64}$")]
 ParamValue = str | int | float | bool | list[float]
 Params = Annotated[dict[str, ParamValue], msgspec.Meta(max_length=32)]
@@ -156,6 +186,8 @@ class CallJob(_Message, frozen=True, tag="call"):
     stream: StreamName | None = None
     session: StreamName | None = None
     data_class: DataClass = "private"
+    requires: Requires = msgspec.UNSET
+    app: App = msgspec.UNSET
 
 
 class SessionClose(_Message, frozen=True, tag="session_close"):
@@ -177,6 +209,8 @@ class PipelineJob(_Message, frozen=True, tag="pipeline"):
     post: Postprocess = Postprocess()
     input: str = ""
     data_class: DataClass = "private"
+    requires: Requires = msgspec.UNSET
+    app: App = msgspec.UNSET
 
 
 class BlobChunk(_Message, frozen=True, tag="blob"):
@@ -191,6 +225,7 @@ class BlobChunk(_Message, frozen=True, tag="blob"):
     offset: NonNegative
     data: bytes
     data_class: DataClass = "private"
+    app: App = msgspec.UNSET
 
 
 # --- persistent tasks (docs/tasks.md) ------------------------------------------------------
@@ -224,6 +259,7 @@ class TaskInstall(_Message, frozen=True, tag="task_install"):
     checkpoint_every_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
     # Its config, state and the messages it handles: a cloud tier installs only public tasks.
     data_class: DataClass = "private"
+    app: App = msgspec.UNSET
 
 
 class TaskControl(_Message, frozen=True, tag="task_control"):
@@ -254,6 +290,7 @@ class RunStart(_Message, frozen=True, tag="run_start"):
     args: list[str] = []
     stdin: bytes = b""
     data_class: DataClass = "private"
+    app: App = msgspec.UNSET
     checkpoint_every_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     checkpoint_every_mib: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     # Flow control of what the hop sends before its answer (docs/migration.md §8.4): at most
@@ -272,6 +309,7 @@ class RunResume(_Message, frozen=True, tag="run_resume"):
     module: Sha256
     snapshot: Sha256
     data_class: DataClass = "private"
+    app: App = msgspec.UNSET
     checkpoint_every_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     checkpoint_every_mib: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     window_bytes: NonNegative = 0  # as in RunStart
@@ -300,6 +338,11 @@ class RunControl(_Message, frozen=True, tag="run_control"):
     received: NonNegative = 0  # with "received": bytes, all the hop's so far
 
 
+class Usage(_Message, frozen=True, tag="usage"):
+    """This device's usage of the gateway (docs/quotas.md), by application; answered with
+    ``usage_result``."""
+
+
 Request = (
     Ping
     | WasmJob
@@ -315,6 +358,7 @@ Request = (
     | RunResume
     | RunControl
     | Describe
+    | Usage
 )
 
 
@@ -416,6 +460,10 @@ class Error(_Message, frozen=True, tag="error"):
     code: ErrorCode
     message: str
     job_id: str | None = None
+    # quota_exceeded: which quota ("cpu_s_per_day"...) and when it resets (unix seconds; left
+    # out when usage falls by itself: a job ending, a blob or task removed). Left out elsewhere.
+    quota: str | msgspec.UnsetType = msgspec.UNSET
+    resets_at: float | msgspec.UnsetType = msgspec.UNSET
 
 
 class RunResult(_Message, frozen=True, tag="run_result"):
@@ -556,6 +604,23 @@ class TaskListResult(_Message, frozen=True, tag="task_list_result"):
     tasks: list[TaskInfo]
 
 
+class AppUsage(msgspec.Struct, frozen=True, kw_only=True):
+    """One application of one device on a gateway (docs/quotas.md): the run time of its jobs
+    on the UTC day ``day``, and what it holds now."""
+
+    client_id: str
+    app: str
+    day: str  # "2026-12-04", UTC
+    cpu_s: float = 0.0  # run time of its jobs that day, seconds (what cpu_s_per_day counts)
+    jobs: int = 0  # jobs run that day
+    stored_bytes: int = 0  # blobs it uploaded that are still stored
+    tasks: int = 0  # tasks it installed that are still installed
+
+
+class UsageResult(_Message, frozen=True, tag="usage_result"):
+    usage: list[AppUsage]
+
+
 Reply = (
     Pong
     | WasmResult
@@ -577,6 +642,7 @@ Reply = (
     | RunRound
     | RunAck
     | Described
+    | UsageResult
 )
 
 
@@ -603,6 +669,8 @@ class GatewayStatus(_Message, frozen=True, tag="status"):
     tier: Literal["home", "cloud"] = "home"  # a cloud tier refuses private work
     runners: list[str] = []
     providers: list[str] = []  # onnxruntime execution providers, best first
+    accelerators: list[str] = []  # what ``requires.accelerator`` can name here: "cpu", "gpu"...
+    memory_mb: int = 0  # memory one job may use here, MiB (0: not said)
     capabilities: dict[str, str] = {}  # name -> version, e.g. "vision.faces"
     frames_dropped: int = 0  # stream frames replaced by newer ones (latest frame wins)
     workers: int = 0
