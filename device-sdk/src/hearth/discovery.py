@@ -42,6 +42,15 @@ class GatewayInfo:
     pairing_port: int | None = None  # where `hearth pair` talks to it (tls only)
     pinned_ca_fingerprint: str = ""  # what this device pinned when it paired with it, if it did
     rtt_probe: str = ""  # how rtt_ms was measured: "mqtt" (a ping) or "tcp" (a connect)
+    # The mDNS instance name: for people only (two boxes called raspberrypi: one of them is
+    # "raspberrypi (2)", RFC 6762 §9); gateways are told apart by ``key``.
+    instance: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What identifies a gateway: its id and its CA fingerprint (a plain listener has none:
+        its address then), never the instance name, which a conflict on the LAN changes."""
+        return (self.gateway_id, self.ca_fingerprint or str(self.broker))
 
     @property
     def paired(self) -> bool:
@@ -75,6 +84,7 @@ class GatewayInfo:
             "pinned_ca_fingerprint": self.pinned_ca_fingerprint,
             "ca_changed": self.ca_changed,
             "rtt_probe": self.rtt_probe,
+            "instance": self.instance,
         }
 
 
@@ -167,14 +177,22 @@ def discover(
                     continue
                 gw = _parse(dict(info.properties), info.parsed_addresses(), info.port or 1883)
                 if gw is not None:
+                    gw.instance = name.removesuffix(f".{SERVICE_TYPE}")
                     found[name] = gw
         browser.cancel()
     finally:
         zc.close()
-    gateways = list({g.gateway_id: g for g in found.values()}.values())
+    # One entry per gateway, however many names it answered under while renaming itself.
+    gateways = list({g.key: g for g in found.values()}.values())
+    fingerprints: dict[str, set[str]] = {}
+    for gw in gateways:
+        fingerprints.setdefault(gw.gateway_id, set()).add(gw.ca_fingerprint)
     for gw in gateways:
         paired = find_pairing(gw.gateway_id)
-        gw.pinned_ca_fingerprint = paired.ca_fingerprint if paired is not None else ""
+        pinned = paired.ca_fingerprint if paired is not None else ""
+        if pinned and gw.ca_fingerprint != pinned and pinned in fingerprints[gw.gateway_id]:
+            pinned = ""  # a namesake of the paired gateway, which is on the LAN too: unpaired
+        gw.pinned_ca_fingerprint = pinned
     if measure:
         for gw in gateways:
             gw.rtt_ms = measure_rtt(gw, probes)
