@@ -13,8 +13,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
-
-from zeroconf import IPVersion, ServiceBrowser, ServiceListener, Zeroconf
+from typing import TYPE_CHECKING, cast
 
 from hearth._connection import Connection
 from hearth._identity import ENV_CLIENT_ID, default_client_id, find_pairing, identity_for
@@ -22,6 +21,9 @@ from hearth._tls_probe import connect_ms
 from hearth.errors import HearthError
 from hearth.protocol import SERVICE_TYPE
 from hearth.transport import BrokerAddress
+
+if TYPE_CHECKING:
+    from zeroconf import ServiceListener, Zeroconf
 
 __all__ = ["GatewayInfo", "discover"]
 
@@ -88,7 +90,10 @@ class GatewayInfo:
         }
 
 
-class _Collector(ServiceListener):
+class _Collector:
+    """A zeroconf ServiceListener (duck-typed: zeroconf is imported only when discovering, so a
+    command that reaches its stored gateway does not pay for importing it)."""
+
     def __init__(self) -> None:
         self.names: set[str] = set()
         self.lock = threading.Lock()
@@ -153,6 +158,8 @@ def discover(
     then it returns as soon as one gateway is resolved. ``interface`` (an IP) restricts mDNS
     to one interface, e.g. "127.0.0.1" in tests.
     """
+    from zeroconf import IPVersion, ServiceBrowser, Zeroconf
+
     zc = (
         Zeroconf(interfaces=[interface], ip_version=IPVersion.V4Only)
         if interface
@@ -161,7 +168,7 @@ def discover(
     collector = _Collector()
     found: dict[str, GatewayInfo] = {}
     try:
-        browser = ServiceBrowser(zc, SERVICE_TYPE, collector)
+        browser = ServiceBrowser(zc, SERVICE_TYPE, cast("ServiceListener", collector))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             time.sleep(0.05)
