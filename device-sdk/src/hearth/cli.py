@@ -28,7 +28,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from hearth import __version__
+import hearth
 from hearth._completion import add_completion_command, autocomplete, print_shellcode
 from hearth._gateway import ENV_GATEWAY, ENV_INTERFACE
 from hearth._identity import ENV_CLIENT_ID
@@ -154,6 +154,14 @@ examples:
 """
 
 
+class _Version(argparse.Action):
+    """``--version``, the version read only when asked for (hearth.__getattr__)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(f"{parser.prog} {hearth.__version__}")  # on stdout, as argparse's own does
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hearth",
@@ -161,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = _command(
