@@ -259,3 +259,52 @@ def test_two_gateways_with_one_id_are_both_discovered_by_their_ca(
                   "/dev/null", env=env)  # fmt: skip
     assert ran.returncode == 3
     assert b"2 gateways on the LAN call themselves" in ran.stderr
+
+
+_ADVERTISED = """
+import json, sys
+from pathlib import Path
+from hearth.transport import BrokerAddress
+from hearth_gateway.discovery import advertised_addresses
+from hearth_gateway.pki import LocalCA, certificate_ips
+lan = BrokerAddress("0.0.0.0", 8883)
+ca = LocalCA(Path(sys.argv[1]), "gw-two-nics")
+hosts = ["localhost", "127.0.0.1", "::1", *advertised_addresses(lan, None)]  # as pairing_for
+ca.ensure_server_cert(hosts)
+named = certificate_ips(ca.server_cert_path)
+print(json.dumps({"named": sorted(named), "advertised": advertised_addresses(lan, None, named),
+                  "stale": advertised_addresses(lan, None, {"10.77.0.9"})}))
+"""
+
+
+@pytest.mark.root
+def test_a_box_with_several_interfaces_advertises_only_what_its_certificate_names(
+    tmp_path: Path,
+) -> None:
+    """In a network namespace of its own: a LAN interface and a docker bridge (each one end of
+    a veth pair: this kernel has no dummy interfaces)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a network namespace")
+    ns = f"hearth-nics-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for dev, address in (("lan0", "10.77.0.2/24"), ("docker0", "172.31.0.1/16")):
+            for cmd in (
+                ["ip", "link", "add", dev, "type", "veth", "peer", "name", f"{dev}p"],
+                ["ip", "addr", "add", address, "dev", dev],
+                ["ip", "link", "set", dev, "up"],
+            ):
+                subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True)
+        out = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", _ADVERTISED, str(tmp_path / "pki")],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    seen = json.loads(out.stdout)
+    assert "10.77.0.2" in seen["named"]
+    assert "172.31.0.1" not in seen["named"]  # the docker bridge
+    assert seen["advertised"] == ["10.77.0.2"]
+    # A certificate that names none of the box's addresses any more: nothing of the LAN is
+    # advertised (only loopback), rather than an address the device's TLS check would refuse.
+    assert seen["stale"] == ["127.0.0.1"]

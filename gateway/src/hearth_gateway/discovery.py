@@ -30,6 +30,13 @@ log = logging.getLogger(__name__)
 
 _MAX_RENAMES = 32  # past "(32)" something other than a crowd of namesakes is wrong
 _LABEL_BYTES = 63  # a DNS label's limit (the instance name is one label)
+# Interfaces no LAN device reaches the box through: container and VM bridges, their veths, VPN
+# tunnels. Their addresses are neither advertised nor put in the device listener's certificate
+# (mdns_interface names the one to use when the guess is wrong).
+_VIRTUAL = (
+    "docker", "br-", "veth", "virbr", "cni", "flannel", "cali", "podman", "lxcbr", "lxdbr",
+    "vmnet", "vboxnet", "tailscale", "zt", "tun", "wg",
+)  # fmt: skip
 
 
 def default_instance_name() -> str:
@@ -41,7 +48,8 @@ def advertised_addresses(
     broker: BrokerAddress, interface_ip: str | None, named: Iterable[str] | None = None
 ) -> list[str]:
     """The addresses devices should use: the broker's own if it listens on one address, else
-    the mDNS interface's, else every non-loopback IPv4 address of the box. ``named``: the IP
+    the mDNS interface's, else every non-loopback IPv4 address of the box but those of virtual
+    interfaces (``_VIRTUAL``: docker0, a VPN...). ``named``: the IP
     addresses the listener's TLS certificate names; an address it does not name (a docker
     bridge, a VPN that came up after the certificate was issued) would fail the device's
     certificate check, so it is not advertised."""
@@ -56,6 +64,7 @@ def advertised_addresses(
     addresses = [
         str(ip.ip)
         for adapter in ifaddr.get_adapters()
+        if not adapter.nice_name.startswith(_VIRTUAL)
         for ip in adapter.ips
         if ip.is_IPv4 and not str(ip.ip).startswith("127.")
     ]
