@@ -5,6 +5,7 @@ real `hearth` command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,8 +18,10 @@ from typing import Any
 
 import pytest
 
-from hearth._known import known_gateways
+from hearth._identity import Pairing
+from hearth._known import known_gateways, load_known
 from hearth.pairing import pair
+from hearth.placement import Estimates, Placement, decide
 from hearth.transport import BrokerAddress
 from testkit.gateway import GatewayProcess
 from testkit.net import free_port
@@ -308,3 +311,46 @@ def test_a_box_with_several_interfaces_advertises_only_what_its_certificate_name
     # A certificate that names none of the box's addresses any more: nothing of the LAN is
     # advertised (only loopback), rather than an address the device's TLS check would refuse.
     assert seen["stale"] == ["127.0.0.1"]
+
+
+def _pairing(root: Path, gateway_id: str, fingerprint: str) -> Pairing:
+    directory = root / "gateways" / gateway_id
+    directory.mkdir(parents=True)
+    p = Pairing(gateway_id, "cam-1", "127.0.0.1", 8883, fingerprint, str(directory), 8884)
+    (directory / "pairing.json").write_text(json.dumps(dataclasses.asdict(p)))
+    return p
+
+
+def test_the_known_gateways_store_keeps_address_rtt_and_measurements(tmp_path: Path) -> None:
+    slow = load_known(_pairing(tmp_path, "attic", "aa" * 32))
+    slow.answered(BrokerAddress("192.168.1.20", 8883), 4.0)
+    slow.estimates["wasm:abc"] = Estimates(local_ms=9.0, edge_ms=3.0, calls=7, warmed={"edge"})
+    slow.save()
+    fast = load_known(_pairing(tmp_path, "cellar", "bb" * 32))
+    fast.answered(BrokerAddress("192.168.1.21", 8883), 1.0)
+    fast.save()
+    found = known_gateways(tmp_path)
+    assert [k.gateway_id for k in found] == ["cellar", "attic"]  # the quicker last time first
+    attic = found[1]
+    assert attic.address == BrokerAddress("192.168.1.20", 8883)
+    loaded = attic.estimates["wasm:abc"]
+    assert (loaded.local_ms, loaded.edge_ms, loaded.calls, loaded.warmed) == (9.0, 3.0, 7, {"edge"})
+    assert loaded.stored_calls == 7
+    reason = decide(Placement.AUTO, gateway=True, local=True, estimates=loaded).reason
+    assert reason == "edge 3.0 ms <= local 9.0 ms (measured; stored from 7 earlier calls)"
+
+
+def test_measurements_of_another_identity_or_a_torn_file_are_a_fresh_start(
+    tmp_path: Path,
+) -> None:
+    pairing = _pairing(tmp_path, "attic", "aa" * 32)
+    known = load_known(pairing)
+    known.estimates["k"] = Estimates(local_ms=1.0, edge_ms=2.0, calls=3)
+    known.save()
+    # The gateway was paired again with another CA: what was measured is not carried over.
+    other = dataclasses.replace(pairing, ca_fingerprint="cc" * 32)
+    assert load_known(other).estimates == {}
+    known.path.write_text('{"ca_fingerprint": "' + "aa" * 32 + '", "estimates": {"k": [')
+    fresh = load_known(pairing)
+    assert fresh.estimates == {}
+    assert fresh.address == pairing.address  # back to where pairing found it

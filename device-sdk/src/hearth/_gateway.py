@@ -118,7 +118,7 @@ class GatewayLink:
     def _by_name(self, name: str) -> Target:
         """``HOST:PORT`` (or an IP literal), else a gateway id: a paired one at its last
         address, else the one discovery finds by that id, else a host name after all."""
-        if ":" in name or _is_ip(name):
+        if ":" in name or _is_ip(name) or name == "localhost":
             return Target(BrokerAddress.parse(name))
         known = resolve_name(name)
         if known is not None:

@@ -168,11 +168,13 @@ def _pairing_address(
         # the fingerprint with what `hearth-gateway pair` printed: the CLI shows both).
         found = [g for g in discover(interface=interface, measure=False) if g.pairing_port]
         same = [g for g in found if g.gateway_id == gateway]
-        if len(same) != 1:
+        if not same:  # no gateway of that id: a host name after all
+            return BrokerAddress.parse(gateway, default_port=_DEFAULT_PAIRING_PORT), ""
+        if len(same) > 1:
             prints = ", ".join(g.ca_fingerprint[:16] + "..." for g in same)
             raise PairingError(
-                f"found {len(same)} gateways with id {gateway!r} offering pairing over mDNS"
-                + (f" (CA fingerprints {prints}): name one by HOST:PORT" if same else "")
+                f"found {len(same)} gateways with id {gateway!r} offering pairing over mDNS "
+                f"(CA fingerprints {prints}): name one by HOST:PORT"
             )
         gateway = same[0]
     if gateway is None:
