@@ -178,3 +178,31 @@ def test_call_reports_the_gateways_error_code(gateway, tmp_path: Path) -> None:
     assert b"bad_image" in result.stderr
     unknown = _hearth("call", "vision.nope", "--gateway", gateway.address, "--image", str(garbage))
     assert b"unknown_capability" in unknown.stderr
+
+
+def test_describe_prints_a_model_s_inputs_and_outputs(gateway, examples) -> None:
+    model = str(examples / "models" / "digits.onnx")
+    plain = _hearth("describe", "--gateway", gateway.address, model)
+    as_json = _hearth("describe", "--gateway", gateway.address, model, "--json")
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.startswith(b"inputs:\n  input: float32 [")
+    assert b"outputs:\n  label: " in plain.stdout
+    described = json.loads(as_json.stdout)
+    assert described["kind"] == "onnx"
+    assert [o["name"] for o in described["outputs"]] == ["label", "probabilities"]
+
+
+def test_describe_of_a_module_lists_its_imports_and_exports(gateway, wasm) -> None:
+    result = _hearth("describe", "--gateway", gateway.address, str(wasm["echo"]))
+    assert result.returncode == 0, result.stderr
+    assert b"  wasi_snapshot_preview1.fd_write (func)\n" in result.stdout
+    assert b"exports:\n" in result.stdout
+    assert b"  _start (func)\n" in result.stdout
+
+
+def test_describe_of_a_file_that_is_neither_fails_with_125(gateway, tmp_path: Path) -> None:
+    bad = tmp_path / "x.onnx"
+    bad.write_bytes(b"not a model")
+    result = _hearth("describe", "--gateway", gateway.address, str(bad))
+    assert result.returncode == 125
+    assert b"invalid_model" in result.stderr

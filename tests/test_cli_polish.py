@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import io
 import os
 import pty
 import re
@@ -224,3 +225,39 @@ def test_shell_completion_registers_and_completes(
     )
     assert asked.returncode == 0, asked.stderr
     assert expected in [word.strip() for word in out.read_text().split("\013")]
+
+
+def test_a_download_bar_follows_a_large_reply_as_it_arrives_and_ends_at_100() -> None:
+    # paho hands over a message only whole, so the bar polls how much of the packet arriving
+    # now has come (Connection.receiving); here that reading is scripted, the bar is real.
+    from hearth._progress import DownloadBar
+
+    size = 20 << 20
+    readings: list[tuple[int, int] | None] = [
+        None,
+        (1 << 20, 1 << 20),  # under the threshold: no bar
+        (0, size),
+        (size // 2, size),
+        None,  # received whole: the bar is finished and closed
+    ]
+    stream = io.StringIO()
+    bar = DownloadBar(lambda: readings.pop(0), stream=stream, interval_s=3600)
+    for _ in range(5):
+        bar.poll()
+    bar.close()
+    bar.close()  # idempotent
+    text = stream.getvalue()
+    assert text.count("download") >= 1
+    assert "100%" in text
+    assert "20.0M" in text
+    assert "1.00M" not in text  # the small reply drew nothing
+
+
+def test_the_connection_reports_no_packet_arriving_between_replies(gateway, wasm) -> None:
+    # Read from paho's real packet buffer: between replies nothing is arriving (a reading
+    # stuck on the last packet would draw a bar that never ends).
+    with gateway.client() as client:
+        assert client.receiving() is None  # not connected yet
+        run = client.run_wasm(wasm["echo"], stdin=b"x" * (1 << 20), where="edge")
+        assert run.stdout == b"x" * (1 << 20)
+        assert client.receiving() is None

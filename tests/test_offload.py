@@ -145,19 +145,43 @@ def test_a_job_id_seen_twice_returns_the_stored_answer(gateway: GatewayProcess, 
 def test_a_job_id_re_used_with_other_content_is_a_conflict(gateway: GatewayProcess, wasm) -> None:
     with gateway.client() as client:
         first = client.run_wasm(wasm["echo"], stdin=b"one", job_id="re-used", where="edge")
-        with pytest.raises(hearth.JobError) as info:
-            client.run_wasm(wasm["echo"], stdin=b"two", job_id="re-used", where="edge")
-        again = client.run_wasm(wasm["echo"], stdin=b"one", job_id="re-used", where="edge")
-        # The device's local runtime keeps no journal: a job id only labels its result there.
-        local = client.run_wasm(wasm["echo"], stdin=b"two", job_id="re-used", where="local")
+    # Another client (another process, say) with the same id: the gateway's journal refuses it.
+    with gateway.client() as other, pytest.raises(hearth.JobError) as info:
+        other.run_wasm(wasm["echo"], stdin=b"two", job_id="re-used", where="edge")
+    with gateway.client() as third:
+        again = third.run_wasm(wasm["echo"], stdin=b"one", job_id="re-used", where="edge")
     assert info.value.code == hearth.ErrorCode.CONFLICT
     assert not info.value.code.retryable
     assert "re-used" in info.value.message
     assert first.stdout == again.stdout == b"one"
     assert again.timing == first.timing  # the stored answer, with its first timing
-    assert local.stdout == b"two"
     assert wait_until(lambda: gateway.snapshot().jobs_duplicate >= 1, timeout_s=10)
     assert gateway.snapshot().jobs_completed == 1  # the job ran once
+
+
+@pytest.mark.parametrize("where", ["local", "edge"])
+def test_a_job_id_re_used_on_the_device_is_a_conflict_whichever_side_runs_it(
+    gateway: GatewayProcess, wasm, where: str
+) -> None:
+    # The device's own runtime keeps no journal; the client remembers the ids it was given,
+    # so one id means one job on both sides (the local side is the must-show).
+    with gateway.client() as client:
+        first = client.run_wasm(wasm["echo"], stdin=b"one", job_id=f"dev-{where}", where=where)
+        same = client.run_wasm(wasm["echo"], stdin=b"one", job_id=f"dev-{where}", where=where)
+        with pytest.raises(hearth.JobError) as info:
+            client.run_wasm(wasm["echo"], stdin=b"two", job_id=f"dev-{where}", where="local")
+        with pytest.raises(hearth.JobError) as async_info:
+            client.run_wasm_async(
+                wasm["echo"], stdin=b"two", job_id=f"dev-{where}", where=where
+            ).result(timeout=30)
+        other = client.run_wasm(wasm["echo"], stdin=b"two", job_id=f"new-{where}", where=where)
+    assert first.stdout == same.stdout == b"one"
+    assert other.stdout == b"two"
+    for refused in (info.value, async_info.value):
+        assert refused.code == hearth.ErrorCode.CONFLICT
+        assert f"dev-{where}" in refused.message
+        assert refused.job_id == f"dev-{where}"
+    assert info.value.where == "local"
 
 
 def test_a_re_sent_job_is_the_same_job_however_it_is_encoded(gateway: GatewayProcess, wasm) -> None:
@@ -389,3 +413,26 @@ def test_describe_tells_a_model_s_inputs_and_outputs_and_a_module_s_imports_and_
     assert described_module.inputs == described_module.outputs == []
     assert isinstance(refused, Error)
     assert refused.code == ErrorCode.INVALID_MODEL  # not binary WebAssembly: read as a model
+
+
+def test_the_client_describes_a_model_and_a_module_uploading_them_first(
+    gateway: GatewayProcess, examples: Path, wasm, tmp_path: Path
+) -> None:
+    model = examples / "models" / "digits.onnx"
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    bad = tmp_path / "garbage.onnx"
+    bad.write_bytes(b"neither a model nor a module")
+    with gateway.client() as client:
+        described_model = client.describe(model)  # not on the gateway yet: uploaded
+        described_module = client.describe(wasm["echo"].read_bytes())
+        with pytest.raises(hearth.JobError) as info:
+            client.describe(bad)
+        after = client.describe(model)
+    assert described_model.kind == "onnx"
+    assert [i.name for i in described_model.inputs] == [i.name for i in session.get_inputs()]
+    assert [o.name for o in described_model.outputs] == ["label", "probabilities"]
+    assert described_module.kind == "wasm"
+    assert WasmExport("_start", "func") in described_module.exports
+    assert info.value.code == hearth.ErrorCode.INVALID_MODEL
+    # Asked again: the same answer, under the new request's own job id.
+    assert after == msgspec.structs.replace(described_model, job_id=after.job_id)

@@ -258,6 +258,7 @@ def test_deb_installs_pairs_a_device_runs_its_job_and_purges_clean() -> None:
     assert not failed, failed
     assert tried.returncode == 0, tried.stderr[-3000:]
     assert steps["version"] == f"hearth-gateway {_version('gateway')}"
+    assert "devices" in steps["completion"]  # bash completion, installed and answering
     assert "--config /etc/hearth/gateway.toml" in steps["exec_start"]
     assert steps["doctor"]["worker network"] == "ok"
     assert steps["job"] == "hello from a packaged gateway"

@@ -131,6 +131,15 @@ if [ "$ACCEL" = openvino ]; then
             -c constraints-openvino.txt onnxruntime-openvino
     }
 fi
+# Tab completion for hearth-gateway (argcomplete is in the venv): bash-completion loads the
+# file named after the command on its first <Tab>, fish its vendor file. zsh users source
+# `hearth-gateway completion zsh` themselves: argcomplete's zsh code is not an autoload function.
+step "shell completion"
+BASH_COMPLETIONS=$STAGE/usr/share/bash-completion/completions
+FISH_COMPLETIONS=$STAGE/usr/share/fish/vendor_completions.d
+mkdir -p "$BASH_COMPLETIONS" "$FISH_COMPLETIONS"
+"$VENV/bin/python" -m hearth_gateway.cli completion bash > "$BASH_COMPLETIONS/hearth-gateway"
+"$VENV/bin/python" -m hearth_gateway.cli completion fish > "$FISH_COMPLETIONS/hearth-gateway.fish"
 # The package manages this venv; nobody should pip-install into it, so pip does not ship.
 "$VENV/bin/python" -m pip uninstall -q -y pip setuptools >/dev/null 2>&1 || true
 rm -rf "$VENV/bin/pip" "$VENV/bin/pip3" "$VENV/bin/pip$PYVER"

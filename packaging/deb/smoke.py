@@ -106,6 +106,27 @@ def main() -> None:  # noqa: PLR0915 - one scenario, told in order
     )
     version = run("hearth-gateway", "--version")
     step("version", version.returncode == 0, version.stdout.strip() or version.stderr)
+    # The completion file bash-completion loads on the first <Tab>, answering as bash asks.
+    completion = Path("/usr/share/bash-completion/completions/hearth-gateway")
+    answer = Path("/run/hearth-completion.out")  # the throwaway root's own /run
+    asked = run(
+        "hearth-gateway",
+        env={
+            **os.environ,
+            "_ARGCOMPLETE": "1",
+            "_ARGCOMPLETE_IFS": "\n",
+            "_ARGCOMPLETE_STDOUT_FILENAME": str(answer),  # not bash's fd 8
+            "COMP_LINE": "hearth-gateway dev",
+            "COMP_POINT": "18",
+        },
+    )
+    offered = answer.read_text().split() if answer.exists() else []
+    answer.unlink(missing_ok=True)
+    step(
+        "completion",
+        "_python_argcomplete" in completion.read_text() and "devices" in offered,
+        offered or asked.stderr.strip(),
+    )
     # What an admin does to start it at boot: links that purge must remove again.
     # deb-systemd-helper makes the same links where systemd itself is not installed.
     enabler = "systemctl" if shutil.which("systemctl") else "deb-systemd-helper"

@@ -162,6 +162,22 @@ class Connection:
             self.close()
             raise GatewayUnavailable(f"no Hearth gateway online at {address}")
 
+    def receiving(self) -> tuple[int, int] | None:
+        """(bytes received, size) of the MQTT packet arriving now, for a download's progress
+        bar; None between packets. paho delivers a message only whole and has no hook for its
+        parts, so this reads its packet buffer (paho-mqtt 2.2, pinned in constraints.txt): a
+        racy read of two ints, for display only; any other paho shows no bar."""
+        packet = getattr(self._client, "_in_packet", None)
+        try:
+            if not packet or not packet["have_remaining"]:
+                return None
+            size, left = int(packet["remaining_length"]), int(packet["to_process"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        # All of it here: it is being handled (its reply may be delivered already), not
+        # arriving; paho resets the buffer only after its callbacks return.
+        return (size - left, size) if left else None
+
     # -- paho's thread ----------------------------------------------------------------------
 
     def _connected(self) -> None:

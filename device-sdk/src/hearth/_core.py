@@ -81,6 +81,12 @@ class ClientCore:
     def upload_progress(self, progress: UploadProgress | None) -> None:
         self._offload.uploads.progress = progress
 
+    def receiving(self) -> tuple[int, int] | None:
+        """(bytes received, size) of the reply arriving from the gateway now, or None: what a
+        download progress bar shows (``hearth._progress.DownloadBar``)."""
+        conn = self._link.current
+        return conn.receiving() if conn is not None else None
+
     def __enter__(self) -> Self:
         return self
 

@@ -21,11 +21,21 @@ from hearth._connection import Connection
 from hearth._futures import running
 from hearth._results import Stats
 from hearth.errors import GatewayUnavailable, JobError, NotPaired
-from hearth.protocol import Error, NeedBlob, OnnxJob, PipelineJob, Reply, TaskInstall, WasmJob
+from hearth.protocol import (
+    DataClass,
+    Describe,
+    Error,
+    NeedBlob,
+    OnnxJob,
+    PipelineJob,
+    Reply,
+    TaskInstall,
+    WasmJob,
+)
 
 __all__ = ["Job", "Link", "Offloader", "Sent"]
 
-Job = WasmJob | OnnxJob | PipelineJob | TaskInstall
+Job = WasmJob | OnnxJob | PipelineJob | TaskInstall | Describe
 
 _MAX_UPLOADS = 2  # need_blob answers per job: a third means the gateway cannot keep it
 
@@ -143,8 +153,11 @@ class Sent:
             return
         if isinstance(reply, NeedBlob) and self.uploads < _MAX_UPLOADS and self.conn is not None:
             self.uploads += 1
+            # A describe carries no label: what it uploads is private, as everything is
+            # unless labelled public (the gateway keeps a blob's first label).
+            data_class: DataClass = getattr(self.job, "data_class", "private")
             uploaded = self.offloader.uploads.ensure(
-                self.conn, self.blob, reply.max_chunk, self.job.data_class, self.sent_at
+                self.conn, self.blob, reply.max_chunk, data_class, self.sent_at
             )
             uploaded.add_done_callback(self._uploaded)
             return

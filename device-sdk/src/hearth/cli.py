@@ -10,6 +10,7 @@
     hearth tasks install|list|show|pause|resume|cancel ...
     hearth notifications [--for S] [--json]
     hearth call CAPABILITY [--image FILE] [--param KEY=VALUE ...] [--json]
+    hearth describe MODEL.onnx|MODULE.wasm [--json]  (inputs/outputs, imports/exports)
     hearth pair CODE [--gateway ID|HOST:PORT] [--ca-fingerprint HEX] [--id DEVICE_ID]
     hearth completion bash|zsh|fish                 (tab completion, with argcomplete)
 
@@ -28,11 +29,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import msgspec
+
 import hearth
 from hearth._completion import add_completion_command, autocomplete, print_shellcode
 from hearth._gateway import ENV_GATEWAY, ENV_INTERFACE
 from hearth._identity import ENV_CLIENT_ID
-from hearth._progress import UploadBars
+from hearth._progress import DownloadBar, UploadBars, on_terminal
 from hearth._runs_cli import (
     add_migrate_command,
     add_resume_command,
@@ -129,19 +132,34 @@ def _gateway_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _ShellClient(Client):
+    """A client that draws progress bars on a terminal: uploads of modules and models, and
+    downloads of results and snapshots, over ``PROGRESS_MIN_BYTES`` (hearth._progress)."""
+
+    _download: DownloadBar | None = None
+
+    def show_progress(self) -> None:
+        self.upload_progress = UploadBars().callback
+        self._download = DownloadBar(self.receiving)
+
+    def close(self) -> None:
+        super().close()
+        if self._download is not None:
+            self._download.close()
+
+
 def _client(args: argparse.Namespace, placement: str = "auto") -> Client:
     """A client as the gateway options (``_gateway_options``) say, drawing progress bars for
-    large uploads when stderr is a terminal."""
-    client = Client(
+    large uploads and downloads when stderr is a terminal."""
+    client = _ShellClient(
         args.gateway,
         interface=args.interface,
         timeout_s=args.timeout,
         client_id=args.client_id,
         placement=placement,
     )
-    bars = UploadBars.for_terminal()
-    if bars is not None:
-        client.upload_progress = bars.callback
+    if on_terminal():
+        client.show_progress()
     return client
 
 
@@ -269,6 +287,16 @@ def _parser() -> argparse.ArgumentParser:
         "--session", metavar="ID", help="the frame belongs to this session (vision.odometry)"
     )
     c.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    ds = _command(
+        sub,
+        "describe",
+        "show an ONNX model's inputs and outputs or a WebAssembly module's imports and "
+        "exports, as the gateway reads them",
+        "examples:\n  hearth describe digits.onnx\n  hearth describe filter.wasm --json\n",
+    )
+    _gateway_options(ds)
+    ds.add_argument("file", type=Path, help="the model (.onnx) or module (.wasm)")
+    ds.add_argument("--json", action="store_true", help="print the answer as JSON")
     p = _command(
         sub,
         "pair",
@@ -552,6 +580,28 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe(args: argparse.Namespace) -> int:
+    with _client(args, placement="edge") as client:
+        described = client.describe(args.file)
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(described), indent=2))
+        return 0
+    if described.kind == "onnx":
+        for heading, tensors in (("inputs", described.inputs), ("outputs", described.outputs)):
+            print(f"{heading}:")
+            for t in tensors:
+                shape = ", ".join(str(d) if d != "" else "?" for d in t.shape)
+                print(f"  {t.name}: {t.dtype} [{shape}]")
+        return 0
+    print("imports:")
+    for imp in described.imports:
+        print(f"  {imp.module}.{imp.name} ({imp.kind})")
+    print("exports:")
+    for exp in described.exports:
+        print(f"  {exp.name} ({exp.kind})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 - one return per exit code
     parser = _parser()
     autocomplete(parser)
@@ -565,6 +615,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 - one return pe
         "tasks": _tasks,
         "notifications": _notifications,
         "call": _call,
+        "describe": _describe,
         "pair": _pair,
         "migrate": migrate,
         "resume": _resume,

@@ -27,6 +27,7 @@ from typing import Any, Literal, TypeVar
 from hearth._blobs import Blob
 from hearth._futures import chain, race, running, then
 from hearth._hedge import Hedger
+from hearth._job_ids import JobIds
 from hearth._local import LocalRuntimes, local_runtimes_installed
 from hearth._results import Inference, WasmRun
 from hearth._tasks import TaskCalls
@@ -34,7 +35,16 @@ from hearth.discovery import GatewayInfo
 from hearth.errors import ErrorCode, GatewayUnavailable, JobError
 from hearth.migration import LinkPolicy, MigratableRun, load_module
 from hearth.placement import Decision, Estimates, Placement, decide
-from hearth.protocol import DataClass, OnnxJob, OnnxResult, Reply, WasmJob, WasmResult
+from hearth.protocol import (
+    DataClass,
+    Describe,
+    Described,
+    OnnxJob,
+    OnnxResult,
+    Reply,
+    WasmJob,
+    WasmResult,
+)
 from hearth.runtime.limits import WasmLimits
 from hearth.vision import VisionCalls
 
@@ -113,6 +123,7 @@ class Client(VisionCalls, TaskCalls):
         # for a module that has no migration point to stop at: hearth._hedge).
         self.hedge_cancels = True
         self._peers: dict[str, Client] = {}  # gateways runs were sent on to, by address
+        self._job_ids = JobIds()  # ids the caller chose: one id, one job, on either side
 
     def close(self) -> None:
         if self._closed:
@@ -203,6 +214,22 @@ class Client(VisionCalls, TaskCalls):
                 model, inputs, outputs, where=where, job_id=job_id, data_class=data_class
             )
         )
+
+    def describe(self, blob: bytes | str | Path) -> Described:
+        """What a model or module offers, as the gateway reads it: an ONNX model's inputs and
+        outputs (names, dtypes, shapes), a WebAssembly module's imports and exports
+        (``Described.kind`` says which). The gateway is asked (the device may have no
+        runtimes), and the file is uploaded first if it lacks it. Raises JobError
+        (``invalid_model``, ``invalid_module``...) or GatewayUnavailable."""
+        data = self._blob(blob)
+        # What a file holds is private until labelled otherwise: only a LAN gateway sees it.
+        if (why := self.private_refusal(True)) is not None:
+            raise JobError(ErrorCode.POLICY_DENIED, why)
+        request = Describe(job_id=uuid.uuid4().hex, blob=data.sha256)
+        reply = self._offload.submit(None, request, data).outcome.result()
+        if not isinstance(reply, Described):
+            raise JobError(ErrorCode.MALFORMED, f"unexpected reply {type(reply).__name__}")
+        return reply
 
     # -- migratable runs (hearth.migration, docs/migration.md) ------------------------------
 
@@ -367,6 +394,8 @@ class Client(VisionCalls, TaskCalls):
             data_class=data_class,
         )
         plan = self._plan(f"wasm:{blob.sha256}", where, private=data_class == "private")
+        if job_id is not None:
+            self._job_ids.check(job_id, job, plan.where)
         hedge = plan.where == "hedge" and self.hedge_cancels
         if hedge and (migratable := self._hedger.migratable(blob.data)):
             plan = dataclasses.replace(plan, hedged=lambda: self._hedger.start(job, migratable))
@@ -397,6 +426,8 @@ class Client(VisionCalls, TaskCalls):
             data_class=data_class,
         )
         plan = self._plan(f"onnx:{blob.sha256}", where, private=data_class == "private")
+        if job_id is not None:
+            self._job_ids.check(job_id, job, plan.where)
         return (
             plan,
             lambda: self._send(job, blob, OnnxResult, _inference, plan.patience_s),

@@ -11,7 +11,6 @@ refusal goes back to the sender as an ``error`` reply with its ErrorCode and is 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from hearth.protocol import (
     decode_reply,
     decode_request,
     encode,
+    job_digest,
     parse_request_topic,
     reply_prefix,
 )
@@ -405,9 +405,7 @@ class Dispatcher:
             need = NeedBlob(job_id=job.job_id, sha256=missing, max_chunk=max_chunk)
             self._publish(reply_to, encode(need))
             return None
-        # The digest of the decoded job, encoded again: the same content however a client
-        # encoded it (key order, defaults left out). The SDK re-sends the same job.
-        digest = hashlib.sha256(encode(job)).digest()
+        digest = job_digest(job)  # the SDK re-sends the same job: the same digest
         entry = JournalEntry(
             client_id, job.job_id, payload, reply_to.topic, reply_to.correlation, digest
         )

@@ -8,6 +8,7 @@ from hearth.protocol.codec import (
     decode_request,
     decode_status,
     encode,
+    job_digest,
 )
 from hearth.protocol.messages import (
     PROTOCOL_VERSION,
@@ -122,6 +123,7 @@ __all__ = [
     "decode_request",
     "decode_status",
     "encode",
+    "job_digest",
     "notify_topic",
     "parse_request_topic",
     "reply_prefix",

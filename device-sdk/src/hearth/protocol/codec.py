@@ -3,6 +3,7 @@ dict from the network."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import TypeVar
 
 import msgspec
@@ -24,6 +25,7 @@ __all__ = [
     "decode_status",
     "decode_with",
     "encode",
+    "job_digest",
 ]
 
 CONTENT_TYPE = "application/vnd.hearth.v1+msgpack"
@@ -48,6 +50,13 @@ _head_decoder = msgspec.msgpack.Decoder(_Head)
 
 def encode(message: msgspec.Struct) -> bytes:
     return _encoder.encode(message)
+
+
+def job_digest(job: msgspec.Struct) -> bytes:
+    """sha256 of a decoded job encoded again: the same content however a client encoded it
+    (key order, defaults left out). A job id sent again with another digest is a ``conflict``
+    (docs/protocol.md §8), on the gateway and in the device's own runtime alike."""
+    return hashlib.sha256(_encoder.encode(job)).digest()
 
 
 def decode_with(decoder: msgspec.msgpack.Decoder[T], payload: bytes | bytearray) -> T:
