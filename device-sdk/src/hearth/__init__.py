@@ -8,8 +8,6 @@ the same jobs on the device when it is out of reach.
 ...     print(run.where, run.reason, f"{run.latency_ms:.1f} ms")
 """
 
-from importlib import metadata as _metadata
-
 from hearth.client import Client, Inference, WasmRun
 from hearth.discovery import GatewayInfo, discover
 from hearth.errors import (
@@ -27,10 +25,21 @@ from hearth.errors import (
 from hearth.placement import Placement
 from hearth.vision import Call, CameraStream, Dropped, OdometrySession, PipelineRun
 
-try:  # one place for the version: device-sdk/pyproject.toml, read from the installed metadata
-    __version__ = _metadata.version("hearth-device-sdk")
-except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
-    __version__ = "0+unknown"
+
+def __getattr__(name: str) -> str:
+    """``__version__``, read when first asked for: importlib.metadata costs about a fifth of
+    the import time every ``hearth`` command pays before it starts its job."""
+    if name != "__version__":
+        raise AttributeError(f"module 'hearth' has no attribute {name!r}")
+    from importlib import metadata
+
+    try:  # one place for the version: device-sdk/pyproject.toml, from the installed metadata
+        version = metadata.version("hearth-device-sdk")
+    except metadata.PackageNotFoundError:  # a source tree that was never installed
+        version = "0+unknown"
+    globals()["__version__"] = version
+    return version
+
 
 __all__ = [
     "Call",

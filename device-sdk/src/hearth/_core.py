@@ -65,6 +65,18 @@ class ClientCore:
         return self._link.client_id
 
     @property
+    def gateway_id(self) -> str | None:
+        """The id of the gateway connected to (None before connecting): what lives on one
+        gateway (tasks, notifications, runs) is reported with it."""
+        conn = self._link.current
+        return conn.gateway_id if conn is not None else None
+
+    @property
+    def gateway_found(self) -> str:
+        """How the gateway was found (its stored address, named, mDNS) and how long it took."""
+        return self._link.found
+
+    @property
     def upload_progress(self) -> UploadProgress | None:
         """Called as an upload's chunks reach the broker: ``(sha256, bytes_acked, size)``, from
         the MQTT network thread (so: quick, and no calls back into the client). None: off."""

@@ -1,5 +1,7 @@
 """Which gateway a client talks to, its one live connection, and whether private work may go
-there: named (``HOST:PORT``, ``$HEARTH_GATEWAY``, a ``GatewayInfo``) or found over mDNS.
+there: named (``HOST:PORT``, a gateway id, ``$HEARTH_GATEWAY``, a ``GatewayInfo``), else the
+paired gateway that answered quickest last time if its last address still answers (no
+discovery: ``hearth._known``), else found over mDNS.
 
 A connection lost, or a gateway gone offline, costs the calls in flight latency, not errors:
 each waits (``when_usable``) for the link to be usable again, on one named thread for all of
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import ipaddress
 import itertools
 import os
 import threading
@@ -22,20 +25,25 @@ from concurrent.futures import Future, InvalidStateError
 
 from hearth._connection import Connection
 from hearth._futures import running
+from hearth._known import KnownGateway, known_gateways, resolve_name
 from hearth._lan import on_lan
+from hearth._tls_probe import connect_ms
 from hearth._trust import Target, changed_identity, secure_identity
 from hearth.discovery import GatewayInfo, discover
-from hearth.errors import GatewayUnavailable, NotPaired
+from hearth.errors import GatewayUnavailable, HearthError, NotPaired
 from hearth.placement import Placement
 from hearth.transport import BrokerAddress
 
 __all__ = ["ENV_GATEWAY", "ENV_INTERFACE", "GatewayLink"]
 
-ENV_GATEWAY = "HEARTH_GATEWAY"  # HOST:PORT: skip discovery
+ENV_GATEWAY = "HEARTH_GATEWAY"  # HOST:PORT or a gateway id: skip discovery
 ENV_INTERFACE = "HEARTH_INTERFACE"  # IP: discover only on this interface
 
 _RECONNECT_BACKOFF_S = 2.0  # after a failed connect, run locally this long before retrying
 _WAIT_POLL_S = 0.05  # how often the waiting calls' thread looks at the link
+# A stored gateway's last address is tried with a TCP connect this patient: on a LAN it answers
+# in milliseconds, and one that does not should cost little before discovery takes over.
+_STORED_PROBE_S = 0.5
 
 
 class GatewayLink:
@@ -66,6 +74,10 @@ class GatewayLink:
         # One reply topic suffix for the link's life: see the module's docstring.
         self._reply_suffix = uuid.uuid4().hex[:8]
         self._waiting = _Waiting(self._usable_now)
+        # The paired gateway connected to, as the device's store knows it (None: unpaired).
+        self.known: KnownGateway | None = None
+        self.how = ""  # how the gateway was found: named, stored, discovered
+        self.found_ms = 0.0  # how long finding it and connecting took
 
     @property
     def pairing_needed(self) -> NotPaired | None:
@@ -96,9 +108,12 @@ class GatewayLink:
     def _resolve(self) -> Target:
         gateway = self._named()
         if isinstance(gateway, GatewayInfo):
+            self.how = "named"
             return _target(gateway)
         if isinstance(gateway, str):
-            return Target(BrokerAddress.parse(gateway))
+            self.how = "named"
+            return self._by_name(gateway)
+        self.how = "discovered"
         found = discover(self._discover_timeout_s, interface=self._interface, measure=True)
         if not found:
             raise GatewayUnavailable("no gateway found over mDNS")
@@ -112,6 +127,47 @@ class GatewayLink:
         fastest = reachable[0].rtt_ms or 0.0
         near = [g for g in reachable if (g.rtt_ms or 0.0) <= fastest + 1.0]
         return _target(min(near, key=lambda g: g.load))
+
+    def _by_name(self, name: str) -> Target:
+        """``HOST:PORT`` (or an IP literal), else a gateway id: a paired one at its last
+        address, else the one discovery finds by that id, else a host name after all."""
+        if ":" in name or _is_ip(name) or name == "localhost":
+            return Target(BrokerAddress.parse(name))
+        known = resolve_name(name)
+        if known is not None:
+            try:
+                connect_ms(known.address, _STORED_PROBE_S)
+            except OSError:
+                pass  # not at its last address (a new DHCP lease?): look for it on the LAN
+            else:
+                self.how = "stored"
+                return _stored(known)
+        self.how = "discovered"
+        found = discover(self._discover_timeout_s, interface=self._interface, measure=False)
+        same = [g for g in found if g.gateway_id == name]
+        if len({g.ca_fingerprint for g in same}) > 1:
+            prints = ", ".join(g.ca_fingerprint[:16] for g in same)
+            raise GatewayUnavailable(
+                f"{len(same)} gateways on the LAN call themselves {name!r} (CA fingerprints "
+                f"{prints}...): name one by HOST:PORT, or give them distinct ids (gateway_id)"
+            )
+        if same:
+            return _target(same[0])
+        self.how = "named"
+        return Target(BrokerAddress.parse(name))
+
+    def _stored_targets(self) -> list[Target]:
+        """Paired gateways whose last address answers a TCP connect now, the quickest last
+        time first; each one's store entry updated with the round trip just measured."""
+        answering = []
+        for known in known_gateways():
+            try:
+                rtt = connect_ms(known.address, _STORED_PROBE_S)
+            except OSError:
+                continue
+            known.rtt_ms = rtt
+            answering.append(_stored(known))
+        return answering
 
     def connection(self) -> Connection:
         """The live connection, connecting (or reconnecting) if needed. Raises
@@ -150,7 +206,52 @@ class GatewayLink:
         return GatewayUnavailable(str(failure) or "no gateway reachable")
 
     def _connect(self) -> Connection:
-        target = self._resolve()
+        started = time.perf_counter()
+        conn = self._find_and_open()
+        self.found_ms = (time.perf_counter() - started) * 1e3
+        return conn
+
+    def _find_and_open(self) -> Connection:
+        if self._named() is None:
+            for target in self._stored_targets():
+                with contextlib.suppress(GatewayUnavailable):
+                    self.how = "stored"
+                    return self._open(target)
+        return self._open(self._resolve())
+
+    @property
+    def found(self) -> str:
+        """How the gateway connected to was found, and how long finding and connecting took:
+        what ``hearth run --explain`` says."""
+        if self.current is None or not self.how:
+            return ""
+        how = {
+            "stored": "its stored address, no discovery",
+            "named": "named",
+            "discovered": "found over mDNS",
+        }[self.how]
+        return f"{how}; connected in {self.found_ms:.0f} ms"
+
+    def _open(self, target: Target) -> Connection:
+        conn = self._open_unrecorded(target)
+        self._remember(conn)
+        return conn
+
+    def _remember(self, conn: Connection) -> None:
+        """Keep where a paired gateway answered, and one MQTT round trip to it (the store's
+        last address and RTT: the next process tries it first)."""
+        known = resolve_name(conn.gateway_id) if conn.gateway_id else None
+        self.known = known
+        if known is None:
+            return
+        try:
+            rtt: float | None = conn.ping_ms(min(self._timeout_s, 2.0))
+        except (HearthError, OSError):
+            rtt = None
+        known.answered(conn.address, rtt)
+        known.save()
+
+    def _open_unrecorded(self, target: Target) -> Connection:
         tls, self.client_id = secure_identity(target, self.client_id, self._timeout_s)
         try:
             return Connection(
@@ -218,11 +319,18 @@ class GatewayLink:
             named = self._named()
             if isinstance(named, GatewayInfo):
                 address = named.broker
-            elif isinstance(named, str):
+            elif isinstance(named, str) and (":" in named or _is_ip(named)):
                 try:
                     address = BrokerAddress.parse(named)
                 except ValueError:
                     return None
+            elif isinstance(named, str):
+                # A gateway id: where it was last seen, else found on the LAN (checked again
+                # once connected, like a discovered one).
+                known = resolve_name(named)
+                if known is None:
+                    return None
+                address = known.address
             else:
                 return None
         return None if on_lan(address.host) else str(address)
@@ -243,6 +351,24 @@ def _target(gateway: GatewayInfo) -> Target:
         pairing_port=gateway.pairing_port,
         ca_fingerprint=gateway.ca_fingerprint,
     )
+
+
+def _stored(known: KnownGateway) -> Target:
+    return Target(
+        known.address,
+        known.gateway_id,
+        tls=True,
+        pairing_port=known.pairing.pairing_port or None,
+        ca_fingerprint=known.ca_fingerprint,
+    )
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class _Waiting:

@@ -9,17 +9,23 @@ import re
 import textwrap
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from hearth._task_options import TaskOptions
+from hearth.errors import HearthError
 from hearth.protocol import TaskInfo
+
+if TYPE_CHECKING:
+    from hearth.client import Client
 
 __all__ = [
     "add_task_commands",
     "format_task",
     "format_tasks",
     "install_options",
+    "list_everywhere",
     "parse_when",
 ]
 
@@ -174,7 +180,7 @@ def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
-def format_task(task: TaskInfo) -> str:
+def format_task(task: TaskInfo, gateway: str | None = None) -> str:
     triggers = ", ".join(t.topic or f"every {t.every_s:g} s" for t in task.triggers)
     lifetime = []
     if task.expires_at is not None:
@@ -183,6 +189,7 @@ def format_task(task: TaskInfo) -> str:
         lifetime.append(f"removed after {task.idle_timeout_s:g} s without its owner")
     lines = [
         f"task        {task.task_id}  {task.name}  (owner {task.owner})",
+        *([f"gateway     {gateway}"] if gateway else []),
         f"state       {task.state}" + (f": {task.reason}" if task.reason else ""),
         f"data class  {task.data_class}",
         f"triggers    {triggers}",
@@ -200,23 +207,76 @@ def format_task(task: TaskInfo) -> str:
     return "\n".join(lines)
 
 
-def format_tasks(tasks: list[TaskInfo]) -> str:
+def format_tasks(tasks: list[TaskInfo], gateways: list[str | None] | None = None) -> str:
+    """A table; ``gateways``, when given, the gateway each task lives on (a column)."""
     if not tasks:
         return "no tasks"
-    rows = [f"{'ID':<16} {'NAME':<18} {'STATE':<10} {'EVENTS':>7} {'FAILED':>6}  OWNER"]
-    for t in tasks:
+    where = gateways if gateways is not None else [None] * len(tasks)
+    column = gateways is not None
+    head = f"{'GATEWAY':<16} " if column else ""
+    rows = [f"{head}{'ID':<16} {'NAME':<18} {'STATE':<10} {'EVENTS':>7} {'FAILED':>6}  OWNER"]
+    for t, gw in zip(tasks, where, strict=True):
+        cell = f"{gw or '-':<16} " if column else ""
         rows.append(
-            f"{t.task_id:<16} {t.name:<18} {t.state:<10} {t.events:>7} {t.failures:>6}  {t.owner}"
+            f"{cell}{t.task_id:<16} {t.name:<18} {t.state:<10} {t.events:>7} {t.failures:>6}  "
+            f"{t.owner}"
         )
     return "\n".join(rows)
 
 
 def print_result(
-    result: TaskInfo | list[TaskInfo], as_json: bool, out: Callable[[str], None] = print
+    result: TaskInfo | list[TaskInfo],
+    as_json: bool,
+    out: Callable[[str], None] = print,
+    *,
+    gateway: str | None = None,
 ) -> None:
+    """One task or a list, from one gateway (``gateway``: its id, shown when known)."""
     if as_json:
-        out(msgspec.json.encode(result).decode())
+        data = msgspec.to_builtins(result)
+        if gateway is not None:
+            for item in data if isinstance(data, list) else [data]:
+                item["gateway_id"] = gateway
+        out(msgspec.json.encode(data).decode())
     elif isinstance(result, list):
-        out(format_tasks(result))
+        out(format_tasks(result, [gateway] * len(result) if gateway else None))
     else:
-        out(format_task(result))
+        out(format_task(result, gateway))
+
+
+def list_everywhere(
+    args: argparse.Namespace, make_client: Callable[[argparse.Namespace, str], Client]
+) -> int:
+    """``hearth tasks list`` without --gateway: every paired gateway is asked (a task lives on
+    one gateway, so asking whichever answers first shows some tasks and hides others), each
+    task shown with its gateway's id. With no pairing, the one gateway found is asked."""
+    import sys
+
+    from hearth._known import known_gateways
+
+    names: list[str | None] = [k.gateway_id for k in known_gateways()] or [None]
+    tasks: list[TaskInfo] = []
+    where: list[str | None] = []
+    failed = 0
+    for name in names:
+        one = argparse.Namespace(**{**vars(args), "gateway": name})
+        try:
+            with make_client(one, "edge") as client:
+                found = client.tasks()
+                gateway = client.gateway_id
+        except HearthError as exc:
+            failed += 1
+            print(f"hearth: gateway {name or '?'}: {exc}", file=sys.stderr)
+            continue
+        tasks += found
+        where += [gateway] * len(found)
+    if failed == len(names):
+        raise SystemExit(3)
+    if args.json:
+        data = msgspec.to_builtins(tasks)
+        for item, gateway in zip(data, where, strict=True):
+            item["gateway_id"] = gateway
+        print(msgspec.json.encode(data).decode())
+    else:
+        print(format_tasks(tasks, where))
+    return 0

@@ -11,11 +11,13 @@
     hearth notifications [--for S] [--json]
     hearth call CAPABILITY [--image FILE] [--param KEY=VALUE ...] [--json]
     hearth describe MODEL.onnx|MODULE.wasm [--json]  (inputs/outputs, imports/exports)
-    hearth pair CODE [--gateway HOST:PORT] [--ca-fingerprint HEX] [--id DEVICE_ID]
+    hearth pair CODE [--gateway ID|HOST:PORT] [--ca-fingerprint HEX] [--id DEVICE_ID]
     hearth completion bash|zsh|fish                 (tab completion, with argcomplete)
 
-Every command that looks for a gateway takes --gateway HOST:PORT (no discovery) and
---interface IP (discover only there); $HEARTH_GATEWAY and $HEARTH_INTERFACE do the same.
+Every command that looks for a gateway takes --gateway ID or HOST:PORT (no discovery for
+a paired gateway whose last address answers) and --interface IP (discover only there);
+$HEARTH_GATEWAY and $HEARTH_INTERFACE do the same. Without --gateway, the paired gateway that
+answered quickest last time is used if its last address still answers, else discovery.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import msgspec
 
-from hearth import __version__
+import hearth
 from hearth._completion import add_completion_command, autocomplete, print_shellcode
 from hearth._gateway import ENV_GATEWAY, ENV_INTERFACE
 from hearth._identity import ENV_CLIENT_ID
@@ -42,7 +44,7 @@ from hearth._runs_cli import (
     resume,
     run_migratable,
 )
-from hearth._tasks_cli import add_task_commands, install_options, print_result
+from hearth._tasks_cli import add_task_commands, install_options, list_everywhere, print_result
 from hearth._trust import pair_command
 from hearth.client import Client
 from hearth.discovery import GatewayInfo, discover
@@ -69,8 +71,10 @@ _DESCRIPTION = """\
 Hearth device SDK: find home-edge gateways, run WebAssembly modules and ONNX models on them
 (or here), pair with them.
 
-Every command that looks for a gateway takes --gateway HOST:PORT (no discovery) and
---interface IP (discover only there); $HEARTH_GATEWAY and $HEARTH_INTERFACE do the same.
+Every command that looks for a gateway takes --gateway ID or HOST:PORT (no discovery for
+a paired gateway whose last address answers) and --interface IP (discover only there);
+$HEARTH_GATEWAY and $HEARTH_INTERFACE do the same. Without --gateway, the paired gateway that
+answered quickest last time is used if its last address still answers, else discovery.
 """
 
 _EXIT_CODES = """\
@@ -108,9 +112,10 @@ def _command(
 def _gateway_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gateway",
-        metavar="HOST:PORT",
+        metavar="ID|HOST:PORT",
         default=os.environ.get(ENV_GATEWAY),
-        help=f"use this gateway's broker, no discovery (${ENV_GATEWAY})",
+        help="this gateway: its id (a paired one at its last address, else found over mDNS) "
+        f"or its broker's address (${ENV_GATEWAY})",
     )
     parser.add_argument(
         "--interface",
@@ -183,6 +188,14 @@ examples:
 """
 
 
+class _Version(argparse.Action):
+    """``--version``, the version read only when asked for (hearth.__getattr__)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(f"{parser.prog} {hearth.__version__}")  # on stdout, as argparse's own does
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hearth",
@@ -190,7 +203,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = _command(
@@ -315,8 +328,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--gateway",
-        metavar="HOST:PORT",
-        help="the gateway's pairing listener (default: find it over mDNS)",
+        metavar="ID|HOST:PORT",
+        help="the gateway's id (found over mDNS, with its CA fingerprint) or its pairing "
+        "listener (default: the one gateway mDNS finds)",
     )
     p.add_argument(
         "--ca-fingerprint", metavar="HEX", help="the gateway CA's SHA-256 (default: from mDNS)"
@@ -437,6 +451,11 @@ def _pair(args: argparse.Namespace) -> int:
         f"paired with {paired.gateway_id} as {paired.device_id}; it serves this device at "
         f"{paired.address} (TLS); credentials in {paired.directory}"
     )
+    source = "given" if args.ca_fingerprint else "from mDNS"
+    print(
+        f"gateway CA fingerprint ({source}, checked): {paired.ca_fingerprint}\n"
+        "  compare it with the 'CA fingerprint' line `hearth-gateway pair` printed on the box"
+    )
     return 0
 
 
@@ -492,15 +511,17 @@ def _call(args: argparse.Namespace) -> int:
 
 
 def _tasks(args: argparse.Namespace) -> int:
+    if args.task_command == "list" and not args.gateway:
+        return list_everywhere(args, _client)
     with _client(args, placement="edge") as client:
         verb = args.task_command
         if verb == "install":
             task = client.install_task(args.module, args.name, **install_options(args))
-            print_result(task, False)
+            print_result(task, False, gateway=client.gateway_id)
         elif verb == "list":
-            print_result(client.tasks(), args.json)
+            print_result(client.tasks(), args.json, gateway=client.gateway_id)
         else:
-            print_result(client.task(args.task_id, verb), args.json)
+            print_result(client.task(args.task_id, verb), args.json, gateway=client.gateway_id)
     return 0
 
 
@@ -519,7 +540,8 @@ def _notifications(args: argparse.Namespace) -> int:
             print(msgspec.json.encode(note).decode(), flush=True)
         else:
             when = dt.datetime.fromtimestamp(note.at).astimezone().strftime("%H:%M:%S")
-            print(f"{when}  {note.name} ({note.task_id}): {note.message}", flush=True)
+            where = client.gateway_id or "-"  # tasks live on one gateway: say which
+            print(f"{when}  {where}  {note.name} ({note.task_id}): {note.message}", flush=True)
 
     with _client(args, placement="edge") as client:
         stop = client.notifications(show)
@@ -540,12 +562,17 @@ def _discover(args: argparse.Namespace) -> int:
     if not gateways:
         print("no gateways found", file=sys.stderr)
         return EXIT_NO_GATEWAY
-    header = f"{'GATEWAY':<20} {'BROKER':<22} {'RTT':>8}  {'LOAD':>5}  {'PAIRING':<10}"
+    # A gateway is its id and CA (two boxes may share a host name, and so an mDNS name).
+    header = (
+        f"{'GATEWAY':<20} {'CA':<12} {'BROKER':<22} {'RTT':>8}  {'LOAD':>5}  {'PAIRING':<10}  "
+        f"{'MDNS NAME':<20}"
+    )
     print(f"{header}  RUNNERS / ACCELERATORS")
     for g in gateways:
         rtt = "-" if g.rtt_ms is None else f"{g.rtt_ms:.2f}ms"
         print(
-            f"{g.gateway_id:<20} {g.broker!s:<22} {rtt:>8}  {g.load:>5.2f}  {_pairing(g):<10}  "
+            f"{g.gateway_id:<20} {g.ca_fingerprint[:12] or '-':<12} {g.broker!s:<22} "
+            f"{rtt:>8}  {g.load:>5.2f}  {_pairing(g):<10}  {g.instance:<20}  "
             f"{','.join(g.runners)} / {','.join(g.accelerators)}"
         )
     for g in gateways:
@@ -582,6 +609,7 @@ def _run(args: argparse.Namespace) -> int:
     with _client(args) as client:
         run = client.run_wasm(args.module, stdin=stdin, args=args.args, where=args.where)
         _pairing_note(client)
+        found, gateway = client.gateway_found, client.gateway_id
     sys.stdout.buffer.write(run.stdout)
     sys.stdout.flush()
     sys.stderr.buffer.write(run.stderr)
@@ -591,6 +619,8 @@ def _run(args: argparse.Namespace) -> int:
             f"hearth: ran on {where} in {run.latency_ms:.1f} ms: {run.reason or 'as asked'}",
             file=sys.stderr,
         )
+        if found:
+            print(f"hearth: gateway {gateway}: {found}", file=sys.stderr)
     return run.exit_code
 
 

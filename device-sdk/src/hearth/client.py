@@ -187,6 +187,10 @@ class Client(VisionCalls, TaskCalls):
         for peer in peers:
             peer.close()
         self._local.close()
+        known = self._link.known
+        if known is not None and known.estimates:
+            with self._lock:
+                known.save()  # the placement measurements, for the next process
         super().close()
 
     # -- public calls -------------------------------------------------------------------------
@@ -676,10 +680,17 @@ class Client(VisionCalls, TaskCalls):
                 raise JobError(ErrorCode.FORBIDDEN, why)
             return _Plan("local", why)
         conn = self._link.current
-        # Estimates are per gateway: a different box (after a failover) is measured afresh.
-        key = f"{conn.gateway_id if conn else '-'}:{key}"
+        known = self._link.known
         with self._lock:
-            estimates = self._estimates.setdefault(key, Estimates())
+            if known is not None and conn is not None and known.gateway_id == conn.gateway_id:
+                # A paired gateway: measured by earlier processes too, and kept for later ones
+                # (hearth._known; saved when the client closes).
+                estimates = known.estimates.setdefault(key, Estimates())
+            else:
+                # Estimates are per gateway: a different box (after a failover) is measured
+                # afresh.
+                gw_key = f"{conn.gateway_id if conn else '-'}:{key}"
+                estimates = self._estimates.setdefault(gw_key, Estimates())
             estimates.calls += 1
         quota = self._quota_refused(conn.gateway_id if conn else None)
         auto = mode in (Placement.AUTO, Placement.HEDGE)

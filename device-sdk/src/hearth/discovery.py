@@ -13,8 +13,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
-
-from zeroconf import IPVersion, ServiceBrowser, ServiceListener, Zeroconf
+from typing import TYPE_CHECKING, cast
 
 from hearth._connection import Connection
 from hearth._identity import ENV_CLIENT_ID, default_client_id, find_pairing, identity_for
@@ -22,6 +21,9 @@ from hearth._tls_probe import connect_ms
 from hearth.errors import HearthError
 from hearth.protocol import SERVICE_TYPE
 from hearth.transport import BrokerAddress
+
+if TYPE_CHECKING:
+    from zeroconf import ServiceListener, Zeroconf
 
 __all__ = ["GatewayInfo", "discover"]
 
@@ -42,6 +44,15 @@ class GatewayInfo:
     pairing_port: int | None = None  # where `hearth pair` talks to it (tls only)
     pinned_ca_fingerprint: str = ""  # what this device pinned when it paired with it, if it did
     rtt_probe: str = ""  # how rtt_ms was measured: "mqtt" (a ping) or "tcp" (a connect)
+    # The mDNS instance name: for people only (two boxes called raspberrypi: one of them is
+    # "raspberrypi (2)", RFC 6762 §9); gateways are told apart by ``key``.
+    instance: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What identifies a gateway: its id and its CA fingerprint (a plain listener has none:
+        its address then), never the instance name, which a conflict on the LAN changes."""
+        return (self.gateway_id, self.ca_fingerprint or str(self.broker))
 
     @property
     def paired(self) -> bool:
@@ -75,10 +86,14 @@ class GatewayInfo:
             "pinned_ca_fingerprint": self.pinned_ca_fingerprint,
             "ca_changed": self.ca_changed,
             "rtt_probe": self.rtt_probe,
+            "instance": self.instance,
         }
 
 
-class _Collector(ServiceListener):
+class _Collector:
+    """A zeroconf ServiceListener (duck-typed: zeroconf is imported only when discovering, so a
+    command that reaches its stored gateway does not pay for importing it)."""
+
     def __init__(self) -> None:
         self.names: set[str] = set()
         self.lock = threading.Lock()
@@ -143,6 +158,8 @@ def discover(
     then it returns as soon as one gateway is resolved. ``interface`` (an IP) restricts mDNS
     to one interface, e.g. "127.0.0.1" in tests.
     """
+    from zeroconf import IPVersion, ServiceBrowser, Zeroconf
+
     zc = (
         Zeroconf(interfaces=[interface], ip_version=IPVersion.V4Only)
         if interface
@@ -151,7 +168,7 @@ def discover(
     collector = _Collector()
     found: dict[str, GatewayInfo] = {}
     try:
-        browser = ServiceBrowser(zc, SERVICE_TYPE, collector)
+        browser = ServiceBrowser(zc, SERVICE_TYPE, cast("ServiceListener", collector))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             time.sleep(0.05)
@@ -167,14 +184,22 @@ def discover(
                     continue
                 gw = _parse(dict(info.properties), info.parsed_addresses(), info.port or 1883)
                 if gw is not None:
+                    gw.instance = name.removesuffix(f".{SERVICE_TYPE}")
                     found[name] = gw
         browser.cancel()
     finally:
         zc.close()
-    gateways = list({g.gateway_id: g for g in found.values()}.values())
+    # One entry per gateway, however many names it answered under while renaming itself.
+    gateways = list({g.key: g for g in found.values()}.values())
+    fingerprints: dict[str, set[str]] = {}
+    for gw in gateways:
+        fingerprints.setdefault(gw.gateway_id, set()).add(gw.ca_fingerprint)
     for gw in gateways:
         paired = find_pairing(gw.gateway_id)
-        gw.pinned_ca_fingerprint = paired.ca_fingerprint if paired is not None else ""
+        pinned = paired.ca_fingerprint if paired is not None else ""
+        if pinned and gw.ca_fingerprint != pinned and pinned in fingerprints[gw.gateway_id]:
+            pinned = ""  # a namesake of the paired gateway, which is on the LAN too: unpaired
+        gw.pinned_ca_fingerprint = pinned
     if measure:
         for gw in gateways:
             gw.rtt_ms = measure_rtt(gw, probes)

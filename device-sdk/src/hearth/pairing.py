@@ -100,6 +100,8 @@ def pair(
     except ValueError as exc:
         raise PairingError(str(exc)) from None
     address, expected = _pairing_address(gateway, interface)
+    if not (ca_fingerprint or expected):
+        expected = _advertised_fingerprint(address, interface)
     expected = (ca_fingerprint or expected).lower().replace(":", "")
     if not expected:
         raise PairingError(
@@ -159,8 +161,22 @@ def _pairing_address(
     """(pairing listener, CA fingerprint advertised or "")."""
     if isinstance(gateway, BrokerAddress):
         return gateway, ""
-    if isinstance(gateway, str):
+    if isinstance(gateway, str) and (":" in gateway or _is_ip(gateway)):
         return BrokerAddress.parse(gateway, default_port=_DEFAULT_PAIRING_PORT), ""
+    if isinstance(gateway, str):
+        # A gateway id: its pairing port and CA fingerprint come from mDNS (the user compares
+        # the fingerprint with what `hearth-gateway pair` printed: the CLI shows both).
+        found = [g for g in discover(interface=interface, measure=False) if g.pairing_port]
+        same = [g for g in found if g.gateway_id == gateway]
+        if not same:  # no gateway of that id: a host name after all
+            return BrokerAddress.parse(gateway, default_port=_DEFAULT_PAIRING_PORT), ""
+        if len(same) > 1:
+            prints = ", ".join(g.ca_fingerprint[:16] + "..." for g in same)
+            raise PairingError(
+                f"found {len(same)} gateways with id {gateway!r} offering pairing over mDNS "
+                f"(CA fingerprints {prints}): name one by HOST:PORT"
+            )
+        gateway = same[0]
     if gateway is None:
         found = [g for g in discover(interface=interface, measure=False) if g.pairing_port]
         if len(found) != 1:
@@ -172,6 +188,24 @@ def _pairing_address(
     if not gateway.pairing_port:
         raise PairingError(f"gateway {gateway.gateway_id} does not offer pairing (no TLS)")
     return BrokerAddress(gateway.broker.host, gateway.pairing_port), gateway.ca_fingerprint
+
+
+def _advertised_fingerprint(address: BrokerAddress, interface: str | None) -> str:
+    """The CA fingerprint mDNS advertises for the pairing listener at ``address``, or ""."""
+    for g in discover(interface=interface, measure=False):
+        if g.pairing_port == address.port and g.broker.host == address.host:
+            return g.ca_fingerprint
+    return ""
+
+
+def _is_ip(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _exchange(

@@ -37,6 +37,9 @@ class Estimates:
     edge_ms: float | None = None
     calls: int = 0
     warmed: set[str] = field(default_factory=set)  # sides whose warm-up call is done
+    # Calls made by earlier processes, when these estimates were loaded from the device's
+    # store of known gateways (hearth._known): the reasons then say so.
+    stored_calls: int = 0
 
     def record(self, where: str, ms: float) -> None:
         if where not in self.warmed:
@@ -76,16 +79,20 @@ def decide(  # noqa: PLR0911 - one return per rule reads best here
     if not gateway:
         return Decision("local", "no gateway reachable")
     edge, here = estimates.edge_ms, estimates.local_ms
+    earlier = f"stored from {estimates.stored_calls} earlier calls"
+    note = f" ({earlier})" if estimates.stored_calls else ""
     if edge is None:
         step = "warm-up" if "edge" not in estimates.warmed else "measuring"
-        return Decision("edge", f"{step}: timing the gateway")
+        return Decision("edge", f"{step}: timing the gateway{note}")
     if here is None:
         step = "warm-up" if "local" not in estimates.warmed else "measuring"
-        return Decision("local", f"{step}: timing this device")
+        return Decision("local", f"{step}: timing this device{note}")
     faster, slower = ("edge", "local") if edge <= here else ("local", "edge")
+    stored = f"; {earlier}" if estimates.stored_calls else ""
     if estimates.calls and estimates.calls % REPROBE_EVERY == 0:
-        return Decision(slower, f"re-measuring {slower} (every {REPROBE_EVERY} calls)")
+        return Decision(slower, f"re-measuring {slower} (every {REPROBE_EVERY} calls{stored})")
     return Decision(
         faster,
-        f"edge {edge:.1f} ms {'<=' if faster == 'edge' else '>'} local {here:.1f} ms (measured)",
+        f"edge {edge:.1f} ms {'<=' if faster == 'edge' else '>'} local {here:.1f} ms "
+        f"(measured{stored})",
     )

@@ -76,7 +76,17 @@ def _usage_command(
     return sub
 
 
-def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per option
+def _mdns_options(run: argparse.ArgumentParser) -> None:
+    run.add_argument("--mdns-interface", metavar="IP", help="advertise on this interface only")
+    run.add_argument("--no-mdns", action="store_true", help="do not advertise over mDNS")
+    run.add_argument(
+        "--mdns-name",
+        metavar="NAME",
+        help="mDNS instance name (default: the host name; 'NAME (2)' if taken on the LAN)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hearth-gateway",
         description=_DESCRIPTION,
@@ -107,8 +117,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per o
         metavar="HOST:PORT",
         help="where devices pair (default: the LAN listener's port + 1)",
     )
-    run.add_argument("--mdns-interface", metavar="IP", help="advertise on this interface only")
-    run.add_argument("--no-mdns", action="store_true", help="do not advertise over mDNS")
+    _mdns_options(run)
     run.add_argument("--gateway-id", metavar="ID", help="gateway id (default: the host name)")
     run.add_argument(
         "--workers", type=int, metavar="N", help="worker processes (default: one per core)"
@@ -419,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             "listen": args.listen,
             "broker": args.broker,
             "mdns_interface": args.mdns_interface,
+            "mdns_name": args.mdns_name,
             "gateway_id": args.gateway_id,
             "lan_listen": args.lan_listen,
             "pairing_listen": args.pairing_listen,

@@ -33,6 +33,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     broker: str = ""  # an external MQTT 5 broker (mqtt://host:port) instead of the managed one
     mdns: bool = True
     mdns_interface: str = ""  # IP of the interface to advertise on; default: where the broker is
+    # The mDNS instance name people see; taken on the LAN, it becomes "NAME (2)" (RFC 6762 §9).
+    mdns_name: str = ""  # default: this host's name
     workers: int = 0  # worker processes; 0 = one per CPU core
     runners: list[str] = msgspec.field(
         default_factory=lambda: ["wasm", "onnx", "task", "vision", "migrate"]

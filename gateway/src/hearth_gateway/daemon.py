@@ -29,7 +29,7 @@ from hearth_gateway.broker import BrokerEvents, ManagedBroker
 from hearth_gateway.config import Config, default_gateway_id, default_state_dir
 from hearth_gateway.control import ControlServer
 from hearth_gateway.crypto import Sealer
-from hearth_gateway.discovery import Advertiser, advertised_addresses
+from hearth_gateway.discovery import Advertiser, advertised_addresses, default_instance_name
 from hearth_gateway.dispatch import Dispatcher
 from hearth_gateway.errors import ConfigError
 from hearth_gateway.fit import Resources
@@ -314,6 +314,21 @@ class Gateway:
         """Where devices connect: the device (TLS) listener when there is one."""
         return self.pairing.lan if self.pairing is not None else self.listen
 
+    def _advertised(self) -> list[str]:
+        """Where devices are told to connect: with a device listener, only addresses its
+        certificate names (a device checks them), or the configured mDNS interface's."""
+        named = self.pairing.named_ips() if self.pairing is not None else None
+        return advertised_addresses(self._served, self.config.mdns_interface or None, named)
+
+    def listeners(self) -> dict[str, str]:
+        """Every listener, by what it is for (status and the ready line show them all)."""
+        found = {"loopback" if self.broker is not None else "broker": str(self.listen)}
+        if self.pairing is not None:
+            shown = ",".join(self._advertised())
+            found["lan-tls"] = f"{self.pairing.lan} (advertised {shown})"
+            found["pairing"] = str(self.pairing.pairing)
+        return found
+
     def _txt(self) -> dict[str, str]:
         status = self._status("online")
         pairing = self.pairing
@@ -322,7 +337,7 @@ class Gateway:
             "pv": "1",
             "id": self.gateway_id,
             "ver": __version__,
-            "host": advertised_addresses(self._served, self.config.mdns_interface or None)[0],
+            "host": self._advertised()[0],
             "port": str(self._served.port),
             "tls": "1" if pairing is not None else "0",
             "pport": str(pairing.pairing.port) if pairing is not None else "",
@@ -434,21 +449,32 @@ class Gateway:
             log.info("resumed %d journaled jobs from the last run", resumed)
         if self.config.mdns:
             self.advertiser = Advertiser(
-                self.gateway_id, self._served, self._txt(), self.config.mdns_interface or None
+                self.gateway_id,
+                self._served,
+                self._txt(),
+                self.config.mdns_interface or None,
+                name=self.config.mdns_name or default_instance_name(),
+                addresses=self._advertised(),
             )
-            self.advertiser.start()
+            if not self.advertiser.start():  # every name taken: serve on, unadvertised
+                self.advertiser.close()
+                self.advertiser = None
         self.loop.every(
             min(_HOUSEKEEPING_S, self._watchdog_s or _HOUSEKEEPING_S), self._housekeeping
         )
         self._write_snapshot("online")
         _systemd.notify("READY=1", f"STATUS=serving as {self.gateway_id} on {self.listen}")
         log.info(
-            "gateway %s ready: broker %s, %d workers, runners %s, providers %s",
+            "gateway %s ready: broker %s, %d workers, runners %s, providers %s; listeners %s; "
+            "mDNS %s; %d paired devices",
             self.gateway_id,
             self.listen,
             self.pool.size,
             ",".join(self.config.runners),
             ",".join(self.providers) or "-",
+            ", ".join(f"{kind} {where}" for kind, where in self.listeners().items()),
+            repr(self.advertiser.instance_name) if self.advertiser is not None else "off",
+            len(self.pairing.active) if self.pairing is not None else 0,
         )
 
     def _housekeeping(self) -> None:
@@ -491,6 +517,9 @@ class Gateway:
                 managed_broker=self.broker is not None,
                 broker_pid=self.broker.pid if self.broker else None,
                 mdns=self.advertiser is not None,
+                mdns_name=self.advertiser.instance_name if self.advertiser is not None else "",
+                listeners=self.listeners(),
+                paired_devices=len(self.pairing.active) if self.pairing is not None else 0,
                 runners=list(self.config.runners),
                 providers=self.providers,
                 models=self.choices.choices() if self.choices is not None else {},

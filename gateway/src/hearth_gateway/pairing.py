@@ -70,7 +70,7 @@ from hearth_gateway.owner import (
     DeviceListRequest,
     DeviceRevoked,
 )
-from hearth_gateway.pki import CsrRefused, LocalCA, fingerprint, key_fingerprint
+from hearth_gateway.pki import CsrRefused, LocalCA, certificate_ips, fingerprint, key_fingerprint
 from hearth_gateway.reply_to import PublishReply, ReplyTo
 from hearth_gateway.store import DeviceRecord, Store
 
@@ -210,6 +210,11 @@ class PairingService:
     @property
     def ca_fingerprint(self) -> str:
         return self._ca.fingerprint
+
+    def named_ips(self) -> set[str] | None:
+        """The IP addresses the device listener's certificate names (what may be advertised:
+        hearth_gateway.discovery.advertised_addresses); None before it is issued."""
+        return certificate_ips(self._ca.server_cert_path)
 
     @staticmethod
     def owns(topic: str) -> bool:

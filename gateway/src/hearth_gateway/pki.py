@@ -28,7 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hearth_gateway.errors import GatewayError
 
-__all__ = ["CsrRefused", "LocalCA", "fingerprint", "key_fingerprint"]
+__all__ = ["CsrRefused", "LocalCA", "certificate_ips", "fingerprint", "key_fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -298,3 +298,14 @@ def _general_names(hosts: Iterable[str]) -> set[x509.GeneralName]:
 
 def _name_text(name: x509.GeneralName) -> str:
     return str(name.value)
+
+
+def certificate_ips(path: Path) -> set[str] | None:
+    """The IP addresses a certificate file's SubjectAlternativeName lists; None when there is no
+    readable certificate (then nothing restricts what is advertised)."""
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return None
+    return {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}

@@ -27,6 +27,9 @@ class StatusSnapshot(msgspec.Struct, kw_only=True):
     managed_broker: bool
     broker_pid: int | None
     mdns: bool
+    mdns_name: str = ""  # the instance name owned on the LAN (renamed "NAME (2)" on a conflict)
+    listeners: dict[str, str] = {}  # what each is for (loopback, lan-tls, pairing) -> address
+    paired_devices: int = 0  # devices with a valid certificate
     runners: list[str]
     providers: list[str]
     models: dict[str, str] = {}  # model sha256 -> the execution provider decided for it
@@ -121,7 +124,9 @@ def format_status(s: StatusSnapshot) -> str:
         f"gateway     {s.gateway_id}  ({s.state}, pid {s.pid}, version {s.version})",
         f"uptime      {_duration(uptime_s)}",
         f"broker      {s.broker} ({broker_kind})",
-        f"mDNS        {'advertising _hearth._tcp' if s.mdns else 'off'}",
+        f"mDNS        {_mdns(s)}",
+        *(f"listener    {kind}: {where}" for kind, where in s.listeners.items()),
+        f"devices     {s.paired_devices} paired",
         f"runners     {', '.join(s.runners)}",
         f"onnx on     {', '.join(s.providers) or '-'}",
         *_model_lines(s.models),
@@ -151,6 +156,12 @@ def format_status(s: StatusSnapshot) -> str:
             f"): {s.jobs_forwarded} public jobs forwarded, {s.jobs_fell_back} ran here instead"
         )
     return "\n".join(lines)
+
+
+def _mdns(s: StatusSnapshot) -> str:
+    if not s.mdns:
+        return "off"
+    return f"advertising _hearth._tcp as {s.mdns_name!r}" if s.mdns_name else "advertising"
 
 
 def _model_lines(models: dict[str, str]) -> list[str]:
