@@ -396,3 +396,71 @@ def test_a_saturated_gateway_runs_private_jobs_on_its_paired_peer(
     at_b = [r for r in audit(b.state_dir) if r["action"] == "place:private"]
     assert {r["actor"] for r in at_b} == {f"peer.{a.gateway_id}"}
     assert len(at_b) == len(on_peer)
+
+
+# --- issue 9: a saturated gateway moves a migratable run to its paired peer ---------------------
+
+_RUN_FUEL = 40_000_000_000
+_ROUNDS = "4800"  # ~2 s of work over 256 KiB, as in test_migration_saturated.py
+
+
+@pytest.mark.slow
+def test_a_saturated_gateway_moves_a_private_run_to_its_paired_peer(
+    secure: Callable[..., SecureGateway],  # noqa: F811 - the fixture imported above
+    make_gateway: Callable[..., GatewayProcess],
+    examples: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import random
+    import time
+
+    from hearth.runtime.limits import WasmLimits
+    from hearth.runtime.wasm import WasmRuntime
+
+    migratable = examples / "wasm" / "hashchain.migratable.wasm"
+    if not migratable.exists():
+        pytest.skip("no instrumented examples: Binaryen's wasm-opt is not installed")
+    plain = (examples / "wasm" / "hashchain.wasm").read_bytes()
+    echo = examples / "wasm" / "echo.wasm"
+    limits = WasmLimits(fuel=_RUN_FUEL)
+    policy = tmp_path / "saturates.toml"
+    # Two jobs waiting behind a busy worker: past the eviction policy (not yet past
+    # upstream_when_queue_over, so those jobs wait here rather than going to the peer).
+    policy.write_text(f"[wasm]\nfuel = {_RUN_FUEL}\n[migration]\nevict_when_queue_over = 1\n")
+    b = secure(policies=[str(policy)])
+    a = make_gateway("--workers", "1", "--policy", str(policy), managed=True, start=False)
+    paired = peers_pair(peer_code(b), str(b.pairing), a.gateway_id, a.state_dir)
+    assert paired.returncode == 0, paired.stderr
+    a.start()
+    assert wait_until(
+        lambda: any(r["action"] == "egress:connect" for r in audit(a.state_dir)), 30
+    ), a.log()
+    # The device talks to A on its loopback listener and is paired with B too, so it can
+    # resume the run where A sends it.
+    device_dir = tmp_path / "device"
+    monkeypatch.setenv("HEARTH_CONFIG_DIR", str(device_dir))
+    b.pair("cam-1", device_dir)
+    stdin = random.Random(10).randbytes(256 * 1024)
+    reference = WasmRuntime(wasi_nn=None).run(
+        hashlib.sha256(plain).hexdigest(), stdin=stdin, args=[_ROUNDS], wasm=plain, limits=limits
+    )
+    with a.client(placement="auto") as device:
+        run = device.start_wasm(
+            migratable.read_bytes(), stdin=stdin, args=[_ROUNDS], where="edge", limits=limits
+        )
+        assert wait_until(lambda: run.where == a.gateway_id, timeout_s=20)
+        time.sleep(0.3)
+        waiting = [device.run_wasm_async(echo, b"x", where="edge") for _ in range(3)]
+        outcome = run.result(120)
+        assert [w.result(60).stdout for w in waiting] == [b"x"] * 3
+    assert (outcome.exit_code, outcome.stdout) == (reference.exit_code, reference.stdout)
+    assert [h.where for h in outcome.hops] == [a.gateway_id, b.gw.gateway_id]
+    reason = outcome.hops[-1].reason
+    assert reason.startswith(f"gateway overloaded: to paired LAN peer {b.gw.gateway_id} at {b.lan}")
+    moved = [
+        r
+        for r in audit(a.state_dir)
+        if r["action"] == "place:private" and r["target"] == f"peer {b.lan}"
+    ]
+    assert len(moved) == 1

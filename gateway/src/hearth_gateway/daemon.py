@@ -156,6 +156,7 @@ class Gateway:
             blob_class=self.blobs.data_class,
             upstream=self.upstream.state if self.upstream is not None else None,
             peers=self.peers.consider if self.peers is not None else None,
+            run_peers=self.peers.consider_run if self.peers is not None else None,
         )
         self.tasks: TaskManager | None = None
         if "task" in config.runners:

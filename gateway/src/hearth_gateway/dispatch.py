@@ -556,10 +556,12 @@ class Dispatcher:
             job = item.job
             assert isinstance(job, RunStart | RunResume)
             decision = self._placer.place_run_move(job)
-            if decision.action in (Action.UPSTREAM, Action.DENY):  # not plain "home"
+            if decision.action in (Action.UPSTREAM, Action.DENY, Action.PEER):  # not "home"
                 self._audit(item.reply_to.client_id, job, decision)
             if decision.action is Action.UPSTREAM:
                 reason, to = f"{reason}: to its upstream {decision.target}", decision.target
+            elif decision.action is Action.PEER:  # peers.py: the reason names peer and address
+                reason, to = f"{reason}: {decision.reason}", decision.target
         return encode(msgspec.structs.replace(decoded, reason=reason, to=to))
 
     def _admit(self, job: PlacedJob, reply_to: ReplyTo) -> bool:

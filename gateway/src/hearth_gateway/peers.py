@@ -122,7 +122,7 @@ def choose_peer(
     ]
     if not eligible:
         return None
-    wants_accel = runner != "wasm"
+    wants_accel = runner in ("onnx", "vision")
     best = min(
         eligible,
         key=lambda p: (
@@ -303,6 +303,22 @@ class Peers:
             Action.PEER,
             f"{job.data_class}, {here}: to paired LAN peer {peer.gateway_id} ({why})",
             peer.gateway_id,
+        )
+
+    def consider_run(self, job: PlacedJob) -> Decision | None:
+        """Where a migratable run this saturated gateway stops goes instead of ``decide_run_move``'s
+        answer: a paired LAN peer that may take it (private runs too: the snapshot stays on the
+        LAN), named by the address of its device listener, which the run's device resumes it at
+        (it must be paired with that peer too; docs/peers.md). None: no peer may."""
+        chosen = choose_peer(runner_for(job), self.views(), self._policy)
+        if chosen is None:
+            return None
+        peer, why = chosen
+        address = self.links[peer.gateway_id].forwarder.link.target.address
+        return Decision(
+            Action.PEER,
+            f"to paired LAN peer {peer.gateway_id} at {address} ({why})",
+            str(address),
         )
 
     def forward(self, job: ForwardedJob, reply_to: ReplyTo, decision: Decision) -> None:

@@ -25,7 +25,8 @@ asks ``peers`` for that. A job that came from a peer is never forwarded again.
 
 A migratable run a saturated gateway sends away (``decide_run_move``) follows the same rules:
 a public one goes to the upstream when it is ready (through its device, which resumes it
-there), a private one goes back to its device, never upstream, and that refusal is audited.
+there), a private one goes back to its device, never upstream, and that refusal is audited;
+with paired LAN peers, one that may take it comes first, private runs included (``run_peers``).
 
 ``decide`` and ``egress_refusal`` are pure; ``Placer`` gathers their inputs from the running
 gateway and writes every decision and refusal to the audit table.
@@ -330,8 +331,11 @@ class Placer:
         upstream: Callable[[], UpstreamState] | None = None,
         # peers.Peers.consider: a LAN peer's decision instead of ``decide``'s, or None.
         peers: Callable[[PlacedJob, Decision, Load, bool], Decision | None] | None = None,
+        # peers.Peers.consider_run: a LAN peer for a run a saturated gateway stops, or None.
+        run_peers: Callable[[PlacedJob], Decision | None] | None = None,
     ) -> None:
         self._peers = peers
+        self._run_peers = run_peers
         self.tier: Tier = tier
         self._policy = policy
         self._runners = runners
@@ -364,7 +368,10 @@ class Placer:
 
     def place_run_move(self, job: RunStart | RunResume) -> Decision:
         upstream = self._upstream() if self._upstream is not None else UpstreamState()
-        return decide_run_move(data_class=job.data_class, tier=self.tier, upstream=upstream)
+        decision = decide_run_move(data_class=job.data_class, tier=self.tier, upstream=upstream)
+        if self._run_peers is None or self.tier != "home":
+            return decision
+        return self._run_peers(job) or decision
 
     def place_task(self, request: TaskInstall) -> Decision:
         return decide_task(data_class=request.data_class, tier=self.tier)
