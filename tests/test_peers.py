@@ -322,6 +322,24 @@ def test_peer_and_device_identities_do_not_mix(
     finally:
         dev.close()
         link.close()
+    # peers list / revoke, on both sides: A forgets B; B revokes peer.a at once.
+    b_id = b.gw.gateway_id
+    listed = [
+        json.loads(x)
+        for x in _cli("peers", "list", "--json", "--state-dir", str(a_state)).stdout.splitlines()
+    ]
+    assert [(r["peer"], r["direction"], r["marked_peer"]) for r in listed] == [(b_id, "to", True)]
+    listed = [json.loads(x) for x in b.admin("peers", "list", "--json").stdout.splitlines()]
+    assert [(r["peer"], r["direction"], r["state"]) for r in listed] == [("a", "from", "valid")]
+    assert _cli("peers", "revoke", b_id, "--state-dir", str(a_state)).returncode == 0
+    assert pairings(peers_dir(a_state)) == []
+    revoked = b.admin("peers", "revoke", "a")
+    assert revoked.returncode == 0, revoked.stderr
+    assert "revoked peer.a" in revoked.stdout
+    listed = [json.loads(x) for x in b.admin("peers", "list", "--json").stdout.splitlines()]
+    assert [r["state"] for r in listed] == ["revoked"]
+    assert b.admin("peers", "revoke", "nobody").returncode == 1
+
     rows = audit(b.state_dir)
     pairs = [(r["target"], r["decision"]) for r in rows if r["action"] == "pair"]
     assert ("peer.sneaky", "refused") in pairs

@@ -19,18 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-
-from hearth._identity import pairings
-from hearth.errors import HearthError
-from hearth.protocol import Error
-from hearth_gateway.config import default_gateway_id, default_state_dir
-from hearth_gateway.control import call_admin
-from hearth_gateway.owner import DeviceList, DeviceListRequest, DeviceRevoke
-from hearth_gateway.peer_ids import PEER_PREFIX, is_peer_id, peer_client_id
-from hearth_gateway.peers import peer_credentials_refusal, peers_dir
-from hearth_gateway.pki import is_peer_cert
-
 __all__ = ["add_peers_parser", "peers_command"]
 
 _Sub = argparse._SubParsersAction
@@ -74,6 +62,8 @@ def add_peers_parser(
 
 
 def peers_command(args: argparse.Namespace) -> int:
+    from hearth_gateway.config import default_state_dir
+
     state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
     if args.peers_command == "pair":
         return _pair(args, state_dir)
@@ -83,7 +73,11 @@ def peers_command(args: argparse.Namespace) -> int:
 
 
 def _pair(args: argparse.Namespace, state_dir: Path) -> int:
+    from hearth.errors import HearthError
     from hearth.pairing import pair
+    from hearth_gateway.config import default_gateway_id
+    from hearth_gateway.peer_ids import peer_client_id
+    from hearth_gateway.peers import peer_credentials_refusal, peers_dir
 
     own_id = args.gateway_id or default_gateway_id()
     try:
@@ -111,6 +105,15 @@ def _pair(args: argparse.Namespace, state_dir: Path) -> int:
 
 
 def _list(args: argparse.Namespace, state_dir: Path) -> int:
+    from cryptography import x509
+
+    from hearth._identity import pairings
+    from hearth_gateway.control import call_admin
+    from hearth_gateway.owner import DeviceList, DeviceListRequest
+    from hearth_gateway.peer_ids import PEER_PREFIX, is_peer_id
+    from hearth_gateway.peers import peers_dir
+    from hearth_gateway.pki import is_peer_cert
+
     rows: list[dict[str, Any]] = []
     for p in pairings(peers_dir(state_dir)):
         cert = x509.load_pem_x509_certificate(Path(p.directory, "device.pem").read_bytes())
@@ -150,6 +153,13 @@ def _list(args: argparse.Namespace, state_dir: Path) -> int:
 
 
 def _revoke(peer_id: str, state_dir: Path) -> int:
+    from hearth._identity import pairings
+    from hearth.protocol import Error
+    from hearth_gateway.control import call_admin
+    from hearth_gateway.owner import DeviceRevoke
+    from hearth_gateway.peer_ids import PEER_PREFIX
+    from hearth_gateway.peers import peers_dir
+
     done = []
     for p in pairings(peers_dir(state_dir)):
         if p.gateway_id == peer_id:
