@@ -131,6 +131,7 @@ class Forwarder:
         self._loop = loop
         # A LAN peer (peers.py) takes private jobs and blobs too: its egress check allows them.
         self._peer = peer
+        self._where = "upstream" if peer is None else f"peer {target.gateway_id}"
         self._policy = policy
         self._blobs = blobs
         self._relay = relay
@@ -216,12 +217,13 @@ class Forwarder:
             item.timer.cancel()
         self.fell_back += 1
         log.info(
-            "job %s of %s runs here instead of upstream: %s",
+            "job %s of %s runs here instead of on %s: %s",
             item.job.job_id,
             item.reply_to.client_id,
+            self._where,
             why,
         )
-        self._fallback(item, f"upstream: {why}")
+        self._fallback(item, f"{self._where}: {why}")
 
     def _lost(self) -> None:
         self._uploads.clear()
