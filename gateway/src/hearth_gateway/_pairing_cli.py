@@ -42,7 +42,7 @@ def pairing_command(args: argparse.Namespace) -> int:  # noqa: PLR0912 - one bra
         return 3  # as `hearth-gateway`'s other commands: no gateway
     request: AdminRequest
     if args.command == "pair":
-        request = CodeRequest(ttl_s=args.ttl)
+        request = CodeRequest(ttl_s=args.ttl, peer=getattr(args, "peer", False))
     elif args.devices_command == "list":
         request = DeviceListRequest()
     else:
@@ -60,6 +60,12 @@ def pairing_command(args: argparse.Namespace) -> int:  # noqa: PLR0912 - one bra
         print(f"Pairing code:    {reply.code}")
         print(f"Valid for:       {minutes:.0f} min, once")
         print(f"CA fingerprint:  {reply.ca_fingerprint}")
+        if reply.peer:  # for another gateway, not a device
+            for host in reply.addresses or ["HOST"]:
+                where = BrokerAddress(host, reply.pairing_port)
+                print(f"On the other gateway: hearth-gateway peers pair {reply.code} "
+                      f"--gateway {where} --ca-fingerprint {reply.ca_fingerprint}")  # fmt: skip
+            return 0
         # One line per address the listener is reachable at (a box on two networks has two).
         for n, host in enumerate(reply.addresses or ["HOST"]):
             where = BrokerAddress(host, reply.pairing_port)

@@ -86,7 +86,7 @@ def _mdns_options(run: argparse.ArgumentParser) -> None:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per option
     parser = argparse.ArgumentParser(
         prog="hearth-gateway",
         description=_DESCRIPTION,
@@ -193,6 +193,7 @@ def _parser() -> argparse.ArgumentParser:
     _state_dir(pair)
     pair.add_argument("--ttl", type=float, metavar="S", help="valid this long (default 300 s)")
     pair.add_argument("--json", action="store_true", help="print JSON")
+    _add_peers(sub, pair)
     devices = _command(
         sub, "devices", "paired devices: list, revoke", "hearth-gateway devices revoke cam-1"
     )
@@ -385,10 +386,24 @@ def _doctor(args: argparse.Namespace) -> int:
     return doctor_command(args)
 
 
+def _add_peers(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], pair: argparse.ArgumentParser
+) -> None:
+    from hearth_gateway._peers_cli import add_peers_parser
+
+    add_peers_parser(sub, _command, _state_dir, pair)
+
+
 def _pairing(args: argparse.Namespace) -> int:
     from hearth_gateway._pairing_cli import pairing_command
 
     return pairing_command(args)
+
+
+def _peers(args: argparse.Namespace) -> int:
+    from hearth_gateway._peers_cli import peers_command
+
+    return peers_command(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -402,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         "tasks": _tasks,
         "pair": _pairing,
         "devices": _pairing,
+        "peers": _peers,
         "doctor": _doctor,
         "usage": _usage,
     }

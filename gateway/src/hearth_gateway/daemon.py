@@ -36,6 +36,7 @@ from hearth_gateway.fit import Resources
 from hearth_gateway.link import GatewayLink
 from hearth_gateway.loop import Loop
 from hearth_gateway.pairing import PairingService, pairing_for
+from hearth_gateway.peers import peers_for
 from hearth_gateway.placement import Load, Placer
 from hearth_gateway.policy import Admission, Policy, load_policy
 from hearth_gateway.pool import pool_link_options
@@ -137,6 +138,18 @@ class Gateway:
             relay=self._relay,
             fallback=self._fall_back,
         )
+        # Paired gateways on the LAN that take work when this one is saturated (peers.py).
+        self.peers = peers_for(
+            self.state_dir,
+            self.gateway_id,
+            config.tier,
+            self.loop,
+            policy=self.policy.placement,
+            blobs=self.blobs,
+            audit=self.store.audit,
+            relay=self._relay,
+            fallback=self._fall_back,
+        )
         placer = Placer(
             tier=config.tier,
             policy=self.policy.placement,
@@ -145,6 +158,8 @@ class Gateway:
             store=self.store,
             blob_class=self.blobs.data_class,
             upstream=self.upstream.state if self.upstream is not None else None,
+            peers=self.peers.consider if self.peers is not None else None,
+            run_peers=self.peers.consider_run if self.peers is not None else None,
         )
         self.tasks: TaskManager | None = None
         if "task" in config.runners:
@@ -190,6 +205,7 @@ class Gateway:
             storage=self.storage,
             pool_id=config.pool,
             resources=self._resources,
+            peers=self.peers,
         )
         self.loop.after(self._end_of_turn)
         self.control: ControlServer | None = None
@@ -429,6 +445,8 @@ class Gateway:
         self.link.start(encode(self._status("online")))
         if self.upstream is not None:
             self.upstream.start()  # connects in the background
+        if self.peers is not None:
+            self.peers.start()
         if self.tasks is not None:
             began = time.perf_counter()
             restored = self.tasks.start()
@@ -597,7 +615,12 @@ class Gateway:
             log.info("sending %d migratable run(s) back to their devices", moving)
         upstream = self.upstream
         drained = self.loop.run_until(
-            lambda: self.pool.idle and (upstream is None or upstream.idle), drain_timeout_s
+            lambda: (
+                self.pool.idle
+                and (upstream is None or upstream.idle)
+                and (self.peers is None or self.peers.idle)
+            ),
+            drain_timeout_s,
         )
         if not drained:
             log.warning(
@@ -610,6 +633,8 @@ class Gateway:
             self.control.close()
         if self.upstream is not None:
             self.upstream.close()
+        if self.peers is not None:
+            self.peers.close()
         # Rows still held (jobs that did not finish) are written now; closing the link runs the
         # loop, which acknowledges what they cover.
         self.dispatcher.flush()

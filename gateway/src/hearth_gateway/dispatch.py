@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
@@ -63,6 +63,7 @@ from hearth.runtime._blob import WASM_MAGIC
 from hearth_gateway.blobs import BlobStore, UploadRefused
 from hearth_gateway.fit import Fit, Resources
 from hearth_gateway.loop import Timer
+from hearth_gateway.peer_ids import is_peer_id, peer_request_refusal
 from hearth_gateway.placement import Action, Decision, PlacedJob, Placer, forwardable
 from hearth_gateway.policy import Admission, Policy
 from hearth_gateway.quota import QuotaRefusal, Quotas, app_of, run_seconds
@@ -73,6 +74,9 @@ from hearth_gateway.storage import StorageGuard, is_storage_full
 from hearth_gateway.store import CONFLICT, JournalEntry, Receipt, Store
 from hearth_gateway.streams import Sessions, StreamCounters
 from hearth_gateway.upstream import Forwarded, Forwarder
+
+if TYPE_CHECKING:
+    from hearth_gateway.peers import Peers
 from hearth_gateway.vision import CAPABILITIES, STATEFUL
 from hearth_gateway.workers import QueuedJob, WorkerPool
 
@@ -185,10 +189,12 @@ class Dispatcher:
         storage: StorageGuard | None = None,
         pool_id: str = "",
         resources: Callable[[], Resources] | None = None,
+        peers: Peers | None = None,
     ) -> None:
         self._gateway_id = gateway_id
         # The cloud-tier pool this gateway is a member of (docs/protocol.md §19); "": none.
         self._pool_id = pool_id or gateway_id
+        self._peers = peers  # paired LAN gateways (peers.py); None: none
         self._storage = storage  # None: no free-space check (journal errors still map)
         # Answers published while the disk was too full to journal them, for a re-sent job id
         # (its entry still says accepted: without this it would hear nothing until a restart).
@@ -228,7 +234,9 @@ class Dispatcher:
 
     # Called from the daemon's event loop for each request: everything here is short; jobs run
     # in the worker processes.
-    def handle(self, topic: str, payload: bytes, reply_to: ReplyTo) -> Receipt | None:
+    def handle(  # noqa: PLR0911 - one return per refusal
+        self, topic: str, payload: bytes, reply_to: ReplyTo
+    ) -> Receipt | None:
         """Route one request. Returns the Receipt of a job just journaled (its request is
         acknowledged once the receipt is durable); None: acknowledge it now."""
         parsed = parse_request_topic(topic)
@@ -266,6 +274,10 @@ class Dispatcher:
             request = decode_request(payload)
         except ProtocolError as exc:
             self._refuse(reply_to, exc.code, exc.message)
+            return None
+        if is_peer_id(client_id) and (why := peer_request_refusal(request)) is not None:
+            self._store.audit(client_id, "peer", type(request).__name__, "refused", why)
+            self._refuse(reply_to, ErrorCode.FORBIDDEN, why, getattr(request, "job_id", None))
             return None
         # The pool's topic: the broker gave this request to this member.
         route = self._route if to == self._gateway_id else self._pooled
@@ -411,7 +423,7 @@ class Dispatcher:
     def _placed(self, client_id: str, job: PlacedJob) -> tuple[Decision, JobError | None]:
         """Placement's decision and why the job is refused, if it is; a refusal of
         placement's own is audited here."""
-        decision = self._placer.place(job)
+        decision = self._placer.place(job, client_id)
         refusal = self._refusal(job, decision)
         if refusal is not None and refusal.code is decision.code:
             self._audit(client_id, job, decision)
@@ -426,7 +438,7 @@ class Dispatcher:
             return JobError(ErrorCode.SHUTTING_DOWN, "the gateway is shutting down")
         if decision.action is Action.DENY and decision.code is not None:
             return JobError(decision.code, decision.reason)
-        if decision.action is Action.UPSTREAM:
+        if decision.action in (Action.UPSTREAM, Action.PEER):
             # Its runner may be missing here: that may be why it goes upstream.
             return _call_refusal(job) if isinstance(job, CallJob) else None
         runner = runner_for(job)
@@ -448,7 +460,7 @@ class Dispatcher:
             return None
         return JobError(ErrorCode.UNSATISFIABLE, f"gateway {self._gateway_id}: {why}")
 
-    def _job(
+    def _job(  # noqa: PLR0911 - one return per outcome
         self, job: PlacedJob, payload: bytes, reply_to: ReplyTo, *, pooled: bool = False
     ) -> Receipt | None:
         client_id = reply_to.client_id
@@ -488,7 +500,12 @@ class Dispatcher:
             # Never a run: runs are not forwardable (placement.py); they move through devices.
             assert not isinstance(job, RunStart | RunResume)
             self.counters.forwarded += 1
-            self._upstream.forward(job, reply_to)
+            self._upstream.forward(job, reply_to, decision.reason)
+            return known
+        if decision.action is Action.PEER and self._peers is not None:
+            assert not isinstance(job, RunStart | RunResume)  # not forwardable
+            self.counters.forwarded += 1
+            self._peers.forward(job, reply_to, decision)
             return known
         self.enqueue(job, reply_to)
         return known
@@ -607,10 +624,12 @@ class Dispatcher:
             job = item.job
             assert isinstance(job, RunStart | RunResume)
             decision = self._placer.place_run_move(job)
-            if decision.action in (Action.UPSTREAM, Action.DENY):  # not plain "home"
+            if decision.action in (Action.UPSTREAM, Action.DENY, Action.PEER):  # not "home"
                 self._audit(item.reply_to.client_id, job, decision)
             if decision.action is Action.UPSTREAM:
                 reason, to = f"{reason}: to its upstream {decision.target}", decision.target
+            elif decision.action is Action.PEER:  # peers.py: the reason names peer and address
+                reason, to = f"{reason}: {decision.reason}", decision.target
         return encode(msgspec.structs.replace(decoded, reason=reason, to=to))
 
     def _admit(self, job: PlacedJob, reply_to: ReplyTo) -> bool:

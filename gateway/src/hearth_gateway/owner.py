@@ -30,6 +30,7 @@ class _Admin(msgspec.Struct, kw_only=True, frozen=True, tag_field="type"):
 
 class CodeRequest(_Admin, frozen=True, tag="pair_code"):
     ttl_s: float | None = None  # default: the daemon's pairing_code_ttl_s
+    peer: bool = False  # a code that pairs a peer gateway (docs/peers.md), not a device
 
 
 class CodeIssued(_Admin, frozen=True, tag="pair_code_issued"):
@@ -40,6 +41,7 @@ class CodeIssued(_Admin, frozen=True, tag="pair_code_issued"):
     pairing_port: int
     # Where devices reach the pairing listener (advertised_addresses): the CLI's hint names them.
     addresses: list[str] = []
+    peer: bool = False  # a peer code: for `hearth-gateway peers pair` on another gateway
 
 
 class DeviceListRequest(_Admin, frozen=True, tag="devices_list"):

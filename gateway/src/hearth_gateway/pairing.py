@@ -70,6 +70,7 @@ from hearth_gateway.owner import (
     DeviceListRequest,
     DeviceRevoked,
 )
+from hearth_gateway.peer_ids import peer_role_refusal
 from hearth_gateway.pki import CsrRefused, LocalCA, certificate_ips, fingerprint, key_fingerprint
 from hearth_gateway.reply_to import PublishReply, ReplyTo
 from hearth_gateway.store import DeviceRecord, Store
@@ -93,6 +94,7 @@ class _Pending:
     key: bytes  # pairing_key(code): the code itself is not kept
     expires_at: float  # monotonic
     failures: int = 0
+    peer: bool = False  # pairs a peer gateway (CN peer.ID), not a device
 
 
 class _Codes:
@@ -103,9 +105,9 @@ class _Codes:
         self._tokens = float(_RATE_PER_MIN)
         self._refilled_at = clock()
 
-    def issue(self, ttl_s: float) -> str:
+    def issue(self, ttl_s: float, *, peer: bool = False) -> str:
         code = new_code()
-        self._pending.append(_Pending(pairing_key(code), self._clock() + ttl_s))
+        self._pending.append(_Pending(pairing_key(code), self._clock() + ttl_s, peer=peer))
         return code
 
     def _expire(self) -> None:
@@ -295,12 +297,12 @@ class PairingService:
         except CsrRefused as exc:
             self._store.audit(actor, "pair", "", "refused", str(exc))
             return Error(code=ErrorCode.MALFORMED, message=str(exc))
-        why = self._id_refusal(device_id, key_fp)
+        why = self._id_refusal(device_id, key_fp) or peer_role_refusal(device_id, peer=pending.peer)
         if why is not None:
             self._store.audit(actor, "pair", device_id, "refused", why)
             return Error(code=ErrorCode.FORBIDDEN, message=why)
         try:
-            cert = self._ca.sign_device(request.csr, device_id)
+            cert = self._ca.sign_device(request.csr, device_id, peer=pending.peer)
         except CsrRefused as exc:
             self._store.audit(actor, "pair", device_id, "refused", str(exc))
             return Error(code=ErrorCode.MALFORMED, message=str(exc))
@@ -313,8 +315,11 @@ class PairingService:
             paired_at=time.time(),
         )
         self._store.add_device(record, supersede=device_id in self.active)
-        self._store.audit(actor, "pair", device_id, "allowed", f"certificate {record.serial}")
-        log.info("paired device %s (certificate %s)", device_id, record.serial)
+        kind = "peer gateway" if pending.peer else "device"
+        self._store.audit(
+            actor, "pair", device_id, "allowed", f"{kind} certificate {record.serial}"
+        )
+        log.info("paired %s %s (certificate %s)", kind, device_id, record.serial)
         self._refresh()
         self.write_crl()  # a superseded certificate is revoked too
         self._on_change()
@@ -353,8 +358,9 @@ class PairingService:
             ttl_s = self._ttl_s if request.ttl_s is None else request.ttl_s
             if not 0 < ttl_s <= 3600:
                 return Error(code=ErrorCode.BAD_PARAMS, message="ttl_s must be in (0, 3600]")
-            code = self._codes.issue(ttl_s)
-            self._store.audit("admin", "pair_code", "", "allowed", f"valid {ttl_s:.0f} s")
+            code = self._codes.issue(ttl_s, peer=request.peer)
+            kind = "peer code" if request.peer else "code"
+            self._store.audit("admin", "pair_code", "", "allowed", f"{kind} valid {ttl_s:.0f} s")
             return CodeIssued(
                 code=format_code(code),
                 expires_at=time.time() + ttl_s,
@@ -362,6 +368,7 @@ class PairingService:
                 ca_fingerprint=self._ca.fingerprint,
                 pairing_port=self._pairing_port,
                 addresses=self._addresses,
+                peer=request.peer,
             )
         if isinstance(request, DeviceListRequest):
             return DeviceList(

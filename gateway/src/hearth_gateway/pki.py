@@ -28,7 +28,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hearth_gateway.errors import GatewayError
 
-__all__ = ["CsrRefused", "LocalCA", "certificate_ips", "fingerprint", "key_fingerprint"]
+__all__ = [
+    "PEER_USAGE",
+    "CsrRefused",
+    "LocalCA",
+    "certificate_ips",
+    "fingerprint",
+    "is_peer_cert",
+    "key_fingerprint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +46,9 @@ _DEVICE_DAYS = 730
 _RENEW_BEFORE = dt.timedelta(days=30)  # reissue the server certificate this long before expiry
 _CLOCK_SKEW = dt.timedelta(minutes=5)  # not_before in the past: devices with a slightly slow clock
 _ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1)
+# The extended key usage that marks a peer gateway's client certificate (docs/peers.md): an OID
+# under 2.25 (a UUID as an integer, ITU-T X.667), so it needs no registered arc.
+PEER_USAGE = x509.ObjectIdentifier("2.25.96132155405931587946017286154066432137")
 
 
 class CsrRefused(GatewayError):
@@ -167,6 +178,8 @@ class LocalCA:
         days: int,
         usage: x509.ObjectIdentifier,
         sans: list[x509.GeneralName] | None = None,
+        *,
+        extra_usage: tuple[x509.ObjectIdentifier, ...] = (),
     ) -> x509.Certificate:
         now = _now()
         builder = (
@@ -179,7 +192,7 @@ class LocalCA:
             .not_valid_after(min(now + dt.timedelta(days=days), self.cert.not_valid_after_utc))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(ca=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([usage, *extra_usage]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
@@ -226,9 +239,12 @@ class LocalCA:
 
     # -- devices ----------------------------------------------------------------------------
 
-    def sign_device(self, csr_der: bytes, device_id: str) -> x509.Certificate:
+    def sign_device(
+        self, csr_der: bytes, device_id: str, *, peer: bool = False
+    ) -> x509.Certificate:
         """A client certificate with CN = ``device_id`` for the key in ``csr_der``. Only the
-        CSR's key is used: its subject and extensions are the device's wish, not ours."""
+        CSR's key is used: its subject and extensions are the device's wish, not ours.
+        ``peer``: a peer gateway's, marked with ``PEER_USAGE`` (paired with a peer code)."""
         try:
             csr = x509.load_der_x509_csr(csr_der)
         except ValueError:
@@ -240,7 +256,10 @@ class LocalCA:
             key.curve, _ACCEPTED_CURVES
         ):
             raise CsrRefused("the CSR's key must be EC P-256 or P-384")
-        return self._issue(key, device_id, _DEVICE_DAYS, ExtendedKeyUsageOID.CLIENT_AUTH)
+        extra = (PEER_USAGE,) if peer else ()
+        return self._issue(
+            key, device_id, _DEVICE_DAYS, ExtendedKeyUsageOID.CLIENT_AUTH, extra_usage=extra
+        )
 
     def write_crl(self, revoked: Iterable[tuple[int, float]]) -> None:
         """The CRL of the given (serial, revoked at unix seconds). Its next update is the CA's
@@ -267,6 +286,15 @@ class LocalCA:
             )
         crl = builder.sign(self._key, hashes.SHA256())
         _write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def is_peer_cert(cert: x509.Certificate) -> bool:
+    """Whether a client certificate carries the peer marker (``PEER_USAGE``)."""
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return False
+    return PEER_USAGE in list(usages)
 
 
 def _key_usage(*, ca: bool) -> x509.KeyUsage:

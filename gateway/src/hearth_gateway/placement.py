@@ -16,11 +16,17 @@ The rules::
              upstream would need the blob, so it runs here, like private work.
 
 Persistent tasks run where they are installed, never forwarded; a cloud tier installs only
-public ones. Peer gateways on the LAN are not considered: private work runs here or nowhere.
+public ones.
+
+Peer gateways on the LAN (peers.py, docs/peers.md) come after these rules: when this gateway is
+saturated, or lacks the job's runner, a forwardable job (private included: a peer is paired and
+on the LAN) may go to a paired peer instead of queueing here or going upstream; ``Placer``
+asks ``peers`` for that. A job that came from a peer is never forwarded again.
 
 A migratable run a saturated gateway sends away (``decide_run_move``) follows the same rules:
 a public one goes to the upstream when it is ready (through its device, which resumes it
-there), a private one goes back to its device, never upstream, and that refusal is audited.
+there), a private one goes back to its device, never upstream, and that refusal is audited;
+with paired LAN peers, one that may take it comes first, private runs included (``run_peers``).
 
 ``decide`` and ``egress_refusal`` are pure; ``Placer`` gathers their inputs from the running
 gateway and writes every decision and refusal to the audit table.
@@ -48,6 +54,7 @@ from hearth.protocol import (
     parse_request_topic,
     request_topic,
 )
+from hearth_gateway.peer_ids import is_peer_id
 from hearth_gateway.policy import PlacementPolicy
 from hearth_gateway.runners import runner_for
 from hearth_gateway.store import AuditEntry, Store
@@ -77,6 +84,7 @@ class Action(enum.StrEnum):
     HERE = "here"  # on this gateway, a worker is free
     QUEUE = "queue"  # on this gateway, after the jobs ahead of it
     UPSTREAM = "upstream"  # forwarded to the upstream gateway
+    PEER = "peer"  # forwarded to a paired gateway on the LAN (peers.py); target: its id
     DENY = "deny"  # refused with ``code``
 
 
@@ -92,6 +100,8 @@ class Decision:
         """The audit table's target column."""
         if self.action is Action.UPSTREAM:
             return f"upstream {self.target}"
+        if self.action is Action.PEER:
+            return f"peer {self.target}"
         return "-" if self.action is Action.DENY else "here"
 
 
@@ -325,7 +335,13 @@ class Placer:
         store: Store,
         blob_class: Callable[[str], DataClass | None],
         upstream: Callable[[], UpstreamState] | None = None,
+        # peers.Peers.consider: a LAN peer's decision instead of ``decide``'s, or None.
+        peers: Callable[[PlacedJob, Decision, Load, bool], Decision | None] | None = None,
+        # peers.Peers.consider_run: a LAN peer for a run a saturated gateway stops, or None.
+        run_peers: Callable[[PlacedJob], Decision | None] | None = None,
     ) -> None:
+        self._peers = peers
+        self._run_peers = run_peers
         self.tier: Tier = tier
         self._policy = policy
         self._runners = runners
@@ -334,24 +350,34 @@ class Placer:
         self._blob_class = blob_class  # BlobStore.data_class: a stored blob's label, or None
         self._upstream = upstream
 
-    def place(self, job: PlacedJob) -> Decision:
+    def place(self, job: PlacedJob, client_id: str = "") -> Decision:
         runner = runner_for(job)
         sha = blob_of(job)
-        return decide(
+        load = self._load()
+        decision = decide(
             data_class=job.data_class,
             tier=self.tier,
             runner=runner,
             runner_here=runner in self._runners,
             can_forward=forwardable(job),
-            load=self._load(),
+            load=load,
             upstream=self._upstream() if self._upstream is not None else UpstreamState(),
             policy=self._policy,
             blob_class=self._blob_class(sha) if sha is not None else None,
         )
+        if self._peers is None or self.tier != "home" or not forwardable(job):
+            return decision
+        # A job a peer sent is never forwarded again (no loops between peers).
+        if is_peer_id(client_id):
+            return decision
+        return self._peers(job, decision, load, runner in self._runners) or decision
 
     def place_run_move(self, job: RunStart | RunResume) -> Decision:
         upstream = self._upstream() if self._upstream is not None else UpstreamState()
-        return decide_run_move(data_class=job.data_class, tier=self.tier, upstream=upstream)
+        decision = decide_run_move(data_class=job.data_class, tier=self.tier, upstream=upstream)
+        if self._run_peers is None or self.tier != "home":
+            return decision
+        return self._run_peers(job) or decision
 
     def place_task(self, request: TaskInstall) -> Decision:
         return decide_task(data_class=request.data_class, tier=self.tier)

@@ -27,6 +27,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import msgspec
 
@@ -65,7 +66,7 @@ from hearth_gateway.upstream_link import (
     UpstreamUnavailable,
 )
 
-__all__ = ["Forwarded", "Forwarder", "forwarder_for"]
+__all__ = ["Forwarded", "Forwarder", "PeerLinkOptions", "forwarder_for"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,14 @@ _JOB = b"job:"
 _BLOB = b"blob:"
 
 
+class PeerLinkOptions(Protocol):
+    """What makes a Forwarder one to a LAN peer (peers.PeerLink implements it)."""
+
+    def link_options(self) -> dict[str, Any]: ...  # UpstreamLink's peer keyword arguments
+
+    def ran(self, run_ms: float) -> None: ...  # a run time the peer measured
+
+
 def upstream_job_id(client_id: str, job_id: str) -> str:
     """The job's id upstream: stable (a retry is answered from the upstream's journal) and
     distinct per device (two devices' "job-1" are two jobs)."""
@@ -111,6 +120,7 @@ class Forwarded:
     timer: Timer | None = None
     uploads: int = 0
     member: str = ""  # the pool member that took it (accepted / need_blob); "": the pool
+    reason: str = ""  # placement's, when it went to a LAN peer: named in the answer's timing
 
 
 class Forwarder:
@@ -125,8 +135,12 @@ class Forwarder:
         audit: Audit,
         relay: Callable[[Forwarded, bytes], None],
         fallback: Callable[[Forwarded, str], None],
+        peer: PeerLinkOptions | None = None,
     ) -> None:
         self._loop = loop
+        # A LAN peer (peers.py) takes private jobs and blobs too: its egress check allows them.
+        self._peer = peer
+        self._where = "upstream" if peer is None else f"peer {target.gateway_id}"
         self._policy = policy
         self._blobs = blobs
         self._relay = relay
@@ -150,6 +164,7 @@ class Forwarder:
             on_refused=self._refused,
             on_lost=self._lost,
             on_member_lost=self._member_lost,
+            **({} if peer is None else peer.link_options()),
         )
 
     def start(self) -> None:
@@ -163,6 +178,10 @@ class Forwarder:
     def idle(self) -> bool:
         return not self._pending
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
     def _cleared_blobs(self) -> dict[str, DataClass]:
         """The blobs public jobs in flight upstream name, the only ones that may be uploaded,
         each with its label here: the egress check lets only the public ones out."""
@@ -174,13 +193,14 @@ class Forwarder:
 
     # -- jobs -----------------------------------------------------------------------------------
 
-    def forward(self, job: ForwardedJob, reply_to: ReplyTo) -> None:
-        item = Forwarded(job, reply_to, token=_JOB + os.urandom(16))
-        if job.data_class != "public":  # placement never sends one; egress would refuse it too
+    def forward(self, job: ForwardedJob, reply_to: ReplyTo, reason: str = "") -> None:
+        item = Forwarded(job, reply_to, token=_JOB + os.urandom(16), reason=reason)
+        on_lan = self._peer is not None
+        if job.data_class != "public" and not on_lan:  # placement never sends one upstream
             self._fallback(item, "a private job is never forwarded")
             return
         sha = blob_of(job)
-        if sha is not None and self._blobs.data_class(sha) == "private":  # nor one of these
+        if sha is not None and not on_lan and self._blobs.data_class(sha) == "private":
             self._fallback(item, f"blob {sha[:12]} is private; a job naming it is not forwarded")
             return
         self._pending[item.token] = item
@@ -210,12 +230,13 @@ class Forwarder:
             item.timer.cancel()
         self.fell_back += 1
         log.info(
-            "job %s of %s runs here instead of upstream: %s",
+            "job %s of %s runs here instead of on %s: %s",
             item.job.job_id,
             item.reply_to.client_id,
+            self._where,
             why,
         )
-        self._fallback(item, f"upstream: {why}")
+        self._fallback(item, f"{self._where}: {why}")
 
     def _lost(self) -> None:
         self._uploads.clear()
@@ -271,7 +292,9 @@ class Forwarder:
         elif isinstance(reply, _RESULT[type(item.job)]):
             result: WasmResult | OnnxResult | CallResult | PipelineReply = reply  # type: ignore[assignment]
             ran = item.member or self.link.upstream_id
-            timing = msgspec.structs.replace(result.timing, upstream=ran)
+            timing = msgspec.structs.replace(result.timing, upstream=ran, reason=item.reason)
+            if self._peer is not None:
+                self._peer.ran(result.timing.run_ms)
             self._answer(
                 item, msgspec.structs.replace(result, job_id=item.job.job_id, timing=timing)
             )
@@ -306,7 +329,8 @@ class Forwarder:
         if need.sha256 != sha or item.uploads >= 2:
             self._give_up(item.token, f"it asked for blob {need.sha256[:12]} again or instead")
             return
-        if self._blobs.data_class(sha) != "public":
+        label = self._blobs.data_class(sha) or "private"
+        if label != "public" and self._peer is None:
             # Placement does not forward a job naming a private blob; this holds if the blob
             # was replaced (removed and uploaded again as private) since.
             self._give_up(item.token, f"blob {sha[:12]} is private; it is never uploaded")
@@ -335,7 +359,7 @@ class Forwarder:
                     size=len(data),
                     offset=offset,
                     data=data[offset : offset + chunk],
-                    data_class="public",
+                    data_class=label,
                 )
                 self.link.send(part, correlation, to=item.member)
         except (EgressRefused, UpstreamUnavailable) as exc:

@@ -28,6 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from hearth.errors import HearthError
 from hearth.protocol import (
     DataClass,
+    GatewayStatus,
     Request,
     decode_status,
     encode,
@@ -51,6 +52,8 @@ _RECONNECT_MAX_S = 30.0
 
 # Store.audit: actor, action, target, verdict ("allowed" | "refused"), reason
 Audit = Callable[[str, str, str, str, str], None]
+# placement.egress_refusal's signature: (topic, payload, upstream_id=, client_id=, blobs=)
+Egress = Callable[..., str | None]
 
 
 class EgressRefused(GatewayError):
@@ -110,11 +113,19 @@ class UpstreamLink(LoopDriven):
         on_lost: Callable[[], None],  # nothing in flight will be answered
         # A pool member's Last Will (docs/protocol.md §19): its jobs go to the pool again.
         on_member_lost: Callable[[str], None] = lambda _member: None,
+        # A LAN peer (peers.py) reuses this link: its own client id, egress check and status.
+        client_id: str = "",
+        egress: Egress = egress_refusal,
+        on_status: Callable[[GatewayStatus], None] | None = None,
+        what: str = "public jobs only",
     ) -> None:
         self.loop = loop
         self.target = target
         # Our {client} at the upstream; ids are at most 64 characters.
-        self.client_id = f"gw-{gateway_id}"[:64]
+        self.client_id = client_id or f"gw-{gateway_id}"[:64]
+        self._egress = egress
+        self._on_status = on_status
+        self._what = what
         self._gateway_id = gateway_id
         self._policy = policy
         self._audit = audit
@@ -160,7 +171,7 @@ class UpstreamLink(LoopDriven):
         payload = encode(message)
         gateway = to or self.upstream_id
         topic = request_topic(gateway, self.client_id) if gateway else ""
-        why = egress_refusal(
+        why = self._egress(
             topic,
             payload,
             upstream_id=self.upstream_id,
@@ -281,7 +292,7 @@ class UpstreamLink(LoopDriven):
             "egress:connect",
             str(self.target),
             "allowed",
-            f"as {self.client_id}; public jobs only",
+            f"as {self.client_id}; {self._what}",
         )
         log.info("connected to upstream %s as %s", self.target, self.client_id)
 
@@ -315,6 +326,8 @@ class UpstreamLink(LoopDriven):
             return
         if self.target.gateway_id and status.gateway_id != self.target.gateway_id:
             return
+        if self._on_status is not None and status.gateway_id == (self.upstream_id or ""):
+            self._on_status(status)  # its queue and accelerators: peer selection reads them
         if status.state == "online" and not self.upstream_online:
             if not self.upstream_id:
                 self.upstream_id = status.gateway_id

@@ -127,9 +127,12 @@ class Timing(msgspec.Struct, frozen=True):
 
     queue_ms: float = 0.0
     run_ms: float = 0.0
-    # The upstream (cloud-tier) gateway that ran a public job this gateway forwarded; then the
-    # times are the upstream's. Empty: this gateway ran it.
+    # The upstream (cloud-tier) gateway that ran a public job this gateway forwarded, or the
+    # paired LAN peer gateway that ran a job this saturated gateway forwarded; then the times
+    # are that gateway's. Empty: this gateway ran it.
     upstream: str = ""
+    # Why it ran there (this gateway's placement decision), when it was forwarded to a peer.
+    reason: str = ""
 
 
 # --- requests: device -> gateway, on hearth/v1/gw/{gateway}/req/{client} ---------------------
