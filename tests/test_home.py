@@ -117,10 +117,15 @@ def test_motion_on_the_home_broker_turns_the_light_on_then_off(
         light.close()
 
 
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 def test_no_motion_is_lost_across_restarts_of_the_home_broker_and_the_gateway(
-    make_gateway: Callable[..., GatewayProcess], home: HomeBroker, tasks_dir: Path, tmp_path: Path
+    make_gateway: Callable[..., GatewayProcess],
+    home: HomeBroker,
+    tasks_dir: Path,
+    tmp_path: Path,
+    protocol: str,
 ) -> None:
-    gateway = make_gateway(*home_config(tmp_path, home))
+    gateway = make_gateway(*home_config(tmp_path, home, home_broker_protocol=protocol))
     _wait_home_connected(gateway)
     light = HomeDevice(home.address, "hall-light", subscribe=(LIGHT,))
     sensor = HomeDevice(home.address, "hall-motion")
