@@ -194,6 +194,31 @@ def _probe(broker: BrokerAddress, n: int) -> dict[str, Any]:
     return {"task_ms": task_ms, "raw_ms": raw_ms, "off_s": off_s}
 
 
+def _serve(broker: BrokerAddress) -> None:
+    """The sensor and the light, steered line by line on stdin (for the restart phase):
+    ``motion``; ``connected`` (waits for the sensor's reconnection); ``expect S`` and ``quiet
+    S`` print the light's next payload within S seconds, or ``timeout``."""
+    light = HomeDevice(broker, "hall-light-restarts", subscribe=(LIGHT,))
+    sensor = HomeDevice(broker, "hall-sensor-restarts")
+    try:
+        for line in sys.stdin:
+            verb, _, arg = line.strip().partition(" ")
+            if verb == "motion":
+                sensor.publish(MOTION, '{"occupancy":true}')
+                answer = "sent"
+            elif verb == "connected":
+                answer = str(sensor.connected.wait(30) and light.connected.wait(30))
+            else:
+                try:
+                    answer = light.expect(LIGHT, timeout_s=float(arg))[1].decode()
+                except TimeoutError:
+                    answer = "timeout"
+            print(answer, flush=True)
+    finally:
+        sensor.close()
+        light.close()
+
+
 def _relay(broker: BrokerAddress) -> None:
     """Republish RAW_IN to RAW_OUT at once: the baseline, a gateway that does nothing."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="raw-relay", protocol=mqtt.MQTTv311)
@@ -207,6 +232,67 @@ def _relay(broker: BrokerAddress) -> None:
 # --- the run ---------------------------------------------------------------------------------
 
 
+class _Steer:
+    """The parent's end of ``--serve`` in the home namespace."""
+
+    def __init__(self, net: Lan, broker: BrokerAddress) -> None:
+        me = str(Path(__file__).resolve())
+        self._proc = subprocess.Popen(
+            ["ip", "netns", "exec", net.home, sys.executable, me, "--serve", str(broker)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        net.procs.append(self._proc)  # type: ignore[arg-type]  # killed with the rest
+
+    def __call__(self, line: str) -> str:
+        assert self._proc.stdin is not None
+        assert self._proc.stdout is not None
+        self._proc.stdin.write(line + "\n")
+        self._proc.stdin.flush()
+        return self._proc.stdout.readline().strip()
+
+
+def _restarts(
+    net: Lan, tmp: Path, home: HomeBroker, gateway: subprocess.Popen[bytes]
+) -> dict[str, Any]:
+    """One motion after each of: nothing, the home broker SIGKILLed and restarted (before the
+    gateway is back on it), the gateway SIGKILLed (the motion while it is down) and restarted.
+    Each must switch the light on, then off after the timeout, and nothing else."""
+    steer = _Steer(net, home.address)
+    on = '{"state":"ON"}'
+    off = '{"state":"OFF"}'
+    seen: list[str] = []
+    motions = 0
+
+    def motion_then_light() -> None:
+        nonlocal motions
+        steer("motion")
+        motions += 1
+        seen.append(steer("expect 30"))
+        seen.append(steer("expect 10"))
+
+    assert steer("connected") == "True"
+    motion_then_light()
+    home.kill()
+    home.start()
+    assert steer("connected") == "True"
+    motion_then_light()
+    gateway.kill()  # SIGKILL; its broker and workers follow it
+    gateway.wait()
+    steer("motion")
+    motions += 1
+    _start_gateway(net, tmp, home)
+    seen.append(steer("expect 30"))
+    seen.append(steer("expect 10"))
+    seen.append(steer("quiet 1.5"))
+    lost = motions - seen.count(on)
+    log.info("restarts: light saw %s", seen)
+    return {"motions": motions, "on": seen.count(on), "off": seen.count(off), "lost": lost,
+            "light_off_at_end": seen[-2:] == [off, "timeout"]}  # fmt: skip
+
+
 @dataclass
 class Outcome:
     task: Summary
@@ -215,9 +301,9 @@ class Outcome:
     figures: dict[str, Any]
 
 
-def _start_gateway(net: Lan, tmp: Path, home: HomeBroker) -> Path:
+def _start_gateway(net: Lan, tmp: Path, home: HomeBroker) -> tuple[Path, subprocess.Popen[bytes]]:
     state = tmp / "gateway" / "state"
-    state.mkdir(parents=True)
+    state.mkdir(parents=True, exist_ok=True)
     config = tmp / "gateway.toml"
     config.write_text(f'home_broker = "{home.url}"\nhome_broker_protocol = "3.1.1"\n')
     policy = tmp / "policy.toml"
@@ -250,7 +336,7 @@ def _start_gateway(net: Lan, tmp: Path, home: HomeBroker) -> Path:
             raise RuntimeError(f"gateway exited: {(tmp / 'gateway.log').read_text()[-2000:]}")
         snap = read_snapshot(state)
         if snap is not None and snap.state == "online" and snap.pid == proc.pid:
-            return state
+            return state, proc
         time.sleep(0.1)
     raise RuntimeError("gateway not online within 60 s")
 
@@ -293,7 +379,7 @@ def run(n: int, tmp: Path) -> Outcome:
     with lan() as net, contextlib.ExitStack() as stack:
         home = HomeBroker(tmp, host=net.home_ip, port=1883, netns=net.home)
         stack.enter_context(home.start())
-        state = _start_gateway(net, tmp, home)
+        state, gateway = _start_gateway(net, tmp, home)
         _install(state, examples / "tasks" / "zigbee_light.wasm")
         me = str(Path(__file__).resolve())
         net.spawn(net.gw, [sys.executable, me, "--relay", str(home.address)], tmp / "relay.log")
@@ -318,6 +404,7 @@ def run(n: int, tmp: Path) -> Outcome:
         if probe.returncode != 0:
             raise RuntimeError(f"probe failed: {probe.stderr[-3000:]}")
         result = json.loads(probe.stdout)
+        result["restarts"] = _restarts(net, tmp, home, gateway)
     task, raw = Summary.of(result["task_ms"]), Summary.of(result["raw_ms"])
     figures = {
         "n": task.n,
@@ -333,6 +420,9 @@ def run(n: int, tmp: Path) -> Outcome:
         "timer_s": TICK_S,
         "target_p50_ms": TARGET_P50_MS,
         "target_met": task.p50 <= TARGET_P50_MS,
+        "restart_motions": result["restarts"]["motions"],
+        "restart_motions_lost": result["restarts"]["lost"],
+        "restart_light_off_at_end": result["restarts"]["light_off_at_end"],
     }
     return Outcome(task, raw, result["off_s"], figures)
 
@@ -370,6 +460,11 @@ def report(outcome: Outcome) -> None:
         f"light OFF {outcome.off_s:.2f} s after the last motion "
         f"(off_after_s {OFF_AFTER_S}, timer every {TICK_S} s)"
     )
+    print(
+        f"home broker SIGKILLed and restarted, then the gateway: {figures['restart_motions']} "
+        f"motions, {figures['restart_motions_lost']} lost, light off at the end: "
+        f"{figures['restart_light_off_at_end']}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -378,10 +473,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=DEFAULT_N, help="motions per series")
     parser.add_argument("--probe", metavar="HOST:PORT", help=argparse.SUPPRESS)
     parser.add_argument("--relay", metavar="HOST:PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", metavar="HOST:PORT", help=argparse.SUPPRESS)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     if args.probe:
         print(json.dumps(_probe(BrokerAddress.parse(args.probe), args.n)))
+        return 0
+    if args.serve:
+        _serve(BrokerAddress.parse(args.serve))
         return 0
     if args.relay:
         _relay(BrokerAddress.parse(args.relay))
