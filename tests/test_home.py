@@ -20,6 +20,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from hearth.errors import JobError
+from hearth_gateway.config import Config, load_config
+from hearth_gateway.home import HomeTarget
+from hearth_gateway.policy import home_grant_error, load_policy
 from testkit.gateway import GatewayProcess
 from testkit.home_broker import HomeBroker, HomeDevice
 from testkit.wait import wait_until
@@ -495,3 +498,39 @@ def test_a_flood_on_a_granted_topic_is_dropped_and_counted_while_the_gateway_ser
         flooder.loop_stop()
         sensor.close()
         light.close()
+
+
+def test_the_example_home_configuration_and_policy_load() -> None:
+    examples = Path(__file__).parent.parent / "examples" / "home"
+    config = load_config(examples / "gateway.toml")
+    assert config.home_broker.startswith("mqtt://")
+    assert config.home_assistant
+    policy = load_policy([examples / "home-policy.toml"])
+    assert policy.tasks.home_publish == ["zigbee2mqtt/+/set"]
+
+
+def test_the_home_broker_password_comes_from_the_systemd_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "home-broker-password").write_text("s3cret\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    config = Config(home_broker="mqtt://ha.local", home_broker_username="hearth")
+    target = HomeTarget.from_config(config, "gw-1")
+    assert target is not None
+    assert (target.username, target.password) == ("hearth", "s3cret")
+    assert str(target.address) == "ha.local:1883"
+    named = tmp_path / "file.pass"
+    named.write_text("from-file")
+    config = Config(home_broker="mqtts://ha.local", home_broker_password_file=str(named))
+    target = HomeTarget.from_config(config, "gw-1")
+    assert target is not None
+    assert (target.password, target.tls, target.address.port) == ("from-file", True, 8883)
+
+
+def test_home_grants_are_bounded_by_the_owners_trees() -> None:
+    trees = ["zigbee2mqtt/+/set"]
+    assert home_grant_error("home:zigbee2mqtt/hall_light/set", trees, enabled=True) is None
+    assert "outside" in str(home_grant_error("home:locks/front/set", trees, enabled=True))
+    assert "outside" in str(home_grant_error("home:zigbee2mqtt/#", trees, enabled=True))
+    assert "gateway's own" in str(home_grant_error("home:hearth/x/status", ["#"], enabled=True))
+    assert "no home broker" in str(home_grant_error("home:zigbee2mqtt/a/set", trees, enabled=False))
