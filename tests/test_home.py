@@ -448,6 +448,7 @@ def test_a_home_broker_that_refuses_us_or_goes_away_leaves_the_gateway_serving(
             )
         )
         assert wait_until(lambda: "refused us" in gateway.log(), 15)
+        assert wait_until(lambda: "Not authorized" in gateway.snapshot().home_broker_state, 15)
         with gateway.client() as client:
             assert client.run_wasm(wasm["echo"], stdin=b"still here").stdout == b"still here"
             home.kill()  # and gone altogether

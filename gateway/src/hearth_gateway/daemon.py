@@ -581,6 +581,8 @@ class Gateway:
                 storage_reserve_bytes=storage.reserve_bytes,
                 storage_refused=storage.refused,
                 broker_dropped=self.broker_events.dropped,
+                home_broker=str(self.home_link.target) if self.home_link is not None else "",
+                home_broker_state=self.home_link.state if self.home_link is not None else "",
                 started_at=self.started_at,
                 updated_at=time.time(),
             ),

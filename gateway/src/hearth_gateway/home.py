@@ -306,8 +306,7 @@ class HomeLink(LoopDriven):
             return
         if delay_s is None:
             delay_s, self._backoff_s = self._backoff_s, min(self._backoff_s * 2, _RECONNECT_MAX_S)
-            if not self.state.startswith("refused"):
-                self.state = f"disconnected: {why}"
+            self.state = f"disconnected: {why}"
             log.warning("home broker %s: %s; retrying in %.1f s", self.target, why, delay_s)
         self._retry_timer = self.loop.call_later(delay_s, self._probe)
 
