@@ -113,6 +113,7 @@ class HomeAssistant:
         self._command_filter = f"{self._root}/tasks/+/+/set"
         self._published: dict[str, bytes] = {}  # topic -> last retained payload sent
         self._announced: set[str] = set()  # task ids with discovery configs out
+        self._stated: set[str] = set()  # task ids with a retained state out
         self._gateway_announced = False
         self._completed: deque[tuple[float, int]] = deque()  # (monotonic, jobs completed)
         self._peer_log = PeerLog()
@@ -123,6 +124,8 @@ class HomeAssistant:
 
     def start(self) -> None:
         self._link.subscribe(self._command_filter, True)
+        # Retained: the states of tasks gone while we were away, to clear them.
+        self._link.subscribe(f"{self._root}/tasks/+", True, retained=True)
         if self._discovery:
             # Retained: our own configs, to clear those of tasks gone while we were away.
             self._link.subscribe(self._config_filter, True, retained=True)
@@ -136,6 +139,7 @@ class HomeAssistant:
         everything again."""
         self._published.clear()
         self._announced.clear()
+        self._stated.clear()
         self._gateway_announced = False
         self.refresh()
 
@@ -158,9 +162,10 @@ class HomeAssistant:
         current = {t.task_id: t for t in tasks}
         for task in tasks:
             self._retain(f"{self._root}/tasks/{task.task_id}", _dumps(self._task_state(task)))
+            self._stated.add(task.task_id)
             if self._discovery and task.task_id not in self._announced:
                 self._announce_task(task)
-        for gone in [t for t in self._announced if t not in current]:
+        for gone in [t for t in self._stated if t not in current]:
             self._withdraw(gone)
 
     def _jobs_per_minute(self, completed: int) -> float:
@@ -340,10 +345,12 @@ class HomeAssistant:
     def _withdraw(self, task_id: str) -> None:
         """Home Assistant removes an entity whose config becomes an empty retained message."""
         tid = task_id.replace(".", "_")
-        for component, suffix in _TASK_OBJECTS:
-            self._retain(self._config_topic(component, f"task_{tid}_{suffix}"), b"")
+        if task_id in self._announced:
+            for component, suffix in _TASK_OBJECTS:
+                self._retain(self._config_topic(component, f"task_{tid}_{suffix}"), b"")
+            self._announced.discard(task_id)
         self._retain(f"{self._root}/tasks/{task_id}", b"")
-        self._announced.discard(task_id)
+        self._stated.discard(task_id)
 
     # -- messages from the home broker --------------------------------------------------------
 
@@ -356,6 +363,11 @@ class HomeAssistant:
             self._stale_config(topic, payload)
             return
         parts = topic.split("/")
+        if len(parts) == 4 and parts[2] == "tasks" and retained and payload:
+            if parts[3] not in {t.task_id for t in self._tasks()}:
+                self._published.pop(topic, None)
+                self._retain(topic, b"")  # a task gone while we were away
+            return
         if len(parts) == 6 and parts[2] == "tasks" and parts[5] == "set" and not retained:
             self._command(parts[3], parts[4], payload)
 
