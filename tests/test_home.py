@@ -103,6 +103,15 @@ def _motion_until_on(sensor: HomeDevice, light: HomeDevice) -> bytes:
     raise AssertionError("the light never went on")
 
 
+def _off_repeats_then_on(light: HomeDevice) -> None:
+    """The next ON, after any repeats of the last OFF. At least once: a gateway killed between
+    sending an OFF and checkpointing it sends it again from its checkpoint, and a home broker
+    killed before it saved the light's acknowledgement delivers it again from its disk. A light
+    told OFF twice is still off; an ON must come, and only OFFs before it."""
+    while (payload := light.expect(LIGHT, timeout_s=30)[1]) != b'{"state":"ON"}':
+        assert payload == b'{"state":"OFF"}'
+
+
 def test_motion_on_the_home_broker_turns_the_light_on_then_off(
     make_gateway: Callable[..., GatewayProcess], home: HomeBroker, tasks_dir: Path, tmp_path: Path
 ) -> None:
@@ -114,7 +123,8 @@ def test_motion_on_the_home_broker_turns_the_light_on_then_off(
         with gateway.client() as client:
             _install_light(client, tasks_dir)
         assert _motion_until_on(sensor, light) == b'{"state":"ON"}'
-        assert light.expect(LIGHT, timeout_s=10)[1] == b'{"state":"OFF"}'
+        while (payload := light.expect(LIGHT)[1]) != b'{"state":"OFF"}':
+            assert payload == b'{"state":"ON"}'  # another warm-up motion that went through
     finally:
         sensor.close()
         light.close()
@@ -136,7 +146,9 @@ def test_no_motion_is_lost_across_restarts_of_the_home_broker_and_the_gateway(
         with gateway.client() as client:
             _install_light(client, tasks_dir)
         assert _motion_until_on(sensor, light) == b'{"state":"ON"}'
-        assert light.expect(LIGHT)[1] == b'{"state":"OFF"}'
+        # Under load a second motion of the warm-up may have gone through too: its ON first.
+        while (payload := light.expect(LIGHT)[1]) != b'{"state":"OFF"}':
+            assert payload == b'{"state":"ON"}'
 
         # The home broker dies and comes back; one motion before the gateway is back on it:
         # the gateway's saved session holds it.
@@ -144,19 +156,14 @@ def test_no_motion_is_lost_across_restarts_of_the_home_broker_and_the_gateway(
         home.start()
         assert sensor.connected.wait(10)
         sensor.publish(MOTION, '{"occupancy":true}')
-        assert light.expect(LIGHT, timeout_s=30)[1] == b'{"state":"ON"}'
+        _off_repeats_then_on(light)  # the home broker may send its last OFF again, from disk
         assert light.expect(LIGHT)[1] == b'{"state":"OFF"}'
 
         # The gateway dies; a motion while it is down waits in its session on the home broker.
         gateway.kill()
         sensor.publish(MOTION, '{"occupancy":true}')
         gateway.start()
-        # At least once: killed between sending its last OFF and checkpointing it, the task
-        # sends that OFF again from its checkpoint (a light told OFF twice is still off).
-        before_on = []
-        while (payload := light.expect(LIGHT, timeout_s=30)[1]) != b'{"state":"ON"}':
-            before_on.append(payload)
-        assert set(before_on) <= {b'{"state":"OFF"}'}
+        _off_repeats_then_on(light)
         assert light.expect(LIGHT)[1] == b'{"state":"OFF"}'
         with pytest.raises(TimeoutError):
             light.expect(LIGHT, timeout_s=1.5)  # and nothing more: the light stays off
