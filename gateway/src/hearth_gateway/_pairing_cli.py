@@ -19,6 +19,9 @@ from hearth_gateway.owner import (
     AdminRequest,
     CodeIssued,
     CodeRequest,
+    DeviceGrant,
+    DeviceGrantList,
+    DeviceGrantsRequest,
     DeviceList,
     DeviceListRequest,
     DeviceRevoke,
@@ -34,7 +37,17 @@ def _when(at: float | None) -> str:
     return dt.datetime.fromtimestamp(at).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
-def pairing_command(args: argparse.Namespace) -> int:  # noqa: PLR0912 - one branch per reply
+def _print_grants(reply: DeviceGrantList, json_out: bool) -> None:
+    for device_id, publish, subscribe in reply.grants:
+        if json_out:
+            entry = {"device_id": device_id, "publish": publish, "subscribe": subscribe}
+            print(msgspec.json.encode(entry).decode())
+        else:
+            print(f"{device_id:<24} publish: {' '.join(publish) or '-'}")
+            print(f"{'':<24} subscribe: {' '.join(subscribe) or '-'}")
+
+
+def pairing_command(args: argparse.Namespace) -> int:  # noqa: PLR0911, PLR0912 - one branch per reply
     state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
     sock = state_dir / "control.sock"
     if not sock.exists():
@@ -45,6 +58,18 @@ def pairing_command(args: argparse.Namespace) -> int:  # noqa: PLR0912 - one bra
         request = CodeRequest(ttl_s=args.ttl, peer=getattr(args, "peer", False))
     elif args.devices_command == "list":
         request = DeviceListRequest()
+    elif args.devices_command in ("grant", "ungrant"):
+        if args.devices_command == "grant" and not (args.publish or args.subscribe):
+            print("hearth-gateway: grant what? --publish or --subscribe", file=sys.stderr)
+            return 2
+        request = DeviceGrant(
+            device_id=args.device_id,
+            publish=args.publish,
+            subscribe=args.subscribe,
+            revoke=args.devices_command == "ungrant",
+        )
+    elif args.devices_command == "grants":
+        request = DeviceGrantsRequest()
     else:
         request = DeviceRevoke(device_id=args.device_id)
     reply = call_admin(sock, request)
@@ -86,6 +111,8 @@ def pairing_command(args: argparse.Namespace) -> int:  # noqa: PLR0912 - one bra
                 f"{d.device_id:<24} {state:<10} {_when(d.paired_at):<19}  "
                 f"{_when(d.revoked_at):<19}  {d.serial}"
             )
+    elif isinstance(reply, DeviceGrantList):
+        _print_grants(reply, json_out)
     elif isinstance(reply, DeviceRevoked):
         print(
             f"revoked {reply.device_id}: certificate(s) {', '.join(reply.serials)}; "

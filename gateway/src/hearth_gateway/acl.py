@@ -44,6 +44,8 @@ class BrokerSecurity:
     crl_file: Path | None = None
     devices: frozenset[str] = frozenset()  # paired, not revoked: named in the LAN ACL
     known: frozenset[str] = frozenset()  # every id ever paired: local clients may not be them
+    # The owner's grants (grants.py): (device id, publish filters, subscribe filters)
+    grants: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = ()
 
     @property
     def tls(self) -> bool:
@@ -92,10 +94,16 @@ def local_acl(gateway_id: str, known: Iterable[str]) -> str:
     return "\n".join(lines)
 
 
-def lan_acl(gateway_id: str, devices: Iterable[str]) -> str:
+def lan_acl(
+    gateway_id: str,
+    devices: Iterable[str],
+    grants: Iterable[tuple[str, tuple[str, ...], tuple[str, ...]]] = (),
+) -> str:
     """The device listener's ACL: one section per paired device (username = certificate CN).
-    A revoked device has no section, so it may do nothing, even on a connection still open."""
+    A revoked device has no section, so it may do nothing, even on a connection still open.
+    ``grants``: the owner's extra topic trees per device (grants.py; validated filters)."""
     gw = gateway_id
+    extra = {device_id: (publish, subscribe) for device_id, publish, subscribe in grants}
     lines = ["# Written by hearth-gateway; edits are lost. One section per paired device."]
     for device_id in sorted(devices):
         lines += [
@@ -104,6 +112,9 @@ def lan_acl(gateway_id: str, devices: Iterable[str]) -> str:
             f"topic read hearth/v1/dev/{device_id}/#",
             f"topic read hearth/v1/gw/{gw}/status",
         ]
+        publish, subscribe = extra.get(device_id, ((), ()))
+        lines += [f"topic write {f}" for f in publish]  # granted: hearth-gateway devices grant
+        lines += [f"topic read {f}" for f in subscribe]
     return "\n".join([*lines, ""])
 
 

@@ -505,7 +505,9 @@ class ManagedBroker:
         self._install("acl-local", local_acl(security.gateway_id, security.known).encode())
         if security.lan is None:
             return
-        self._install("acl-lan", lan_acl(security.gateway_id, security.devices).encode())
+        self._install(
+            "acl-lan", lan_acl(security.gateway_id, security.devices, security.grants).encode()
+        )
         self._install("acl-pairing", pairing_acl().encode())
         sources = {
             "ca.pem": security.ca_file,

@@ -86,6 +86,38 @@ def _mdns_options(run: argparse.ArgumentParser) -> None:
     )
 
 
+def _grant_commands(
+    verbs: argparse._SubParsersAction[argparse.ArgumentParser], revoke: argparse.ArgumentParser
+) -> None:
+    """devices grant / ungrant / grants: topic trees a paired device may use (docs/home.md);
+    and revoke's --state-dir, which comes last in its help."""
+    _state_dir(revoke)
+    for verb, summary, example in (
+        (
+            "grant",
+            "let a paired device publish/subscribe under topic trees",
+            "hearth-gateway devices grant hall-sensor --publish home/sensors/#",
+        ),
+        (
+            "ungrant",
+            "take grants back (none named: all of the device's)",
+            "hearth-gateway devices ungrant hall-sensor --publish home/sensors/#",
+        ),
+    ):
+        command = _command(verbs, verb, summary, example)
+        command.add_argument("device_id", help="the device's id, as devices list shows it")
+        for flag in ("--publish", "--subscribe"):
+            command.add_argument(
+                flag, action="append", default=[], metavar="FILTER", help="MQTT filter (repeatable)"
+            )
+        _state_dir(command)
+    listing = _command(
+        verbs, "grants", "every device's topic grants", "hearth-gateway devices grants --json"
+    )
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    _state_dir(listing)
+
+
 def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per option
     parser = argparse.ArgumentParser(
         prog="hearth-gateway",
@@ -210,7 +242,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per o
         verbs, "revoke", "lock a device out now (no restart)", "hearth-gateway devices revoke cam-1"
     )
     revoke.add_argument("device_id", help="the device's id, as devices list shows it")
-    _state_dir(revoke)
+    _grant_commands(verbs, revoke)
     doctor = _command(
         sub,
         "doctor",

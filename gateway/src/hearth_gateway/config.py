@@ -55,6 +55,19 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     upstream_ca: str = ""  # mqtts: CA file to trust (default: the system's)
     upstream_cert: str = ""  # mqtts: client certificate, when the upstream's broker wants one
     upstream_key: str = ""
+    # The home's own MQTT broker (Home Assistant's Mosquitto, zigbee2mqtt's): mqtt://host:port
+    # or mqtts://host:port. Tasks read and publish "home:" topics there (docs/home.md).
+    home_broker: str = ""
+    home_broker_protocol: Literal["3.1.1", "5"] = "5"
+    home_broker_username: str = ""
+    # The password: this file, else the systemd credential "home-broker-password"
+    # ($CREDENTIALS_DIRECTORY, LoadCredential=), else none.
+    home_broker_password_file: str = ""
+    home_broker_ca: str = ""  # mqtts: CA file to trust (default: the system's)
+    home_broker_client_id: str = ""  # default: hearth-<gateway id>
+    # Publish Home Assistant MQTT discovery (and take its switch commands) on the home broker.
+    home_assistant: bool = False
+    home_assistant_prefix: str = "homeassistant"  # HA's discovery_prefix
 
 
 def default_state_dir() -> Path:

@@ -33,12 +33,14 @@ from hearth_gateway.discovery import Advertiser, advertised_addresses, default_i
 from hearth_gateway.dispatch import Dispatcher
 from hearth_gateway.errors import ConfigError
 from hearth_gateway.fit import Resources
+from hearth_gateway.ha import GatewayFigures, HomeAssistant
+from hearth_gateway.home import HomeLink, HomeTarget
 from hearth_gateway.link import GatewayLink
 from hearth_gateway.loop import Loop
 from hearth_gateway.pairing import PairingService, pairing_for
 from hearth_gateway.peers import peers_for
 from hearth_gateway.placement import Load, Placer
-from hearth_gateway.policy import Admission, Policy, load_policy
+from hearth_gateway.policy import HOME_PREFIX, Admission, Policy, load_policy
 from hearth_gateway.pool import pool_link_options
 from hearth_gateway.reply_to import ReplyTo
 from hearth_gateway.runners import REGISTRY, TaskEvent, WorkerSettings
@@ -47,7 +49,7 @@ from hearth_gateway.status import StatusSnapshot, write_snapshot
 from hearth_gateway.storage import StorageGuard, is_storage_full
 from hearth_gateway.store import Receipt, Store
 from hearth_gateway.streams import StreamCounters
-from hearth_gateway.tasks import TaskManager
+from hearth_gateway.tasks import ADMIN, TaskManager
 from hearth_gateway.upstream import Forwarded, forwarder_for
 from hearth_gateway.workers import QueuedJob, WorkerPool
 
@@ -58,6 +60,15 @@ log = logging.getLogger(__name__)
 _HOUSEKEEPING_S = 2.0
 
 
+def _check(config: Config) -> None:
+    """ConfigError for a configuration no gateway can run with."""
+    unknown = [r for r in config.runners if r not in REGISTRY]
+    if unknown:
+        raise ConfigError(f"unknown runners {unknown}; known: {sorted(REGISTRY)}")
+    if config.tier == "cloud" and config.upstream:
+        raise ConfigError("a cloud-tier gateway has no upstream (it serves public work only)")
+
+
 class Gateway:
     """The daemon. ``start()`` brings it up, ``close()`` (idempotent) takes it down."""
 
@@ -65,11 +76,7 @@ class Gateway:
         self.config = config
         self.gateway_id = config.gateway_id or default_gateway_id()
         self.state_dir = Path(config.state_dir) if config.state_dir else default_state_dir()
-        unknown = [r for r in config.runners if r not in REGISTRY]
-        if unknown:
-            raise ConfigError(f"unknown runners {unknown}; known: {sorted(REGISTRY)}")
-        if config.tier == "cloud" and config.upstream:
-            raise ConfigError("a cloud-tier gateway has no upstream (it serves public work only)")
+        _check(config)
         self.policy: Policy = load_policy(Path(p) for p in config.policies)
         try:
             self.listen = BrokerAddress.parse(config.broker or config.listen)
@@ -161,6 +168,8 @@ class Gateway:
             peers=self.peers.consider if self.peers is not None else None,
             run_peers=self.peers.consider_run if self.peers is not None else None,
         )
+        # The home's own broker (home.py): "home:" topics of tasks, Home Assistant (ha.py).
+        self.home_link = self._home_link()
         self.tasks: TaskManager | None = None
         if "task" in config.runners:
             self.tasks = TaskManager(
@@ -170,9 +179,10 @@ class Gateway:
                 pool=self.pool,
                 policy=self.policy.tasks,
                 max_chunk=self.policy.limits.max_chunk_bytes,
-                publish=self.link.publish_plain,
-                subscribe=self.link.subscribe,
+                publish=self._task_publish,
+                subscribe=self._task_subscribe,
                 storage=self.storage,
+                home_broker=self.home_link is not None,
             )
         # The managed broker's $SYS: source addresses (for pairing's audit), drops.
         self.broker_events = BrokerEvents()  # subscribed in start(), with a managed broker
@@ -209,6 +219,71 @@ class Gateway:
         )
         self.loop.after(self._end_of_turn)
         self.control: ControlServer | None = None
+        self.ha = self._home_assistant()
+
+    # The home broker (home.py): a task's "home:" topics go there, its messages come back
+    # to the tasks with the prefix; the gateway's own topics there are ha.py's.
+
+    def _home_link(self) -> HomeLink | None:
+        target = HomeTarget.from_config(self.config, self.gateway_id)
+        if target is None:
+            return None
+        return HomeLink(
+            self.loop,
+            target,
+            self.gateway_id,
+            on_message=self._home_message,
+            on_connected=self._home_connected,
+        )
+
+    def _home_assistant(self) -> HomeAssistant | None:
+        """The status mirror, and discovery with home_assistant = true."""
+        if self.home_link is None:
+            return None
+        return HomeAssistant(
+            self.home_link,
+            self.gateway_id,
+            figures=self._home_figures,
+            tasks=lambda: self.tasks.list_tasks(ADMIN).tasks if self.tasks else [],
+            control=self.dispatcher.task_request,
+            audit=self.store.audit,
+            discovery=self.config.home_assistant,
+            prefix=self.config.home_assistant_prefix,
+        )
+
+    def _task_publish(self, topic: str, payload: bytes) -> None:
+        if topic.startswith(HOME_PREFIX) and self.home_link is not None:
+            self.home_link.publish(topic.removeprefix(HOME_PREFIX), payload)
+        else:
+            self.link.publish_plain(topic, payload)
+
+    def _task_subscribe(self, topic_filter: str, on: bool) -> None:
+        if topic_filter.startswith(HOME_PREFIX) and self.home_link is not None:
+            self.home_link.subscribe(topic_filter.removeprefix(HOME_PREFIX), on)
+        else:
+            self.link.subscribe(topic_filter, on)
+
+    def _home_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        if self.ha is not None and self.ha.owns(topic):
+            self.ha.on_message(topic, payload, retained)
+        elif not retained and self.tasks is not None:
+            self._other(HOME_PREFIX + topic, payload)
+
+    def _home_connected(self) -> None:
+        if self.ha is not None:
+            self.ha.connected()
+
+    def _home_figures(self) -> GatewayFigures:
+        storage = self.storage.state()
+        return GatewayFigures(
+            queue_length=self.admission.in_flight,
+            busy_workers=self.pool.busy,
+            workers=self.pool.size,
+            jobs_completed=self.dispatcher.counters.completed,
+            paired_devices=len(self.pairing.active) if self.pairing is not None else 0,
+            storage_free_bytes=storage.free_bytes,
+            storage_full=storage.full,
+        )
 
     def _end_of_turn(self) -> None:
         """Each turn of the loop ends with the journal's commit, then the answers it stored,
@@ -433,15 +508,7 @@ class Gateway:
             self.broker.start()
             for topic_filter in BrokerEvents.filters:
                 self.link.subscribe(topic_filter, True)
-        info = self.pool.start()
-        if "providers" in info and isinstance(info["providers"], list):
-            self.providers = [str(p) for p in info["providers"]]
-        self.worker_network = str(info.get("network", "shared"))
-        caps = info.get("capabilities")
-        if isinstance(caps, list):
-            self.capabilities = dict(str(c).split("=", 1) for c in caps if "=" in str(c))
-        if self.worker_network != "isolated":
-            log.warning("workers share the host's network: %s", self.worker_network)
+        self._start_workers()
         self.link.start(encode(self._status("online")))
         if self.upstream is not None:
             self.upstream.start()  # connects in the background
@@ -455,6 +522,11 @@ class Gateway:
             log.info(
                 "restored %d persistent tasks in %.3f s", restored, time.perf_counter() - began
             )
+        if self.home_link is not None:  # after the tasks: their subscriptions go with it
+            if self.ha is not None:
+                self.ha.start()
+                self.loop.every(1.0, self.ha.refresh)
+            self.home_link.start()  # in the background
         self.control = ControlServer(
             self.loop,
             self.state_dir / "control.sock",
@@ -466,17 +538,7 @@ class Gateway:
         if resumed:
             log.info("resumed %d journaled jobs from the last run", resumed)
         if self.config.mdns:
-            self.advertiser = Advertiser(
-                self.gateway_id,
-                self._served,
-                self._txt(),
-                self.config.mdns_interface or None,
-                name=self.config.mdns_name or default_instance_name(),
-                addresses=self._advertised(),
-            )
-            if not self.advertiser.start():  # every name taken: serve on, unadvertised
-                self.advertiser.close()
-                self.advertiser = None
+            self._advertise()
         self.loop.every(
             min(_HOUSEKEEPING_S, self._watchdog_s or _HOUSEKEEPING_S), self._housekeeping
         )
@@ -494,6 +556,31 @@ class Gateway:
             repr(self.advertiser.instance_name) if self.advertiser is not None else "off",
             len(self.pairing.active) if self.pairing is not None else 0,
         )
+
+    def _start_workers(self) -> None:
+        """Start the worker pool and take what the first worker reports of this box."""
+        info = self.pool.start()
+        if "providers" in info and isinstance(info["providers"], list):
+            self.providers = [str(p) for p in info["providers"]]
+        self.worker_network = str(info.get("network", "shared"))
+        caps = info.get("capabilities")
+        if isinstance(caps, list):
+            self.capabilities = dict(str(c).split("=", 1) for c in caps if "=" in str(c))
+        if self.worker_network != "isolated":
+            log.warning("workers share the host's network: %s", self.worker_network)
+
+    def _advertise(self) -> None:
+        self.advertiser = Advertiser(
+            self.gateway_id,
+            self._served,
+            self._txt(),
+            self.config.mdns_interface or None,
+            name=self.config.mdns_name or default_instance_name(),
+            addresses=self._advertised(),
+        )
+        if not self.advertiser.start():  # every name taken: serve on, unadvertised
+            self.advertiser.close()
+            self.advertiser = None
 
     def _housekeeping(self) -> None:
         status = encode(self._status("online"))
@@ -572,6 +659,8 @@ class Gateway:
                 storage_reserve_bytes=storage.reserve_bytes,
                 storage_refused=storage.refused,
                 broker_dropped=self.broker_events.dropped,
+                home_broker=str(self.home_link.target) if self.home_link is not None else "",
+                home_broker_state=self.home_link.state if self.home_link is not None else "",
                 started_at=self.started_at,
                 updated_at=time.time(),
             ),
@@ -640,6 +729,8 @@ class Gateway:
         self.dispatcher.flush()
         self._save_at_exit("jobs still running", lambda: self.store.flush(everything=True))
         self.pool.close()
+        if self.home_link is not None:
+            self.home_link.close()  # availability -> offline
         self.link.close()  # retained status -> offline
         if self.broker is not None:
             self.broker.close()

@@ -14,6 +14,9 @@ __all__ = [
     "AdminRequest",
     "CodeIssued",
     "CodeRequest",
+    "DeviceGrant",
+    "DeviceGrantList",
+    "DeviceGrantsRequest",
     "DeviceInfo",
     "DeviceList",
     "DeviceListRequest",
@@ -70,8 +73,27 @@ class DeviceRevoked(_Admin, frozen=True, tag="device_revoked"):
     serials: list[str]
 
 
-AdminRequest = CodeRequest | DeviceListRequest | DeviceRevoke
-AdminReply = CodeIssued | DeviceList | DeviceRevoked | Error
+class DeviceGrant(_Admin, frozen=True, tag="device_grant"):
+    """Topic trees a paired device may publish / subscribe under (grants.py). ``revoke``: take
+    the named ones back (none named: all of the device's)."""
+
+    device_id: str
+    publish: list[str] = []
+    subscribe: list[str] = []
+    revoke: bool = False
+
+
+class DeviceGrantsRequest(_Admin, frozen=True, tag="device_grants_list"):
+    pass
+
+
+class DeviceGrantList(_Admin, frozen=True, tag="device_grants"):
+    # (device id, publish filters, subscribe filters)
+    grants: list[tuple[str, list[str], list[str]]]
+
+
+AdminRequest = CodeRequest | DeviceListRequest | DeviceRevoke | DeviceGrant | DeviceGrantsRequest
+AdminReply = CodeIssued | DeviceList | DeviceRevoked | DeviceGrantList | Error
 
 _admin_request_decoder = msgspec.msgpack.Decoder(AdminRequest)
 _admin_reply_decoder = msgspec.msgpack.Decoder(AdminReply)

@@ -59,12 +59,16 @@ from hearth_gateway.acl import BrokerSecurity
 from hearth_gateway.config import Config
 from hearth_gateway.discovery import advertised_addresses
 from hearth_gateway.errors import ConfigError
+from hearth_gateway.grants import GrantBook, grant_error
 from hearth_gateway.loop import Loop
 from hearth_gateway.owner import (
     AdminReply,
     AdminRequest,
     CodeIssued,
     CodeRequest,
+    DeviceGrant,
+    DeviceGrantList,
+    DeviceGrantsRequest,
     DeviceInfo,
     DeviceList,
     DeviceListRequest,
@@ -178,8 +182,11 @@ class PairingService:
         max_failures: int,
         on_change: Callable[[], None],
         peer: Callable[[str], str | None] = lambda _client_id: None,
+        grants: GrantBook | None = None,
     ) -> None:
         self._gateway_id = gateway_id
+        # The owner's topic grants per device (hearth-gateway devices grant): in the LAN ACL.
+        self.grants = grants if grants is not None else GrantBook()
         self._peer = peer
         self._ca = ca
         self._store = store
@@ -245,6 +252,7 @@ class PairingService:
             crl_file=self._ca.crl_path,
             devices=self.active,
             known=self.known,
+            grants=self.grants.acl_entries(),
         )
 
     # -- MQTT ------------------------------------------------------------------------------
@@ -384,7 +392,34 @@ class PairingService:
                     for d in self._store.devices()
                 ]
             )
+        if isinstance(request, DeviceGrant | DeviceGrantsRequest):
+            return self._grant(request)
         return self.revoke(request.device_id)
+
+    def _grant(self, request: DeviceGrant | DeviceGrantsRequest) -> DeviceGrantList | Error:
+        """The owner's topic grants for a paired device (grants.py), in force at once."""
+        if isinstance(request, DeviceGrant):
+            for topic_filter in (*request.publish, *request.subscribe):
+                if why := grant_error(topic_filter):
+                    message = f"{topic_filter!r}: {why}"
+                    self._store.audit(
+                        "admin", "device_grant", request.device_id, "refused", message
+                    )
+                    return Error(code=ErrorCode.BAD_PARAMS, message=message)
+            if not request.revoke and request.device_id not in self.active:
+                message = f"{request.device_id}: no such paired device"
+                self._store.audit("admin", "device_grant", request.device_id, "refused", message)
+                return Error(code=ErrorCode.BAD_PARAMS, message=message)
+            change = self.grants.remove if request.revoke else self.grants.add
+            change(request.device_id, request.publish, request.subscribe)
+            self._on_change()
+            what = f"publish {request.publish} subscribe {request.subscribe}"
+            action = "device_ungrant" if request.revoke else "device_grant"
+            self._store.audit("admin", action, request.device_id, "allowed", what)
+            log.info("%s %s: %s", action, request.device_id, what)
+        return DeviceGrantList(
+            grants=[(d, list(p), list(s)) for d, p, s in self.grants.acl_entries()]
+        )
 
     def revoke(self, device_id: str) -> DeviceRevoked | Error:
         serials = self._store.revoke_device(device_id, "revoked by the owner")
@@ -457,6 +492,7 @@ def pairing_for(
         max_failures=config.pairing_max_failures,
         on_change=on_change,
         peer=peer,
+        grants=GrantBook.load(state_dir),
     )
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "WasmPolicy",
     "WorkersPolicy",
     "filter_covers",
+    "home_grant_error",
     "load_policy",
     "task_topic_error",
     "topic_matches",
@@ -94,6 +95,10 @@ class TasksPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     max_actions_per_event: int = 64  # publish + notify + log calls
     max_payload_bytes: int = 65_536  # event payload, published payload
     wall_timeout_s: float = 10.0  # per event
+    # The home's own broker (home.py): the topic trees a task may be granted there at all, as
+    # MQTT filters without the "home:" prefix. Empty: none (the owner opens them).
+    home_read: list[str] = []
+    home_publish: list[str] = []
 
 
 class VisionPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -279,4 +284,26 @@ def task_topic_error(topic: str, *, is_filter: bool) -> str | None:  # noqa: PLR
                 return "'#' must be the last level"
         elif "+" in part or "#" in part:
             return "a wildcard must be a whole level"
+    return None
+
+
+# A task's topic on the home's own broker (home.py) carries this prefix; the rest is the topic
+# there. It is part of the first level, so topic_matches and filter_covers need no change.
+HOME_PREFIX = "home:"
+# The gateway's own topics on the home broker (its status mirror, Home Assistant discovery and
+# commands): never a task's.
+_HOME_RESERVED = ("hearth/", "homeassistant/")
+
+
+def home_grant_error(grant: str, allowed: list[str], *, enabled: bool) -> str | None:
+    """Why a task may not be granted ``grant`` (a topic or filter on the home broker, with the
+    prefix), given the trees the owner's policy allows (tasks.home_read or home_publish)."""
+    if not enabled:
+        return "this gateway has no home broker (set home_broker)"
+    topic = grant.removeprefix(HOME_PREFIX)
+    if topic.startswith(_HOME_RESERVED):
+        return "hearth/... and homeassistant/... on the home broker are the gateway's own"
+    if not any(filter_covers(tree, topic) for tree in allowed):
+        trees = ", ".join(allowed) or "none"
+        return f"outside the home broker's trees the owner allows tasks ({trees})"
     return None

@@ -64,6 +64,8 @@ class StatusSnapshot(msgspec.Struct, kw_only=True):
     storage_reserve_bytes: int = 0  # kept free (policy limits.storage_reserve_*)
     storage_refused: int = 0  # requests answered storage_full (since start)
     broker_dropped: int = 0  # messages the managed broker dropped for clients that do not read
+    home_broker: str = ""  # the home's own broker (home.py), when one is configured
+    home_broker_state: str = ""  # connected, connecting, disconnected: ..., refused: ...
     started_at: float
     updated_at: float
 
@@ -155,6 +157,8 @@ def format_status(s: StatusSnapshot) -> str:
             f"upstream    {s.upstream} ({'connected' if s.upstream_connected else 'not connected'}"
             f"): {s.jobs_forwarded} public jobs forwarded, {s.jobs_fell_back} ran here instead"
         )
+    if s.home_broker:
+        lines.append(f"home broker {s.home_broker}: {s.home_broker_state}")
     return "\n".join(lines)
 
 

@@ -48,7 +48,14 @@ from hearth.protocol import (
 from hearth_gateway.blobs import BlobStore
 from hearth_gateway.dispatch import RESERVED_CLIENT_ID, PeerLog
 from hearth_gateway.loop import Loop, Timer
-from hearth_gateway.policy import TasksPolicy, filter_covers, task_topic_error, topic_matches
+from hearth_gateway.policy import (
+    HOME_PREFIX,
+    TasksPolicy,
+    filter_covers,
+    home_grant_error,
+    task_topic_error,
+    topic_matches,
+)
 from hearth_gateway.reply_to import ReplyTo
 from hearth_gateway.runners import TaskEvent, TaskOutcome
 from hearth_gateway.storage import StorageGuard, is_storage_full
@@ -112,8 +119,11 @@ class TaskManager:
         publish: Publish,
         subscribe: Subscribe,
         storage: StorageGuard | None = None,
+        home_broker: bool = False,
     ) -> None:
         self._loop = loop
+        # Whether "home:" topics (the home's own broker, home.py) may be granted at all.
+        self._home_broker = home_broker
         self._storage = storage
         self._revoked: frozenset[str] = frozenset()  # owners whose pairing was revoked
         self._store = store
@@ -250,6 +260,8 @@ class TaskManager:
         for trigger in request.triggers:
             if trigger.topic and not any(filter_covers(g, trigger.topic) for g in read):
                 return f"trigger {trigger.topic!r} is outside the task's read grants"
+        if why := self._home_refusal(read, request.publish):
+            return why
         if len(self._tasks) >= self._policy.max_tasks:
             return f"this gateway holds its maximum of {self._policy.max_tasks} tasks"
         mine = sum(1 for t in self._tasks.values() if t.owner == owner)
@@ -257,6 +269,20 @@ class TaskManager:
             return f"this device already has {mine} tasks"
         if request.expires_at is not None and request.expires_at <= time.time():
             return "expires_at is in the past"
+        return None
+
+    def _home_refusal(self, read: list[str], publish: list[str]) -> str | None:
+        """Grants on the home broker must lie in the trees the owner's policy opens."""
+        policy = self._policy
+        for kind, grants, allowed in (
+            ("read", read, policy.home_read),
+            ("publish", publish, policy.home_publish),
+        ):
+            for grant in grants:
+                if grant.startswith(HOME_PREFIX) and (
+                    why := home_grant_error(grant, allowed, enabled=self._home_broker)
+                ):
+                    return f"{kind} grant {grant!r}: {why}"
         return None
 
     def control(self, client_id: str, request: TaskControl) -> Reply:
