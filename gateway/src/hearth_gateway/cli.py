@@ -60,6 +60,31 @@ def _state_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", metavar="DIR", help=_STATE_DIR_HELP)
 
 
+def _web_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], run: argparse.ArgumentParser
+) -> None:
+    """Looking at the gateway: ``status``; the owner's page, where ``run`` serves it, and
+    ``web-token``, which logs in to it."""
+    status = _command(sub, "status", "show the gateway's state", "hearth-gateway status --json")
+    _state_dir(status)
+    status.add_argument("--json", action="store_true", help="print JSON")
+    run.add_argument(
+        "--web-listen",
+        metavar="HOST:PORT",
+        help="the owner's page and /metrics (default 127.0.0.1:8787; empty: none)",
+    )
+    web = _command(
+        sub,
+        "web-token",
+        "print the token that logs in to the owner's page (made on first use)",
+        "hearth-gateway web-token",
+    )
+    _state_dir(web)
+    web.add_argument(
+        "--new", action="store_true", help="replace it (the daemon uses it from its next start)"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hearth-gateway",
@@ -194,9 +219,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the systemd service (default hearth-gateway.service)",
     )
     doctor.add_argument("--json", action="store_true", help="print JSON")
-    status = _command(sub, "status", "show the gateway's state", "hearth-gateway status --json")
-    _state_dir(status)
-    status.add_argument("--json", action="store_true", help="print JSON")
+    _web_commands(sub, run)
     add_completion_command(sub, "hearth-gateway")
     return parser
 
@@ -262,7 +285,6 @@ def _tasks(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     import datetime as dt
-    import sqlite3
 
     state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
     path = state_dir / "hearth.sqlite3"
@@ -274,27 +296,10 @@ def _audit(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"hearth-gateway: --since: {exc}", file=sys.stderr)
         return 2
-    where: list[str] = ["1"]
-    params: list[float | str] = []
-    if since is not None:
-        where.append("at >= ?")
-        params.append(since)
-    if args.kind:
-        # task matches task and task_*: LIKE's _ is a wildcard, so escaped.
-        kinds = " OR ".join("action = ? OR action LIKE ? ESCAPE '\\'" for _ in args.kind)
-        where.append(f"({kinds})")
-        for kind in args.kind:
-            params += [kind, kind.replace("_", "\\_") + "\\_%"]
-    # Read-only: the daemon is the only writer.
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-        # The WHERE is built of fixed text only; the values are parameters.
-        query = (
-            "SELECT at, actor, action, target, decision, reason FROM audit"  # noqa: S608
-            f" WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?"
-        )
-        cursor = db.execute(query, (*params, args.limit))
-        columns = [column[0] for column in cursor.description]
-        rows = cursor.fetchall()
+    from hearth_gateway.audit_log import AuditFilter, read_audit
+
+    rows = read_audit(path, AuditFilter(limit=args.limit, since=since, kinds=args.kind or []))
+    columns = ["at", "actor", "action", "target", "decision", "reason"]
     for row in reversed(rows):
         if args.json:
             print(msgspec.json.encode(dict(zip(columns, row, strict=True))).decode())
@@ -323,6 +328,14 @@ def _since(text: str) -> float:
         raise ValueError(f"{text!r} is neither an age (30s, 10m, 2h, 7d) nor a date") from None
 
 
+def _web_token(args: argparse.Namespace) -> int:
+    from hearth_gateway.web import web_token
+
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
+    print(web_token(state_dir, new=args.new))
+    return 0
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from hearth_gateway.doctor import doctor_command
 
@@ -347,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "pair": _pairing,
         "devices": _pairing,
         "doctor": _doctor,
+        "web-token": _web_token,
     }
     if args.command in commands:
         return commands[args.command](args)
@@ -374,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             "gateway_id": args.gateway_id,
             "lan_listen": args.lan_listen,
             "pairing_listen": args.pairing_listen,
+            "web_listen": args.web_listen,
             "workers": args.workers,
             "tier": args.tier,
             "upstream": args.upstream,

@@ -57,6 +57,7 @@ from hearth.protocol import (
 from hearth.runtime._blob import WASM_MAGIC
 from hearth_gateway.blobs import BlobStore, UploadRefused
 from hearth_gateway.loop import Timer
+from hearth_gateway.metrics import JobRecord, Metrics
 from hearth_gateway.placement import Action, Decision, PlacedJob, Placer
 from hearth_gateway.policy import Admission, Policy
 from hearth_gateway.reply_to import PublishReply, ReplyTo
@@ -176,8 +177,10 @@ class Dispatcher:
         streams: StreamCounters | None = None,
         locked: frozenset[str] = frozenset(),
         storage: StorageGuard | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._gateway_id = gateway_id
+        self._metrics = metrics or Metrics()  # counters and the page's job list (metrics.py)
         self._storage = storage  # None: no free-space check (journal errors still map)
         # Answers published while the disk was too full to journal them, for a re-sent job id
         # (its entry still says accepted: without this it would hear nothing until a restart).
@@ -363,6 +366,7 @@ class Dispatcher:
         """Placement's decision and why the job is refused, if it is; a refusal of
         placement's own is audited here."""
         decision = self._placer.place(job)
+        self._metrics.placed(decision.action.value, decision.reason)
         refusal = self._refusal(job, decision)
         if refusal is not None and refusal.code is decision.code:
             self._audit(client_id, job, decision)
@@ -418,6 +422,11 @@ class Dispatcher:
             return None
         if self._held_timer is None:
             self._held_timer = self._pool.loop.call_later(JOURNAL_DELAY_S, self._held_due)
+        where = decision.action.value
+        record = JobRecord(
+            client_id, job.job_id, runner_for(job), where, decision.reason, time.time()
+        )
+        self._metrics.job_accepted(record)
         if decision.action is Action.UPSTREAM and self._upstream is not None:
             # Never a run: runs are not forwardable (placement.py); they move through devices.
             assert not isinstance(job, RunStart | RunResume)
@@ -459,6 +468,9 @@ class Dispatcher:
         self._store.finish(item.reply_to.client_id, item.job.job_id, reply)
         self._publish(item.reply_to, reply)
         self.counters.completed += 1
+        self._metrics.job_finished(
+            item.reply_to.client_id, item.job.job_id, runner_for(item.job), reply, None
+        )
 
     def forward_failed(self, item: Forwarded, why: str) -> None:
         """A forwarded job the upstream will not answer: it is public, so it runs here."""
@@ -593,6 +605,7 @@ class Dispatcher:
             old = self._pool.supersede(queued)
             assert isinstance(old.job, CallJob)
             dropped = self.streams.dropped(stream_key)
+            self._metrics.frame_dropped(stream_key)
             note = FrameDropped(job_id=old.job.job_id, stream=job.stream or "", dropped=dropped)
             self._publish(old.reply_to, encode(note))
             return
@@ -682,6 +695,8 @@ class Dispatcher:
             if item.admitted:
                 self._admission.release(client_id)
             self.counters.completed += 1
+            timing = (item.enqueued, item.started, time.monotonic())
+            self._metrics.job_finished(client_id, job.job_id, runner_for(job), reply, timing)
 
     def _journal_answer(self, client_id: str, job_id: str, reply: bytes, final: bool) -> None:
         """Store a journaled job's answer (or forget the job, for a retry to run it again)."""
@@ -806,6 +821,7 @@ class Dispatcher:
         self, reply_to: ReplyTo, code: ErrorCode, message: str, job_id: str | None = None
     ) -> None:
         self.counters.refused += 1
+        self._metrics.refused(str(code))
         if code is not ErrorCode.STORAGE_FULL:  # said once by the storage guard, not per peer
             self._peer_log.warning(
                 str(code), "refused request from %s: %s: %s", reply_to.client_id, code, message
