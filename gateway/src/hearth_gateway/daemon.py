@@ -284,8 +284,8 @@ class Gateway:
         """Every name a browser on the LAN may use for the page: its certificate names them."""
         assert self.config.web_listen
         web = BrokerAddress.parse(self.config.web_listen, default_port=8787)
-        return {"localhost", "127.0.0.1", "::1", f"{self.gateway_id}.local",
-                *advertised_addresses(web, self.config.mdns_interface or None)}  # fmt: skip
+        lan = advertised_addresses(web, self.config.mdns_interface or None)
+        return {"localhost", "127.0.0.1", "::1", f"{self.gateway_id}.local", *lan}
 
     def _observe(self) -> None:
         """The metrics' gauges and the page's charts, read here on the loop (metrics.py)."""

@@ -45,8 +45,13 @@ from hearth_gateway.web._auth import COOKIE, csrf_for, same
 __all__ = ["Pages", "Request", "Response"]
 
 _STATIC = {"style.css": "text/css; charset=utf-8", "app.js": "text/javascript; charset=utf-8"}
-_NAV = (("/", "Status"), ("/devices", "Devices"), ("/jobs", "Jobs"), ("/tasks", "Tasks"),
-        ("/audit", "Audit"))  # fmt: skip
+_NAV = (
+    ("/", "Status"),
+    ("/devices", "Devices"),
+    ("/jobs", "Jobs"),
+    ("/tasks", "Tasks"),
+    ("/audit", "Audit"),
+)
 _TASK_ACTIONS = ("pause", "resume", "cancel")
 _CONTROL_TIMEOUT_S = 5.0
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -258,10 +263,13 @@ class Pages:
         if snapshot is not None:
             rows += [
                 ["version", escape(snapshot.version)],
-                ["jobs", f"{snapshot.jobs_accepted} accepted, {snapshot.jobs_completed} answered,"
-                         f" {snapshot.jobs_refused} refused"],
+                [
+                    "jobs",
+                    f"{snapshot.jobs_accepted} accepted, {snapshot.jobs_completed} answered,"
+                    f" {snapshot.jobs_refused} refused",
+                ],
                 ["since", _when(snapshot.started_at)],
-            ]  # fmt: skip
+            ]
         table = _table(["", ""], [[escape(k), v] for k, v in rows], "status")
         return self._page("Status", table + self._charts(), request.query.get("note", ""))
 
@@ -308,8 +316,13 @@ class Pages:
         action = (
             "" if revoked else self._form("/devices/revoke", {"device_id": d.device_id}, "Revoke")
         )
-        return [escape(d.device_id), _when(d.paired_at), escape(state), escape(d.fingerprint[:16]),
-                action]  # fmt: skip
+        return [
+            escape(d.device_id),
+            _when(d.paired_at),
+            escape(state),
+            escape(d.fingerprint[:16]),
+            action,
+        ]
 
     def _pair(self, _request: Request) -> Response:
         reply = self._admin(CodeRequest())
@@ -367,8 +380,11 @@ class Pages:
         return self._page("Tasks", "".join(sections), request.query.get("note", ""))
 
     def _task_section(self, t: TaskInfo) -> str:
-        actions = {"running": ("pause", "cancel"), "paused": ("resume", "cancel"),
-                   "suspended": ("resume", "cancel")}.get(t.state, ())  # fmt: skip
+        actions = {
+            "running": ("pause", "cancel"),
+            "paused": ("resume", "cancel"),
+            "suspended": ("resume", "cancel"),
+        }.get(t.state, ())
         buttons = "".join(
             self._form("/tasks/control", {"task_id": t.task_id, "action": a}, a.capitalize())
             for a in actions
