@@ -8,6 +8,8 @@ go to 127.0.0.1.
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import threading
@@ -25,6 +27,7 @@ from hearth import Dropped, JobError
 from hearth.errors import ErrorCode
 from hearth_gateway.metrics import Metrics, outcome_of, reason_label
 from helpers import Bus, RawDevice
+from testkit.examples import REPO_ROOT as ROOT
 from testkit.gateway import GatewayProcess
 from testkit.mosquitto import Mosquitto
 from testkit.net import free_port
@@ -233,3 +236,14 @@ def test_the_broker_connection_state_follows_the_broker(tmp_path: Path, make_gat
         assert scrape.value("hearth_up") == 1  # the gateway itself still serves
     finally:
         own.close()
+
+
+def test_the_example_grafana_dashboard_names_only_metrics_we_export() -> None:
+    dashboard = json.loads((ROOT / "docs" / "grafana-hearth.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    exported = Metrics().exposition().decode()
+    names = {n for e in exprs for n in re.findall(r"\bhearth_[a-z_]+", e)}
+    assert names
+    for name in names:
+        family = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert f"# TYPE {name} " in exported or f"# TYPE {family} histogram" in exported, name
