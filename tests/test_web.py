@@ -158,12 +158,16 @@ class Browser:
 
 
 @pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Browser]:
+def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Browser]:
     if CHROMIUM is None or CHROMEDRIVER is None:
         if os.geteuid() == 0:
             pytest.fail("chromium and chromium-driver are missing: run scripts/bootstrap.sh")
         pytest.skip("needs chromium and chromium-driver (Debian), installed as root by bootstrap")
     pytest.importorskip("selenium")
+    # Selenium Manager is not needed (the driver's path is given); were it run, it must
+    # neither download a driver nor report usage.
+    monkeypatch.setenv("SE_OFFLINE", "true")
+    monkeypatch.setenv("SE_AVOID_STATS", "true")
     b = Browser(tmp_path / "chromium-profile")
     try:
         yield b

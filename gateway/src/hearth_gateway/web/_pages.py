@@ -104,10 +104,11 @@ def _when(at: float | None) -> str:
 def _table(headers: list[str], rows: list[list[str]], table_id: str) -> str:
     """Rows are HTML already (each cell escaped by its caller)."""
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    thead = f"<thead><tr>{head}</tr></thead>" if any(headers) else ""
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     if not rows:
         body = f'<tr><td colspan="{len(headers)}" class="empty">none</td></tr>'
-    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return f'<table id="{table_id}">{thead}<tbody>{body}</tbody></table>'
 
 
 def _polyline(points: list[tuple[float, float]], height: float, top: float) -> str:

@@ -16,6 +16,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+import sys
 import threading
 from http import HTTPStatus
 from http.cookies import SimpleCookie
@@ -56,15 +57,27 @@ class _Server(ThreadingHTTPServer):
         conn, addr = super().get_request()
         conn.settimeout(_REQUEST_TIMEOUT_S)
         if self.tls is not None:
-            # The handshake happens in the request's thread (do_handshake_on_connect), not here.
-            conn = self.tls.wrap_socket(conn, server_side=True)
+            # Not here: this is the accepting thread, and a client that never finishes its
+            # handshake would hold every other one up. The request's thread does it (setup).
+            conn = self.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
         return conn, addr
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A peer that speaks plain HTTP to the TLS port, or goes away mid-request: its own
+        # problem, not a traceback on the daemon's stderr.
+        # socketserver calls this inside its except block: the exception is the current one.
+        log.debug("web: request from %s failed: %r", client_address, sys.exc_info()[1])
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "hearth-gateway"
     sys_version = ""
+
+    def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()
+        super().setup()
 
     def do_GET(self) -> None:
         self._serve("GET", b"")
