@@ -21,6 +21,9 @@ if [ "$(id -u)" = 0 ]; then
     command -v pkg-config >/dev/null 2>&1 || missing="$missing pkg-config"
     [ -f /usr/include/mosquitto.h ] || missing="$missing libmosquitto-dev"
     [ -f /usr/include/msgpack.h ] || missing="$missing libmsgpack-dev"
+    # The owner's page is tested in a real headless browser (tests/test_web.py).
+    command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+    command -v chromedriver >/dev/null 2>&1 || missing="$missing chromium-driver"
 fi
 if [ -n "$missing" ]; then
     if [ "$(id -u)" = 0 ]; then

@@ -118,7 +118,32 @@ def _grant_commands(
     _state_dir(listing)
 
 
-def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per option
+def _web_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], run: argparse.ArgumentParser
+) -> None:
+    """Looking at the gateway: ``status``; the owner's page, where ``run`` serves it, and
+    ``web-token``, which logs in to it."""
+    status = _command(sub, "status", "show the gateway's state", "hearth-gateway status --json")
+    _state_dir(status)
+    status.add_argument("--json", action="store_true", help="print JSON")
+    run.add_argument(
+        "--web-listen",
+        metavar="HOST:PORT",
+        help="the owner's page and /metrics (default 127.0.0.1:8787; empty: none)",
+    )
+    web = _command(
+        sub,
+        "web-token",
+        "print the token that logs in to the owner's page (made on first use)",
+        "hearth-gateway web-token",
+    )
+    _state_dir(web)
+    web.add_argument(
+        "--new", action="store_true", help="replace it (the daemon uses it from its next start)"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hearth-gateway",
         description=_DESCRIPTION,
@@ -257,9 +282,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per o
         help="the systemd service (default hearth-gateway.service)",
     )
     doctor.add_argument("--json", action="store_true", help="print JSON")
-    status = _command(sub, "status", "show the gateway's state", "hearth-gateway status --json")
-    _state_dir(status)
-    status.add_argument("--json", action="store_true", help="print JSON")
+    _web_commands(sub, run)
     add_completion_command(_usage_command(sub), "hearth-gateway")
     return parser
 
@@ -325,7 +348,6 @@ def _tasks(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     import datetime as dt
-    import sqlite3
 
     state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
     path = state_dir / "hearth.sqlite3"
@@ -337,27 +359,10 @@ def _audit(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"hearth-gateway: --since: {exc}", file=sys.stderr)
         return 2
-    where: list[str] = ["1"]
-    params: list[float | str] = []
-    if since is not None:
-        where.append("at >= ?")
-        params.append(since)
-    if args.kind:
-        # task matches task and task_*: LIKE's _ is a wildcard, so escaped.
-        kinds = " OR ".join("action = ? OR action LIKE ? ESCAPE '\\'" for _ in args.kind)
-        where.append(f"({kinds})")
-        for kind in args.kind:
-            params += [kind, kind.replace("_", "\\_") + "\\_%"]
-    # Read-only: the daemon is the only writer.
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-        # The WHERE is built of fixed text only; the values are parameters.
-        query = (
-            "SELECT at, actor, action, target, decision, reason FROM audit"  # noqa: S608
-            f" WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?"
-        )
-        cursor = db.execute(query, (*params, args.limit))
-        columns = [column[0] for column in cursor.description]
-        rows = cursor.fetchall()
+    from hearth_gateway.audit_log import AuditFilter, read_audit
+
+    rows = read_audit(path, AuditFilter(limit=args.limit, since=since, kinds=args.kind or []))
+    columns = ["at", "actor", "action", "target", "decision", "reason"]
     for row in reversed(rows):
         if args.json:
             print(msgspec.json.encode(dict(zip(columns, row, strict=True))).decode())
@@ -412,6 +417,14 @@ def _usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _web_token(args: argparse.Namespace) -> int:
+    from hearth_gateway.web import web_token
+
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
+    print(web_token(state_dir, new=args.new))
+    return 0
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from hearth_gateway.doctor import doctor_command
 
@@ -452,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         "peers": _peers,
         "doctor": _doctor,
         "usage": _usage,
+        "web-token": _web_token,
     }
     if args.command in commands:
         return commands[args.command](args)
@@ -480,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             "gateway_id": args.gateway_id,
             "lan_listen": args.lan_listen,
             "pairing_listen": args.pairing_listen,
+            "web_listen": args.web_listen,
             "workers": args.workers,
             "tier": args.tier,
             "pool": args.pool,

@@ -68,6 +68,10 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Publish Home Assistant MQTT discovery (and take its switch commands) on the home broker.
     home_assistant: bool = False
     home_assistant_prefix: str = "homeassistant"  # HA's discovery_prefix
+    # The owner's page and /metrics (docs/metrics-and-web.md). Loopback unless web_lan is true;
+    # empty: none. A port already taken is said once in the log; the daemon serves on without.
+    web_listen: str = "127.0.0.1:8787"
+    web_lan: bool = False  # allow web_listen off loopback: then TLS (the gateway's CA) + token
 
 
 def default_state_dir() -> Path:

@@ -30,13 +30,14 @@ from hearth_gateway.config import Config, default_gateway_id, default_state_dir
 from hearth_gateway.control import ControlServer
 from hearth_gateway.crypto import Sealer
 from hearth_gateway.discovery import Advertiser, advertised_addresses, default_instance_name
-from hearth_gateway.dispatch import Dispatcher
+from hearth_gateway.dispatch import RESERVED_CLIENT_ID, Dispatcher
 from hearth_gateway.errors import ConfigError
 from hearth_gateway.fit import Resources
 from hearth_gateway.ha import GatewayFigures, HomeAssistant
 from hearth_gateway.home import HomeLink, HomeTarget
 from hearth_gateway.link import GatewayLink
 from hearth_gateway.loop import Loop
+from hearth_gateway.metrics import Metrics, StateSample
 from hearth_gateway.pairing import PairingService, pairing_for
 from hearth_gateway.peers import peers_for
 from hearth_gateway.placement import Load, Placer
@@ -51,6 +52,7 @@ from hearth_gateway.store import Receipt, Store
 from hearth_gateway.streams import StreamCounters
 from hearth_gateway.tasks import ADMIN, TaskManager
 from hearth_gateway.upstream import Forwarded, forwarder_for
+from hearth_gateway.web import WebServer, web_server_for
 from hearth_gateway.workers import QueuedJob, WorkerPool
 
 __all__ = ["Gateway"]
@@ -105,6 +107,7 @@ class Gateway:
         os.umask(0o077)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.storage, self.store, self.blobs = self._open_state()
+        self.metrics = Metrics()  # /metrics and the owner's page (metrics.py, web/)
         self.admission = Admission(self.policy.limits)
         self.streams = StreamCounters(self.policy.vision.max_streams)  # in status from the start
         workers = config.workers or os.cpu_count() or 1
@@ -183,6 +186,7 @@ class Gateway:
                 subscribe=self._task_subscribe,
                 storage=self.storage,
                 home_broker=self.home_link is not None,
+                metrics=self.metrics,
             )
         # The managed broker's $SYS: source addresses (for pairing's audit), drops.
         self.broker_events = BrokerEvents()  # subscribed in start(), with a managed broker
@@ -206,7 +210,7 @@ class Gateway:
             admission=self.admission,
             pool=self.pool,
             runners=list(config.runners),
-            publish=self.link.publish_reply,
+            publish=self._publish_reply,
             placer=placer,
             upstream=self.upstream,
             tasks=self.tasks,
@@ -216,10 +220,20 @@ class Gateway:
             pool_id=config.pool,
             resources=self._resources,
             peers=self.peers,
+            metrics=self.metrics,
         )
         self.loop.after(self._end_of_turn)
         self.control: ControlServer | None = None
         self.ha = self._home_assistant()
+        self.web: WebServer | None = web_server_for(
+            config,
+            gateway_id=self.gateway_id,
+            state_dir=self.state_dir,
+            metrics=self.metrics,
+            control_path=self.state_dir / "control.sock",
+            # With pairing, its certificate already names every address of the box.
+            tls_hosts=None if self.pairing is not None else self._web_hosts(),
+        )
 
     # The home broker (home.py): a task's "home:" topics go there, its messages come back
     # to the tasks with the prefix; the gateway's own topics there are ha.py's.
@@ -255,7 +269,7 @@ class Gateway:
         if topic.startswith(HOME_PREFIX) and self.home_link is not None:
             self.home_link.publish(topic.removeprefix(HOME_PREFIX), payload)
         else:
-            self.link.publish_plain(topic, payload)
+            self._publish_plain(topic, payload)
 
     def _task_subscribe(self, topic_filter: str, on: bool) -> None:
         if topic_filter.startswith(HOME_PREFIX) and self.home_link is not None:
@@ -301,6 +315,7 @@ class Gateway:
     # does: they reach it through the daemon.
 
     def _handle(self, topic: str, payload: bytes, reply_to: ReplyTo) -> Receipt | None:
+        self.metrics.received(len(payload))
         try:
             if self.pairing is not None and self.pairing.owns(topic):
                 self.pairing.handle(topic, payload, reply_to)
@@ -353,7 +368,53 @@ class Gateway:
         if self.broker is not None:
             self.broker.update_security(self._broker_security())
 
+    def _publish_reply(self, reply_to: ReplyTo, payload: bytes) -> None:
+        self.metrics.sent(len(payload))
+        self.link.publish_reply(reply_to, payload)
+
+    def _publish_plain(self, topic: str, payload: bytes) -> None:
+        self.metrics.sent(len(payload))
+        self.link.publish_plain(topic, payload)
+
+    def _web_hosts(self) -> set[str]:
+        """Every name a browser on the LAN may use for the page: its certificate names them."""
+        assert self.config.web_listen
+        web = BrokerAddress.parse(self.config.web_listen, default_port=8787)
+        lan = advertised_addresses(web, self.config.mdns_interface or None)
+        return {"localhost", "127.0.0.1", "::1", f"{self.gateway_id}.local", *lan}
+
+    def _observe(self) -> None:
+        """The metrics' gauges and the page's charts, read here on the loop (metrics.py)."""
+        count, size = self.store.blob_totals()
+        journal = self.store.stats()
+        tasks: dict[str, int] = {}
+        if self.tasks is not None:
+            for info in self.tasks.list_tasks(RESERVED_CLIENT_ID).tasks:
+                tasks[info.state] = tasks.get(info.state, 0) + 1
+        self.metrics.observe(
+            StateSample(
+                online=not self._stopping,
+                broker_connected=self.link.connected,
+                upstream_connected=self.upstream is not None and self.upstream.link.ready,
+                workers=self.pool.size,
+                busy_workers=self.pool.busy,
+                queue_depth=self.admission.in_flight,
+                worker_restarts=self.pool.restarts,
+                workers_recycled=self.pool.recycled,
+                blobs=count,
+                blob_bytes=size,
+                journal_bytes=journal.journal_bytes,
+                journal_file_bytes=journal.file_bytes,
+                audit_rows=journal.audit_rows,
+                paired_devices=len(self.pairing.active) if self.pairing is not None else 0,
+                storage_free_bytes=self.storage.state().free_bytes,
+                tasks=tasks,
+                at=time.time(),
+            )
+        )
+
     def _other(self, topic: str, payload: bytes) -> None:
+        self.metrics.received(len(payload))
         if BrokerEvents.owns(topic):
             self.broker_events.on_message(topic, payload)
             return
@@ -534,6 +595,7 @@ class Gateway:
             self.dispatcher.task_request,
             admin=self.pairing.admin if self.pairing is not None else None,
         )
+        self._start_web()
         resumed = self.dispatcher.resume()
         if resumed:
             log.info("resumed %d journaled jobs from the last run", resumed)
@@ -582,6 +644,20 @@ class Gateway:
             self.advertiser.close()
             self.advertiser = None
 
+    def _start_web(self) -> None:
+        """The owner's page and /metrics. A port already taken is not worth stopping the
+        gateway for (devices do not need the page): said once, and served without it."""
+        self._observe()
+        if self.web is None:
+            return
+        try:
+            self.web.start()
+        except OSError as exc:
+            log.warning("the owner's page is off: %s: %s", self.config.web_listen, exc)
+            self.web = None
+            return
+        log.info("the owner's page: %s (hearth-gateway web-token)", self.web.url)
+
     def _housekeeping(self) -> None:
         status = encode(self._status("online"))
         if status != self._last_status and self.link.connected:
@@ -597,6 +673,7 @@ class Gateway:
             self.store.expire()
         try:
             self._write_snapshot("online")
+            self._observe()
         except Exception as exc:  # the status must not stop the watchdog below
             if not self._storage_error(exc):
                 raise
@@ -718,6 +795,8 @@ class Gateway:
             )
         if self.tasks is not None:
             self._save_at_exit("the tasks' last checkpoints", self.tasks.close)
+        if self.web is not None:
+            self.web.close()  # before the control socket it calls
         if self.control is not None:
             self.control.close()
         if self.upstream is not None:

@@ -63,6 +63,7 @@ from hearth.runtime._blob import WASM_MAGIC
 from hearth_gateway.blobs import BlobStore, UploadRefused
 from hearth_gateway.fit import Fit, Resources
 from hearth_gateway.loop import Timer
+from hearth_gateway.metrics import JobRecord, Metrics
 from hearth_gateway.peer_ids import is_peer_id, peer_request_refusal
 from hearth_gateway.placement import Action, Decision, PlacedJob, Placer, forwardable
 from hearth_gateway.policy import Admission, Policy
@@ -190,11 +191,13 @@ class Dispatcher:
         pool_id: str = "",
         resources: Callable[[], Resources] | None = None,
         peers: Peers | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._gateway_id = gateway_id
         # The cloud-tier pool this gateway is a member of (docs/protocol.md §19); "": none.
         self._pool_id = pool_id or gateway_id
         self._peers = peers  # paired LAN gateways (peers.py); None: none
+        self._metrics = metrics or Metrics()  # counters and the page's job list (metrics.py)
         self._storage = storage  # None: no free-space check (journal errors still map)
         # Answers published while the disk was too full to journal them, for a re-sent job id
         # (its entry still says accepted: without this it would hear nothing until a restart).
@@ -424,6 +427,7 @@ class Dispatcher:
         """Placement's decision and why the job is refused, if it is; a refusal of
         placement's own is audited here."""
         decision = self._placer.place(job, client_id)
+        self._metrics.placed(decision.action.value, decision.reason)
         refusal = self._refusal(job, decision)
         if refusal is not None and refusal.code is decision.code:
             self._audit(client_id, job, decision)
@@ -496,6 +500,11 @@ class Dispatcher:
             return None
         if self._held_timer is None:
             self._held_timer = self._pool.loop.call_later(JOURNAL_DELAY_S, self._held_due)
+        where = decision.action.value
+        record = JobRecord(
+            client_id, job.job_id, runner_for(job), where, decision.reason, time.time()
+        )
+        self._metrics.job_accepted(record)
         if decision.action is Action.UPSTREAM and self._upstream is not None:
             # Never a run: runs are not forwardable (placement.py); they move through devices.
             assert not isinstance(job, RunStart | RunResume)
@@ -542,6 +551,9 @@ class Dispatcher:
         self._store.finish(item.reply_to.client_id, item.job.job_id, reply)
         self._publish(item.reply_to, reply)
         self.counters.completed += 1
+        self._metrics.job_finished(
+            item.reply_to.client_id, item.job.job_id, runner_for(item.job), reply, None
+        )
 
     def forward_failed(self, item: Forwarded, why: str) -> None:
         """A forwarded job the upstream will not answer: it is public, so it runs here."""
@@ -688,6 +700,7 @@ class Dispatcher:
             old = self._pool.supersede(queued)
             assert isinstance(old.job, CallJob)
             dropped = self.streams.dropped(stream_key)
+            self._metrics.frame_dropped(stream_key)
             note = FrameDropped(job_id=old.job.job_id, stream=job.stream or "", dropped=dropped)
             self._publish(old.reply_to, encode(note))
             return
@@ -781,6 +794,8 @@ class Dispatcher:
                 if seconds:
                     self.fit.ran(seconds)
             self.counters.completed += 1
+            timing = (item.enqueued, item.started, time.monotonic())
+            self._metrics.job_finished(client_id, job.job_id, runner_for(job), reply, timing)
 
     def _journal_answer(self, client_id: str, job_id: str, reply: bytes, final: bool) -> None:
         """Store a journaled job's answer (or forget the job, for a retry to run it again)."""
@@ -906,6 +921,7 @@ class Dispatcher:
         self, reply_to: ReplyTo, code: ErrorCode, message: str, job_id: str | None = None
     ) -> None:
         self.counters.refused += 1
+        self._metrics.refused(str(code))
         if code is not ErrorCode.STORAGE_FULL:  # said once by the storage guard, not per peer
             self._peer_log.warning(
                 str(code), "refused request from %s: %s: %s", reply_to.client_id, code, message

@@ -48,6 +48,7 @@ from hearth.protocol import (
 from hearth_gateway.blobs import BlobStore
 from hearth_gateway.dispatch import RESERVED_CLIENT_ID, PeerLog
 from hearth_gateway.loop import Loop, Timer
+from hearth_gateway.metrics import Metrics
 from hearth_gateway.policy import (
     HOME_PREFIX,
     TasksPolicy,
@@ -120,10 +121,12 @@ class TaskManager:
         subscribe: Subscribe,
         storage: StorageGuard | None = None,
         home_broker: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
         self._loop = loop
         # Whether "home:" topics (the home's own broker, home.py) may be granted at all.
         self._home_broker = home_broker
+        self._metrics = metrics or Metrics()  # events, actions and log lines (metrics.py)
         self._storage = storage
         self._revoked: frozenset[str] = frozenset()  # owners whose pairing was revoked
         self._store = store
@@ -403,9 +406,12 @@ class TaskManager:
         except msgspec.DecodeError:
             outcome = Error(code=ErrorCode.INTERNAL, message="unreadable task outcome")
         if isinstance(outcome, TaskOutcome) and outcome.ok:
+            self._metrics.task_event("ok")
             self._succeeded(task, outcome)
         else:
+            self._metrics.task_event("failed")
             message = outcome.message if isinstance(outcome, Error) else outcome.error
+            self._metrics.task_log(task.task_id, f"event failed: {message}")
             self._failed(task, message)
         self._dispatch(task)
 
@@ -421,6 +427,9 @@ class TaskManager:
                     task.task_id, "publish", "", "refused", f"owner revoked ({dropped} dropped)"
                 )
         for action in outcome.actions:
+            self._metrics.task_action(
+                task.task_id, action.kind, action.payload.decode(errors="replace")
+            )
             if action.kind in ("publish", "refused"):
                 # The worker already told the guest; the decision that counts is this one.
                 if action.kind == "publish" and any(
@@ -577,6 +586,7 @@ class TaskManager:
             self._persist(task)
 
     def _count(self, task: _Task, *, dropped: int) -> None:
+        self._metrics.task_event("dropped", dropped)
         if dropped:
             task.info = msgspec.structs.replace(task.info, dropped=task.info.dropped + dropped)
 

@@ -81,6 +81,7 @@ class QueuedJob:
     journaled: bool = True  # stream frames and session control are not (they are ephemeral)
     admitted: bool = True  # holds an admission slot, freed when it completes
     enqueued: float = field(default_factory=time.monotonic)
+    started: float = 0.0  # monotonic, when a worker took it (0: not yet); for the metrics
 
 
 # (job, encoded reply, final): final is False for failures of the gateway's own making
@@ -210,6 +211,7 @@ class _Worker:
             return False
         self.state = _State.BUSY
         self.job = job
+        job.started = time.monotonic()
         self.pool.started(job)
         timeout_s = self.pool.timeout_for(job.job)
         self.deadline = self.pool.loop.call_later(timeout_s, lambda: self._overran(timeout_s))
