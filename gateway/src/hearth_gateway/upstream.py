@@ -292,7 +292,9 @@ class Forwarder:
         elif isinstance(reply, _RESULT[type(item.job)]):
             result: WasmResult | OnnxResult | CallResult | PipelineReply = reply  # type: ignore[assignment]
             ran = item.member or self.link.upstream_id
-            timing = msgspec.structs.replace(result.timing, upstream=ran, reason=item.reason)
+            timing = msgspec.structs.replace(
+                result.timing, upstream=ran, reason=item.reason or msgspec.UNSET
+            )
             if self._peer is not None:
                 self._peer.ran(result.timing.run_ms)
             self._answer(
@@ -321,7 +323,8 @@ class Forwarder:
     # -- blobs ----------------------------------------------------------------------------------
 
     def _need_blob(self, item: Forwarded, need: NeedBlob) -> None:
-        if need.gateway_id:  # a pool member: the upload and the job again go to it
+        # A pool member named itself: the upload and the job again go to it.
+        if isinstance(need.gateway_id, str) and need.gateway_id:
             self._taken(item, need.gateway_id)
             if item.token not in self._pending:
                 return

@@ -131,8 +131,9 @@ class Timing(msgspec.Struct, frozen=True):
     # paired LAN peer gateway that ran a job this saturated gateway forwarded; then the times
     # are that gateway's. Empty: this gateway ran it.
     upstream: str = ""
-    # Why it ran there (this gateway's placement decision), when it was forwarded to a peer.
-    reason: str = ""
+    # Why it ran there (this gateway's placement decision), when it was forwarded to a peer;
+    # absent otherwise (so an answer run here is as it was).
+    reason: str | msgspec.UnsetType = msgspec.UNSET
 
 
 # --- requests: device -> gateway, on hearth/v1/gw/{gateway}/req/{client} ---------------------
@@ -440,8 +441,8 @@ class NeedBlob(_Message, frozen=True, tag="need_blob"):
     max_chunk: int  # bytes of ``data`` per BlobChunk the gateway accepts
     # A pool member answering a job sent to its pool: upload the blob to this gateway's own
     # request topic, and send the job again there (a chunk sent to the pool would reach any
-    # member). Empty: the gateway the request was sent to.
-    gateway_id: str = ""
+    # member). Absent: the gateway the request was sent to (so a plain need_blob is as it was).
+    gateway_id: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class Accepted(_Message, frozen=True, tag="accepted"):
