@@ -2,9 +2,10 @@
 subscription (docs/protocol.md §19; gateway/src/hearth_gateway/pool.py, dispatch.py, and the
 submitter's side in upstream.py).
 
-Real parts: the session's Mosquitto, ``hearth-gateway run`` processes, wasmtime. The must-show
-(3 members, one SIGKILLed mid-stream, through a home gateway that uses the pool as its
-upstream) streams 600 jobs here; benchmarks/pool.py streams 3000 per configuration.
+Real parts: a Mosquitto of its own (the broker fixture), ``hearth-gateway run`` processes,
+wasmtime. The must-show (3 members, one SIGKILLed mid-stream, through a home gateway that
+uses the pool as its upstream) streams 600 jobs here; benchmarks/pool.py streams 3000 per
+configuration.
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ from testkit.pool import PoolRig, stream_jobs
 from testkit.wait import wait_until
 
 JOBS = 600  # benchmarks/pool.py does 3000 per configuration
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    """The pool's own broker, not the session's: a pool's retained status stays online after
+    its members are gone (no member marks it offline, docs/pool.md), and on the session's
+    broker the clients of later tests, named only by HOST:PORT, could take the pool for their
+    gateway (a full CI run caught exactly that)."""
+    with Mosquitto(tmp_path_factory.mktemp("pool-broker")) as b:
+        yield b
 
 
 @pytest.fixture(scope="module")
