@@ -68,7 +68,7 @@ with RawDevice(BrokerAddress.parse(spec["broker"]), spec["gateway"]) as dev:
         reply = dev.reply(correlation, timeout_s=60)
         if isinstance(reply, WasmResult):
             answers[job_id] = {"stdout": reply.stdout.hex(), "ran_on": reply.timing.upstream,
-                               "reason": reply.timing.reason}
+                               "reason": reply.timing.reason or ""}
         else:
             answers[job_id] = {"error": str(getattr(reply, "code", type(reply).__name__))}
 print(json.dumps(answers))
