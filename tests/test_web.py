@@ -141,12 +141,25 @@ class Browser:
 
     def click(self, css: str) -> None:
         """Click what navigates (a link, a form's button) and wait for the next page."""
+        from selenium.common.exceptions import WebDriverException
         from selenium.webdriver.support import expected_conditions
         from selenium.webdriver.support.ui import WebDriverWait
 
         page = self.find("html")
         self.find(css).click()
-        WebDriverWait(self.driver, 15).until(expected_conditions.staleness_of(page))
+        stale = expected_conditions.staleness_of(page)
+
+        def left(driver: Any) -> bool:
+            try:
+                return bool(stale(driver))
+            except WebDriverException as exc:
+                # Mid-navigation chromedriver may answer about the old page's node with an
+                # inspector error instead of "stale element": the page is going, all the same.
+                if "does not belong to the document" in str(exc):
+                    return True
+                raise
+
+        WebDriverWait(self.driver, 15).until(left)
         self.collect()
 
     def shot(self, name: str) -> None:
