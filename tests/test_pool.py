@@ -204,6 +204,57 @@ def test_the_pool_announces_itself_online_with_a_retained_status(
     assert status.tier == "cloud"
 
 
+def test_a_device_sends_to_the_pool_itself_and_a_dead_members_jobs_run_on_another(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """The SDK names the pool by ``POOL@HOST:PORT``: each member that takes a job and lacks
+    the module asks for it naming itself, and gets it; a member SIGKILLed while it holds jobs
+    loses none: on its Last Will the client sends them to the pool again, and every answer is
+    its own job's, naming the member that ran it."""
+    import hearth
+
+    primes = Path(__file__).resolve().parents[1] / "build/examples/wasm/primes.wasm"
+    limits = [1_000_000 + 7 * i for i in range(24)]  # about 0.15 s each: a queue per member
+    with hearth.Client(placement="local") as here:
+        expected = {n: here.run_wasm(primes, args=[str(n)]).stdout for n in limits}
+    assert len(set(expected.values())) == len(limits)
+    pool_id = f"pool-{uuid.uuid4().hex[:6]}"
+    gateways = [
+        GatewayProcess(
+            broker.address,
+            tmp_path / f"m{i}",
+            gateway_id=f"{pool_id}-m{i}",
+            workers=1,
+            extra_args=("--tier", "cloud", "--pool", pool_id),
+            supervised=False,
+        )
+        for i in range(3)
+    ]
+    try:
+        for gateway in gateways:
+            gateway.start()
+        ids = {g.gateway_id for g in gateways}
+        victim = gateways[1]
+        with hearth.Client(f"{pool_id}@{broker.address}", placement="edge", timeout_s=30) as c:
+            calls = {
+                n: c.run_wasm_async(primes, args=[str(n)], data_class="public") for n in limits
+            }
+            # Killed once the jobs are spread out and queued: it holds some of them then.
+            assert wait_until(lambda: sum(f.done() for f in calls.values()) >= 3, 30)
+            victim.kill()
+            runs = {n: f.result(timeout=60) for n, f in calls.items()}
+            resent = c.stats.resent
+    finally:
+        for gateway in gateways:
+            gateway.close(grace_s=2.0)
+    assert {n: r.stdout for n, r in runs.items()} == expected, "each answer is its own job's"
+    assert all(r.where == "edge" for r in runs.values())
+    ran_on = {r.gateway_id for r in runs.values()}
+    assert ran_on <= ids, ran_on  # the member that ran it, never the pool's id
+    assert len(ran_on - {victim.gateway_id}) == 2, ran_on
+    assert resent >= 1, "the dead member held jobs: they went to the pool again"
+
+
 # --- pure: configuration and the egress check ----------------------------------------------
 
 

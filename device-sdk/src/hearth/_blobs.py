@@ -79,10 +79,13 @@ class Uploads:
         max_chunk: int,
         data_class: DataClass,
         asked_after: float,
+        *,
+        to: str | None = None,
     ) -> Future[None]:
         """The blob on the gateway, for a request sent at ``asked_after`` (monotonic) that got
-        ``need_blob``: an upload that is under way or finished since then serves it too."""
-        key = (conn.gateway_id, blob.sha256)
+        ``need_blob``: an upload that is under way or finished since then serves it too.
+        ``to``: the pool member that asked (its ``need_blob`` named it), where it goes."""
+        key = (to or conn.gateway_id, blob.sha256)
         with self._lock:
             upload = self._uploads.get(key)
             if upload is not None and (not upload.done.done() or upload.finished_at >= asked_after):
@@ -90,13 +93,23 @@ class Uploads:
             upload = self._uploads[key] = _Upload()
         # The blob gets the label of the work that needs it; the gateway keeps the first label
         # it saw, so a blob once private stays private there.
-        self._send(conn, blob, max_chunk, data_class, upload)
+        self._send(conn, blob, max_chunk, data_class, upload, to=to)
         return upload.done
 
     def _send(
-        self, conn: Connection, blob: Blob, max_chunk: int, data_class: DataClass, upload: _Upload
+        self,
+        conn: Connection,
+        blob: Blob,
+        max_chunk: int,
+        data_class: DataClass,
+        upload: _Upload,
+        *,
+        to: str | None,
     ) -> None:
         correlation = f"blob-{blob.sha256}".encode()
+        if to is not None:  # a pool's member: a chunk sent to the pool would reach any member
+            correlation += f"@{to}".encode()  # uploads to several members at once
+            conn.route(correlation, to)
         size = len(blob.data)
         stored = conn.expect(correlation, self._timeout_s + size / _UPLOAD_RATE)
         chunk = max(1, min(max_chunk, _MAX_CHUNK))

@@ -5,6 +5,13 @@ Concurrency: paho's network thread delivers replies and completes the future wai
 Nobody else waits: a blocking call waits on its future, an async one chains on it. Every
 completion goes through ``_resolve`` or ``_fail``, so a reply and its deadline arriving
 together cannot both win. ``close()`` is idempotent.
+
+The gateway may be a pool of cloud-tier gateways sharing one id (docs/pool.md): the member that
+takes a job says so (``accepted``, or a ``need_blob`` naming it), and everything more for that
+job (its blob, its re-sends) goes to that member's own request topic. The connection watches
+each such member's status; on its Last Will, the calls it held and those no member had taken
+yet fail with GatewayUnavailable, and their owners send them again under the same job id, to
+the pool, as they do when a single gateway comes back.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ import paho.mqtt.client as mqtt
 
 from hearth.errors import ErrorCode, GatewayUnavailable, HearthError, JobError
 from hearth.protocol import (
+    Accepted,
     GatewayStatus,
+    NeedBlob,
     Ping,
     Pong,
     Reply,
@@ -40,6 +49,7 @@ from hearth.transport import BrokerAddress, TlsFiles, connect, make_client, publ
 __all__ = ["Connection"]
 
 _NOT_AUTHORIZED = 0x87  # MQTT 5 reason code: the broker's ACL refused a publish
+_MAX_ROUTES = 65536  # calls routed to a pool member, kept until answered: a bound, not a need
 
 
 def _resolve(future: Future[Reply], reply: Reply) -> None:
@@ -141,6 +151,12 @@ class Connection:
         self._early_acks: dict[int, Any] = {}
         # MQTT message id -> what to call when the broker acknowledged it (upload progress).
         self._on_acked: dict[int, Callable[[], None]] = {}
+        # A pool's members (the gateway id is a pool's): correlation -> the member holding the
+        # call, and the members whose status this connection watches. Kept after the answer
+        # (bounded): the upload after a ``need_blob`` and any later call under that job id go
+        # to that member, whose journal answers it at most once.
+        self._routes: dict[bytes, str] = {}
+        self._members: set[str] = set()
         self._lock = threading.Lock()
         self._deadlines = _Deadlines(self._expire)
         self.online = threading.Event()  # the gateway's retained status says online
@@ -184,7 +200,9 @@ class Connection:
 
     def _connected(self) -> None:
         status = status_topic(self.gateway_id) if self.gateway_id else "hearth/v1/gw/+/status"
-        self._client.subscribe([(self._reply_topic, self.qos), (status, 1)])
+        with self._lock:
+            members = [(status_topic(m), 1) for m in sorted(self._members)]
+        self._client.subscribe([(self._reply_topic, self.qos), (status, 1), *members])
         self.connected.set()
 
     def _disconnected(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any = None) -> None:
@@ -196,26 +214,43 @@ class Connection:
 
     def _message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == self._reply_topic:
-            correlation: bytes = getattr(msg.properties, "CorrelationData", None) or b""
-            with self._lock:
-                future = self._pending.get(correlation) if correlation else None
-                interim = self._interim.get(correlation) if future is not None else None
-            if future is None:
-                return  # a late answer to a call that already fell back or timed out
-            try:
-                reply = decode_reply(msg.payload)
-            except HearthError as exc:
-                self.forget(correlation, future)
-                _fail(future, exc)
-                return
-            if interim is not None and interim(reply):
-                return
+            self._reply(msg)
+        else:
+            self._status(msg)
+
+    def _reply(self, msg: mqtt.MQTTMessage) -> None:
+        correlation: bytes = getattr(msg.properties, "CorrelationData", None) or b""
+        with self._lock:
+            future = self._pending.get(correlation) if correlation else None
+            interim = self._interim.get(correlation) if future is not None else None
+        if future is None:
+            return  # a late answer to a call that already fell back or timed out
+        try:
+            reply = decode_reply(msg.payload)
+        except HearthError as exc:
             self.forget(correlation, future)
-            _resolve(future, reply)
+            _fail(future, exc)
             return
+        if isinstance(reply, Accepted):  # a pool member took it; the answer follows
+            self.route(correlation, reply.gateway_id)
+            return
+        if interim is not None and interim(reply):
+            return
+        self.forget(correlation, future)
+        if isinstance(reply, NeedBlob) and isinstance(reply.gateway_id, str):
+            self.route(correlation, reply.gateway_id)  # the upload and re-send go there
+        _resolve(future, reply)
+
+    def _status(self, msg: mqtt.MQTTMessage) -> None:
         try:
             status = decode_status(msg.payload)
         except HearthError:
+            return
+        with self._lock:
+            member = status.gateway_id in self._members
+        if member and status.gateway_id != self.gateway_id:
+            if status.state != "online":
+                self._member_lost(status.gateway_id)
             return
         if self.gateway_id is None and status.state == "online":
             self.gateway_id = status.gateway_id
@@ -269,6 +304,43 @@ class Connection:
             self._on_acked.clear()
         for future in pending.values():
             _fail(future, exc)
+
+    # -- a pool's members ----------------------------------------------------------------------
+
+    def route(self, correlation: bytes, member: str) -> None:
+        """Send what follows for ``correlation`` to ``member`` (a member of the pool this
+        connection's gateway id names), and watch that member's status from now on."""
+        if member == self.gateway_id:
+            return
+        with self._lock:
+            if len(self._routes) >= _MAX_ROUTES:
+                self._routes.pop(next(iter(self._routes)))
+            self._routes[correlation] = member
+            new = member not in self._members
+            self._members.add(member)
+        if new:  # its retained status comes at once: a member already dead is seen dead
+            self._client.subscribe(status_topic(member), 1)
+
+    def member(self, correlation: bytes) -> str | None:
+        """The pool member that took the call ``correlation`` (None: the gateway itself)."""
+        with self._lock:
+            return self._routes.get(correlation)
+
+    def _member_lost(self, member: str) -> None:
+        """A pool member's Last Will: fail the calls it held and the calls no member has
+        taken yet (one may have been on its way to it; the broker gives a dead session's
+        messages to no other member). Their owners send them to the pool again."""
+        with self._lock:
+            held = {c for c, m in self._routes.items() if m == member}
+            for correlation in held:
+                del self._routes[correlation]
+            lost = {c: f for c, f in self._pending.items() if c in held or c not in self._routes}
+            for correlation in lost:
+                del self._pending[correlation]
+                self._interim.pop(correlation, None)
+        why = f"pool member {member} went offline (its Last Will) holding this call"
+        for future in lost.values():
+            _fail(future, GatewayUnavailable(why))
 
     # -- the deadline thread ------------------------------------------------------------------
 
@@ -328,8 +400,10 @@ class Connection:
         if not self.usable or self.gateway_id is None:
             raise GatewayUnavailable(self.lost or f"gateway at {self.address} is not online")
         payload = encode(message)
+        with self._lock:
+            gateway = self._routes.get(correlation, self.gateway_id)
         info = self._client.publish(
-            request_topic(self.gateway_id, self.client_id),
+            request_topic(gateway, self.client_id),
             payload,
             qos=self.qos,
             properties=publish_properties(self._reply_topic, correlation),

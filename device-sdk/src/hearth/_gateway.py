@@ -129,8 +129,13 @@ class GatewayLink:
         return _target(min(near, key=lambda g: g.load))
 
     def _by_name(self, name: str) -> Target:
-        """``HOST:PORT`` (or an IP literal), else a gateway id: a paired one at its last
-        address, else the one discovery finds by that id, else a host name after all."""
+        """``HOST:PORT`` (or an IP literal), ``ID@HOST:PORT`` (gateway ``ID`` on that broker:
+        a pool's id, say, which no single gateway announces), else a gateway id: a paired one
+        at its last address, else the one discovery finds by that id, else a host name after
+        all."""
+        gateway_id, at, where = name.rpartition("@")
+        if at:
+            return Target(BrokerAddress.parse(where), gateway_id or None)
         if ":" in name or _is_ip(name) or name == "localhost":
             return Target(BrokerAddress.parse(name))
         known = resolve_name(name)
@@ -319,9 +324,9 @@ class GatewayLink:
             named = self._named()
             if isinstance(named, GatewayInfo):
                 address = named.broker
-            elif isinstance(named, str) and (":" in named or _is_ip(named)):
+            elif isinstance(named, str) and (":" in named or _is_ip(named) or "@" in named):
                 try:
-                    address = BrokerAddress.parse(named)
+                    address = BrokerAddress.parse(named.rpartition("@")[2])
                 except ValueError:
                     return None
             elif isinstance(named, str):

@@ -107,7 +107,10 @@ class Sent:
 
     @property
     def gateway_id(self) -> str | None:
-        return self.conn.gateway_id if self.conn is not None else None
+        """The gateway that answered: the member, when the gateway is a pool (docs/pool.md)."""
+        if self.conn is None:
+            return None
+        return self.conn.member(self.correlation) or self.conn.gateway_id
 
     def start(self) -> None:
         conn = self.conn
@@ -157,7 +160,12 @@ class Sent:
             # unless labelled public (the gateway keeps a blob's first label).
             data_class: DataClass = getattr(self.job, "data_class", "private")
             uploaded = self.offloader.uploads.ensure(
-                self.conn, self.blob, reply.max_chunk, data_class, self.sent_at
+                self.conn,
+                self.blob,
+                reply.max_chunk,
+                data_class,
+                self.sent_at,
+                to=reply.gateway_id if isinstance(reply.gateway_id, str) else None,  # a pool member
             )
             uploaded.add_done_callback(self._uploaded)
             return

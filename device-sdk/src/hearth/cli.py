@@ -14,8 +14,9 @@
     hearth pair CODE [--gateway ID|HOST:PORT] [--ca-fingerprint HEX] [--id DEVICE_ID]
     hearth completion bash|zsh|fish                 (tab completion, with argcomplete)
 
-Every command that looks for a gateway takes --gateway ID or HOST:PORT (no discovery for
-a paired gateway whose last address answers) and --interface IP (discover only there);
+Every command that looks for a gateway takes --gateway ID, HOST:PORT or ID@HOST:PORT (no
+discovery for a paired gateway whose last address answers; ID@HOST:PORT names a gateway id on
+that broker, such as a cloud-tier pool's) and --interface IP (discover only there);
 $HEARTH_GATEWAY and $HEARTH_INTERFACE do the same. Without --gateway, the paired gateway that
 answered quickest last time is used if its last address still answers, else discovery.
 """
@@ -71,8 +72,9 @@ _DESCRIPTION = """\
 Hearth device SDK: find home-edge gateways, run WebAssembly modules and ONNX models on them
 (or here), pair with them.
 
-Every command that looks for a gateway takes --gateway ID or HOST:PORT (no discovery for
-a paired gateway whose last address answers) and --interface IP (discover only there);
+Every command that looks for a gateway takes --gateway ID, HOST:PORT or ID@HOST:PORT (no
+discovery for a paired gateway whose last address answers; ID@HOST:PORT names a gateway id on
+that broker, such as a cloud-tier pool's) and --interface IP (discover only there);
 $HEARTH_GATEWAY and $HEARTH_INTERFACE do the same. Without --gateway, the paired gateway that
 answered quickest last time is used if its last address still answers, else discovery.
 """
@@ -112,10 +114,10 @@ def _command(
 def _gateway_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gateway",
-        metavar="ID|HOST:PORT",
+        metavar="ID|HOST:PORT|ID@HOST:PORT",
         default=os.environ.get(ENV_GATEWAY),
-        help="this gateway: its id (a paired one at its last address, else found over mDNS) "
-        f"or its broker's address (${ENV_GATEWAY})",
+        help="this gateway: its id (a paired one at its last address, else found over mDNS), "
+        f"its broker's address, or an id on that broker, a pool's say (${ENV_GATEWAY})",
     )
     parser.add_argument(
         "--interface",
