@@ -416,6 +416,62 @@ def test_a_saturated_gateway_runs_private_jobs_on_its_paired_peer(
     assert len(at_b) == len(on_peer)
 
 
+def test_a_peer_paired_or_revoked_while_the_gateway_runs_is_followed_without_a_restart(
+    secure: Callable[..., SecureGateway],  # noqa: F811 - the fixture imported above
+    make_gateway: Callable[..., GatewayProcess],
+    tmp_path: Path,
+    wasm: dict[str, Path],
+) -> None:
+    """``peers pair`` on a running gateway: within a few seconds it connects, lists the peer
+    in its status and forwards to it when saturated; ``peers revoke``: it drops the peer and
+    runs its work itself again. No restart either time."""
+    b = secure()
+    policy = tmp_path / "a-policy.toml"
+    policy.write_text(_POLICY.format(spin_s=3.0))
+    a = make_gateway("--workers", "1", "--policy", str(policy), managed=True)
+    b_id = b.gw.gateway_id
+    assert a.snapshot().peers == {}
+    spin, echo = wasm["spin"].read_bytes(), wasm["echo"].read_bytes()
+
+    def saturated_echo(dev: RawDevice, job_id: str) -> WasmResult:
+        """A spin fills the one worker and an echo waits behind it (only then is the gateway
+        saturated); a second echo goes wherever placement says."""
+        sha = hashlib.sha256(echo).hexdigest()
+        spinning = dev.send(
+            WasmJob(job_id=f"spin-{job_id}", module=hashlib.sha256(spin).hexdigest())
+        )
+        waiting = dev.send(WasmJob(job_id=f"wait-{job_id}", module=sha, stdin=b"w"))
+        sent = dev.send(WasmJob(job_id=job_id, module=sha, stdin=b"x"))
+        answer = dev.reply(sent, timeout_s=40)
+        for other in (waiting, spinning):
+            dev.reply(other, timeout_s=40)
+        assert isinstance(answer, WasmResult), answer
+        assert answer.stdout == b"x"
+        return answer
+
+    paired = peers_pair(peer_code(b), str(b.pairing), a.gateway_id, a.state_dir)
+    assert paired.returncode == 0, paired.stderr
+    assert "within seconds" in paired.stdout
+    assert wait_until(lambda: a.snapshot().peers == {b_id: "ready"}, 20), a.log()
+    status = _cli("status", "--state-dir", str(a.state_dir))
+    assert f"peers       {b_id} (ready)" in status.stdout, status.stdout
+    with RawDevice(a.listen, a.gateway_id) as dev:
+        assert isinstance(dev.upload(spin), BlobStored)
+        assert isinstance(dev.upload(echo), BlobStored)
+        forwarded = saturated_echo(dev, "while-paired")
+        assert forwarded.timing.upstream == b_id, forwarded
+        assert f"to paired LAN peer {b_id}" in (forwarded.timing.reason or "")
+
+        revoked = _cli("peers", "revoke", b_id, "--state-dir", str(a.state_dir))
+        assert revoked.returncode == 0, revoked.stderr
+        assert wait_until(lambda: a.snapshot().peers == {}, 20), a.log()
+        here = saturated_echo(dev, "after-revoke")
+        assert here.timing.upstream == "", here  # it waited for the worker here
+    assert f"peer {b_id} no longer used" in a.log()
+    assert a.proc is not None
+    assert a.proc.poll() is None  # up throughout
+
+
 # --- issue 9: a saturated gateway moves a migratable run to its paired peer ---------------------
 
 _RUN_FUEL = 40_000_000_000

@@ -99,7 +99,7 @@ def _pair(args: argparse.Namespace, state_dir: Path) -> int:
         return 1
     print(
         f"paired with {pairing.gateway_id} at {pairing.address} as {client_id}; "
-        "restart this gateway to use it"
+        "a running gateway uses it within seconds"
     )
     return 0
 
@@ -164,7 +164,7 @@ def _revoke(peer_id: str, state_dir: Path) -> int:
     for p in pairings(peers_dir(state_dir)):
         if p.gateway_id == peer_id:
             shutil.rmtree(p.directory, ignore_errors=True)
-            done.append(f"forgot the credentials for {peer_id} (takes effect at restart)")
+            done.append(f"forgot the credentials for {peer_id} (a running gateway stops using it)")
     sock = state_dir / "control.sock"
     if sock.exists():
         reply = call_admin(sock, DeviceRevoke(device_id=PEER_PREFIX + peer_id))

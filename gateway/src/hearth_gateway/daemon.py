@@ -668,6 +668,8 @@ class Gateway:
         self.storage.refresh()  # space coming back is noticed without a request
         self.blobs.expire_uploads()
         self.dispatcher.expire_sessions()
+        if self.peers is not None:
+            self.peers.refresh()  # paired or revoked with `hearth-gateway peers` meanwhile
         if time.monotonic() - self._last_gc > 600:
             self._last_gc = time.monotonic()
             self.store.expire()
@@ -688,6 +690,7 @@ class Gateway:
         count, size = self.store.blob_totals()
         storage = self.storage.state()
         counters = self.dispatcher.counters
+        peer_views = self.peers.views() if self.peers is not None else []
         write_snapshot(
             self.state_dir,
             StatusSnapshot(
@@ -737,6 +740,8 @@ class Gateway:
                 storage_refused=storage.refused,
                 broker_dropped=self.broker_events.dropped,
                 home_broker=str(self.home_link.target) if self.home_link is not None else "",
+                peers={v.gateway_id: "ready" if v.ready else "connecting" for v in peer_views},
+                peer_jobs_in_flight=sum(v.in_flight for v in peer_views),
                 home_broker_state=self.home_link.state if self.home_link is not None else "",
                 started_at=self.started_at,
                 updated_at=time.time(),

@@ -55,6 +55,7 @@ from hearth_gateway.upstream_link import Audit, UpstreamTarget
 
 __all__ = [
     "PeerLink",
+    "PeerSource",
     "PeerView",
     "Peers",
     "choose_peer",
@@ -264,14 +265,106 @@ class PeerLink:
         )
 
 
-class Peers:
-    """Every usable peer of this gateway; placement asks ``consider``, dispatch ``forward``."""
+@dataclass(frozen=True)
+class PeerSource:
+    """Where a gateway's peer pairings are (``state/peers/``), and what every link to one of
+    them is made with."""
 
-    def __init__(self, links: list[PeerLink], policy: PlacementPolicy) -> None:
+    directory: Path
+    own_id: str
+    loop: Loop
+    blobs: BlobStore
+    audit: Audit
+    relay: Callable[[Forwarded, bytes], None]
+    fallback: Callable[[Forwarded, str], None]
+
+
+class Peers:
+    """Every usable peer of this gateway; placement asks ``consider``, dispatch ``forward``.
+
+    The pairings are read from ``state/peers/`` at start and again whenever that folder
+    changes (``refresh``, from the daemon's housekeeping): a peer paired or revoked with
+    ``hearth-gateway peers`` while the daemon runs is used, or dropped, within seconds."""
+
+    def __init__(
+        self, links: list[PeerLink], policy: PlacementPolicy, source: PeerSource | None = None
+    ) -> None:
         self.links = {link.gateway_id: link for link in links}
         self._policy = policy
+        self._source = source  # None: these links, never others
+        self._seen: dict[str, tuple[str, int]] = {}  # peer id -> (its folder, cert mtime)
+        self._started = False
+        self._closed = False
+        self._signature: tuple[tuple[str, int], ...] | None = None
+        self.refresh()
+
+    @staticmethod
+    def _read(directory: Path) -> tuple[tuple[str, int], ...]:
+        """The files of the folder's pairings with their mtimes: cheap, for noticing a change
+        (a pairing being written shows up again once its last file is there)."""
+        found = []
+        for path in sorted(directory.glob("gateways/*/*")):
+            try:
+                found.append((str(path), path.stat().st_mtime_ns))
+            except OSError:
+                continue  # being written or removed: the next look sees it
+        return tuple(found)
+
+    def refresh(self) -> bool:
+        """Follow ``state/peers/``: open links to peers paired since the last look, close the
+        links of peers whose credentials are gone or replaced (their jobs in flight run here).
+        Returns whether anything changed."""
+        source = self._source
+        if self._closed or source is None:
+            return False
+        signature = self._read(source.directory)
+        if signature == self._signature:
+            return False
+        self._signature = signature
+        mtimes = dict(signature)
+        current: dict[str, Pairing] = {}
+        for pairing in pairings(source.directory):
+            why = peer_credentials_refusal(pairing, source.own_id)
+            cert = str(Path(pairing.directory, "device.pem"))
+            key = (str(pairing.directory), mtimes.get(cert, 0))
+            if why is not None:
+                if self._seen.get(pairing.gateway_id) != key:
+                    source.audit(source.own_id, "peer:connect", pairing.gateway_id, "refused", why)
+                    log.error("not using peer %s: %s", pairing.gateway_id, why)
+                    self._seen[pairing.gateway_id] = key
+                continue
+            current[pairing.gateway_id] = pairing
+            if pairing.gateway_id in self.links and self._seen.get(pairing.gateway_id) == key:
+                continue
+            self._drop(pairing.gateway_id, "paired again: new credentials")
+            self._seen[pairing.gateway_id] = key
+            link = PeerLink(
+                pairing,
+                source.own_id,
+                source.loop,
+                policy=self._policy,
+                blobs=source.blobs,
+                audit=source.audit,
+                relay=source.relay,
+                fallback=source.fallback,
+            )
+            self.links[pairing.gateway_id] = link
+            if self._started:
+                log.info("peer %s paired: forwarding to it when saturated", pairing.gateway_id)
+                link.forwarder.start()
+        for gone in [g for g in self.links if g not in current]:
+            self._drop(gone, "its pairing was removed (hearth-gateway peers revoke)")
+            self._seen.pop(gone, None)
+        return True
+
+    def _drop(self, peer_id: str, why: str) -> None:
+        link = self.links.pop(peer_id, None)
+        if link is not None:
+            log.info("peer %s no longer used: %s", peer_id, why)
+            link.forwarder.withdraw(f"peer {peer_id} {why}")
 
     def start(self) -> None:
+        self._started = True
         for link in self.links.values():
             link.forwarder.start()
 
@@ -283,7 +376,7 @@ class Peers:
     ) -> Decision | None:
         """A peer's decision instead of ``decision`` (placement.decide's), or None to keep it:
         only when this gateway is saturated, or cannot run the job at all."""
-        if decision.action is Action.HERE:
+        if decision.action is Action.HERE or not self.links:
             return None
         saturated = load.saturated(self._policy.upstream_when_queue_over)
         if decision.action is Action.DENY and runner_here:
@@ -323,7 +416,13 @@ class Peers:
         )
 
     def forward(self, job: ForwardedJob, reply_to: ReplyTo, decision: Decision) -> None:
-        self.links[decision.target].forwarder.forward(job, reply_to, decision.reason)
+        link = self.links.get(decision.target)
+        if link is None and self._source is not None:  # revoked since the decision: run here
+            item = Forwarded(job, reply_to, token=b"")
+            self._source.fallback(item, f"peer {decision.target} is no longer paired")
+            return
+        assert link is not None, decision
+        link.forwarder.forward(job, reply_to, decision.reason)
 
     @property
     def idle(self) -> bool:
@@ -335,6 +434,7 @@ class Peers:
 
     def close(self) -> None:
         """Disconnect from every peer. Idempotent."""
+        self._closed = True
         for link in self.links.values():
             link.forwarder.close()
 
@@ -351,28 +451,9 @@ def peers_for(
     relay: Callable[[Forwarded, bytes], None],
     fallback: Callable[[Forwarded, str], None],
 ) -> Peers | None:
-    """The peers paired from ``state_dir`` that may be used; None when there are none (or on
-    a cloud tier, which forwards nothing)."""
-    found = pairings(peers_dir(state_dir))
-    if tier != "home" or not found:
+    """The peers paired from ``state_dir`` (and any paired later, ``Peers.refresh``); None on
+    a cloud tier, which forwards nothing."""
+    if tier != "home":
         return None
-    links = []
-    for pairing in found:
-        why = peer_credentials_refusal(pairing, own_id)
-        if why is not None:
-            audit(own_id, "peer:connect", pairing.gateway_id, "refused", why)
-            log.error("not using peer %s: %s", pairing.gateway_id, why)
-            continue
-        links.append(
-            PeerLink(
-                pairing,
-                own_id,
-                loop,
-                policy=policy,
-                blobs=blobs,
-                audit=audit,
-                relay=relay,
-                fallback=fallback,
-            )
-        )
-    return Peers(links, policy) if links else None
+    source = PeerSource(peers_dir(state_dir), own_id, loop, blobs, audit, relay, fallback)
+    return Peers([], policy, source)

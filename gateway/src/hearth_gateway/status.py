@@ -65,6 +65,10 @@ class StatusSnapshot(msgspec.Struct, kw_only=True):
     storage_refused: int = 0  # requests answered storage_full (since start)
     broker_dropped: int = 0  # messages the managed broker dropped for clients that do not read
     home_broker: str = ""  # the home's own broker (home.py), when one is configured
+    # Paired LAN peers this gateway forwards to when saturated (peers.py): id -> "ready" or
+    # "connecting"; and the jobs of ours in flight there.
+    peers: dict[str, str] = {}
+    peer_jobs_in_flight: int = 0
     home_broker_state: str = ""  # connected, connecting, disconnected: ..., refused: ...
     started_at: float
     updated_at: float
@@ -157,6 +161,9 @@ def format_status(s: StatusSnapshot) -> str:
             f"upstream    {s.upstream} ({'connected' if s.upstream_connected else 'not connected'}"
             f"): {s.jobs_forwarded} public jobs forwarded, {s.jobs_fell_back} ran here instead"
         )
+    if s.peers:
+        listed = ", ".join(f"{p} ({state})" for p, state in sorted(s.peers.items()))
+        lines.append(f"peers       {listed}; {s.peer_jobs_in_flight} jobs of ours there now")
     if s.home_broker:
         lines.append(f"home broker {s.home_broker}: {s.home_broker_state}")
     return "\n".join(lines)

@@ -383,6 +383,13 @@ class Forwarder:
             else:
                 self._give_up(token, why)
 
+    def withdraw(self, why: str) -> None:
+        """Stop forwarding while the gateway goes on (a peer revoked): the jobs in flight there
+        run here now."""
+        for token in list(self._pending):
+            self._give_up(token, why)
+        self.close()
+
     def close(self) -> None:
         """Stop forwarding. Jobs still in flight stay journaled and run here on the next
         start. Idempotent."""
