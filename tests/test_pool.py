@@ -11,6 +11,7 @@ configuration.
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,6 +254,45 @@ def test_a_device_sends_to_the_pool_itself_and_a_dead_members_jobs_run_on_anothe
     assert ran_on <= ids, ran_on  # the member that ran it, never the pool's id
     assert len(ran_on - {victim.gateway_id}) == 2, ran_on
     assert resent >= 1, "the dead member held jobs: they went to the pool again"
+
+
+def test_the_cli_sends_public_work_to_a_pool_and_keeps_private_work_off_it(
+    broker: Mosquitto, members: tuple[str, list[GatewayProcess]], echo: bytes, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    pool_id, gateways = members
+    module = tmp_path / "echo.wasm"
+    module.write_bytes(echo)
+    env = {"PATH": "/usr/bin:/bin", "HEARTH_CONFIG_DIR": str(tmp_path / "device")}
+
+    def hearth_run(*flags: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [sys.executable, "-m", "hearth.cli", "run", "--gateway", f"{pool_id}@{broker.address}",
+             "--where", "edge", "--explain", *flags, str(module)],
+            input=b"through the shell", capture_output=True, timeout=60, env=env, check=False,
+        )  # fmt: skip
+
+    public = hearth_run("--public")
+    assert public.returncode == 0, public.stderr
+    assert public.stdout == b"through the shell"
+    ran_on = {
+        g.gateway_id for g in gateways if f"ran on edge ({g.gateway_id})" in public.stderr.decode()
+    }
+    assert len(ran_on) == 1, public.stderr  # a member, named; not the pool
+
+    def seen() -> int:  # every job any member took or refused
+        return sum(g.snapshot().jobs_accepted + g.snapshot().jobs_refused for g in gateways)
+
+    time.sleep(2.5)  # the members' status snapshots are written every 2 s
+    before = seen()
+    private = hearth_run()  # private by default: never to a cloud tier
+    assert private.returncode != 0
+    assert b"private data stays on the LAN" in private.stderr, private.stderr
+    assert private.stdout == b""
+    time.sleep(2.5)
+    assert seen() == before, "the private job never reached a member, not even to be refused"
 
 
 # --- pure: configuration and the egress check ----------------------------------------------

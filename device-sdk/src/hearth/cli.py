@@ -2,7 +2,7 @@
 """``hearth``: the device-side command line.
 
     hearth discover [--json] [--interface IP] [--timeout S]
-    hearth run [--where auto|edge|local] [--explain] MODULE.wasm [ARGS...]   (stdin -> stdout)
+    hearth run [--where auto|edge|local] [--public] [--explain] MODULE.wasm [ARGS...] < in > out
     hearth run --migratable [--checkpoint-to FILE] ... MODULE.wasm [ARGS...]  (a run that moves)
     hearth migrate RUN_ID --to edge|local
     hearth resume SNAPSHOT --module MODULE.wasm [--where auto|edge|local]
@@ -57,6 +57,7 @@ from hearth.errors import (
     RequirementsError,
 )
 from hearth.pairing import PairingError
+from hearth.protocol import DataClass
 
 __all__ = ["EXIT_JOB_FAILED", "EXIT_NO_GATEWAY", "EXIT_PAIRING", "EXIT_USAGE", "main"]
 
@@ -235,6 +236,12 @@ def _parser() -> argparse.ArgumentParser:
     _gateway_options(r)
     _where_options(r)
     add_run_options(r)
+    r.add_argument(
+        "--public",
+        action="store_true",
+        help="label the module and stdin public: a cloud-tier gateway or pool may run it "
+        "(without it the work is private and never leaves the LAN)",
+    )
     r.add_argument("module", type=Path, help="the WebAssembly module (.wasm)")
     r.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the module")
     add_migrate_command(sub)
@@ -603,13 +610,18 @@ def _ca_warning(gateway: GatewayInfo) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.public and args.migratable:
+        raise SystemExit("hearth run: --public is for plain runs, not --migratable ones")
     if args.migratable:
         return run_migratable(args, _client)
     if args.checkpoint_to is not None:
         raise SystemExit("hearth run: --checkpoint-to is for --migratable runs")
     stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+    label: DataClass = "public" if args.public else "private"
     with _client(args) as client:
-        run = client.run_wasm(args.module, stdin=stdin, args=args.args, where=args.where)
+        run = client.run_wasm(
+            args.module, stdin=stdin, args=args.args, where=args.where, data_class=label
+        )
         _pairing_note(client)
         found, gateway = client.gateway_found, client.gateway_id
     sys.stdout.buffer.write(run.stdout)

@@ -674,6 +674,10 @@ class Client(VisionCalls, TaskCalls):
             gateway_ok = mode is Placement.EDGE or (
                 mode in (Placement.AUTO, Placement.HEDGE) and self.gateway_reachable()
             )
+            if mode is Placement.EDGE and private:
+                # Connected, private work learns the gateway's tier before anything is sent: a
+                # cloud tier (a pool, say) at a LAN address never sees the data.
+                self.gateway_reachable()
             why = self._off_lan(private, mode)
         if why is not None:
             if mode is Placement.EDGE:
