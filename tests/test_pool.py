@@ -291,8 +291,15 @@ def test_the_cli_sends_public_work_to_a_pool_and_keeps_private_work_off_it(
     assert private.returncode != 0
     assert b"private data stays on the LAN" in private.stderr, private.stderr
     assert private.stdout == b""
+    described = subprocess.run(  # what a file holds is private too
+        [sys.executable, "-m", "hearth.cli", "describe", "--gateway", f"{pool_id}@{broker.address}",
+         str(module)],
+        capture_output=True, timeout=60, env=env, check=False,
+    )  # fmt: skip
+    assert described.returncode != 0
+    assert b"private data stays on the LAN" in described.stderr, described.stderr
     time.sleep(2.5)
-    assert seen() == before, "the private job never reached a member, not even to be refused"
+    assert seen() == before, "nothing private reached a member, not even to be refused"
 
 
 # --- pure: configuration and the egress check ----------------------------------------------

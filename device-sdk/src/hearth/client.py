@@ -310,7 +310,9 @@ class Client(VisionCalls, TaskCalls):
         runtimes), and the file is uploaded first if it lacks it. Raises JobError
         (``invalid_model``, ``invalid_module``...) or GatewayUnavailable."""
         data = self._blob(blob)
-        # What a file holds is private until labelled otherwise: only a LAN gateway sees it.
+        # What a file holds is private until labelled otherwise: only a LAN gateway sees it
+        # (connected first, so that a cloud tier at a LAN address is known for one).
+        self.gateway_reachable()
         if (why := self.private_refusal(True)) is not None:
             raise JobError(ErrorCode.POLICY_DENIED, why)
         request = Describe(job_id=uuid.uuid4().hex, blob=data.sha256)
