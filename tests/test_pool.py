@@ -10,6 +10,7 @@ configuration.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 import uuid
@@ -71,13 +72,10 @@ def echo() -> bytes:
     return (Path(__file__).resolve().parents[1] / "build/examples/wasm/echo.wasm").read_bytes()
 
 
-@pytest.fixture(scope="module")
-def members(
-    broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[str, list[GatewayProcess]]]:
-    """Three members of one pool, no home gateway: the tests below speak to them directly."""
+@contextlib.contextmanager
+def _pool(broker: Mosquitto, work: Path) -> Iterator[tuple[str, list[GatewayProcess]]]:
+    """Three members (one worker each) of a new pool, no home gateway: (pool id, members)."""
     pool_id = f"pool-{uuid.uuid4().hex[:6]}"
-    work = tmp_path_factory.mktemp("pool")
     gateways = [
         GatewayProcess(
             broker.address,
@@ -96,6 +94,15 @@ def members(
     finally:
         for gateway in gateways:
             gateway.close(grace_s=2.0)
+
+
+@pytest.fixture(scope="module")
+def members(
+    broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, list[GatewayProcess]]]:
+    """A pool the tests below speak to directly, shared by them (none kills a member)."""
+    with _pool(broker, tmp_path_factory.mktemp("pool")) as pool:
+        yield pool
 
 
 def test_three_members_share_the_jobs_and_one_killed_mid_stream_loses_none(
@@ -219,21 +226,7 @@ def test_a_device_sends_to_the_pool_itself_and_a_dead_members_jobs_run_on_anothe
     with hearth.Client(placement="local") as here:
         expected = {n: here.run_wasm(primes, args=[str(n)]).stdout for n in limits}
     assert len(set(expected.values())) == len(limits)
-    pool_id = f"pool-{uuid.uuid4().hex[:6]}"
-    gateways = [
-        GatewayProcess(
-            broker.address,
-            tmp_path / f"m{i}",
-            gateway_id=f"{pool_id}-m{i}",
-            workers=1,
-            extra_args=("--tier", "cloud", "--pool", pool_id),
-            supervised=False,
-        )
-        for i in range(3)
-    ]
-    try:
-        for gateway in gateways:
-            gateway.start()
+    with _pool(broker, tmp_path) as (pool_id, gateways):
         ids = {g.gateway_id for g in gateways}
         victim = gateways[1]
         with hearth.Client(f"{pool_id}@{broker.address}", placement="edge", timeout_s=30) as c:
@@ -245,9 +238,6 @@ def test_a_device_sends_to_the_pool_itself_and_a_dead_members_jobs_run_on_anothe
             victim.kill()
             runs = {n: f.result(timeout=60) for n, f in calls.items()}
             resent = c.stats.resent
-    finally:
-        for gateway in gateways:
-            gateway.close(grace_s=2.0)
     assert {n: r.stdout for n, r in runs.items()} == expected, "each answer is its own job's"
     assert all(r.where == "edge" for r in runs.values())
     ran_on = {r.gateway_id for r in runs.values()}
