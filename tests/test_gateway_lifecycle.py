@@ -173,7 +173,9 @@ def _alive(pid: int | None) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(") ")[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        # Reaped between kill(0) and the read: a /proc file opened just before the process
+        # went fails its read with ESRCH.
         return False
 
 
