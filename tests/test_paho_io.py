@@ -1,6 +1,6 @@
-"""The gateway's own PUBLISH decoder (hearth_gateway._paho_io) reads what paho's reads: topic,
-message id, payload, Response Topic, Correlation Data, Content Type; packets it does not take go
-to paho's decoder. Pure logic: packets made by paho's own encoder, no broker."""
+"""Our own PUBLISH decoder (hearth.transport: the daemon's and the SDK's) reads what paho's
+reads: topic, message id, payload, Response Topic, Correlation Data, Content Type; packets it
+does not take go to paho's decoder. Pure logic: packets made by paho's own encoder, no broker."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from hearth_gateway._paho_io import PublishProperties, fast_publish_decoding
+from hearth.transport import PublishProperties, fast_publish_decoding
 
 
 def _packet(topic: str, payload: bytes, qos: int, props: Properties | None) -> tuple[int, bytes]:

@@ -44,7 +44,14 @@ from hearth.protocol import (
     request_topic,
     status_topic,
 )
-from hearth.transport import BrokerAddress, TlsFiles, connect, make_client, publish_properties
+from hearth.transport import (
+    BrokerAddress,
+    TlsFiles,
+    connect,
+    fast_publish_decoding,
+    make_client,
+    publish_properties,
+)
 
 __all__ = ["Connection"]
 
@@ -167,6 +174,7 @@ class Connection:
         self._closed = False
         self.lost = ""  # why it is not usable now, once it was: for the calls that wait
         self._client = make_client(f"{client_id}-{uuid.uuid4().hex[:8]}", tls=tls)
+        fast_publish_decoding(self._client)  # replies and statuses: the hot path
         self._client.on_message = self._message
         self._client.on_publish = self._published
         self._client.on_disconnect = self._disconnected

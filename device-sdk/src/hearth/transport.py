@@ -1,5 +1,8 @@
 """MQTT 5 plumbing shared by the SDK and the gateway: one way to build a paho client (MQTT 5,
-TCP_NODELAY), to connect with a deadline, and to attach request/response properties.
+TCP_NODELAY), to connect with a deadline, to attach request/response properties, and to decode
+the PUBLISH packets it receives faster than paho does (``fast_publish_decoding``: in the daemon
+and in the SDK's connection, paho's generic decoding was the largest share of the time spent
+per message).
 
 TCP_NODELAY matters: small QoS 1 messages on loopback otherwise stall for tens of milliseconds
 between Nagle's algorithm and delayed ACKs.
@@ -14,12 +17,13 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -28,8 +32,10 @@ from hearth.protocol.codec import CONTENT_TYPE
 
 __all__ = [
     "BrokerAddress",
+    "PublishProperties",
     "TlsFiles",
     "connect",
+    "fast_publish_decoding",
     "make_client",
     "properties",
     "publish_properties",
@@ -265,3 +271,119 @@ def publish_properties(response_topic: str, correlation: bytes) -> Properties:
         + correlation
     )
     return PackedProperties(_varint(len(body)) + body)
+
+
+# MQTT 5 PUBLISH properties (id: how its value is encoded), the only ones a PUBLISH may carry.
+_BYTE, _U16, _U32, _VARINT, _UTF8, _BINARY, _PAIR = range(7)
+_PUBLISH_PROPERTIES = {
+    0x01: _BYTE,  # Payload Format Indicator
+    0x02: _U32,  # Message Expiry Interval
+    0x03: _UTF8,  # Content Type
+    0x08: _UTF8,  # Response Topic
+    0x09: _BINARY,  # Correlation Data
+    0x0B: _VARINT,  # Subscription Identifier
+    0x23: _U16,  # Topic Alias
+    0x26: _PAIR,  # User Property
+}
+
+
+class PublishProperties:
+    """What the gateway reads of a request's properties, decoded without paho's generic
+    Properties (a third of the daemon's time per request went there)."""
+
+    __slots__ = ("ContentType", "CorrelationData", "ResponseTopic")
+
+    def __init__(self) -> None:
+        self.ResponseTopic: str | None = None
+        self.CorrelationData: bytes | None = None
+        self.ContentType: str | None = None
+
+
+class _Malformed(Exception):
+    """Something this decoder does not take: paho's own decoder gets the packet."""
+
+
+def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    for _ in range(4):
+        byte = view[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    raise _Malformed
+
+
+def _properties(view: memoryview, pos: int, end: int) -> PublishProperties:
+    props = PublishProperties()
+    while pos < end:
+        ident = view[pos]
+        kind = _PUBLISH_PROPERTIES.get(ident)
+        pos += 1
+        if kind is None:
+            raise _Malformed
+        if kind == _BYTE:
+            pos += 1
+        elif kind == _U16:
+            pos += 2
+        elif kind == _U32:
+            pos += 4
+        elif kind == _VARINT:
+            pos = _read_varint(view, pos)[1]
+        else:
+            for _ in range(2 if kind == _PAIR else 1):
+                size = int.from_bytes(view[pos : pos + 2])
+                value = view[pos + 2 : pos + 2 + size]
+                pos += 2 + size
+            if ident == 0x08:
+                props.ResponseTopic = str(value, "utf-8")
+            elif ident == 0x09:
+                props.CorrelationData = bytes(value)
+            elif ident == 0x03:
+                props.ContentType = str(value, "utf-8")
+    if pos != end:
+        raise _Malformed
+    return props
+
+
+def fast_publish_decoding(client: mqtt.Client) -> None:
+    """Decode the PUBLISH packets ``client`` receives (QoS 0 and 1) without paho's generic
+    MQTT 5 properties and without copying the payload more than once; ``msg.properties`` is
+    then a PublishProperties. Anything else (QoS 2, a property we do not know, a malformed
+    packet) goes to paho's own decoder, which says what is wrong with it."""
+    original: Callable[[], MQTTErrorCode] = client._handle_publish
+
+    def handle_publish() -> MQTTErrorCode:
+        header = client._in_packet["command"]
+        qos = (header & 0x06) >> 1
+        if qos > 1:
+            return original()
+        view = memoryview(client._in_packet["packet"])
+        try:
+            size = int.from_bytes(view[0:2])
+            topic = bytes(view[2 : 2 + size])
+            pos = 2 + size
+            mid = 0
+            if qos:
+                mid = int.from_bytes(view[pos : pos + 2])
+                pos += 2
+            length, pos = _read_varint(view, pos)
+            props = _properties(view, pos, pos + length)
+            payload = bytes(view[pos + length :])
+            topic.decode()  # an invalid topic: paho's decoder reports it
+        except (_Malformed, IndexError, UnicodeDecodeError):
+            return original()
+        message = mqtt.MQTTMessage(mid=mid, topic=topic)
+        message.dup = bool(header & 0x08)
+        message.qos = qos
+        message.retain = bool(header & 0x01)
+        message.properties = props  # type: ignore[assignment]
+        message.payload = payload
+        message.timestamp = time.monotonic()
+        client._handle_on_message(message)
+        if qos and not client._manual_ack:
+            return client._send_puback(mid)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    client._handle_publish = handle_publish  # type: ignore[method-assign]

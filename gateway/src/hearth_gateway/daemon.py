@@ -36,7 +36,7 @@ from hearth_gateway.fit import Resources
 from hearth_gateway.ha import GatewayFigures, HomeAssistant
 from hearth_gateway.home import HomeLink, HomeTarget
 from hearth_gateway.link import GatewayLink
-from hearth_gateway.loop import Loop
+from hearth_gateway.loop import Loop, Timer
 from hearth_gateway.metrics import Metrics, StateSample
 from hearth_gateway.pairing import PairingService, pairing_for
 from hearth_gateway.peers import peers_for
@@ -60,6 +60,9 @@ __all__ = ["Gateway"]
 log = logging.getLogger(__name__)
 
 _HOUSEKEEPING_S = 2.0
+# How long acknowledgements made ready by an answered turn's commit wait for the next turn's
+# answers to travel with (under load the next turn comes sooner).
+_ACK_DELAY_S = 0.005
 
 
 def _check(config: Config) -> None:
@@ -222,6 +225,7 @@ class Gateway:
             peers=self.peers,
             metrics=self.metrics,
         )
+        self._ack_timer: Timer | None = None  # wakes a turn to release waiting acks
         self.loop.after(self._end_of_turn)
         self.control: ControlServer | None = None
         self.ha = self._home_assistant()
@@ -300,16 +304,20 @@ class Gateway:
         )
 
     def _end_of_turn(self) -> None:
-        """Each turn of the loop ends with the journal's commit, then the answers it stored,
-        then the acknowledgements of the requests it covers: together in one TCP segment
-        where they fit."""
-        if not self.dispatcher.answering:
-            self.dispatcher.flush()  # held rows that are due, if any
+        """Each turn of the loop ends with the journal's commit (its writes of the turn), then
+        the acknowledgements of the requests the commit covers. Answers went out as their jobs
+        ended (dispatch.py ``completed``: the commit is not on their way); after a turn that
+        answered, the acknowledgements wait for the next answer, to leave in one TCP segment
+        with it (one wake-up of the broker, not two), or for _ACK_DELAY_S at most."""
+        self.dispatcher.flush()
+        if not self.link.take_answered():
             self.link.release_acks()
-            return
-        with self.link.corked():
-            self.dispatcher.flush()
-            self.link.release_acks()
+        elif self.link.acks_waiting and self._ack_timer is None:
+            self._ack_timer = self.loop.call_later(_ACK_DELAY_S, self._acks_due)
+
+    def _acks_due(self) -> None:
+        """Wake a turn of the loop, whose end releases the acknowledgements waiting."""
+        self._ack_timer = None
 
     # Callbacks of the link, the pool and the forwarder, which exist before the dispatcher
     # does: they reach it through the daemon.

@@ -225,7 +225,6 @@ class Dispatcher:
         self._evict_over = policy.migration.evict_when_queue_over
         self.draining = False  # set on shutdown: new jobs are refused, queued ones finish
         self.locked = locked  # revoked device ids; the daemon updates it (pairing.py)
-        self._answers: list[tuple[ReplyTo, bytes]] = []  # stored at the next flush, then sent
         self._held_timer: Timer | None = None  # when the oldest held journal row is due
         # Per-device and per-application quotas (quota.py), and whether a job's requires fit
         # here (fit.py); the daemon says what this box has.
@@ -756,7 +755,12 @@ class Dispatcher:
 
     def completed(self, item: QueuedJob, reply: bytes, final: bool) -> None:
         """Worker pool callback: store the answer (unless a retry should run the job again),
-        then publish it, then free the slot."""
+        publish it, then free the slot. A journaled job's answer is published at once and
+        written by the commit at the end of this turn, which its request's PUBACK waits for:
+        the commit is not on the answer's way. A gateway that dies in between has sent an
+        answer it will send again: the job runs again once the broker delivers its request
+        again (or, accepted earlier, from the journal at the next start; docs/protocol.md
+        §8)."""
         job = item.job
         if isinstance(job, VisionClose):
             self._pool.forget_affinity(job.session)
@@ -778,9 +782,9 @@ class Dispatcher:
         client_id = item.reply_to.client_id
         try:
             if item.journaled and final and pieces is None:
-                # Stored with whatever else finished in this turn, then published (flush).
+                # Stored with whatever else ends in this turn (flush).
                 self._store.finish(client_id, job.job_id, reply, batch=True)
-                self._answers.append((item.reply_to, reply))
+                self._publish(item.reply_to, reply)
                 return
             if item.journaled:
                 self._journal_answer(client_id, job.job_id, reply, final)
@@ -836,19 +840,12 @@ class Dispatcher:
                 delay = delay if delay > 0 else JOURNAL_DELAY_S
                 self._held_timer = self._pool.loop.call_later(delay, self._held_due)
 
-    @property
-    def answering(self) -> bool:
-        """Answers wait for this turn's commit (``flush`` publishes them)."""
-        return bool(self._answers)
-
     def flush(self) -> None:
-        """At the end of each turn of the loop: commit the journal's writes of the turn, then
-        publish the answers they store. A failed commit keeps them for the next turn."""
+        """At the end of each turn of the loop: commit the journal's writes of the turn (held
+        rows due, answers, quota usage) in one transaction. A failed commit keeps them for the
+        next turn."""
         self.quotas.flush()
         self._commit()
-        answers, self._answers = self._answers, []
-        for reply_to, reply in answers:
-            self._publish(reply_to, reply)
 
     def _commit(self) -> None:
         try:

@@ -17,6 +17,7 @@ returned none. ``release_acks`` runs at the end of each turn of the loop, after 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -30,8 +31,14 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from hearth.errors import GatewayUnavailable
 from hearth.protocol import request_filter, status_topic
-from hearth.transport import BrokerAddress, make_client, properties, reply_properties
-from hearth_gateway._paho_io import LoopDriven, fast_publish_decoding
+from hearth.transport import (
+    BrokerAddress,
+    fast_publish_decoding,
+    make_client,
+    properties,
+    reply_properties,
+)
+from hearth_gateway._paho_io import LoopDriven
 from hearth_gateway.loop import Loop
 from hearth_gateway.reply_to import ReplyTo
 
@@ -94,6 +101,7 @@ class GatewayLink(LoopDriven):
         self._client.manual_ack_set(True)  # after the journal's commit (release_acks)
         fast_publish_decoding(self._client)
         self._acks: deque[tuple[int, Pending | None]] = deque()  # QoS 1 requests, in order
+        self._answered = False  # an answer went out since take_answered() last looked
         self._client.on_connect = self._connected
         self._client.on_message = self._message
         self._client.on_disconnect = self._disconnected
@@ -209,14 +217,38 @@ class GatewayLink(LoopDriven):
             if msg.qos:
                 self._acks.append((msg.mid, pending))
 
+    @property
+    def acks_waiting(self) -> bool:
+        """Requests received and not acknowledged yet."""
+        return bool(self._acks)
+
+    def take_answered(self) -> bool:
+        """Whether an answer went out since the last call."""
+        answered, self._answered = self._answered, False
+        return answered
+
     def release_acks(self) -> None:
         """Acknowledge, in order, the requests whose journal rows are committed (called at the
-        end of each turn of the loop)."""
-        acks = self._acks
-        if not acks:
+        end of each turn of the loop; an answer takes those ready with it)."""
+        ready = self._acks_ready()
+        if not ready:
             return
-        while acks and (acks[0][1] is None or acks[0][1].durable):
-            self._client.ack(acks.popleft()[0], 1)
+        # paho sends each one as it is queued: several leave in one TCP segment (one wake-up
+        # of the broker) when corked.
+        with self.corked() if ready > 1 else contextlib.nullcontext():
+            self._ack(ready)
+
+    def _acks_ready(self) -> int:
+        ready = 0
+        for _mid, pending in self._acks:
+            if pending is not None and not pending.durable:
+                break
+            ready += 1
+        return ready
+
+    def _ack(self, count: int) -> None:
+        for _ in range(count):
+            self._client.ack(self._acks.popleft()[0], 1)
         self._flush()
 
     def _handle(self, msg: mqtt.MQTTMessage) -> Pending | None:
@@ -247,8 +279,12 @@ class GatewayLink(LoopDriven):
         """An answer: on the request's Response Topic, with its Correlation Data, at the QoS
         the request came in with."""
         props = reply_properties(reply_to.correlation or None)
-        self._client.publish(reply_to.topic, payload, qos=reply_to.qos, properties=props)
-        self._flush()
+        ready = self._acks_ready()
+        # The acknowledgements ready go with it, in one TCP segment.
+        with self.corked() if ready else contextlib.nullcontext():
+            self._client.publish(reply_to.topic, payload, qos=reply_to.qos, properties=props)
+            self._ack(ready)
+        self._answered = True
 
     def publish_plain(self, topic: str, payload: bytes) -> None:
         """A task's publish (raw bytes: it speaks to ordinary LAN devices) or a notification

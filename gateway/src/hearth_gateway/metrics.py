@@ -17,15 +17,18 @@ One ``CollectorRegistry`` per daemon, never the process-global one: two gateways
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 __all__ = ["JobRecord", "Metrics", "StateSample"]
 
@@ -97,6 +100,7 @@ def outcome_of(reply: bytes) -> str:
     return "ok"
 
 
+@functools.lru_cache(maxsize=1024)  # reasons repeat: the regular expressions run once each
 def reason_label(reason: str) -> str:
     """Placement's reason with its figures taken out, as a label of bounded cardinality:
     "public; 3 jobs ahead, 2/2 workers busy" -> "public"."""
@@ -203,6 +207,16 @@ class Metrics:
         self._sample = StateSample()
         self._seen_restarts = 0
         self._seen_recycled = 0
+        # prometheus-client's labels() checks and looks up its arguments on every call: the
+        # children of the per-job metrics are kept here instead (loop thread only).
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def _child(self, metric: MetricWrapperBase, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     # -- hooks, called on the loop thread --------------------------------------------------------
 
@@ -216,7 +230,7 @@ class Metrics:
         self.refusals.labels(code=code).inc()
 
     def placed(self, target: str, reason: str) -> None:
-        self.placements.labels(target=target, reason=reason_label(reason)).inc()
+        self._child(self.placements, target, reason_label(reason)).inc()
 
     def frame_dropped(self, stream: str) -> None:
         self.frames_dropped.labels(stream=stream).inc()
@@ -236,15 +250,15 @@ class Metrics:
         """``timing``: (enqueued, started, now) on the monotonic clock; None for a job that
         ran elsewhere (forwarded upstream)."""
         outcome = outcome_of(reply)
-        self.jobs.labels(runner=runner, outcome=outcome).inc()
+        self._child(self.jobs, runner, outcome).inc()
         total = None
         if timing is not None:
             enqueued, started, now = timing
             started = started or now  # never started (refused in the worker): all queue
-            self.queue_s.labels(runner=runner).observe(max(0.0, started - enqueued))
-            self.run_s.labels(runner=runner).observe(max(0.0, now - started))
+            self._child(self.queue_s, runner).observe(max(0.0, started - enqueued))
+            self._child(self.run_s, runner).observe(max(0.0, now - started))
             total = max(0.0, now - enqueued)
-            self.total_s.labels(runner=runner).observe(total)
+            self._child(self.total_s, runner).observe(total)
         with self._lock:
             record = self._in_flight.pop((client_id, job_id), None)
             if total is not None:

@@ -19,7 +19,6 @@ the daemon's loop thread only.
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import sqlite3
 import time
 from collections import Counter
@@ -33,7 +32,6 @@ import msgspec
 from hearth.errors import ErrorCode
 from hearth.protocol import AppUsage, Error, Timing
 from hearth_gateway.policy import QuotaLimits, QuotasPolicy
-from hearth_gateway.storage import is_storage_full
 from hearth_gateway.store import STORED_SQL, TASK_APPS_SQL, USAGE_SQL, Store
 
 __all__ = [
@@ -47,7 +45,6 @@ __all__ = [
     "utc_day",
 ]
 
-log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (client_id, app)
 
@@ -115,6 +112,7 @@ class Quotas:
         self._clock = clock
         self._running: Counter[Key] = Counter()
         self._day = utc_day(clock())
+        self._day_ends = next_reset(clock())  # the day is looked up again only after this
         # Today's CPU-seconds, from the store (a restart keeps them).
         self._cpu: dict[Key, float] = {}
         self._load_day()
@@ -131,7 +129,11 @@ class Quotas:
         self._cpu = {(c, a): s for c, a, s, _ in self._store.usage(self._day)}
 
     def _today(self) -> None:
-        day = utc_day(self._clock())
+        now = self._clock()
+        if self._day_ends - 86400.0 <= now < self._day_ends:  # still the day we know
+            return
+        self._day_ends = next_reset(now)
+        day = utc_day(now)
         if day != self._day:
             self._day = day
             self._load_day()
@@ -192,18 +194,13 @@ class Quotas:
         self._pending[row] = (cpu_s + seconds, jobs + 1)
 
     def flush(self) -> None:
-        """Write the run time accounted since the last flush (one transaction); kept for the
-        next one if the disk refuses it."""
+        """Hand the run time accounted since the last flush to the store, which writes it in
+        the journal's commit at the end of this turn (and keeps it for the next one if the
+        disk refuses it)."""
         if not self._pending:
             return
         rows = [(*row, cpu_s, jobs) for row, (cpu_s, jobs) in self._pending.items()]
-        try:
-            self._store.add_usage(rows)
-        except Exception as exc:
-            if not is_storage_full(exc):
-                raise
-            log.debug("usage not written (storage full); kept for the next turn")
-            return
+        self._store.add_usage(rows, batch=True)
         self._pending.clear()
 
     # -- stored bytes and tasks ------------------------------------------------------------

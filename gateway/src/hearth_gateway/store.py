@@ -204,6 +204,7 @@ class Store:
         # Accept rows not written yet, oldest first, and answers to write to rows that are.
         self._held: dict[tuple[str, str], Receipt] = {}
         self._answers: list[tuple[str, str, bytes]] = []
+        self._usage: list[tuple[str, str, str, float, int]] = []  # quota.py's, for the same
         self._incremental_vacuum()
         # WAL + synchronous=NORMAL: commits survive a process crash (SIGKILL), and a power loss
         # can only drop the last transactions, never corrupt the file.
@@ -483,18 +484,20 @@ class Store:
 
     def flush(self, *, everything: bool = False) -> None:
         """Write, in one transaction, the held rows that are due (all of them with
-        ``everything``, or past ``_MAX_HELD``) and every batched answer."""
+        ``everything``, or past ``_MAX_HELD``), every batched answer and the batched usage. What
+        a failed commit did not write is kept for the next flush."""
         with self._lock:
-            if not self._held and not self._answers:
+            if not self._held and not self._answers and not self._usage:
                 return
             now = time.monotonic()
             everything = everything or len(self._held) > _MAX_HELD
             due = [
                 r for r in self._held.values() if r.reply is not None or everything or r.due <= now
             ]
-            if not due and not self._answers:
+            if not due and not self._answers and not self._usage:
                 return
             answers, self._answers = self._answers, []
+            usage, self._usage = self._usage, []
             spooled: list[str] = []
             try:
                 with self.transaction():
@@ -503,8 +506,11 @@ class Store:
                     for client_id, job_id, reply in answers:
                         if self._finish_row(client_id, job_id, reply):
                             spooled.append(Spool.name(client_id, job_id))
+                    if usage:
+                        self._write_usage(usage)
             except BaseException:
                 self._answers = answers + self._answers
+                self._usage = usage + self._usage
                 raise
             for receipt in due:
                 entry = receipt.entry
@@ -857,16 +863,26 @@ class Store:
 
     # -- quota accounting (quota.py) ---------------------------------------------------------
 
-    def add_usage(self, rows: list[tuple[str, str, str, float, int]]) -> None:
+    def add_usage(
+        self, rows: list[tuple[str, str, str, float, int]], *, batch: bool = False
+    ) -> None:
         """Run time and jobs (day, client_id, app, cpu_s, jobs) added to their days' rows, in
-        one transaction (quota.py writes a loop turn's at once)."""
+        one transaction; with ``batch``, in the next ``flush``'s (quota.py hands over a loop
+        turn's rows there: one commit per turn, not two)."""
+        if batch:
+            with self._lock:
+                self._usage.extend(rows)
+            return
         with self.transaction():
-            self._conn.executemany(
-                "INSERT INTO usage (day, client_id, app, cpu_s, jobs) VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (day, client_id, app) DO UPDATE SET"
-                " cpu_s = cpu_s + excluded.cpu_s, jobs = jobs + excluded.jobs",
-                rows,
-            )
+            self._write_usage(rows)
+
+    def _write_usage(self, rows: list[tuple[str, str, str, float, int]]) -> None:
+        self._conn.executemany(
+            "INSERT INTO usage (day, client_id, app, cpu_s, jobs) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (day, client_id, app) DO UPDATE SET"
+            " cpu_s = cpu_s + excluded.cpu_s, jobs = jobs + excluded.jobs",
+            rows,
+        )
 
     def usage(self, day: str) -> list[tuple[str, str, float, int]]:
         """(client_id, app, cpu_s, jobs) of one UTC day ("2026-12-04")."""

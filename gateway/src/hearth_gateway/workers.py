@@ -54,6 +54,9 @@ _PIPE_BYTES = 1 << 20
 # In /proc/PID/stat, counted after the command name: the flags, and the resident pages.
 _STAT_FLAGS, _STAT_RSS = 6, 21
 _PF_EXITING = 0x4  # the kernel's flag for a process in exit (include/linux/sched.h)
+# A worker's memory is read between jobs at most this often: growing by a meaningful amount
+# takes a job longer than this, and a read of /proc per job of a millisecond is not free.
+_RSS_CHECK_S = 0.05
 
 
 def resident_bytes(pid: int) -> int | None:
@@ -124,6 +127,7 @@ class _Worker:
         self._out = -1
         self._in = -1
         self._stat = -1  # its /proc/PID/stat, kept open: read around every job
+        self.rss_read_at = 0.0  # when its memory was last read (time.monotonic())
 
     def spawn(self) -> None:
         self.proc = subprocess.Popen(
@@ -203,7 +207,8 @@ class _Worker:
             )
         )
         try:
-            if self.proc.poll() is not None or self.exiting():
+            # A process in exit (a zombie too) has PF_EXITING; without /proc, ask for a status.
+            if self.exiting() or (self._stat < 0 and self.proc.poll() is not None):
                 raise BrokenPipeError
             write_frame(self._in, work)  # the idle worker is blocked reading: this drains
         except OSError:
@@ -558,6 +563,10 @@ class WorkerPool:
         if policy.max_jobs and worker.jobs >= policy.max_jobs:
             return f"it ran {worker.jobs} jobs"
         if policy.max_rss_bytes and worker.proc is not None:
+            now = time.monotonic()
+            if now - worker.rss_read_at < _RSS_CHECK_S:
+                return None
+            worker.rss_read_at = now
             rss = worker.resident()
             if rss is None or rss <= policy.max_rss_bytes:
                 return None
