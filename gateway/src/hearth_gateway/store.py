@@ -84,6 +84,7 @@ TASK_APPS_SQL = (
 _JOB_OVERHEAD = 160
 _AUDIT_OVERHEAD = 40
 _WAL_LIMIT = 8 * 1024 * 1024  # the WAL is truncated back to this after a checkpoint
+_CHECKPOINT_S = 0.25  # how often the checkpointer writes the WAL back into the database
 _FREE_SLACK = 8 * 1024 * 1024  # free pages kept in the file for reuse; more go back (expire)
 _EVICT_BATCH = 256  # rows read per query while making room
 # Accept rows held in memory at most: past this many, a flush writes them all (each one holds a
@@ -211,9 +212,14 @@ class Store:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
+        # Checkpoints (the WAL written back into the database, with an fsync) run on a thread of
+        # their own (_Checkpointer), not inside a commit on the daemon's loop: one commit in a
+        # couple of hundred used to take milliseconds, and the requests behind it waited.
+        self._conn.execute("PRAGMA wal_autocheckpoint=0")
         self._page = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
         self._migrate()
         self._count()
+        self._checkpointer = _Checkpointer(path)
         self._spool.sweep(
             {
                 Spool.name(client_id, job_id)
@@ -1084,7 +1090,42 @@ class Store:
             except sqlite3.Error:
                 log.exception("could not write the held journal rows")
             self._closed = True
+            self._checkpointer.close()
             self._conn.close()
+
+
+class _Checkpointer:
+    """Writes the WAL back into the database every _CHECKPOINT_S, on its own thread and
+    connection. A PASSIVE checkpoint never blocks the writer: commits go on appending to the
+    WAL meanwhile (sqlite3 releases the GIL while SQLite works)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="journal-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            conn = sqlite3.connect(self._path, isolation_level=None)
+        except sqlite3.Error:
+            log.exception("journal checkpoints: cannot open %s", self._path.name)
+            return
+        try:
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            while not self._stop.wait(_CHECKPOINT_S):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:  # a full disk, say: the next one tries again
+                    log.debug("journal checkpoint failed: %s", exc)
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _where(column: str, *key: str) -> bytes:

@@ -8,6 +8,7 @@ that job with worker_crashed, and starts a new worker.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -125,6 +126,7 @@ def main(argv: list[str]) -> int:
         migrate.emit = lambda frame: write_frame(out_fd, frame)
         migrate.control_fd = 0
     decoder = msgspec.msgpack.Decoder(ToWorker)
+    gc.freeze()  # the runtimes loaded above stay: full collections need not walk them
     while True:
         try:
             frame = read_frame(0)
