@@ -339,6 +339,28 @@ def test_a_held_row_past_its_delay_is_written_as_accepted_and_survives(tmp_path:
     reopened.close()
 
 
+def test_a_job_sent_again_after_its_answer_went_out_and_before_the_commit_gets_the_answer(
+    tmp_path: Path,
+) -> None:
+    """The daemon publishes an answer before the commit that writes it (grouped under load):
+    a re-send in between must get that answer, not "still running" (which sends nothing)."""
+    store = _store(tmp_path)
+    # Answered within its delay: its row, held, has the answer.
+    assert not isinstance(store.accept_later(_entry("quick"), None, 60), tuple)
+    store.finish(CLIENT, "quick", b"quick answer", batch=True)
+    assert store.accept_later(_entry("quick"), None, 60) == ("done", b"quick answer")
+    # Accepted and written earlier: its answer waits in the batch for the next flush.
+    assert not isinstance(store.accept_later(_entry("slow"), None, 0.0), tuple)
+    store.flush()
+    assert _rows(tmp_path / "db.sqlite3") == [("quick", "done", False), ("slow", "accepted", True)]
+    store.finish(CLIENT, "slow", b"slow answer", batch=True)
+    assert store.accept_later(_entry("slow"), None, 60) == ("done", b"slow answer")
+    store.flush()
+    assert _rows(tmp_path / "db.sqlite3") == [("quick", "done", False), ("slow", "done", False)]
+    assert store.accept_later(_entry("slow"), None, 60) == ("done", b"slow answer")
+    store.close()
+
+
 def _store_with_same_key(tmp_path: Path, store: Store) -> Store:
     return Store(tmp_path / "db.sqlite3", store._sealer, LimitsPolicy())
 

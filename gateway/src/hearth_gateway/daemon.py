@@ -64,6 +64,9 @@ _HOUSEKEEPING_S = 2.0
 # How long acknowledgements made ready by an answered turn's commit wait for the next turn's
 # answers to travel with (under load the next turn comes sooner).
 _ACK_DELAY_S = 0.005
+# With jobs waiting for a worker, the journal's commits are grouped: at most one per this long
+# (the answers are out already; the PUBACKs wait for their group). Otherwise each turn commits.
+_COMMIT_EVERY_S = 0.002
 
 
 def _check(config: Config) -> None:
@@ -77,6 +80,12 @@ def _check(config: Config) -> None:
 
 class Gateway:
     """The daemon. ``start()`` brings it up, ``close()`` (idempotent) takes it down."""
+
+    # The end of each turn of the loop (_end_of_turn): timers that wake a turn to release the
+    # acknowledgements waiting, or for a grouped commit, which may come from _commit_due on.
+    _ack_timer: Timer | None = None
+    _commit_timer: Timer | None = None
+    _commit_due = 0.0
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -226,7 +235,6 @@ class Gateway:
             peers=self.peers,
             metrics=self.metrics,
         )
-        self._ack_timer: Timer | None = None  # wakes a turn to release waiting acks
         self.loop.after(self._end_of_turn)
         self.control: ControlServer | None = None
         self.ha = self._home_assistant()
@@ -307,14 +315,28 @@ class Gateway:
     def _end_of_turn(self) -> None:
         """Each turn of the loop ends with the journal's commit (its writes of the turn), then
         the acknowledgements of the requests the commit covers. Answers went out as their jobs
-        ended (dispatch.py ``completed``: the commit is not on their way); after a turn that
-        answered, the acknowledgements wait for the next answer, to leave in one TCP segment
-        with it (one wake-up of the broker, not two), or for _ACK_DELAY_S at most."""
-        self.dispatcher.flush()
+        ended (dispatch.py ``completed``: the commit is not on their way). Under load (jobs
+        waiting for a worker) the commits of several turns are grouped, one per
+        _COMMIT_EVERY_S. After a turn that answered, the acknowledgements wait for the next
+        answer, to leave in one TCP segment with it (one wake-up of the broker, not two), or
+        for _ACK_DELAY_S at most."""
+        now = time.monotonic()
+        if self.pool.queue and now < self._commit_due:
+            if self._commit_timer is None:
+                self._commit_timer = self.loop.call_later(self._commit_due - now, self._commit_wake)
+        else:
+            self.dispatcher.flush()
+            self._commit_due = now + _COMMIT_EVERY_S
         if not self.link.take_answered():
             self.link.release_acks()
         elif self.link.acks_waiting and self._ack_timer is None:
             self._ack_timer = self.loop.call_later(_ACK_DELAY_S, self._acks_due)
+
+    def _commit_wake(self) -> None:
+        """Wake a turn of the loop, whose end commits what waits (the grouped commit is
+        due)."""
+        self._commit_timer = None
+        self._commit_due = 0.0
 
     def _acks_due(self) -> None:
         """Wake a turn of the loop, whose end releases the acknowledgements waiting."""

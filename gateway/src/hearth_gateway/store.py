@@ -465,12 +465,19 @@ class Store:
             if held is not None:
                 if _conflicts(held.entry.digest, entry.digest):
                     return CONFLICT, None
-                return "accepted", None  # running: its one answer is on its way
+                # Answered (published) and not written yet: the answer; else still running,
+                # its one answer on its way.
+                return ("done", held.reply) if held.reply is not None else ("accepted", None)
             row = self._conn.execute(
                 "SELECT state, reply, digest FROM jobs WHERE client_id=? AND job_id=?", key
             ).fetchone()
             if row is not None:
-                return self._known(entry, row)
+                known = self._known(entry, row)
+                if known[0] == "accepted":  # its answer may be waiting for the next flush
+                    reply = next((r for c, j, r in self._answers if (c, j) == key), None)
+                    if reply is not None:
+                        return "done", reply
+                return known
             receipt = Receipt(entry, audit, time.monotonic() + delay_s)
             self._held[key] = receipt
             return receipt

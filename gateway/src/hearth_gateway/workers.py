@@ -742,4 +742,3 @@ class WorkerPool:
                 proc.kill()
                 proc.wait()
         self._exiting.clear()
-
