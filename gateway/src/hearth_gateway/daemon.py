@@ -321,7 +321,7 @@ class Gateway:
         answer, to leave in one TCP segment with it (one wake-up of the broker, not two), or
         for _ACK_DELAY_S at most."""
         now = time.monotonic()
-        if self.pool.queue and now < self._commit_due:
+        if self.pool.pending and now < self._commit_due:
             if self._commit_timer is None:
                 self._commit_timer = self.loop.call_later(self._commit_due - now, self._commit_wake)
         else:
@@ -458,7 +458,7 @@ class Gateway:
                 raise
 
     def _load(self) -> Load:
-        return Load(workers=self.pool.size, busy=self.pool.busy, waiting=len(self.pool.queue))
+        return Load(workers=self.pool.size, busy=self.pool.busy, waiting=self.pool.pending)
 
     def _resources(self) -> Resources:
         """What a job's ``requires`` may ask of this box (fit.py)."""

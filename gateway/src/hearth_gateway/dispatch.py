@@ -232,7 +232,7 @@ class Dispatcher:
         self.fit = Fit(resources or Resources, self._waiting_per_worker)
 
     def _waiting_per_worker(self) -> float:
-        return len(self._pool.queue) / max(1, self._pool.size)
+        return self._pool.pending / max(1, self._pool.size)
 
     # Called from the daemon's event loop for each request: everything here is short; jobs run
     # in the worker processes.
@@ -583,7 +583,7 @@ class Dispatcher:
         if isinstance(job, RunStart | RunResume):
             self.runs.accepted(queued)
         self._pool.submit(queued)
-        if self._evict_over and len(self._pool.queue) > self._evict_over and self.runs:
+        if self._evict_over and self._pool.pending > self._evict_over and self.runs:
             # Saturated: a run can finish at its device; work that cannot move waits here.
             self.runs.move_oldest(REASON_OVERLOADED)
 

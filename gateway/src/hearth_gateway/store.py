@@ -85,6 +85,9 @@ _JOB_OVERHEAD = 160
 _AUDIT_OVERHEAD = 40
 _WAL_LIMIT = 8 * 1024 * 1024  # the WAL is truncated back to this after a checkpoint
 _CHECKPOINT_S = 0.25  # how often the checkpointer writes the WAL back into the database
+_CHECKPOINT_BYTES = 4 * 1024 * 1024  # ... or sooner, once about this much has been written
+# SQLite's own checkpoint in a commit, as a backstop (pages): only when the thread falls behind.
+_AUTOCHECKPOINT_PAGES = 4096
 _FREE_SLACK = 8 * 1024 * 1024  # free pages kept in the file for reuse; more go back (expire)
 _EVICT_BATCH = 256  # rows read per query while making room
 # Accept rows held in memory at most: past this many, a flush writes them all (each one holds a
@@ -215,7 +218,8 @@ class Store:
         # Checkpoints (the WAL written back into the database, with an fsync) run on a thread of
         # their own (_Checkpointer), not inside a commit on the daemon's loop: one commit in a
         # couple of hundred used to take milliseconds, and the requests behind it waited.
-        self._conn.execute("PRAGMA wal_autocheckpoint=0")
+        # SQLite's own, in a commit, remain only past _AUTOCHECKPOINT_PAGES.
+        self._conn.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
         self._page = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
         self._migrate()
         self._count()
@@ -525,10 +529,13 @@ class Store:
                 self._answers = answers + self._answers
                 self._usage = usage + self._usage
                 raise
+            written = 0
             for receipt in due:
                 entry = receipt.entry
                 del self._held[entry.client_id, entry.job_id]
                 receipt.durable = True
+                written += len(receipt.reply if receipt.reply is not None else entry.request)
+            self._checkpointer.wrote(written + sum(len(reply) for _c, _j, reply in answers))
         if spooled:  # once committed: a crash before this leaves files the next start sweeps
             self._spool.remove(spooled)
 
@@ -1102,15 +1109,25 @@ class Store:
 
 
 class _Checkpointer:
-    """Writes the WAL back into the database every _CHECKPOINT_S, on its own thread and
-    connection. A PASSIVE checkpoint never blocks the writer: commits go on appending to the
-    WAL meanwhile (sqlite3 releases the GIL while SQLite works)."""
+    """Writes the WAL back into the database every _CHECKPOINT_S (sooner after
+    _CHECKPOINT_BYTES), on its own thread and connection. A PASSIVE checkpoint never blocks the
+    writer: commits go on appending to the WAL meanwhile (sqlite3 releases the GIL while SQLite
+    works)."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self._stop = threading.Event()
+        self._due = threading.Event()  # set: checkpoint now, without waiting for the period
+        self._written = 0  # bytes committed since the last poke (the store's thread only)
         self._thread = threading.Thread(target=self._run, name="journal-checkpoint", daemon=True)
         self._thread.start()
+
+    def wrote(self, size: int) -> None:
+        """``size`` bytes were committed: past _CHECKPOINT_BYTES, a checkpoint now."""
+        self._written += size
+        if self._written >= _CHECKPOINT_BYTES:
+            self._written = 0
+            self._due.set()
 
     def _run(self) -> None:
         try:
@@ -1120,7 +1137,9 @@ class _Checkpointer:
             return
         try:
             conn.execute("PRAGMA wal_autocheckpoint=0")
-            while not self._stop.wait(_CHECKPOINT_S):
+            while not self._stop.is_set():
+                self._due.wait(_CHECKPOINT_S)
+                self._due.clear()
                 try:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error as exc:  # a full disk, say: the next one tries again
@@ -1132,6 +1151,7 @@ class _Checkpointer:
 
     def close(self) -> None:
         self._stop.set()
+        self._due.set()
         self._thread.join()
 
 

@@ -496,6 +496,11 @@ class WorkerPool:
         return sum(1 for w in self._workers if w.state is _State.BUSY)
 
     @property
+    def pending(self) -> int:
+        """Jobs not started: in the queue, or written ahead to a busy worker."""
+        return len(self.queue) + sum(1 for w in self._workers if w.ahead is not None)
+
+    @property
     def idle(self) -> bool:
         return not self.queue and self.busy == 0
 
