@@ -262,7 +262,7 @@ def file_bound(opts: argparse.Namespace) -> int:
 
 
 def run(opts: argparse.Namespace, tmp: Path) -> Outcome:
-    module = ensure_examples("echo.wasm") / "echo.wasm"
+    module = ensure_examples("wasm/echo.wasm") / "wasm" / "echo.wasm"
     phases: list[PhaseResult] = []
     with Mosquitto(tmp, max_packet_bytes=4 * MiB) as broker:
         for name in opts.phase:

@@ -86,8 +86,11 @@ _AUDIT_OVERHEAD = 40
 _WAL_LIMIT = 8 * 1024 * 1024  # the WAL is truncated back to this after a checkpoint
 _CHECKPOINT_S = 0.25  # how often the checkpointer writes the WAL back into the database
 _CHECKPOINT_BYTES = 4 * 1024 * 1024  # ... or sooner, once about this much has been written
-# SQLite's own checkpoint in a commit, as a backstop (pages): only when the thread falls behind.
-_AUTOCHECKPOINT_PAGES = 4096
+# SQLite's own checkpoint in a commit (pages: its default, 4 MiB). The thread's checkpoints
+# run while commits go on, so under steady load one seldom ends with every frame written back,
+# and only then may the next commit start the WAL over: this one, between two commits, does
+# (cheaply: the thread has written back and synced nearly everything), which bounds the WAL.
+_AUTOCHECKPOINT_PAGES = 1000
 _FREE_SLACK = 8 * 1024 * 1024  # free pages kept in the file for reuse; more go back (expire)
 _EVICT_BATCH = 256  # rows read per query while making room
 # Accept rows held in memory at most: past this many, a flush writes them all (each one holds a
@@ -218,7 +221,7 @@ class Store:
         # Checkpoints (the WAL written back into the database, with an fsync) run on a thread of
         # their own (_Checkpointer), not inside a commit on the daemon's loop: one commit in a
         # couple of hundred used to take milliseconds, and the requests behind it waited.
-        # SQLite's own, in a commit, remain only past _AUTOCHECKPOINT_PAGES.
+        # SQLite's own, in a commit, come only every _AUTOCHECKPOINT_PAGES.
         self._conn.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
         self._page = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
         self._migrate()
