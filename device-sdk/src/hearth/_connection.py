@@ -69,6 +69,9 @@ def _fail(future: Future[Reply], exc: BaseException) -> None:
         future.set_exception(exc)
 
 
+_COMPACT_AT = 256
+
+
 class _Deadlines:
     """Fails pending futures whose reply is overdue, from one thread, so that an async call
     needs no thread of its own to notice a silent gateway. Started on first use."""
@@ -76,6 +79,11 @@ class _Deadlines:
     def __init__(self, expire: Callable[[bytes, Future[Reply], float], None]) -> None:
         self._expire = expire
         self._heap: list[tuple[float, int, bytes, Future[Reply], float]] = []
+        # Answered calls stay in the heap until their deadline comes up; past this size it is
+        # rebuilt without them, so that it holds about the calls in flight, not every call of
+        # the last timeout_s (thousands of futures, with their answers, for the collector to
+        # walk again and again).
+        self._compact_at = _COMPACT_AT
         self._order = itertools.count()  # ties: never compare futures
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -87,6 +95,10 @@ class _Deadlines:
             if self._closed:
                 return
             heapq.heappush(self._heap, entry)
+            if len(self._heap) > self._compact_at:
+                self._heap = [e for e in self._heap if not e[3].done()]
+                heapq.heapify(self._heap)
+                self._compact_at = max(_COMPACT_AT, 2 * len(self._heap))
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="hearth-deadlines", daemon=True

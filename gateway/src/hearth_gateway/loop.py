@@ -30,15 +30,27 @@ log = logging.getLogger(__name__)
 Callback = Callable[[], None]
 
 
+# Cancelled timers are left in the heap (removing one is O(n)) until they come up, or until
+# they are more than half of it: then it is rebuilt without them. Every job sets its worker's
+# deadline (tens of seconds away) and cancels it when it ends: without this, the heap held a
+# minute's worth of jobs' timers, and the garbage collector walked them all again and again.
+_COMPACT_OVER = 256
+
+
 @dataclass(order=True)
 class Timer:
     when: float
     seq: int
     callback: Callback = field(compare=False)
     cancelled: bool = field(default=False, compare=False)
+    loop: Loop | None = field(default=None, compare=False, repr=False)
 
     def cancel(self) -> None:
+        if self.cancelled:
+            return
         self.cancelled = True
+        if self.loop is not None:
+            self.loop._timer_cancelled()
 
 
 class Loop:
@@ -47,6 +59,7 @@ class Loop:
         self._readers: dict[int, Callback] = {}
         self._writers: dict[int, Callback] = {}
         self._timers: list[Timer] = []
+        self._cancelled = 0  # cancelled timers still in the heap
         self._after: list[Callback] = []
         self._seq = itertools.count()
         self._wake_r, self._wake_w = os.pipe()
@@ -98,9 +111,16 @@ class Loop:
     # -- time ---------------------------------------------------------------------------------
 
     def call_later(self, delay_s: float, callback: Callback) -> Timer:
-        timer = Timer(time.monotonic() + delay_s, next(self._seq), callback)
+        timer = Timer(time.monotonic() + delay_s, next(self._seq), callback, loop=self)
         heapq.heappush(self._timers, timer)
         return timer
+
+    def _timer_cancelled(self) -> None:
+        self._cancelled += 1
+        if self._cancelled > _COMPACT_OVER and self._cancelled * 2 > len(self._timers):
+            self._timers = [t for t in self._timers if not t.cancelled]
+            heapq.heapify(self._timers)
+            self._cancelled = 0
 
     def every(self, interval_s: float, callback: Callback) -> None:
         """Run ``callback`` every ``interval_s`` for as long as the loop runs."""
@@ -132,6 +152,7 @@ class Loop:
         now = time.monotonic()
         while self._timers and self._timers[0].cancelled:
             heapq.heappop(self._timers)
+            self._cancelled -= 1
         wait = max_wait_s
         if self._timers:
             wait = max(0.0, min(wait, self._timers[0].when - now))
@@ -144,7 +165,10 @@ class Loop:
         now = time.monotonic()
         while self._timers and self._timers[0].when <= now:
             timer = heapq.heappop(self._timers)
-            if not timer.cancelled:
+            if timer.cancelled:
+                self._cancelled -= 1
+            else:
+                timer.loop = None  # fired: a late cancel() has nothing to count
                 self._run(timer.callback)
         for callback in self._after:
             self._run(callback)
