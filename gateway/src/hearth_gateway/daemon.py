@@ -324,9 +324,10 @@ class Gateway:
         if self.pool.pending and now < self._commit_due:
             if self._commit_timer is None:
                 self._commit_timer = self.loop.call_later(self._commit_due - now, self._commit_wake)
-        else:
-            self.dispatcher.flush()
+        elif self.dispatcher.flush():
             self._commit_due = now + _COMMIT_EVERY_S
+        elif self._commit_timer is None:  # the journal was checkpointing: a little later
+            self._commit_timer = self.loop.call_later(_COMMIT_EVERY_S, self._commit_wake)
         if not self.link.take_answered():
             self.link.release_acks()
         elif self.link.acks_waiting and self._ack_timer is None:
@@ -537,7 +538,7 @@ class Gateway:
             ),
         }
 
-    def _save_at_exit(self, what: str, save: Callable[[], None]) -> None:
+    def _save_at_exit(self, what: str, save: Callable[[], object]) -> None:
         """A write at shutdown that a full disk refuses: said once, and the shutdown goes on
         (what the journal already holds is re-run or restored on the next start)."""
         try:

@@ -840,16 +840,16 @@ class Dispatcher:
                 delay = delay if delay > 0 else JOURNAL_DELAY_S
                 self._held_timer = self._pool.loop.call_later(delay, self._held_due)
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
         """At the end of each turn of the loop: commit the journal's writes of the turn (held
         rows due, answers, quota usage) in one transaction. A failed commit keeps them for the
-        next turn."""
+        next turn. False: the journal was checkpointing; nothing was written (call again)."""
         self.quotas.flush()
-        self._commit()
+        return self._commit()
 
-    def _commit(self) -> None:
+    def _commit(self) -> bool:
         try:
-            self._store.flush()
+            return self._store.flush(wait=False)
         except Exception as exc:
             if not is_storage_full(exc):
                 raise
@@ -859,6 +859,7 @@ class Dispatcher:
             self._storage_hit(exc)
             for client_id, job_id, reply in self._store.abandon_pending():
                 self._keep_unjournaled(client_id, job_id, reply)
+            return True
 
     def _too_large(self, job: Job, size: int) -> bytes:
         """The error that answers a job whose result (of ``size`` bytes) is over the limit."""

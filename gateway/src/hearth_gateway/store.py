@@ -84,13 +84,16 @@ TASK_APPS_SQL = (
 _JOB_OVERHEAD = 160
 _AUDIT_OVERHEAD = 40
 _WAL_LIMIT = 8 * 1024 * 1024  # the WAL is truncated back to this after a checkpoint
-_CHECKPOINT_S = 0.25  # how often the checkpointer writes the WAL back into the database
-_CHECKPOINT_BYTES = 4 * 1024 * 1024  # ... or sooner, once about this much has been written
-# SQLite's own checkpoint in a commit (pages: its default, 4 MiB). The thread's checkpoints
-# run while commits go on, so under steady load one seldom ends with every frame written back,
-# and only then may the next commit start the WAL over: this one, between two commits, does
-# (cheaply: the thread has written back and synced nearly everything), which bounds the WAL.
+_CHECKPOINT_S = 0.1  # how often the checkpointer writes the WAL back into the database
+_CHECKPOINT_BYTES = 2 * 1024 * 1024  # ... or sooner, once about this much has been written
+# Past this much written since the last checkpoint, a commit waits for the next one rather than
+# let the WAL grow on (answers of a megabyte each, faster than the thread writes them back).
+_CHECKPOINT_BACKLOG = 4 * 1024 * 1024
+# SQLite's own checkpoint in a commit, past this many pages in the WAL (its default, 4 MiB): a
+# backstop that small jobs seldom reach (the thread keeps the WAL smaller), and that caps it when
+# large answers arrive faster than the thread writes them back.
 _AUTOCHECKPOINT_PAGES = 1000
+_ROW_BYTES = 4096  # what a row costs the WAL beyond its payload, about: a page or so
 _FREE_SLACK = 8 * 1024 * 1024  # free pages kept in the file for reuse; more go back (expire)
 _EVICT_BATCH = 256  # rows read per query while making room
 # Accept rows held in memory at most: past this many, a flush writes them all (each one holds a
@@ -218,15 +221,18 @@ class Store:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
-        # Checkpoints (the WAL written back into the database, with an fsync) run on a thread of
-        # their own (_Checkpointer), not inside a commit on the daemon's loop: one commit in a
-        # couple of hundred used to take milliseconds, and the requests behind it waited.
-        # SQLite's own, in a commit, come only every _AUTOCHECKPOINT_PAGES.
+        # Checkpoints (the WAL written back into the database, with two fsyncs) run on a thread
+        # of their own (_Checkpointer), not inside a commit on the daemon's loop: one commit in
+        # a couple of hundred used to take milliseconds, and the requests behind it waited.
+        # Commits and checkpoints take turns (the gate): a checkpoint with no commit beside it
+        # writes every frame back, so the next commit starts the WAL over and it stays bounded;
+        # the daemon's commits do not wait for one (flush(wait=False)), they come a turn later.
+        self._gate = threading.RLock()
         self._conn.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
         self._page = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
         self._migrate()
         self._count()
-        self._checkpointer = _Checkpointer(path)
+        self._checkpointer = _Checkpointer(path, self._gate)
         self._spool.sweep(
             {
                 Spool.name(client_id, job_id)
@@ -405,7 +411,7 @@ class Store:
         ...     store.put_task(...)
         ...     store.drop_inbox(...)
         """
-        with self._lock:
+        with self._lock, self._gate:
             depth = self._depth
             saved = dataclasses.replace(self._totals)
             self._conn.execute(f"SAVEPOINT level{depth}" if depth else "BEGIN")
@@ -502,20 +508,31 @@ class Store:
             first = next(iter(self._held.values()), None)
             return None if first is None else first.due
 
-    def flush(self, *, everything: bool = False) -> None:
+    def flush(self, *, everything: bool = False, wait: bool = True) -> bool:
         """Write, in one transaction, the held rows that are due (all of them with
         ``everything``, or past ``_MAX_HELD``), every batched answer and the batched usage. What
-        a failed commit did not write is kept for the next flush."""
+        a failed commit did not write is kept for the next flush. Without ``wait``, a flush
+        while a checkpoint runs writes nothing and returns False (call again soon)."""
         with self._lock:
             if not self._held and not self._answers and not self._usage:
-                return
+                return True
             now = time.monotonic()
             everything = everything or len(self._held) > _MAX_HELD
             due = [
                 r for r in self._held.values() if r.reply is not None or everything or r.due <= now
             ]
             if not due and not self._answers and not self._usage:
-                return
+                return True
+            if not self._gate.acquire(blocking=wait or self._checkpointer.behind):
+                return False
+            try:
+                self._flush(due)
+            finally:
+                self._gate.release()
+            return True
+
+    def _flush(self, due: list[Receipt]) -> None:
+        with self._lock:
             answers, self._answers = self._answers, []
             usage, self._usage = self._usage, []
             spooled: list[str] = []
@@ -538,7 +555,8 @@ class Store:
                 del self._held[entry.client_id, entry.job_id]
                 receipt.durable = True
                 written += len(receipt.reply if receipt.reply is not None else entry.request)
-            self._checkpointer.wrote(written + sum(len(reply) for _c, _j, reply in answers))
+            written += sum(len(reply) for _c, _j, reply in answers)
+            self._checkpointer.wrote(written + _ROW_BYTES * (len(due) + len(answers)))
         if spooled:  # once committed: a crash before this leaves files the next start sweeps
             self._spool.remove(spooled)
 
@@ -792,7 +810,7 @@ class Store:
         return len(answers), int(rows)
 
     def _shrink(self) -> None:
-        with self._lock:
+        with self._lock, self._gate:
             free = int(self._conn.execute("PRAGMA freelist_count").fetchone()[0])
             if free * self._page <= _FREE_SLACK:
                 return
@@ -1113,20 +1131,28 @@ class Store:
 
 class _Checkpointer:
     """Writes the WAL back into the database every _CHECKPOINT_S (sooner after
-    _CHECKPOINT_BYTES), on its own thread and connection. A PASSIVE checkpoint never blocks the
-    writer: commits go on appending to the WAL meanwhile (sqlite3 releases the GIL while SQLite
-    works)."""
+    _CHECKPOINT_BYTES), on its own thread and connection (sqlite3 releases the GIL while SQLite
+    works), with the store's commits held off meanwhile (the gate): so it ends with every frame
+    written back, and the next commit starts the WAL over."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, gate: threading.RLock) -> None:
         self._path = path
+        self._gate = gate  # the store's: its commits and these checkpoints take turns
         self._stop = threading.Event()
         self._due = threading.Event()  # set: checkpoint now, without waiting for the period
         self._written = 0  # bytes committed since the last poke (the store's thread only)
+        self._backlog = 0  # bytes committed since the last checkpoint (under the gate)
         self._thread = threading.Thread(target=self._run, name="journal-checkpoint", daemon=True)
         self._thread.start()
 
+    @property
+    def behind(self) -> bool:
+        """Whether the WAL holds _CHECKPOINT_BACKLOG not written back yet."""
+        return self._backlog >= _CHECKPOINT_BACKLOG
+
     def wrote(self, size: int) -> None:
         """``size`` bytes were committed: past _CHECKPOINT_BYTES, a checkpoint now."""
+        self._backlog += size
         self._written += size
         if self._written >= _CHECKPOINT_BYTES:
             self._written = 0
@@ -1144,10 +1170,12 @@ class _Checkpointer:
                 self._due.wait(_CHECKPOINT_S)
                 self._due.clear()
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    with self._gate:
+                        self._backlog = 0
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error as exc:  # a full disk, say: the next one tries again
                     log.debug("journal checkpoint failed: %s", exc)
-            with contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(sqlite3.Error), self._gate:
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
             conn.close()
