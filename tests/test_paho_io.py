@@ -4,6 +4,7 @@ does not take go to paho's decoder. Pure logic: packets made by paho's own encod
 
 from __future__ import annotations
 
+import gc
 import os
 import struct
 
@@ -83,3 +84,38 @@ def test_a_property_it_does_not_take_goes_to_paho() -> None:
     body = body.replace(b"\x00x", b"\x02\x42\x00x")  # properties: 2 bytes, id 0x42
     with pytest.raises(MalformedPacket):  # paho's own verdict on it
         _decode(header, body, fast=True)
+
+
+def test_a_message_leaves_no_garbage_for_the_cyclic_collector() -> None:
+    """paho's own delivery looks the topic up among filtered callbacks with a recursive
+    closure: a reference cycle per message. Ours skips the lookup when there is none."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.manual_ack_set(True)
+    got: list[int] = []
+    client.on_message = lambda _c, _u, msg: got.append(len(msg.payload))
+    fast_publish_decoding(client)
+    header, body = _packet("hearth/v1/gw/req/dev-1", b"job", 1, _props(CorrelationData=b"c"))
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(200):
+            client._in_packet["command"] = header
+            client._in_packet["packet"] = body
+            client._handle_publish()
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+    assert got == [3] * 200
+
+
+def test_filtered_callbacks_still_get_their_messages() -> None:
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    filtered: list[str] = []
+    client.message_callback_add("hearth/#", lambda _c, _u, msg: filtered.append(msg.topic))
+    client.on_message = lambda _c, _u, _msg: pytest.fail("a filtered callback took it")
+    fast_publish_decoding(client)
+    header, body = _packet("hearth/v1/gw/req/dev-1", b"job", 0, None)
+    client._in_packet["command"] = header
+    client._in_packet["packet"] = body
+    client._handle_publish()
+    assert filtered == ["hearth/v1/gw/req/dev-1"]

@@ -347,6 +347,25 @@ def _properties(view: memoryview, pos: int, end: int) -> PublishProperties:
     return props
 
 
+def _deliver(client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
+    """paho's _handle_on_message, without its per-message topic-filter lookup when no filtered
+    callback is registered (none of ours is): that lookup builds a recursive closure, a
+    reference cycle per message, garbage only the cyclic collector frees."""
+    if client._on_message_filtered._root._children:  # message_callback_add was used
+        client._handle_on_message(message)
+        return
+    on_message = client.on_message
+    if on_message is None:
+        return
+    with client._in_callback_mutex:  # publishes from the callback are queued, as paho does
+        try:
+            on_message(client, client._userdata, message)
+        except Exception as err:
+            client._easy_log(mqtt.MQTT_LOG_ERR, "Caught exception in on_message: %s", err)
+            if not client.suppress_exceptions:
+                raise
+
+
 def fast_publish_decoding(client: mqtt.Client) -> None:
     """Decode the PUBLISH packets ``client`` receives (QoS 0 and 1) without paho's generic
     MQTT 5 properties and without copying the payload more than once; ``msg.properties`` is
@@ -381,7 +400,7 @@ def fast_publish_decoding(client: mqtt.Client) -> None:
         message.properties = props  # type: ignore[assignment]
         message.payload = payload
         message.timestamp = time.monotonic()
-        client._handle_on_message(message)
+        _deliver(client, message)
         if qos and not client._manual_ack:
             return client._send_puback(mid)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
