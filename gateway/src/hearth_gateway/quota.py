@@ -200,7 +200,7 @@ class Quotas:
         if not self._pending:
             return
         rows = [(*row, cpu_s, jobs) for row, (cpu_s, jobs) in self._pending.items()]
-        self._store.add_usage(rows, batch=True)
+        self._store.add_usage(rows)
         self._pending.clear()
 
     # -- stored bytes and tasks ------------------------------------------------------------

@@ -904,18 +904,12 @@ class Store:
 
     # -- quota accounting (quota.py) ---------------------------------------------------------
 
-    def add_usage(
-        self, rows: list[tuple[str, str, str, float, int]], *, batch: bool = False
-    ) -> None:
-        """Run time and jobs (day, client_id, app, cpu_s, jobs) added to their days' rows, in
-        one transaction; with ``batch``, in the next ``flush``'s (quota.py hands over a loop
-        turn's rows there: one commit per turn, not two)."""
-        if batch:
-            with self._lock:
-                self._usage.extend(rows)
-            return
-        with self.transaction():
-            self._write_usage(rows)
+    def add_usage(self, rows: list[tuple[str, str, str, float, int]]) -> None:
+        """Run time and jobs (day, client_id, app, cpu_s, jobs), added to their days' rows by
+        the next ``flush``'s transaction (quota.py hands over a loop turn's rows: one commit
+        per turn, not two)."""
+        with self._lock:
+            self._usage.extend(rows)
 
     def _write_usage(self, rows: list[tuple[str, str, str, float, int]]) -> None:
         self._conn.executemany(
@@ -1140,7 +1134,6 @@ class _Checkpointer:
         self._gate = gate  # the store's: its commits and these checkpoints take turns
         self._stop = threading.Event()
         self._due = threading.Event()  # set: checkpoint now, without waiting for the period
-        self._written = 0  # bytes committed since the last poke (the store's thread only)
         self._backlog = 0  # bytes committed since the last checkpoint (under the gate)
         self._thread = threading.Thread(target=self._run, name="journal-checkpoint", daemon=True)
         self._thread.start()
@@ -1153,10 +1146,8 @@ class _Checkpointer:
     def wrote(self, size: int) -> None:
         """``size`` bytes were committed: past _CHECKPOINT_BYTES, a checkpoint now."""
         self._backlog += size
-        self._written += size
-        if self._written >= _CHECKPOINT_BYTES:
-            self._written = 0
-            self._due.set()
+        if self._backlog >= _CHECKPOINT_BYTES:
+            self._due.set()  # the checkpoint starts the backlog over
 
     def _run(self) -> None:
         try:
